@@ -1,0 +1,1 @@
+//! The router's configuration file (`router.toml`): see docs/router.md.

@@ -1,0 +1,95 @@
+//! The monitor layer's errors: what can go wrong talking to, or deciding in, the monitor.
+
+
+/// Errors from the monitor database, the monitor client and the monitor service.
+#[derive(Debug, thiserror::Error)]
+pub enum MonitorError {
+    /// The monitor's Postgres answered with an error, or the connection failed.
+    #[error("monitor database: {0}")]
+    Db(#[from] tokio_postgres::Error),
+    /// No answer from the monitor within the retry budget.
+    #[error("the monitor at {uri} does not answer after {attempts} attempts over {seconds} s: {last_error}")]
+    Unreachable {
+        /// The URI, with any password removed.
+        uri: String,
+        /// How many connection attempts were made.
+        attempts: u32,
+        /// How long they took in all.
+        seconds: u64,
+        /// The last attempt's error.
+        last_error: String,
+    },
+    /// The URI does not parse as a Postgres connection string.
+    #[error("invalid monitor URI {uri:?}: {reason}")]
+    BadUri {
+        /// The URI as given, password removed.
+        uri: String,
+        /// Why it does not parse.
+        reason: String,
+    },
+    /// The database answers but was never set up as a hapg monitor.
+    #[error("this database is not a hapg monitor (no hapg schema); create one with `hapg create monitor`")]
+    NotAMonitor,
+    /// The monitor's schema is older than this binary: run `hapg run` on the monitor to migrate.
+    #[error("the monitor schema is at version {found}, this hapg expects {expected}: restart the monitor with this hapg version to migrate it")]
+    SchemaTooOld {
+        /// Version in the database.
+        found: i32,
+        /// Version this binary speaks.
+        expected: i32,
+    },
+    /// The monitor's schema is newer than this binary understands.
+    #[error("the monitor schema is at version {found}, newer than this hapg supports ({supported}): upgrade hapg")]
+    SchemaTooNew {
+        /// Version in the database.
+        found: i32,
+        /// Latest version this binary knows.
+        supported: i32,
+    },
+    /// The named formation does not exist.
+    #[error("formation {0:?} does not exist on the monitor")]
+    NoSuchFormation(String),
+    /// The node id is not (or no longer) registered.
+    #[error("node {0} is not registered with the monitor (was it dropped?)")]
+    NoSuchNode(i64),
+    /// The named node does not exist in the formation.
+    #[error("no node named {name:?} in formation {formation:?}")]
+    NoSuchNodeName {
+        /// Formation searched.
+        formation: String,
+        /// Name asked for.
+        name: String,
+    },
+    /// Registration refused (duplicate name or address, ...).
+    #[error("registration refused: {0}")]
+    RegistrationRefused(String),
+    /// The monitor service refused an operator request, saying why.
+    #[error("{0}")]
+    Refused(String),
+    /// Waiting for a state change took longer than allowed.
+    #[error("timed out after {seconds} s waiting for {what}")]
+    Timeout {
+        /// What was awaited.
+        what: String,
+        /// How long.
+        seconds: u64,
+    },
+    /// A value read from the monitor is not what this binary expects.
+    #[error("unexpected value in monitor database: {0}")]
+    Corrupt(String),
+    /// A state read from the database that this binary does not know.
+    #[error("unknown state in monitor database: {0}")]
+    UnknownState(#[from] crate::state::UnknownState),
+}
+
+impl MonitorError {
+    /// True when retrying later may succeed (connection problems), false for refusals.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            MonitorError::Db(e) => e.as_db_error().is_none(),
+            MonitorError::Unreachable { .. } => true,
+            _ => false,
+        }
+    }
+}
+

@@ -1,0 +1,795 @@
+//! The group state machine: a pure function from a view of one group to the goal
+//! states the monitor assigns next, each with the reason recorded in events.
+//!
+//! No I/O happens here. The monitor service loads a [`GroupView`] inside a
+//! transaction, calls [`decide`] (or [`on_request`] for an operator request),
+//! writes what comes back, and calls again until nothing is left to decide.
+//!
+//! The rules follow pg_auto_failover 2.2 (reference section 3) for groups of one
+//! and two nodes, with one deliberate change that makes failover fast without
+//! risking acknowledged writes: a failed primary that was *converged in
+//! `primary`* ran synchronous replication to its standby, so once that standby
+//! has stopped streaming the old primary cannot acknowledge another commit, and
+//! the standby is promoted straight away instead of waiting out a drain timeout.
+//! A primary that failed while replicating asynchronously (`wait_primary`, or a
+//! standby outside the replication quorum) is never failed over automatically:
+//! writes stay unavailable rather than lost. `docs/failover.md` has the argument.
+
+use std::time::Duration;
+
+use crate::state::{Health, NodeState};
+
+/// Timings and thresholds the rules depend on (defaults in `hapg_config`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Thresholds {
+    /// A node whose last report is older than this, and whose health check
+    /// failed, is unhealthy.
+    pub unhealthy_timeout: Duration,
+    /// After the monitor starts, no node is declared unhealthy for this long.
+    pub startup_grace: Duration,
+    /// Largest WAL distance (bytes) at which a standby counts as caught up.
+    pub catchup_threshold: u64,
+    /// Largest WAL distance (bytes) at which a standby may be promoted.
+    pub promote_threshold: u64,
+}
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        let timings = hapg_config::MonitorTimings::default();
+        Thresholds {
+            unhealthy_timeout: timings.unhealthy_timeout,
+            startup_grace: timings.startup_grace,
+            catchup_threshold: timings.wal_threshold_bytes,
+            promote_threshold: timings.wal_threshold_bytes,
+        }
+    }
+}
+
+/// What the monitor knows about one node when it decides.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeView {
+    /// Node id.
+    pub id: i64,
+    /// Node name.
+    pub name: String,
+    /// State the keeper last reported.
+    pub reported: NodeState,
+    /// State the monitor last assigned.
+    pub goal: NodeState,
+    /// Whether the keeper last said Postgres runs.
+    pub pg_running: bool,
+    /// Timeline the keeper last reported.
+    pub tli: i32,
+    /// LSN the keeper last reported (bytes).
+    pub lsn: u64,
+    /// For a standby: its WAL receiver still hears from the primary.
+    pub upstream_streaming: bool,
+    /// Last health check verdict.
+    pub health: Health,
+    /// Time since the keeper last reported; `None` if it never did.
+    pub report_age: Option<Duration>,
+    /// Failover candidate priority, 0 = never promoted.
+    pub candidate_priority: i32,
+    /// Whether this node counts for synchronous replication.
+    pub replication_quorum: bool,
+}
+
+impl NodeView {
+    /// Reported and assigned states agree, and equal `state`.
+    pub fn is_converged(&self, state: NodeState) -> bool {
+        self.reported == state && self.goal == state
+    }
+
+    /// Reported and assigned states agree and equal one of `states`.
+    fn converged_in(&self, states: &[NodeState]) -> bool {
+        self.reported == self.goal && states.contains(&self.goal)
+    }
+
+    /// The node is converged in a writable state, or moving between two primary states.
+    pub fn is_in_primary_state(&self) -> bool {
+        (self.reported == self.goal && self.goal.can_take_writes())
+            || (matches!(
+                self.reported,
+                NodeState::Primary | NodeState::ApplySettings | NodeState::WaitPrimary
+            ) && matches!(
+                self.goal,
+                NodeState::Primary | NodeState::ApplySettings | NodeState::WaitPrimary
+            ))
+    }
+}
+
+/// A view of one group at the moment of deciding.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupView {
+    /// Nodes of the group, ordered by id.
+    pub nodes: Vec<NodeView>,
+    /// The formation's `number_sync_standbys`.
+    pub number_sync_standbys: i32,
+    /// How long the monitor service has been running.
+    pub monitor_uptime: Duration,
+    /// Thresholds in force.
+    pub thresholds: Thresholds,
+}
+
+/// One goal state to write, with the reason that goes into the event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Assignment {
+    /// Node that gets the goal.
+    pub node_id: i64,
+    /// The new goal state.
+    pub goal: NodeState,
+    /// Why, in words an operator reads in `show events`.
+    pub reason: String,
+}
+
+/// What the monitor does next for a group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Write these goals (and events) in one transaction.
+    Assign(Vec<Assignment>),
+    /// Delete a node that finished dropping itself.
+    Remove {
+        /// The node to delete.
+        node_id: i64,
+        /// Why.
+        reason: String,
+    },
+    /// Nothing can be done now, for a reason worth one event (written once).
+    Hold(String),
+}
+
+/// An operator request the monitor service decides on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    /// `perform switchover` / `perform failover`: move the primary to a standby.
+    Switchover,
+    /// `enable maintenance` on a node.
+    EnableMaintenance(i64),
+    /// `disable maintenance` on a node.
+    DisableMaintenance(i64),
+    /// `drop node`.
+    Drop(i64),
+}
+
+impl GroupView {
+    fn node(&self, id: i64) -> Option<&NodeView> {
+        self.nodes.iter().find(|n| n.id == id)
+    }
+
+    /// Nodes that take part in the group (not being dropped).
+    fn members(&self) -> impl Iterator<Item = &NodeView> {
+        self.nodes.iter().filter(|n| n.goal != NodeState::Dropped)
+    }
+
+    fn others<'a>(&'a self, node: &'a NodeView) -> impl Iterator<Item = &'a NodeView> {
+        self.members().filter(move |n| n.id != node.id)
+    }
+
+    /// The primary: the node assigned a writable state, else the node that was
+    /// the primary and is being demoted.
+    pub fn primary(&self) -> Option<&NodeView> {
+        self.members()
+            .find(|n| n.goal.can_take_writes())
+            .or_else(|| {
+                self.members().find(|n| {
+                    matches!(
+                        n.goal,
+                        NodeState::Draining
+                            | NodeState::DemoteTimeout
+                            | NodeState::PrepareMaintenance
+                    ) || (n.reported.belongs_to_primary() && n.goal != NodeState::Demoted)
+                })
+            })
+    }
+
+    /// pg_auto_failover's IsUnhealthy: the keeper stopped reporting and the
+    /// monitor cannot connect, or the keeper says Postgres is down.
+    pub fn is_unhealthy(&self, node: &NodeView) -> bool {
+        let stale = node
+            .report_age
+            .is_none_or(|age| age > self.thresholds.unhealthy_timeout);
+        (stale
+            && node.health == Health::Bad
+            && self.monitor_uptime > self.thresholds.startup_grace)
+            || !node.pg_running
+    }
+
+    /// The keeper reports recently and Postgres runs.
+    pub fn is_healthy(&self, node: &NodeView) -> bool {
+        node.pg_running
+            && node
+                .report_age
+                .is_some_and(|age| age <= self.thresholds.unhealthy_timeout)
+    }
+
+    /// Failing over from `primary` to `standby` keeps every acknowledged write:
+    /// the primary was converged in `primary`, so it committed synchronously to
+    /// its quorum standbys, and `standby` is one of them.
+    fn failover_is_lossless(&self, primary: &NodeView, standby: &NodeView) -> bool {
+        primary.is_converged(NodeState::Primary) && standby.replication_quorum
+    }
+}
+
+fn wal_distance(a: &NodeView, b: &NodeView) -> Option<u64> {
+    if a.lsn == 0 || b.lsn == 0 {
+        None
+    } else {
+        Some(a.lsn.abs_diff(b.lsn))
+    }
+}
+
+fn assign(node: &NodeView, goal: NodeState, reason: impl Into<String>) -> Assignment {
+    Assignment {
+        node_id: node.id,
+        goal,
+        reason: reason.into(),
+    }
+}
+
+/// The next decision for a group, or `None` when there is nothing to do.
+///
+/// An assignment or removal for any node wins over a hold for another: one node
+/// waiting must not keep the monitor from moving the others.
+pub fn decide(view: &GroupView) -> Option<Decision> {
+    let mut hold = None;
+    for node in &view.nodes {
+        match decide_for(view, node) {
+            Some(Decision::Hold(reason)) => {
+                hold.get_or_insert(Decision::Hold(reason));
+            }
+            Some(decision) => return Some(decision),
+            None => {}
+        }
+    }
+    hold
+}
+
+/// The rules, evaluated with `a` as the node under consideration; the first that
+/// matches wins (pg_auto_failover's ProceedGroupState order).
+fn decide_for(view: &GroupView, a: &NodeView) -> Option<Decision> {
+    use NodeState::*;
+
+    // A node that finished dropping itself is removed; one being dropped is left alone.
+    if a.is_converged(Dropped) {
+        return Some(Decision::Remove {
+            node_id: a.id,
+            reason: format!("Removing node {} ({}): it reported dropped", a.id, a.name),
+        });
+    }
+    if a.goal == Dropped || a.is_converged(Maintenance) {
+        return None;
+    }
+
+    let member_count = view.members().count();
+    if member_count == 1 && !a.is_converged(Single) {
+        // A lone node serves alone, whatever it was: this is how a group starts,
+        // and how the last node left after a drop goes on.
+        if a.goal == Single {
+            return None;
+        }
+        return Some(Decision::Assign(vec![assign(
+            a,
+            Single,
+            format!("Node {} ({}) is the only node of its group: single", a.id, a.name),
+        )]));
+    }
+
+    if a.is_in_primary_state() {
+        return decide_for_primary(view, a);
+    }
+
+    let primary = view.primary();
+
+    if a.is_converged(Init) {
+        return match primary {
+            Some(p) if p.is_converged(Single) || p.is_in_primary_state() => {
+                Some(Decision::Assign(vec![assign(
+                    a,
+                    WaitStandby,
+                    format!(
+                        "Node {} ({}) joins as a standby of {} ({})",
+                        a.id, a.name, p.id, p.name
+                    ),
+                )]))
+            }
+            _ => Some(Decision::Hold(format!(
+                "Node {} ({}) waits for a writable primary before it can join",
+                a.id, a.name
+            ))),
+        };
+    }
+
+    let p = primary?;
+
+    // Joining: the primary got ready for a standby, start the base backup.
+    if a.is_converged(WaitStandby) {
+        if p.converged_in(&[WaitPrimary, JoinPrimary]) {
+            return Some(Decision::Assign(vec![assign(
+                a,
+                Catchingup,
+                format!(
+                    "Primary {} ({}) is ready: node {} ({}) takes a base backup and catches up",
+                    p.id, p.name, a.id, a.name
+                ),
+            )]));
+        }
+        if p.is_converged(Primary) {
+            let mut assignments = vec![assign(
+                a,
+                Catchingup,
+                format!("Node {} ({}) takes a base backup and catches up", a.id, a.name),
+            )];
+            if a.replication_quorum {
+                assignments.push(assign(
+                    p,
+                    ApplySettings,
+                    format!(
+                        "Primary {} ({}) applies settings for the new standby {}",
+                        p.id, p.name, a.name
+                    ),
+                ));
+            }
+            return Some(Decision::Assign(assignments));
+        }
+        return None;
+    }
+
+    // Caught up: same timeline and close enough in WAL.
+    if a.is_converged(Catchingup)
+        && p.converged_in(&[WaitPrimary, JoinPrimary, Primary])
+        && view.is_healthy(a)
+        && a.tli == p.tli
+        && wal_distance(a, p).is_some_and(|d| d <= view.thresholds.catchup_threshold)
+    {
+        return Some(Decision::Assign(vec![assign(
+            a,
+            Secondary,
+            format!(
+                "Node {} ({}) caught up with primary {} ({}) on timeline {}: secondary",
+                a.id, a.name, p.id, p.name, a.tli
+            ),
+        )]));
+    }
+
+    // Automatic failover.
+    if a.is_converged(Secondary) && p.is_in_primary_state() && view.is_unhealthy(p) {
+        return Some(failover_decision(view, p, a));
+    }
+
+    // The old primary stopped cleanly for a switchover: promote the standby.
+    if a.is_converged(Secondary) && p.is_converged(Draining) {
+        return Some(Decision::Assign(vec![assign(
+            a,
+            PreparePromotion,
+            format!(
+                "Primary {} ({}) stopped: node {} ({}) stops replicating and will be promoted",
+                p.id, p.name, a.id, a.name
+            ),
+        )]));
+    }
+
+    if a.is_converged(WaitMaintenance) && (p.is_converged(WaitPrimary) || p.goal != WaitPrimary) {
+        return Some(Decision::Assign(vec![assign(
+            a,
+            Maintenance,
+            format!("Node {} ({}) is now in maintenance", a.id, a.name),
+        )]));
+    }
+
+    if a.is_converged(PreparePromotion) {
+        return decide_promotion(view, p, a);
+    }
+
+    // An old primary rejoins once the new primary runs.
+    if a.is_converged(Demoted)
+        && p.id != a.id
+        && view.is_healthy(p)
+        && matches!(p.reported, WaitPrimary | Primary | JoinPrimary)
+        && matches!(p.goal, WaitPrimary | Primary | JoinPrimary)
+    {
+        return Some(Decision::Assign(vec![assign(
+            a,
+            Catchingup,
+            format!(
+                "Node {} ({}) rejoins as a standby of the new primary {} ({})",
+                a.id, a.name, p.id, p.name
+            ),
+        )]));
+    }
+
+    None
+}
+
+fn failover_decision(view: &GroupView, p: &NodeView, a: &NodeView) -> Decision {
+    use NodeState::*;
+    let why_not = if !view.is_healthy(a) {
+        Some("the standby itself is not healthy".to_string())
+    } else if a.candidate_priority == 0 {
+        Some("its candidate priority is 0".to_string())
+    } else if a.upstream_streaming {
+        Some("the standby still receives WAL from the primary, so the primary is alive".to_string())
+    } else if !view.failover_is_lossless(p, a) {
+        Some(format!(
+            "the primary was {} with {} replication to it: promoting could lose acknowledged writes",
+            p.reported,
+            if a.replication_quorum {
+                "asynchronous"
+            } else {
+                "no synchronous"
+            }
+        ))
+    } else {
+        match wal_distance(a, p) {
+            Some(d) if d <= view.thresholds.promote_threshold => None,
+            Some(d) => Some(format!(
+                "it is {d} bytes of WAL behind, over the {} byte limit",
+                view.thresholds.promote_threshold
+            )),
+            None => Some("its WAL position is unknown".to_string()),
+        }
+    };
+    match why_not {
+        Some(reason) => Decision::Hold(format!(
+            "Primary {} ({}) is unhealthy, but node {} ({}) is not promoted: {reason}",
+            p.id, p.name, a.id, a.name
+        )),
+        None => Decision::Assign(vec![
+            assign(
+                a,
+                PreparePromotion,
+                format!(
+                    "Primary {} ({}) is unhealthy: failing over to node {} ({})",
+                    p.id, p.name, a.id, a.name
+                ),
+            ),
+            assign(
+                p,
+                Draining,
+                format!("Primary {} ({}) is unhealthy: draining it", p.id, p.name),
+            ),
+        ]),
+    }
+}
+
+/// The candidate `a` stopped replicating; decide whether it may take writes now.
+fn decide_promotion(view: &GroupView, p: &NodeView, a: &NodeView) -> Option<Decision> {
+    use NodeState::*;
+    if p.id == a.id {
+        return None;
+    }
+    let promote = |p_goal: NodeState, why: String| {
+        Some(Decision::Assign(vec![
+            assign(a, WaitPrimary, why),
+            assign(
+                p,
+                p_goal,
+                format!("Node {} ({}) is no longer the primary", p.id, p.name),
+            ),
+        ]))
+    };
+    if p.is_converged(PrepareMaintenance) {
+        return promote(
+            Maintenance,
+            format!(
+                "Primary {} ({}) stopped for maintenance: promoting node {} ({})",
+                p.id, p.name, a.id, a.name
+            ),
+        );
+    }
+    if p.converged_in(&[Draining, DemoteTimeout, Demoted]) {
+        return promote(
+            Demoted,
+            format!(
+                "Old primary {} ({}) confirmed it stopped: promoting node {} ({})",
+                p.id, p.name, a.id, a.name
+            ),
+        );
+    }
+    // The old primary cannot confirm. It last reported `primary` with synchronous
+    // replication to `a`, and `a` no longer streams from it: the old primary can
+    // not acknowledge another commit, so promoting now loses nothing.
+    if p.reported == Primary
+        && view.is_unhealthy(p)
+        && a.replication_quorum
+        && !a.upstream_streaming
+    {
+        return promote(
+            Demoted,
+            format!(
+                "Old primary {} ({}) is unreachable and was replicating synchronously to node {} ({}), \
+                 which has stopped streaming: promoting it without waiting",
+                p.id, p.name, a.id, a.name
+            ),
+        );
+    }
+    None
+}
+
+/// Rules for a node that is the writable primary.
+fn decide_for_primary(view: &GroupView, p: &NodeView) -> Option<Decision> {
+    use NodeState::*;
+
+    if p.is_converged(Single) {
+        let joining = view.others(p).find(|n| n.is_converged(WaitStandby))?;
+        return Some(Decision::Assign(vec![assign(
+            p,
+            WaitPrimary,
+            format!(
+                "Node {} ({}) joins: primary {} ({}) prepares for a standby",
+                joining.id, joining.name, p.id, p.name
+            ),
+        )]));
+    }
+
+    if !p.converged_in(&[Primary, WaitPrimary, ApplySettings, JoinPrimary]) {
+        return None;
+    }
+    if p.is_converged(JoinPrimary) {
+        return Some(Decision::Assign(vec![assign(
+            p,
+            Primary,
+            "join_primary is deprecated: primary",
+        )]));
+    }
+
+    // Standbys that fell ill lose their candidacy, and with it synchronous replication.
+    let mut assignments: Vec<Assignment> = view
+        .others(p)
+        .filter(|n| n.goal == Secondary && view.is_unhealthy(n))
+        .map(|n| {
+            assign(
+                n,
+                Catchingup,
+                format!("Standby {} ({}) is unhealthy: catchingup", n.id, n.name),
+            )
+        })
+        .collect();
+    let demoted: Vec<i64> = assignments.iter().map(|x| x.node_id).collect();
+
+    let quorum_count = view.others(p).filter(|n| n.replication_quorum).count();
+    let secondaries: Vec<&NodeView> = view
+        .others(p)
+        .filter(|n| n.is_converged(Secondary) && !demoted.contains(&n.id))
+        .collect();
+    let secondary_count = secondaries.len();
+    let quorum_secondary_count = secondaries.iter().filter(|n| n.replication_quorum).count();
+
+    let target = if quorum_count == 0 {
+        if secondary_count == 0 {
+            WaitPrimary
+        } else {
+            Primary
+        }
+    } else if quorum_secondary_count == 0 && !p.is_converged(WaitPrimary) {
+        if view.number_sync_standbys == 0 {
+            WaitPrimary
+        } else {
+            Primary
+        }
+    } else if p.is_converged(WaitPrimary) && quorum_secondary_count > 0 {
+        Primary
+    } else if p.is_converged(ApplySettings) {
+        if view.number_sync_standbys == 0 && quorum_secondary_count == 0 {
+            WaitPrimary
+        } else {
+            Primary
+        }
+    } else {
+        p.goal
+    };
+
+    if target != p.goal {
+        let reason = match target {
+            WaitPrimary => format!(
+                "Primary {} ({}) has no synchronous standby left: wait_primary, replication becomes asynchronous",
+                p.id, p.name
+            ),
+            _ => format!(
+                "Primary {} ({}) has a caught-up standby: primary, with synchronous replication",
+                p.id, p.name
+            ),
+        };
+        assignments.push(assign(p, target, reason));
+    }
+    if assignments.is_empty() {
+        None
+    } else {
+        Some(Decision::Assign(assignments))
+    }
+}
+
+/// Decides on an operator request, or says why it is refused.
+pub fn on_request(view: &GroupView, request: Request) -> Result<Vec<Assignment>, String> {
+    use NodeState::*;
+    match request {
+        Request::Switchover => {
+            let p = view
+                .primary()
+                .ok_or("the group has no primary right now")?;
+            if !p.converged_in(&[Primary, WaitPrimary]) {
+                return Err(format!(
+                    "the primary {} ({}) is {} (assigned {}): wait until it is primary",
+                    p.id, p.name, p.reported, p.goal
+                ));
+            }
+            let candidate = view
+                .others(p)
+                .filter(|n| {
+                    n.is_converged(Secondary) && n.candidate_priority > 0 && view.is_healthy(n)
+                })
+                .max_by_key(|n| (n.candidate_priority, n.lsn));
+            let Some(s) = candidate else {
+                return Err(
+                    "there is no healthy secondary with a candidate priority above 0 to switch over to"
+                        .to_string(),
+                );
+            };
+            if !view.failover_is_lossless(p, s) {
+                return Err(format!(
+                    "the primary {} ({}) does not replicate synchronously to {} yet: wait until it is primary",
+                    p.id, p.name, s.name
+                ));
+            }
+            Ok(vec![assign(
+                p,
+                Draining,
+                format!(
+                    "Switchover requested: primary {} ({}) stops, node {} ({}) will take over",
+                    p.id, p.name, s.id, s.name
+                ),
+            )])
+        }
+        Request::EnableMaintenance(id) => {
+            let n = view.node(id).ok_or("no such node in this group")?;
+            if matches!(n.goal, Maintenance | WaitMaintenance | PrepareMaintenance) {
+                return Ok(vec![]);
+            }
+            let p = view.primary();
+            if p.is_some_and(|p| p.id == n.id) {
+                if !n.converged_in(&[Primary, WaitPrimary]) {
+                    return Err(format!(
+                        "node {} is {} (assigned {}): wait until it is primary",
+                        n.name, n.reported, n.goal
+                    ));
+                }
+                let s = view
+                    .others(n)
+                    .find(|s| {
+                        s.is_converged(Secondary) && s.candidate_priority > 0 && view.is_healthy(s)
+                    })
+                    .ok_or("no healthy secondary can take over: maintenance of the primary would stop all writes")?;
+                if !view.failover_is_lossless(n, s) {
+                    return Err(format!(
+                        "the primary does not replicate synchronously to {} yet: wait until it is primary",
+                        s.name
+                    ));
+                }
+                return Ok(vec![
+                    assign(
+                        n,
+                        PrepareMaintenance,
+                        format!("Maintenance requested on primary {} ({})", n.id, n.name),
+                    ),
+                    assign(
+                        s,
+                        PreparePromotion,
+                        format!(
+                            "Node {} ({}) takes over while {} is in maintenance",
+                            s.id, s.name, n.name
+                        ),
+                    ),
+                ]);
+            }
+            if !matches!(n.reported, Secondary | Catchingup) {
+                return Err(format!(
+                    "node {} is {} (assigned {}): only a primary or a standby can go to maintenance",
+                    n.name, n.reported, n.goal
+                ));
+            }
+            match p {
+                Some(p) if p.is_converged(Primary) && n.replication_quorum => {
+                    let other_sync = view.others(p).any(|o| {
+                        o.id != n.id && o.is_converged(Secondary) && o.replication_quorum
+                    });
+                    if other_sync {
+                        Ok(vec![assign(
+                            n,
+                            Maintenance,
+                            format!("Maintenance requested on standby {} ({})", n.id, n.name),
+                        )])
+                    } else {
+                        Ok(vec![
+                            assign(
+                                n,
+                                WaitMaintenance,
+                                format!("Maintenance requested on standby {} ({})", n.id, n.name),
+                            ),
+                            assign(
+                                p,
+                                WaitPrimary,
+                                format!(
+                                    "Standby {} goes to maintenance: primary {} ({}) replicates asynchronously meanwhile",
+                                    n.name, p.id, p.name
+                                ),
+                            ),
+                        ])
+                    }
+                }
+                _ => Ok(vec![assign(
+                    n,
+                    Maintenance,
+                    format!("Maintenance requested on standby {} ({})", n.id, n.name),
+                )]),
+            }
+        }
+        Request::DisableMaintenance(id) => {
+            let n = view.node(id).ok_or("no such node in this group")?;
+            if !n.is_converged(Maintenance) {
+                return Err(format!(
+                    "node {} is {} (assigned {}), not in maintenance",
+                    n.name, n.reported, n.goal
+                ));
+            }
+            if view.members().count() == 1 {
+                return Ok(vec![assign(
+                    n,
+                    Single,
+                    format!("Node {} ({}) leaves maintenance: single", n.id, n.name),
+                )]);
+            }
+            match view.primary() {
+                Some(p) if p.id != n.id && p.goal.can_take_writes() => Ok(vec![assign(
+                    n,
+                    Catchingup,
+                    format!(
+                        "Node {} ({}) leaves maintenance and catches up with {}",
+                        n.id, n.name, p.name
+                    ),
+                )]),
+                _ => Err("the group has no primary for this node to follow".to_string()),
+            }
+        }
+        Request::Drop(id) => {
+            let n = view.node(id).ok_or("no such node in this group")?;
+            if n.goal == Dropped {
+                return Ok(vec![]);
+            }
+            Ok(vec![assign(
+                n,
+                Dropped,
+                format!("Node {} ({}) is being dropped", n.id, n.name),
+            )])
+        }
+    }
+}
+
+/// `synchronous_standby_names` for the group's primary: `ANY k (...)` over its
+/// quorum standbys that are secondaries, by priority, or `''` while it runs
+/// asynchronously.
+pub fn synchronous_standby_names(view: &GroupView, primary_id: i64) -> String {
+    let Some(p) = view.node(primary_id) else {
+        return String::new();
+    };
+    if matches!(p.goal, NodeState::WaitPrimary | NodeState::Single) {
+        return String::new();
+    }
+    let mut standbys: Vec<&NodeView> = view
+        .others(p)
+        .filter(|n| n.replication_quorum && n.goal == NodeState::Secondary)
+        .collect();
+    if standbys.is_empty() {
+        return String::new();
+    }
+    standbys.sort_by_key(|n| (std::cmp::Reverse(n.candidate_priority), n.id));
+    let names: Vec<String> = standbys.iter().map(|n| slot_name(n.id)).collect();
+    format!(
+        "ANY {} ({})",
+        view.number_sync_standbys.max(1),
+        names.join(", ")
+    )
+}
+
+/// The replication slot and application name of a node's standby connection.
+pub fn slot_name(node_id: i64) -> String {
+    format!("pgautofailover_standby_{node_id}")
+}
