@@ -1,1 +1,340 @@
-fn main() {}
+//! `hapg`: one binary with pg_autoctl's command tree, plus `router run` and `demo`.
+//! This file only parses the command line; the work is in the library crates.
+
+mod commands;
+mod demo;
+mod show;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "hapg", version, about = "PostgreSQL with automatic failover, and a router that pauses instead of failing", long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create a monitor or a Postgres node.
+    #[command(subcommand)]
+    Create(CreateCommand),
+    /// Run the monitor or the keeper of a data directory (supervises Postgres).
+    Run(PgdataArg),
+    /// Stop a running `hapg run` (and its Postgres).
+    Stop(StopArgs),
+    /// Show the formation's state, events, URIs, settings, or a systemd unit.
+    #[command(subcommand)]
+    Show(ShowCommand),
+    /// Operator actions: switchover, failover.
+    #[command(subcommand)]
+    Perform(PerformCommand),
+    /// Enable maintenance on a node.
+    #[command(subcommand)]
+    Enable(EnableCommand),
+    /// Disable maintenance on a node.
+    #[command(subcommand)]
+    Disable(DisableCommand),
+    /// Remove a node from its formation.
+    #[command(subcommand)]
+    Drop(DropCommand),
+    /// Read or change a node's configuration file.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// The router: Postgres protocol on port 6432, always to the current primary.
+    #[command(subcommand)]
+    Router(RouterCommand),
+    /// Create a monitor and two nodes on free ports, and keep them running.
+    Demo(DemoArgs),
+}
+
+/// Options shared by `create monitor` and `create postgres`.
+#[derive(Args, Debug, Clone)]
+struct InstanceArgs {
+    /// Postgres data directory.
+    #[arg(long, env = "PGDATA")]
+    pgdata: PathBuf,
+    /// Postgres port.
+    #[arg(long, env = "PGPORT", default_value_t = 5432)]
+    pgport: u16,
+    /// Host name or address the other nodes and clients use to reach this node.
+    #[arg(long)]
+    hostname: String,
+    /// Postgres `listen_addresses`.
+    #[arg(long, default_value = "*")]
+    listen: String,
+    /// Authentication method for the pg_hba rules hapg writes (trust, md5, scram-sha-256).
+    #[arg(long, env = "PG_AUTOCTL_AUTH_METHOD")]
+    auth: Option<String>,
+    /// Do not edit pg_hba.conf.
+    #[arg(long)]
+    skip_pg_hba: bool,
+    /// Generate a self-signed certificate and turn ssl on.
+    #[arg(long, conflicts_with = "no_ssl")]
+    ssl_self_signed: bool,
+    /// Turn ssl off.
+    #[arg(long)]
+    no_ssl: bool,
+    /// OS user that runs Postgres when hapg runs as root.
+    #[arg(long, default_value = "postgres")]
+    os_user: String,
+    /// Directory of the Postgres binaries (default: pg_config --bindir, else /usr/lib/postgresql/15/bin).
+    #[arg(long)]
+    pgctl: Option<PathBuf>,
+    /// Postgres superuser name.
+    #[arg(long, default_value = "postgres")]
+    username: String,
+    /// Keep running after creation (as `hapg run` would).
+    #[arg(long)]
+    run: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum CreateCommand {
+    /// Initialise the monitor's Postgres instance and its cluster-state schema.
+    Monitor(InstanceArgs),
+    /// Register a Postgres node with the monitor and initialise it.
+    Postgres(CreatePostgresArgs),
+}
+
+#[derive(Args, Debug)]
+struct CreatePostgresArgs {
+    #[command(flatten)]
+    instance: InstanceArgs,
+    /// Node name in the formation (default: node_<id>).
+    #[arg(long, default_value = "")]
+    name: String,
+    /// Monitor connection string.
+    #[arg(long, env = "PG_AUTOCTL_MONITOR")]
+    monitor: String,
+    /// Formation to join.
+    #[arg(long, default_value = "default")]
+    formation: String,
+    /// Database created for applications.
+    #[arg(long, default_value = "postgres")]
+    dbname: String,
+    /// Failover candidate priority, 0 (never) to 100.
+    #[arg(long, default_value_t = 50)]
+    candidate_priority: i32,
+    /// Whether this node counts for synchronous replication.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    replication_quorum: bool,
+    /// Password of the replication user (for md5 / scram-sha-256).
+    #[arg(long, env = "HAPG_REPLICATION_PASSWORD", conflicts_with = "replication_password_file")]
+    replication_password: Option<String>,
+    /// File holding the replication user's password.
+    #[arg(long)]
+    replication_password_file: Option<PathBuf>,
+    /// How long to keep trying to reach the monitor, in seconds.
+    #[arg(long, default_value_t = 15)]
+    monitor_timeout: u64,
+}
+
+#[derive(Args, Debug)]
+struct PgdataArg {
+    /// Data directory of the node or monitor.
+    #[arg(long, env = "PGDATA")]
+    pgdata: PathBuf,
+}
+
+#[derive(Args, Debug)]
+struct StopArgs {
+    /// Data directory of the node or monitor.
+    #[arg(long, env = "PGDATA")]
+    pgdata: PathBuf,
+    /// Stop Postgres with a fast shutdown (SIGINT).
+    #[arg(long)]
+    fast: bool,
+    /// Stop Postgres with an immediate shutdown (SIGQUIT).
+    #[arg(long, conflicts_with = "fast")]
+    immediate: bool,
+}
+
+/// How a command finds the monitor.
+#[derive(Args, Debug, Clone, Default)]
+struct MonitorArgs {
+    /// Data directory of the monitor or of a node.
+    #[arg(long, env = "PGDATA")]
+    pgdata: Option<PathBuf>,
+    /// Monitor connection string, instead of --pgdata.
+    #[arg(long, env = "PG_AUTOCTL_MONITOR")]
+    monitor: Option<String>,
+    /// Formation.
+    #[arg(long)]
+    formation: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum ShowCommand {
+    /// The nodes of the formation with their states.
+    State(MonitorArgs),
+    /// What the monitor decided and why, newest last.
+    Events {
+        #[command(flatten)]
+        monitor: MonitorArgs,
+        /// How many events.
+        #[arg(long, default_value_t = 10)]
+        count: i64,
+    },
+    /// Connection strings: monitor, formations, routers.
+    Uri {
+        #[command(flatten)]
+        monitor: MonitorArgs,
+        /// Print only the monitor's URI.
+        #[arg(long)]
+        monitor_uri: bool,
+    },
+    /// Formation and node settings.
+    Settings(MonitorArgs),
+    /// synchronous_standby_names the monitor computes for the primary.
+    StandbyNames(MonitorArgs),
+    /// A systemd unit that runs `hapg run` for this data directory.
+    Systemd(PgdataArg),
+}
+
+#[derive(Args, Debug)]
+struct PerformArgs {
+    #[command(flatten)]
+    monitor: MonitorArgs,
+    /// Seconds to wait for the new primary.
+    #[arg(long, default_value_t = 60)]
+    wait: u64,
+}
+
+#[derive(Subcommand, Debug)]
+enum PerformCommand {
+    /// Move the primary to a healthy standby, without losing a write.
+    Switchover(PerformArgs),
+    /// Same as switchover: pg_autoctl's name for it.
+    Failover(PerformArgs),
+}
+
+#[derive(Args, Debug)]
+struct MaintenanceArgs {
+    /// Data directory of the node.
+    #[arg(long, env = "PGDATA")]
+    pgdata: PathBuf,
+    /// Allow moving the primary away when the node is the primary.
+    #[arg(long)]
+    allow_failover: bool,
+    /// Seconds to wait.
+    #[arg(long, default_value_t = 60)]
+    wait: u64,
+}
+
+#[derive(Subcommand, Debug)]
+enum EnableCommand {
+    /// Take the node out for maintenance.
+    Maintenance(MaintenanceArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum DisableCommand {
+    /// Bring the node back from maintenance.
+    Maintenance(MaintenanceArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum DropCommand {
+    /// Remove a node (its keeper stops Postgres and exits).
+    Node {
+        #[command(flatten)]
+        monitor: MonitorArgs,
+        /// Name of the node to drop (with --monitor); default: the node of --pgdata.
+        #[arg(long)]
+        name: Option<String>,
+        /// Also remove the data directory and hapg's files for it.
+        #[arg(long)]
+        destroy: bool,
+        /// Seconds to wait.
+        #[arg(long, default_value_t = 60)]
+        wait: u64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigCommand {
+    /// Print one setting (section.key), or the whole file.
+    Get {
+        /// Data directory.
+        #[arg(long, env = "PGDATA")]
+        pgdata: PathBuf,
+        /// `section.key`.
+        key: Option<String>,
+    },
+    /// Change one setting; the value is validated before the file is written.
+    Set {
+        /// Data directory.
+        #[arg(long, env = "PGDATA")]
+        pgdata: PathBuf,
+        /// `section.key`.
+        key: String,
+        /// New value.
+        value: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum RouterCommand {
+    /// Run the router with a TOML configuration.
+    Run {
+        /// Path of router.toml.
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Args, Debug)]
+struct DemoArgs {
+    /// Directory for the demo's data (default: a new temporary directory).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Run the tutorial's switchover and node failure under a live writer, report, and exit.
+    #[arg(long)]
+    drill: bool,
+    /// OS user that runs Postgres when hapg runs as root.
+    #[arg(long, default_value = "postgres")]
+    os_user: String,
+}
+
+fn init_tracing(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HAPG_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let verbose = matches!(
+        cli.command,
+        Command::Run(_) | Command::Create(_) | Command::Router(_) | Command::Demo(_)
+    );
+    init_tracing(if verbose { "info" } else { "warn" });
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("hapg: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(commands::dispatch(cli.command)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hapg: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -5,7 +5,7 @@
 #[derive(Debug, thiserror::Error)]
 pub enum MonitorError {
     /// The monitor's Postgres answered with an error, or the connection failed.
-    #[error("monitor database: {0}")]
+    #[error("monitor database: {}", describe(.0))]
     Db(#[from] tokio_postgres::Error),
     /// No answer from the monitor within the retry budget.
     #[error("the monitor at {uri} does not answer after {attempts} attempts over {seconds} s: {last_error}")]
@@ -93,3 +93,19 @@ impl MonitorError {
     }
 }
 
+
+/// A Postgres error with the server's message, detail and SQLSTATE, or the
+/// connection error's cause: tokio-postgres' own Display says only "db error".
+pub fn describe(error: &tokio_postgres::Error) -> String {
+    if let Some(db) = error.as_db_error() {
+        let mut text = format!("{} (SQLSTATE {})", db.message(), db.code().code());
+        if let Some(detail) = db.detail() {
+            text.push_str(&format!(": {detail}"));
+        }
+        return text;
+    }
+    match std::error::Error::source(error) {
+        Some(cause) => format!("{error}: {cause}"),
+        None => error.to_string(),
+    }
+}

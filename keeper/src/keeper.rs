@@ -1,0 +1,684 @@
+//! The keeper's main loop and the executor of its transitions: observe the local
+//! Postgres, report to the monitor, carry out the goal it assigns (one
+//! idempotent action from [`crate::transitions`]), keep the current state
+//! enforced, and fence a primary cut off from the monitor and its standbys.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hapg_config::NodeConfig;
+use hapg_monitor::client::{NodeReport, NodeRow, StateNotification};
+use hapg_monitor::fsm::{self, GroupView, Thresholds};
+use hapg_monitor::{MonitorClient, MonitorError, NodeState};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::error::KeeperError;
+use crate::paths::NodePaths;
+use crate::postgres::{LocalPostgres, Observation, Upstream};
+use crate::state_file::{unix_now, KeeperState};
+use crate::transitions::{expectation, transition, Action, Expectation};
+
+/// How `hapg run` ends.
+#[derive(Debug, Clone, Default)]
+pub struct Shutdown {
+    /// Cancelled when the keeper should stop.
+    pub token: CancellationToken,
+    /// Stop Postgres with `immediate` instead of `fast`.
+    pub immediate: Arc<AtomicBool>,
+    /// Leave Postgres running (used when a test or `create` hands over to `run`).
+    pub keep_postgres: Arc<AtomicBool>,
+}
+
+/// How long the keeper runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunMode {
+    /// Until shut down (`hapg run`).
+    Forever,
+    /// Until the node has finished initialising (`hapg create` without `--run`).
+    UntilInitialized,
+}
+
+/// Why the keeper loop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Shut down on request.
+    Stopped,
+    /// The node finished its first transition (RunMode::UntilInitialized).
+    Initialized,
+    /// The monitor dropped this node.
+    Dropped,
+}
+
+/// Monitor calls from the keeper's loop give up after this long: a monitor that
+/// does not answer is treated like one that is gone.
+const MONITOR_CALL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Runs the keeper for the node at `paths` until `shutdown`.
+pub async fn run(paths: NodePaths, mode: RunMode, shutdown: Shutdown) -> Result<Exit, KeeperError> {
+    let config = NodeConfig::load(&paths.config)?;
+    let pg = LocalPostgres::from_config(&config)?;
+    let state = KeeperState::load(&paths.state)?;
+    let mut keeper = Keeper {
+        config,
+        paths,
+        pg,
+        state,
+        monitor: None,
+        confirmed: false,
+        restart_failing_since: None,
+        last_tli: 1,
+        last_lsn: 0,
+        last_error: None,
+    };
+    let span = tracing::info_span!("keeper", node = keeper.state.node_id);
+    let exit = keeper.main_loop(mode, &shutdown).instrument(span).await?;
+    if exit != Exit::Initialized && !shutdown.keep_postgres.load(Ordering::Relaxed) {
+        let how = if shutdown.immediate.load(Ordering::Relaxed) {
+            "immediate"
+        } else {
+            "fast"
+        };
+        if keeper.pg.postmaster_pid().is_some() {
+            tracing::info!(mode = how, "stopping postgres");
+            keeper.pg.stop(how).await?;
+        }
+    }
+    Ok(exit)
+}
+
+struct Keeper {
+    config: NodeConfig,
+    paths: NodePaths,
+    pg: LocalPostgres,
+    state: KeeperState,
+    monitor: Option<MonitorClient>,
+    /// The monitor answered at least once since this keeper started: until then
+    /// a primary is not restarted (a failover may have happened while we were gone).
+    confirmed: bool,
+    restart_failing_since: Option<Instant>,
+    last_tli: i32,
+    last_lsn: u64,
+    /// Last transition error, logged once per distinct message.
+    last_error: Option<String>,
+}
+
+impl Keeper {
+    async fn main_loop(&mut self, mode: RunMode, shutdown: &Shutdown) -> Result<Exit, KeeperError> {
+        let interval = self.config.timeout.report_interval();
+        tracing::info!(state = %self.state.current, "keeper started");
+        loop {
+            if shutdown.token.is_cancelled() {
+                return Ok(Exit::Stopped);
+            }
+            let observation = self.pg.observe().await;
+            if observation.running {
+                self.last_tli = observation.tli;
+                if observation.lsn > 0 {
+                    self.last_lsn = observation.lsn;
+                }
+                if observation.standby_connected {
+                    self.state.last_standby_contact = unix_now();
+                }
+            }
+            let goal = match self.report(&observation).await {
+                Ok(goal) => Some(goal),
+                Err(KeeperError::Monitor(MonitorError::NoSuchNode(_)))
+                    if self.state.current == NodeState::Dropped =>
+                {
+                    tracing::info!("the monitor removed this node: it is dropped");
+                    return Ok(Exit::Dropped);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot report to the monitor");
+                    self.monitor = None;
+                    self.check_network_partition().await?;
+                    None
+                }
+            };
+
+            let mut moved = false;
+            if let Some(goal) = goal {
+                if goal != self.state.current {
+                    moved = self.transition_to(goal).await;
+                } else if let Err(e) = self.ensure_current_state(&observation).await {
+                    self.log_error(format!("keeping {} failed: {e}", self.state.current));
+                }
+            } else if self.confirmed {
+                // The monitor is away: keep what we have running, without moving.
+                if let Err(e) = self.ensure_current_state(&observation).await {
+                    self.log_error(format!("keeping {} failed: {e}", self.state.current));
+                }
+            }
+            self.state.save(&self.paths.state)?;
+
+            if mode == RunMode::UntilInitialized
+                && !matches!(
+                    self.state.current,
+                    NodeState::Init | NodeState::WaitStandby
+                )
+            {
+                return Ok(Exit::Initialized);
+            }
+            if moved {
+                // Report the new state at once: the monitor is waiting for it.
+                continue;
+            }
+            self.wait(interval, shutdown).await;
+        }
+    }
+
+    fn log_error(&mut self, message: String) {
+        if self.last_error.as_ref() != Some(&message) {
+            tracing::warn!("{message}");
+            self.last_error = Some(message);
+        }
+    }
+
+    /// Sleeps until the next report is due, or a notification about our group arrives.
+    async fn wait(&mut self, interval: Duration, shutdown: &Shutdown) {
+        let deadline = tokio::time::Instant::now() + interval;
+        loop {
+            let Some(monitor) = self.monitor.as_mut() else {
+                tokio::select! {
+                    _ = shutdown.token.cancelled() => {}
+                    _ = tokio::time::sleep_until(deadline) => {}
+                }
+                return;
+            };
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if remaining.is_zero() {
+                return;
+            }
+            let notification = tokio::select! {
+                _ = shutdown.token.cancelled() => return,
+                n = monitor.next_notification(remaining) => n,
+            };
+            let Some(notification) = notification else {
+                return;
+            };
+            let ours = serde_json::from_str::<StateNotification>(notification.payload())
+                .is_ok_and(|n| {
+                    n.formation == self.config.node.formation && n.group_id == self.state.group_id
+                });
+            if ours {
+                // Let the monitor's burst of assignments land before we look.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                if let Some(monitor) = self.monitor.as_mut() {
+                    while monitor.try_notification().is_some() {}
+                }
+                return;
+            }
+        }
+    }
+
+    async fn monitor(&mut self) -> Result<&MonitorClient, KeeperError> {
+        if self.monitor.as_ref().is_none_or(MonitorClient::is_closed) {
+            let client = tokio::time::timeout(
+                MONITOR_CALL_TIMEOUT,
+                MonitorClient::connect(&self.config.node.monitor),
+            )
+            .await
+            .map_err(|_| KeeperError::Timeout("connecting to the monitor".into()))??;
+            client.listen_state().await?;
+            self.monitor = Some(client);
+        }
+        self.monitor
+            .as_ref()
+            .ok_or_else(|| KeeperError::Timeout("connecting to the monitor".into()))
+    }
+
+    /// What Postgres' liveness is reported as: a primary being restarted in place
+    /// still counts as running until restarts have failed for a while, so a
+    /// crash that a restart fixes does not cause a failover.
+    fn reported_running(&self, observation: &Observation) -> bool {
+        if observation.running {
+            return true;
+        }
+        let restart_budget =
+            Duration::from_millis(self.config.timeout.postgresql_restart_failure_timeout_ms);
+        expectation(self.state.current) == Expectation::RunningPrimary
+            && self
+                .restart_failing_since
+                .is_none_or(|since| since.elapsed() < restart_budget)
+    }
+
+    async fn report(&mut self, observation: &Observation) -> Result<NodeState, KeeperError> {
+        let report = NodeReport {
+            node_id: self.state.node_id,
+            state: self.state.current,
+            pg_running: self.reported_running(observation),
+            tli: self.last_tli,
+            lsn: self.last_lsn,
+            rep_state: observation.rep_state.clone(),
+            upstream_streaming: observation.upstream_streaming,
+        };
+        let monitor = self.monitor().await?;
+        let assigned = tokio::time::timeout(MONITOR_CALL_TIMEOUT, monitor.report(&report))
+            .await
+            .map_err(|_| KeeperError::Timeout("reporting to the monitor".into()))??;
+        self.confirmed = true;
+        self.state.last_monitor_contact = unix_now();
+        self.state.group_id = assigned.group_id;
+        if assigned.goal != self.state.assigned {
+            tracing::info!(current = %self.state.current, goal = %assigned.goal, "new goal from the monitor");
+            self.state.assigned = assigned.goal;
+        }
+        Ok(assigned.goal)
+    }
+
+    /// A primary that reaches neither the monitor nor any standby for longer
+    /// than `network_partition_timeout` stops Postgres: the monitor may be
+    /// promoting a standby on the other side of the split.
+    async fn check_network_partition(&mut self) -> Result<(), KeeperError> {
+        if !matches!(self.state.current, NodeState::Primary | NodeState::ApplySettings) {
+            return Ok(());
+        }
+        let timeout = self.config.timeout.network_partition_timeout_ms / 1000;
+        let now = unix_now();
+        let monitor_silent = self.state.last_monitor_contact > 0
+            && now.saturating_sub(self.state.last_monitor_contact) > timeout;
+        let standby_silent = self.state.last_standby_contact > 0
+            && now.saturating_sub(self.state.last_standby_contact) > timeout;
+        if monitor_silent && standby_silent {
+            tracing::warn!(
+                "cannot reach the monitor nor any standby for {timeout} s: fencing this primary (demote_timeout)"
+            );
+            self.pg.stop("fast").await?;
+            self.state.current = NodeState::DemoteTimeout;
+            self.state.save(&self.paths.state)?;
+        }
+        Ok(())
+    }
+
+    /// Runs the transition to `goal`; true when it completed.
+    async fn transition_to(&mut self, goal: NodeState) -> bool {
+        let from = self.state.current;
+        let Some(action) = transition(from, goal) else {
+            self.log_error(format!(
+                "{}",
+                KeeperError::NoTransition { from, to: goal }
+            ));
+            return false;
+        };
+        let span = tracing::info_span!("transition", %from, to = %goal, ?action);
+        let started = Instant::now();
+        let result = self.execute(action, goal).instrument(span.clone()).await;
+        let _entered = span.enter();
+        match result {
+            Ok(()) => {
+                tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "reached {goal}");
+                self.state.current = goal;
+                self.last_error = None;
+                if let Err(e) = self.state.save(&self.paths.state) {
+                    tracing::error!(error = %e, "cannot write the state file");
+                    return false;
+                }
+                true
+            }
+            Err(e) => {
+                self.log_error(format!("transition {from} -> {goal} failed, will retry: {e}"));
+                false
+            }
+        }
+    }
+
+    async fn group(&mut self) -> Result<(Vec<NodeRow>, GroupView), KeeperError> {
+        let formation = self.config.node.formation.clone();
+        let group = self.state.group_id;
+        let monitor = self.monitor().await?;
+        let nodes = monitor.nodes(&formation, Some(group)).await?;
+        let f = monitor.formation(&formation).await?;
+        let view = GroupView {
+            nodes: nodes.iter().map(NodeRow::view).collect(),
+            number_sync_standbys: f.number_sync_standbys,
+            monitor_uptime: Duration::MAX,
+            thresholds: Thresholds::default(),
+        };
+        Ok((nodes, view))
+    }
+
+    /// The node this one should stream from: the one assigned a writable state.
+    async fn upstream(&mut self) -> Result<Upstream, KeeperError> {
+        let own = self.state.node_id;
+        let (nodes, _) = self.group().await?;
+        nodes
+            .iter()
+            .find(|n| n.node_id != own && n.goal.can_take_writes())
+            .map(|n| Upstream {
+                host: n.host.clone(),
+                port: n.port,
+            })
+            .ok_or_else(|| KeeperError::Refused("the group has no primary to stream from yet".into()))
+    }
+
+    async fn other_hosts(&mut self) -> Result<Vec<String>, KeeperError> {
+        let own = self.state.node_id;
+        let (nodes, _) = self.group().await?;
+        let mut hosts: Vec<String> = nodes
+            .iter()
+            .filter(|n| n.node_id != own)
+            .map(|n| n.host.clone())
+            .collect();
+        hosts.sort();
+        hosts.dedup();
+        Ok(hosts)
+    }
+
+    async fn wanted_synchronous_standby_names(&mut self) -> Result<String, KeeperError> {
+        let own = self.state.node_id;
+        let (_, view) = self.group().await?;
+        Ok(fsm::synchronous_standby_names(&view, own))
+    }
+
+    fn slot_name(&self) -> String {
+        fsm::slot_name(self.state.node_id)
+    }
+
+    async fn prepare_files(&mut self) -> Result<(), KeeperError> {
+        self.pg.write_config(&[])?;
+        match self.other_hosts().await {
+            Ok(hosts) => {
+                self.pg.write_hba(&hosts)?;
+            }
+            Err(e) if self.pg.pgdata.join("pg_hba.conf").exists() => {
+                tracing::debug!(error = %e, "keeping pg_hba.conf as it is");
+            }
+            Err(e) => return Err(e),
+        }
+        Ok(())
+    }
+
+    async fn execute(&mut self, action: Action, goal: NodeState) -> Result<(), KeeperError> {
+        match action {
+            Action::Record | Action::StartMaintenance => Ok(()),
+            Action::InitPrimary => {
+                if !self.pg.is_initialized() {
+                    self.pg.initdb().await?;
+                }
+                self.prepare_files().await?;
+                self.pg.start().await?;
+                if self.pg.observe().await.in_recovery {
+                    self.promote().await?;
+                }
+                self.pg.create_roles_and_database().await?;
+                self.pg.set_system("synchronous_standby_names", "").await?;
+                self.pg
+                    .set_system("default_transaction_read_only", "off")
+                    .await
+            }
+            Action::InitStandby => {
+                let upstream = self.upstream().await?;
+                let slot = self.slot_name();
+                let already_copied =
+                    self.pg.is_initialized() && self.pg.pgdata.join("standby.signal").exists();
+                if !already_copied {
+                    self.pg.stop("fast").await?;
+                    tracing::info!(host = %upstream.host, port = upstream.port, "pg_basebackup");
+                    self.pg.basebackup(&upstream, &slot).await?;
+                }
+                self.prepare_files().await?;
+                self.pg.write_standby_config(Some(&upstream), &slot)?;
+                self.pg.start().await
+            }
+            Action::RewindOrInit => self.rewind_or_init().await,
+            Action::DetachFromPrimary => self.detach_from_primary().await,
+            Action::Promote { read_only } => {
+                self.ensure_running().await?;
+                self.pg.set_system("synchronous_standby_names", "").await?;
+                if read_only {
+                    self.pg
+                        .set_system("default_transaction_read_only", "on")
+                        .await?;
+                }
+                self.promote().await?;
+                if !read_only {
+                    self.pg
+                        .set_system("default_transaction_read_only", "off")
+                        .await?;
+                }
+                Ok(())
+            }
+            Action::BecomeSingle => {
+                self.ensure_running().await?;
+                if self.pg.observe().await.in_recovery {
+                    self.pg.set_system("synchronous_standby_names", "").await?;
+                    self.promote().await?;
+                }
+                self.pg.set_system("synchronous_standby_names", "").await?;
+                self.pg
+                    .set_system("default_transaction_read_only", "off")
+                    .await
+            }
+            Action::SetReadWrite => {
+                self.pg
+                    .set_system("default_transaction_read_only", "off")
+                    .await
+            }
+            Action::EnableSyncRep => self.enable_sync_rep().await,
+            Action::DisableSyncRep => {
+                self.ensure_running().await?;
+                self.sync_slots().await?;
+                self.pg.set_system("synchronous_standby_names", "").await
+            }
+            Action::ApplySettings => {
+                let names = self.wanted_synchronous_standby_names().await?;
+                self.pg.set_system("synchronous_standby_names", &names).await
+            }
+            Action::StopPostgres => self.pg.stop("fast").await,
+            Action::CheckpointAndStop => {
+                if let Ok(client) = self.pg.connect().await {
+                    client.batch_execute("CHECKPOINT").await?;
+                }
+                self.pg.stop("fast").await
+            }
+            Action::StopAsStandby => {
+                self.pg.stop("fast").await?;
+                self.pg.write_standby_config(None, &self.slot_name())
+            }
+            Action::StartAsPrimary => {
+                self.prepare_files().await?;
+                self.pg.start().await?;
+                let names = if goal == NodeState::Primary {
+                    self.wanted_synchronous_standby_names().await?
+                } else {
+                    String::new()
+                };
+                self.pg.set_system("synchronous_standby_names", &names).await
+            }
+        }
+    }
+
+    async fn ensure_running(&mut self) -> Result<(), KeeperError> {
+        if self.pg.postmaster_pid().is_none() {
+            self.prepare_files().await?;
+            self.pg.start().await?;
+        }
+        Ok(())
+    }
+
+    async fn promote(&mut self) -> Result<(), KeeperError> {
+        let client = self.pg.connect().await?;
+        let promoted: bool = client
+            .query_one("SELECT pg_promote(true, 60)", &[])
+            .await?
+            .try_get(0)?;
+        if !promoted {
+            return Err(KeeperError::Timeout("pg_promote did not finish in 60 s".into()));
+        }
+        self.pg.clear_standby_config()
+    }
+
+    /// Cuts replication and waits until the WAL receiver is gone, so the LSN we
+    /// report is final and the old primary can no longer count us as synchronous.
+    async fn detach_from_primary(&mut self) -> Result<(), KeeperError> {
+        self.ensure_running().await?;
+        self.pg.write_standby_config(None, &self.slot_name())?;
+        self.pg.reload().await?;
+        let timeout = Duration::from_millis(self.config.timeout.walreceiver_stop_timeout_ms);
+        let deadline = Instant::now() + timeout;
+        loop {
+            let client = self.pg.connect().await?;
+            let receiving = client
+                .query_opt("SELECT pid FROM pg_stat_wal_receiver", &[])
+                .await?
+                .is_some();
+            if !receiving {
+                let o = self.pg.observe().await;
+                if o.lsn > 0 {
+                    self.last_lsn = o.lsn;
+                }
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(KeeperError::Timeout(
+                    "the WAL receiver did not stop after primary_conninfo was cleared".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn enable_sync_rep(&mut self) -> Result<(), KeeperError> {
+        self.ensure_running().await?;
+        self.sync_slots().await?;
+        let names = self.wanted_synchronous_standby_names().await?;
+        self.pg.set_system("synchronous_standby_names", &names).await?;
+        if names.is_empty() {
+            return Ok(());
+        }
+        // Writes committed before this point may not be on the standby yet: wait
+        // until a synchronous standby has flushed past them, so that `primary`
+        // means every acknowledged write is on a standby.
+        let client = self.pg.connect().await?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let target: String = client
+            .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
+            .await?
+            .try_get(0)?;
+        loop {
+            let caught_up: bool = client
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM pg_stat_replication
+                                     WHERE application_name LIKE 'pgautofailover_standby_%'
+                                       AND sync_state IN ('sync', 'quorum')
+                                       AND flush_lsn >= $1::text::pg_lsn)",
+                    &[&target],
+                )
+                .await?
+                .try_get(0)?;
+            if caught_up {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(KeeperError::Timeout(format!(
+                    "no synchronous standby flushed up to {target} yet"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn sync_slots(&mut self) -> Result<(), KeeperError> {
+        let own = self.state.node_id;
+        let (nodes, _) = self.group().await?;
+        let wanted: Vec<String> = nodes
+            .iter()
+            .filter(|n| n.node_id != own && n.goal != NodeState::Dropped)
+            .map(|n| fsm::slot_name(n.node_id))
+            .collect();
+        self.pg.sync_replication_slots(&wanted).await
+    }
+
+    async fn rewind_or_init(&mut self) -> Result<(), KeeperError> {
+        let upstream = self.upstream().await?;
+        let slot = self.slot_name();
+        let observation = self.pg.observe().await;
+        if observation.running && observation.in_recovery {
+            // Already a standby: point it at the primary and let it stream.
+            self.prepare_files().await?;
+            self.pg.write_standby_config(Some(&upstream), &slot)?;
+            return self.pg.reload().await;
+        }
+        self.pg.stop("fast").await?;
+        let rewound = if self.pg.is_initialized() {
+            match self.pg.rewind(&upstream).await {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "pg_rewind failed, taking a new base backup instead");
+                    false
+                }
+            }
+        } else {
+            false
+        };
+        if !rewound {
+            self.pg.basebackup(&upstream, &slot).await?;
+        }
+        self.prepare_files().await?;
+        self.pg.write_standby_config(Some(&upstream), &slot)?;
+        self.pg.start().await?;
+        // Slots copied from the old primary's time would hold WAL forever here.
+        self.pg.sync_replication_slots(&[]).await
+    }
+
+    /// Keeps the current state true: Postgres up or down as the state wants,
+    /// replication slots and pg_hba rules for the other nodes, and the
+    /// synchronous replication settings the monitor computes.
+    async fn ensure_current_state(&mut self, observation: &Observation) -> Result<(), KeeperError> {
+        match expectation(self.state.current) {
+            Expectation::Unmanaged => Ok(()),
+            Expectation::Stopped => {
+                if observation.running || self.pg.postmaster_pid().is_some() {
+                    tracing::warn!(state = %self.state.current, "postgres runs in a fenced state: stopping it");
+                    self.pg.stop("fast").await?;
+                }
+                Ok(())
+            }
+            Expectation::RunningStandby => {
+                if !observation.running {
+                    tracing::warn!("postgres is not running: starting it");
+                    self.ensure_running().await?;
+                }
+                Ok(())
+            }
+            Expectation::RunningPrimary => {
+                if !observation.running {
+                    if !self.confirmed {
+                        return Ok(());
+                    }
+                    tracing::warn!("postgres is not running: restarting it");
+                    match self.ensure_running().await {
+                        Ok(()) => self.restart_failing_since = None,
+                        Err(e) => {
+                            self.restart_failing_since.get_or_insert_with(Instant::now);
+                            return Err(e);
+                        }
+                    }
+                    return Ok(());
+                }
+                self.restart_failing_since = None;
+                if self.monitor.is_none() {
+                    return Ok(());
+                }
+                self.sync_slots().await?;
+                let hosts = self.other_hosts().await?;
+                if self.pg.write_hba(&hosts)? {
+                    self.pg.reload().await?;
+                }
+                let names = match self.state.current {
+                    NodeState::Primary | NodeState::ApplySettings => {
+                        self.wanted_synchronous_standby_names().await?
+                    }
+                    _ => String::new(),
+                };
+                if names != observation.synchronous_standby_names {
+                    tracing::info!(%names, "applying synchronous_standby_names");
+                    self.pg.set_system("synchronous_standby_names", &names).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+}

@@ -1,0 +1,57 @@
+//! `hapg run` on a monitor: keep the monitor's Postgres running, and run the
+//! monitor service beside it until shut down.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use hapg_config::{MonitorTimings, NodeConfig};
+
+use crate::create::monitor_local_conninfo;
+use crate::error::KeeperError;
+use crate::keeper::Shutdown;
+use crate::paths::NodePaths;
+use crate::postgres::LocalPostgres;
+
+/// Runs the monitor node at `paths` until `shutdown`.
+pub async fn run(
+    paths: NodePaths,
+    timings: MonitorTimings,
+    shutdown: Shutdown,
+) -> Result<(), KeeperError> {
+    let config = NodeConfig::load(&paths.config)?;
+    let pg = LocalPostgres::from_config(&config)?;
+    pg.write_config(&[("cluster_name", "'hapg monitor'".to_string())])?;
+    pg.start().await?;
+    let supervisor = {
+        let pg = pg.clone();
+        let token = shutdown.token.clone();
+        tokio::spawn(async move {
+            while !token.is_cancelled() {
+                if pg.postmaster_pid().is_none() {
+                    tracing::warn!("the monitor's postgres is not running: restarting it");
+                    if let Err(e) = pg.start().await {
+                        tracing::error!(error = %e, "cannot start the monitor's postgres");
+                    }
+                }
+                tokio::select! {
+                    _ = token.cancelled() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+            }
+        })
+    };
+    let result =
+        hapg_monitor::service::run(&monitor_local_conninfo(&config), timings, shutdown.token.clone())
+            .await;
+    shutdown.token.cancel();
+    let _ = supervisor.await;
+    if !shutdown.keep_postgres.load(Ordering::Relaxed) {
+        let mode = if shutdown.immediate.load(Ordering::Relaxed) {
+            "immediate"
+        } else {
+            "fast"
+        };
+        pg.stop(mode).await?;
+    }
+    result.map_err(KeeperError::from)
+}

@@ -1,0 +1,764 @@
+//! The local Postgres instance: its tools (initdb, pg_ctl, pg_basebackup,
+//! pg_rewind) run as the right OS user, the configuration files hapg owns in the
+//! data directory, and what the keeper observes about the running server.
+
+use std::ffi::OsStr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use hapg_config::{NodeConfig, SslConfig};
+use hapg_monitor::pgconn::{self, parse_lsn};
+use hapg_monitor::schema::{HEALTH_CHECK_ROLE, REPLICATION_ROLE};
+use tokio::process::Command;
+use tokio_postgres::{Client, Config};
+
+use crate::error::KeeperError;
+
+/// Directory for the instance's Unix socket: writable by any OS user, and what
+/// the keeper uses to reach its own Postgres without a password.
+pub const SOCKET_DIR: &str = "/tmp";
+/// The configuration file hapg owns, included from postgresql.conf.
+pub const HAPG_CONF: &str = "postgresql.hapg.conf";
+/// The standby settings hapg owns, included from postgresql.conf.
+pub const STANDBY_CONF: &str = "postgresql.hapg-standby.conf";
+/// The server log pg_ctl writes to, in the data directory.
+pub const LOG_FILE: &str = "postgres.log";
+
+/// The OS user that owns the data directory and runs Postgres.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OsUser {
+    /// Name.
+    pub name: String,
+    /// Uid.
+    pub uid: u32,
+    /// Primary gid.
+    pub gid: u32,
+}
+
+impl OsUser {
+    /// When hapg runs as root, Postgres runs as `name`; otherwise as hapg's own user.
+    pub fn for_running_as(name: &str) -> Result<Option<OsUser>, KeeperError> {
+        if !nix::unistd::geteuid().is_root() {
+            return Ok(None);
+        }
+        let user = nix::unistd::User::from_name(name)
+            .map_err(|e| KeeperError::OsUser(format!("cannot look up OS user {name:?}: {e}")))?
+            .ok_or_else(|| {
+                KeeperError::OsUser(format!(
+                    "hapg runs as root, and Postgres refuses to: it runs Postgres as --os-user {name:?}, \
+                     which does not exist. Create it (useradd --system {name}) or pass --os-user"
+                ))
+            })?;
+        Ok(Some(OsUser {
+            name: name.to_string(),
+            uid: user.uid.as_raw(),
+            gid: user.gid.as_raw(),
+        }))
+    }
+}
+
+/// Where a standby streams from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    /// Host.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+}
+
+/// What the keeper sees of its running Postgres.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Observation {
+    /// Postgres accepts connections.
+    pub running: bool,
+    /// It is a standby.
+    pub in_recovery: bool,
+    /// Timeline.
+    pub tli: i32,
+    /// Flush LSN on a primary, receive (or replay) LSN on a standby.
+    pub lsn: u64,
+    /// A standby's WAL receiver is streaming.
+    pub upstream_streaming: bool,
+    /// Best sync_state among hapg standbys connected to a primary.
+    pub rep_state: String,
+    /// A hapg standby (or base backup) is connected to this primary.
+    pub standby_connected: bool,
+    /// `synchronous_standby_names` in force.
+    pub synchronous_standby_names: String,
+}
+
+/// The local instance and how to drive it.
+#[derive(Debug, Clone)]
+pub struct LocalPostgres {
+    /// Data directory.
+    pub pgdata: PathBuf,
+    /// Port.
+    pub port: u16,
+    /// `listen_addresses`.
+    pub listen_addresses: String,
+    /// Binaries.
+    pub bindir: PathBuf,
+    /// Runs Postgres when hapg is root.
+    pub os_user: Option<OsUser>,
+    /// Superuser name.
+    pub username: String,
+    /// Application database.
+    pub dbname: String,
+    /// TLS settings.
+    pub ssl: SslConfig,
+    /// Method for the pg_hba rules hapg writes.
+    pub auth_method: String,
+    /// Leave pg_hba.conf alone.
+    pub skip_pg_hba: bool,
+    /// Replication user's password.
+    pub replication_password: Option<String>,
+    /// Host name for the self-signed certificate.
+    pub hostname: String,
+}
+
+impl LocalPostgres {
+    /// The instance described by a node configuration file.
+    pub fn from_config(config: &NodeConfig) -> Result<LocalPostgres, KeeperError> {
+        Ok(LocalPostgres {
+            pgdata: config.postgresql.pgdata.clone(),
+            port: config.postgresql.port,
+            listen_addresses: config.postgresql.listen_addresses.clone(),
+            bindir: config.postgresql.bindir.clone(),
+            os_user: OsUser::for_running_as(&config.node.os_user)?,
+            username: config.postgresql.username.clone(),
+            dbname: config.postgresql.dbname.clone(),
+            ssl: config.ssl.clone(),
+            auth_method: config.postgresql.auth_method.clone(),
+            skip_pg_hba: config.postgresql.skip_pg_hba,
+            replication_password: config.replication.password.clone(),
+            hostname: config.node.hostname.clone(),
+        })
+    }
+
+    fn command(&self, tool: &str) -> Command {
+        let mut cmd = Command::new(self.bindir.join(tool));
+        if let Some(user) = &self.os_user {
+            cmd.uid(user.uid).gid(user.gid);
+            cmd.env("HOME", "/tmp").env("USER", &user.name);
+        }
+        cmd.env("PGCONNECT_TIMEOUT", "5")
+            .env_remove("PGDATA")
+            .env_remove("PGHOST")
+            .env_remove("PGPORT")
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        if let Some(password) = &self.replication_password {
+            cmd.env("PGPASSWORD", password);
+        }
+        cmd
+    }
+
+    /// Runs a Postgres tool to completion; its output goes into the error if it fails.
+    async fn run_tool<I, S>(&self, tool: &str, args: I) -> Result<String, KeeperError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut cmd = self.command(tool);
+        cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+        tracing::debug!(?cmd, "running");
+        let output = cmd.output().await.map_err(|source| KeeperError::Spawn {
+            tool: tool.to_string(),
+            source,
+        })?;
+        let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
+        text.push_str(&String::from_utf8_lossy(&output.stderr));
+        if output.status.success() {
+            Ok(text)
+        } else {
+            let tail: Vec<&str> = text.lines().rev().take(12).collect();
+            Err(KeeperError::Tool {
+                tool: tool.to_string(),
+                status: output.status.to_string(),
+                output: tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+            })
+        }
+    }
+
+    /// Gives a file or directory to the OS user that runs Postgres.
+    pub fn chown(&self, path: &Path) -> Result<(), KeeperError> {
+        if let Some(user) = &self.os_user {
+            std::os::unix::fs::chown(path, Some(user.uid), Some(user.gid))
+                .map_err(|e| KeeperError::io(path, e))?;
+        }
+        Ok(())
+    }
+
+    /// Writes a file into the data directory, owned by the Postgres OS user.
+    fn write_owned(&self, name: &str, contents: &str, mode: u32) -> Result<(), KeeperError> {
+        let path = self.pgdata.join(name);
+        std::fs::write(&path, contents).map_err(|e| KeeperError::io(&path, e))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| KeeperError::io(&path, e))?;
+        self.chown(&path)
+    }
+
+    /// The data directory holds an initialised cluster.
+    pub fn is_initialized(&self) -> bool {
+        self.pgdata.join("PG_VERSION").exists()
+    }
+
+    /// Checks that the OS user can reach the data directory's parent, so Postgres
+    /// will be able to use it; names the directory that blocks it otherwise.
+    pub fn check_access(&self) -> Result<(), KeeperError> {
+        let Some(user) = &self.os_user else {
+            return Ok(());
+        };
+        let mut dir = self.pgdata.parent();
+        while let Some(d) = dir {
+            if let Ok(meta) = std::fs::metadata(d) {
+                use std::os::unix::fs::MetadataExt;
+                let mode = meta.mode();
+                let searchable = if meta.uid() == user.uid {
+                    mode & 0o100 != 0
+                } else if meta.gid() == user.gid {
+                    mode & 0o010 != 0
+                } else {
+                    mode & 0o001 != 0
+                };
+                if !searchable {
+                    return Err(KeeperError::OsUser(format!(
+                        "Postgres runs as OS user {:?}, which cannot reach {}: {} is not searchable by it. \
+                         Use a data directory outside it (for example under /var/lib/hapg) or run chmod o+x {}",
+                        user.name,
+                        self.pgdata.display(),
+                        d.display(),
+                        d.display()
+                    )));
+                }
+            }
+            dir = d.parent();
+        }
+        Ok(())
+    }
+
+    /// Creates the data directory (mode 0700, owned by the OS user) if missing.
+    pub fn create_pgdata(&self) -> Result<(), KeeperError> {
+        std::fs::create_dir_all(&self.pgdata).map_err(|e| KeeperError::io(&self.pgdata, e))?;
+        std::fs::set_permissions(&self.pgdata, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| KeeperError::io(&self.pgdata, e))?;
+        self.chown(&self.pgdata)
+    }
+
+    /// Runs initdb into an empty data directory.
+    pub async fn initdb(&self) -> Result<(), KeeperError> {
+        self.create_pgdata()?;
+        let auth_host = if self.auth_method == "trust" {
+            "trust"
+        } else {
+            self.auth_method.as_str()
+        };
+        self.run_tool(
+            "initdb",
+            [
+                OsStr::new("--pgdata"),
+                self.pgdata.as_os_str(),
+                OsStr::new("--username"),
+                OsStr::new(&self.username),
+                OsStr::new("--encoding=UTF8"),
+                OsStr::new("--no-locale"),
+                OsStr::new("--auth-local=trust"),
+                OsStr::new(&format!("--auth-host={auth_host}")),
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Writes `postgresql.hapg.conf` (the settings hapg needs) and makes sure
+    /// postgresql.conf includes it and the standby file. Run before every start:
+    /// pg_basebackup and pg_rewind copy these files from another node.
+    pub fn write_config(&self, extra: &[(&str, String)]) -> Result<(), KeeperError> {
+        let mut conf = format!(
+            "# Written by hapg: it is rewritten before every start, edit postgresql.conf instead.\n\
+             listen_addresses = '{}'\n\
+             port = {}\n\
+             unix_socket_directories = '{SOCKET_DIR}'\n\
+             wal_level = 'replica'\n\
+             wal_log_hints = on\n\
+             max_wal_senders = 12\n\
+             max_replication_slots = 12\n\
+             wal_keep_size = '512MB'\n\
+             hot_standby = on\n\
+             hot_standby_feedback = on\n\
+             synchronous_commit = on\n\
+             wal_sender_timeout = '5s'\n\
+             wal_receiver_timeout = '5s'\n\
+             wal_receiver_status_interval = '1s'\n\
+             wal_retrieve_retry_interval = '500ms'\n\
+             password_encryption = 'scram-sha-256'\n\
+             ssl = {}\n",
+            self.listen_addresses.replace('\'', "''"),
+            self.port,
+            if self.ssl.active { "on" } else { "off" },
+        );
+        if self.ssl.active {
+            conf.push_str("ssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+        }
+        for (key, value) in extra {
+            conf.push_str(&format!("{key} = {value}\n"));
+        }
+        self.write_owned(HAPG_CONF, &conf, 0o600)?;
+        let standby = self.pgdata.join(STANDBY_CONF);
+        if !standby.exists() {
+            self.write_owned(STANDBY_CONF, "", 0o600)?;
+        }
+        let main = self.pgdata.join("postgresql.conf");
+        let text = std::fs::read_to_string(&main).map_err(|e| KeeperError::io(&main, e))?;
+        if !text.contains(HAPG_CONF) {
+            let text = format!(
+                "{text}\n# hapg\ninclude_if_exists = '{HAPG_CONF}'\ninclude_if_exists = '{STANDBY_CONF}'\n"
+            );
+            std::fs::write(&main, text).map_err(|e| KeeperError::io(&main, e))?;
+        }
+        if self.ssl.active && self.ssl.self_signed {
+            self.ensure_certificate()?;
+        }
+        Ok(())
+    }
+
+    /// Generates the self-signed certificate and key if they are missing.
+    fn ensure_certificate(&self) -> Result<(), KeeperError> {
+        if self.pgdata.join("server.crt").exists() && self.pgdata.join("server.key").exists() {
+            return Ok(());
+        }
+        let cert = rcgen::generate_simple_self_signed(vec![self.hostname.clone()]).map_err(|e| {
+            KeeperError::Refused(format!("cannot generate a self-signed certificate: {e}"))
+        })?;
+        self.write_owned("server.crt", &cert.cert.pem(), 0o644)?;
+        self.write_owned("server.key", &cert.key_pair.serialize_pem(), 0o600)?;
+        Ok(())
+    }
+
+    /// Writes the standby settings: stream from `upstream` through `slot`, or
+    /// (with `None`) stay a standby without upstream. Creates standby.signal.
+    pub fn write_standby_config(
+        &self,
+        upstream: Option<&Upstream>,
+        application_name: &str,
+    ) -> Result<(), KeeperError> {
+        let conf = match upstream {
+            Some(up) => {
+                let mut conninfo = format!(
+                    "application_name={application_name} host={} port={} user={REPLICATION_ROLE} dbname=postgres sslmode={} connect_timeout=2 keepalives_idle=2 keepalives_interval=1 keepalives_count=3",
+                    up.host,
+                    up.port,
+                    if self.ssl.active { "require" } else { "prefer" },
+                );
+                if let Some(password) = &self.replication_password {
+                    conninfo.push_str(&format!(" password={password}"));
+                }
+                format!(
+                    "primary_conninfo = '{}'\nprimary_slot_name = '{application_name}'\nrecovery_target_timeline = 'latest'\n",
+                    conninfo.replace('\'', "''")
+                )
+            }
+            None => "primary_conninfo = ''\nrecovery_target_timeline = 'latest'\n".to_string(),
+        };
+        self.write_owned(STANDBY_CONF, &conf, 0o600)?;
+        self.write_owned("standby.signal", "", 0o600)
+    }
+
+    /// Removes the standby settings (after a promotion).
+    pub fn clear_standby_config(&self) -> Result<(), KeeperError> {
+        self.write_owned(STANDBY_CONF, "", 0o600)?;
+        let signal = self.pgdata.join("standby.signal");
+        if signal.exists() {
+            std::fs::remove_file(&signal).map_err(|e| KeeperError::io(&signal, e))?;
+        }
+        Ok(())
+    }
+
+    /// Writes pg_hba.conf: local trust for the keeper, trust for the monitor's
+    /// health checks (they authenticate nothing secret), and `auth_method` for
+    /// replication from other nodes and for applications.
+    /// Returns true when the file changed (Postgres then needs a reload).
+    pub fn write_hba(&self, other_hosts: &[String]) -> Result<bool, KeeperError> {
+        if self.skip_pg_hba {
+            return Ok(false);
+        }
+        let auth = &self.auth_method;
+        let mut hba = format!(
+            "# Written by hapg (--skip-pg-hba to manage this file yourself).\n\
+             local   all          all                                   trust\n\
+             host    all          {HEALTH_CHECK_ROLE}  all                trust\n\
+             host    replication  {REPLICATION_ROLE}  samenet     {auth}\n\
+             host    all          {REPLICATION_ROLE}  samenet     {auth}\n"
+        );
+        for host in other_hosts {
+            hba.push_str(&format!(
+                "host    replication  {REPLICATION_ROLE}  {host}  {auth}\n\
+                 host    all          {REPLICATION_ROLE}  {host}  {auth}\n"
+            ));
+        }
+        hba.push_str(&format!(
+            "host    all          all          samenet                   {auth}\n"
+        ));
+        let path = self.pgdata.join("pg_hba.conf");
+        let current = std::fs::read_to_string(&path).unwrap_or_default();
+        if current == hba {
+            return Ok(false);
+        }
+        self.write_owned("pg_hba.conf", &hba, 0o600)?;
+        Ok(true)
+    }
+
+    /// The postmaster's pid, if one is running for this data directory.
+    pub fn postmaster_pid(&self) -> Option<i32> {
+        let text = std::fs::read_to_string(self.pgdata.join("postmaster.pid")).ok()?;
+        let pid: i32 = text.lines().next()?.trim().parse().ok()?;
+        let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
+        alive.then_some(pid)
+    }
+
+    /// Starts Postgres and waits until it accepts connections.
+    pub async fn start(&self) -> Result<(), KeeperError> {
+        if self.postmaster_pid().is_some() {
+            return Ok(());
+        }
+        let log = self.pgdata.join(LOG_FILE);
+        self.run_tool(
+            "pg_ctl",
+            [
+                OsStr::new("start"),
+                OsStr::new("--pgdata"),
+                self.pgdata.as_os_str(),
+                OsStr::new("--wait"),
+                OsStr::new("--timeout=60"),
+                OsStr::new("--silent"),
+                OsStr::new("--log"),
+                log.as_os_str(),
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Stops Postgres (`fast` or `immediate`) and waits until it is down.
+    pub async fn stop(&self, mode: &str) -> Result<(), KeeperError> {
+        if self.postmaster_pid().is_none() {
+            return Ok(());
+        }
+        let result = self
+            .run_tool(
+                "pg_ctl",
+                [
+                    OsStr::new("stop"),
+                    OsStr::new("--pgdata"),
+                    self.pgdata.as_os_str(),
+                    OsStr::new("--wait"),
+                    OsStr::new("--timeout=60"),
+                    OsStr::new("--silent"),
+                    OsStr::new("--mode"),
+                    OsStr::new(mode),
+                ],
+            )
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            // pg_ctl complains when the server vanished between our check and its own.
+            Err(_) if self.postmaster_pid().is_none() => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// A superuser connection to the local instance over its Unix socket.
+    pub async fn connect(&self) -> Result<Client, KeeperError> {
+        self.connect_to("postgres").await
+    }
+
+    /// A superuser connection to database `dbname`.
+    pub async fn connect_to(&self, dbname: &str) -> Result<Client, KeeperError> {
+        let mut config = Config::new();
+        config
+            .host_path(SOCKET_DIR)
+            .port(self.port)
+            .user(&self.username)
+            .dbname(dbname)
+            .application_name("hapg keeper");
+        let connection = pgconn::connect(config, Duration::from_secs(2)).await?;
+        Ok(connection.client)
+    }
+
+    /// Observes the running instance; `running: false` when it does not answer.
+    pub async fn observe(&self) -> Observation {
+        match self.try_observe().await {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::debug!(error = %e, "local postgres does not answer");
+                Observation::default()
+            }
+        }
+    }
+
+    async fn try_observe(&self) -> Result<Observation, KeeperError> {
+        let client = self.connect().await?;
+        let row = client
+            .query_one(
+                "SELECT pg_is_in_recovery(),
+                        (CASE WHEN pg_is_in_recovery()
+                              THEN greatest(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn())
+                              ELSE pg_current_wal_flush_lsn() END)::text,
+                        CASE WHEN pg_is_in_recovery()
+                             THEN coalesce((SELECT received_tli FROM pg_stat_wal_receiver
+                                             WHERE received_tli > 0),
+                                           (SELECT timeline_id FROM pg_control_checkpoint()))
+                             ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int
+                        END,
+                        coalesce((SELECT status = 'streaming' FROM pg_stat_wal_receiver), false),
+                        coalesce((SELECT sync_state FROM pg_stat_replication
+                                   WHERE application_name LIKE 'pgautofailover_standby_%'
+                                   ORDER BY CASE sync_state WHEN 'quorum' THEN 0 WHEN 'sync' THEN 1
+                                                            WHEN 'potential' THEN 2 ELSE 3 END
+                                   LIMIT 1), ''),
+                        EXISTS (SELECT 1 FROM pg_stat_replication WHERE usename = $1),
+                        current_setting('synchronous_standby_names')",
+                &[&REPLICATION_ROLE],
+            )
+            .await?;
+        let lsn: Option<String> = row.try_get(1)?;
+        Ok(Observation {
+            running: true,
+            in_recovery: row.try_get(0)?,
+            lsn: lsn.as_deref().and_then(parse_lsn).unwrap_or(0),
+            tli: row.try_get::<_, Option<i32>>(2)?.unwrap_or(1),
+            upstream_streaming: row.try_get(3)?,
+            rep_state: row.try_get(4)?,
+            standby_connected: row.try_get(5)?,
+            synchronous_standby_names: row.try_get(6)?,
+        })
+    }
+
+    /// `ALTER SYSTEM SET key = value` and reload.
+    pub async fn set_system(&self, key: &str, value: &str) -> Result<(), KeeperError> {
+        let client = self.connect().await?;
+        let current: String = client
+            .query_one("SELECT current_setting($1)", &[&key])
+            .await?
+            .try_get(0)?;
+        if current == value {
+            return Ok(());
+        }
+        // ALTER SYSTEM refuses to run in the implicit transaction of a multi-statement query.
+        client
+            .batch_execute(&format!(
+                "ALTER SYSTEM SET {key} = '{}'",
+                value.replace('\'', "''")
+            ))
+            .await?;
+        client.batch_execute("SELECT pg_reload_conf()").await?;
+        // The reload is asynchronous: wait until this backend's successors see it.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let fresh = self.connect().await?;
+            let now: String = fresh
+                .query_one("SELECT current_setting($1)", &[&key])
+                .await?
+                .try_get(0)?;
+            if now == value {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(KeeperError::Timeout(format!(
+                    "{key} did not change to {value:?} after a reload"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Reloads the configuration files.
+    pub async fn reload(&self) -> Result<(), KeeperError> {
+        self.connect()
+            .await?
+            .batch_execute("SELECT pg_reload_conf()")
+            .await?;
+        Ok(())
+    }
+
+    /// Creates the roles hapg needs and the application database (primary only).
+    pub async fn create_roles_and_database(&self) -> Result<(), KeeperError> {
+        let client = self.connect().await?;
+        let password = match &self.replication_password {
+            Some(p) => format!(" PASSWORD '{}'", p.replace('\'', "''")),
+            None => String::new(),
+        };
+        client
+            .batch_execute(&format!(
+                "DO $$ BEGIN
+                   IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{REPLICATION_ROLE}') THEN
+                     CREATE ROLE {REPLICATION_ROLE} WITH LOGIN SUPERUSER REPLICATION{password};
+                   END IF;
+                   IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{HEALTH_CHECK_ROLE}') THEN
+                     CREATE ROLE {HEALTH_CHECK_ROLE} WITH LOGIN CONNECTION LIMIT 5;
+                   END IF;
+                 END $$;"
+            ))
+            .await?;
+        if !password.is_empty() {
+            client
+                .batch_execute(&format!("ALTER ROLE {REPLICATION_ROLE} WITH{password}"))
+                .await?;
+        }
+        let exists = client
+            .query_opt(
+                "SELECT 1 FROM pg_database WHERE datname = $1",
+                &[&self.dbname],
+            )
+            .await?
+            .is_some();
+        if !exists {
+            client
+                .batch_execute(&format!(
+                    "CREATE DATABASE {}",
+                    postgres_escape_identifier(&self.dbname)
+                ))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Makes sure a physical replication slot exists for each name, and drops
+    /// other hapg slots (a node that left must not hold WAL forever).
+    pub async fn sync_replication_slots(&self, wanted: &[String]) -> Result<(), KeeperError> {
+        let client = self.connect().await?;
+        let rows = client
+            .query(
+                "SELECT slot_name, active FROM pg_replication_slots
+                  WHERE slot_name LIKE 'pgautofailover_standby_%'",
+                &[],
+            )
+            .await?;
+        for row in &rows {
+            let name: String = row.try_get(0)?;
+            let active: bool = row.try_get(1)?;
+            if !wanted.contains(&name) && !active {
+                client
+                    .execute("SELECT pg_drop_replication_slot($1)", &[&name])
+                    .await?;
+            }
+        }
+        for name in wanted {
+            let exists = rows
+                .iter()
+                .any(|r| r.try_get::<_, String>(0).is_ok_and(|n| &n == name));
+            if !exists {
+                client
+                    .execute(
+                        "SELECT pg_create_physical_replication_slot($1, true)",
+                        &[name],
+                    )
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// pg_basebackup from `upstream` into a fresh directory beside the data
+    /// directory, which then replaces it; a half-done copy never stands in its place.
+    pub async fn basebackup(&self, upstream: &Upstream, slot: &str) -> Result<(), KeeperError> {
+        let staging = self.pgdata.with_extension("hapg-basebackup");
+        if staging.exists() {
+            std::fs::remove_dir_all(&staging).map_err(|e| KeeperError::io(&staging, e))?;
+        }
+        std::fs::create_dir_all(&staging).map_err(|e| KeeperError::io(&staging, e))?;
+        std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| KeeperError::io(&staging, e))?;
+        self.chown(&staging)?;
+        let port = upstream.port.to_string();
+        let sslmode = if self.ssl.active { "require" } else { "prefer" };
+        let dbname = format!("sslmode={sslmode}");
+        let args: Vec<&OsStr> = vec![
+            OsStr::new("--pgdata"),
+            staging.as_os_str(),
+            OsStr::new("--host"),
+            OsStr::new(&upstream.host),
+            OsStr::new("--port"),
+            OsStr::new(&port),
+            OsStr::new("--username"),
+            OsStr::new(REPLICATION_ROLE),
+            OsStr::new("--dbname"),
+            OsStr::new(&dbname),
+            OsStr::new("--wal-method=stream"),
+            OsStr::new("--checkpoint=fast"),
+            OsStr::new("--no-password"),
+            OsStr::new("--slot"),
+            OsStr::new(slot),
+        ];
+        self.run_tool("pg_basebackup", args).await?;
+        if self.pgdata.exists() {
+            let old = self.pgdata.with_extension("hapg-old");
+            if old.exists() {
+                std::fs::remove_dir_all(&old).map_err(|e| KeeperError::io(&old, e))?;
+            }
+            std::fs::rename(&self.pgdata, &old).map_err(|e| KeeperError::io(&self.pgdata, e))?;
+            std::fs::rename(&staging, &self.pgdata).map_err(|e| KeeperError::io(&staging, e))?;
+            std::fs::remove_dir_all(&old).map_err(|e| KeeperError::io(&old, e))?;
+        } else {
+            std::fs::rename(&staging, &self.pgdata).map_err(|e| KeeperError::io(&staging, e))?;
+        }
+        Ok(())
+    }
+
+    /// pg_rewind from `upstream` (Postgres must be stopped). pg_rewind itself runs
+    /// crash recovery first when the instance was not shut down cleanly.
+    pub async fn rewind(&self, upstream: &Upstream) -> Result<(), KeeperError> {
+        let sslmode = if self.ssl.active { "require" } else { "prefer" };
+        let source = format!(
+            "host={} port={} user={REPLICATION_ROLE} dbname=postgres sslmode={sslmode} connect_timeout=5",
+            upstream.host, upstream.port
+        );
+        self.run_tool(
+            "pg_rewind",
+            [
+                OsStr::new("--target-pgdata"),
+                self.pgdata.as_os_str(),
+                OsStr::new("--source-server"),
+                OsStr::new(&source),
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// The "Database cluster state" line of pg_controldata.
+    pub async fn cluster_state(&self) -> Result<String, KeeperError> {
+        let out = self
+            .run_tool("pg_controldata", [self.pgdata.as_os_str()])
+            .await?;
+        Ok(out
+            .lines()
+            .find_map(|l| l.strip_prefix("Database cluster state:"))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default())
+    }
+}
+
+/// Quotes an SQL identifier.
+pub fn postgres_escape_identifier(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// The Postgres binaries: `$HAPG_PG_BINDIR`, else `pg_config --bindir` on PATH,
+/// else Debian's PostgreSQL 15 location.
+pub fn default_bindir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("HAPG_PG_BINDIR") {
+        return PathBuf::from(dir);
+    }
+    if let Ok(out) = std::process::Command::new("pg_config").arg("--bindir").output() {
+        if out.status.success() {
+            let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+            if dir.join("pg_ctl").exists() && dir.join("initdb").exists() {
+                return dir;
+            }
+        }
+    }
+    PathBuf::from("/usr/lib/postgresql/15/bin")
+}

@@ -1,0 +1,221 @@
+//! The keeper's transition table: a pure function from (current state, goal
+//! state) to the local action that reaches the goal. The executor in
+//! [`crate::keeper`] carries the actions out; every action is idempotent, so a
+//! keeper killed in the middle simply runs it again.
+
+use hapg_monitor::NodeState;
+
+/// A local step that moves a node from one state to another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Nothing to do locally: record the new state.
+    Record,
+    /// initdb (if needed), configure, start, create roles and the database.
+    InitPrimary,
+    /// pg_basebackup from the primary with its replication slot, then start streaming.
+    InitStandby,
+    /// Become a standby of the current primary: follow it if already a standby on
+    /// its history, else pg_rewind, falling back to a fresh pg_basebackup.
+    RewindOrInit,
+    /// Cut the WAL receiver and wait until it is gone, so the LSN stays put.
+    DetachFromPrimary,
+    /// Promote the standby; with `read_only`, keep it from taking writes.
+    Promote {
+        /// Hold writes off with `default_transaction_read_only`.
+        read_only: bool,
+    },
+    /// Serve alone: start if needed, promote if a standby, no synchronous replication.
+    BecomeSingle,
+    /// Lift `default_transaction_read_only` after a held promotion.
+    SetReadWrite,
+    /// Apply the monitor's `synchronous_standby_names` and wait until a quorum
+    /// standby has flushed everything committed so far.
+    EnableSyncRep,
+    /// Clear `synchronous_standby_names`.
+    DisableSyncRep,
+    /// Re-apply the monitor's settings.
+    ApplySettings,
+    /// Stop Postgres (fast shutdown) and keep it stopped.
+    StopPostgres,
+    /// CHECKPOINT, then stop Postgres.
+    CheckpointAndStop,
+    /// Stop, and set the data directory up as a standby with no upstream.
+    StopAsStandby,
+    /// Start Postgres again as a primary (a fence lifted after a false alarm).
+    StartAsPrimary,
+    /// Leave Postgres to the operator: the keeper stops supervising it.
+    StartMaintenance,
+}
+
+/// The action from `current` to `goal`, or `None` when the keeper has no edge
+/// (the caller treats `current == goal` as "keep the current state").
+pub fn transition(current: NodeState, goal: NodeState) -> Option<Action> {
+    use NodeState::*;
+    if current == goal {
+        return None;
+    }
+    let primary_like = matches!(
+        current,
+        Single | Primary | WaitPrimary | ApplySettings | JoinPrimary
+    );
+    let standby_like = matches!(
+        current,
+        Secondary
+            | Catchingup
+            | PreparePromotion
+            | StopReplication
+            | ReportLsn
+            | FastForward
+            | JoinSecondary
+            | WaitMaintenance
+    );
+    let fenced = matches!(current, Draining | DemoteTimeout | Demoted);
+    let action = match goal {
+        Init | JoinPrimary | ReportLsn | FastForward | JoinSecondary => return None,
+        Single => match current {
+            Init => Action::InitPrimary,
+            _ => Action::BecomeSingle,
+        },
+        WaitPrimary => match current {
+            Single | Primary | ApplySettings | JoinPrimary => Action::DisableSyncRep,
+            PreparePromotion | Secondary | Catchingup | ReportLsn | FastForward => {
+                Action::Promote { read_only: false }
+            }
+            StopReplication => Action::SetReadWrite,
+            Draining | DemoteTimeout => Action::StartAsPrimary,
+            _ => return None,
+        },
+        Primary => match current {
+            WaitPrimary | ApplySettings | JoinPrimary | Single => Action::EnableSyncRep,
+            Draining | DemoteTimeout => Action::StartAsPrimary,
+            _ => return None,
+        },
+        ApplySettings if primary_like => Action::ApplySettings,
+        ApplySettings => return None,
+        Draining | DemoteTimeout | Demoted | Dropped => Action::StopPostgres,
+        Catchingup => match current {
+            Init | WaitStandby => Action::InitStandby,
+            _ if primary_like || standby_like || fenced => Action::RewindOrInit,
+            Maintenance | PrepareMaintenance => Action::RewindOrInit,
+            _ => return None,
+        },
+        Secondary => match current {
+            Catchingup => Action::Record,
+            ReportLsn | JoinSecondary => Action::RewindOrInit,
+            _ => return None,
+        },
+        PreparePromotion => match current {
+            Secondary | Catchingup | ReportLsn => Action::DetachFromPrimary,
+            FastForward => Action::Record,
+            _ => return None,
+        },
+        StopReplication => match current {
+            PreparePromotion => Action::Promote { read_only: true },
+            _ => return None,
+        },
+        WaitStandby => match current {
+            Init => Action::Record,
+            _ => return None,
+        },
+        Maintenance => match current {
+            Secondary | Catchingup | WaitMaintenance => Action::StartMaintenance,
+            PrepareMaintenance | Primary | WaitPrimary | ApplySettings => Action::StopAsStandby,
+            _ => return None,
+        },
+        PrepareMaintenance => match current {
+            Primary | WaitPrimary | ApplySettings | JoinPrimary => Action::CheckpointAndStop,
+            _ => return None,
+        },
+        WaitMaintenance => match current {
+            Secondary | Catchingup => Action::Record,
+            _ => return None,
+        },
+    };
+    Some(action)
+}
+
+/// Whether Postgres should be running in a state the keeper has reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expectation {
+    /// Running and writable.
+    RunningPrimary,
+    /// Running in recovery.
+    RunningStandby,
+    /// Stopped.
+    Stopped,
+    /// Not the keeper's business (maintenance, or nothing set up yet).
+    Unmanaged,
+}
+
+/// What the keeper enforces while it stays in `state`.
+pub fn expectation(state: NodeState) -> Expectation {
+    use NodeState::*;
+    match state {
+        Single | Primary | WaitPrimary | ApplySettings | JoinPrimary | StopReplication => {
+            Expectation::RunningPrimary
+        }
+        Secondary | Catchingup | PreparePromotion | ReportLsn | FastForward | WaitMaintenance => {
+            Expectation::RunningStandby
+        }
+        Draining | DemoteTimeout | Demoted | Dropped | PrepareMaintenance | JoinSecondary => {
+            Expectation::Stopped
+        }
+        Init | WaitStandby | Maintenance => Expectation::Unmanaged,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use NodeState::*;
+
+    /// One row per edge the two-node tutorial walks through.
+    #[test]
+    fn table_of_edges() {
+        let rows: &[(NodeState, NodeState, Option<Action>)] = &[
+            (Init, Single, Some(Action::InitPrimary)),
+            (Init, WaitStandby, Some(Action::Record)),
+            (Single, WaitPrimary, Some(Action::DisableSyncRep)),
+            (WaitStandby, Catchingup, Some(Action::InitStandby)),
+            (Catchingup, Secondary, Some(Action::Record)),
+            (WaitPrimary, Primary, Some(Action::EnableSyncRep)),
+            (Primary, WaitPrimary, Some(Action::DisableSyncRep)),
+            (Primary, Draining, Some(Action::StopPostgres)),
+            (Secondary, PreparePromotion, Some(Action::DetachFromPrimary)),
+            (
+                PreparePromotion,
+                WaitPrimary,
+                Some(Action::Promote { read_only: false }),
+            ),
+            (Draining, Demoted, Some(Action::StopPostgres)),
+            (Primary, Demoted, Some(Action::StopPostgres)),
+            (Demoted, Catchingup, Some(Action::RewindOrInit)),
+            (Secondary, WaitMaintenance, Some(Action::Record)),
+            (WaitMaintenance, Maintenance, Some(Action::StartMaintenance)),
+            (Maintenance, Catchingup, Some(Action::RewindOrInit)),
+            (Primary, PrepareMaintenance, Some(Action::CheckpointAndStop)),
+            (PrepareMaintenance, Maintenance, Some(Action::StopAsStandby)),
+            (Secondary, Single, Some(Action::BecomeSingle)),
+            (Secondary, Dropped, Some(Action::StopPostgres)),
+            (Primary, ApplySettings, Some(Action::ApplySettings)),
+            (ApplySettings, Primary, Some(Action::EnableSyncRep)),
+            (DemoteTimeout, Primary, Some(Action::StartAsPrimary)),
+            (Primary, Primary, None),
+            (Demoted, Secondary, None),
+        ];
+        for (current, goal, expected) in rows {
+            assert_eq!(
+                transition(*current, *goal),
+                *expected,
+                "{current} -> {goal}"
+            );
+        }
+    }
+
+    #[test]
+    fn fenced_states_stop_postgres() {
+        for state in [Draining, DemoteTimeout, Demoted, Dropped] {
+            assert_eq!(expectation(state), Expectation::Stopped);
+        }
+    }
+}

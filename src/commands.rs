@@ -1,0 +1,742 @@
+//! What each command does: thin glue between the command line and the library crates.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use hapg_config::{MonitorTimings, NodeConfig, Role, SslConfig};
+use hapg_keeper::create::{self, InstanceOptions, NodeOptions};
+use hapg_keeper::keeper::{self, Exit, RunMode, Shutdown};
+use hapg_keeper::{pidfile, postgres, NodePaths};
+use hapg_monitor::client::{NodeRow, RequestKind};
+use hapg_monitor::{MonitorClient, NodeState};
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::show;
+use crate::{
+    Command, ConfigCommand, CreateCommand, CreatePostgresArgs, DisableCommand, DropCommand,
+    EnableCommand, InstanceArgs, MaintenanceArgs, MonitorArgs, PerformArgs, PerformCommand,
+    RouterCommand, ShowCommand,
+};
+
+/// Runs one command.
+pub async fn dispatch(command: Command) -> Result<()> {
+    match command {
+        Command::Create(CreateCommand::Monitor(args)) => create_monitor(args).await,
+        Command::Create(CreateCommand::Postgres(args)) => create_postgres(args).await,
+        Command::Run(args) => run(&args.pgdata).await,
+        Command::Stop(args) => stop(&args.pgdata, args.fast, args.immediate).await,
+        Command::Show(cmd) => show_command(cmd).await,
+        Command::Perform(PerformCommand::Switchover(args) | PerformCommand::Failover(args)) => {
+            perform_switchover(args).await
+        }
+        Command::Enable(EnableCommand::Maintenance(args)) => maintenance(args, true).await,
+        Command::Disable(DisableCommand::Maintenance(args)) => maintenance(args, false).await,
+        Command::Drop(DropCommand::Node {
+            monitor,
+            name,
+            destroy,
+            wait,
+        }) => drop_node(monitor, name, destroy, wait).await,
+        Command::Config(cmd) => config_command(cmd),
+        Command::Router(RouterCommand::Run { config }) => router_run(config).await,
+        Command::Demo(args) => crate::demo::run(args).await,
+    }
+}
+
+fn instance_options(args: &InstanceArgs) -> Result<InstanceOptions> {
+    let auth = match (&args.auth, args.skip_pg_hba) {
+        (Some(auth), _) => auth.clone(),
+        (None, true) => "trust".to_string(),
+        (None, false) => bail!("--auth is required (or --skip-pg-hba): it is the method written into the pg_hba rules hapg adds, for instance --auth trust or --auth scram-sha-256"),
+    };
+    if !hapg_config::AUTH_METHODS.contains(&auth.as_str()) {
+        bail!(
+            "--auth {auth:?} is not supported: use one of {}",
+            hapg_config::AUTH_METHODS.join(", ")
+        );
+    }
+    let ssl = match (args.ssl_self_signed, args.no_ssl) {
+        (true, _) => SslConfig::self_signed(),
+        (false, true) => SslConfig::off(),
+        (false, false) => bail!("choose --ssl-self-signed or --no-ssl"),
+    };
+    if args.hostname.trim().is_empty() {
+        bail!("--hostname must not be empty");
+    }
+    Ok(InstanceOptions {
+        pgdata: args.pgdata.clone(),
+        port: args.pgport,
+        hostname: args.hostname.clone(),
+        listen_addresses: args.listen.clone(),
+        auth_method: auth,
+        ssl,
+        skip_pg_hba: args.skip_pg_hba,
+        os_user: args.os_user.clone(),
+        bindir: args.pgctl.clone().unwrap_or_else(postgres::default_bindir),
+        username: args.username.clone(),
+    })
+}
+
+async fn create_monitor(args: InstanceArgs) -> Result<()> {
+    let opts = instance_options(&args)?;
+    let paths = create::create_monitor(opts).await?;
+    let config = NodeConfig::load(&paths.config)?;
+    println!("{}", create::monitor_uri(&config));
+    if args.run {
+        run(&paths.pgdata).await?;
+    }
+    Ok(())
+}
+
+async fn create_postgres(args: CreatePostgresArgs) -> Result<()> {
+    let opts = instance_options(&args.instance)?;
+    let replication_password = match (&args.replication_password, &args.replication_password_file) {
+        (Some(p), _) => Some(p.clone()),
+        (None, Some(file)) => Some(
+            std::fs::read_to_string(file)
+                .with_context(|| format!("reading --replication-password-file {}", file.display()))?
+                .trim()
+                .to_string(),
+        ),
+        (None, None) => None,
+    };
+    let node = NodeOptions {
+        name: args.name.clone(),
+        formation: args.formation.clone(),
+        monitor: args.monitor.clone(),
+        dbname: args.dbname.clone(),
+        candidate_priority: args.candidate_priority,
+        replication_quorum: args.replication_quorum,
+        replication_password,
+        monitor_timeout: Duration::from_secs(args.monitor_timeout),
+    };
+    let paths = create::create_node(opts, node).await?;
+    if args.instance.run {
+        run(&paths.pgdata).await
+    } else {
+        let _pid = pidfile::PidFile::acquire(&paths.pid)?;
+        let shutdown = shutdown_on_signals()?;
+        shutdown.keep_postgres.store(true, Ordering::Relaxed);
+        keeper::run(paths, RunMode::UntilInitialized, shutdown).await?;
+        Ok(())
+    }
+}
+
+/// SIGTERM and SIGINT stop with a fast Postgres shutdown, SIGQUIT with an immediate one.
+fn shutdown_on_signals() -> Result<Shutdown> {
+    let shutdown = Shutdown::default();
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut quit = signal(SignalKind::quit())?;
+    let s = shutdown.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+            _ = quit.recv() => s.immediate.store(true, Ordering::Relaxed),
+        }
+        tracing::info!("stopping");
+        s.token.cancel();
+    });
+    Ok(shutdown)
+}
+
+fn load_config(pgdata: &Path) -> Result<(NodePaths, NodeConfig)> {
+    let paths = NodePaths::for_pgdata(pgdata)?;
+    if !paths.config.exists() {
+        bail!(
+            "{} is not a hapg node: no configuration at {}. Create it first with \
+             `hapg create monitor --pgdata {}` or `hapg create postgres --pgdata {}`",
+            paths.pgdata.display(),
+            paths.config.display(),
+            pgdata.display(),
+            pgdata.display()
+        );
+    }
+    let config = NodeConfig::load(&paths.config)?;
+    Ok((paths, config))
+}
+
+async fn run(pgdata: &Path) -> Result<()> {
+    let (paths, config) = load_config(pgdata)?;
+    let _pid = pidfile::PidFile::acquire(&paths.pid)?;
+    let shutdown = shutdown_on_signals()?;
+    match config.node.role {
+        Role::Monitor => {
+            hapg_keeper::monitor_node::run(paths, MonitorTimings::default(), shutdown).await?;
+        }
+        Role::Keeper => match keeper::run(paths, RunMode::Forever, shutdown).await? {
+            Exit::Dropped => println!("node {} was dropped from the formation", config.node.name),
+            Exit::Stopped | Exit::Initialized => {}
+        },
+    }
+    Ok(())
+}
+
+async fn stop(pgdata: &Path, fast: bool, immediate: bool) -> Result<()> {
+    let (paths, _) = load_config(pgdata)?;
+    let Some(pid) = pidfile::running_pid(&paths.pid) else {
+        bail!(
+            "hapg is not running for {} (no live pid in {})",
+            paths.pgdata.display(),
+            paths.pid.display()
+        );
+    };
+    let sig = if immediate {
+        nix::sys::signal::Signal::SIGQUIT
+    } else if fast {
+        nix::sys::signal::Signal::SIGINT
+    } else {
+        nix::sys::signal::Signal::SIGTERM
+    };
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig)
+        .with_context(|| format!("signalling hapg (pid {pid})"))?;
+    for _ in 0..1200 {
+        if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("hapg (pid {pid}) did not stop within 60 s")
+}
+
+/// Where the monitor is, which formation, and the sslmode for formation URIs.
+struct Target {
+    conninfo: String,
+    formation: String,
+    sslmode: String,
+    monitor_config: Option<NodeConfig>,
+    node_config: Option<NodeConfig>,
+}
+
+fn target(args: &MonitorArgs) -> Result<Target> {
+    if let Some(uri) = &args.monitor {
+        return Ok(Target {
+            conninfo: uri.clone(),
+            formation: args.formation.clone().unwrap_or_else(|| "default".into()),
+            sslmode: if uri.contains("sslmode=require") {
+                "require".into()
+            } else {
+                "prefer".into()
+            },
+            monitor_config: None,
+            node_config: None,
+        });
+    }
+    let Some(pgdata) = &args.pgdata else {
+        bail!("give --pgdata (of the monitor or of a node) or --monitor URI");
+    };
+    let (_, config) = load_config(pgdata)?;
+    Ok(match config.node.role {
+        Role::Monitor => Target {
+            conninfo: create::monitor_local_conninfo(&config),
+            formation: args.formation.clone().unwrap_or_else(|| "default".into()),
+            sslmode: config.ssl.sslmode.clone(),
+            monitor_config: Some(config),
+            node_config: None,
+        },
+        Role::Keeper => Target {
+            conninfo: config.node.monitor.clone(),
+            formation: args
+                .formation
+                .clone()
+                .unwrap_or_else(|| config.node.formation.clone()),
+            sslmode: config.ssl.sslmode.clone(),
+            monitor_config: None,
+            node_config: Some(config),
+        },
+    })
+}
+
+async fn connect(target: &Target) -> Result<MonitorClient> {
+    Ok(MonitorClient::connect_with_retry(&target.conninfo, Duration::from_secs(5)).await?)
+}
+
+fn print_json(value: &serde_json::Value) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+async fn show_command(cmd: ShowCommand) -> Result<()> {
+    match cmd {
+        ShowCommand::State(args) => {
+            let t = target(&args)?;
+            let monitor = connect(&t).await?;
+            monitor.formation(&t.formation).await?;
+            let nodes = monitor.nodes(&t.formation, None).await?;
+            if args.json {
+                print_json(&show::state_json(&nodes))
+            } else {
+                print!("{}", show::state_table(&nodes));
+                Ok(())
+            }
+        }
+        ShowCommand::Events { monitor: args, count } => {
+            let t = target(&args)?;
+            let monitor = connect(&t).await?;
+            let events = monitor.events(&t.formation, count).await?;
+            if args.json {
+                print_json(&show::events_json(&events))
+            } else {
+                print!("{}", show::events_table(&events));
+                Ok(())
+            }
+        }
+        ShowCommand::Uri {
+            monitor: args,
+            monitor_uri,
+        } => show_uri(args, monitor_uri).await,
+        ShowCommand::Settings(args) => show_settings(args).await,
+        ShowCommand::StandbyNames(args) => {
+            let t = target(&args)?;
+            let monitor = connect(&t).await?;
+            let names = monitor.synchronous_standby_names(&t.formation, 0).await?;
+            if args.json {
+                print_json(&serde_json::json!({"formation": t.formation, "group": 0, "synchronous_standby_names": names}))
+            } else {
+                println!("'{names}'");
+                Ok(())
+            }
+        }
+        ShowCommand::Systemd(args) => {
+            let (paths, config) = load_config(&args.pgdata)?;
+            print!("{}", systemd_unit(&paths, &config)?);
+            Ok(())
+        }
+    }
+}
+
+fn formation_uri(nodes: &[NodeRow], dbname: &str, sslmode: &str) -> String {
+    let hosts: Vec<String> = nodes.iter().map(NodeRow::address).collect();
+    format!(
+        "postgres://{}/{dbname}?target_session_attrs=read-write&sslmode={sslmode}",
+        hosts.join(",")
+    )
+}
+
+async fn show_uri(args: MonitorArgs, monitor_only: bool) -> Result<()> {
+    let t = target(&args)?;
+    let monitor_uri = match (&t.monitor_config, &t.node_config) {
+        (Some(c), _) => create::monitor_uri(c),
+        (None, Some(c)) => c.node.monitor.clone(),
+        (None, None) => t.conninfo.clone(),
+    };
+    if monitor_only {
+        println!("{monitor_uri}");
+        return Ok(());
+    }
+    let monitor = connect(&t).await?;
+    let mut rows: Vec<(String, String, String)> =
+        vec![("monitor".into(), "monitor".into(), monitor_uri)];
+    let formations = monitor.formations().await?;
+    for f in &formations {
+        if args.formation.as_ref().is_some_and(|only| only != &f.formation) {
+            continue;
+        }
+        let nodes = monitor.nodes(&f.formation, Some(0)).await?;
+        rows.push((
+            "formation".into(),
+            f.formation.clone(),
+            formation_uri(&nodes, &f.dbname, &t.sslmode),
+        ));
+    }
+    let routers = monitor
+        .inner()
+        .query(
+            "SELECT router_id, formation_id, address FROM hapg.router
+              WHERE last_seen > now() - interval '30 seconds' ORDER BY router_id",
+            &[],
+        )
+        .await?;
+    for r in routers {
+        let formation: String = r.try_get(1)?;
+        let address: String = r.try_get(2)?;
+        let dbname = formations
+            .iter()
+            .find(|f| f.formation == formation)
+            .map_or("postgres".to_string(), |f| f.dbname.clone());
+        rows.push((
+            "router".into(),
+            r.try_get(0)?,
+            format!("postgres://{address}/{dbname}"),
+        ));
+    }
+    if let Some(only) = &args.formation {
+        if !args.json {
+            let row = rows
+                .iter()
+                .find(|(kind, name, _)| kind == "formation" && name == only)
+                .ok_or_else(|| anyhow!("formation {only:?} does not exist on the monitor"))?;
+            println!("{}", row.2);
+            return Ok(());
+        }
+    }
+    if args.json {
+        return print_json(&serde_json::Value::Array(
+            rows.iter()
+                .map(|(kind, name, uri)| serde_json::json!({"type": kind, "name": name, "uri": uri}))
+                .collect(),
+        ));
+    }
+    let table_rows: Vec<Vec<String>> = rows
+        .into_iter()
+        .map(|(a, b, c)| vec![a, b, c])
+        .collect();
+    let text = show::table(&["Type", "Name", "Connection String"], &table_rows, &[12, 7, 0]);
+    // The last column reads better left-aligned.
+    for line in text.lines() {
+        println!("{line}");
+    }
+    Ok(())
+}
+
+async fn show_settings(args: MonitorArgs) -> Result<()> {
+    let t = target(&args)?;
+    let monitor = connect(&t).await?;
+    let f = monitor.formation(&t.formation).await?;
+    let nodes = monitor.nodes(&t.formation, None).await?;
+    let names = monitor.synchronous_standby_names(&t.formation, 0).await?;
+    let mut rows = vec![
+        vec![
+            "formation".to_string(),
+            f.formation.clone(),
+            "number_sync_standbys".to_string(),
+            f.number_sync_standbys.to_string(),
+        ],
+        vec![
+            "primary".to_string(),
+            nodes
+                .iter()
+                .find(|n| n.goal.can_take_writes())
+                .map_or("-".to_string(), |n| n.name.clone()),
+            "synchronous_standby_names".to_string(),
+            format!("'{names}'"),
+        ],
+    ];
+    for n in &nodes {
+        rows.push(vec![
+            "node".into(),
+            n.name.clone(),
+            "candidate priority".into(),
+            n.candidate_priority.to_string(),
+        ]);
+        rows.push(vec![
+            "node".into(),
+            n.name.clone(),
+            "replication quorum".into(),
+            n.replication_quorum.to_string(),
+        ]);
+    }
+    if args.json {
+        return print_json(&serde_json::Value::Array(
+            rows.iter()
+                .map(|r| serde_json::json!({"context": r[0], "name": r[1], "setting": r[2], "value": r[3]}))
+                .collect(),
+        ));
+    }
+    print!(
+        "{}",
+        show::table(&["Context", "Name", "Setting", "Value"], &rows, &[9, 4, 7, 5])
+    );
+    Ok(())
+}
+
+fn systemd_unit(paths: &NodePaths, config: &NodeConfig) -> Result<String> {
+    let exe = std::env::current_exe().context("finding the hapg executable")?;
+    let user = nix::unistd::User::from_uid(nix::unistd::geteuid())
+        .ok()
+        .flatten()
+        .map_or_else(|| "root".to_string(), |u| u.name);
+    let mut env = format!("Environment = 'PGDATA={}'\n", paths.pgdata.display());
+    for var in ["XDG_CONFIG_HOME", "XDG_DATA_HOME", "HAPG_PG_BINDIR"] {
+        if let Ok(value) = std::env::var(var) {
+            env.push_str(&format!("Environment = '{var}={value}'\n"));
+        }
+    }
+    let what = match config.node.role {
+        Role::Monitor => "monitor".to_string(),
+        Role::Keeper => format!("node {}", config.node.name),
+    };
+    Ok(format!(
+        "[Unit]\n\
+         Description = hapg {what} ({pgdata})\n\
+         After = network-online.target\n\
+         Wants = network-online.target\n\
+         \n\
+         [Service]\n\
+         # hapg runs as {user}; when that is root it runs Postgres as OS user {os_user}.\n\
+         User = {user}\n\
+         WorkingDirectory = /\n\
+         {env}\
+         ExecStart = {exe} run --pgdata {pgdata}\n\
+         ExecStop = {exe} stop --pgdata {pgdata}\n\
+         Restart = always\n\
+         RestartSec = 1\n\
+         StartLimitBurst = 0\n\
+         TimeoutStopSec = 90\n\
+         \n\
+         [Install]\n\
+         WantedBy = multi-user.target\n",
+        pgdata = paths.pgdata.display(),
+        exe = exe.display(),
+        os_user = config.node.os_user,
+    ))
+}
+
+/// Prints each node's state change while waiting, as pg_autoctl's notification table does.
+struct Progress {
+    seen: Vec<(i64, NodeState, NodeState)>,
+}
+
+impl Progress {
+    fn new() -> Progress {
+        println!(
+            "{:>8} | {:>8} | {:>5} | {:>20} | {:>19} | {:>19}",
+            "Time", "Name", "Node", "Host:Port", "Current State", "Assigned State"
+        );
+        println!(
+            "{}-+-{}-+-{}-+-{}-+-{}-+-{}",
+            "-".repeat(8),
+            "-".repeat(8),
+            "-".repeat(5),
+            "-".repeat(20),
+            "-".repeat(19),
+            "-".repeat(19)
+        );
+        Progress { seen: Vec::new() }
+    }
+
+    fn update(&mut self, nodes: &[NodeRow]) {
+        for n in nodes {
+            let key = (n.node_id, n.reported, n.goal);
+            if !self.seen.contains(&key) {
+                self.seen.retain(|(id, _, _)| *id != n.node_id);
+                self.seen.push(key);
+                println!(
+                    "{:>8} | {:>8} | {:>5} | {:>20} | {:>19} | {:>19}",
+                    time_of_day(),
+                    n.name,
+                    n.node_id,
+                    n.address(),
+                    n.reported.as_str(),
+                    n.goal.as_str()
+                );
+            }
+        }
+    }
+}
+
+fn time_of_day() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    format!(
+        "{:02}:{:02}:{:02}",
+        (secs / 3600) % 24,
+        (secs / 60) % 60,
+        secs % 60
+    )
+}
+
+async fn perform_switchover(args: PerformArgs) -> Result<()> {
+    let t = target(&args.monitor)?;
+    let mut monitor = connect(&t).await?;
+    let before = monitor.nodes(&t.formation, Some(0)).await?;
+    let old_primary = before
+        .iter()
+        .find(|n| n.goal.can_take_writes())
+        .map(|n| n.node_id);
+    let timeout = Duration::from_secs(args.wait);
+    monitor
+        .request(&t.formation, 0, None, RequestKind::Switchover, timeout)
+        .await?;
+    let mut progress = Progress::new();
+    monitor
+        .wait_until(
+            &t.formation,
+            "the switchover to complete",
+            timeout,
+            |nodes| {
+                progress.update(nodes);
+                let new_primary = nodes.iter().find(|n| {
+                    n.is_converged_primary() && Some(n.node_id) != old_primary
+                });
+                new_primary.is_some()
+                    && nodes
+                        .iter()
+                        .filter(|n| !n.is_converged_primary())
+                        .all(|n| n.reported == n.goal && n.goal == NodeState::Secondary)
+            },
+        )
+        .await?;
+    Ok(())
+}
+
+trait NodeRowExt {
+    fn is_converged_primary(&self) -> bool;
+}
+
+impl NodeRowExt for NodeRow {
+    fn is_converged_primary(&self) -> bool {
+        self.reported == NodeState::Primary && self.goal == NodeState::Primary
+    }
+}
+
+async fn maintenance(args: MaintenanceArgs, enable: bool) -> Result<()> {
+    let (_, config) = load_config(&args.pgdata)?;
+    if config.node.role != Role::Keeper {
+        bail!("maintenance applies to Postgres nodes, not to the monitor");
+    }
+    let mut monitor =
+        MonitorClient::connect_with_retry(&config.node.monitor, Duration::from_secs(5)).await?;
+    let node = monitor.node(config.node.node_id).await?;
+    if enable && node.goal.can_take_writes() && !args.allow_failover {
+        bail!(
+            "node {} is the primary: maintenance moves the primary to a standby first; \
+             pass --allow-failover to do that",
+            node.name
+        );
+    }
+    let kind = if enable {
+        RequestKind::EnableMaintenance
+    } else {
+        RequestKind::DisableMaintenance
+    };
+    let timeout = Duration::from_secs(args.wait);
+    monitor
+        .request(&node.formation, node.group_id, Some(node.node_id), kind, timeout)
+        .await?;
+    let mut progress = Progress::new();
+    let id = node.node_id;
+    monitor
+        .wait_until(&node.formation, "the maintenance change", timeout, |nodes| {
+            progress.update(nodes);
+            nodes.iter().find(|n| n.node_id == id).is_some_and(|n| {
+                n.reported == n.goal
+                    && if enable {
+                        n.goal == NodeState::Maintenance
+                    } else {
+                        matches!(
+                            n.goal,
+                            NodeState::Secondary | NodeState::Primary | NodeState::Single
+                        )
+                    }
+            })
+        })
+        .await?;
+    Ok(())
+}
+
+async fn drop_node(
+    args: MonitorArgs,
+    name: Option<String>,
+    destroy: bool,
+    wait: u64,
+) -> Result<()> {
+    let t = target(&args)?;
+    let mut monitor = connect(&t).await?;
+    let node = match (&name, &t.node_config) {
+        (Some(name), _) => monitor.node_by_name(&t.formation, name).await?,
+        (None, Some(config)) => monitor.node(config.node.node_id).await?,
+        (None, None) => bail!("give --pgdata of the node to drop, or --name with --monitor"),
+    };
+    let timeout = Duration::from_secs(wait);
+    monitor
+        .request(&node.formation, node.group_id, Some(node.node_id), RequestKind::Drop, timeout)
+        .await?;
+    let id = node.node_id;
+    monitor
+        .wait_until(
+            &node.formation,
+            &format!("node {} to be dropped (is its keeper running?)", node.name),
+            timeout,
+            |nodes| nodes.iter().all(|n| n.node_id != id),
+        )
+        .await?;
+    println!("node {} ({}) was dropped", node.name, node.address());
+    if destroy {
+        let Some(pgdata) = &args.pgdata else {
+            bail!("--destroy needs --pgdata: the data directory to remove");
+        };
+        let (paths, config) = load_config(pgdata)?;
+        for _ in 0..200 {
+            if pidfile::running_pid(&paths.pid).is_none() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let pg = postgres::LocalPostgres::from_config(&config)?;
+        pg.stop("fast").await?;
+        std::fs::remove_dir_all(&paths.pgdata)
+            .with_context(|| format!("removing {}", paths.pgdata.display()))?;
+        paths.remove_all();
+        println!("removed {}", paths.pgdata.display());
+    }
+    Ok(())
+}
+
+fn config_command(cmd: ConfigCommand) -> Result<()> {
+    match cmd {
+        ConfigCommand::Get { pgdata, key } => {
+            let (paths, _) = load_config(&pgdata)?;
+            let text = std::fs::read_to_string(&paths.config)?;
+            let Some(key) = key else {
+                print!("{text}");
+                return Ok(());
+            };
+            let doc: toml::Value = toml::from_str(&text)?;
+            let value = lookup(&doc, &key)
+                .ok_or_else(|| anyhow!("{key}: no such setting in {}", paths.config.display()))?;
+            match value {
+                toml::Value::String(s) => println!("{s}"),
+                other => println!("{other}"),
+            }
+            Ok(())
+        }
+        ConfigCommand::Set { pgdata, key, value } => {
+            let (paths, _) = load_config(&pgdata)?;
+            let text = std::fs::read_to_string(&paths.config)?;
+            let mut doc: toml::Value = toml::from_str(&text)?;
+            let (section, name) = key
+                .split_once('.')
+                .ok_or_else(|| anyhow!("{key}: settings are named section.key"))?;
+            let table = doc
+                .get_mut(section)
+                .and_then(toml::Value::as_table_mut)
+                .ok_or_else(|| anyhow!("{key}: no section [{section}]"))?;
+            let old = table
+                .get(name)
+                .ok_or_else(|| anyhow!("{key}: no such setting"))?;
+            let new = match old {
+                toml::Value::Integer(_) => toml::Value::Integer(
+                    value
+                        .parse()
+                        .map_err(|_| anyhow!("{key}: {value:?} is not a whole number"))?,
+                ),
+                toml::Value::Boolean(_) => toml::Value::Boolean(
+                    value
+                        .parse()
+                        .map_err(|_| anyhow!("{key}: {value:?} is not true or false"))?,
+                ),
+                _ => toml::Value::String(value.clone()),
+            };
+            table.insert(name.to_string(), new);
+            let text = toml::to_string_pretty(&doc)?;
+            NodeConfig::parse(&paths.config, &text)?;
+            hapg_keeper::paths::write_atomic(&paths.config, text.as_bytes())?;
+            println!("{value}");
+            Ok(())
+        }
+    }
+}
+
+fn lookup<'a>(doc: &'a toml::Value, key: &str) -> Option<&'a toml::Value> {
+    key.split('.').try_fold(doc, |v, part| v.get(part))
+}
+
+async fn router_run(config: PathBuf) -> Result<()> {
+    let _ = config;
+    bail!("the router is not built yet")
+}

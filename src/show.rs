@@ -1,0 +1,213 @@
+//! Text and JSON layouts of the `show` commands, as pg_autoctl prints them.
+
+use hapg_monitor::client::{EventRow, NodeRow};
+use hapg_monitor::Health;
+use serde_json::json;
+
+/// Right-aligned columns separated by ` | `, with a `-+-` dash line under the header.
+pub fn table(headers: &[&str], rows: &[Vec<String>], min_widths: &[usize]) -> String {
+    let mut widths: Vec<usize> = headers
+        .iter()
+        .enumerate()
+        .map(|(i, h)| h.len().max(min_widths.get(i).copied().unwrap_or(0)))
+        .collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            if let Some(w) = widths.get_mut(i) {
+                *w = (*w).max(cell.chars().count());
+            }
+        }
+    }
+    let line = |cells: Vec<String>| -> String {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:>w$}"))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    };
+    let mut out = line(headers.iter().map(|h| h.to_string()).collect());
+    out.push('\n');
+    out.push_str(
+        &widths
+            .iter()
+            .map(|w| "-".repeat(*w))
+            .collect::<Vec<_>>()
+            .join("-+-"),
+    );
+    out.push('\n');
+    for row in rows {
+        out.push_str(&line(row.clone()));
+        out.push('\n');
+    }
+    out
+}
+
+/// `read-write`, `read-only` or `none`, with ` !` when unhealthy and ` ?` when unknown.
+pub fn connection(node: &NodeRow) -> String {
+    let kind = node.reported.connection_type();
+    match node.health {
+        Health::Good => kind.to_string(),
+        Health::Bad => format!("{kind} !"),
+        Health::Unknown => format!("{kind} ?"),
+    }
+}
+
+fn tli_lsn(node: &NodeRow) -> String {
+    format!(
+        "{:>3}: {}",
+        node.tli,
+        hapg_monitor::pgconn::format_lsn(node.lsn)
+    )
+}
+
+/// The `show state` table.
+pub fn state_table(nodes: &[NodeRow]) -> String {
+    let rows: Vec<Vec<String>> = nodes
+        .iter()
+        .map(|n| {
+            vec![
+                n.name.clone(),
+                n.node_id.to_string(),
+                n.address(),
+                tli_lsn(n),
+                connection(n),
+                n.reported.to_string(),
+                n.goal.to_string(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "Name",
+            "Node",
+            "Host:Port",
+            "TLI: LSN",
+            "Connection",
+            "Reported State",
+            "Assigned State",
+        ],
+        &rows,
+        &[4, 5, 10, 9, 12, 19, 19],
+    )
+}
+
+/// The `show state --json` array.
+pub fn state_json(nodes: &[NodeRow]) -> serde_json::Value {
+    serde_json::Value::Array(
+        nodes
+            .iter()
+            .map(|n| {
+                json!({
+                    "name": n.name,
+                    "node_id": n.node_id,
+                    "group_id": n.group_id,
+                    "formation": n.formation,
+                    "host": n.host,
+                    "port": n.port,
+                    "tli": n.tli,
+                    "lsn": hapg_monitor::pgconn::format_lsn(n.lsn),
+                    "health": n.health.as_str(),
+                    "connection": n.reported.connection_type(),
+                    "reported_state": n.reported.as_str(),
+                    "assigned_state": n.goal.as_str(),
+                    "candidate_priority": n.candidate_priority,
+                    "replication_quorum": n.replication_quorum,
+                })
+            })
+            .collect(),
+    )
+}
+
+/// The `show events` table.
+pub fn events_table(events: &[EventRow]) -> String {
+    let rows: Vec<Vec<String>> = events
+        .iter()
+        .map(|e| {
+            vec![
+                e.event_time.clone(),
+                match (e.group_id, e.node_id) {
+                    (Some(g), Some(n)) => format!("{g}/{n}"),
+                    (Some(g), None) => format!("{g}/-"),
+                    _ => String::new(),
+                },
+                e.reported_state.clone().unwrap_or_default(),
+                e.goal_state.clone().unwrap_or_default(),
+                e.description.clone(),
+            ]
+        })
+        .collect();
+    // The comment column is left-aligned and unpadded, as pg_autoctl prints it.
+    let mut out = table(
+        &["Event Time", "Node", "Current State", "Assigned State"],
+        &rows.iter().map(|r| r[..4].to_vec()).collect::<Vec<_>>(),
+        &[30, 6, 19, 19],
+    );
+    let lines: Vec<String> = out.lines().map(str::to_string).collect();
+    out.clear();
+    for (i, line) in lines.iter().enumerate() {
+        out.push_str(line);
+        match i {
+            0 => out.push_str(" | Comment"),
+            1 => out.push_str(&format!("-+-{}", "-".repeat(10))),
+            _ => out.push_str(&format!(" | {}", rows[i - 2][4])),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// `show events --json`.
+pub fn events_json(events: &[EventRow]) -> serde_json::Value {
+    serde_json::to_value(events).unwrap_or(serde_json::Value::Null)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hapg_monitor::NodeState;
+
+    fn node(name: &str, id: i64, port: u16, state: NodeState) -> NodeRow {
+        NodeRow {
+            node_id: id,
+            formation: "default".into(),
+            group_id: 0,
+            name: name.into(),
+            host: "localhost".into(),
+            port,
+            goal: state,
+            reported: state,
+            pg_running: true,
+            rep_state: String::new(),
+            tli: 1,
+            lsn: 0x3000148,
+            upstream_streaming: false,
+            report_age: None,
+            health: Health::Good,
+            candidate_priority: 50,
+            replication_quorum: true,
+        }
+    }
+
+    #[test]
+    fn state_table_matches_the_tutorial() {
+        let text = state_table(&[
+            node("node_a", 1, 5501, NodeState::Primary),
+            node("node_b", 2, 5502, NodeState::Secondary),
+        ]);
+        let expected = "  Name |  Node |      Host:Port |       TLI: LSN |   Connection |      Reported State |      Assigned State\n\
+-------+-------+----------------+----------------+--------------+---------------------+--------------------\n\
+node_a |     1 | localhost:5501 |   1: 0/3000148 |   read-write |             primary |             primary\n\
+node_b |     2 | localhost:5502 |   1: 0/3000148 |    read-only |           secondary |           secondary\n";
+        assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn unhealthy_nodes_are_marked() {
+        let mut n = node("node_a", 1, 5501, NodeState::Primary);
+        n.health = Health::Bad;
+        assert_eq!(connection(&n), "read-write !");
+        n.health = Health::Unknown;
+        assert_eq!(connection(&n), "read-write ?");
+    }
+}
