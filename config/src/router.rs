@@ -1,1 +1,407 @@
-//! The router's configuration file (`router.toml`): see docs/router.md.
+//! The router's configuration file (`router.toml`): its schema, every default
+//! (here and nowhere else), and validation that names the offending key.
+//! docs/router.md documents each key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{invalid, validate_name, ConfigError};
+
+/// Default TCP port of the router, as PgBouncer's.
+pub const DEFAULT_PORT: u16 = 6432;
+
+/// A router's configuration file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouterConfig {
+    /// Where clients connect and which formation the router serves.
+    pub router: RouterSection,
+    /// How clients authenticate to the router.
+    #[serde(default)]
+    pub auth: AuthSection,
+    /// TLS toward clients.
+    #[serde(default)]
+    pub tls: TlsSection,
+    /// How the router logs into Postgres nodes.
+    #[serde(default)]
+    pub server: ServerSection,
+}
+
+/// The `[router]` section.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouterSection {
+    /// Address clients connect to, `host:port`.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Monitor connection string.
+    pub monitor: String,
+    /// Formation whose primary the router follows.
+    #[serde(default = "default_formation")]
+    pub formation: String,
+    /// Name the router registers with the monitor; default `<hostname>:<port>`.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Address the router registers with the monitor; default the listen address.
+    #[serde(default)]
+    pub address: Option<String>,
+    /// How long a new transaction waits for a writable primary before it fails.
+    #[serde(default = "default_pause_timeout_ms")]
+    pub pause_timeout_ms: u64,
+    /// How long a stopping router lets open transactions finish.
+    #[serde(default = "default_drain_timeout_ms")]
+    pub drain_timeout_ms: u64,
+    /// How long a client may take to complete its startup and authentication.
+    #[serde(default = "default_login_timeout_ms")]
+    pub login_timeout_ms: u64,
+    /// Client connections served at once; more are refused with SQLSTATE 53300.
+    #[serde(default = "default_max_client_connections")]
+    pub max_client_connections: u32,
+    /// Largest message (bytes, header included) a client may send.
+    #[serde(default = "default_max_message_size")]
+    pub max_message_size: u32,
+}
+
+/// How clients authenticate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum AuthType {
+    /// Anyone who names a user is let in.
+    #[default]
+    #[serde(rename = "trust")]
+    Trust,
+    /// MD5 challenge (SCRAM when the file holds a SCRAM secret for the user).
+    #[serde(rename = "md5")]
+    Md5,
+    /// SCRAM-SHA-256.
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+}
+
+/// The `[auth]` section.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSection {
+    /// `trust`, `md5` or `scram-sha-256`.
+    #[serde(rename = "type", default)]
+    pub kind: AuthType,
+    /// User list in PgBouncer's `"user" "secret"` format (relative to the config file).
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+}
+
+/// The `[tls]` section: certificate and key the router presents to clients.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// PEM certificate chain (relative to the config file).
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// PEM private key (relative to the config file).
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+}
+
+/// TLS toward Postgres nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServerSslMode {
+    /// Plain TCP.
+    Disable,
+    /// TLS when the node offers it (no certificate check), else plain.
+    #[default]
+    Prefer,
+    /// TLS or nothing (no certificate check, as libpq's `require`).
+    Require,
+}
+
+/// The `[server]` section.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    /// User the router logs into nodes as; default the client's user.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Password for nodes; default the plain-text secret of the auth file, if any.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// `disable`, `prefer` or `require`.
+    #[serde(default)]
+    pub sslmode: ServerSslMode,
+    /// Time allowed to open and log into one server connection.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection {
+            user: None,
+            password: None,
+            sslmode: ServerSslMode::default(),
+            connect_timeout_ms: default_connect_timeout_ms(),
+        }
+    }
+}
+
+fn default_listen() -> String {
+    format!("0.0.0.0:{DEFAULT_PORT}")
+}
+fn default_formation() -> String {
+    "default".to_string()
+}
+fn default_pause_timeout_ms() -> u64 {
+    30_000
+}
+fn default_drain_timeout_ms() -> u64 {
+    10_000
+}
+fn default_login_timeout_ms() -> u64 {
+    15_000
+}
+fn default_max_client_connections() -> u32 {
+    1_000
+}
+fn default_max_message_size() -> u32 {
+    64 * 1024 * 1024
+}
+fn default_connect_timeout_ms() -> u64 {
+    5_000
+}
+
+impl RouterConfig {
+    /// Reads and validates a router configuration file; relative paths in it
+    /// are resolved against the file's directory.
+    pub fn load(path: &Path) -> Result<RouterConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut config = Self::parse(path, &text)?;
+        if let Some(dir) = path.parent() {
+            for file in [
+                &mut config.auth.file,
+                &mut config.tls.cert,
+                &mut config.tls.key,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                if file.is_relative() {
+                    *file = dir.join(&*file);
+                }
+            }
+        }
+        Ok(config)
+    }
+
+    /// Parses and validates configuration text read from `path`.
+    pub fn parse(path: &Path, text: &str) -> Result<RouterConfig, ConfigError> {
+        let config: RouterConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every value, naming the first key that is wrong.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.listen_addr()?;
+        if self.router.monitor.trim().is_empty() {
+            return Err(invalid(
+                "router.monitor",
+                "the monitor's connection string is required",
+            ));
+        }
+        validate_name("router.formation", &self.router.formation)?;
+        if let Some(id) = &self.router.id {
+            if id.is_empty() || id.len() > 200 {
+                return Err(invalid("router.id", "must be 1 to 200 characters long"));
+            }
+        }
+        for (key, value, min, max) in [
+            (
+                "router.pause_timeout_ms",
+                self.router.pause_timeout_ms,
+                0,
+                3_600_000,
+            ),
+            (
+                "router.drain_timeout_ms",
+                self.router.drain_timeout_ms,
+                0,
+                3_600_000,
+            ),
+            (
+                "router.login_timeout_ms",
+                self.router.login_timeout_ms,
+                100,
+                3_600_000,
+            ),
+            (
+                "server.connect_timeout_ms",
+                self.server.connect_timeout_ms,
+                10,
+                600_000,
+            ),
+        ] {
+            if value < min || value > max {
+                return Err(invalid(key, format!("must be between {min} and {max}")));
+            }
+        }
+        if self.router.max_client_connections == 0 {
+            return Err(invalid(
+                "router.max_client_connections",
+                "must be at least 1",
+            ));
+        }
+        if self.router.max_message_size < 1024 {
+            return Err(invalid(
+                "router.max_message_size",
+                "must be at least 1024 bytes",
+            ));
+        }
+        if self.auth.kind != AuthType::Trust && self.auth.file.is_none() {
+            return Err(invalid(
+                "auth.file",
+                "md5 and scram-sha-256 need a user list file",
+            ));
+        }
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return Err(invalid(
+                if self.tls.cert.is_some() {
+                    "tls.key"
+                } else {
+                    "tls.cert"
+                },
+                "tls.cert and tls.key go together",
+            ));
+        }
+        if let Some(user) = &self.server.user {
+            if user.is_empty() || user.contains('\0') {
+                return Err(invalid("server.user", "must be a non-empty user name"));
+            }
+        }
+        Ok(())
+    }
+
+    /// `router.listen` as a socket address.
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.router.listen.parse().map_err(|_| {
+            invalid(
+                "router.listen",
+                format!(
+                    "{:?} is not an address:port such as 127.0.0.1:{DEFAULT_PORT}",
+                    self.router.listen
+                ),
+            )
+        })
+    }
+
+    /// `router.pause_timeout_ms` as a duration.
+    pub fn pause_timeout(&self) -> Duration {
+        Duration::from_millis(self.router.pause_timeout_ms)
+    }
+
+    /// `router.drain_timeout_ms` as a duration.
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_millis(self.router.drain_timeout_ms)
+    }
+
+    /// `router.login_timeout_ms` as a duration.
+    pub fn login_timeout(&self) -> Duration {
+        Duration::from_millis(self.router.login_timeout_ms)
+    }
+
+    /// `server.connect_timeout_ms` as a duration.
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.server.connect_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TUTORIAL: &str = r#"
+[router]
+listen = "127.0.0.1:6432"
+monitor = "postgres://autoctl_node@localhost:5000/pg_auto_failover"
+formation = "default"
+
+[auth]
+type = "trust"
+"#;
+
+    #[test]
+    fn tutorial_file_parses_with_defaults() {
+        let config = RouterConfig::parse(Path::new("router.toml"), TUTORIAL).expect("parses");
+        assert_eq!(config.router.listen, "127.0.0.1:6432");
+        assert_eq!(config.auth.kind, AuthType::Trust);
+        assert_eq!(config.router.pause_timeout_ms, 30_000);
+        assert_eq!(config.server.sslmode, ServerSslMode::Prefer);
+        assert_eq!(config.server.user, None);
+        assert!(config.tls.cert.is_none());
+    }
+
+    #[test]
+    fn minimal_file_uses_default_port() {
+        let config = RouterConfig::parse(
+            Path::new("router.toml"),
+            "[router]\nmonitor = \"postgres://m/pg_auto_failover\"\n",
+        )
+        .expect("parses");
+        assert_eq!(config.listen_addr().expect("addr").port(), DEFAULT_PORT);
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let text = TUTORIAL.replace("formation =", "formaton = \"x\"\nformation =");
+        let err = RouterConfig::parse(Path::new("r.toml"), &text).expect_err("refused");
+        assert!(err.to_string().contains("formaton"), "{err}");
+        let text = format!("{TUTORIAL}\n[limits]\nx = 1\n");
+        let err = RouterConfig::parse(Path::new("r.toml"), &text).expect_err("refused");
+        assert!(err.to_string().contains("limits"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let cases = [
+            (
+                "listen = \"127.0.0.1:6432\"",
+                "listen = \"nowhere\"",
+                "router.listen",
+            ),
+            (
+                "formation = \"default\"",
+                "formation = \"a b\"",
+                "router.formation",
+            ),
+            ("type = \"trust\"", "type = \"md5\"", "auth.file"),
+            (
+                "formation = \"default\"",
+                "formation = \"default\"\nmax_client_connections = 0",
+                "router.max_client_connections",
+            ),
+            (
+                "formation = \"default\"",
+                "formation = \"default\"\nmax_message_size = 10",
+                "router.max_message_size",
+            ),
+        ];
+        for (from, to, key) in cases {
+            let text = TUTORIAL.replace(from, to);
+            let err = RouterConfig::parse(Path::new("r.toml"), &text).expect_err(key);
+            assert!(err.to_string().starts_with(key), "{key}: {err}");
+        }
+        let text = TUTORIAL.replace("type = \"trust\"", "type = \"plain\"");
+        let err = RouterConfig::parse(Path::new("r.toml"), &text).expect_err("plain");
+        assert!(err.to_string().contains("type"), "{err}");
+        let text = format!("{TUTORIAL}\n[tls]\ncert = \"c.pem\"\n");
+        let err = RouterConfig::parse(Path::new("r.toml"), &text).expect_err("tls");
+        assert!(err.to_string().starts_with("tls.key"), "{err}");
+    }
+}

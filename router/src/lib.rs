@@ -1,1 +1,359 @@
-//! hapg router: follows the monitor and relays client traffic to the current primary (see docs/router.md).
+//! hapg router: a PostgreSQL protocol front door that follows the monitor,
+//! relays each client to the formation's current writable primary, pauses new
+//! transactions while the primary moves, and re-attaches idle sessions to the
+//! new primary (see docs/router.md).
+//!
+//! [`run`] is the entry point the CLI uses; [`Router`] exposes the same service
+//! with an in-process [`Router::reload`] for tests.
+
+pub mod auth;
+pub mod cancel;
+pub mod follower;
+pub mod net;
+pub mod protocol;
+pub mod routing;
+pub mod server;
+pub mod tls;
+pub mod tracking;
+
+mod relay;
+mod session;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::BytesMut;
+use hapg_config::router::RouterConfig;
+use hapg_config::ConfigError;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::userlist::UserlistError;
+use crate::auth::Userlist;
+use crate::cancel::CancelRegistry;
+use crate::follower::FollowerSettings;
+use crate::protocol::backend::{self, sqlstate, Severity};
+use crate::routing::{Routing, RoutingTable};
+use crate::tls::TlsError;
+
+/// Errors that stop the router or refuse a reload.
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    /// The configuration file is unreadable or invalid.
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    /// The auth file is unreadable or invalid.
+    #[error("auth.file: {0}")]
+    Userlist(#[from] UserlistError),
+    /// The TLS certificate or key is unusable.
+    #[error("tls: {0}")]
+    Tls(#[from] TlsError),
+    /// Listening or accepting failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The configuration in force and what was loaded from it.
+pub(crate) struct Runtime {
+    pub config: RouterConfig,
+    pub users: Userlist,
+    pub tls: Option<TlsAcceptor>,
+}
+
+impl Runtime {
+    fn load(path: &Path) -> Result<Runtime, RouterError> {
+        let config = RouterConfig::load(path)?;
+        let users = match &config.auth.file {
+            Some(file) => Userlist::load(file)?,
+            None => Userlist::default(),
+        };
+        let tls = match (&config.tls.cert, &config.tls.key) {
+            (Some(cert), Some(key)) => Some(TlsAcceptor::from(tls::server_config(cert, key)?)),
+            _ => None,
+        };
+        Ok(Runtime { config, users, tls })
+    }
+}
+
+/// State shared by the accept loop, the follower and every session.
+pub(crate) struct Shared {
+    config_path: PathBuf,
+    pub runtime: ArcSwap<Runtime>,
+    pub routing: Arc<RoutingTable>,
+    pub cancels: Arc<CancelRegistry>,
+    pub server_tls: Arc<rustls::ClientConfig>,
+    /// ParameterStatus of the newest server connection, told to clients that
+    /// log in while no server connection can be opened.
+    pub last_params: ArcSwap<Vec<(String, String)>>,
+    clients: AtomicUsize,
+    restart_follower: Arc<Notify>,
+    /// `router.address` as registered: set when serving starts.
+    registered_address: Mutex<String>,
+}
+
+/// A router: configuration, routing table and sessions.
+#[derive(Clone)]
+pub struct Router {
+    shared: Arc<Shared>,
+}
+
+/// Counts a live client; decrements on drop.
+struct ClientSlot(Arc<Shared>);
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        self.0.clients.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Router {
+    /// Loads the configuration file (and the auth file and TLS material it names).
+    pub fn new(config_path: PathBuf) -> Result<Router, RouterError> {
+        let runtime = Runtime::load(&config_path)?;
+        Ok(Router {
+            shared: Arc::new(Shared {
+                config_path,
+                runtime: ArcSwap::from_pointee(runtime),
+                routing: Arc::new(RoutingTable::default()),
+                cancels: Arc::new(CancelRegistry::default()),
+                server_tls: tls::client_config(),
+                last_params: ArcSwap::from_pointee(Vec::new()),
+                clients: AtomicUsize::new(0),
+                restart_follower: Arc::new(Notify::new()),
+                registered_address: Mutex::new(String::new()),
+            }),
+        })
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> RouterConfig {
+        self.shared.runtime.load().config.clone()
+    }
+
+    /// The routing table as last read from the monitor.
+    pub fn routing(&self) -> Arc<Routing> {
+        self.shared.routing.load()
+    }
+
+    /// Client connections open now.
+    pub fn client_count(&self) -> usize {
+        self.shared.clients.load(Ordering::Relaxed)
+    }
+
+    /// Re-reads the configuration file (what SIGHUP does). A bad file keeps the
+    /// configuration in force and returns why. New settings apply to new
+    /// connections and new transactions; a changed monitor or formation makes
+    /// the follower reconnect; `router.listen` needs a restart.
+    pub fn reload(&self) -> Result<(), RouterError> {
+        let next = match Runtime::load(&self.shared.config_path) {
+            Ok(next) => next,
+            Err(e) => {
+                tracing::error!(error = %e, path = %self.shared.config_path.display(), "reload refused; the previous configuration stays in force");
+                return Err(e);
+            }
+        };
+        let old = self.shared.runtime.load_full();
+        if next.config.router.listen != old.config.router.listen {
+            tracing::warn!("router.listen changed: it takes effect at the next restart");
+        }
+        let follow_changed = next.config.router.monitor != old.config.router.monitor
+            || next.config.router.formation != old.config.router.formation
+            || next.config.router.id != old.config.router.id
+            || next.config.router.address != old.config.router.address;
+        self.shared.runtime.store(Arc::new(next));
+        if follow_changed {
+            self.shared.restart_follower.notify_one();
+        }
+        tracing::info!(path = %self.shared.config_path.display(), "configuration reloaded");
+        Ok(())
+    }
+
+    fn follower_settings(&self) -> FollowerSettings {
+        let config = &self.shared.runtime.load().config;
+        let address = config.router.address.clone().unwrap_or_else(|| {
+            self.shared
+                .registered_address
+                .lock()
+                .map(|a| a.clone())
+                .unwrap_or_default()
+        });
+        let port = address
+            .rsplit_once(':')
+            .map(|(_, p)| p.to_string())
+            .unwrap_or_default();
+        FollowerSettings {
+            monitor: config.router.monitor.clone(),
+            formation: config.router.formation.clone(),
+            router_id: config
+                .router
+                .id
+                .clone()
+                .unwrap_or_else(|| format!("{}:{port}", hostname())),
+            address,
+        }
+    }
+
+    /// Serves clients from `listener` and follows the monitor until `shutdown`;
+    /// then stops accepting, closes idle sessions, lets sessions in a
+    /// transaction finish for up to `router.drain_timeout_ms`, and closes the rest.
+    pub async fn serve(
+        &self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<(), RouterError> {
+        let local = listener.local_addr()?;
+        if let Ok(mut a) = self.shared.registered_address.lock() {
+            *a = advertised(local);
+        }
+        let kill = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let follower_stop = CancellationToken::new();
+        let me = self.clone();
+        let follower = tokio::spawn(follower::follow(
+            self.shared.routing.clone(),
+            move || me.follower_settings(),
+            self.shared.restart_follower.clone(),
+            follower_stop.clone(),
+        ));
+        tracing::info!(listen = %local, "router accepting connections");
+        let mut backoff = Duration::from_millis(5);
+        loop {
+            let accepted = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                a = listener.accept() => a,
+            };
+            let tcp = match accepted {
+                Ok((tcp, _)) => {
+                    backoff = Duration::from_millis(5);
+                    tcp
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            };
+            let max = self
+                .shared
+                .runtime
+                .load()
+                .config
+                .router
+                .max_client_connections as usize;
+            let count = self.shared.clients.fetch_add(1, Ordering::Relaxed) + 1;
+            let slot = ClientSlot(self.shared.clone());
+            if count > max {
+                tasks.spawn(refuse(tcp, max, slot));
+                continue;
+            }
+            let shared = self.shared.clone();
+            let (s, k) = (shutdown.clone(), kill.clone());
+            tasks.spawn(async move {
+                session::serve(shared, tcp, s, k).await;
+                drop(slot);
+            });
+        }
+        drop(listener);
+        tasks.close();
+        let drain = self.shared.runtime.load().config.drain_timeout();
+        tracing::info!(
+            sessions = self.client_count(),
+            ?drain,
+            "router stopping: draining sessions"
+        );
+        if tokio::time::timeout(drain, tasks.wait()).await.is_err() {
+            tracing::warn!(
+                sessions = self.client_count(),
+                "drain timeout reached; closing the remaining sessions"
+            );
+            kill.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await;
+        }
+        follower_stop.cancel();
+        let _ = follower.await;
+        Ok(())
+    }
+}
+
+async fn refuse(mut tcp: TcpStream, max: usize, slot: ClientSlot) {
+    let mut buf = BytesMut::new();
+    backend::error(
+        &mut buf,
+        Severity::Fatal,
+        sqlstate::TOO_MANY_CONNECTIONS,
+        &format!("sorry, too many clients already (router.max_client_connections = {max})"),
+        None,
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = tcp.write_all(&buf).await;
+        let _ = tcp.shutdown().await;
+    })
+    .await;
+    drop(slot);
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+/// The address to register: the listen address, with a wildcard IP replaced by
+/// the host name.
+fn advertised(local: SocketAddr) -> String {
+    if local.ip().is_unspecified() {
+        format!("{}:{}", hostname(), local.port())
+    } else {
+        local.to_string()
+    }
+}
+
+/// Binds the router's listening socket (SO_REUSEADDR, backlog 4096).
+pub fn bind(config: &RouterConfig) -> std::io::Result<TcpListener> {
+    let addr = config
+        .listen_addr()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
+    net::bind(addr)
+}
+
+/// Loads `config_path`, follows the monitor and serves `listener` until
+/// `shutdown`; SIGHUP reloads the configuration (a bad file keeps the old one).
+pub async fn run(
+    listener: TcpListener,
+    config_path: PathBuf,
+    shutdown: CancellationToken,
+) -> Result<(), RouterError> {
+    let router = Router::new(config_path)?;
+    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let reloader = router.clone();
+    let stop = shutdown.clone();
+    let sighup = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                got = hangups.recv() => {
+                    if got.is_none() {
+                        return;
+                    }
+                    // Errors are logged by reload itself.
+                    let _ = reloader.reload();
+                }
+            }
+        }
+    });
+    let result = router.serve(listener, shutdown.clone()).await;
+    shutdown.cancel();
+    let _ = sighup.await;
+    result
+}

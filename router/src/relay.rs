@@ -1,0 +1,685 @@
+//! The relay: after startup, client and server messages are forwarded as raw
+//! bytes, frame by frame (only the five-byte header is looked at, plus the
+//! bodies of the few messages the router tracks). ReadyForQuery's status byte
+//! marks transaction boundaries; only there does the router pause (no
+//! writable primary), re-attach the client to a new server connection (the
+//! primary moved), and restore its session.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::cancel::CancelKey;
+use crate::net::Stream;
+use crate::protocol::backend::{
+    self, parse_error, parse_parameter_status, sqlstate, ErrorFields, Severity,
+};
+use crate::protocol::{cstr, frame, ProtocolError};
+use crate::server::{Login, ServerConn, ServerError};
+use crate::session::{ClientConn, Ended, Ready};
+use crate::tracking::SessionState;
+use crate::Shared;
+
+/// Read chunk reserved before each socket read.
+const READ_CHUNK: usize = 16 * 1024;
+/// Delay between two connection attempts to a primary that does not answer.
+const RETRY_DELAY: Duration = Duration::from_millis(250);
+/// Reported parameters a client may change with SET or set_config and the
+/// router restores on a new server connection.
+const SETTABLE: &[&str] = &[
+    "application_name",
+    "client_encoding",
+    "DateStyle",
+    "IntervalStyle",
+    "TimeZone",
+    "standard_conforming_strings",
+    "default_transaction_read_only",
+    "search_path",
+];
+
+/// Why a server connection could not be attached at a transaction boundary.
+enum AttachError {
+    /// No writable primary within the pause timeout.
+    NoPrimary(String),
+    /// The primary refused the router's login or a restore statement.
+    Refused(ErrorFields),
+    /// Session state cannot move to the new server.
+    StateLost(String),
+    /// The router is stopping.
+    Stopping,
+}
+
+/// One client session in the relay phase.
+pub(crate) struct Session {
+    shared: Arc<Shared>,
+    client: ClientConn,
+    server: Option<ServerConn>,
+    /// Bytes to send to the server.
+    swbuf: BytesMut,
+    login: Login,
+    /// ParameterStatus values the client has seen.
+    known: Vec<(String, String)>,
+    /// Settable parameters the client changed during the session (from ParameterStatus).
+    changed: Vec<(String, String)>,
+    state: SessionState,
+    /// Transaction status from the last ReadyForQuery.
+    tx: u8,
+    /// Queries and Syncs forwarded and not yet answered by ReadyForQuery.
+    outstanding: u32,
+    /// Extended-protocol messages forwarded since the last Sync.
+    open_batch: bool,
+    /// After a failed batch: drop client messages until Sync, as Postgres does.
+    skip_until_sync: bool,
+    /// The server connection was lost while the client was idle in a
+    /// transaction: its next statement fails with this message.
+    lost: Option<String>,
+    /// Bytes of a server message being streamed to the client still to come.
+    partial: usize,
+    /// A server connection was attached once (so a new one is a move).
+    had_server: bool,
+    cancel: CancelKey,
+    shutdown: CancellationToken,
+    kill: CancellationToken,
+}
+
+async fn read_server(server: &mut Option<ServerConn>) -> std::io::Result<usize> {
+    match server {
+        Some(s) => {
+            s.buf.reserve(READ_CHUNK);
+            s.stream.read_buf(&mut s.buf).await
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn read_client(stream: &mut Stream, buf: &mut BytesMut) -> std::io::Result<usize> {
+    buf.reserve(READ_CHUNK);
+    stream.read_buf(buf).await
+}
+
+fn set_param(params: &mut Vec<(String, String)>, name: &str, value: &str) {
+    match params.iter_mut().find(|(k, _)| k == name) {
+        Some(slot) => {
+            if slot.1 != value {
+                slot.1 = value.to_string();
+            }
+        }
+        None => params.push((name.to_string(), value.to_string())),
+    }
+}
+
+impl Session {
+    pub fn new(
+        shared: Arc<Shared>,
+        client: ClientConn,
+        ready: Ready,
+        shutdown: CancellationToken,
+        kill: CancellationToken,
+    ) -> Session {
+        let had_server = ready.server.is_some();
+        Session {
+            shared,
+            client,
+            server: ready.server,
+            swbuf: BytesMut::with_capacity(READ_CHUNK),
+            login: ready.login,
+            known: ready.known,
+            changed: Vec::new(),
+            state: SessionState::default(),
+            tx: b'I',
+            outstanding: 0,
+            open_batch: false,
+            skip_until_sync: false,
+            lost: None,
+            partial: 0,
+            had_server,
+            cancel: ready.cancel,
+            shutdown,
+            kill,
+        }
+    }
+
+    /// Relays until the client leaves or the router stops.
+    pub async fn run(mut self) {
+        let _ = self.relay().await;
+        if let Some(server) = self.server.take() {
+            server.terminate().await;
+        }
+    }
+
+    fn idle(&self) -> bool {
+        self.server.is_none()
+            || (self.tx == b'I' && self.outstanding == 0 && !self.open_batch && self.partial == 0)
+    }
+
+    fn at_boundary(&self) -> bool {
+        self.tx == b'I' && self.outstanding == 0 && !self.open_batch
+    }
+
+    async fn relay(&mut self) -> Result<(), Ended> {
+        loop {
+            self.on_client_bytes().await?;
+            self.flush_server().await?;
+            self.client.flush().await?;
+            let idle = self.idle();
+            tokio::select! {
+                _ = self.kill.cancelled() => return Err(self.stopping().await),
+                _ = self.shutdown.cancelled(), if idle => return Err(self.stopping().await),
+                r = read_client(&mut self.client.stream, &mut self.client.rbuf) => {
+                    if !matches!(r, Ok(n) if n > 0) {
+                        return Err(Ended);
+                    }
+                }
+                r = read_server(&mut self.server) => match r {
+                    Ok(n) if n > 0 => self.on_server_bytes()?,
+                    Ok(_) => self.server_lost("the server closed the connection")?,
+                    Err(e) => self.server_lost(&e.to_string())?,
+                },
+            }
+        }
+    }
+
+    async fn stopping(&mut self) -> Ended {
+        self.client
+            .fatal(
+                sqlstate::ADMIN_SHUTDOWN,
+                "the hapg router is shutting down",
+                Some("Reconnect; another router or the restarted one will serve you."),
+            )
+            .await
+    }
+
+    async fn flush_server(&mut self) -> Result<(), Ended> {
+        if self.swbuf.is_empty() {
+            return Ok(());
+        }
+        let Some(server) = self.server.as_mut() else {
+            self.swbuf.clear();
+            return Ok(());
+        };
+        let result = server.stream.write_all(&self.swbuf).await;
+        self.swbuf.clear();
+        if let Err(e) = result {
+            self.server_lost(&e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Reports a failed batch to the client, as Postgres would: an error, then
+    /// ReadyForQuery at once for a Query, or after the next Sync otherwise.
+    fn fail_batch(&mut self, tag: u8, code: &str, message: &str, hint: Option<&str>) {
+        backend::error(&mut self.client.wbuf, Severity::Error, code, message, hint);
+        self.tx = b'I';
+        match tag {
+            b'Q' | b'F' | b'S' => backend::ready_for_query(&mut self.client.wbuf, b'I'),
+            _ => self.skip_until_sync = true,
+        }
+    }
+
+    /// Handles every complete client message buffered.
+    async fn on_client_bytes(&mut self) -> Result<(), Ended> {
+        loop {
+            let header = match frame::peek_header(&self.client.rbuf, self.client.max) {
+                Ok(Some(h)) => h,
+                Ok(None) => return Ok(()),
+                Err(e @ ProtocolError::TooLarge { .. }) => {
+                    return Err(self
+                        .client
+                        .fatal(
+                            sqlstate::PROGRAM_LIMIT_EXCEEDED,
+                            &e.to_string(),
+                            Some("Raise router.max_message_size if this is intended."),
+                        )
+                        .await)
+                }
+                Err(e) => {
+                    return Err(self
+                        .client
+                        .fatal(sqlstate::PROTOCOL_VIOLATION, &e.to_string(), None)
+                        .await)
+                }
+            };
+            if self.client.rbuf.len() < header.frame_len {
+                return Ok(());
+            }
+            let tag = header.tag;
+            if !matches!(
+                tag,
+                b'Q' | b'P'
+                    | b'B'
+                    | b'E'
+                    | b'D'
+                    | b'C'
+                    | b'S'
+                    | b'H'
+                    | b'F'
+                    | b'X'
+                    | b'd'
+                    | b'c'
+                    | b'f'
+            ) {
+                return Err(self
+                    .client
+                    .fatal(
+                        sqlstate::PROTOCOL_VIOLATION,
+                        &format!("invalid frontend message type {}", tag),
+                        None,
+                    )
+                    .await);
+            }
+            if tag == b'X' {
+                return Err(Ended);
+            }
+            if self.skip_until_sync {
+                self.client.rbuf.advance(header.frame_len);
+                if tag == b'S' {
+                    self.skip_until_sync = false;
+                    backend::ready_for_query(&mut self.client.wbuf, b'I');
+                }
+                continue;
+            }
+            let starts_work = matches!(tag, b'Q' | b'P' | b'B' | b'E' | b'D' | b'C' | b'S' | b'F');
+            if let Some(message) = self.lost.take() {
+                if starts_work {
+                    self.client.rbuf.advance(header.frame_len);
+                    self.fail_batch(
+                        tag,
+                        sqlstate::CONNECTION_FAILURE,
+                        &message,
+                        Some("The transaction was rolled back; run it again."),
+                    );
+                    continue;
+                }
+                self.lost = Some(message);
+            }
+            if starts_work && self.at_boundary() {
+                self.flush_server().await?;
+                match self.attach().await {
+                    Ok(()) => {}
+                    Err(AttachError::NoPrimary(message)) => {
+                        self.client.rbuf.advance(header.frame_len);
+                        self.fail_batch(
+                            tag,
+                            sqlstate::NO_PRIMARY,
+                            &message,
+                            Some(
+                                "The formation has no writable primary at the moment; retry later.",
+                            ),
+                        );
+                        continue;
+                    }
+                    Err(AttachError::Refused(fields)) => {
+                        self.client.rbuf.advance(header.frame_len);
+                        let message = format!(
+                            "the primary refused the router's connection: {}",
+                            fields.message
+                        );
+                        self.fail_batch(tag, &fields.code, &message, None);
+                        continue;
+                    }
+                    Err(AttachError::StateLost(message)) => {
+                        return Err(self
+                            .client
+                            .fatal(
+                                sqlstate::CONNECTION_FAILURE,
+                                &message,
+                                Some("Reconnect to start a new session on the new primary."),
+                            )
+                            .await)
+                    }
+                    Err(AttachError::Stopping) => return Err(self.stopping().await),
+                }
+            }
+            if self.server.is_none() {
+                self.client.rbuf.advance(header.frame_len);
+                if starts_work {
+                    self.fail_batch(
+                        tag,
+                        sqlstate::CONNECTION_FAILURE,
+                        "no server connection for this statement",
+                        None,
+                    );
+                }
+                continue;
+            }
+            let frame = &self.client.rbuf[..header.frame_len];
+            match tag {
+                b'Q' => {
+                    if let Some((sql, _)) = cstr(&frame[5..]) {
+                        if let Ok(sql) = std::str::from_utf8(sql) {
+                            self.state.on_query(sql);
+                        }
+                    }
+                    self.outstanding += 1;
+                }
+                b'F' => self.outstanding += 1,
+                b'S' => {
+                    self.outstanding += 1;
+                    self.open_batch = false;
+                }
+                b'P' => {
+                    self.state.on_parse(frame);
+                    self.open_batch = true;
+                }
+                b'C' => {
+                    self.state.on_close(&frame[5..]);
+                    self.open_batch = true;
+                }
+                b'B' | b'E' | b'D' => self.open_batch = true,
+                _ => {}
+            }
+            self.swbuf.extend_from_slice(frame);
+            self.client.rbuf.advance(header.frame_len);
+        }
+    }
+
+    /// Forwards what the server sent, watching the messages the router tracks.
+    fn on_server_bytes(&mut self) -> Result<(), Ended> {
+        let mut fatal: Option<String> = None;
+        {
+            let Some(server) = self.server.as_mut() else {
+                return Ok(());
+            };
+            let buf = &mut server.buf;
+            let out = &mut self.client.wbuf;
+            loop {
+                if self.partial > 0 {
+                    let n = self.partial.min(buf.len());
+                    if n == 0 {
+                        break;
+                    }
+                    out.extend_from_slice(&buf[..n]);
+                    buf.advance(n);
+                    self.partial -= n;
+                    continue;
+                }
+                let header = match frame::peek_header(buf, usize::MAX) {
+                    Ok(Some(h)) => h,
+                    Ok(None) => break,
+                    Err(e) => {
+                        fatal = Some(format!("the server broke the protocol: {e}"));
+                        break;
+                    }
+                };
+                match header.tag {
+                    b'Z' | b'E' | b'S' | b'C' => {
+                        if buf.len() < header.frame_len {
+                            break;
+                        }
+                        let body = &buf[5..header.frame_len];
+                        match header.tag {
+                            b'Z' => {
+                                let Some(&status) = body.first() else {
+                                    fatal = Some("malformed ReadyForQuery from the server".into());
+                                    break;
+                                };
+                                self.tx = status;
+                                self.outstanding = self.outstanding.saturating_sub(1);
+                                self.state.on_ready(status);
+                            }
+                            b'E' => {
+                                let fields = parse_error(body);
+                                if fields.is_fatal() {
+                                    fatal = Some(format!(
+                                        "the server ended the session: {}",
+                                        fields.message
+                                    ));
+                                    buf.advance(header.frame_len);
+                                    break;
+                                }
+                                self.state.on_error();
+                            }
+                            b'S' => {
+                                if let Some((name, value)) = parse_parameter_status(body) {
+                                    set_param(&mut self.known, name, value);
+                                    if SETTABLE.contains(&name) {
+                                        set_param(&mut self.changed, name, value);
+                                    }
+                                    set_param(&mut server.params, name, value);
+                                }
+                            }
+                            _ => {
+                                if let Some((tag, _)) = cstr(body) {
+                                    self.state.on_command_complete(tag);
+                                }
+                            }
+                        }
+                        out.extend_from_slice(&buf[..header.frame_len]);
+                        buf.advance(header.frame_len);
+                    }
+                    _ => {
+                        let n = header.frame_len.min(buf.len());
+                        out.extend_from_slice(&buf[..n]);
+                        buf.advance(n);
+                        self.partial = header.frame_len - n;
+                    }
+                }
+            }
+        }
+        match fatal {
+            Some(reason) => self.server_lost(&reason),
+            None => Ok(()),
+        }
+    }
+
+    /// The server connection is gone: fail what was in flight (SQLSTATE 08006),
+    /// and let the client carry on.
+    fn server_lost(&mut self, reason: &str) -> Result<(), Ended> {
+        let Some(server) = self.server.take() else {
+            return Ok(());
+        };
+        self.cancel.set_target(None);
+        if self.partial > 0 {
+            // The client holds half a message: its framing cannot be recovered.
+            tracing::info!(
+                reason,
+                "server lost in the middle of a message; closing the client"
+            );
+            return Err(Ended);
+        }
+        let in_tx = self.tx != b'I';
+        let message = if in_tx {
+            format!("lost the connection to the primary during the transaction ({reason}); the transaction was rolled back")
+        } else {
+            format!("lost the connection to the primary during the statement ({reason}); it may or may not have completed")
+        };
+        tracing::info!(server = %server.addr, reason, in_tx, outstanding = self.outstanding, "server connection lost");
+        drop(server);
+        self.state.discard_pending();
+        let hint =
+            Some("The session is still usable: the next statement runs on the current primary.");
+        for _ in 0..self.outstanding {
+            backend::error(
+                &mut self.client.wbuf,
+                Severity::Error,
+                sqlstate::CONNECTION_FAILURE,
+                &message,
+                hint,
+            );
+            backend::ready_for_query(&mut self.client.wbuf, b'I');
+        }
+        if self.open_batch {
+            backend::error(
+                &mut self.client.wbuf,
+                Severity::Error,
+                sqlstate::CONNECTION_FAILURE,
+                &message,
+                hint,
+            );
+            self.skip_until_sync = true;
+            self.open_batch = false;
+        } else if self.outstanding == 0 && in_tx {
+            self.lost = Some(message);
+        }
+        self.outstanding = 0;
+        self.tx = b'I';
+        Ok(())
+    }
+
+    /// Makes sure a server connection to the current primary is attached, at a
+    /// transaction boundary: waits while paused (up to the pause timeout), moves
+    /// the session when the primary changed, and restores it.
+    async fn attach(&mut self) -> Result<(), AttachError> {
+        let rt = self.shared.runtime.load_full();
+        let pause = rt.config.pause_timeout();
+        let deadline = Instant::now() + pause;
+        let mut changes = self.shared.routing.subscribe();
+        let mut last_error: Option<String> = None;
+        let mut waited = false;
+        loop {
+            let routing = self.shared.routing.load();
+            let target = routing.target();
+            if let Some(server) = &self.server {
+                match &target {
+                    Some(t) if t.epoch == server.epoch => {
+                        if waited {
+                            tracing::info!(epoch = t.epoch, "resumed on the same primary");
+                        }
+                        return Ok(());
+                    }
+                    Some(_) => {
+                        if let Some(server) = self.server.take() {
+                            tracing::info!(old = %server.addr, "primary moved; re-attaching the session");
+                            self.cancel.set_target(None);
+                            server.terminate().await;
+                        }
+                    }
+                    None => {}
+                }
+            }
+            if self.server.is_none() {
+                if let Some(target) = &target {
+                    if self.had_server {
+                        if let Some(sticky) = self.state.sticky() {
+                            return Err(AttachError::StateLost(format!(
+                                "the primary changed and this session's {} cannot move to the new primary",
+                                sticky.describe()
+                            )));
+                        }
+                    }
+                    let connect_timeout = rt.config.connect_timeout().min(
+                        deadline
+                            .saturating_duration_since(Instant::now())
+                            .max(Duration::from_millis(100)),
+                    );
+                    match ServerConn::connect(
+                        target,
+                        &self.login,
+                        &self.shared.server_tls,
+                        connect_timeout,
+                    )
+                    .await
+                    {
+                        Ok(conn) => {
+                            self.shared.last_params.store(Arc::new(conn.params.clone()));
+                            self.server = Some(conn);
+                            self.restore().await?;
+                            return Ok(());
+                        }
+                        Err(ServerError::Refused(fields))
+                            if !["57", "53", "08"]
+                                .iter()
+                                .any(|c| fields.code.starts_with(c)) =>
+                        {
+                            return Err(AttachError::Refused(fields))
+                        }
+                        Err(e) => {
+                            tracing::info!(server = %format!("{}:{}", target.host, target.port), error = %e, "cannot connect to the primary; retrying until the pause timeout");
+                            last_error = Some(format!("{}:{}: {e}", target.host, target.port));
+                        }
+                    }
+                }
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                let rt_formation = &rt.config.router.formation;
+                let mut message = format!(
+                    "no primary is available for formation \"{rt_formation}\": waited {} ms for a writable primary",
+                    pause.as_millis()
+                );
+                if let Some(e) = last_error {
+                    message.push_str(&format!(" (last attempt: {e})"));
+                }
+                return Err(AttachError::NoPrimary(message));
+            }
+            if !waited {
+                waited = true;
+                tracing::info!(
+                    epoch = routing.epoch,
+                    "paused: waiting for a writable primary"
+                );
+            }
+            let wake = if target.is_some() {
+                (now + RETRY_DELAY).min(deadline)
+            } else {
+                deadline
+            };
+            tokio::select! {
+                _ = self.kill.cancelled() => return Err(AttachError::Stopping),
+                _ = changes.changed() => {}
+                _ = tokio::time::sleep_until(wake) => {}
+            }
+        }
+    }
+
+    /// Restores the session on a fresh server connection: replays SETs,
+    /// set_config changes and named prepared statements, then tells the client
+    /// about every parameter that differs from what it knew.
+    async fn restore(&mut self) -> Result<(), AttachError> {
+        let Some(server) = self.server.as_mut() else {
+            return Ok(());
+        };
+        let lost = |what: &str, e: ServerError| {
+            AttachError::StateLost(format!(
+                "the primary changed and this session's {what} could not be restored on the new primary: {e}"
+            ))
+        };
+        if self.had_server {
+            let sets: Vec<&str> = self.state.sets().collect();
+            if !sets.is_empty() {
+                server
+                    .simple_query(&sets.join("; "))
+                    .await
+                    .map_err(|e| lost("settings", e))?;
+            }
+            let mut fixes = String::new();
+            for (name, value) in &self.changed {
+                if server.param(name) != Some(value.as_str()) {
+                    fixes.push_str(&format!(
+                        "SELECT set_config({}, {}, false);",
+                        postgres_protocol::escape::escape_literal(name),
+                        postgres_protocol::escape::escape_literal(value)
+                    ));
+                }
+            }
+            if !fixes.is_empty() {
+                server
+                    .simple_query(&fixes)
+                    .await
+                    .map_err(|e| lost("settings", e))?;
+            }
+            let frames = self.state.prepared_frames();
+            if !frames.is_empty() {
+                server
+                    .replay(&frames)
+                    .await
+                    .map_err(|e| lost("prepared statements", e))?;
+            }
+        }
+        for (name, value) in &server.params {
+            if self.known.iter().any(|(k, v)| k == name && v == value) {
+                continue;
+            }
+            backend::parameter_status(&mut self.client.wbuf, name, value);
+            set_param(&mut self.known, name, value);
+        }
+        self.cancel.set_target(Some(server.cancel_target()));
+        self.had_server = true;
+        self.tx = b'I';
+        Ok(())
+    }
+}

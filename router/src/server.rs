@@ -1,0 +1,422 @@
+//! Server connections: open one to the primary, negotiate TLS, log in with the
+//! router's credentials, collect ParameterStatus and BackendKeyData, check the
+//! server is not in recovery, and run the few statements the router issues
+//! itself (session restore) before the connection is handed to the relay.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use hapg_config::router::ServerSslMode;
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use postgres_protocol::message::frontend;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::net::{self, Stream};
+use crate::protocol::backend::{parse_error, parse_parameter_status, ErrorFields};
+use crate::protocol::frame;
+use crate::protocol::ProtocolError;
+
+/// Largest message the router accepts from a server outside the relay.
+const MAX_SERVER_MESSAGE: usize = 1 << 30;
+
+/// Where a server connection goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// Host name or address.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// The routing epoch this target is the primary of.
+    pub epoch: i64,
+}
+
+/// How the router logs into servers.
+#[derive(Debug, Clone)]
+pub struct Login {
+    /// Server user.
+    pub user: String,
+    /// Password, when the server asks for one.
+    pub password: Option<String>,
+    /// Database.
+    pub database: String,
+    /// Other startup parameters, as the client sent them.
+    pub params: Vec<(String, String)>,
+    /// TLS to the server.
+    pub sslmode: ServerSslMode,
+}
+
+/// Why a server connection could not be opened or used.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// Network error.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// The connection took longer than `server.connect_timeout_ms`.
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    /// The server refused the login or a statement.
+    #[error("server said: {} {} ({})", .0.severity, .0.message, .0.code)]
+    Refused(ErrorFields),
+    /// The server is a standby.
+    #[error("the server is in recovery (a standby), not a writable primary")]
+    InRecovery,
+    /// The server wants something the router cannot give.
+    #[error("cannot log in: {0}")]
+    Auth(String),
+    /// TLS was required and refused, or the handshake failed.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// The server broke the protocol.
+    #[error("protocol: {0}")]
+    Protocol(#[from] ProtocolError),
+    /// The server closed the connection.
+    #[error("the server closed the connection")]
+    Closed,
+}
+
+/// A logged-in server connection, ready for queries.
+pub struct ServerConn {
+    /// The stream.
+    pub stream: Stream,
+    /// Bytes read from the server and not yet consumed.
+    pub buf: BytesMut,
+    /// Routing epoch the connection belongs to.
+    pub epoch: i64,
+    /// Peer address, for cancel requests.
+    pub addr: SocketAddr,
+    /// BackendKeyData process id.
+    pub pid: i32,
+    /// BackendKeyData secret.
+    pub secret: i32,
+    /// ParameterStatus values, updated by the router's own statements.
+    pub params: Vec<(String, String)>,
+}
+
+impl ServerConn {
+    /// Connects, logs in, and checks the server is writable, within `timeout`.
+    pub async fn connect(
+        target: &Target,
+        login: &Login,
+        tls: &Arc<rustls::ClientConfig>,
+        timeout: Duration,
+    ) -> Result<ServerConn, ServerError> {
+        tokio::time::timeout(timeout, Self::connect_inner(target, login, tls))
+            .await
+            .map_err(|_| ServerError::Timeout(timeout))?
+    }
+
+    async fn connect_inner(
+        target: &Target,
+        login: &Login,
+        tls: &Arc<rustls::ClientConfig>,
+    ) -> Result<ServerConn, ServerError> {
+        let tcp = TcpStream::connect((target.host.as_str(), target.port)).await?;
+        net::tune(&tcp)?;
+        let addr = tcp.peer_addr()?;
+        let stream = negotiate_tls(tcp, &target.host, login.sslmode, tls).await?;
+        let mut conn = ServerConn {
+            stream,
+            buf: BytesMut::with_capacity(8192),
+            epoch: target.epoch,
+            addr,
+            pid: 0,
+            secret: 0,
+            params: Vec::new(),
+        };
+        conn.login(login).await?;
+        match conn.param("in_hot_standby") {
+            Some("off") => {}
+            Some(_) => return Err(ServerError::InRecovery),
+            None => {
+                let rows = conn.simple_query("SELECT pg_is_in_recovery()").await?;
+                if rows.first().map(String::as_str) != Some("f") {
+                    return Err(ServerError::InRecovery);
+                }
+            }
+        }
+        Ok(conn)
+    }
+
+    /// Where a cancel request for this connection goes.
+    pub fn cancel_target(&self) -> crate::cancel::CancelTarget {
+        crate::cancel::CancelTarget {
+            addr: self.addr,
+            pid: self.pid,
+            secret: self.secret,
+        }
+    }
+
+    /// A ParameterStatus value the server reported.
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn set_param(&mut self, name: &str, value: &str) {
+        match self.params.iter_mut().find(|(k, _)| k == name) {
+            Some(slot) => slot.1 = value.to_string(),
+            None => self.params.push((name.to_string(), value.to_string())),
+        }
+    }
+
+    async fn login(&mut self, login: &Login) -> Result<(), ServerError> {
+        let mut out = BytesMut::with_capacity(256);
+        let mut params: Vec<(&str, &str)> = vec![
+            ("user", login.user.as_str()),
+            ("database", login.database.as_str()),
+        ];
+        for (k, v) in &login.params {
+            if k != "user" && k != "database" && !k.starts_with("_pq_.") {
+                params.push((k.as_str(), v.as_str()));
+            }
+        }
+        frontend::startup_message(params, &mut out)?;
+        self.stream.write_all(&out).await?;
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            let (tag, body) = self.read_message().await?;
+            match tag {
+                b'R' => {
+                    let mut body = body;
+                    if body.len() < 4 {
+                        return Err(ProtocolError::Malformed {
+                            what: "Authentication",
+                        }
+                        .into());
+                    }
+                    let code = body.get_i32();
+                    out.clear();
+                    let password = || {
+                        login.password.as_deref().ok_or_else(|| {
+                            ServerError::Auth(format!(
+                                "the server asks a password for user {:?}; set server.password or give the user a plain-text password in the auth file",
+                                login.user
+                            ))
+                        })
+                    };
+                    match code {
+                        0 => continue,
+                        3 => frontend::password_message(password()?.as_bytes(), &mut out)?,
+                        5 => {
+                            let salt: [u8; 4] =
+                                body[..].try_into().map_err(|_| ProtocolError::Malformed {
+                                    what: "AuthenticationMD5Password",
+                                })?;
+                            let hash = postgres_protocol::authentication::md5_hash(
+                                login.user.as_bytes(),
+                                password()?.as_bytes(),
+                                salt,
+                            );
+                            frontend::password_message(hash.as_bytes(), &mut out)?;
+                        }
+                        10 => {
+                            if !body[..].split(|&b| b == 0).any(|m| m == b"SCRAM-SHA-256") {
+                                return Err(ServerError::Auth(
+                                    "the server offers no SASL mechanism the router supports"
+                                        .into(),
+                                ));
+                            }
+                            let client = ScramSha256::new(
+                                password()?.as_bytes(),
+                                ChannelBinding::unsupported(),
+                            );
+                            frontend::sasl_initial_response(
+                                "SCRAM-SHA-256",
+                                client.message(),
+                                &mut out,
+                            )?;
+                            scram = Some(client);
+                        }
+                        11 => {
+                            let client = scram.as_mut().ok_or(ProtocolError::Unexpected {
+                                tag: 'R',
+                                during: "login (SASL continue without SASL)",
+                            })?;
+                            client
+                                .update(&body)
+                                .map_err(|e| ServerError::Auth(format!("SCRAM: {e}")))?;
+                            frontend::sasl_response(client.message(), &mut out)?;
+                        }
+                        12 => {
+                            let mut client = scram.take().ok_or(ProtocolError::Unexpected {
+                                tag: 'R',
+                                during: "login (SASL final without SASL)",
+                            })?;
+                            client
+                                .finish(&body)
+                                .map_err(|e| ServerError::Auth(format!("SCRAM: {e}")))?;
+                            continue;
+                        }
+                        other => {
+                            return Err(ServerError::Auth(format!(
+                                "unsupported authentication request {other}"
+                            )))
+                        }
+                    }
+                    self.stream.write_all(&out).await?;
+                }
+                b'S' => {
+                    if let Some((name, value)) = parse_parameter_status(&body) {
+                        let (name, value) = (name.to_string(), value.to_string());
+                        self.set_param(&name, &value);
+                    }
+                }
+                b'K' => {
+                    let mut body = body;
+                    if body.len() < 8 {
+                        return Err(ProtocolError::Malformed {
+                            what: "BackendKeyData",
+                        }
+                        .into());
+                    }
+                    self.pid = body.get_i32();
+                    self.secret = body.get_i32();
+                }
+                b'E' => return Err(ServerError::Refused(parse_error(&body))),
+                b'N' => {}
+                b'Z' => return Ok(()),
+                other => {
+                    return Err(ProtocolError::Unexpected {
+                        tag: other as char,
+                        during: "server login",
+                    }
+                    .into())
+                }
+            }
+        }
+    }
+
+    /// Reads one whole message.
+    pub async fn read_message(&mut self) -> Result<(u8, BytesMut), ServerError> {
+        loop {
+            if let Some(frame) = frame::split(&mut self.buf, MAX_SERVER_MESSAGE)? {
+                return Ok(frame);
+            }
+            if self.stream.read_buf(&mut self.buf).await? == 0 {
+                return Err(ServerError::Closed);
+            }
+        }
+    }
+
+    /// Runs statements the router issues itself; returns the first column of
+    /// each row (text), fails on any error. ParameterStatus updates are kept.
+    pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<String>, ServerError> {
+        let mut out = BytesMut::new();
+        frontend::query(sql, &mut out)?;
+        self.stream.write_all(&out).await?;
+        self.until_ready().await
+    }
+
+    /// Sends raw frames (Parse messages being replayed) followed by Sync, and
+    /// waits for ReadyForQuery; fails on any error.
+    pub async fn replay(&mut self, frames: &[u8]) -> Result<(), ServerError> {
+        let mut out = BytesMut::with_capacity(frames.len() + 5);
+        out.extend_from_slice(frames);
+        frontend::sync(&mut out);
+        self.stream.write_all(&out).await?;
+        self.until_ready().await.map(|_| ())
+    }
+
+    async fn until_ready(&mut self) -> Result<Vec<String>, ServerError> {
+        let mut rows = Vec::new();
+        let mut failure = None;
+        loop {
+            let (tag, body) = self.read_message().await?;
+            match tag {
+                b'D' => {
+                    let mut body = body;
+                    if body.len() >= 6 && body.get_i16() >= 1 {
+                        let len = body.get_i32();
+                        if len >= 0 && body.len() >= len as usize {
+                            rows.push(String::from_utf8_lossy(&body[..len as usize]).into_owned());
+                        }
+                    }
+                }
+                b'S' => {
+                    if let Some((name, value)) = parse_parameter_status(&body) {
+                        let (name, value) = (name.to_string(), value.to_string());
+                        self.set_param(&name, &value);
+                    }
+                }
+                b'E' => {
+                    let fields = parse_error(&body);
+                    if fields.is_fatal() {
+                        return Err(ServerError::Refused(fields));
+                    }
+                    failure.get_or_insert(fields);
+                }
+                b'Z' => {
+                    return match failure {
+                        Some(fields) => Err(ServerError::Refused(fields)),
+                        None => Ok(rows),
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Says goodbye (Terminate) without waiting.
+    pub async fn terminate(mut self) {
+        let mut out = BytesMut::new();
+        frontend::terminate(&mut out);
+        let _ = tokio::time::timeout(Duration::from_millis(100), async {
+            let _ = self.stream.write_all(&out).await;
+            let _ = self.stream.shutdown().await;
+        })
+        .await;
+    }
+}
+
+async fn negotiate_tls(
+    mut tcp: TcpStream,
+    host: &str,
+    mode: ServerSslMode,
+    tls: &Arc<rustls::ClientConfig>,
+) -> Result<Stream, ServerError> {
+    if mode == ServerSslMode::Disable {
+        return Ok(Stream::Plain(tcp));
+    }
+    let mut out = BytesMut::new();
+    frontend::ssl_request(&mut out);
+    tcp.write_all(&out).await?;
+    let answer = tcp.read_u8().await?;
+    match answer {
+        b'S' => {
+            let name = ServerName::try_from(host.to_string())
+                .map_err(|e| ServerError::Tls(format!("server name {host:?}: {e}")))?;
+            let stream = tokio_rustls::TlsConnector::from(tls.clone())
+                .connect(name, tcp)
+                .await
+                .map_err(|e| ServerError::Tls(e.to_string()))?;
+            Ok(Stream::ServerTls(Box::new(stream)))
+        }
+        b'N' if mode == ServerSslMode::Prefer => Ok(Stream::Plain(tcp)),
+        b'N' => Err(ServerError::Tls(
+            "the server does not accept TLS and server.sslmode is require".into(),
+        )),
+        other => Err(ProtocolError::Unexpected {
+            tag: other as char,
+            during: "the answer to SSLRequest",
+        }
+        .into()),
+    }
+}
+
+/// Sends a CancelRequest for (`pid`, `secret`) to `addr`.
+pub async fn send_cancel(addr: SocketAddr, pid: i32, secret: i32) -> std::io::Result<()> {
+    let mut stream = TcpStream::connect(addr).await?;
+    let mut out = BytesMut::new();
+    frontend::cancel_request(pid, secret, &mut out);
+    stream.write_all(&out).await?;
+    // Postgres closes the connection once it has read the request.
+    let mut sink = [0u8; 1];
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.read(&mut sink)).await;
+    Ok(())
+}

@@ -1,0 +1,483 @@
+//! A client connection from its first byte to the start of the relay:
+//! encryption negotiation (TLS or 'N'), cancel requests, the StartupMessage,
+//! authentication at the router, the first server connection (or a deferred
+//! one while paused), and the client's BackendKeyData, ParameterStatus and
+//! ReadyForQuery.
+
+use std::sync::Arc;
+
+use bytes::{Buf, BytesMut};
+use hapg_config::router::AuthType;
+use rand::RngCore;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::scram::ScramServer;
+use crate::auth::{md5, AuthError, Secret};
+use crate::net::{self, Stream};
+use crate::protocol::backend::{self, sqlstate, Severity};
+use crate::protocol::startup::{self, FirstPacket, Startup};
+use crate::protocol::{cstr, frame, ProtocolError};
+use crate::relay::Session;
+use crate::server::{Login, ServerConn, ServerError};
+use crate::{Runtime, Shared};
+
+/// Parameters a client is told about when no server connection could be
+/// opened yet and none was ever opened: what Postgres 15 reports by default.
+const FALLBACK_PARAMS: &[(&str, &str)] = &[
+    ("server_version", "15.0"),
+    ("server_encoding", "UTF8"),
+    ("client_encoding", "UTF8"),
+    ("DateStyle", "ISO, MDY"),
+    ("IntervalStyle", "postgres"),
+    ("TimeZone", "UTC"),
+    ("integer_datetimes", "on"),
+    ("standard_conforming_strings", "on"),
+    ("is_superuser", "off"),
+    ("default_transaction_read_only", "off"),
+    ("in_hot_standby", "off"),
+];
+
+/// Client parameters a server echoes back as ParameterStatus.
+const ECHOED: &[&str] = &[
+    "application_name",
+    "client_encoding",
+    "DateStyle",
+    "IntervalStyle",
+    "TimeZone",
+];
+
+/// The client side of a connection: stream, read buffer and write buffer.
+pub(crate) struct ClientConn {
+    pub stream: Stream,
+    pub rbuf: BytesMut,
+    pub wbuf: BytesMut,
+    pub max: usize,
+}
+
+/// The session ended (already reported to the client when it could be).
+pub(crate) struct Ended;
+
+impl ClientConn {
+    pub async fn read_more(&mut self) -> Result<(), Ended> {
+        self.rbuf.reserve(8192);
+        match self.stream.read_buf(&mut self.rbuf).await {
+            Ok(0) | Err(_) => Err(Ended),
+            Ok(_) => Ok(()),
+        }
+    }
+
+    pub async fn flush(&mut self) -> Result<(), Ended> {
+        if self.wbuf.is_empty() {
+            return Ok(());
+        }
+        let result = self.stream.write_all(&self.wbuf).await;
+        self.wbuf.clear();
+        result.map_err(|_| Ended)
+    }
+
+    /// Sends a FATAL error; the caller then closes.
+    pub async fn fatal(&mut self, code: &str, message: &str, hint: Option<&str>) -> Ended {
+        backend::error(&mut self.wbuf, Severity::Fatal, code, message, hint);
+        let _ = self.flush().await;
+        let _ = self.stream.shutdown().await;
+        Ended
+    }
+
+    /// Reads one tagged message during authentication.
+    async fn read_frame(&mut self) -> Result<(u8, BytesMut), Ended> {
+        loop {
+            match frame::split(&mut self.rbuf, self.max) {
+                Ok(Some(frame)) => return Ok(frame),
+                Ok(None) => self.read_more().await?,
+                Err(e) => {
+                    return Err(self
+                        .fatal(sqlstate::PROTOCOL_VIOLATION, &e.to_string(), None)
+                        .await)
+                }
+            }
+        }
+    }
+}
+
+/// Serves one accepted connection to its end.
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    tcp: TcpStream,
+    shutdown: CancellationToken,
+    kill: CancellationToken,
+) {
+    let peer = tcp.peer_addr().ok();
+    if let Err(e) = net::tune(&tcp) {
+        tracing::debug!(error = %e, "could not tune client socket");
+    }
+    let rt = shared.runtime.load_full();
+    let started = tokio::select! {
+        r = tokio::time::timeout(rt.config.login_timeout(), start(&shared, &rt, tcp)) => r,
+        _ = kill.cancelled() => return,
+    };
+    match started {
+        Err(_) => tracing::info!(?peer, "client did not complete its startup in time"),
+        Ok(Err(Ended)) | Ok(Ok(None)) => {}
+        Ok(Ok(Some((client, ready)))) => {
+            Session::new(shared, client, ready, shutdown, kill)
+                .run()
+                .await;
+        }
+    }
+}
+
+/// What the relay starts from.
+pub(crate) struct Ready {
+    pub login: Login,
+    pub server: Option<ServerConn>,
+    pub known: Vec<(String, String)>,
+    pub cancel: crate::cancel::CancelKey,
+}
+
+async fn negotiate(
+    shared: &Shared,
+    rt: &Runtime,
+    tcp: TcpStream,
+) -> Result<Option<(ClientConn, Startup)>, Ended> {
+    let mut client = ClientConn {
+        stream: Stream::Plain(tcp),
+        rbuf: BytesMut::with_capacity(1024),
+        wbuf: BytesMut::with_capacity(1024),
+        max: rt.config.router.max_message_size as usize,
+    };
+    let mut negotiations = 0;
+    loop {
+        let packet = loop {
+            match startup::parse(&mut client.rbuf) {
+                Ok(Some(packet)) => break packet,
+                Ok(None) => client.read_more().await?,
+                Err(e @ ProtocolError::UnsupportedVersion { .. }) => {
+                    return Err(client
+                        .fatal(sqlstate::FEATURE_NOT_SUPPORTED, &e.to_string(), None)
+                        .await)
+                }
+                Err(e) => {
+                    return Err(client
+                        .fatal(
+                            sqlstate::PROTOCOL_VIOLATION,
+                            &format!("invalid startup packet: {e}"),
+                            None,
+                        )
+                        .await)
+                }
+            }
+        };
+        match packet {
+            FirstPacket::SslRequest | FirstPacket::GssEncRequest => {
+                negotiations += 1;
+                let is_ssl = packet == FirstPacket::SslRequest;
+                let already_tls = !matches!(client.stream, Stream::Plain(_));
+                if negotiations > 2 || already_tls {
+                    return Err(client
+                        .fatal(
+                            sqlstate::PROTOCOL_VIOLATION,
+                            "repeated encryption request",
+                            None,
+                        )
+                        .await);
+                }
+                if !client.rbuf.is_empty() {
+                    // Bytes sent before the answer could be read by an attacker
+                    // in the middle; Postgres refuses them too.
+                    return Err(client
+                        .fatal(
+                            sqlstate::PROTOCOL_VIOLATION,
+                            "received unencrypted data after encryption request",
+                            None,
+                        )
+                        .await);
+                }
+                match (&rt.tls, is_ssl) {
+                    (Some(acceptor), true) => {
+                        let Stream::Plain(mut tcp) = client.stream else {
+                            return Err(Ended);
+                        };
+                        tcp.write_all(b"S").await.map_err(|_| Ended)?;
+                        let tls = acceptor.accept(tcp).await.map_err(|e| {
+                            tracing::info!(error = %e, "client TLS handshake failed");
+                            Ended
+                        })?;
+                        client.stream = Stream::ClientTls(Box::new(tls));
+                    }
+                    _ => {
+                        client.wbuf.extend_from_slice(b"N");
+                        client.flush().await?;
+                    }
+                }
+            }
+            FirstPacket::Cancel { pid, secret } => {
+                match shared.cancels.lookup(pid, &secret) {
+                    Some(target) => {
+                        tracing::info!(pid, server = %target.addr, "forwarding cancel request");
+                        let sent = tokio::time::timeout(
+                            std::time::Duration::from_secs(5),
+                            crate::server::send_cancel(target.addr, target.pid, target.secret),
+                        )
+                        .await;
+                        if !matches!(sent, Ok(Ok(()))) {
+                            tracing::info!(pid, "could not forward cancel request");
+                        }
+                    }
+                    None => tracing::debug!(pid, "cancel request for no known session"),
+                }
+                return Ok(None);
+            }
+            FirstPacket::Startup(s) => return Ok(Some((client, s))),
+        }
+    }
+}
+
+async fn start(
+    shared: &Arc<Shared>,
+    rt: &Runtime,
+    tcp: TcpStream,
+) -> Result<Option<(ClientConn, Ready)>, Ended> {
+    let Some((mut client, startup)) = negotiate(shared, rt, tcp).await? else {
+        return Ok(None);
+    };
+    let Some(user) = startup
+        .get("user")
+        .filter(|u| !u.is_empty())
+        .map(str::to_string)
+    else {
+        return Err(client
+            .fatal(
+                sqlstate::INVALID_AUTHORIZATION,
+                "no PostgreSQL user name specified in startup packet",
+                None,
+            )
+            .await);
+    };
+    if let Some(r) = startup.get("replication") {
+        if !matches!(
+            r.to_ascii_lowercase().as_str(),
+            "false" | "off" | "no" | "0"
+        ) {
+            return Err(client
+                .fatal(
+                    sqlstate::FEATURE_NOT_SUPPORTED,
+                    "the hapg router does not relay replication connections",
+                    Some("Connect to the Postgres node directly for replication."),
+                )
+                .await);
+        }
+    }
+    let database = startup
+        .get("database")
+        .filter(|d| !d.is_empty())
+        .unwrap_or(&user)
+        .to_string();
+    let unrecognised: Vec<&str> = startup
+        .params
+        .iter()
+        .map(|(k, _)| k.as_str())
+        .filter(|k| k.starts_with("_pq_."))
+        .collect();
+    if startup.minor > 0 || !unrecognised.is_empty() {
+        backend::negotiate_protocol_version(&mut client.wbuf, 0, &unrecognised);
+    }
+
+    if let Err(e) = authenticate(&mut client, rt, &user).await {
+        match e {
+            AuthOutcome::Ended => return Err(Ended),
+            AuthOutcome::Refused(e) => {
+                tracing::info!(user, error = %e, "client authentication failed");
+                let message = format!("password authentication failed for user \"{user}\"");
+                return Err(client
+                    .fatal(sqlstate::INVALID_PASSWORD, &message, None)
+                    .await);
+            }
+        }
+    }
+    backend::auth_ok(&mut client.wbuf);
+
+    let server_user = rt
+        .config
+        .server
+        .user
+        .clone()
+        .unwrap_or_else(|| user.clone());
+    let password = rt.config.server.password.clone().or_else(|| {
+        rt.users
+            .get(&server_user)
+            .and_then(Secret::plain)
+            .map(str::to_string)
+    });
+    let login = Login {
+        user: server_user,
+        password,
+        database,
+        params: startup
+            .params
+            .iter()
+            .filter(|(k, _)| k != "user" && k != "database" && k != "replication")
+            .cloned()
+            .collect(),
+        sslmode: rt.config.server.sslmode,
+    };
+
+    let mut server = None;
+    if let Some(target) = shared.routing.load().target() {
+        match ServerConn::connect(
+            &target,
+            &login,
+            &shared.server_tls,
+            rt.config.connect_timeout(),
+        )
+        .await
+        {
+            Ok(conn) => server = Some(conn),
+            Err(ServerError::Refused(fields))
+                if !["57", "53", "08"]
+                    .iter()
+                    .any(|c| fields.code.starts_with(c)) =>
+            {
+                // The primary's definitive answer (no such database, role, ...).
+                return Err(client.fatal(&fields.code, &fields.message, None).await);
+            }
+            Err(e) => tracing::info!(
+                server = %format!("{}:{}", target.host, target.port),
+                error = %e,
+                "no server connection at login; deferring to the first statement"
+            ),
+        }
+    }
+
+    let known: Vec<(String, String)> = match &server {
+        Some(conn) => {
+            shared.last_params.store(Arc::new(conn.params.clone()));
+            conn.params.clone()
+        }
+        None => {
+            let last = shared.last_params.load_full();
+            let mut params: Vec<(String, String)> = if last.is_empty() {
+                FALLBACK_PARAMS
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect()
+            } else {
+                last.as_ref().clone()
+            };
+            for name in ECHOED {
+                if let Some(value) = startup.get(name) {
+                    set(&mut params, name, value);
+                }
+            }
+            set(&mut params, "session_authorization", &user);
+            params
+        }
+    };
+    for (name, value) in &known {
+        backend::parameter_status(&mut client.wbuf, name, value);
+    }
+    let cancel = shared.cancels.register();
+    if let Some(conn) = &server {
+        cancel.set_target(Some(conn.cancel_target()));
+    }
+    backend::backend_key_data(&mut client.wbuf, cancel.pid, cancel.secret());
+    backend::ready_for_query(&mut client.wbuf, b'I');
+    client.flush().await?;
+    Ok(Some((
+        client,
+        Ready {
+            login,
+            server,
+            known,
+            cancel,
+        },
+    )))
+}
+
+fn set(params: &mut Vec<(String, String)>, name: &str, value: &str) {
+    match params.iter_mut().find(|(k, _)| k == name) {
+        Some(slot) => slot.1 = value.to_string(),
+        None => params.push((name.to_string(), value.to_string())),
+    }
+}
+
+enum AuthOutcome {
+    Ended,
+    Refused(AuthError),
+}
+
+impl From<Ended> for AuthOutcome {
+    fn from(_: Ended) -> Self {
+        AuthOutcome::Ended
+    }
+}
+
+async fn password_message(client: &mut ClientConn) -> Result<BytesMut, AuthOutcome> {
+    client.flush().await?;
+    let (tag, body) = client.read_frame().await?;
+    if tag != b'p' {
+        return Err(AuthOutcome::Refused(AuthError::Malformed(
+            "expected a password message",
+        )));
+    }
+    Ok(body)
+}
+
+async fn authenticate(
+    client: &mut ClientConn,
+    rt: &Runtime,
+    user: &str,
+) -> Result<(), AuthOutcome> {
+    let secret = rt.users.get(user);
+    let method = match (rt.config.auth.kind, secret) {
+        (AuthType::Trust, _) => return Ok(()),
+        (AuthType::Md5, Some(Secret::Scram(_))) | (AuthType::ScramSha256, _) => {
+            AuthType::ScramSha256
+        }
+        (AuthType::Md5, _) => AuthType::Md5,
+    };
+    if method == AuthType::Md5 {
+        let mut salt = [0u8; 4];
+        rand::thread_rng().fill_bytes(&mut salt);
+        backend::authentication(&mut client.wbuf, 5, &salt);
+        let body = password_message(client).await?;
+        let answer = cstr(&body).map(|(a, _)| a).unwrap_or(&body[..]);
+        return match secret {
+            Some(secret) => md5::verify(user, secret, salt, answer).map_err(AuthOutcome::Refused),
+            None => Err(AuthOutcome::Refused(AuthError::UnknownUser(
+                user.to_string(),
+            ))),
+        };
+    }
+    backend::auth_sasl(&mut client.wbuf);
+    let mut body = password_message(client).await?;
+    let malformed = || AuthOutcome::Refused(AuthError::Malformed("SASLInitialResponse"));
+    let (mechanism, rest) = cstr(&body).ok_or_else(malformed)?;
+    if mechanism != b"SCRAM-SHA-256" {
+        return Err(AuthOutcome::Refused(AuthError::Malformed(
+            "unsupported SASL mechanism",
+        )));
+    }
+    let offset = body.len() - rest.len();
+    body.advance(offset);
+    if body.len() < 4 {
+        return Err(malformed());
+    }
+    let len = body.get_i32();
+    if len < 0 || len as usize != body.len() {
+        return Err(malformed());
+    }
+    let (exchange, server_first) =
+        ScramServer::start(user, secret, &body).map_err(AuthOutcome::Refused)?;
+    backend::authentication(&mut client.wbuf, 11, server_first.as_bytes());
+    let body = password_message(client).await?;
+    let server_final = exchange.finish(&body).map_err(AuthOutcome::Refused)?;
+    if secret.is_none() {
+        return Err(AuthOutcome::Refused(AuthError::UnknownUser(
+            user.to_string(),
+        )));
+    }
+    backend::authentication(&mut client.wbuf, 12, server_final.as_bytes());
+    Ok(())
+}

@@ -1,0 +1,500 @@
+//! Session state the router tracks so that a client can be moved to a new
+//! server connection: session-level SET/RESET (replayed), named protocol-level
+//! prepared statements (re-parsed), and the state that cannot move (temporary
+//! tables, session advisory locks, LISTEN, SQL-level PREPARE, WITH HOLD
+//! cursors), which turns a move into a clear error instead.
+
+use bytes::Bytes;
+
+use crate::protocol::cstr;
+
+/// What one statement does to session state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// `SET [SESSION] name ...`: the statement text, replayed as is.
+    Set {
+        /// Lower-case parameter name (or a pseudo-name such as `timezone`).
+        name: String,
+        /// The statement.
+        stmt: String,
+    },
+    /// `RESET name`.
+    Reset(String),
+    /// `RESET ALL`.
+    ResetAll,
+    /// `DISCARD ALL`: resets everything, drops temp tables, unlistens, deallocates.
+    DiscardAll,
+    /// `DISCARD TEMP`.
+    DiscardTemp,
+    /// `DEALLOCATE name`.
+    Deallocate(String),
+    /// `DEALLOCATE ALL`.
+    DeallocateAll,
+    /// `UNLISTEN *`.
+    UnlistenAll,
+    /// `pg_advisory_unlock_all()`.
+    UnlockAll,
+    /// State that cannot move.
+    Sticky(Sticky),
+}
+
+/// Session state that cannot be recreated on another server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sticky {
+    /// A temporary table.
+    TempTable,
+    /// A session-level advisory lock.
+    AdvisoryLock,
+    /// LISTEN.
+    Listen,
+    /// SQL-level PREPARE.
+    SqlPrepare,
+    /// DECLARE ... WITH HOLD.
+    HoldCursor,
+}
+
+impl Sticky {
+    /// What the client is told.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Sticky::TempTable => "temporary tables",
+            Sticky::AdvisoryLock => "session advisory locks",
+            Sticky::Listen => "LISTEN registrations",
+            Sticky::SqlPrepare => "SQL PREPAREd statements",
+            Sticky::HoldCursor => "WITH HOLD cursors",
+        }
+    }
+}
+
+/// Splits SQL text into statements (outside quotes, dollar quotes and
+/// comments) and returns, for each, its byte range with leading comments and
+/// whitespace skipped.
+fn statements(sql: &str) -> Vec<(usize, usize)> {
+    let b = sql.as_bytes();
+    let mut out = Vec::new();
+    let mut start = None;
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        match c {
+            b'-' if b.get(i + 1) == Some(&b'-') => {
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
+                continue;
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => {
+                let mut depth = 0;
+                while i < b.len() {
+                    if b[i] == b'/' && b.get(i + 1) == Some(&b'*') {
+                        depth += 1;
+                        i += 2;
+                    } else if b[i] == b'*' && b.get(i + 1) == Some(&b'/') {
+                        depth -= 1;
+                        i += 2;
+                        if depth == 0 {
+                            break;
+                        }
+                    } else {
+                        i += 1;
+                    }
+                }
+                continue;
+            }
+            b';' => {
+                if let Some(s) = start.take() {
+                    out.push((s, i));
+                }
+                i += 1;
+                continue;
+            }
+            c if c.is_ascii_whitespace() => {
+                i += 1;
+                continue;
+            }
+            _ => {}
+        }
+        if start.is_none() {
+            start = Some(i);
+        }
+        match c {
+            b'\'' | b'"' => {
+                i += 1;
+                while i < b.len() {
+                    if b[i] == c {
+                        if b.get(i + 1) == Some(&c) {
+                            i += 2;
+                            continue;
+                        }
+                        break;
+                    }
+                    i += 1;
+                }
+                i += 1;
+            }
+            b'$' => {
+                let tag_end = b[i + 1..]
+                    .iter()
+                    .position(|&x| !(x.is_ascii_alphanumeric() || x == b'_'))
+                    .map(|p| i + 1 + p);
+                match tag_end {
+                    Some(e) if b[e] == b'$' => {
+                        let tag = &sql[i..=e];
+                        match sql[e + 1..].find(tag) {
+                            Some(close) => i = e + 1 + close + tag.len(),
+                            None => i = b.len(),
+                        }
+                    }
+                    _ => i += 1,
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    if let Some(s) = start {
+        out.push((s, b.len()));
+    }
+    out
+}
+
+/// The first `n` words of a statement, lower-cased (identifiers, not quoted).
+fn words(stmt: &str, n: usize) -> Vec<String> {
+    stmt.split(|c: char| c.is_ascii_whitespace() || c == '=' || c == '(' || c == ';')
+        .filter(|w| !w.is_empty())
+        .take(n)
+        .map(|w| w.to_ascii_lowercase())
+        .collect()
+}
+
+fn contains_ci(haystack: &str, needle: &str) -> bool {
+    haystack
+        .as_bytes()
+        .windows(needle.len())
+        .any(|w| w.eq_ignore_ascii_case(needle.as_bytes()))
+}
+
+/// Quick check: can this SQL possibly change tracked session state?
+fn interesting(sql: &str) -> bool {
+    let b = sql.as_bytes();
+    let first = b
+        .iter()
+        .position(|c| !c.is_ascii_whitespace())
+        .map_or(&b[..0], |p| &b[p..]);
+    let starts = |w: &[u8]| first.len() >= w.len() && first[..w.len()].eq_ignore_ascii_case(w);
+    let plain_dml =
+        (starts(b"select") || starts(b"insert") || starts(b"update") || starts(b"delete"))
+            && !sql.contains(';');
+    !plain_dml || contains_ci(sql, "advisory")
+}
+
+/// The session-state effects of the statements in `sql`.
+pub fn classify(sql: &str) -> Vec<Effect> {
+    let mut out = Vec::new();
+    if !interesting(sql) {
+        return out;
+    }
+    for (s, e) in statements(sql) {
+        let stmt = &sql[s..e];
+        let w = words(stmt, 6);
+        let w: Vec<&str> = w.iter().map(String::as_str).collect();
+        match w.as_slice() {
+            ["set", "local", ..] | ["set", "transaction", ..] | ["set", "constraints", ..] => {}
+            ["set", "session", "characteristics", ..] => out.push(Effect::Set {
+                name: "session characteristics".into(),
+                stmt: stmt.to_string(),
+            }),
+            ["set", "session", "authorization", ..] => out.push(Effect::Set {
+                name: "session_authorization".into(),
+                stmt: stmt.to_string(),
+            }),
+            ["set", rest @ ..] => {
+                let rest = if rest.first() == Some(&"session") {
+                    &rest[1..]
+                } else {
+                    rest
+                };
+                let name = match rest {
+                    ["time", "zone", ..] => "timezone".to_string(),
+                    ["names", ..] => "client_encoding".to_string(),
+                    ["schema", ..] => "search_path".to_string(),
+                    [name, ..] => name.trim_matches('"').to_string(),
+                    [] => continue,
+                };
+                out.push(Effect::Set {
+                    name,
+                    stmt: stmt.to_string(),
+                });
+            }
+            ["reset", "all", ..] => out.push(Effect::ResetAll),
+            ["reset", "time", "zone", ..] => out.push(Effect::Reset("timezone".into())),
+            ["reset", "session", "authorization", ..] => {
+                out.push(Effect::Reset("session_authorization".into()))
+            }
+            ["reset", name, ..] => out.push(Effect::Reset(name.trim_matches('"').to_string())),
+            ["discard", "all", ..] => out.push(Effect::DiscardAll),
+            ["discard", "temp", ..] | ["discard", "temporary", ..] => out.push(Effect::DiscardTemp),
+            ["deallocate", "prepare", "all", ..] | ["deallocate", "all", ..] => {
+                out.push(Effect::DeallocateAll)
+            }
+            ["deallocate", "prepare", name, ..] | ["deallocate", name, ..] => {
+                out.push(Effect::Deallocate(name.trim_matches('"').to_string()))
+            }
+            ["unlisten", "*", ..] => out.push(Effect::UnlistenAll),
+            ["listen", ..] => out.push(Effect::Sticky(Sticky::Listen)),
+            ["prepare", ..] => out.push(Effect::Sticky(Sticky::SqlPrepare)),
+            ["declare", ..] if contains_ci(stmt, "with hold") => {
+                out.push(Effect::Sticky(Sticky::HoldCursor))
+            }
+            ["create", "temp" | "temporary", ..]
+            | ["create", "global" | "local", "temp" | "temporary", ..]
+            | ["create", "unlogged", "temp" | "temporary", ..]
+                if !contains_ci(stmt, "on commit drop") =>
+            {
+                out.push(Effect::Sticky(Sticky::TempTable))
+            }
+            _ => {}
+        }
+        if contains_ci(stmt, "advisory") {
+            if contains_ci(stmt, "pg_advisory_unlock_all") {
+                out.push(Effect::UnlockAll);
+            } else if (contains_ci(stmt, "pg_advisory_lock")
+                || contains_ci(stmt, "pg_try_advisory_lock"))
+                && !contains_ci(stmt, "advisory_xact_lock")
+            {
+                out.push(Effect::Sticky(Sticky::AdvisoryLock));
+            }
+        }
+    }
+    out
+}
+
+/// The tracked state of one client session.
+#[derive(Debug, Default)]
+pub struct SessionState {
+    /// Committed session-level SETs, in order, one per name.
+    sets: Vec<(String, String)>,
+    /// SET/RESET effects of the transaction in progress.
+    pending: Vec<Effect>,
+    /// Named protocol-level prepared statements: name and the Parse frame.
+    prepared: Vec<(String, Bytes)>,
+    /// Parse frames sent since the last ReadyForQuery.
+    pending_parses: Vec<(String, Bytes)>,
+    /// Closes/deallocations since the last ReadyForQuery.
+    pending_closes: Vec<String>,
+    /// State that cannot move.
+    sticky: Vec<Sticky>,
+    /// An ErrorResponse was seen since the last ReadyForQuery.
+    cycle_error: bool,
+    /// A ROLLBACK completed since the last ReadyForQuery.
+    cycle_rollback: bool,
+}
+
+impl SessionState {
+    /// A Query's SQL is being sent.
+    pub fn on_query(&mut self, sql: &str) {
+        for effect in classify(sql) {
+            match effect {
+                Effect::Sticky(s) => {
+                    if !self.sticky.contains(&s) {
+                        self.sticky.push(s);
+                    }
+                }
+                Effect::DiscardAll => {
+                    self.sticky.clear();
+                    self.pending_closes.push(String::new());
+                    self.pending.push(Effect::ResetAll);
+                }
+                Effect::DiscardTemp => self.sticky.retain(|s| *s != Sticky::TempTable),
+                Effect::UnlistenAll => self.sticky.retain(|s| *s != Sticky::Listen),
+                Effect::UnlockAll => self.sticky.retain(|s| *s != Sticky::AdvisoryLock),
+                Effect::DeallocateAll => {
+                    self.sticky.retain(|s| *s != Sticky::SqlPrepare);
+                    self.pending_closes.push(String::new());
+                }
+                Effect::Deallocate(name) => self.pending_closes.push(name),
+                e @ (Effect::Set { .. } | Effect::Reset(_) | Effect::ResetAll) => {
+                    self.pending.push(e)
+                }
+            }
+        }
+    }
+
+    /// A Parse message (whole frame) is being sent.
+    pub fn on_parse(&mut self, frame: &[u8]) {
+        let Some((name, rest)) = frame.get(5..).and_then(cstr) else {
+            return;
+        };
+        if let Some((query, _)) = cstr(rest) {
+            if let Ok(sql) = std::str::from_utf8(query) {
+                self.on_query(sql);
+            }
+        }
+        if !name.is_empty() {
+            let name = String::from_utf8_lossy(name).into_owned();
+            self.pending_parses
+                .push((name, Bytes::copy_from_slice(frame)));
+        }
+    }
+
+    /// A Close message body is being sent.
+    pub fn on_close(&mut self, body: &[u8]) {
+        if let [b'S', rest @ ..] = body {
+            if let Some((name, _)) = cstr(rest) {
+                if !name.is_empty() {
+                    self.pending_closes
+                        .push(String::from_utf8_lossy(name).into_owned());
+                }
+            }
+        }
+    }
+
+    /// The server reported an error (not fatal).
+    pub fn on_error(&mut self) {
+        self.cycle_error = true;
+    }
+
+    /// The server completed a command with this tag.
+    pub fn on_command_complete(&mut self, tag: &[u8]) {
+        if tag.starts_with(b"ROLLBACK") {
+            self.cycle_rollback = true;
+        }
+    }
+
+    /// ReadyForQuery with this status: commits or discards what is pending.
+    pub fn on_ready(&mut self, status: u8) {
+        for name in self.pending_closes.drain(..) {
+            if name.is_empty() {
+                self.prepared.clear();
+            } else {
+                self.prepared.retain(|(n, _)| *n != name);
+            }
+        }
+        if !self.cycle_error {
+            for (name, frame) in self.pending_parses.drain(..) {
+                self.prepared.retain(|(n, _)| *n != name);
+                self.prepared.push((name, frame));
+            }
+        }
+        self.pending_parses.clear();
+        if status == b'I' {
+            if !self.cycle_error && !self.cycle_rollback {
+                for effect in std::mem::take(&mut self.pending) {
+                    match effect {
+                        Effect::Set { name, stmt } => {
+                            self.sets.retain(|(n, _)| *n != name);
+                            self.sets.push((name, stmt));
+                        }
+                        Effect::Reset(name) => self.sets.retain(|(n, _)| *n != name),
+                        Effect::ResetAll => self.sets.clear(),
+                        _ => {}
+                    }
+                }
+            }
+            self.pending.clear();
+        }
+        self.cycle_error = false;
+        self.cycle_rollback = false;
+    }
+
+    /// The transaction in progress is gone (server connection lost).
+    pub fn discard_pending(&mut self) {
+        self.pending.clear();
+        self.pending_parses.clear();
+        self.pending_closes.clear();
+        self.cycle_error = false;
+        self.cycle_rollback = false;
+    }
+
+    /// State that cannot move, if any.
+    pub fn sticky(&self) -> Option<Sticky> {
+        self.sticky.first().copied()
+    }
+
+    /// The SET statements to replay, in order.
+    pub fn sets(&self) -> impl Iterator<Item = &str> {
+        self.sets.iter().map(|(_, s)| s.as_str())
+    }
+
+    /// The Parse frames to replay, concatenated.
+    pub fn prepared_frames(&self) -> Vec<u8> {
+        self.prepared
+            .iter()
+            .flat_map(|(_, f)| f.iter().copied())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_statements_outside_quotes() {
+        let sql = "SET a = 'x;y'; /* c; */ SELECT $$;$$; -- x;\n SET \"b;\" TO 1";
+        let parts: Vec<&str> = statements(sql).iter().map(|&(s, e)| &sql[s..e]).collect();
+        assert_eq!(
+            parts,
+            vec!["SET a = 'x;y'", "SELECT $$;$$", "SET \"b;\" TO 1"]
+        );
+    }
+
+    #[test]
+    fn classifies() {
+        assert_eq!(classify("select 1"), vec![]);
+        assert_eq!(
+            classify("SET work_mem = '64MB'"),
+            vec![Effect::Set {
+                name: "work_mem".into(),
+                stmt: "SET work_mem = '64MB'".into()
+            }]
+        );
+        assert_eq!(classify("set local work_mem to 1"), vec![]);
+        assert!(
+            matches!(&classify("SET TIME ZONE 'UTC'")[0], Effect::Set { name, .. } if name == "timezone")
+        );
+        assert_eq!(classify("RESET ALL"), vec![Effect::ResetAll]);
+        assert_eq!(
+            classify("create temp table t(x int)"),
+            vec![Effect::Sticky(Sticky::TempTable)]
+        );
+        assert_eq!(
+            classify("create temp table t(x int) on commit drop"),
+            vec![]
+        );
+        assert_eq!(
+            classify("SELECT pg_advisory_lock(1)"),
+            vec![Effect::Sticky(Sticky::AdvisoryLock)]
+        );
+        assert_eq!(classify("SELECT pg_advisory_xact_lock(1)"), vec![]);
+        assert_eq!(classify("LISTEN x"), vec![Effect::Sticky(Sticky::Listen)]);
+        assert_eq!(classify("DISCARD ALL"), vec![Effect::DiscardAll]);
+    }
+
+    #[test]
+    fn sets_commit_only_when_the_transaction_does() {
+        let mut s = SessionState::default();
+        s.on_query("SET a = 1");
+        s.on_ready(b'I');
+        assert_eq!(s.sets().collect::<Vec<_>>(), vec!["SET a = 1"]);
+        s.on_query("BEGIN; SET b = 2");
+        s.on_ready(b'T');
+        s.on_query("ROLLBACK");
+        s.on_command_complete(b"ROLLBACK");
+        s.on_ready(b'I');
+        assert_eq!(s.sets().collect::<Vec<_>>(), vec!["SET a = 1"]);
+        s.on_query("SET bogus = 1");
+        s.on_error();
+        s.on_ready(b'I');
+        assert_eq!(s.sets().count(), 1);
+        s.on_query("SET a = 3");
+        s.on_ready(b'I');
+        assert_eq!(s.sets().collect::<Vec<_>>(), vec!["SET a = 3"]);
+        s.on_query("RESET a");
+        s.on_ready(b'I');
+        assert_eq!(s.sets().count(), 0);
+        s.on_query("LISTEN x");
+        assert_eq!(s.sticky(), Some(Sticky::Listen));
+        s.on_query("DISCARD ALL");
+        assert_eq!(s.sticky(), None);
+    }
+}
