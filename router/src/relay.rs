@@ -166,20 +166,52 @@ impl Session {
             self.flush_server().await?;
             self.client.flush().await?;
             let idle = self.idle();
+            // Server first: a server that went away while the client was idle
+            // must be noticed before the client's next statement is sent to it.
             tokio::select! {
+                biased;
                 _ = self.kill.cancelled() => return Err(self.stopping().await),
                 _ = self.shutdown.cancelled(), if idle => return Err(self.stopping().await),
+                r = read_server(&mut self.server) => self.on_server_read(r)?,
                 r = read_client(&mut self.client.stream, &mut self.client.rbuf) => {
                     if !matches!(r, Ok(n) if n > 0) {
                         return Err(Ended);
                     }
                 }
-                r = read_server(&mut self.server) => match r {
-                    Ok(n) if n > 0 => self.on_server_bytes()?,
-                    Ok(_) => self.server_lost("the server closed the connection")?,
-                    Err(e) => self.server_lost(&e.to_string())?,
-                },
             }
+        }
+    }
+
+    fn on_server_read(&mut self, read: std::io::Result<usize>) -> Result<(), Ended> {
+        match read {
+            Ok(n) if n > 0 => self.on_server_bytes(),
+            Ok(_) => self.server_lost("the server closed the connection"),
+            Err(e) => self.server_lost(&e.to_string()),
+        }
+    }
+
+    /// At a transaction boundary, before reusing the server connection: takes
+    /// in what the server already sent (typically the FATAL and end of file of
+    /// a server that went away while the client was idle), so that a dead
+    /// connection is replaced instead of failing the client's next statement.
+    async fn check_server(&mut self) -> Result<(), Ended> {
+        let Some(server) = &self.server else {
+            return Ok(());
+        };
+        let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+        match socket2::SockRef::from(server.stream.tcp()).peek(&mut probe) {
+            Ok(0) => self.server_lost("the server closed the connection"),
+            Ok(_) => match tokio::time::timeout(
+                Duration::from_millis(100),
+                read_server(&mut self.server),
+            )
+            .await
+            {
+                Ok(read) => self.on_server_read(read),
+                Err(_) => Ok(()),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+            Err(e) => self.server_lost(&e.to_string()),
         }
     }
 
@@ -298,6 +330,7 @@ impl Session {
             }
             if starts_work && self.at_boundary() {
                 self.flush_server().await?;
+                self.check_server().await?;
                 match self.attach().await {
                     Ok(()) => {}
                     Err(AttachError::NoPrimary(message)) => {

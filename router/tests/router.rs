@@ -231,10 +231,9 @@ async fn server_lost_mid_transaction_or_statement_is_an_08_error_and_the_session
         .expect("pid")
         .get(0);
     admin
-        .execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .execute("SELECT pg_terminate_backend($1, 5000)", &[&pid])
         .await
-        .expect("terminate");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+        .expect("terminate and wait for the backend to exit");
     let err = client
         .simple_query("SELECT 1")
         .await
@@ -250,7 +249,26 @@ async fn server_lost_mid_transaction_or_statement_is_an_08_error_and_the_session
         .expect("pid")
         .get(0);
     let killer = tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        let start = Instant::now();
+        loop {
+            let running: bool = admin
+                .query_one(
+                    "SELECT count(*) > 0 FROM pg_stat_activity
+                      WHERE pid = $1 AND state = 'active' AND query LIKE '%pg_sleep(20)%'",
+                    &[&pid],
+                )
+                .await
+                .expect("pg_stat_activity")
+                .get(0);
+            if running {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "the statement never started"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         admin
             .execute("SELECT pg_terminate_backend($1)", &[&pid])
             .await
@@ -272,10 +290,9 @@ async fn server_lost_mid_transaction_or_statement_is_an_08_error_and_the_session
         .get(0);
     let admin = c.a.connect("postgres").await;
     admin
-        .execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .execute("SELECT pg_terminate_backend($1, 5000)", &[&pid])
         .await
-        .expect("terminate");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+        .expect("terminate and wait for the backend to exit");
     assert_eq!(
         server_port(&client).await.expect("silently reconnected"),
         c.a.port
@@ -603,5 +620,36 @@ async fn monitor_unreachable_keeps_routing_to_the_last_primary() {
         c.a.port
     );
     assert_eq!(c.router.router.routing().epoch, 1);
+    c.router.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_runs_through_the_router_in_every_query_mode() {
+    let c = Cluster::start(false, "", "").await;
+    let port = c.router.addr.port().to_string();
+    let pgbench = bindir().join("pgbench");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(&pgbench)
+            .args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres"])
+            .args(args)
+            .arg("postgres")
+            .output()
+            .expect("run pgbench");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "pgbench {args:?}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    };
+    run(&["-i", "-s", "1", "-q"]);
+    for mode in ["simple", "extended", "prepared"] {
+        let out = run(&["-M", mode, "-c", "4", "-j", "2", "-T", "2", "-n"]);
+        assert!(
+            out.contains("number of failed transactions: 0"),
+            "{mode}: {out}"
+        );
+    }
     c.router.stop().await;
 }
