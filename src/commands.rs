@@ -194,7 +194,7 @@ async fn stop(pgdata: &Path, fast: bool, immediate: bool) -> Result<()> {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig)
         .with_context(|| format!("signalling hapg (pid {pid})"))?;
     for _ in 0..1200 {
-        if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err() {
+        if !pidfile::process_alive(pid) {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -89,7 +89,7 @@ pub fn check_pgdata_free(pgdata: &Path) -> Result<(), KeeperError> {
     let pidfile = pgdata.join("postmaster.pid");
     if let Ok(text) = std::fs::read_to_string(&pidfile) {
         if let Some(pid) = text.lines().next().and_then(|l| l.trim().parse::<i32>().ok()) {
-            if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok() {
+            if crate::pidfile::process_alive(pid) {
                 return Err(KeeperError::Refused(format!(
                     "{} is in use by a running Postgres (pid {pid}): choose another --pgdata",
                     pgdata.display()

@@ -44,7 +44,17 @@ impl Drop for PidFile {
 pub fn running_pid(path: &Path) -> Option<i32> {
     let text = std::fs::read_to_string(path).ok()?;
     let pid: i32 = text.trim().parse().ok()?;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
-        .is_ok()
-        .then_some(pid)
+    process_alive(pid).then_some(pid)
+}
+
+/// The process exists and is not a zombie waiting for its parent to reap it.
+pub fn process_alive(pid: i32) -> bool {
+    if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err() {
+        return false;
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next());
+    state != Some("Z")
 }

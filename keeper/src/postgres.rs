@@ -414,8 +414,7 @@ impl LocalPostgres {
     pub fn postmaster_pid(&self) -> Option<i32> {
         let text = std::fs::read_to_string(self.pgdata.join("postmaster.pid")).ok()?;
         let pid: i32 = text.lines().next()?.trim().parse().ok()?;
-        let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
-        alive.then_some(pid)
+        crate::pidfile::process_alive(pid).then_some(pid)
     }
 
     /// Starts Postgres and waits until it accepts connections.

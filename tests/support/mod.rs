@@ -1,0 +1,504 @@
+//! Test harness: real `hapg` processes and real PostgreSQL 15 servers on free
+//! loopback ports in a temporary directory, torn down on drop.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The hapg binary built for these tests.
+pub fn hapg_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_hapg"))
+}
+
+/// A free TCP port on loopback (bind 0, read it, release it).
+pub fn free_port() -> u16 {
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("bind a free port");
+        // Never hand out the same port twice in one process.
+        if LAST.swap(u64::from(port), Ordering::SeqCst) != u64::from(port) {
+            return port;
+        }
+    }
+}
+
+/// One node of the test cluster.
+#[derive(Debug, Clone)]
+pub struct Node {
+    /// Node name.
+    pub name: String,
+    /// Data directory.
+    pub pgdata: PathBuf,
+    /// Postgres port.
+    pub port: u16,
+}
+
+/// A monitor and nodes run by real `hapg` processes in a temporary directory.
+pub struct Cluster {
+    /// Removed on drop unless HAPG_TEST_KEEP is set (to look at logs after a failure).
+    dir: Option<tempfile::TempDir>,
+    path: PathBuf,
+    children: Mutex<BTreeMap<String, Child>>,
+    pub monitor_port: u16,
+    pub nodes: Vec<Node>,
+}
+
+impl Cluster {
+    /// An empty cluster directory (no monitor yet).
+    pub fn new() -> Cluster {
+        let dir = tempfile::Builder::new()
+            .prefix("hapg-test-")
+            .tempdir_in("/tmp")
+            .expect("temp dir");
+        // Postgres runs as another OS user when the tests run as root: it must
+        // be able to reach the data directories.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod temp dir");
+        Cluster {
+            path: dir.path().to_path_buf(),
+            dir: Some(dir),
+            children: Mutex::new(BTreeMap::new()),
+            monitor_port: 0,
+            nodes: Vec::new(),
+        }
+    }
+
+    /// The cluster's directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A `hapg` command with this cluster's environment.
+    pub fn hapg(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(hapg_bin());
+        cmd.args(args)
+            .current_dir(self.path())
+            .env("XDG_CONFIG_HOME", self.path().join("xdg/config"))
+            .env("XDG_DATA_HOME", self.path().join("xdg/data"))
+            .env_remove("PGDATA")
+            .env_remove("PG_AUTOCTL_MONITOR")
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// Runs `hapg args` to completion.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.hapg(args).output().expect("run hapg")
+    }
+
+    /// Runs `hapg args`, which must succeed; returns its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "hapg {args:?} failed:\nstdout: {}\nstderr: {}\nlogs:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.all_logs()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs `hapg args`, which must fail; returns its stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            !out.status.success(),
+            "hapg {args:?} should have failed:\nstdout: {}\nstderr: {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// Starts `hapg args` in the background, logging to `<name>.log`.
+    pub fn spawn(&self, name: &str, args: &[&str]) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path().join(format!("{name}.log")))
+            .expect("log file");
+        let child = self
+            .hapg(args)
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .env("HAPG_LOG", "info")
+            .spawn()
+            .expect("spawn hapg");
+        self.children
+            .lock()
+            .expect("children")
+            .insert(name.to_string(), child);
+    }
+
+    /// The log of a background process, for assertion messages.
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.path().join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    /// Creates and runs the monitor (`create monitor ... --run`), waits until it answers.
+    pub fn start_monitor(&mut self) {
+        self.monitor_port = free_port();
+        let port = self.monitor_port.to_string();
+        self.spawn(
+            "monitor",
+            &[
+                "create", "monitor", "--pgdata", "./monitor", "--pgport", &port, "--hostname",
+                "localhost", "--auth", "trust", "--ssl-self-signed", "--run",
+            ],
+        );
+        self.eventually("the monitor to answer", Duration::from_secs(60), || {
+            let out = self.run(&["show", "state", "--pgdata", "./monitor"]);
+            out.status.success()
+        });
+    }
+
+    /// The monitor's URI, as `show uri --monitor-uri` prints it.
+    pub fn monitor_uri(&self) -> String {
+        self.ok(&["show", "uri", "--pgdata", "./monitor", "--monitor-uri"])
+            .trim()
+            .to_string()
+    }
+
+    /// Creates and runs a node (`create postgres ... --run`).
+    pub fn start_node(&mut self, name: &str) -> Node {
+        let port = free_port();
+        let node = Node {
+            name: name.to_string(),
+            pgdata: self.path().join(name),
+            port,
+        };
+        let uri = self.monitor_uri();
+        let pgdata = format!("./{name}");
+        let port_s = port.to_string();
+        self.spawn(
+            name,
+            &[
+                "create", "postgres", "--pgdata", &pgdata, "--pgport", &port_s, "--hostname",
+                "localhost", "--name", name, "--dbname", "appdb", "--auth", "trust",
+                "--ssl-self-signed", "--monitor", &uri, "--run",
+            ],
+        );
+        self.nodes.push(node.clone());
+        node
+    }
+
+    /// The node called `name`.
+    pub fn node(&self, name: &str) -> Node {
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no node {name}"))
+    }
+
+    /// `show state --json` as (name -> (reported, assigned)).
+    pub fn states(&self) -> BTreeMap<String, (String, String)> {
+        let out = self.run(&["show", "state", "--pgdata", "./monitor", "--json"]);
+        if !out.status.success() {
+            return BTreeMap::new();
+        }
+        let json: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        json.as_array()
+            .map(|nodes| {
+                nodes
+                    .iter()
+                    .map(|n| {
+                        (
+                            n["name"].as_str().unwrap_or_default().to_string(),
+                            (
+                                n["reported_state"].as_str().unwrap_or_default().to_string(),
+                                n["assigned_state"].as_str().unwrap_or_default().to_string(),
+                            ),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Waits until every listed node is converged in its listed state.
+    pub fn wait_states(&self, want: &[(&str, &str)], timeout: Duration) {
+        let what = format!("states {want:?}");
+        let mut last = BTreeMap::new();
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            last = self.states();
+            let done = want.iter().all(|(name, state)| {
+                last.get(*name)
+                    .is_some_and(|(r, g)| r == state && g == state)
+            });
+            if done {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!(
+            "timed out after {timeout:?} waiting for {what}; last seen {last:?}\nevents:\n{}\nlogs:\n{}",
+            self.ok(&["show", "events", "--pgdata", "./monitor", "--count", "30"]),
+            self.all_logs()
+        );
+    }
+
+    /// Every background process's log, for failure messages.
+    pub fn all_logs(&self) -> String {
+        let names: Vec<String> = self
+            .children
+            .lock()
+            .expect("children")
+            .keys()
+            .cloned()
+            .collect();
+        names
+            .iter()
+            .map(|n| {
+                let log = self.log(n);
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                format!(
+                    "--- {n}\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Polls `check` every 100 ms until it holds, or panics after `timeout`.
+    pub fn eventually(&self, what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if check() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("timed out after {timeout:?} waiting for {what}\n{}", self.all_logs());
+    }
+
+    /// Pid of the `hapg run` of a data directory.
+    pub fn keeper_pid(&self, name: &str) -> Option<i32> {
+        self.children
+            .lock()
+            .expect("children")
+            .get(name)
+            .map(|c| c.id() as i32)
+    }
+
+    /// Power-off of a node: SIGKILL its hapg process and its Postgres together.
+    pub fn power_off(&self, name: &str) {
+        let node = self.node(name);
+        let postmaster = postmaster_pid(&node.pgdata);
+        if let Some(mut child) = self.children.lock().expect("children").remove(name) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Some(pid) = postmaster {
+            kill_tree(pid);
+        }
+    }
+
+    /// Stops a background process with SIGTERM and waits for it.
+    pub fn terminate(&self, name: &str) {
+        if let Some(mut child) = self.children.lock().expect("children").remove(name) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The formation's multi-host URI (`show uri --formation default`).
+    pub fn formation_uri(&self) -> String {
+        self.ok(&["show", "uri", "--pgdata", "./monitor", "--formation", "default"])
+            .trim()
+            .to_string()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let children: Vec<(String, Child)> = std::mem::take(
+            &mut *self.children.lock().unwrap_or_else(|e| e.into_inner()),
+        )
+        .into_iter()
+        .collect();
+        for (_, mut child) in children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // Postgres outlives its killed keeper: stop every instance we made.
+        for entry in std::fs::read_dir(self.path()).into_iter().flatten().flatten() {
+            if let Some(pid) = postmaster_pid(&entry.path()) {
+                kill_tree(pid);
+            }
+        }
+        if std::env::var_os("HAPG_TEST_KEEP").is_some() {
+            if let Some(dir) = self.dir.take() {
+                eprintln!("keeping {}", dir.keep().display());
+            }
+        }
+    }
+}
+
+/// The postmaster pid of a data directory, if alive.
+pub fn postmaster_pid(pgdata: &Path) -> Option<i32> {
+    let text = std::fs::read_to_string(pgdata.join("postmaster.pid")).ok()?;
+    let pid: i32 = text.lines().next()?.trim().parse().ok()?;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
+        .is_ok()
+        .then_some(pid)
+}
+
+/// SIGKILLs a process and all its children (a postmaster and its backends).
+pub fn kill_tree(pid: i32) {
+    let mut pids = vec![pid];
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            let Ok(child) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+            // Fields after the command name: state, ppid, ...
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<i32>().ok());
+            if ppid == Some(pid) {
+                pids.push(child);
+            }
+        }
+    }
+    for p in pids {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(p),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline
+        && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Connects to `uri` (TLS when the server offers it), or fails.
+pub async fn connect(uri: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let config: tokio_postgres::Config = uri.parse()?;
+    let connection = hapg_monitor::pgconn::connect(config, Duration::from_secs(2)).await?;
+    Ok(connection.client)
+}
+
+/// A client that inserts rows with increasing ids in a loop, reconnecting on
+/// error, and records which inserts were acknowledged.
+pub struct Writer {
+    stop: Arc<AtomicBool>,
+    handle: tokio::task::JoinHandle<WriterReport>,
+}
+
+/// What the writer saw.
+#[derive(Debug, Clone)]
+pub struct WriterReport {
+    /// Ids whose INSERT was acknowledged.
+    pub acked: Vec<i64>,
+    /// Errors seen (failed statements and failed connection attempts).
+    pub errors: u64,
+    /// Longest time between two acknowledged writes.
+    pub longest_gap: Duration,
+}
+
+impl Writer {
+    /// Starts writing into `table(id bigint)` through `uri`.
+    pub fn start(uri: String, table: &str) -> Writer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let insert = format!("INSERT INTO {table} (id) VALUES ($1)");
+        let handle = tokio::spawn(async move {
+            let mut report = WriterReport {
+                acked: Vec::new(),
+                errors: 0,
+                longest_gap: Duration::ZERO,
+            };
+            let mut next: i64 = 1;
+            let mut last_ack = Instant::now();
+            let mut client: Option<tokio_postgres::Client> = None;
+            // Bounded: at most 10 minutes, whatever happens.
+            let deadline = Instant::now() + Duration::from_secs(600);
+            while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
+                if client.as_ref().is_none_or(|c| c.is_closed()) {
+                    match connect(&uri).await {
+                        Ok(c) => client = Some(c),
+                        Err(_) => {
+                            report.errors += 1;
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    }
+                }
+                let Some(c) = client.as_ref() else { continue };
+                let result =
+                    tokio::time::timeout(Duration::from_secs(5), c.execute(&insert, &[&next]))
+                        .await;
+                match result {
+                    Ok(Ok(_)) => {
+                        report.acked.push(next);
+                        report.longest_gap = report.longest_gap.max(last_ack.elapsed());
+                        last_ack = Instant::now();
+                        next += 1;
+                    }
+                    _ => {
+                        // The outcome of this id is unknown: never reuse it.
+                        next += 1;
+                        report.errors += 1;
+                        client = None;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            report
+        });
+        Writer { stop, handle }
+    }
+
+    /// Stops the writer and returns what it saw.
+    pub async fn finish(self) -> WriterReport {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.await.expect("writer task")
+    }
+}
+
+/// Waits (bounded) until `uri` accepts a write.
+pub async fn wait_writable(uri: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Ok(c) = connect(uri).await {
+            if c.batch_execute("CREATE TEMP TABLE probe (x int)").await.is_ok() {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{uri} did not accept writes within {timeout:?}");
+}
