@@ -96,7 +96,7 @@ pub fn transition(current: NodeState, goal: NodeState) -> Option<Action> {
         Catchingup => match current {
             Init | WaitStandby => Action::InitStandby,
             _ if primary_like || standby_like || fenced => Action::RewindOrInit,
-            Maintenance | PrepareMaintenance => Action::RewindOrInit,
+            Maintenance | PrepareMaintenance | Dropped => Action::RewindOrInit,
             _ => return None,
         },
         Secondary => match current {
@@ -217,5 +217,112 @@ mod tests {
         for state in [Draining, DemoteTimeout, Demoted, Dropped] {
             assert_eq!(expectation(state), Expectation::Stopped);
         }
+    }
+}
+
+/// Every (reported state, goal) pair the monitor's state machine can assign to a
+/// node of a one- or two-node group has a keeper transition: the monitor never
+/// assigns a goal the keeper does not know how to reach.
+#[cfg(test)]
+mod reachability {
+    use std::collections::BTreeSet;
+    use std::time::Duration;
+
+    use hapg_monitor::fsm::{self, Decision, GroupView, NodeView, Request, Thresholds};
+    use hapg_monitor::{Health, NodeState};
+
+    use super::transition;
+
+    fn node(id: i64, reported: NodeState, goal: NodeState, alive: bool) -> NodeView {
+        NodeView {
+            id,
+            name: format!("node_{id}"),
+            reported,
+            goal,
+            pg_running: alive,
+            tli: 1,
+            lsn: 0x3000000,
+            upstream_streaming: false,
+            health: if alive { Health::Good } else { Health::Bad },
+            report_age: Some(if alive {
+                Duration::from_millis(100)
+            } else {
+                Duration::from_secs(60)
+            }),
+            candidate_priority: 50,
+            replication_quorum: true,
+        }
+    }
+
+    fn record(view: &GroupView, goals: &[(i64, NodeState)], seen: &mut BTreeSet<(NodeState, NodeState)>) {
+        for (id, goal) in goals {
+            let Some(n) = view.nodes.iter().find(|n| n.id == *id) else {
+                continue;
+            };
+            if n.reported != *goal {
+                seen.insert((n.reported, *goal));
+            }
+        }
+    }
+
+    #[test]
+    fn every_assignable_pair_has_a_transition() {
+        let mut seen = BTreeSet::new();
+        let states = NodeState::ALL;
+        let views = |alive1: bool, alive2: bool| {
+            let mut out = Vec::new();
+            for r1 in states {
+                for g1 in states {
+                    out.push(GroupView {
+                        nodes: vec![node(1, r1, g1, alive1)],
+                        number_sync_standbys: 0,
+                        monitor_uptime: Duration::from_secs(3600),
+                        thresholds: Thresholds::default(),
+                    });
+                    for r2 in states {
+                        for g2 in states {
+                            out.push(GroupView {
+                                nodes: vec![node(1, r1, g1, alive1), node(2, r2, g2, alive2)],
+                                number_sync_standbys: 0,
+                                monitor_uptime: Duration::from_secs(3600),
+                                thresholds: Thresholds::default(),
+                            });
+                        }
+                    }
+                }
+            }
+            out
+        };
+        for (alive1, alive2) in [(true, true), (false, true), (true, false)] {
+            for view in views(alive1, alive2) {
+                if let Some(Decision::Assign(assignments)) = fsm::decide(&view) {
+                    let goals: Vec<(i64, NodeState)> =
+                        assignments.iter().map(|a| (a.node_id, a.goal)).collect();
+                    record(&view, &goals, &mut seen);
+                }
+                for request in [
+                    Request::Switchover,
+                    Request::EnableMaintenance(1),
+                    Request::EnableMaintenance(2),
+                    Request::DisableMaintenance(1),
+                    Request::DisableMaintenance(2),
+                    Request::Drop(1),
+                    Request::Drop(2),
+                ] {
+                    if let Ok(assignments) = fsm::on_request(&view, request) {
+                        let goals: Vec<(i64, NodeState)> =
+                            assignments.iter().map(|a| (a.node_id, a.goal)).collect();
+                        record(&view, &goals, &mut seen);
+                    }
+                }
+            }
+        }
+        let missing: Vec<String> = seen
+            .iter()
+            .filter(|(from, to)| transition(*from, *to).is_none())
+            .map(|(from, to)| format!("{from} -> {to}"))
+            .collect();
+        assert!(seen.len() > 20, "the enumeration found too few pairs: {seen:?}");
+        assert!(missing.is_empty(), "no keeper transition for: {missing:#?}");
     }
 }

@@ -231,6 +231,14 @@ fn assign(node: &NodeView, goal: NodeState, reason: impl Into<String>) -> Assign
 /// An assignment or removal for any node wins over a hold for another: one node
 /// waiting must not keep the monitor from moving the others.
 pub fn decide(view: &GroupView) -> Option<Decision> {
+    // A node that finished dropping itself goes first: the others' rules must
+    // not count it any more.
+    if let Some(a) = view.nodes.iter().find(|n| n.is_converged(NodeState::Dropped)) {
+        return Some(Decision::Remove {
+            node_id: a.id,
+            reason: format!("Removing node {} ({}): it reported dropped", a.id, a.name),
+        });
+    }
     let mut hold = None;
     for node in &view.nodes {
         match decide_for(view, node) {
@@ -249,13 +257,7 @@ pub fn decide(view: &GroupView) -> Option<Decision> {
 fn decide_for(view: &GroupView, a: &NodeView) -> Option<Decision> {
     use NodeState::*;
 
-    // A node that finished dropping itself is removed; one being dropped is left alone.
-    if a.is_converged(Dropped) {
-        return Some(Decision::Remove {
-            node_id: a.id,
-            reason: format!("Removing node {} ({}): it reported dropped", a.id, a.name),
-        });
-    }
+    // A node being dropped, or in maintenance, is left alone.
     if a.goal == Dropped || a.is_converged(Maintenance) {
         return None;
     }
@@ -606,7 +608,7 @@ pub fn on_request(view: &GroupView, request: Request) -> Result<Vec<Assignment>,
             let p = view
                 .primary()
                 .ok_or("the group has no primary right now")?;
-            if !p.converged_in(&[Primary, WaitPrimary]) {
+            if !p.converged_in(&[Primary, WaitPrimary, Single]) {
                 return Err(format!(
                     "the primary {} ({}) is {} (assigned {}): wait until it is primary",
                     p.id, p.name, p.reported, p.goal
@@ -792,4 +794,192 @@ pub fn synchronous_standby_names(view: &GroupView, primary_id: i64) -> String {
 /// The replication slot and application name of a node's standby connection.
 pub fn slot_name(node_id: i64) -> String {
     format!("pgautofailover_standby_{node_id}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use NodeState::*;
+
+    const FRESH: Option<Duration> = Some(Duration::from_millis(300));
+    const STALE: Option<Duration> = Some(Duration::from_secs(10));
+
+    fn node(id: i64, reported: NodeState, goal: NodeState) -> NodeView {
+        NodeView {
+            id,
+            name: format!("node_{id}"),
+            reported,
+            goal,
+            pg_running: true,
+            tli: 1,
+            lsn: 0x3000000,
+            upstream_streaming: false,
+            health: Health::Good,
+            report_age: FRESH,
+            candidate_priority: 50,
+            replication_quorum: true,
+        }
+    }
+
+    fn at(id: i64, state: NodeState) -> NodeView {
+        node(id, state, state)
+    }
+
+    fn dead(mut n: NodeView) -> NodeView {
+        n.report_age = STALE;
+        n.health = Health::Bad;
+        n
+    }
+
+    fn group(nodes: Vec<NodeView>) -> GroupView {
+        GroupView {
+            nodes,
+            number_sync_standbys: 0,
+            monitor_uptime: Duration::from_secs(3600),
+            thresholds: Thresholds::default(),
+        }
+    }
+
+    /// What a decision boils down to, for comparing with a table row.
+    #[derive(Debug, PartialEq)]
+    enum Outcome {
+        Goals(Vec<(i64, NodeState)>),
+        Removed(i64),
+        Held,
+        Nothing,
+    }
+
+    fn outcome(view: &GroupView) -> Outcome {
+        match decide(view) {
+            Some(Decision::Assign(a)) => {
+                Outcome::Goals(a.iter().map(|a| (a.node_id, a.goal)).collect())
+            }
+            Some(Decision::Remove { node_id, .. }) => Outcome::Removed(node_id),
+            Some(Decision::Hold(_)) => Outcome::Held,
+            None => Outcome::Nothing,
+        }
+    }
+
+    /// One row per rule of the group state machine for one and two nodes.
+    #[test]
+    fn rules_table() {
+        use Outcome::*;
+        let mut startup = group(vec![dead(at(1, Primary)), at(2, Secondary)]);
+        startup.monitor_uptime = Duration::from_secs(1);
+        let rows: Vec<(&str, GroupView, Outcome)> = vec![
+            ("a lone new node becomes single", group(vec![at(1, Init)]), Goals(vec![(1, Single)])),
+            ("a lone single node stays", group(vec![at(1, Single)]), Nothing),
+            ("the last node after a drop serves alone", group(vec![at(1, Secondary), node(2, Secondary, Dropped)]), Goals(vec![(1, Single)])),
+            ("a lone standby is promoted to single", group(vec![at(1, Secondary)]), Goals(vec![(1, Single)])),
+            ("a new node joins a single primary", group(vec![at(1, Single), at(2, Init)]), Goals(vec![(2, WaitStandby)])),
+            ("a new node waits without a primary", group(vec![at(1, Demoted), at(2, Init)]), Held),
+            ("single prepares for a standby", group(vec![at(1, Single), at(2, WaitStandby)]), Goals(vec![(1, WaitPrimary)])),
+            ("the standby copies from wait_primary", group(vec![at(1, WaitPrimary), at(2, WaitStandby)]), Goals(vec![(2, Catchingup)])),
+            ("a quorum standby joining a primary: apply_settings", group(vec![at(1, Primary), at(2, Secondary), at(3, WaitStandby)]), Goals(vec![(3, Catchingup), (1, ApplySettings)])),
+            ("caught up: secondary", group(vec![at(1, WaitPrimary), at(2, Catchingup)]), Goals(vec![(2, Secondary)])),
+            ("not on the primary's timeline: not caught up", group(vec![at(1, WaitPrimary), NodeView { tli: 2, ..at(2, Catchingup) }]), Nothing),
+            ("too far behind: not caught up", group(vec![at(1, WaitPrimary), NodeView { lsn: 0x1000, ..at(2, Catchingup) }]), Nothing),
+            ("a caught-up quorum standby: primary", group(vec![at(1, WaitPrimary), at(2, Secondary)]), Goals(vec![(1, Primary)])),
+            ("apply_settings done: primary", group(vec![at(1, ApplySettings), at(2, Secondary)]), Goals(vec![(1, Primary)])),
+            ("standby lost: catchingup and wait_primary", group(vec![at(1, Primary), dead(at(2, Secondary))]), Goals(vec![(2, Catchingup), (1, WaitPrimary)])),
+            ("primary lost while synchronous: fail over", group(vec![dead(at(1, Primary)), at(2, Secondary)]), Goals(vec![(2, PreparePromotion), (1, Draining)])),
+            ("primary's postgres down: fail over", group(vec![NodeView { pg_running: false, ..at(1, Primary) }, at(2, Secondary)]), Goals(vec![(2, PreparePromotion), (1, Draining)])),
+            ("standby still streams from the primary: hold", group(vec![dead(at(1, Primary)), NodeView { upstream_streaming: true, ..at(2, Secondary) }]), Held),
+            ("primary lost before it turned synchronous: hold", group(vec![dead(node(1, WaitPrimary, Primary)), at(2, Secondary)]), Held),
+            ("standby outside the quorum: hold", group(vec![dead(at(1, Primary)), NodeView { replication_quorum: false, ..at(2, Secondary) }]), Held),
+            ("candidate priority 0: hold", group(vec![dead(at(1, Primary)), NodeView { candidate_priority: 0, ..at(2, Secondary) }]), Held),
+            ("standby too far behind: hold", group(vec![dead(at(1, Primary)), NodeView { lsn: 0x100, ..at(2, Secondary) }]), Held),
+            ("keeper gone but postgres answers: no failover", group(vec![NodeView { report_age: STALE, ..at(1, Primary) }, at(2, Secondary)]), Nothing),
+            ("monitor just started: no failover", startup, Nothing),
+            ("switchover: the old primary stopped, promote", group(vec![at(1, Draining), at(2, Secondary)]), Goals(vec![(2, PreparePromotion)])),
+            ("old primary confirmed: promote", group(vec![at(1, Draining), at(2, PreparePromotion)]), Goals(vec![(2, WaitPrimary), (1, Demoted)])),
+            ("old primary unreachable, was synchronous: promote", group(vec![dead(node(1, Primary, Draining)), at(2, PreparePromotion)]), Goals(vec![(2, WaitPrimary), (1, Demoted)])),
+            ("old primary alive and still draining: wait", group(vec![node(1, Primary, Draining), at(2, PreparePromotion)]), Nothing),
+            ("primary stopped for maintenance: promote", group(vec![at(1, PrepareMaintenance), at(2, PreparePromotion)]), Goals(vec![(2, WaitPrimary), (1, Maintenance)])),
+            ("demoted old primary rejoins", group(vec![at(1, Demoted), at(2, WaitPrimary)]), Goals(vec![(1, Catchingup)])),
+            ("demoted waits for the new primary to run", group(vec![at(1, Demoted), node(2, PreparePromotion, WaitPrimary)]), Nothing),
+            ("standby maintenance once async", group(vec![at(1, WaitPrimary), at(2, WaitMaintenance)]), Goals(vec![(2, Maintenance)])),
+            ("maintenance is left alone", group(vec![at(1, WaitPrimary), at(2, Maintenance)]), Nothing),
+            ("a dropped node is removed", group(vec![at(1, Primary), at(2, Dropped)]), Removed(2)),
+            ("a node being dropped no longer counts: the primary serves alone", group(vec![at(1, Primary), node(2, Secondary, Dropped)]), Goals(vec![(1, Single)])),
+        ];
+        for (name, view, expected) in rows {
+            assert_eq!(outcome(&view), expected, "rule: {name}");
+        }
+    }
+
+    #[test]
+    fn holds_say_why() {
+        let view = group(vec![dead(node(1, WaitPrimary, Primary)), at(2, Secondary)]);
+        let Some(Decision::Hold(reason)) = decide(&view) else {
+            panic!("expected a hold");
+        };
+        assert!(reason.contains("acknowledged writes"), "{reason}");
+    }
+
+    /// One row per operator request, accepted or refused.
+    #[test]
+    fn requests_table() {
+        let healthy = group(vec![at(1, Primary), at(2, Secondary)]);
+        let goals = |r: Result<Vec<Assignment>, String>| {
+            r.map(|a| a.iter().map(|a| (a.node_id, a.goal)).collect::<Vec<_>>())
+        };
+        assert_eq!(
+            goals(on_request(&healthy, Request::Switchover)),
+            Ok(vec![(1, Draining)])
+        );
+        assert!(on_request(&group(vec![at(1, Single)]), Request::Switchover)
+            .expect_err("no standby")
+            .contains("no healthy secondary"));
+        assert!(on_request(
+            &group(vec![at(1, WaitPrimary), at(2, Secondary)]),
+            Request::Switchover
+        )
+        .expect_err("async")
+        .contains("synchronously"));
+        assert!(on_request(
+            &group(vec![at(1, Primary), dead(at(2, Secondary))]),
+            Request::Switchover
+        )
+        .is_err());
+        assert_eq!(
+            goals(on_request(&healthy, Request::EnableMaintenance(2))),
+            Ok(vec![(2, WaitMaintenance), (1, WaitPrimary)])
+        );
+        assert_eq!(
+            goals(on_request(&healthy, Request::EnableMaintenance(1))),
+            Ok(vec![(1, PrepareMaintenance), (2, PreparePromotion)])
+        );
+        assert!(on_request(
+            &group(vec![at(1, Primary), at(2, Catchingup)]),
+            Request::EnableMaintenance(1)
+        )
+        .expect_err("no standby to take over")
+        .contains("no healthy secondary"));
+        assert_eq!(
+            goals(on_request(
+                &group(vec![at(1, WaitPrimary), at(2, Maintenance)]),
+                Request::DisableMaintenance(2)
+            )),
+            Ok(vec![(2, Catchingup)])
+        );
+        assert!(on_request(&healthy, Request::DisableMaintenance(2)).is_err());
+        assert_eq!(
+            goals(on_request(&healthy, Request::Drop(2))),
+            Ok(vec![(2, Dropped)])
+        );
+    }
+
+    #[test]
+    fn synchronous_standby_names_follow_the_primary_state() {
+        let view = group(vec![at(1, Primary), at(2, Secondary)]);
+        assert_eq!(
+            synchronous_standby_names(&view, 1),
+            "ANY 1 (pgautofailover_standby_2)"
+        );
+        let view = group(vec![at(1, WaitPrimary), at(2, Secondary)]);
+        assert_eq!(synchronous_standby_names(&view, 1), "");
+        let view = group(vec![at(1, Primary), at(2, Catchingup)]);
+        assert_eq!(synchronous_standby_names(&view, 1), "");
+    }
 }
