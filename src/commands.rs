@@ -23,8 +23,10 @@ use crate::{
 /// Runs one command.
 pub async fn dispatch(command: Command) -> Result<()> {
     match command {
-        Command::Create(CreateCommand::Monitor(args)) => create_monitor(args).await,
-        Command::Create(CreateCommand::Postgres(args)) => create_postgres(args).await,
+        Command::Create(create) => match *create {
+            CreateCommand::Monitor(args) => create_monitor(args).await,
+            CreateCommand::Postgres(args) => create_postgres(args).await,
+        },
         Command::Run(args) => run(&args.pgdata).await,
         Command::Stop(args) => stop(&args.pgdata, args.fast, args.immediate).await,
         Command::Show(cmd) => show_command(cmd).await,
@@ -273,7 +275,10 @@ async fn show_command(cmd: ShowCommand) -> Result<()> {
                 Ok(())
             }
         }
-        ShowCommand::Events { monitor: args, count } => {
+        ShowCommand::Events {
+            monitor: args,
+            count,
+        } => {
             let t = target(&args)?;
             let monitor = connect(&t).await?;
             let events = monitor.events(&t.formation, count).await?;
@@ -294,7 +299,9 @@ async fn show_command(cmd: ShowCommand) -> Result<()> {
             let monitor = connect(&t).await?;
             let names = monitor.synchronous_standby_names(&t.formation, 0).await?;
             if args.json {
-                print_json(&serde_json::json!({"formation": t.formation, "group": 0, "synchronous_standby_names": names}))
+                print_json(
+                    &serde_json::json!({"formation": t.formation, "group": 0, "synchronous_standby_names": names}),
+                )
             } else {
                 println!("'{names}'");
                 Ok(())
@@ -332,7 +339,11 @@ async fn show_uri(args: MonitorArgs, monitor_only: bool) -> Result<()> {
         vec![("monitor".into(), "monitor".into(), monitor_uri)];
     let formations = monitor.formations().await?;
     for f in &formations {
-        if args.formation.as_ref().is_some_and(|only| only != &f.formation) {
+        if args
+            .formation
+            .as_ref()
+            .is_some_and(|only| only != &f.formation)
+        {
             continue;
         }
         let nodes = monitor.nodes(&f.formation, Some(0)).await?;
@@ -376,15 +387,18 @@ async fn show_uri(args: MonitorArgs, monitor_only: bool) -> Result<()> {
     if args.json {
         return print_json(&serde_json::Value::Array(
             rows.iter()
-                .map(|(kind, name, uri)| serde_json::json!({"type": kind, "name": name, "uri": uri}))
+                .map(
+                    |(kind, name, uri)| serde_json::json!({"type": kind, "name": name, "uri": uri}),
+                )
                 .collect(),
         ));
     }
-    let table_rows: Vec<Vec<String>> = rows
-        .into_iter()
-        .map(|(a, b, c)| vec![a, b, c])
-        .collect();
-    let text = show::table(&["Type", "Name", "Connection String"], &table_rows, &[12, 7, 0]);
+    let table_rows: Vec<Vec<String>> = rows.into_iter().map(|(a, b, c)| vec![a, b, c]).collect();
+    let text = show::table(
+        &["Type", "Name", "Connection String"],
+        &table_rows,
+        &[12, 7, 0],
+    );
     // The last column reads better left-aligned.
     for line in text.lines() {
         println!("{line}");
@@ -438,7 +452,11 @@ async fn show_settings(args: MonitorArgs) -> Result<()> {
     }
     print!(
         "{}",
-        show::table(&["Context", "Name", "Setting", "Value"], &rows, &[9, 4, 7, 5])
+        show::table(
+            &["Context", "Name", "Setting", "Value"],
+            &rows,
+            &[9, 4, 7, 5]
+        )
     );
     Ok(())
 }
@@ -560,9 +578,9 @@ async fn perform_switchover(args: PerformArgs) -> Result<()> {
             timeout,
             |nodes| {
                 progress.update(nodes);
-                let new_primary = nodes.iter().find(|n| {
-                    n.is_converged_primary() && Some(n.node_id) != old_primary
-                });
+                let new_primary = nodes
+                    .iter()
+                    .find(|n| n.is_converged_primary() && Some(n.node_id) != old_primary);
                 new_primary.is_some()
                     && nodes
                         .iter()
@@ -606,25 +624,36 @@ async fn maintenance(args: MaintenanceArgs, enable: bool) -> Result<()> {
     };
     let timeout = Duration::from_secs(args.wait);
     monitor
-        .request(&node.formation, node.group_id, Some(node.node_id), kind, timeout)
+        .request(
+            &node.formation,
+            node.group_id,
+            Some(node.node_id),
+            kind,
+            timeout,
+        )
         .await?;
     let mut progress = Progress::new();
     let id = node.node_id;
     monitor
-        .wait_until(&node.formation, "the maintenance change", timeout, |nodes| {
-            progress.update(nodes);
-            nodes.iter().find(|n| n.node_id == id).is_some_and(|n| {
-                n.reported == n.goal
-                    && if enable {
-                        n.goal == NodeState::Maintenance
-                    } else {
-                        matches!(
-                            n.goal,
-                            NodeState::Secondary | NodeState::Primary | NodeState::Single
-                        )
-                    }
-            })
-        })
+        .wait_until(
+            &node.formation,
+            "the maintenance change",
+            timeout,
+            |nodes| {
+                progress.update(nodes);
+                nodes.iter().find(|n| n.node_id == id).is_some_and(|n| {
+                    n.reported == n.goal
+                        && if enable {
+                            n.goal == NodeState::Maintenance
+                        } else {
+                            matches!(
+                                n.goal,
+                                NodeState::Secondary | NodeState::Primary | NodeState::Single
+                            )
+                        }
+                })
+            },
+        )
         .await?;
     Ok(())
 }
@@ -644,7 +673,13 @@ async fn drop_node(
     };
     let timeout = Duration::from_secs(wait);
     monitor
-        .request(&node.formation, node.group_id, Some(node.node_id), RequestKind::Drop, timeout)
+        .request(
+            &node.formation,
+            node.group_id,
+            Some(node.node_id),
+            RequestKind::Drop,
+            timeout,
+        )
         .await?;
     let id = node.node_id;
     monitor
@@ -736,7 +771,12 @@ fn lookup<'a>(doc: &'a toml::Value, key: &str) -> Option<&'a toml::Value> {
     key.split('.').try_fold(doc, |v, part| v.get(part))
 }
 
-async fn router_run(config: PathBuf) -> Result<()> {
-    let _ = config;
-    bail!("the router is not built yet")
+async fn router_run(path: PathBuf) -> Result<()> {
+    let config = hapg_config::router::RouterConfig::load(&path)?;
+    let listener = hapg_router::bind(&config)
+        .with_context(|| format!("cannot listen on {}", config.router.listen))?;
+    let shutdown = shutdown_on_signals()?;
+    // SIGHUP is the router's own: it reloads router.toml.
+    hapg_router::run(listener, path, shutdown.token).await?;
+    Ok(())
 }

@@ -20,7 +20,7 @@ struct Cli {
 enum Command {
     /// Create a monitor or a Postgres node.
     #[command(subcommand)]
-    Create(CreateCommand),
+    Create(Box<CreateCommand>),
     /// Run the monitor or the keeper of a data directory (supervises Postgres).
     Run(PgdataArg),
     /// Stop a running `hapg run` (and its Postgres).
@@ -122,7 +122,11 @@ struct CreatePostgresArgs {
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     replication_quorum: bool,
     /// Password of the replication user (for md5 / scram-sha-256).
-    #[arg(long, env = "HAPG_REPLICATION_PASSWORD", conflicts_with = "replication_password_file")]
+    #[arg(
+        long,
+        env = "HAPG_REPLICATION_PASSWORD",
+        conflicts_with = "replication_password_file"
+    )]
     replication_password: Option<String>,
     /// File holding the replication user's password.
     #[arg(long)]

@@ -21,7 +21,10 @@ async fn tutorial_two_nodes_switchover_failure_and_rejoin() {
     let uri_table = cluster.ok(&["show", "uri", "--pgdata", "./monitor"]);
     assert!(uri_table.contains("monitor"), "{uri_table}");
     let unit = cluster.ok(&["show", "systemd", "--pgdata", "./monitor"]);
-    assert!(unit.contains("ExecStart") && unit.contains("run --pgdata"), "{unit}");
+    assert!(
+        unit.contains("ExecStart") && unit.contains("run --pgdata"),
+        "{unit}"
+    );
     assert!(unit.contains("Restart = always"), "{unit}");
 
     // 2. Node A: alone, it becomes single.
@@ -38,10 +41,19 @@ async fn tutorial_two_nodes_switchover_failure_and_rejoin() {
             && lines[0].contains("Reported State |      Assigned State"),
         "{table}"
     );
-    assert!(lines[2].starts_with("node_a |") && lines[2].contains("read-write"), "{table}");
-    assert!(lines[3].starts_with("node_b |") && lines[3].contains("read-only"), "{table}");
+    assert!(
+        lines[2].starts_with("node_a |") && lines[2].contains("read-write"),
+        "{table}"
+    );
+    assert!(
+        lines[3].starts_with("node_b |") && lines[3].contains("read-only"),
+        "{table}"
+    );
     let standby_names = cluster.ok(&["show", "standby-names", "--pgdata", "./monitor"]);
-    assert!(standby_names.contains("ANY 1 (pgautofailover_standby_2)"), "{standby_names}");
+    assert!(
+        standby_names.contains("ANY 1 (pgautofailover_standby_2)"),
+        "{standby_names}"
+    );
 
     let uri = cluster.formation_uri();
     assert!(
@@ -52,7 +64,9 @@ async fn tutorial_two_nodes_switchover_failure_and_rejoin() {
     let uri = uri.replacen("postgres://", "postgres://postgres@", 1);
 
     // 5. Data.
-    let client = connect(&uri).await.expect("connect through the multi-host URI");
+    let client = connect(&uri)
+        .await
+        .expect("connect through the multi-host URI");
     client
         .batch_execute(
             "CREATE TABLE foo AS SELECT generate_series(1, 1000000) bar;
@@ -114,13 +128,20 @@ async fn tutorial_two_nodes_switchover_failure_and_rejoin() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    let lost: Vec<&i64> = report.acked.iter().filter(|id| !present.contains(id)).collect();
+    let lost: Vec<&i64> = report
+        .acked
+        .iter()
+        .filter(|id| !present.contains(id))
+        .collect();
     assert!(
         lost.is_empty(),
         "acknowledged writes lost: {lost:?} (of {})",
         report.acked.len()
     );
-    assert!(report.acked.len() > 50, "the writer barely wrote: {report:?}");
+    assert!(
+        report.acked.len() > 50,
+        "the writer barely wrote: {report:?}"
+    );
     eprintln!(
         "switchover {switchover_time:?}, power-off to writable {failover_time:?}, \
          {} writes acknowledged, {} client errors, longest gap {:?}",

@@ -235,8 +235,15 @@ impl NodeConfig {
         }
         validate_name("postgresql.dbname", &self.postgresql.dbname)?;
         validate_name("postgresql.username", &self.postgresql.username)?;
-        if !["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
-            .contains(&self.ssl.sslmode.as_str())
+        if ![
+            "disable",
+            "allow",
+            "prefer",
+            "require",
+            "verify-ca",
+            "verify-full",
+        ]
+        .contains(&self.ssl.sslmode.as_str())
         {
             return Err(invalid(
                 "ssl.sslmode",
@@ -350,6 +357,8 @@ pub struct MonitorTimings {
     pub wal_threshold_bytes: u64,
     /// The monitor re-evaluates every group at least this often.
     pub tick: Duration,
+    /// A switchover waits this long at most for routers to drain the primary.
+    pub router_drain_timeout: Duration,
 }
 
 impl Default for MonitorTimings {
@@ -362,6 +371,7 @@ impl Default for MonitorTimings {
             health_check_failures: 2,
             wal_threshold_bytes: 16 * 1024 * 1024,
             tick: Duration::from_millis(200),
+            router_drain_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -407,7 +417,9 @@ mod tests {
 
     #[test]
     fn unknown_key_is_named() {
-        let text = sample().to_toml().replace("[postgresql]", "[postgresql]\nprot = 1");
+        let text = sample()
+            .to_toml()
+            .replace("[postgresql]", "[postgresql]\nprot = 1");
         let err = NodeConfig::parse(Path::new("hapg.toml"), &text).expect_err("refused");
         assert!(err.to_string().contains("prot"), "{err}");
     }

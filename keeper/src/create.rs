@@ -5,7 +5,9 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use hapg_config::{KeeperTimings, NodeConfig, NodeSection, PostgresSection, ReplicationSection, Role, SslConfig};
+use hapg_config::{
+    KeeperTimings, NodeConfig, NodeSection, PostgresSection, ReplicationSection, Role, SslConfig,
+};
 use hapg_monitor::client::Registration;
 use hapg_monitor::schema::{self, MONITOR_DBNAME, MONITOR_ROLE};
 use hapg_monitor::MonitorClient;
@@ -88,7 +90,11 @@ fn check_instance(opts: &InstanceOptions, paths: &NodePaths) -> Result<(), Keepe
 pub fn check_pgdata_free(pgdata: &Path) -> Result<(), KeeperError> {
     let pidfile = pgdata.join("postmaster.pid");
     if let Ok(text) = std::fs::read_to_string(&pidfile) {
-        if let Some(pid) = text.lines().next().and_then(|l| l.trim().parse::<i32>().ok()) {
+        if let Some(pid) = text
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse::<i32>().ok())
+        {
             if crate::pidfile::process_alive(pid) {
                 return Err(KeeperError::Refused(format!(
                     "{} is in use by a running Postgres (pid {pid}): choose another --pgdata",
@@ -127,7 +133,11 @@ pub fn check_port_free(port: u16) -> Result<(), KeeperError> {
     Ok(())
 }
 
-fn instance(opts: &InstanceOptions, dbname: &str, password: Option<String>) -> Result<LocalPostgres, KeeperError> {
+fn instance(
+    opts: &InstanceOptions,
+    dbname: &str,
+    password: Option<String>,
+) -> Result<LocalPostgres, KeeperError> {
     Ok(LocalPostgres {
         pgdata: opts.pgdata.clone(),
         port: opts.port,
@@ -197,7 +207,10 @@ pub async fn create_monitor(mut opts: InstanceOptions) -> Result<NodePaths, Keep
         ))
         .await?;
     if client
-        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&MONITOR_DBNAME])
+        .query_opt(
+            "SELECT 1 FROM pg_database WHERE datname = $1",
+            &[&MONITOR_DBNAME],
+        )
         .await?
         .is_none()
     {

@@ -154,10 +154,7 @@ impl Keeper {
             self.state.save(&self.paths.state)?;
 
             if mode == RunMode::UntilInitialized
-                && !matches!(
-                    self.state.current,
-                    NodeState::Init | NodeState::WaitStandby
-                )
+                && !matches!(self.state.current, NodeState::Init | NodeState::WaitStandby)
             {
                 return Ok(Exit::Initialized);
             }
@@ -198,8 +195,8 @@ impl Keeper {
             let Some(notification) = notification else {
                 return;
             };
-            let ours = serde_json::from_str::<StateNotification>(notification.payload())
-                .is_ok_and(|n| {
+            let ours =
+                serde_json::from_str::<StateNotification>(notification.payload()).is_ok_and(|n| {
                     n.formation == self.config.node.formation && n.group_id == self.state.group_id
                 });
             if ours {
@@ -272,7 +269,10 @@ impl Keeper {
     /// than `network_partition_timeout` stops Postgres: the monitor may be
     /// promoting a standby on the other side of the split.
     async fn check_network_partition(&mut self) -> Result<(), KeeperError> {
-        if !matches!(self.state.current, NodeState::Primary | NodeState::ApplySettings) {
+        if !matches!(
+            self.state.current,
+            NodeState::Primary | NodeState::ApplySettings
+        ) {
             return Ok(());
         }
         let timeout = self.config.timeout.network_partition_timeout_ms / 1000;
@@ -296,10 +296,7 @@ impl Keeper {
     async fn transition_to(&mut self, goal: NodeState) -> bool {
         let from = self.state.current;
         let Some(action) = transition(from, goal) else {
-            self.log_error(format!(
-                "{}",
-                KeeperError::NoTransition { from, to: goal }
-            ));
+            self.log_error(format!("{}", KeeperError::NoTransition { from, to: goal }));
             return false;
         };
         let span = tracing::info_span!("transition", %from, to = %goal, ?action);
@@ -308,7 +305,10 @@ impl Keeper {
         let _entered = span.enter();
         match result {
             Ok(()) => {
-                tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "reached {goal}");
+                tracing::info!(
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "reached {goal}"
+                );
                 self.state.current = goal;
                 self.last_error = None;
                 if let Err(e) = self.state.save(&self.paths.state) {
@@ -318,7 +318,9 @@ impl Keeper {
                 true
             }
             Err(e) => {
-                self.log_error(format!("transition {from} -> {goal} failed, will retry: {e}"));
+                self.log_error(format!(
+                    "transition {from} -> {goal} failed, will retry: {e}"
+                ));
                 false
             }
         }
@@ -335,6 +337,7 @@ impl Keeper {
             number_sync_standbys: f.number_sync_standbys,
             monitor_uptime: Duration::MAX,
             thresholds: Thresholds::default(),
+            switchover: None,
         };
         Ok((nodes, view))
     }
@@ -350,7 +353,9 @@ impl Keeper {
                 host: n.host.clone(),
                 port: n.port,
             })
-            .ok_or_else(|| KeeperError::Refused("the group has no primary to stream from yet".into()))
+            .ok_or_else(|| {
+                KeeperError::Refused("the group has no primary to stream from yet".into())
+            })
     }
 
     async fn other_hosts(&mut self) -> Result<Vec<String>, KeeperError> {
@@ -464,7 +469,9 @@ impl Keeper {
             }
             Action::ApplySettings => {
                 let names = self.wanted_synchronous_standby_names().await?;
-                self.pg.set_system("synchronous_standby_names", &names).await
+                self.pg
+                    .set_system("synchronous_standby_names", &names)
+                    .await
             }
             Action::StopPostgres => self.pg.stop("fast").await,
             Action::CheckpointAndStop => {
@@ -485,7 +492,9 @@ impl Keeper {
                 } else {
                     String::new()
                 };
-                self.pg.set_system("synchronous_standby_names", &names).await
+                self.pg
+                    .set_system("synchronous_standby_names", &names)
+                    .await
             }
         }
     }
@@ -505,7 +514,9 @@ impl Keeper {
             .await?
             .try_get(0)?;
         if !promoted {
-            return Err(KeeperError::Timeout("pg_promote did not finish in 60 s".into()));
+            return Err(KeeperError::Timeout(
+                "pg_promote did not finish in 60 s".into(),
+            ));
         }
         self.pg.clear_standby_config()
     }
@@ -544,7 +555,9 @@ impl Keeper {
         self.ensure_running().await?;
         self.sync_slots().await?;
         let names = self.wanted_synchronous_standby_names().await?;
-        self.pg.set_system("synchronous_standby_names", &names).await?;
+        self.pg
+            .set_system("synchronous_standby_names", &names)
+            .await?;
         if names.is_empty() {
             return Ok(());
         }
@@ -675,7 +688,9 @@ impl Keeper {
                 };
                 if names != observation.synchronous_standby_names {
                     tracing::info!(%names, "applying synchronous_standby_names");
-                    self.pg.set_system("synchronous_standby_names", &names).await?;
+                    self.pg
+                        .set_system("synchronous_standby_names", &names)
+                        .await?;
                 }
                 Ok(())
             }

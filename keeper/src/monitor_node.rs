@@ -40,9 +40,12 @@ pub async fn run(
             }
         })
     };
-    let result =
-        hapg_monitor::service::run(&monitor_local_conninfo(&config), timings, shutdown.token.clone())
-            .await;
+    let result = hapg_monitor::service::run(
+        &monitor_local_conninfo(&config),
+        timings,
+        shutdown.token.clone(),
+    )
+    .await;
     shutdown.token.cancel();
     let _ = supervisor.await;
     if !shutdown.keep_postgres.load(Ordering::Relaxed) {

@@ -329,9 +329,10 @@ impl LocalPostgres {
         if self.pgdata.join("server.crt").exists() && self.pgdata.join("server.key").exists() {
             return Ok(());
         }
-        let cert = rcgen::generate_simple_self_signed(vec![self.hostname.clone()]).map_err(|e| {
-            KeeperError::Refused(format!("cannot generate a self-signed certificate: {e}"))
-        })?;
+        let cert =
+            rcgen::generate_simple_self_signed(vec![self.hostname.clone()]).map_err(|e| {
+                KeeperError::Refused(format!("cannot generate a self-signed certificate: {e}"))
+            })?;
         self.write_owned("server.crt", &cert.cert.pem(), 0o644)?;
         self.write_owned("server.key", &cert.key_pair.serialize_pem(), 0o600)?;
         Ok(())
@@ -751,7 +752,10 @@ pub fn default_bindir() -> PathBuf {
     if let Some(dir) = std::env::var_os("HAPG_PG_BINDIR") {
         return PathBuf::from(dir);
     }
-    if let Ok(out) = std::process::Command::new("pg_config").arg("--bindir").output() {
+    if let Ok(out) = std::process::Command::new("pg_config")
+        .arg("--bindir")
+        .output()
+    {
         if out.status.success() {
             let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
             if dir.join("pg_ctl").exists() && dir.join("initdb").exists() {

@@ -254,7 +254,11 @@ mod reachability {
         }
     }
 
-    fn record(view: &GroupView, goals: &[(i64, NodeState)], seen: &mut BTreeSet<(NodeState, NodeState)>) {
+    fn record(
+        view: &GroupView,
+        goals: &[(i64, NodeState)],
+        seen: &mut BTreeSet<(NodeState, NodeState)>,
+    ) {
         for (id, goal) in goals {
             let Some(n) = view.nodes.iter().find(|n| n.id == *id) else {
                 continue;
@@ -278,6 +282,7 @@ mod reachability {
                         number_sync_standbys: 0,
                         monitor_uptime: Duration::from_secs(3600),
                         thresholds: Thresholds::default(),
+                        switchover: None,
                     });
                     for r2 in states {
                         for g2 in states {
@@ -286,6 +291,7 @@ mod reachability {
                                 number_sync_standbys: 0,
                                 monitor_uptime: Duration::from_secs(3600),
                                 thresholds: Thresholds::default(),
+                                switchover: None,
                             });
                         }
                     }
@@ -322,7 +328,10 @@ mod reachability {
             .filter(|(from, to)| transition(*from, *to).is_none())
             .map(|(from, to)| format!("{from} -> {to}"))
             .collect();
-        assert!(seen.len() > 20, "the enumeration found too few pairs: {seen:?}");
+        assert!(
+            seen.len() > 20,
+            "the enumeration found too few pairs: {seen:?}"
+        );
         assert!(missing.is_empty(), "no keeper transition for: {missing:#?}");
     }
 }

@@ -80,7 +80,8 @@ impl NodeRow {
 }
 
 /// The columns [`NodeRow::from_row`] reads, in order.
-pub(crate) const NODE_COLUMNS: &str = "n.node_id, n.formation_id, n.group_id, n.node_name, n.node_host, n.node_port, \
+pub(crate) const NODE_COLUMNS: &str =
+    "n.node_id, n.formation_id, n.group_id, n.node_name, n.node_host, n.node_port, \
      n.goal_state::text, n.reported_state::text, n.reported_pg_running, n.reported_rep_state, \
      n.reported_tli, n.reported_lsn::text, n.upstream_streaming, \
      (extract(epoch FROM clock_timestamp() - n.report_time) * 1000)::float8, \
@@ -307,10 +308,12 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 impl MonitorClient {
     /// Connects once, and checks the schema version.
     pub async fn connect(uri: &str) -> Result<MonitorClient, MonitorError> {
-        let config: Config = uri.parse().map_err(|e: tokio_postgres::Error| MonitorError::BadUri {
-            uri: redact_uri(uri),
-            reason: e.to_string(),
-        })?;
+        let config: Config =
+            uri.parse()
+                .map_err(|e: tokio_postgres::Error| MonitorError::BadUri {
+                    uri: redact_uri(uri),
+                    reason: e.to_string(),
+                })?;
         let connection = pgconn::connect(config, CONNECT_TIMEOUT).await?;
         let client = MonitorClient {
             client: connection.client,
@@ -454,18 +457,23 @@ impl MonitorClient {
                 name: row.get(2),
             }),
             Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
-                let detail = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_default();
-                Err(MonitorError::RegistrationRefused(if detail.contains("node_name") {
-                    format!(
+                let detail = e
+                    .as_db_error()
+                    .map(|d| d.message().to_string())
+                    .unwrap_or_default();
+                Err(MonitorError::RegistrationRefused(
+                    if detail.contains("node_name") {
+                        format!(
                         "a node named {:?} already exists in formation {:?}; choose another --name",
                         reg.name, reg.formation
                     )
-                } else {
-                    format!(
+                    } else {
+                        format!(
                         "a node at {}:{} is already registered; drop it first or use another --pgport",
                         reg.host, reg.port
                     )
-                }))
+                    },
+                ))
             }
             Err(e) if e.code() == Some(&SqlState::CHECK_VIOLATION) => Err(
                 MonitorError::RegistrationRefused(format!("invalid value: {e}")),
@@ -627,6 +635,7 @@ impl MonitorClient {
             number_sync_standbys: f.number_sync_standbys,
             monitor_uptime: Duration::MAX,
             thresholds: Thresholds::default(),
+            switchover: None,
         })
     }
 
@@ -693,7 +702,13 @@ impl MonitorClient {
                 "WITH r AS (INSERT INTO hapg.request (formation_id, group_id, node_id, kind)
                             VALUES ($1, $2, $3, $4) RETURNING request_id)
                  SELECT request_id, pg_notify($5, request_id::text) FROM r",
-                &[&formation, &group, &node_id, &kind.as_str(), &CHANNEL_REQUEST],
+                &[
+                    &formation,
+                    &group,
+                    &node_id,
+                    &kind.as_str(),
+                    &CHANNEL_REQUEST,
+                ],
             )
             .await?
             .get(0);

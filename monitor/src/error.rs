@@ -1,6 +1,5 @@
 //! The monitor layer's errors: what can go wrong talking to, or deciding in, the monitor.
 
-
 /// Errors from the monitor database, the monitor client and the monitor service.
 #[derive(Debug, thiserror::Error)]
 pub enum MonitorError {
@@ -92,7 +91,6 @@ impl MonitorError {
         }
     }
 }
-
 
 /// A Postgres error with the server's message, detail and SQLSTATE, or the
 /// connection error's cause: tokio-postgres' own Display says only "db error".

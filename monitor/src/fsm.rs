@@ -31,6 +31,8 @@ pub struct Thresholds {
     pub catchup_threshold: u64,
     /// Largest WAL distance (bytes) at which a standby may be promoted.
     pub promote_threshold: u64,
+    /// How long a switchover waits for routers to drain before going on without them.
+    pub router_drain_timeout: Duration,
 }
 
 impl Default for Thresholds {
@@ -41,6 +43,7 @@ impl Default for Thresholds {
             startup_grace: timings.startup_grace,
             catchup_threshold: timings.wal_threshold_bytes,
             promote_threshold: timings.wal_threshold_bytes,
+            router_drain_timeout: timings.router_drain_timeout,
         }
     }
 }
@@ -109,6 +112,17 @@ pub struct GroupView {
     pub monitor_uptime: Duration,
     /// Thresholds in force.
     pub thresholds: Thresholds,
+    /// A requested switchover waiting for the routers to drain, if any.
+    pub switchover: Option<SwitchoverDrain>,
+}
+
+/// A switchover that was requested and waits for the routers to drain the primary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SwitchoverDrain {
+    /// Time since the request.
+    pub age: Duration,
+    /// Live routers that have not acknowledged the drain yet.
+    pub routers_pending: usize,
 }
 
 /// One goal state to write, with the reason that goes into the event.
@@ -188,9 +202,7 @@ impl GroupView {
         let stale = node
             .report_age
             .is_none_or(|age| age > self.thresholds.unhealthy_timeout);
-        (stale
-            && node.health == Health::Bad
-            && self.monitor_uptime > self.thresholds.startup_grace)
+        (stale && node.health == Health::Bad && self.monitor_uptime > self.thresholds.startup_grace)
             || !node.pg_running
     }
 
@@ -233,11 +245,18 @@ fn assign(node: &NodeView, goal: NodeState, reason: impl Into<String>) -> Assign
 pub fn decide(view: &GroupView) -> Option<Decision> {
     // A node that finished dropping itself goes first: the others' rules must
     // not count it any more.
-    if let Some(a) = view.nodes.iter().find(|n| n.is_converged(NodeState::Dropped)) {
+    if let Some(a) = view
+        .nodes
+        .iter()
+        .find(|n| n.is_converged(NodeState::Dropped))
+    {
         return Some(Decision::Remove {
             node_id: a.id,
             reason: format!("Removing node {} ({}): it reported dropped", a.id, a.name),
         });
+    }
+    if let Some(decision) = proceed_with_switchover(view) {
+        return Some(decision);
     }
     let mut hold = None;
     for node in &view.nodes {
@@ -272,7 +291,10 @@ fn decide_for(view: &GroupView, a: &NodeView) -> Option<Decision> {
         return Some(Decision::Assign(vec![assign(
             a,
             Single,
-            format!("Node {} ({}) is the only node of its group: single", a.id, a.name),
+            format!(
+                "Node {} ({}) is the only node of its group: single",
+                a.id, a.name
+            ),
         )]));
     }
 
@@ -319,7 +341,10 @@ fn decide_for(view: &GroupView, a: &NodeView) -> Option<Decision> {
             let mut assignments = vec![assign(
                 a,
                 Catchingup,
-                format!("Node {} ({}) takes a base backup and catches up", a.id, a.name),
+                format!(
+                    "Node {} ({}) takes a base backup and catches up",
+                    a.id, a.name
+                ),
             )];
             if a.replication_quorum {
                 assignments.push(assign(
@@ -400,6 +425,35 @@ fn decide_for(view: &GroupView, a: &NodeView) -> Option<Decision> {
     }
 
     None
+}
+
+/// A switchover stops the primary once every live router has drained it (its
+/// transactions finished, new ones paused), or once the drain timeout passed.
+fn proceed_with_switchover(view: &GroupView) -> Option<Decision> {
+    let drain = view.switchover.as_ref()?;
+    let p = view.primary()?;
+    if !p.converged_in(&[NodeState::Primary, NodeState::WaitPrimary]) {
+        return None;
+    }
+    let why = if drain.routers_pending == 0 {
+        "every router drained it".to_string()
+    } else if drain.age >= view.thresholds.router_drain_timeout {
+        format!(
+            "{} router(s) did not confirm the drain within {} s",
+            drain.routers_pending,
+            view.thresholds.router_drain_timeout.as_secs()
+        )
+    } else {
+        return None;
+    };
+    Some(Decision::Assign(vec![assign(
+        p,
+        NodeState::Draining,
+        format!(
+            "Switchover: {why}; primary {} ({}) stops so a standby can take over",
+            p.id, p.name
+        ),
+    )]))
 }
 
 fn failover_decision(view: &GroupView, p: &NodeView, a: &NodeView) -> Decision {
@@ -605,9 +659,7 @@ pub fn on_request(view: &GroupView, request: Request) -> Result<Vec<Assignment>,
     use NodeState::*;
     match request {
         Request::Switchover => {
-            let p = view
-                .primary()
-                .ok_or("the group has no primary right now")?;
+            let p = view.primary().ok_or("the group has no primary right now")?;
             if !p.converged_in(&[Primary, WaitPrimary, Single]) {
                 return Err(format!(
                     "the primary {} ({}) is {} (assigned {}): wait until it is primary",
@@ -632,14 +684,9 @@ pub fn on_request(view: &GroupView, request: Request) -> Result<Vec<Assignment>,
                     p.id, p.name, s.name
                 ));
             }
-            Ok(vec![assign(
-                p,
-                Draining,
-                format!(
-                    "Switchover requested: primary {} ({}) stops, node {} ({}) will take over",
-                    p.id, p.name, s.id, s.name
-                ),
-            )])
+            // Accepted: the primary stops once the routers have drained it
+            // (see `proceed_with_switchover`).
+            Ok(vec![])
         }
         Request::EnableMaintenance(id) => {
             let n = view.node(id).ok_or("no such node in this group")?;
@@ -690,9 +737,9 @@ pub fn on_request(view: &GroupView, request: Request) -> Result<Vec<Assignment>,
             }
             match p {
                 Some(p) if p.is_converged(Primary) && n.replication_quorum => {
-                    let other_sync = view.others(p).any(|o| {
-                        o.id != n.id && o.is_converged(Secondary) && o.replication_quorum
-                    });
+                    let other_sync = view
+                        .others(p)
+                        .any(|o| o.id != n.id && o.is_converged(Secondary) && o.replication_quorum);
                     if other_sync {
                         Ok(vec![assign(
                             n,
@@ -837,6 +884,7 @@ mod tests {
             number_sync_standbys: 0,
             monitor_uptime: Duration::from_secs(3600),
             thresholds: Thresholds::default(),
+            switchover: None,
         }
     }
 
@@ -867,45 +915,260 @@ mod tests {
         let mut startup = group(vec![dead(at(1, Primary)), at(2, Secondary)]);
         startup.monitor_uptime = Duration::from_secs(1);
         let rows: Vec<(&str, GroupView, Outcome)> = vec![
-            ("a lone new node becomes single", group(vec![at(1, Init)]), Goals(vec![(1, Single)])),
-            ("a lone single node stays", group(vec![at(1, Single)]), Nothing),
-            ("the last node after a drop serves alone", group(vec![at(1, Secondary), node(2, Secondary, Dropped)]), Goals(vec![(1, Single)])),
-            ("a lone standby is promoted to single", group(vec![at(1, Secondary)]), Goals(vec![(1, Single)])),
-            ("a new node joins a single primary", group(vec![at(1, Single), at(2, Init)]), Goals(vec![(2, WaitStandby)])),
-            ("a new node waits without a primary", group(vec![at(1, Demoted), at(2, Init)]), Held),
-            ("single prepares for a standby", group(vec![at(1, Single), at(2, WaitStandby)]), Goals(vec![(1, WaitPrimary)])),
-            ("the standby copies from wait_primary", group(vec![at(1, WaitPrimary), at(2, WaitStandby)]), Goals(vec![(2, Catchingup)])),
-            ("a quorum standby joining a primary: apply_settings", group(vec![at(1, Primary), at(2, Secondary), at(3, WaitStandby)]), Goals(vec![(3, Catchingup), (1, ApplySettings)])),
-            ("caught up: secondary", group(vec![at(1, WaitPrimary), at(2, Catchingup)]), Goals(vec![(2, Secondary)])),
-            ("not on the primary's timeline: not caught up", group(vec![at(1, WaitPrimary), NodeView { tli: 2, ..at(2, Catchingup) }]), Nothing),
-            ("too far behind: not caught up", group(vec![at(1, WaitPrimary), NodeView { lsn: 0x1000, ..at(2, Catchingup) }]), Nothing),
-            ("a caught-up quorum standby: primary", group(vec![at(1, WaitPrimary), at(2, Secondary)]), Goals(vec![(1, Primary)])),
-            ("apply_settings done: primary", group(vec![at(1, ApplySettings), at(2, Secondary)]), Goals(vec![(1, Primary)])),
-            ("standby lost: catchingup and wait_primary", group(vec![at(1, Primary), dead(at(2, Secondary))]), Goals(vec![(2, Catchingup), (1, WaitPrimary)])),
-            ("primary lost while synchronous: fail over", group(vec![dead(at(1, Primary)), at(2, Secondary)]), Goals(vec![(2, PreparePromotion), (1, Draining)])),
-            ("primary's postgres down: fail over", group(vec![NodeView { pg_running: false, ..at(1, Primary) }, at(2, Secondary)]), Goals(vec![(2, PreparePromotion), (1, Draining)])),
-            ("standby still streams from the primary: hold", group(vec![dead(at(1, Primary)), NodeView { upstream_streaming: true, ..at(2, Secondary) }]), Held),
-            ("primary lost before it turned synchronous: hold", group(vec![dead(node(1, WaitPrimary, Primary)), at(2, Secondary)]), Held),
-            ("standby outside the quorum: hold", group(vec![dead(at(1, Primary)), NodeView { replication_quorum: false, ..at(2, Secondary) }]), Held),
-            ("candidate priority 0: hold", group(vec![dead(at(1, Primary)), NodeView { candidate_priority: 0, ..at(2, Secondary) }]), Held),
-            ("standby too far behind: hold", group(vec![dead(at(1, Primary)), NodeView { lsn: 0x100, ..at(2, Secondary) }]), Held),
-            ("keeper gone but postgres answers: no failover", group(vec![NodeView { report_age: STALE, ..at(1, Primary) }, at(2, Secondary)]), Nothing),
+            (
+                "a lone new node becomes single",
+                group(vec![at(1, Init)]),
+                Goals(vec![(1, Single)]),
+            ),
+            (
+                "a lone single node stays",
+                group(vec![at(1, Single)]),
+                Nothing,
+            ),
+            (
+                "the last node after a drop serves alone",
+                group(vec![at(1, Secondary), node(2, Secondary, Dropped)]),
+                Goals(vec![(1, Single)]),
+            ),
+            (
+                "a lone standby is promoted to single",
+                group(vec![at(1, Secondary)]),
+                Goals(vec![(1, Single)]),
+            ),
+            (
+                "a new node joins a single primary",
+                group(vec![at(1, Single), at(2, Init)]),
+                Goals(vec![(2, WaitStandby)]),
+            ),
+            (
+                "a new node waits without a primary",
+                group(vec![at(1, Demoted), at(2, Init)]),
+                Held,
+            ),
+            (
+                "single prepares for a standby",
+                group(vec![at(1, Single), at(2, WaitStandby)]),
+                Goals(vec![(1, WaitPrimary)]),
+            ),
+            (
+                "the standby copies from wait_primary",
+                group(vec![at(1, WaitPrimary), at(2, WaitStandby)]),
+                Goals(vec![(2, Catchingup)]),
+            ),
+            (
+                "a quorum standby joining a primary: apply_settings",
+                group(vec![at(1, Primary), at(2, Secondary), at(3, WaitStandby)]),
+                Goals(vec![(3, Catchingup), (1, ApplySettings)]),
+            ),
+            (
+                "caught up: secondary",
+                group(vec![at(1, WaitPrimary), at(2, Catchingup)]),
+                Goals(vec![(2, Secondary)]),
+            ),
+            (
+                "not on the primary's timeline: not caught up",
+                group(vec![
+                    at(1, WaitPrimary),
+                    NodeView {
+                        tli: 2,
+                        ..at(2, Catchingup)
+                    },
+                ]),
+                Nothing,
+            ),
+            (
+                "too far behind: not caught up",
+                group(vec![
+                    at(1, WaitPrimary),
+                    NodeView {
+                        lsn: 0x1000,
+                        ..at(2, Catchingup)
+                    },
+                ]),
+                Nothing,
+            ),
+            (
+                "a caught-up quorum standby: primary",
+                group(vec![at(1, WaitPrimary), at(2, Secondary)]),
+                Goals(vec![(1, Primary)]),
+            ),
+            (
+                "apply_settings done: primary",
+                group(vec![at(1, ApplySettings), at(2, Secondary)]),
+                Goals(vec![(1, Primary)]),
+            ),
+            (
+                "standby lost: catchingup and wait_primary",
+                group(vec![at(1, Primary), dead(at(2, Secondary))]),
+                Goals(vec![(2, Catchingup), (1, WaitPrimary)]),
+            ),
+            (
+                "primary lost while synchronous: fail over",
+                group(vec![dead(at(1, Primary)), at(2, Secondary)]),
+                Goals(vec![(2, PreparePromotion), (1, Draining)]),
+            ),
+            (
+                "primary's postgres down: fail over",
+                group(vec![
+                    NodeView {
+                        pg_running: false,
+                        ..at(1, Primary)
+                    },
+                    at(2, Secondary),
+                ]),
+                Goals(vec![(2, PreparePromotion), (1, Draining)]),
+            ),
+            (
+                "standby still streams from the primary: hold",
+                group(vec![
+                    dead(at(1, Primary)),
+                    NodeView {
+                        upstream_streaming: true,
+                        ..at(2, Secondary)
+                    },
+                ]),
+                Held,
+            ),
+            (
+                "primary lost before it turned synchronous: hold",
+                group(vec![dead(node(1, WaitPrimary, Primary)), at(2, Secondary)]),
+                Held,
+            ),
+            (
+                "standby outside the quorum: hold",
+                group(vec![
+                    dead(at(1, Primary)),
+                    NodeView {
+                        replication_quorum: false,
+                        ..at(2, Secondary)
+                    },
+                ]),
+                Held,
+            ),
+            (
+                "candidate priority 0: hold",
+                group(vec![
+                    dead(at(1, Primary)),
+                    NodeView {
+                        candidate_priority: 0,
+                        ..at(2, Secondary)
+                    },
+                ]),
+                Held,
+            ),
+            (
+                "standby too far behind: hold",
+                group(vec![
+                    dead(at(1, Primary)),
+                    NodeView {
+                        lsn: 0x100,
+                        ..at(2, Secondary)
+                    },
+                ]),
+                Held,
+            ),
+            (
+                "keeper gone but postgres answers: no failover",
+                group(vec![
+                    NodeView {
+                        report_age: STALE,
+                        ..at(1, Primary)
+                    },
+                    at(2, Secondary),
+                ]),
+                Nothing,
+            ),
             ("monitor just started: no failover", startup, Nothing),
-            ("switchover: the old primary stopped, promote", group(vec![at(1, Draining), at(2, Secondary)]), Goals(vec![(2, PreparePromotion)])),
-            ("old primary confirmed: promote", group(vec![at(1, Draining), at(2, PreparePromotion)]), Goals(vec![(2, WaitPrimary), (1, Demoted)])),
-            ("old primary unreachable, was synchronous: promote", group(vec![dead(node(1, Primary, Draining)), at(2, PreparePromotion)]), Goals(vec![(2, WaitPrimary), (1, Demoted)])),
-            ("old primary alive and still draining: wait", group(vec![node(1, Primary, Draining), at(2, PreparePromotion)]), Nothing),
-            ("primary stopped for maintenance: promote", group(vec![at(1, PrepareMaintenance), at(2, PreparePromotion)]), Goals(vec![(2, WaitPrimary), (1, Maintenance)])),
-            ("demoted old primary rejoins", group(vec![at(1, Demoted), at(2, WaitPrimary)]), Goals(vec![(1, Catchingup)])),
-            ("demoted waits for the new primary to run", group(vec![at(1, Demoted), node(2, PreparePromotion, WaitPrimary)]), Nothing),
-            ("standby maintenance once async", group(vec![at(1, WaitPrimary), at(2, WaitMaintenance)]), Goals(vec![(2, Maintenance)])),
-            ("maintenance is left alone", group(vec![at(1, WaitPrimary), at(2, Maintenance)]), Nothing),
-            ("a dropped node is removed", group(vec![at(1, Primary), at(2, Dropped)]), Removed(2)),
-            ("a node being dropped no longer counts: the primary serves alone", group(vec![at(1, Primary), node(2, Secondary, Dropped)]), Goals(vec![(1, Single)])),
+            (
+                "switchover: the old primary stopped, promote",
+                group(vec![at(1, Draining), at(2, Secondary)]),
+                Goals(vec![(2, PreparePromotion)]),
+            ),
+            (
+                "old primary confirmed: promote",
+                group(vec![at(1, Draining), at(2, PreparePromotion)]),
+                Goals(vec![(2, WaitPrimary), (1, Demoted)]),
+            ),
+            (
+                "old primary unreachable, was synchronous: promote",
+                group(vec![
+                    dead(node(1, Primary, Draining)),
+                    at(2, PreparePromotion),
+                ]),
+                Goals(vec![(2, WaitPrimary), (1, Demoted)]),
+            ),
+            (
+                "old primary alive and still draining: wait",
+                group(vec![node(1, Primary, Draining), at(2, PreparePromotion)]),
+                Nothing,
+            ),
+            (
+                "primary stopped for maintenance: promote",
+                group(vec![at(1, PrepareMaintenance), at(2, PreparePromotion)]),
+                Goals(vec![(2, WaitPrimary), (1, Maintenance)]),
+            ),
+            (
+                "demoted old primary rejoins",
+                group(vec![at(1, Demoted), at(2, WaitPrimary)]),
+                Goals(vec![(1, Catchingup)]),
+            ),
+            (
+                "demoted waits for the new primary to run",
+                group(vec![at(1, Demoted), node(2, PreparePromotion, WaitPrimary)]),
+                Nothing,
+            ),
+            (
+                "standby maintenance once async",
+                group(vec![at(1, WaitPrimary), at(2, WaitMaintenance)]),
+                Goals(vec![(2, Maintenance)]),
+            ),
+            (
+                "maintenance is left alone",
+                group(vec![at(1, WaitPrimary), at(2, Maintenance)]),
+                Nothing,
+            ),
+            (
+                "a dropped node is removed",
+                group(vec![at(1, Primary), at(2, Dropped)]),
+                Removed(2),
+            ),
+            (
+                "a node being dropped no longer counts: the primary serves alone",
+                group(vec![at(1, Primary), node(2, Secondary, Dropped)]),
+                Goals(vec![(1, Single)]),
+            ),
         ];
         for (name, view, expected) in rows {
             assert_eq!(outcome(&view), expected, "rule: {name}");
         }
+    }
+
+    #[test]
+    fn switchover_waits_for_routers_to_drain() {
+        let mut view = group(vec![at(1, Primary), at(2, Secondary)]);
+        view.switchover = Some(SwitchoverDrain {
+            age: Duration::from_secs(1),
+            routers_pending: 1,
+        });
+        assert_eq!(
+            outcome(&view),
+            Outcome::Nothing,
+            "a router has not drained yet"
+        );
+        view.switchover = Some(SwitchoverDrain {
+            age: Duration::from_secs(1),
+            routers_pending: 0,
+        });
+        assert_eq!(outcome(&view), Outcome::Goals(vec![(1, Draining)]));
+        view.switchover = Some(SwitchoverDrain {
+            age: Duration::from_secs(60),
+            routers_pending: 1,
+        });
+        assert_eq!(
+            outcome(&view),
+            Outcome::Goals(vec![(1, Draining)]),
+            "drain timeout"
+        );
     }
 
     #[test]
@@ -924,10 +1187,7 @@ mod tests {
         let goals = |r: Result<Vec<Assignment>, String>| {
             r.map(|a| a.iter().map(|a| (a.node_id, a.goal)).collect::<Vec<_>>())
         };
-        assert_eq!(
-            goals(on_request(&healthy, Request::Switchover)),
-            Ok(vec![(1, Draining)])
-        );
+        assert_eq!(goals(on_request(&healthy, Request::Switchover)), Ok(vec![]));
         assert!(on_request(&group(vec![at(1, Single)]), Request::Switchover)
             .expect_err("no standby")
             .contains("no healthy secondary"));

@@ -23,9 +23,12 @@ pub const CHANNEL_STATE: &str = "hapg_state";
 pub const CHANNEL_REPORT: &str = "hapg_report";
 /// NOTIFY channel: an operator request was filed or answered (payload: request id).
 pub const CHANNEL_REQUEST: &str = "hapg_request";
+/// NOTIFY channel: a switchover asks the routers to drain the primary (payload:
+/// the formation). Routers answer by setting `hapg.router.drained_at`.
+pub const CHANNEL_DRAIN: &str = "hapg_drain";
 
 /// Ordered migrations; a version is never edited once released, only added.
-const MIGRATIONS: &[(i32, &str)] = &[(1, MIGRATION_1)];
+const MIGRATIONS: &[(i32, &str)] = &[(1, MIGRATION_1), (2, MIGRATION_2)];
 
 const MIGRATION_1: &str = r#"
 CREATE TYPE hapg.replication_state AS ENUM (
@@ -117,6 +120,15 @@ CREATE TABLE hapg.router (
 INSERT INTO hapg.formation (formation_id) VALUES ('default');
 "#;
 
+/// The drain handshake of a hitless switchover.
+const MIGRATION_2: &str = r#"
+-- Set when a switchover is requested; cleared when the primary is told to stop.
+ALTER TABLE hapg.formation ADD COLUMN switchover_requested_at timestamptz;
+-- A router's acknowledgement: it finished (or cut) its transactions on the
+-- primary and pauses new ones until the monitor names the next primary.
+ALTER TABLE hapg.router ADD COLUMN drained_at timestamptz;
+"#;
+
 /// The schema version this binary expects.
 pub fn latest_version() -> i32 {
     MIGRATIONS.last().map_or(0, |(version, _)| *version)
@@ -170,10 +182,7 @@ pub async fn migrate(client: &mut Client) -> Result<i32, MonitorError> {
 /// Checks that the monitor database holds exactly the schema this binary speaks.
 pub async fn check(client: &Client) -> Result<(), MonitorError> {
     let exists: bool = client
-        .query_one(
-            "SELECT to_regclass('hapg.schema_version') IS NOT NULL",
-            &[],
-        )
+        .query_one("SELECT to_regclass('hapg.schema_version') IS NOT NULL", &[])
         .await?
         .get(0);
     let found: Option<i32> = if exists {

@@ -13,10 +13,10 @@ use tracing::Instrument;
 
 use crate::client::{NodeRow, RequestKind, NODE_COLUMNS, STATE_PAYLOAD_SQL};
 use crate::error::MonitorError;
-use crate::fsm::{self, Assignment, Decision, GroupView, Request, Thresholds};
+use crate::fsm::{self, Assignment, Decision, GroupView, Request, SwitchoverDrain, Thresholds};
 use crate::pgconn;
-use crate::schema::{self, CHANNEL_REPORT, CHANNEL_REQUEST, CHANNEL_STATE};
-use crate::state::Health;
+use crate::schema::{self, CHANNEL_DRAIN, CHANNEL_REPORT, CHANNEL_REQUEST, CHANNEL_STATE};
+use crate::state::{Health, NodeState};
 
 /// Requests not answered within this long are refused as expired: the CLI that
 /// filed them has given up, and acting late would surprise the operator.
@@ -31,12 +31,13 @@ pub async fn run(
     timings: MonitorTimings,
     shutdown: CancellationToken,
 ) -> Result<(), MonitorError> {
-    let config: Config = conninfo
-        .parse()
-        .map_err(|e: tokio_postgres::Error| MonitorError::BadUri {
-            uri: pgconn::redact_uri(conninfo),
-            reason: e.to_string(),
-        })?;
+    let config: Config =
+        conninfo
+            .parse()
+            .map_err(|e: tokio_postgres::Error| MonitorError::BadUri {
+                uri: pgconn::redact_uri(conninfo),
+                reason: e.to_string(),
+            })?;
     let started = Instant::now();
     let mut connection = connect_until(&config, &shutdown).await?;
     schema::migrate(&mut connection.client).await?;
@@ -51,6 +52,7 @@ pub async fn run(
         startup_grace: timings.startup_grace,
         catchup_threshold: timings.wal_threshold_bytes,
         promote_threshold: timings.wal_threshold_bytes,
+        router_drain_timeout: timings.router_drain_timeout,
     };
     let mut decider = Decider {
         thresholds,
@@ -66,7 +68,9 @@ pub async fn run(
         let round = async {
             connection
                 .client
-                .batch_execute(&format!("LISTEN {CHANNEL_REPORT}; LISTEN {CHANNEL_REQUEST}"))
+                .batch_execute(&format!(
+                    "LISTEN {CHANNEL_REPORT}; LISTEN {CHANNEL_REQUEST}"
+                ))
                 .await?;
             decider.round(&mut connection.client).await
         };
@@ -144,11 +148,22 @@ impl Decider {
         let tx = client.transaction().await?;
         let view = self.load_group(&tx, formation, group).await?;
         let decision = fsm::decide(&view);
+        let view = &view;
         let changed = match decision {
             None => false,
             Some(Decision::Assign(assignments)) => {
                 for a in &assignments {
                     apply_assignment(&tx, a).await?;
+                }
+                if view.switchover.is_some()
+                    && assignments.iter().any(|a| a.goal == NodeState::Draining)
+                {
+                    // The primary is told to stop: the switchover left the drain phase.
+                    tx.execute(
+                        "UPDATE hapg.formation SET switchover_requested_at = NULL WHERE formation_id = $1",
+                        &[&formation],
+                    )
+                    .await?;
                 }
                 self.holds.remove(&(formation.to_string(), group));
                 true
@@ -167,6 +182,19 @@ impl Decider {
                 false
             }
         };
+        if let Some(drain) = &view.switchover {
+            let stale = drain.age > self.thresholds.router_drain_timeout * 3;
+            if !changed && stale {
+                let reason =
+                    "Switchover abandoned: the primary did not become ready to stop in time";
+                tx.execute(
+                    "UPDATE hapg.formation SET switchover_requested_at = NULL WHERE formation_id = $1",
+                    &[&formation],
+                )
+                .await?;
+                write_event(&tx, formation, group, None, reason).await?;
+            }
+        }
         tx.commit().await?;
         Ok(changed)
     }
@@ -178,13 +206,25 @@ impl Decider {
         group: i32,
     ) -> Result<GroupView, MonitorError> {
         // Serialise deciders (a second monitor service, a request) per formation.
-        let nss: i32 = tx
+        let f = tx
             .query_one(
-                "SELECT number_sync_standbys FROM hapg.formation WHERE formation_id = $1 FOR UPDATE",
+                "SELECT f.number_sync_standbys,
+                        (extract(epoch FROM now() - f.switchover_requested_at) * 1000)::float8,
+                        (SELECT count(*) FROM hapg.router r
+                          WHERE r.formation_id = f.formation_id
+                            AND r.last_seen > now() - interval '3 seconds'
+                            AND (r.drained_at IS NULL OR r.drained_at < f.switchover_requested_at))
+                   FROM hapg.formation f WHERE f.formation_id = $1 FOR UPDATE",
                 &[&formation],
             )
-            .await?
-            .try_get(0)?;
+            .await?;
+        let nss: i32 = f.try_get(0)?;
+        let drain_age: Option<f64> = f.try_get(1)?;
+        let routers_pending: i64 = f.try_get(2)?;
+        let switchover = drain_age.map(|ms| SwitchoverDrain {
+            age: Duration::from_millis(ms.max(0.0) as u64),
+            routers_pending: usize::try_from(routers_pending).unwrap_or(usize::MAX),
+        });
         let rows = tx
             .query(
                 &format!(
@@ -203,6 +243,7 @@ impl Decider {
             number_sync_standbys: nss,
             monitor_uptime: self.started.elapsed(),
             thresholds: self.thresholds.clone(),
+            switchover,
         })
     }
 
@@ -250,7 +291,21 @@ impl Decider {
                     fsm::on_request(&view, request)
                 }
             };
+            let begins_drain = matches!(outcome_kind(&kind), Some(Request::Switchover));
             let (status, reply) = match answer {
+                Ok(assignments) if begins_drain => {
+                    tx.execute(
+                        "UPDATE hapg.formation SET switchover_requested_at = now() WHERE formation_id = $1",
+                        &[&formation],
+                    )
+                    .await?;
+                    tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL_DRAIN, &formation])
+                        .await?;
+                    let reason = "Switchover requested: routers drain the primary, then it stops and a standby takes over";
+                    write_event(&tx, &formation, group, None, reason).await?;
+                    debug_assert!(assignments.is_empty());
+                    ("accepted", reason.to_string())
+                }
                 Ok(assignments) => {
                     for a in &assignments {
                         apply_assignment(&tx, a).await?;
@@ -284,6 +339,13 @@ impl Decider {
     }
 }
 
+fn outcome_kind(kind: &str) -> Option<Request> {
+    match RequestKind::parse(kind) {
+        Some(RequestKind::Switchover | RequestKind::Failover) => Some(Request::Switchover),
+        _ => None,
+    }
+}
+
 /// Writes one goal: the node's row, the formation's epoch when a different node
 /// becomes writable, an event with the reason, and the state notification.
 async fn apply_assignment(tx: &Transaction<'_>, a: &Assignment) -> Result<(), MonitorError> {
@@ -306,17 +368,14 @@ async fn apply_assignment(tx: &Transaction<'_>, a: &Assignment) -> Result<(), Mo
         .await?;
     }
     tx.execute(
-        &format!(
-            "INSERT INTO hapg.event (formation_id, group_id, node_id, node_name, node_host, node_port,
-                                     reported_state, goal_state, reported_tli, reported_lsn, health,
-                                     primary_epoch, description)
-             SELECT n.formation_id, n.group_id, n.node_id, n.node_name, n.node_host, n.node_port,
-                    n.reported_state, n.goal_state, n.reported_tli, n.reported_lsn, n.health,
-                    f.primary_epoch, $2
-               FROM hapg.node n JOIN hapg.formation f USING (formation_id)
-              WHERE n.node_id = $1;
-             "
-        ),
+        "INSERT INTO hapg.event (formation_id, group_id, node_id, node_name, node_host, node_port,
+                                 reported_state, goal_state, reported_tli, reported_lsn, health,
+                                 primary_epoch, description)
+         SELECT n.formation_id, n.group_id, n.node_id, n.node_name, n.node_host, n.node_port,
+                n.reported_state, n.goal_state, n.reported_tli, n.reported_lsn, n.health,
+                f.primary_epoch, $2
+           FROM hapg.node n JOIN hapg.formation f USING (formation_id)
+          WHERE n.node_id = $1",
         &[&a.node_id, &a.reason],
     )
     .await?;
@@ -390,7 +449,9 @@ async fn health_checks(config: Config, timings: MonitorTimings, shutdown: Cancel
                 tracing::warn!(error = %e, "health check round failed");
             }
         }
-        let rest = timings.health_check_period.saturating_sub(round_start.elapsed());
+        let rest = timings
+            .health_check_period
+            .saturating_sub(round_start.elapsed());
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(rest) => {}

@@ -150,7 +150,10 @@ impl NodeState {
     pub fn is_fenced(self) -> bool {
         matches!(
             self,
-            NodeState::Draining | NodeState::DemoteTimeout | NodeState::Demoted | NodeState::Dropped
+            NodeState::Draining
+                | NodeState::DemoteTimeout
+                | NodeState::Demoted
+                | NodeState::Dropped
         )
     }
 

@@ -155,8 +155,18 @@ impl Cluster {
         self.spawn(
             "monitor",
             &[
-                "create", "monitor", "--pgdata", "./monitor", "--pgport", &port, "--hostname",
-                "localhost", "--auth", "trust", "--ssl-self-signed", "--run",
+                "create",
+                "monitor",
+                "--pgdata",
+                "./monitor",
+                "--pgport",
+                &port,
+                "--hostname",
+                "localhost",
+                "--auth",
+                "trust",
+                "--ssl-self-signed",
+                "--run",
             ],
         );
         self.eventually("the monitor to answer", Duration::from_secs(60), || {
@@ -186,9 +196,24 @@ impl Cluster {
         self.spawn(
             name,
             &[
-                "create", "postgres", "--pgdata", &pgdata, "--pgport", &port_s, "--hostname",
-                "localhost", "--name", name, "--dbname", "appdb", "--auth", "trust",
-                "--ssl-self-signed", "--monitor", &uri, "--run",
+                "create",
+                "postgres",
+                "--pgdata",
+                &pgdata,
+                "--pgport",
+                &port_s,
+                "--hostname",
+                "localhost",
+                "--name",
+                name,
+                "--dbname",
+                "appdb",
+                "--auth",
+                "trust",
+                "--ssl-self-signed",
+                "--monitor",
+                &uri,
+                "--run",
             ],
         );
         self.nodes.push(node.clone());
@@ -284,7 +309,10 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        panic!("timed out after {timeout:?} waiting for {what}\n{}", self.all_logs());
+        panic!(
+            "timed out after {timeout:?} waiting for {what}\n{}",
+            self.all_logs()
+        );
     }
 
     /// Pid of the `hapg run` of a data directory.
@@ -330,25 +358,35 @@ impl Cluster {
 
     /// The formation's multi-host URI (`show uri --formation default`).
     pub fn formation_uri(&self) -> String {
-        self.ok(&["show", "uri", "--pgdata", "./monitor", "--formation", "default"])
-            .trim()
-            .to_string()
+        self.ok(&[
+            "show",
+            "uri",
+            "--pgdata",
+            "./monitor",
+            "--formation",
+            "default",
+        ])
+        .trim()
+        .to_string()
     }
 }
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        let children: Vec<(String, Child)> = std::mem::take(
-            &mut *self.children.lock().unwrap_or_else(|e| e.into_inner()),
-        )
-        .into_iter()
-        .collect();
+        let children: Vec<(String, Child)> =
+            std::mem::take(&mut *self.children.lock().unwrap_or_else(|e| e.into_inner()))
+                .into_iter()
+                .collect();
         for (_, mut child) in children {
             let _ = child.kill();
             let _ = child.wait();
         }
         // Postgres outlives its killed keeper: stop every instance we made.
-        for entry in std::fs::read_dir(self.path()).into_iter().flatten().flatten() {
+        for entry in std::fs::read_dir(self.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             if let Some(pid) = postmaster_pid(&entry.path()) {
                 kill_tree(pid);
             }
@@ -494,7 +532,10 @@ pub async fn wait_writable(uri: &str, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         if let Ok(c) = connect(uri).await {
-            if c.batch_execute("CREATE TEMP TABLE probe (x int)").await.is_ok() {
+            if c.batch_execute("CREATE TEMP TABLE probe (x int)")
+                .await
+                .is_ok()
+            {
                 return;
             }
         }
