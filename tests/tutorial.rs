@@ -77,7 +77,7 @@ async fn tutorial_two_nodes_switchover_failure_and_rejoin() {
     drop(client);
 
     // 6. Switchover under a live writer.
-    let writer = Writer::start(uri.clone(), "writes");
+    let writer = Writer::start(uri.clone(), "writes", Duration::from_secs(600));
     tokio::time::sleep(Duration::from_millis(500)).await;
     let started = Instant::now();
     cluster.ok(&["perform", "switchover", "--pgdata", "./monitor"]);

@@ -8,8 +8,8 @@ use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -399,133 +399,7 @@ impl Drop for Cluster {
     }
 }
 
-/// The postmaster pid of a data directory, if alive.
-pub fn postmaster_pid(pgdata: &Path) -> Option<i32> {
-    let text = std::fs::read_to_string(pgdata.join("postmaster.pid")).ok()?;
-    let pid: i32 = text.lines().next()?.trim().parse().ok()?;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
-        .is_ok()
-        .then_some(pid)
-}
-
-/// SIGKILLs a process and all its children (a postmaster and its backends).
-pub fn kill_tree(pid: i32) {
-    let mut pids = vec![pid];
-    if let Ok(entries) = std::fs::read_dir("/proc") {
-        for entry in entries.flatten() {
-            let Ok(child) = entry.file_name().to_string_lossy().parse::<i32>() else {
-                continue;
-            };
-            let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
-            // Fields after the command name: state, ppid, ...
-            let ppid = stat
-                .rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-                .and_then(|p| p.parse::<i32>().ok());
-            if ppid == Some(pid) {
-                pids.push(child);
-            }
-        }
-    }
-    for p in pids {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(p),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline
-        && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
-    {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Connects to `uri` (TLS when the server offers it), or fails.
-pub async fn connect(uri: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    let config: tokio_postgres::Config = uri.parse()?;
-    let connection = hapg_monitor::pgconn::connect(config, Duration::from_secs(2)).await?;
-    Ok(connection.client)
-}
-
-/// A client that inserts rows with increasing ids in a loop, reconnecting on
-/// error, and records which inserts were acknowledged.
-pub struct Writer {
-    stop: Arc<AtomicBool>,
-    handle: tokio::task::JoinHandle<WriterReport>,
-}
-
-/// What the writer saw.
-#[derive(Debug, Clone)]
-pub struct WriterReport {
-    /// Ids whose INSERT was acknowledged.
-    pub acked: Vec<i64>,
-    /// Errors seen (failed statements and failed connection attempts).
-    pub errors: u64,
-    /// Longest time between two acknowledged writes.
-    pub longest_gap: Duration,
-}
-
-impl Writer {
-    /// Starts writing into `table(id bigint)` through `uri`.
-    pub fn start(uri: String, table: &str) -> Writer {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let insert = format!("INSERT INTO {table} (id) VALUES ($1)");
-        let handle = tokio::spawn(async move {
-            let mut report = WriterReport {
-                acked: Vec::new(),
-                errors: 0,
-                longest_gap: Duration::ZERO,
-            };
-            let mut next: i64 = 1;
-            let mut last_ack = Instant::now();
-            let mut client: Option<tokio_postgres::Client> = None;
-            // Bounded: at most 10 minutes, whatever happens.
-            let deadline = Instant::now() + Duration::from_secs(600);
-            while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
-                if client.as_ref().is_none_or(|c| c.is_closed()) {
-                    match connect(&uri).await {
-                        Ok(c) => client = Some(c),
-                        Err(_) => {
-                            report.errors += 1;
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    }
-                }
-                let Some(c) = client.as_ref() else { continue };
-                let result =
-                    tokio::time::timeout(Duration::from_secs(5), c.execute(&insert, &[&next]))
-                        .await;
-                match result {
-                    Ok(Ok(_)) => {
-                        report.acked.push(next);
-                        report.longest_gap = report.longest_gap.max(last_ack.elapsed());
-                        last_ack = Instant::now();
-                        next += 1;
-                    }
-                    _ => {
-                        // The outcome of this id is unknown: never reuse it.
-                        next += 1;
-                        report.errors += 1;
-                        client = None;
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            report
-        });
-        Writer { stop, handle }
-    }
-
-    /// Stops the writer and returns what it saw.
-    pub async fn finish(self) -> WriterReport {
-        self.stop.store(true, Ordering::Relaxed);
-        self.handle.await.expect("writer task")
-    }
-}
+pub use hapg::drill::{connect, kill_tree, postmaster_pid, Writer, WriterReport};
 
 /// Waits (bounded) until `uri` accepts a write.
 pub async fn wait_writable(uri: &str, timeout: Duration) {

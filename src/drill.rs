@@ -1,0 +1,150 @@
+//! Tools for failure drills, shared by `hapg demo --drill`, the end-to-end
+//! tests and the benchmarks: a live writer that records which writes were
+//! acknowledged, and a power-off that kills a process tree at once.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Connects to `uri` the way hapg's own clients do (TLS when offered).
+pub async fn connect(uri: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let config: tokio_postgres::Config = uri.parse()?;
+    let connection = hapg_monitor::pgconn::connect(config, Duration::from_secs(2)).await?;
+    Ok(connection.client)
+}
+
+/// A client that inserts rows with increasing ids in a loop, reconnecting on
+/// error, and records which inserts were acknowledged.
+pub struct Writer {
+    stop: Arc<AtomicBool>,
+    handle: tokio::task::JoinHandle<WriterReport>,
+}
+
+/// What a writer saw.
+#[derive(Debug, Clone, Default)]
+pub struct WriterReport {
+    /// Ids whose INSERT was acknowledged.
+    pub acked: Vec<i64>,
+    /// Statements that failed, and connection attempts that failed.
+    pub errors: u64,
+    /// Longest time between two acknowledged writes.
+    pub longest_gap: Duration,
+}
+
+impl Writer {
+    /// Starts writing into `table(id bigint)` through `uri`, for at most `limit`.
+    pub fn start(uri: String, table: &str, limit: Duration) -> Writer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let insert = format!("INSERT INTO {table} (id) VALUES ($1)");
+        let handle = tokio::spawn(async move {
+            let mut report = WriterReport::default();
+            let mut next: i64 = 1;
+            let mut last_ack = Instant::now();
+            let mut client: Option<tokio_postgres::Client> = None;
+            let deadline = Instant::now() + limit;
+            while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
+                if client.as_ref().is_none_or(|c| c.is_closed()) {
+                    match connect(&uri).await {
+                        Ok(c) => client = Some(c),
+                        Err(_) => {
+                            report.errors += 1;
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    }
+                }
+                let Some(c) = client.as_ref() else { continue };
+                let result =
+                    tokio::time::timeout(Duration::from_secs(30), c.execute(&insert, &[&next]))
+                        .await;
+                match result {
+                    Ok(Ok(_)) => {
+                        report.acked.push(next);
+                        report.longest_gap = report.longest_gap.max(last_ack.elapsed());
+                        last_ack = Instant::now();
+                    }
+                    Ok(Err(e)) if e.as_db_error().is_some() && !c.is_closed() => {
+                        // The server refused the statement; the session goes on.
+                        report.errors += 1;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    _ => {
+                        report.errors += 1;
+                        client = None;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+                // An id whose outcome is unknown is never reused.
+                next += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            report
+        });
+        Writer { stop, handle }
+    }
+
+    /// Stops the writer and returns what it saw.
+    pub async fn finish(self) -> WriterReport {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.await.unwrap_or_default()
+    }
+}
+
+/// Acknowledged ids missing from `table` on the server at `uri`.
+pub async fn lost_writes(
+    uri: &str,
+    table: &str,
+    acked: &[i64],
+) -> Result<Vec<i64>, tokio_postgres::Error> {
+    let client = connect(uri).await?;
+    let present: std::collections::HashSet<i64> = client
+        .query(&format!("SELECT id FROM {table}"), &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    Ok(acked
+        .iter()
+        .copied()
+        .filter(|id| !present.contains(id))
+        .collect())
+}
+
+/// SIGKILLs a process and its direct children at once (a postmaster and its backends).
+pub fn kill_tree(pid: i32) {
+    let mut pids = vec![pid];
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            let Ok(child) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+            // After the command name: state, then ppid.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<i32>().ok());
+            if ppid == Some(pid) {
+                pids.push(child);
+            }
+        }
+    }
+    for p in pids {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(p),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline && hapg_keeper::pidfile::process_alive(pid) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The postmaster pid of a data directory, if it runs.
+pub fn postmaster_pid(pgdata: &std::path::Path) -> Option<i32> {
+    let text = std::fs::read_to_string(pgdata.join("postmaster.pid")).ok()?;
+    let pid: i32 = text.lines().next()?.trim().parse().ok()?;
+    hapg_keeper::pidfile::process_alive(pid).then_some(pid)
+}

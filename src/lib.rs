@@ -1,0 +1,4 @@
+//! The `hapg` package's library part: what the CLI, the end-to-end tests and
+//! the benchmarks share beyond the four library crates.
+
+pub mod drill;
