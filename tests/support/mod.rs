@@ -399,6 +399,7 @@ impl Drop for Cluster {
     }
 }
 
+#[allow(unused_imports)]
 pub use hapg::drill::{connect, kill_tree, postmaster_pid, Writer, WriterReport};
 
 /// Waits (bounded) until `uri` accepts a write.
