@@ -518,6 +518,10 @@ impl Keeper {
                 "pg_promote did not finish in 60 s".into(),
             ));
         }
+        // Promotion does not wait for its checkpoint, and until it is done the
+        // control file still names the old timeline: pg_rewind against this node
+        // would then see "the same timeline" and wrongly skip the rewind.
+        client.batch_execute("CHECKPOINT").await?;
         self.pg.clear_standby_config()
     }
 

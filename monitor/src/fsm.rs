@@ -383,8 +383,8 @@ fn decide_for(view: &GroupView, a: &NodeView) -> Option<Decision> {
         return Some(failover_decision(view, p, a));
     }
 
-    // The old primary stopped cleanly for a switchover: promote the standby.
-    if a.is_converged(Secondary) && p.is_converged(Draining) {
+    // The old primary stopped cleanly for a switchover or maintenance: promote the standby.
+    if a.is_converged(Secondary) && p.converged_in(&[Draining, PrepareMaintenance]) {
         return Some(Decision::Assign(vec![assign(
             a,
             PreparePromotion,
@@ -713,21 +713,16 @@ pub fn on_request(view: &GroupView, request: Request) -> Result<Vec<Assignment>,
                         s.name
                     ));
                 }
-                return Ok(vec![
-                    assign(
-                        n,
-                        PrepareMaintenance,
-                        format!("Maintenance requested on primary {} ({})", n.id, n.name),
+                // The standby is promoted once the primary has stopped: its
+                // shutdown streams every last WAL record to the standby first.
+                return Ok(vec![assign(
+                    n,
+                    PrepareMaintenance,
+                    format!(
+                        "Maintenance requested on primary {} ({}): it stops, then {} takes over",
+                        n.id, n.name, s.name
                     ),
-                    assign(
-                        s,
-                        PreparePromotion,
-                        format!(
-                            "Node {} ({}) takes over while {} is in maintenance",
-                            s.id, s.name, n.name
-                        ),
-                    ),
-                ]);
+                )]);
             }
             if !matches!(n.reported, Secondary | Catchingup) {
                 return Err(format!(
@@ -1208,7 +1203,7 @@ mod tests {
         );
         assert_eq!(
             goals(on_request(&healthy, Request::EnableMaintenance(1))),
-            Ok(vec![(1, PrepareMaintenance), (2, PreparePromotion)])
+            Ok(vec![(1, PrepareMaintenance)])
         );
         assert!(on_request(
             &group(vec![at(1, Primary), at(2, Catchingup)]),

@@ -216,8 +216,17 @@ impl Cluster {
                 "--run",
             ],
         );
+        self.nodes.retain(|n| n.name != name);
         self.nodes.push(node.clone());
         node
+    }
+
+    /// Kills a node's `hapg` process only (SIGKILL), leaving its Postgres running.
+    pub fn power_off_keeper_only(&self, name: &str) {
+        if let Some(mut child) = self.children.lock().expect("children").remove(name) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 
     /// The node called `name`.

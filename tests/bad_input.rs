@@ -1,0 +1,204 @@
+//! Bad input a user will try (tutorial.md, "Bad input"): each gets a clear
+//! error that names the problem, and touches nothing.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::{free_port, Cluster};
+
+const STEP: Duration = Duration::from_secs(90);
+
+fn create_args<'a>(
+    pgdata: &'a str,
+    port: &'a str,
+    name: &'a str,
+    monitor: &'a str,
+) -> Vec<&'a str> {
+    vec![
+        "create",
+        "postgres",
+        "--pgdata",
+        pgdata,
+        "--pgport",
+        port,
+        "--hostname",
+        "localhost",
+        "--name",
+        name,
+        "--dbname",
+        "appdb",
+        "--auth",
+        "trust",
+        "--no-ssl",
+        "--monitor",
+        monitor,
+    ]
+}
+
+#[test]
+fn monitor_that_does_not_answer_is_named_after_bounded_retries() {
+    let cluster = Cluster::new();
+    let dead_port = free_port();
+    let uri = format!("postgres://autoctl_node@127.0.0.1:{dead_port}/pg_auto_failover");
+    let port = free_port().to_string();
+    let mut args = create_args("./node_x", &port, "node_x", &uri);
+    args.extend(["--monitor-timeout", "2"]);
+    let started = Instant::now();
+    let err = cluster.fails(&args);
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(err.contains(&format!("127.0.0.1:{dead_port}")), "{err}");
+    assert!(err.contains("does not answer"), "{err}");
+    assert!(
+        !cluster.path().join("node_x").exists(),
+        "nothing may be created"
+    );
+
+    let err = cluster.fails(&["show", "state", "--monitor", &uri]);
+    assert!(err.contains(&format!("127.0.0.1:{dead_port}")), "{err}");
+}
+
+#[test]
+fn wrong_commands_and_flags_are_refused_clearly() {
+    let cluster = Cluster::new();
+    let err = cluster.fails(&["run", "--pgdata", "./never_created"]);
+    assert!(
+        err.contains("not a hapg node") && err.contains("hapg create"),
+        "{err}"
+    );
+
+    let port = free_port().to_string();
+    let err = cluster.fails(&[
+        "create",
+        "monitor",
+        "--pgdata",
+        "./m",
+        "--pgport",
+        &port,
+        "--hostname",
+        "localhost",
+        "--no-ssl",
+    ]);
+    assert!(err.contains("--auth"), "{err}");
+    let err = cluster.fails(&[
+        "create",
+        "monitor",
+        "--pgdata",
+        "./m",
+        "--pgport",
+        &port,
+        "--hostname",
+        "localhost",
+        "--auth",
+        "trust",
+    ]);
+    assert!(
+        err.contains("--ssl-self-signed") && err.contains("--no-ssl"),
+        "{err}"
+    );
+    let err = cluster.fails(&[
+        "create",
+        "monitor",
+        "--pgdata",
+        "./m",
+        "--pgport",
+        &port,
+        "--hostname",
+        "localhost",
+        "--auth",
+        "bogus",
+        "--no-ssl",
+    ]);
+    assert!(err.contains("bogus"), "{err}");
+    assert!(!cluster.path().join("m").exists(), "nothing may be created");
+}
+
+#[test]
+fn conflicts_with_a_running_formation_touch_nothing() {
+    let mut cluster = Cluster::new();
+    cluster.start_monitor();
+    let uri = cluster.monitor_uri();
+    cluster.start_node("node_a");
+    cluster.wait_states(&[("node_a", "single")], STEP);
+    let node_a = cluster.node("node_a");
+    let conf = node_a.pgdata.join("postgresql.conf");
+    let before = std::fs::read(&conf).expect("read postgresql.conf");
+
+    // A data directory a running Postgres uses.
+    let port = free_port().to_string();
+    let err = cluster.fails(&create_args("./node_a", &port, "other", &uri));
+    assert!(
+        err.contains("in use") || err.contains("already a hapg node"),
+        "{err}"
+    );
+
+    // A port in use.
+    let busy = node_a.port.to_string();
+    let err = cluster.fails(&create_args("./node_c", &busy, "node_c", &uri));
+    assert!(
+        err.contains(&format!("port {busy}")) && err.contains("in use"),
+        "{err}"
+    );
+    assert!(!cluster.path().join("node_c").exists());
+
+    // A duplicate name in the formation.
+    let port = free_port().to_string();
+    let err = cluster.fails(&create_args("./node_d", &port, "node_a", &uri));
+    assert!(
+        err.contains("node_a") && err.contains("already exists"),
+        "{err}"
+    );
+    assert!(!cluster.path().join("node_d").exists());
+
+    // A switchover without a secondary.
+    let err = cluster.fails(&[
+        "perform",
+        "switchover",
+        "--pgdata",
+        "./monitor",
+        "--wait",
+        "10",
+    ]);
+    assert!(err.contains("no healthy secondary"), "{err}");
+
+    // Maintenance of the primary needs --allow-failover.
+    let err = cluster.fails(&["enable", "maintenance", "--pgdata", "./node_a"]);
+    assert!(err.contains("--allow-failover"), "{err}");
+
+    // A bad configuration value names its key and leaves the file as it was.
+    let config_before = cluster.ok(&["config", "get", "--pgdata", "./node_a"]);
+    let err = cluster.fails(&[
+        "config",
+        "set",
+        "--pgdata",
+        "./node_a",
+        "postgresql.auth_method",
+        "bogus",
+    ]);
+    assert!(err.contains("postgresql.auth_method"), "{err}");
+    let err = cluster.fails(&[
+        "config",
+        "set",
+        "--pgdata",
+        "./node_a",
+        "postgresql.port",
+        "x",
+    ]);
+    assert!(err.contains("postgresql.port"), "{err}");
+    assert_eq!(
+        cluster.ok(&["config", "get", "--pgdata", "./node_a"]),
+        config_before
+    );
+
+    // The running node saw none of it.
+    assert_eq!(std::fs::read(&conf).expect("read postgresql.conf"), before);
+    assert_eq!(
+        cluster.states()["node_a"],
+        ("single".into(), "single".into())
+    );
+    assert_eq!(cluster.states().len(), 1, "no node was registered");
+}

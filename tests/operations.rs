@@ -1,0 +1,126 @@
+//! Operator controls and keeper supervision on a two-node group, with real
+//! PostgreSQL 15: maintenance on either node, a keeper killed and restarted,
+//! Postgres killed under a live keeper, drop and re-add of a node.
+
+mod support;
+
+use std::time::Duration;
+
+use support::{connect, postmaster_pid, Cluster};
+
+const STEP: Duration = Duration::from_secs(90);
+
+/// Writes one row through the formation's URI, retrying (bounded) while the
+/// primary is starting up, as a client of the multi-host URI must.
+async fn write_through(cluster: &Cluster, value: i64) {
+    let uri = cluster
+        .formation_uri()
+        .replacen("postgres://", "postgres://postgres@", 1);
+    let mut last_error = String::new();
+    for _ in 0..300 {
+        match connect(&uri).await {
+            Ok(client) => match client.execute("INSERT INTO t VALUES ($1)", &[&value]).await {
+                Ok(_) => return,
+                Err(e) => last_error = format!("{e:?}"),
+            },
+            Err(e) => last_error = format!("{e:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("could not write {value} within 30 s: {last_error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maintenance_supervision_drop_and_readd() {
+    let mut cluster = Cluster::new();
+    cluster.start_monitor();
+    cluster.start_node("node_a");
+    cluster.wait_states(&[("node_a", "single")], STEP);
+    cluster.start_node("node_b");
+    cluster.wait_states(&[("node_a", "primary"), ("node_b", "secondary")], STEP);
+    let uri = cluster
+        .formation_uri()
+        .replacen("postgres://", "postgres://postgres@", 1);
+    connect(&uri)
+        .await
+        .expect("connect")
+        .batch_execute("CREATE TABLE t (x bigint)")
+        .await
+        .expect("create table");
+
+    // Maintenance on the standby: the primary goes asynchronous and keeps writing.
+    cluster.ok(&["enable", "maintenance", "--pgdata", "./node_b"]);
+    cluster.wait_states(
+        &[("node_a", "wait_primary"), ("node_b", "maintenance")],
+        STEP,
+    );
+    write_through(&cluster, 1).await;
+    cluster.ok(&["disable", "maintenance", "--pgdata", "./node_b"]);
+    cluster.wait_states(&[("node_a", "primary"), ("node_b", "secondary")], STEP);
+
+    // Maintenance on the primary: the standby takes over first.
+    cluster.ok(&[
+        "enable",
+        "maintenance",
+        "--pgdata",
+        "./node_a",
+        "--allow-failover",
+    ]);
+    cluster.wait_states(
+        &[("node_a", "maintenance"), ("node_b", "wait_primary")],
+        STEP,
+    );
+    write_through(&cluster, 2).await;
+    cluster.ok(&["disable", "maintenance", "--pgdata", "./node_a"]);
+    cluster.wait_states(&[("node_a", "secondary"), ("node_b", "primary")], STEP);
+
+    // A keeper killed with its Postgres alive: no failover; restarted, it resumes.
+    let standby_postmaster = postmaster_pid(&cluster.node("node_a").pgdata).expect("running");
+    cluster.power_off_keeper_only("node_a");
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(
+        cluster.states()["node_b"],
+        ("primary".into(), "primary".into())
+    );
+    cluster.spawn("node_a", &["run", "--pgdata", "./node_a"]);
+    cluster.wait_states(&[("node_a", "secondary"), ("node_b", "primary")], STEP);
+    assert_eq!(
+        postmaster_pid(&cluster.node("node_a").pgdata),
+        Some(standby_postmaster),
+        "the restarted keeper adopts the running Postgres"
+    );
+
+    // Postgres of the primary killed under a live keeper: restarted in place.
+    let primary = cluster.node("node_b");
+    let before = postmaster_pid(&primary.pgdata).expect("primary runs");
+    support::kill_tree(before);
+    cluster.eventually("the keeper to restart Postgres", STEP, || {
+        postmaster_pid(&primary.pgdata).is_some_and(|pid| pid != before)
+    });
+    write_through(&cluster, 3).await;
+    let states = cluster.states();
+    assert_eq!(states["node_b"].1, "primary", "no failover: {states:?}");
+
+    // Drop the standby: the primary serves alone; re-add it under the same name.
+    cluster.ok(&["drop", "node", "--pgdata", "./node_a", "--destroy"]);
+    cluster.wait_states(&[("node_b", "single")], STEP);
+    assert!(!cluster.states().contains_key("node_a"));
+    assert!(
+        !cluster.path().join("node_a").exists(),
+        "--destroy removes the data directory"
+    );
+    cluster.terminate("node_a");
+    cluster.start_node("node_a");
+    cluster.wait_states(&[("node_b", "primary"), ("node_a", "secondary")], STEP);
+
+    let client = connect(&uri).await.expect("connect");
+    let count: i64 = client
+        .query_one("SELECT count(*) FROM t", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(count, 3);
+    let settings = cluster.ok(&["show", "settings", "--pgdata", "./monitor"]);
+    assert!(settings.contains("number_sync_standbys"), "{settings}");
+    assert!(settings.contains("candidate priority"), "{settings}");
+}
