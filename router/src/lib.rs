@@ -198,6 +198,7 @@ impl Router {
                 .clone()
                 .unwrap_or_else(|| format!("{}:{port}", hostname())),
             address,
+            drain_timeout: config.drain_timeout(),
         }
     }
 

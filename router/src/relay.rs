@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -19,6 +20,7 @@ use crate::protocol::backend::{
     self, parse_error, parse_parameter_status, sqlstate, ErrorFields, Severity,
 };
 use crate::protocol::{cstr, frame, ProtocolError};
+use crate::routing::Busy;
 use crate::server::{Login, ServerConn, ServerError};
 use crate::session::{ClientConn, Ended, Ready};
 use crate::tracking::SessionState;
@@ -53,6 +55,23 @@ enum AttachError {
     Stopping,
 }
 
+/// Why a server connection is dropped while the session is on it.
+enum Loss<'a> {
+    /// The connection broke or the server ended it.
+    Lost(&'a str),
+    /// A switchover drain ran out of time: the router cuts the statement or
+    /// transaction still open on the primary being drained.
+    Switchover,
+}
+
+/// An error the client's next statement gets, because the transaction it was
+/// idle in is gone.
+struct Pending {
+    code: &'static str,
+    message: String,
+    hint: &'static str,
+}
+
 /// One client session in the relay phase.
 pub(crate) struct Session {
     shared: Arc<Shared>,
@@ -74,9 +93,14 @@ pub(crate) struct Session {
     open_batch: bool,
     /// After a failed batch: drop client messages until Sync, as Postgres does.
     skip_until_sync: bool,
-    /// The server connection was lost while the client was idle in a
-    /// transaction: its next statement fails with this message.
-    lost: Option<String>,
+    /// The server connection was lost (or cut) while the client was idle in
+    /// a transaction: its next statement fails with this error.
+    lost: Option<Pending>,
+    /// Set while the session has a statement or transaction open on its
+    /// server: what a switchover drain waits for.
+    busy: Option<Busy>,
+    /// Cut orders of switchover drains.
+    cuts: watch::Receiver<(u64, i64)>,
     /// Bytes of a server message being streamed to the client still to come.
     partial: usize,
     /// A server connection was attached once (so a new one is a move).
@@ -121,6 +145,8 @@ impl Session {
         kill: CancellationToken,
     ) -> Session {
         let had_server = ready.server.is_some();
+        let mut cuts = shared.routing.subscribe_cut();
+        cuts.mark_unchanged();
         Session {
             shared,
             client,
@@ -135,6 +161,8 @@ impl Session {
             open_batch: false,
             skip_until_sync: false,
             lost: None,
+            busy: None,
+            cuts,
             partial: 0,
             had_server,
             cancel: ready.cancel,
@@ -160,19 +188,31 @@ impl Session {
         self.tx == b'I' && self.outstanding == 0 && !self.open_batch
     }
 
+    /// Ends the busy mark once the session is back at a transaction boundary
+    /// (or has no server any more).
+    fn sync_busy(&mut self) {
+        if self.busy.is_some() && (self.server.is_none() || self.at_boundary()) {
+            self.busy = None;
+        }
+    }
+
     async fn relay(&mut self) -> Result<(), Ended> {
         loop {
+            self.sync_busy();
             self.on_client_bytes().await?;
             self.flush_server().await?;
             self.client.flush().await?;
+            self.sync_busy();
             let idle = self.idle();
             // Server first: a server that went away while the client was idle
-            // must be noticed before the client's next statement is sent to it.
+            // must be noticed before the client's next statement is sent to it;
+            // and a transaction that just ended must not be cut.
             tokio::select! {
                 biased;
                 _ = self.kill.cancelled() => return Err(self.stopping().await),
                 _ = self.shutdown.cancelled(), if idle => return Err(self.stopping().await),
                 r = read_server(&mut self.server) => self.on_server_read(r)?,
+                epoch = next_cut(&mut self.cuts) => self.on_cut(epoch)?,
                 r = read_client(&mut self.client.stream, &mut self.client.rbuf) => {
                     if !matches!(r, Ok(n) if n > 0) {
                         return Err(Ended);
@@ -180,6 +220,15 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// A switchover drain ran out of time on `epoch`: cut what this session
+    /// still has open there.
+    fn on_cut(&mut self, epoch: i64) -> Result<(), Ended> {
+        if self.busy.as_ref().is_some_and(|b| b.epoch() == epoch) {
+            return self.server_gone(Loss::Switchover);
+        }
+        Ok(())
     }
 
     fn on_server_read(&mut self, read: std::io::Result<usize>) -> Result<(), Ended> {
@@ -315,23 +364,19 @@ impl Session {
                 continue;
             }
             let starts_work = matches!(tag, b'Q' | b'P' | b'B' | b'E' | b'D' | b'C' | b'S' | b'F');
-            if let Some(message) = self.lost.take() {
+            if let Some(pending) = self.lost.take() {
                 if starts_work {
                     self.client.rbuf.advance(header.frame_len);
-                    self.fail_batch(
-                        tag,
-                        sqlstate::CONNECTION_FAILURE,
-                        &message,
-                        Some("The transaction was rolled back; run it again."),
-                    );
+                    self.fail_batch(tag, pending.code, &pending.message, Some(pending.hint));
                     continue;
                 }
-                self.lost = Some(message);
+                self.lost = Some(pending);
             }
             if starts_work && self.at_boundary() {
+                self.busy = None;
                 self.flush_server().await?;
                 self.check_server().await?;
-                match self.attach().await {
+                match self.attach_and_begin().await {
                     Ok(()) => {}
                     Err(AttachError::NoPrimary(message)) => {
                         self.client.rbuf.advance(header.frame_len);
@@ -502,36 +547,68 @@ impl Session {
     /// The server connection is gone: fail what was in flight (SQLSTATE 08006),
     /// and let the client carry on.
     fn server_lost(&mut self, reason: &str) -> Result<(), Ended> {
+        self.server_gone(Loss::Lost(reason))
+    }
+
+    /// Drops the server connection (closing it rolls back an open transaction
+    /// on the server), fails what was in flight, and lets the client carry on.
+    fn server_gone(&mut self, loss: Loss<'_>) -> Result<(), Ended> {
         let Some(server) = self.server.take() else {
             return Ok(());
         };
         self.cancel.set_target(None);
+        self.busy = None;
         if self.partial > 0 {
             // The client holds half a message: its framing cannot be recovered.
             tracing::info!(
-                reason,
-                "server lost in the middle of a message; closing the client"
+                reason = match loss {
+                    Loss::Lost(reason) => reason,
+                    Loss::Switchover => "switchover drain timeout",
+                },
+                "server connection dropped in the middle of a message; closing the client"
             );
             return Err(Ended);
         }
         let in_tx = self.tx != b'I';
-        let message = if in_tx {
-            format!("lost the connection to the primary during the transaction ({reason}); the transaction was rolled back")
-        } else {
-            format!("lost the connection to the primary during the statement ({reason}); it may or may not have completed")
+        let statement = self.outstanding > 0 || self.open_batch;
+        let (code, message, hint) = match loss {
+            Loss::Lost(reason) => {
+                let message = match (in_tx, statement) {
+                    (true, false) => format!("lost the connection to the primary during the transaction ({reason}); the transaction was rolled back"),
+                    (true, true) => format!("lost the connection to the primary during the transaction ({reason}); the transaction was rolled back, unless the statement in flight was its COMMIT, which may or may not have completed"),
+                    (false, _) => format!("lost the connection to the primary during the statement ({reason}); it may or may not have completed"),
+                };
+                tracing::info!(server = %server.addr, reason, in_tx, outstanding = self.outstanding, "server connection lost");
+                (
+                    sqlstate::CONNECTION_FAILURE,
+                    message,
+                    "The session is still usable: the next statement runs on the current primary.",
+                )
+            }
+            Loss::Switchover => {
+                let ms = self.shared.runtime.load().config.router.drain_timeout_ms;
+                let message = match (in_tx, statement) {
+                    (true, false) => format!("a switchover interrupted this transaction: it was still open after router.drain_timeout_ms ({ms} ms), and it was rolled back"),
+                    (true, true) => format!("a switchover interrupted this transaction: it was still open after router.drain_timeout_ms ({ms} ms); it was rolled back, unless the statement in flight was its COMMIT, which may or may not have completed"),
+                    (false, _) => format!("a switchover interrupted this statement: it was still running after router.drain_timeout_ms ({ms} ms), and it may or may not have completed"),
+                };
+                tracing::info!(server = %server.addr, in_tx, outstanding = self.outstanding, "switchover drain: cutting the session's transaction on the old primary");
+                (
+                    sqlstate::ADMIN_SHUTDOWN,
+                    message,
+                    "The session is still usable: the next statement waits for the new primary and runs there.",
+                )
+            }
         };
-        tracing::info!(server = %server.addr, reason, in_tx, outstanding = self.outstanding, "server connection lost");
         drop(server);
         self.state.discard_pending();
-        let hint =
-            Some("The session is still usable: the next statement runs on the current primary.");
         for _ in 0..self.outstanding {
             backend::error(
                 &mut self.client.wbuf,
                 Severity::Error,
-                sqlstate::CONNECTION_FAILURE,
+                code,
                 &message,
-                hint,
+                Some(hint),
             );
             backend::ready_for_query(&mut self.client.wbuf, b'I');
         }
@@ -539,27 +616,47 @@ impl Session {
             backend::error(
                 &mut self.client.wbuf,
                 Severity::Error,
-                sqlstate::CONNECTION_FAILURE,
+                code,
                 &message,
-                hint,
+                Some(hint),
             );
             self.skip_until_sync = true;
             self.open_batch = false;
         } else if self.outstanding == 0 && in_tx {
-            self.lost = Some(message);
+            self.lost = Some(Pending {
+                code,
+                message,
+                hint: "The transaction was rolled back; run it again.",
+            });
         }
         self.outstanding = 0;
         self.tx = b'I';
         Ok(())
     }
 
+    /// Attaches a server connection to the current primary (see
+    /// [`Session::attach`]) and marks the session busy on its epoch; if a
+    /// switchover drain started in between, waits again.
+    async fn attach_and_begin(&mut self) -> Result<(), AttachError> {
+        let deadline = Instant::now() + self.shared.runtime.load().config.pause_timeout();
+        loop {
+            self.attach(deadline).await?;
+            let Some(server) = &self.server else {
+                return Ok(());
+            };
+            if let Some(busy) = self.shared.routing.begin(server.epoch) {
+                self.busy = Some(busy);
+                return Ok(());
+            }
+        }
+    }
+
     /// Makes sure a server connection to the current primary is attached, at a
     /// transaction boundary: waits while paused (up to the pause timeout), moves
     /// the session when the primary changed, and restores it.
-    async fn attach(&mut self) -> Result<(), AttachError> {
+    async fn attach(&mut self, deadline: Instant) -> Result<(), AttachError> {
         let rt = self.shared.runtime.load_full();
         let pause = rt.config.pause_timeout();
-        let deadline = Instant::now() + pause;
         let mut changes = self.shared.routing.subscribe();
         let mut last_error: Option<String> = None;
         let mut waited = false;
@@ -715,4 +812,13 @@ impl Session {
         self.tx = b'I';
         Ok(())
     }
+}
+
+/// The epoch of the next cut order.
+async fn next_cut(cuts: &mut watch::Receiver<(u64, i64)>) -> i64 {
+    if cuts.changed().await.is_err() {
+        // The routing table is gone: no cut will ever come.
+        std::future::pending::<()>().await;
+    }
+    cuts.borrow_and_update().1
 }

@@ -2,8 +2,15 @@
 //! epoch, as last read from the monitor. The follower task publishes complete
 //! new tables; sessions read the current one per decision and wait on the
 //! change signal while paused.
+//!
+//! The table is also the gate of the switchover drain: while a drain holds an
+//! epoch, no new transaction starts on that epoch's primary; sessions count
+//! themselves busy on an epoch while they have a statement or a transaction
+//! open on its server, and the drain waits for that count to reach zero, then
+//! asks the sessions still busy to cut their transaction.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use arc_swap::ArcSwap;
 use hapg_monitor::NodeState;
@@ -45,11 +52,18 @@ pub struct Routing {
     pub routed_epoch: i64,
     /// The table has been read from the monitor at least once.
     pub known: bool,
+    /// A switchover drain holds new transactions back on the primary of this
+    /// epoch (and of any older one).
+    pub drain: Option<i64>,
 }
 
 impl Routing {
-    /// Where new server connections go, when the primary is writable.
+    /// Where new server connections go, when the primary is writable and not
+    /// being drained.
     pub fn target(&self) -> Option<Target> {
+        if self.draining() {
+            return None;
+        }
         self.primary
             .as_ref()
             .filter(|p| p.writable())
@@ -60,16 +74,35 @@ impl Routing {
             })
     }
 
-    /// True while new transactions have to wait (the primary is moving or unknown).
+    /// True while new transactions have to wait (the primary is moving,
+    /// unknown, or being drained).
     pub fn paused(&self) -> bool {
         self.target().is_none()
     }
+
+    /// True while a switchover drain holds the current epoch's primary.
+    pub fn draining(&self) -> bool {
+        self.drain.is_some_and(|d| d >= self.epoch)
+    }
+}
+
+/// What the drain gate counts: sessions busy per epoch.
+#[derive(Default)]
+struct Gate {
+    busy: BTreeMap<i64, usize>,
 }
 
 /// The shared, hot-swapped routing table.
 pub struct RoutingTable {
     current: ArcSwap<Routing>,
     changed: watch::Sender<u64>,
+    /// Every change of `current` and of the busy counts happens under this lock.
+    gate: Mutex<Gate>,
+    /// Bumped each time a session stops being busy.
+    idle: watch::Sender<u64>,
+    /// The epoch whose busy sessions must cut their transaction now, with a
+    /// generation number so that the same epoch can be cut twice.
+    cut: watch::Sender<(u64, i64)>,
 }
 
 impl Default for RoutingTable {
@@ -77,11 +110,46 @@ impl Default for RoutingTable {
         RoutingTable {
             current: ArcSwap::from_pointee(Routing::default()),
             changed: watch::Sender::new(0),
+            gate: Mutex::new(Gate::default()),
+            idle: watch::Sender::new(0),
+            cut: watch::Sender::new((0, 0)),
         }
     }
 }
 
+/// A session's mark that it has a statement or transaction open on a server
+/// of `epoch`; dropping it ends the mark.
+pub struct Busy {
+    table: Arc<RoutingTable>,
+    epoch: i64,
+}
+
+impl Busy {
+    /// The epoch of the server the session is busy on.
+    pub fn epoch(&self) -> i64 {
+        self.epoch
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let mut gate = self.table.lock();
+        if let Some(n) = gate.busy.get_mut(&self.epoch) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                gate.busy.remove(&self.epoch);
+            }
+        }
+        drop(gate);
+        self.table.idle.send_modify(|v| *v = v.wrapping_add(1));
+    }
+}
+
 impl RoutingTable {
+    fn lock(&self) -> MutexGuard<'_, Gate> {
+        self.gate.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The current table.
     pub fn load(&self) -> Arc<Routing> {
         self.current.load_full()
@@ -92,31 +160,95 @@ impl RoutingTable {
         self.changed.subscribe()
     }
 
+    /// Stores `next` if it differs (the gate must be held); true when it did.
+    fn store(&self, _gate: &MutexGuard<'_, Gate>, next: Routing) -> bool {
+        let old = self.current.load();
+        if **old == next {
+            return false;
+        }
+        tracing::info!(
+            epoch = next.epoch,
+            primary = ?next.primary.as_ref().map(|p| format!("{}:{} ({}/{})", p.host, p.port, p.reported, p.goal)),
+            paused = next.paused(),
+            draining = next.draining(),
+            "routing changed"
+        );
+        self.current.store(Arc::new(next));
+        self.changed.send_modify(|v| *v = v.wrapping_add(1));
+        true
+    }
+
     /// Publishes what the monitor says now (epoch and primary); returns true
-    /// when that changed the table.
+    /// when that changed the table. A drain in force stays in force.
     pub fn publish(&self, epoch: i64, primary: Option<Primary>) -> bool {
+        let gate = self.lock();
         let old = self.current.load();
         let mut next = Routing {
             epoch,
             primary,
             routed_epoch: old.routed_epoch,
             known: true,
+            drain: old.drain,
         };
         if next.target().is_some() {
-            next.routed_epoch = epoch;
+            next.routed_epoch = next.routed_epoch.max(epoch);
         }
-        if **old == next {
-            return false;
+        self.store(&gate, next)
+    }
+
+    /// Holds new transactions back on the primary of `epoch` (and older), or
+    /// with `None` lets them go again; returns true when that changed the table.
+    pub fn set_drain(&self, drain: Option<i64>) -> bool {
+        let gate = self.lock();
+        let mut next = Routing::clone(&self.current.load());
+        next.drain = drain;
+        if next.target().is_some() {
+            next.routed_epoch = next.routed_epoch.max(next.epoch);
         }
-        tracing::info!(
+        self.store(&gate, next)
+    }
+
+    /// Marks a session busy on `epoch` if a new transaction may start there
+    /// now (the epoch is the writable, undrained target). Checked and counted
+    /// under one lock, so a drain that starts after this returns sees the mark.
+    pub fn begin(self: &Arc<Self>, epoch: i64) -> Option<Busy> {
+        let mut gate = self.lock();
+        let allowed = self
+            .current
+            .load()
+            .target()
+            .is_some_and(|t| t.epoch == epoch);
+        if !allowed {
+            return None;
+        }
+        *gate.busy.entry(epoch).or_default() += 1;
+        Some(Busy {
+            table: self.clone(),
             epoch,
-            primary = ?next.primary.as_ref().map(|p| format!("{}:{} ({}/{})", p.host, p.port, p.reported, p.goal)),
-            paused = next.paused(),
-            "routing changed"
-        );
-        self.current.store(Arc::new(next));
-        self.changed.send_modify(|v| *v += 1);
-        true
+        })
+    }
+
+    /// Sessions busy on `epoch` now.
+    pub fn busy(&self, epoch: i64) -> usize {
+        self.lock().busy.get(&epoch).copied().unwrap_or(0)
+    }
+
+    /// A receiver that wakes up each time a session stops being busy.
+    pub fn subscribe_idle(&self) -> watch::Receiver<u64> {
+        self.idle.subscribe()
+    }
+
+    /// A receiver of cut orders (see [`RoutingTable::cut`]).
+    pub fn subscribe_cut(&self) -> watch::Receiver<(u64, i64)> {
+        self.cut.subscribe()
+    }
+
+    /// Orders every session busy on `epoch` to cut its statement or transaction.
+    pub fn cut(&self, epoch: i64) {
+        self.cut.send_modify(|(generation, e)| {
+            *generation = generation.wrapping_add(1);
+            *e = epoch;
+        });
     }
 }
 
@@ -154,5 +286,36 @@ mod tests {
         table.publish(2, primary(NodeState::WaitPrimary, NodeState::WaitPrimary));
         assert!(!table.load().paused());
         assert_eq!(table.load().routed_epoch, 2);
+    }
+
+    #[test]
+    fn drain_holds_its_epoch_only_and_counts_busy_sessions() {
+        let table = Arc::new(RoutingTable::default());
+        table.publish(1, primary(NodeState::Primary, NodeState::Primary));
+        let busy = table.begin(1).expect("epoch 1 open");
+        assert!(table.begin(2).is_none(), "not the target epoch");
+        assert_eq!(table.busy(1), 1);
+        let idle = table.subscribe_idle();
+        assert!(table.set_drain(Some(1)));
+        assert!(table.load().paused() && table.load().draining());
+        assert!(
+            table.begin(1).is_none(),
+            "no new transaction while draining"
+        );
+        drop(busy);
+        assert_eq!(table.busy(1), 0);
+        assert!(idle.has_changed().expect("open"));
+        // The same epoch writable again stays drained; a new epoch is not.
+        table.publish(1, primary(NodeState::Primary, NodeState::Primary));
+        assert!(table.load().paused());
+        table.publish(2, primary(NodeState::WaitPrimary, NodeState::WaitPrimary));
+        assert!(!table.load().paused());
+        assert_eq!(table.load().routed_epoch, 2);
+        assert!(table.begin(2).is_some());
+        // Abandoned drain of a writable primary: resume.
+        table.set_drain(Some(2));
+        assert!(table.load().paused());
+        table.set_drain(None);
+        assert_eq!(table.load().target().expect("target").epoch, 2);
     }
 }

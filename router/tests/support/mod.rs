@@ -240,6 +240,82 @@ impl Monitor {
             .expect("notify");
     }
 
+    /// Plays `hapg perform switchover` being accepted: the formation's drain
+    /// request is set and notified on `hapg_drain`.
+    pub async fn request_switchover(&self) {
+        self.client
+            .batch_execute(
+                "UPDATE hapg.formation SET switchover_requested_at = clock_timestamp()
+                  WHERE formation_id = 'default';
+                 SELECT pg_notify('hapg_drain', 'default');",
+            )
+            .await
+            .expect("request switchover");
+    }
+
+    /// Plays an abandoned switchover: the request goes back to NULL, with no
+    /// epoch change and no notification (as the monitor does).
+    pub async fn abandon_switchover(&self) {
+        self.client
+            .batch_execute(
+                "UPDATE hapg.formation SET switchover_requested_at = NULL WHERE formation_id = 'default'",
+            )
+            .await
+            .expect("abandon switchover");
+    }
+
+    /// Plays the monitor going on with the switchover: in one transaction, the
+    /// primary `node` is told to drain and the request is cleared; notified.
+    pub async fn proceed_with_switchover(&self, node: i64) {
+        self.client
+            .batch_execute(&format!(
+                "UPDATE hapg.node SET goal_state = 'draining' WHERE node_id = {node};
+                 UPDATE hapg.formation SET switchover_requested_at = NULL WHERE formation_id = 'default';
+                 SELECT pg_notify('hapg_state', json_build_object('nodeId', {node}::bigint)::text);"
+            ))
+            .await
+            .expect("proceed with switchover");
+    }
+
+    /// True when the router's `drained_at` acknowledges the pending request.
+    pub async fn drain_acked(&self) -> bool {
+        self.client
+            .query_opt(
+                "SELECT coalesce(r.drained_at >= f.switchover_requested_at, false)
+                   FROM hapg.router r JOIN hapg.formation f USING (formation_id)",
+                &[],
+            )
+            .await
+            .expect("read router")
+            .is_some_and(|r| r.get(0))
+    }
+
+    /// Waits (at most `limit`) until the router acknowledges the pending
+    /// request; returns how long that took.
+    pub async fn wait_drain_acked(&self, limit: Duration) -> Duration {
+        let start = Instant::now();
+        while !self.drain_acked().await {
+            assert!(
+                start.elapsed() < limit,
+                "the router did not acknowledge the drain within {limit:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        start.elapsed()
+    }
+
+    /// The router row's `last_seen` (seconds since the epoch) and `routed_epoch`.
+    pub async fn router_row(&self) -> Option<(f64, i64)> {
+        self.client
+            .query_opt(
+                "SELECT extract(epoch FROM last_seen)::float8, routed_epoch FROM hapg.router",
+                &[],
+            )
+            .await
+            .expect("read router")
+            .map(|r| (r.get(0), r.get(1)))
+    }
+
     /// The router's registered epoch, if registered.
     pub async fn routed_epoch(&self) -> Option<i64> {
         self.client
