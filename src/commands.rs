@@ -15,9 +15,9 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::show;
 use crate::{
-    Command, ConfigCommand, CreateCommand, CreatePostgresArgs, DisableCommand, DropCommand,
-    EnableCommand, InstanceArgs, MaintenanceArgs, MonitorArgs, PerformArgs, PerformCommand,
-    RouterCommand, ShowCommand,
+    Command, ConfigCommand, CreateCommand, CreateMonitorArgs, CreatePostgresArgs, DisableCommand,
+    DropCommand, EnableCommand, InstanceArgs, MaintenanceArgs, MonitorArgs, PerformArgs,
+    PerformCommand, RouterCommand, ShowCommand,
 };
 
 /// Runs one command.
@@ -81,29 +81,57 @@ fn instance_options(args: &InstanceArgs) -> Result<InstanceOptions> {
     })
 }
 
-async fn create_monitor(args: InstanceArgs) -> Result<()> {
-    let opts = instance_options(&args)?;
-    let paths = create::create_monitor(opts).await?;
+/// A password given on the command line or in a file (first line, trimmed).
+fn password(value: &Option<String>, file: &Option<PathBuf>, flag: &str) -> Result<Option<String>> {
+    Ok(match (value, file) {
+        (Some(p), _) => Some(p.clone()),
+        (None, Some(file)) => Some(
+            std::fs::read_to_string(file)
+                .with_context(|| format!("reading --{flag}-file {}", file.display()))?
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_string(),
+        ),
+        (None, None) => None,
+    })
+}
+
+async fn create_monitor(args: CreateMonitorArgs) -> Result<()> {
+    let opts = instance_options(&args.instance)?;
+    let monitor_password = password(
+        &args.monitor_password,
+        &args.monitor_password_file,
+        "monitor-password",
+    )?;
+    if monitor_password.is_none() && !matches!(opts.auth_method.as_str(), "trust" | "peer" | "cert")
+    {
+        bail!(
+            "--auth {} needs a password for the autoctl_node role: give --monitor-password or --monitor-password-file",
+            opts.auth_method
+        );
+    }
+    let paths = create::create_monitor(opts, monitor_password).await?;
     let config = NodeConfig::load(&paths.config)?;
-    println!("{}", create::monitor_uri(&config));
-    if args.run {
+    println!("{}", pgconn_redacted(&create::monitor_uri(&config)));
+    if args.instance.run {
         run(&paths.pgdata).await?;
     }
     Ok(())
 }
 
+fn pgconn_redacted(uri: &str) -> String {
+    hapg_monitor::pgconn::redact_uri(uri)
+}
+
 async fn create_postgres(args: CreatePostgresArgs) -> Result<()> {
     let opts = instance_options(&args.instance)?;
-    let replication_password = match (&args.replication_password, &args.replication_password_file) {
-        (Some(p), _) => Some(p.clone()),
-        (None, Some(file)) => Some(
-            std::fs::read_to_string(file)
-                .with_context(|| format!("reading --replication-password-file {}", file.display()))?
-                .trim()
-                .to_string(),
-        ),
-        (None, None) => None,
-    };
+    let replication_password = password(
+        &args.replication_password,
+        &args.replication_password_file,
+        "replication-password",
+    )?;
     let node = NodeOptions {
         name: args.name.clone(),
         formation: args.formation.clone(),
@@ -393,16 +421,18 @@ async fn show_uri(args: MonitorArgs, monitor_only: bool) -> Result<()> {
                 .collect(),
         ));
     }
-    let table_rows: Vec<Vec<String>> = rows.into_iter().map(|(a, b, c)| vec![a, b, c]).collect();
-    let text = show::table(
-        &["Type", "Name", "Connection String"],
-        &table_rows,
-        &[12, 7, 0],
+    let table_rows: Vec<Vec<String>> = rows
+        .into_iter()
+        .map(|(a, b, c)| vec![a, b, pgconn_redacted(&c)])
+        .collect();
+    print!(
+        "{}",
+        show::table_last_left(
+            &["Type", "Name", "Connection String"],
+            &table_rows,
+            &[12, 7]
+        )
     );
-    // The last column reads better left-aligned.
-    for line in text.lines() {
-        println!("{line}");
-    }
     Ok(())
 }
 

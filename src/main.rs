@@ -94,9 +94,26 @@ struct InstanceArgs {
 #[derive(Subcommand, Debug)]
 enum CreateCommand {
     /// Initialise the monitor's Postgres instance and its cluster-state schema.
-    Monitor(InstanceArgs),
+    Monitor(CreateMonitorArgs),
     /// Register a Postgres node with the monitor and initialise it.
     Postgres(CreatePostgresArgs),
+}
+
+#[derive(Args, Debug)]
+struct CreateMonitorArgs {
+    #[command(flatten)]
+    instance: InstanceArgs,
+    /// Password of the autoctl_node role keepers, routers and the CLI log in as
+    /// (needed with --auth md5 or scram-sha-256; `show uri --monitor-uri` includes it).
+    #[arg(
+        long,
+        env = "HAPG_MONITOR_PASSWORD",
+        conflicts_with = "monitor_password_file"
+    )]
+    monitor_password: Option<String>,
+    /// File holding that password.
+    #[arg(long)]
+    monitor_password_file: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]

@@ -119,6 +119,30 @@ pub fn state_json(nodes: &[NodeRow]) -> serde_json::Value {
     )
 }
 
+/// Like [`table`], with the last column left-aligned and unpadded (long text:
+/// comments, connection strings), as pg_autoctl prints them.
+pub fn table_last_left(headers: &[&str], rows: &[Vec<String>], min_widths: &[usize]) -> String {
+    let Some((last_header, first_headers)) = headers.split_last() else {
+        return String::new();
+    };
+    let firsts: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| r[..first_headers.len()].to_vec())
+        .collect();
+    let head = table(first_headers, &firsts, min_widths);
+    let mut out = String::new();
+    for (i, line) in head.lines().enumerate() {
+        out.push_str(line);
+        match i {
+            0 => out.push_str(&format!(" | {last_header}")),
+            1 => out.push_str(&format!("-+-{}", "-".repeat(last_header.len().max(10)))),
+            _ => out.push_str(&format!(" | {}", rows[i - 2][first_headers.len()])),
+        }
+        out.push('\n');
+    }
+    out
+}
+
 /// The `show events` table.
 pub fn events_table(events: &[EventRow]) -> String {
     let rows: Vec<Vec<String>> = events
@@ -137,24 +161,17 @@ pub fn events_table(events: &[EventRow]) -> String {
             ]
         })
         .collect();
-    // The comment column is left-aligned and unpadded, as pg_autoctl prints it.
-    let mut out = table(
-        &["Event Time", "Node", "Current State", "Assigned State"],
-        &rows.iter().map(|r| r[..4].to_vec()).collect::<Vec<_>>(),
+    table_last_left(
+        &[
+            "Event Time",
+            "Node",
+            "Current State",
+            "Assigned State",
+            "Comment",
+        ],
+        &rows,
         &[30, 6, 19, 19],
-    );
-    let lines: Vec<String> = out.lines().map(str::to_string).collect();
-    out.clear();
-    for (i, line) in lines.iter().enumerate() {
-        out.push_str(line);
-        match i {
-            0 => out.push_str(" | Comment"),
-            1 => out.push_str(&format!("-+-{}", "-".repeat(10))),
-            _ => out.push_str(&format!(" | {}", rows[i - 2][4])),
-        }
-        out.push('\n');
-    }
-    out
+    )
 }
 
 /// `show events --json`.

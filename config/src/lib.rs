@@ -110,6 +110,9 @@ pub struct NodeSection {
     /// Node id the monitor assigned at registration (keepers; 0 before).
     #[serde(default)]
     pub node_id: i64,
+    /// Password of the monitor's `autoctl_node` role (monitor only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub monitor_password: Option<String>,
 }
 
 /// The `[postgresql]` section: the local instance.
@@ -390,6 +393,7 @@ mod tests {
                 monitor: "postgres://autoctl_node@localhost:5500/pg_auto_failover".into(),
                 os_user: "postgres".into(),
                 node_id: 1,
+                monitor_password: None,
             },
             postgresql: PostgresSection {
                 pgdata: "/tmp/node_a".into(),

@@ -164,6 +164,7 @@ fn config_for(opts: &InstanceOptions, role: Role) -> NodeConfig {
             monitor: String::new(),
             os_user: opts.os_user.clone(),
             node_id: 0,
+            monitor_password: None,
         },
         postgresql: PostgresSection {
             pgdata: opts.pgdata.clone(),
@@ -183,13 +184,17 @@ fn config_for(opts: &InstanceOptions, role: Role) -> NodeConfig {
 
 /// `hapg create monitor`: initdb, configure and start the monitor's Postgres,
 /// create its database, role and schema, and write its configuration.
-pub async fn create_monitor(mut opts: InstanceOptions) -> Result<NodePaths, KeeperError> {
+pub async fn create_monitor(
+    mut opts: InstanceOptions,
+    password: Option<String>,
+) -> Result<NodePaths, KeeperError> {
     let paths = NodePaths::for_pgdata(&opts.pgdata)?;
     opts.pgdata = paths.pgdata.clone();
     check_instance(&opts, &paths)?;
     let pg = instance(&opts, MONITOR_DBNAME, None)?;
     pg.check_access()?;
-    let config = config_for(&opts, Role::Monitor);
+    let mut config = config_for(&opts, Role::Monitor);
+    config.node.monitor_password = password.clone();
     config.validate()?;
 
     pg.initdb().await?;
@@ -206,6 +211,14 @@ pub async fn create_monitor(mut opts: InstanceOptions) -> Result<NodePaths, Keep
              END $$;"
         ))
         .await?;
+    if let Some(password) = &password {
+        client
+            .batch_execute(&format!(
+                "ALTER ROLE {MONITOR_ROLE} WITH PASSWORD '{}'",
+                password.replace('\'', "''")
+            ))
+            .await?;
+    }
     if client
         .query_opt(
             "SELECT 1 FROM pg_database WHERE datname = $1",
@@ -249,10 +262,27 @@ fn write_monitor_hba(pg: &LocalPostgres) -> Result<(), KeeperError> {
 
 /// The URI keepers, routers and the CLI use to reach the monitor.
 pub fn monitor_uri(config: &NodeConfig) -> String {
+    let credentials = match &config.node.monitor_password {
+        Some(password) => format!("{MONITOR_ROLE}:{}", percent_encode(password)),
+        None => MONITOR_ROLE.to_string(),
+    };
     format!(
-        "postgres://{MONITOR_ROLE}@{}:{}/{MONITOR_DBNAME}?sslmode={}",
+        "postgres://{credentials}@{}:{}/{MONITOR_DBNAME}?sslmode={}",
         config.node.hostname, config.postgresql.port, config.ssl.sslmode
     )
+}
+
+/// Percent-encodes everything but unreserved URI characters.
+fn percent_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
 }
 
 /// A superuser connection string to the monitor database over the local socket.

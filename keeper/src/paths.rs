@@ -100,8 +100,16 @@ impl NodePaths {
 /// Writes `contents` to `path` atomically: a temporary file, fsync, rename.
 pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<(), KeeperError> {
     use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
-    let mut file = std::fs::File::create(&tmp).map_err(|e| KeeperError::io(&tmp, e))?;
+    // 0600: configuration files may hold passwords.
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| KeeperError::io(&tmp, e))?;
     file.write_all(contents)
         .and_then(|()| file.sync_all())
         .map_err(|e| KeeperError::io(&tmp, e))?;
