@@ -1,0 +1,322 @@
+//! What pgbench connects to: Postgres itself, the hapg router, PgBouncer in
+//! each pool mode, HAProxy in TCP mode. Each proxy gets a generated config
+//! in the run directory and listens on a free loopback port.
+
+use std::fmt;
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::procs::{self, Supervisor};
+
+/// The router's connection handling. Today the router has one server
+/// connection per client and no `[pool]` section; `Session` and
+/// `Transaction` write `[pool] mode = "..."` into router.toml, ready for the
+/// day the router learns pooling (until then the router refuses the key and
+/// the bench reports the row as skipped).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouterPool {
+    /// No `[pool]` section: the router as it is (session per client).
+    Off,
+    Session,
+    Transaction,
+}
+
+impl RouterPool {
+    /// Parses a `--router-pool-mode` entry.
+    pub fn from_key(key: &str) -> Result<RouterPool> {
+        Ok(match key {
+            "none" | "off" => RouterPool::Off,
+            "session" => RouterPool::Session,
+            "transaction" => RouterPool::Transaction,
+            _ => bail!("unknown router pool mode {key:?}: use none, session or transaction"),
+        })
+    }
+
+    /// The `[pool]` section for router.toml, if any.
+    fn toml(self) -> String {
+        let mode = match self {
+            RouterPool::Off => return String::new(),
+            RouterPool::Session => "session",
+            RouterPool::Transaction => "transaction",
+        };
+        format!("\n[pool]\nmode = \"{mode}\"\n")
+    }
+}
+
+/// PgBouncer's `pool_mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BouncerMode {
+    Session,
+    Transaction,
+}
+
+/// One thing pgbench runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Direct,
+    Router(RouterPool),
+    PgBouncer(BouncerMode),
+    HaProxy,
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(match self {
+            Target::Direct => "direct",
+            Target::Router(RouterPool::Off) => "router",
+            Target::Router(RouterPool::Session) => "router session pool",
+            Target::Router(RouterPool::Transaction) => "router transaction pool",
+            Target::PgBouncer(BouncerMode::Session) => "pgbouncer session",
+            Target::PgBouncer(BouncerMode::Transaction) => "pgbouncer transaction",
+            Target::HaProxy => "haproxy tcp",
+        })
+    }
+}
+
+/// A free TCP port on loopback (bind 0, read it, release it).
+pub fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Fixed facts of the run every target needs.
+pub struct Env {
+    /// The run directory (0755: Postgres, PgBouncer and HAProxy run as `postgres`).
+    pub dir: PathBuf,
+    /// Postgres client programs (psql).
+    pub pg_bindir: PathBuf,
+    pub hapg: PathBuf,
+    pub pgbouncer: Option<PathBuf>,
+    pub haproxy: Option<PathBuf>,
+    /// uid/gid of the `postgres` OS user when hapg-bench runs as root.
+    pub run_as: Option<(u32, u32)>,
+    pub monitor_uri: String,
+    pub node_port: u16,
+    pub dbname: String,
+    pub clients: u32,
+}
+
+impl Env {
+    /// A command that runs as the `postgres` OS user when we are root.
+    fn as_postgres(&self, program: &Path) -> Command {
+        let mut cmd = Command::new(program);
+        if let Some((uid, gid)) = self.run_as {
+            cmd.uid(uid).gid(gid);
+        }
+        cmd.current_dir(&self.dir);
+        cmd
+    }
+
+    /// A psql command to `port` running `sql` statements, one `-c` each.
+    pub fn psql(&self, port: u16, sql: &[&str]) -> Command {
+        let mut cmd = Command::new(self.pg_bindir.join("psql"));
+        cmd.args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
+            .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+            .args(["-U", "postgres", "-d", &self.dbname])
+            .env("PGSSLMODE", "disable")
+            .env("PGCONNECT_TIMEOUT", "3");
+        for s in sql {
+            cmd.args(["-c", s]);
+        }
+        cmd
+    }
+
+    /// Waits (bounded) until `SELECT 1` works through `port`.
+    pub fn wait_ready(
+        &self,
+        sup: &mut Supervisor,
+        service: Option<&str>,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            if let Some(name) = service {
+                sup.check_alive(name)?;
+            }
+            let out = procs::run_capture(self.psql(port, &["SELECT 1"]), Duration::from_secs(10))?;
+            if out.status.success() && out.stdout.trim() == "1" {
+                return Ok(());
+            }
+            last = out.both();
+            procs::sleep(Duration::from_millis(200))?;
+        }
+        bail!(
+            "port {port} did not answer SELECT 1 within {timeout:?}; last error: {}",
+            last.trim()
+        )
+    }
+}
+
+/// A proxy started for one target's runs; stopped by [`Running::stop`].
+pub struct Running {
+    pub port: u16,
+    service: Option<String>,
+}
+
+impl Running {
+    pub fn stop(self, sup: &mut Supervisor) {
+        if let Some(name) = self.service {
+            sup.stop(&name);
+        }
+    }
+}
+
+/// Why a target cannot run on this machine, if it cannot.
+pub fn unavailable(target: Target, env: &Env) -> Option<String> {
+    match target {
+        Target::PgBouncer(_) if env.pgbouncer.is_none() => Some(
+            "pgbouncer is not installed: apt-get install -y pgbouncer haproxy (or --pgbouncer PATH)"
+                .into(),
+        ),
+        Target::HaProxy if env.haproxy.is_none() => Some(
+            "haproxy is not installed: apt-get install -y pgbouncer haproxy (or --haproxy PATH)"
+                .into(),
+        ),
+        _ => None,
+    }
+}
+
+/// Starts what `target` needs and waits until it answers.
+pub fn start(target: Target, env: &Env, sup: &mut Supervisor) -> Result<Running> {
+    let (kind, port, cmd, stop_timeout) = match target {
+        Target::Direct => {
+            return Ok(Running {
+                port: env.node_port,
+                service: None,
+            })
+        }
+        Target::Router(pool) => {
+            let port = free_port()?;
+            let path = env.dir.join(format!("router-{port}.toml"));
+            write(&path, &router_toml(env, port, pool))?;
+            let mut cmd = Command::new(&env.hapg);
+            cmd.args(["router", "run", "--config"])
+                .arg(&path)
+                .current_dir(&env.dir)
+                .env("HAPG_LOG", "warn");
+            // The router drains for drain_timeout_ms (2 s here) on SIGTERM.
+            ("router", port, cmd, Duration::from_secs(15))
+        }
+        Target::PgBouncer(mode) => {
+            let Some(bin) = &env.pgbouncer else {
+                bail!("pgbouncer is not installed");
+            };
+            let port = free_port()?;
+            let userlist = env.dir.join("pgbouncer-users.txt");
+            write(&userlist, "\"postgres\" \"\"\n")?;
+            let path = env.dir.join(format!("pgbouncer-{port}.ini"));
+            write(&path, &pgbouncer_ini(env, port, mode, &userlist))?;
+            let mut cmd = env.as_postgres(bin);
+            cmd.arg(&path);
+            ("pgbouncer", port, cmd, Duration::from_secs(10))
+        }
+        Target::HaProxy => {
+            let Some(bin) = &env.haproxy else {
+                bail!("haproxy is not installed");
+            };
+            let port = free_port()?;
+            let path = env.dir.join(format!("haproxy-{port}.cfg"));
+            write(&path, &haproxy_cfg(env, port))?;
+            let mut cmd = env.as_postgres(bin);
+            cmd.args(["-db", "-f"]).arg(&path);
+            ("haproxy", port, cmd, Duration::from_secs(10))
+        }
+    };
+    let service = format!("{kind}-{port}");
+    let log = env.dir.join(format!("{service}.log"));
+    sup.spawn(&service, cmd, &log, stop_timeout)?;
+    env.wait_ready(sup, Some(&service), port, Duration::from_secs(30))
+        .with_context(|| format!("{target} did not start (log {})", log.display()))?;
+    Ok(Running {
+        port,
+        service: Some(service),
+    })
+}
+
+fn write(path: &Path, text: &str) -> Result<()> {
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+/// router.toml: trust auth, plain TCP to the node (as pgbench direct), limits high enough.
+fn router_toml(env: &Env, port: u16, pool: RouterPool) -> String {
+    format!(
+        "# Written by hapg-bench.\n\
+         [router]\n\
+         listen = \"127.0.0.1:{port}\"\n\
+         monitor = \"{monitor}\"\n\
+         formation = \"default\"\n\
+         id = \"hapg-bench:{port}\"\n\
+         max_client_connections = {max}\n\
+         pause_timeout_ms = 5000\n\
+         drain_timeout_ms = 2000\n\
+         \n\
+         [auth]\n\
+         type = \"trust\"\n\
+         \n\
+         [server]\n\
+         sslmode = \"disable\"\n\
+         {pool}",
+        monitor = env.monitor_uri.replace('\\', "\\\\").replace('"', "\\\""),
+        max = (env.clients * 4).max(1000),
+        pool = pool.toml(),
+    )
+}
+
+/// pgbouncer.ini: one database, trust auth, a pool as large as the client count.
+fn pgbouncer_ini(env: &Env, port: u16, mode: BouncerMode, userlist: &Path) -> String {
+    let mode = match mode {
+        BouncerMode::Session => "session",
+        BouncerMode::Transaction => "transaction",
+    };
+    format!(
+        ";; Written by hapg-bench.\n\
+         [databases]\n\
+         {db} = host=127.0.0.1 port={node} dbname={db}\n\
+         \n\
+         [pgbouncer]\n\
+         listen_addr = 127.0.0.1\n\
+         listen_port = {port}\n\
+         unix_socket_dir =\n\
+         auth_type = trust\n\
+         auth_file = {userlist}\n\
+         pool_mode = {mode}\n\
+         default_pool_size = {pool}\n\
+         max_client_conn = {max}\n\
+         server_tls_sslmode = disable\n\
+         ignore_startup_parameters = extra_float_digits\n\
+         log_connections = 0\n\
+         log_disconnections = 0\n",
+        db = env.dbname,
+        node = env.node_port,
+        userlist = userlist.display(),
+        pool = env.clients,
+        max = (env.clients * 4).max(1000),
+    )
+}
+
+/// haproxy.cfg: a plain TCP listener forwarding to the node.
+fn haproxy_cfg(env: &Env, port: u16) -> String {
+    format!(
+        "# Written by hapg-bench.\n\
+         global\n\
+         \x20   maxconn {max}\n\
+         \n\
+         defaults\n\
+         \x20   mode tcp\n\
+         \x20   timeout connect 5s\n\
+         \x20   timeout client 1h\n\
+         \x20   timeout server 1h\n\
+         \n\
+         listen postgres\n\
+         \x20   bind 127.0.0.1:{port}\n\
+         \x20   server node 127.0.0.1:{node}\n",
+        max = (env.clients * 4).max(1000),
+        node = env.node_port,
+    )
+}

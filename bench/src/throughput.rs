@@ -1,0 +1,771 @@
+//! `hapg-bench throughput`: pgbench against Postgres directly and through each
+//! proxy, in one run, on one node, and one table of TPS, latency and ratio to
+//! direct.
+//!
+//! Order: direct, the router rows, PgBouncer session, PgBouncer transaction,
+//! HAProxy, then direct again. Each target runs its tests back to back and is
+//! the only proxy running meanwhile. Direct's two passes are averaged and
+//! their spread shown, which bounds the drift over the run (the machine is
+//! shared, TPC-B tables grow). Before each run, straight to the node and
+//! untimed: `CHECKPOINT`, and before TPC-B also what pgbench does without
+//! `-n` (vacuum branches and tellers, truncate history), so every target's
+//! TPC-B starts from the same state.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+
+use crate::cluster::{self, Hapg};
+use crate::pgbench::{self, Measured, Shape, Test};
+use crate::procs::{self, Supervisor};
+use crate::targets::{self, BouncerMode, Env, RouterPool, Target};
+
+/// Options of `hapg-bench throughput`.
+#[derive(Args, Debug)]
+pub struct ThroughputArgs {
+    /// pgbench clients (-c).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=10000))]
+    pub clients: u32,
+    /// Seconds per pgbench run (-T).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub duration: u64,
+    /// pgbench scale factor (-i -s).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=10000))]
+    pub scale: u32,
+    /// pgbench threads (-j), at most the client count.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub threads: u32,
+    /// pgbench query mode (-M).
+    #[arg(long, default_value = "simple", value_parser = ["simple", "extended", "prepared"])]
+    pub query_mode: String,
+    /// Tests to run: select (select-only), connect (select-only -C), tpcb.
+    #[arg(long, value_delimiter = ',', default_value = "select,connect,tpcb")]
+    pub tests: Vec<String>,
+    /// Targets to run: direct, router, pgbouncer (both modes), pgbouncer-session,
+    /// pgbouncer-transaction, haproxy. Default: all. Ratios need direct.
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
+    /// Router rows: none (the router as it is: one server connection per
+    /// client), session, transaction (write `[pool] mode` into router.toml).
+    #[arg(long, value_delimiter = ',', default_value = "none")]
+    pub router_pool_mode: Vec<String>,
+    /// Seconds of untimed select-only load on the node before the first run.
+    #[arg(long, default_value_t = 5)]
+    pub warmup: u64,
+    /// Print the result as Markdown (for docs/performance.md).
+    #[arg(long)]
+    pub markdown: bool,
+    /// Keep the run directory (data directories, configs, logs).
+    #[arg(long)]
+    pub keep: bool,
+    /// The hapg binary (default: `hapg` next to hapg-bench).
+    #[arg(long)]
+    pub hapg: Option<PathBuf>,
+    /// Directory of the PostgreSQL 15 programs (pgbench, psql).
+    #[arg(long, default_value = "/usr/lib/postgresql/15/bin")]
+    pub pg_bindir: PathBuf,
+    /// The pgbouncer binary (default /usr/sbin/pgbouncer when installed).
+    #[arg(long)]
+    pub pgbouncer: Option<PathBuf>,
+    /// The haproxy binary (default /usr/sbin/haproxy when installed).
+    #[arg(long)]
+    pub haproxy: Option<PathBuf>,
+}
+
+const DBNAME: &str = "bench";
+
+/// One pgbench run's outcome.
+struct Sample {
+    target: Target,
+    test: Test,
+    outcome: Result<Measured, String>,
+}
+
+/// Facts about the machine and the software, printed with the table.
+struct RunInfo {
+    command: String,
+    cpus: usize,
+    cpu_model: String,
+    kernel: String,
+    load_before: String,
+    load_after: String,
+    versions: Vec<String>,
+}
+
+pub fn run(args: ThroughputArgs) -> Result<()> {
+    let tests: Vec<Test> = args
+        .tests
+        .iter()
+        .map(|t| Test::from_key(t.trim()))
+        .collect::<Result<_>>()?;
+    let order = schedule(&args)?;
+    let shape = Shape {
+        clients: args.clients,
+        threads: args.threads,
+        duration_s: args.duration,
+        query_mode: args.query_mode.clone(),
+    };
+    let pg_bindir = args.pg_bindir.clone();
+    for tool in ["pgbench", "psql", "initdb"] {
+        if !pg_bindir.join(tool).exists() {
+            bail!(
+                "{} not found: install PostgreSQL 15 (apt-get install -y postgresql-15) or give --pg-bindir",
+                pg_bindir.join(tool).display()
+            );
+        }
+    }
+    let hapg_bin = match &args.hapg {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .map(|d| d.join("hapg"))
+            .context("no directory for hapg-bench's own binary")?,
+    };
+    if !hapg_bin.exists() {
+        bail!(
+            "{} not found: build it (cargo build --release -p hapg) or give --hapg PATH",
+            hapg_bin.display()
+        );
+    }
+    let pgbouncer = installed(&args.pgbouncer, "/usr/sbin/pgbouncer");
+    let haproxy = installed(&args.haproxy, "/usr/sbin/haproxy");
+    if pgbouncer.is_none() || haproxy.is_none() {
+        eprintln!(
+            "note: {} missing; those rows are skipped. Install with: apt-get install -y pgbouncer haproxy",
+            [
+                pgbouncer.is_none().then_some("pgbouncer"),
+                haproxy.is_none().then_some("haproxy")
+            ]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+            .join(" and ")
+        );
+    }
+    let run_as = postgres_ids()?;
+
+    let tmp = tempfile::Builder::new()
+        .prefix("hapg-bench-")
+        .tempdir_in("/tmp")
+        .context("creating the run directory")?;
+    let dir = tmp.path().to_path_buf();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+    }
+    eprintln!("run directory {}", dir.display());
+
+    let mut context = RunInfo {
+        command: command_line(),
+        cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cpu_model: cpu_model(),
+        kernel: read_trim("/proc/sys/kernel/osrelease"),
+        load_before: load_average(),
+        load_after: String::new(),
+        versions: Vec::new(),
+    };
+    context.versions.push(version(&hapg_bin, "--version"));
+    context
+        .versions
+        .push(version(&pg_bindir.join("pgbench"), "--version"));
+    if let Some(p) = &pgbouncer {
+        context.versions.push(version(p, "--version"));
+    }
+    if let Some(p) = &haproxy {
+        context.versions.push(version(p, "-v"));
+    }
+
+    // Everything started from here is stopped when `sup` drops, whatever happens.
+    let result = {
+        let mut sup = Supervisor::default();
+        let tools = Tools {
+            hapg: Hapg {
+                bin: hapg_bin.clone(),
+                dir: dir.clone(),
+            },
+            pgbouncer,
+            haproxy,
+            run_as,
+        };
+        let r = measure(&mut sup, &tools, &args, &shape, &tests, &order);
+        sup.stop_all();
+        r
+    };
+    context.load_after = load_average();
+    if args.keep {
+        eprintln!("keeping {}", tmp.keep().display());
+    } else if result.is_err() {
+        eprintln!("(run with --keep to look at the logs in the run directory)");
+    }
+    let Outcomes { samples, skipped } = result?;
+    let report = Report {
+        samples,
+        skipped,
+        tests,
+        order,
+    };
+    let text = if args.markdown {
+        report.markdown(&context, &shape, args.scale)
+    } else {
+        report.plain(&context, &shape, args.scale)
+    };
+    print!("{text}");
+    Ok(())
+}
+
+/// The programs a run uses besides pgbench and psql.
+struct Tools {
+    hapg: Hapg,
+    pgbouncer: Option<PathBuf>,
+    haproxy: Option<PathBuf>,
+    /// uid/gid of the `postgres` OS user when running as root.
+    run_as: Option<(u32, u32)>,
+}
+
+/// Every run's outcome, and the targets that could not run (with why).
+struct Outcomes {
+    samples: Vec<Sample>,
+    skipped: Vec<(Target, String)>,
+}
+
+fn measure(
+    sup: &mut Supervisor,
+    tools: &Tools,
+    args: &ThroughputArgs,
+    shape: &Shape,
+    tests: &[Test],
+    order: &[Target],
+) -> Result<Outcomes> {
+    let hapg = &tools.hapg;
+    let cluster = cluster::start(hapg, sup, DBNAME)?;
+    eprintln!("pgbench -i -s {}", args.scale);
+    cluster::initialize(&args.pg_bindir, cluster.node_port, DBNAME, args.scale)?;
+    let env = Env {
+        dir: hapg.dir.clone(),
+        pg_bindir: args.pg_bindir.clone(),
+        hapg: hapg.bin.clone(),
+        pgbouncer: tools.pgbouncer.clone(),
+        haproxy: tools.haproxy.clone(),
+        run_as: tools.run_as,
+        monitor_uri: cluster.monitor_uri.clone(),
+        node_port: cluster.node_port,
+        dbname: DBNAME.into(),
+        clients: args.clients,
+    };
+    if args.warmup > 0 {
+        eprintln!("warm-up: {} s select-only on the node", args.warmup);
+        let warm = Shape {
+            duration_s: args.warmup,
+            ..shape.clone()
+        };
+        if let Err(e) = pgbench_run(&env, Test::SelectOnly, &warm, env.node_port, "warmup")? {
+            bail!("warm-up against the node failed: {e}");
+        }
+    }
+
+    let mut samples = Vec::new();
+    let mut skipped: Vec<(Target, String)> = Vec::new();
+    for (pass, &target) in order.iter().enumerate() {
+        if skipped.iter().any(|(t, _)| *t == target) {
+            continue;
+        }
+        if let Some(why) = targets::unavailable(target, &env) {
+            eprintln!("skipping {target}: {why}");
+            skipped.push((target, why));
+            continue;
+        }
+        eprintln!("starting {target}");
+        let running = match targets::start(target, &env, sup) {
+            Ok(r) => r,
+            Err(e) => {
+                procs::check_interrupted()?;
+                eprintln!("skipping {target}: {e:#}");
+                skipped.push((target, format!("{e:#}")));
+                continue;
+            }
+        };
+        for &test in tests {
+            prepare(&env, test)?;
+            let label = format!("{pass}-{}", target.to_string().replace(' ', "-"));
+            eprint!("{target:>24} {test:<15}");
+            let outcome = pgbench_run(&env, test, shape, running.port, &label)?;
+            match &outcome {
+                Ok(m) => eprintln!(" {:>10.0} tps {:>8.3} ms", m.tps, m.latency_ms),
+                Err(e) => eprintln!(" failed: {e}"),
+            }
+            samples.push(Sample {
+                target,
+                test,
+                outcome,
+            });
+        }
+        running.stop(sup);
+    }
+    Ok(Outcomes { samples, skipped })
+}
+
+/// The targets in run order: direct first and last, the proxies in between.
+fn schedule(args: &ThroughputArgs) -> Result<Vec<Target>> {
+    let known = [
+        "direct",
+        "router",
+        "pgbouncer",
+        "pgbouncer-session",
+        "pgbouncer-transaction",
+        "haproxy",
+    ];
+    for o in &args.only {
+        if !known.contains(&o.trim()) {
+            bail!("unknown target {o:?} in --only: use {}", known.join(", "));
+        }
+    }
+    let want = |name: &str| {
+        args.only.is_empty()
+            || args.only.iter().any(|o| {
+                let o = o.trim();
+                o == name || (o == "pgbouncer" && name.starts_with("pgbouncer"))
+            })
+    };
+    let mut order = Vec::new();
+    if want("router") {
+        for mode in &args.router_pool_mode {
+            let t = Target::Router(RouterPool::from_key(mode.trim())?);
+            if !order.contains(&t) {
+                order.push(t);
+            }
+        }
+    }
+    if want("pgbouncer-session") {
+        order.push(Target::PgBouncer(BouncerMode::Session));
+    }
+    if want("pgbouncer-transaction") {
+        order.push(Target::PgBouncer(BouncerMode::Transaction));
+    }
+    if want("haproxy") {
+        order.push(Target::HaProxy);
+    }
+    if want("direct") {
+        order.insert(0, Target::Direct);
+        order.push(Target::Direct);
+    }
+    if order.is_empty() {
+        bail!("nothing to run");
+    }
+    Ok(order)
+}
+
+/// Untimed, straight to the node: a checkpoint (so no timed one lands in the
+/// run), and for TPC-B the cleanup pgbench does without `-n`.
+fn prepare(env: &Env, test: Test) -> Result<()> {
+    let mut sql = vec![];
+    if test == Test::TpcB {
+        sql.extend([
+            "VACUUM pgbench_branches",
+            "VACUUM pgbench_tellers",
+            "TRUNCATE pgbench_history",
+        ]);
+    }
+    sql.push("CHECKPOINT");
+    let out = procs::run_capture(env.psql(env.node_port, &sql), Duration::from_secs(300))?;
+    if !out.status.success() {
+        bail!("preparing the node failed: {}", out.both().trim());
+    }
+    procs::sleep(Duration::from_secs(1))
+}
+
+/// Runs pgbench; `Err` only for an interrupt or a failure to start it. A
+/// failed run is `Ok(Err(message))`, and its output is kept in the run directory.
+fn pgbench_run(
+    env: &Env,
+    test: Test,
+    shape: &Shape,
+    port: u16,
+    label: &str,
+) -> Result<std::result::Result<Measured, String>> {
+    let mut cmd = Command::new(env.pg_bindir.join("pgbench"));
+    cmd.args(pgbench::args(test, shape, port, &env.dbname))
+        .env("PGSSLMODE", "disable")
+        .env("PGCONNECT_TIMEOUT", "10");
+    let timeout = Duration::from_secs(shape.duration_s + 120);
+    let out = procs::run_capture(cmd, timeout)?;
+    let text = out.both();
+    let log = env.dir.join(format!("pgbench-{label}-{}.log", test.key()));
+    let _ = std::fs::write(&log, &text);
+    if !out.status.success() {
+        let last = text.lines().rev().find(|l| !l.trim().is_empty());
+        return Ok(Err(format!(
+            "pgbench exited with {}: {}",
+            out.status,
+            last.unwrap_or("").trim()
+        )));
+    }
+    Ok(pgbench::parse(&text).map_err(|e| format!("{e:#}")))
+}
+
+/// uid and gid of the `postgres` OS user when running as root.
+fn postgres_ids() -> Result<Option<(u32, u32)>> {
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(None);
+    }
+    match nix::unistd::User::from_name("postgres")? {
+        Some(u) => Ok(Some((u.uid.as_raw(), u.gid.as_raw()))),
+        None => {
+            bail!("running as root needs an OS user `postgres` to run Postgres and the proxies")
+        }
+    }
+}
+
+fn installed(given: &Option<PathBuf>, default: &str) -> Option<PathBuf> {
+    match given {
+        Some(p) => Some(p.clone()),
+        None => Some(PathBuf::from(default)).filter(|p| p.exists()),
+    }
+}
+
+fn read_trim(path: &str) -> String {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+fn load_average() -> String {
+    read_trim("/proc/loadavg")
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn cpu_model() -> String {
+    read_trim("/proc/cpuinfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
+        .unwrap_or_default()
+}
+
+/// The first line of `program flag`.
+fn version(program: &std::path::Path, flag: &str) -> String {
+    let mut cmd = Command::new(program);
+    cmd.arg(flag);
+    procs::run_capture(cmd, Duration::from_secs(10))
+        .map(|o| {
+            o.both()
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_string()
+        })
+        .unwrap_or_default()
+}
+
+/// This invocation, as a shell command.
+fn command_line() -> String {
+    let mut s = String::from("hapg-bench");
+    for a in std::env::args().skip(1) {
+        s.push(' ');
+        if a.is_empty()
+            || a.contains(|c: char| !(c.is_ascii_alphanumeric() || "-_=,./:".contains(c)))
+        {
+            s.push('\'');
+            s.push_str(&a.replace('\'', "'\\''"));
+            s.push('\'');
+        } else {
+            s.push_str(&a);
+        }
+    }
+    s
+}
+
+/// What one line of the table shows.
+struct Row {
+    target: Target,
+    test: Test,
+    outcome: Result<Measured, String>,
+    ratio: Option<f64>,
+}
+
+struct Report {
+    samples: Vec<Sample>,
+    skipped: Vec<(Target, String)>,
+    tests: Vec<Test>,
+    order: Vec<Target>,
+}
+
+impl Report {
+    /// Direct's passes for `test` (first and last).
+    fn direct(&self, test: Test) -> Vec<Measured> {
+        self.samples
+            .iter()
+            .filter(|s| s.target == Target::Direct && s.test == test)
+            .filter_map(|s| s.outcome.as_ref().ok().copied())
+            .collect()
+    }
+
+    fn direct_mean(&self, test: Test) -> Option<Measured> {
+        let runs = self.direct(test);
+        if runs.is_empty() {
+            return None;
+        }
+        let n = runs.len() as f64;
+        let mean = |f: fn(&Measured) -> f64| runs.iter().map(f).sum::<f64>() / n;
+        let connects: Vec<f64> = runs.iter().filter_map(|m| m.connect_ms).collect();
+        Some(Measured {
+            tps: mean(|m| m.tps),
+            latency_ms: mean(|m| m.latency_ms),
+            connect_ms: (!connects.is_empty())
+                .then(|| connects.iter().sum::<f64>() / connects.len() as f64),
+            transactions: runs.iter().map(|m| m.transactions).sum(),
+            failed: runs.iter().map(|m| m.failed).sum(),
+        })
+    }
+
+    fn rows(&self) -> Vec<Row> {
+        let mut targets: Vec<Target> = Vec::new();
+        for t in &self.order {
+            if !targets.contains(t) && !self.skipped.iter().any(|(s, _)| s == t) {
+                targets.push(*t);
+            }
+        }
+        let mut rows = Vec::new();
+        for &target in &targets {
+            for &test in &self.tests {
+                let base = self.direct_mean(test).map(|m| m.tps);
+                let outcome = if target == Target::Direct {
+                    match self.direct_mean(test) {
+                        Some(m) => Ok(m),
+                        None => Err("failed".to_string()),
+                    }
+                } else {
+                    match self
+                        .samples
+                        .iter()
+                        .find(|s| s.target == target && s.test == test)
+                    {
+                        Some(s) => s.outcome.clone(),
+                        None => continue,
+                    }
+                };
+                let ratio = match (&outcome, base) {
+                    (Ok(m), Some(b)) if b > 0.0 => Some(m.tps / b),
+                    _ => None,
+                };
+                rows.push(Row {
+                    target,
+                    test,
+                    outcome,
+                    ratio,
+                });
+            }
+        }
+        rows
+    }
+
+    /// Lines about direct's two passes: how far apart they were.
+    fn spread(&self) -> Vec<String> {
+        self.tests
+            .iter()
+            .filter_map(|&test| {
+                let runs = self.direct(test);
+                if runs.len() < 2 {
+                    return None;
+                }
+                let (a, b) = (runs[0].tps, runs[runs.len() - 1].tps);
+                let spread = (a - b).abs() / ((a + b) / 2.0) * 100.0;
+                Some(format!(
+                    "{test}: first {a:.0}, last {b:.0} tps (spread {spread:.1}%)"
+                ))
+            })
+            .collect()
+    }
+
+    /// Issue 4's goals, checked against this run.
+    fn goals(&self) -> Vec<String> {
+        let rows = self.rows();
+        let tps = |target: Target, test: Test| {
+            rows.iter()
+                .find(|r| r.target == target && r.test == test)
+                .and_then(|r| r.outcome.as_ref().ok().map(|m| (m.tps, r.ratio)))
+        };
+        let verdict = |ok: bool| if ok { "met" } else { "not met" };
+        let mut out = Vec::new();
+        for &target in self.order.iter().filter(|t| matches!(t, Target::Router(_))) {
+            if let Some((_, Some(r))) = tps(target, Test::SelectOnly) {
+                out.push(format!(
+                    "{target}, select-only: {r:.2} of direct (goal 0.85): {}",
+                    verdict(r >= 0.85)
+                ));
+            }
+            if let (Some((t, _)), Some((b, _))) = (
+                tps(target, Test::SelectOnlyConnect),
+                tps(
+                    Target::PgBouncer(BouncerMode::Session),
+                    Test::SelectOnlyConnect,
+                ),
+            ) {
+                out.push(format!(
+                    "{target}, select-only -C: {:.2} of PgBouncer session (goal 1.00): {}",
+                    t / b,
+                    verdict(t >= b)
+                ));
+            }
+            if let Some((_, Some(r))) = tps(target, Test::TpcB) {
+                out.push(format!(
+                    "{target}, TPC-B: {r:.2} of direct (goal 0.90): {}",
+                    verdict(r >= 0.9)
+                ));
+            }
+        }
+        out
+    }
+
+    fn cells(row: &Row) -> [String; 6] {
+        let (tps, lat, conn) = match &row.outcome {
+            Ok(m) => (
+                format!("{:.0}", m.tps),
+                format!("{:.3}", m.latency_ms),
+                m.connect_ms.map_or("-".into(), |c| format!("{c:.3}")),
+            ),
+            Err(_) => ("failed".into(), "-".into(), "-".into()),
+        };
+        [
+            row.target.to_string(),
+            row.test.to_string(),
+            tps,
+            lat,
+            conn,
+            row.ratio.map_or("-".into(), |r| format!("{r:.2}")),
+        ]
+    }
+
+    fn failures(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .samples
+            .iter()
+            .filter_map(|s| {
+                s.outcome
+                    .as_ref()
+                    .err()
+                    .map(|e| format!("{} {}: {e}", s.target, s.test))
+            })
+            .collect();
+        out.extend(
+            self.skipped
+                .iter()
+                .map(|(t, why)| format!("{t}: skipped: {why}")),
+        );
+        out
+    }
+
+    fn plain(&self, cx: &RunInfo, shape: &Shape, scale: u32) -> String {
+        let header = [
+            "target",
+            "test",
+            "TPS",
+            "latency ms",
+            "connect ms",
+            "vs direct",
+        ];
+        let rows: Vec<[String; 6]> = self.rows().iter().map(Self::cells).collect();
+        let mut width = header.map(str::len);
+        for r in &rows {
+            for (w, c) in width.iter_mut().zip(r) {
+                *w = (*w).max(c.len());
+            }
+        }
+        let line = |cells: [&str; 6]| {
+            let mut s = String::new();
+            for (i, (c, w)) in cells.iter().zip(width).enumerate() {
+                if i < 2 {
+                    let _ = write!(s, "{c:<w$}  ");
+                } else {
+                    let _ = write!(s, "{c:>w$}  ");
+                }
+            }
+            s.trim_end().to_string() + "\n"
+        };
+        let mut out = format!(
+            "\n{}\n{} clients, {} threads, {} s per run, scale {scale}, query mode {}\n\n",
+            cx.command,
+            shape.clients,
+            shape.threads.min(shape.clients),
+            shape.duration_s,
+            shape.query_mode
+        );
+        out.push_str(&line(header));
+        for r in &rows {
+            out.push_str(&line([&r[0], &r[1], &r[2], &r[3], &r[4], &r[5]]));
+        }
+        let mut notes = vec![];
+        notes.extend(self.spread().into_iter().map(|s| format!("direct {s}")));
+        notes.extend(self.goals());
+        notes.extend(self.failures());
+        notes.push(format!(
+            "machine: {} CPUs ({}), Linux {}, load average before {} / after {}",
+            cx.cpus, cx.cpu_model, cx.kernel, cx.load_before, cx.load_after
+        ));
+        notes.push(format!("versions: {}", cx.versions.join("; ")));
+        out.push('\n');
+        for n in notes {
+            let _ = writeln!(out, "{n}");
+        }
+        out
+    }
+
+    fn markdown(&self, cx: &RunInfo, shape: &Shape, scale: u32) -> String {
+        let mut out = format!(
+            "```sh\n{}\n```\n\n{} clients, {} pgbench threads, {} s per run, scale {scale}, \
+             query mode {}. Machine: {} CPUs ({}), Linux {}; load average {} before, {} after.\n\n",
+            cx.command,
+            shape.clients,
+            shape.threads.min(shape.clients),
+            shape.duration_s,
+            shape.query_mode,
+            cx.cpus,
+            cx.cpu_model,
+            cx.kernel,
+            cx.load_before,
+            cx.load_after,
+        );
+        out.push_str(
+            "| target | test | TPS | latency avg (ms) | connect avg (ms) | vs direct |\n\
+             |---|---|---:|---:|---:|---:|\n",
+        );
+        for r in self.rows() {
+            let c = Self::cells(&r);
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} |",
+                c[0], c[1], c[2], c[3], c[4], c[5]
+            );
+        }
+        let spread = self.spread();
+        if !spread.is_empty() {
+            out.push_str("\nDirect ran first and last; the table shows the mean.\n");
+            for s in spread {
+                let _ = writeln!(out, "- {s}");
+            }
+        }
+        let goals = self.goals();
+        if !goals.is_empty() {
+            out.push_str("\nGoals of issue 4 in this run:\n");
+            for g in goals {
+                let _ = writeln!(out, "- {g}");
+            }
+        }
+        let failures = self.failures();
+        if !failures.is_empty() {
+            out.push_str("\nFailed or skipped:\n");
+            for f in failures {
+                let _ = writeln!(out, "- {f}");
+            }
+        }
+        let _ = writeln!(out, "\nVersions: {}.", cx.versions.join("; "));
+        out
+    }
+}
