@@ -51,7 +51,9 @@ pub struct RouterSection {
     /// How long a new transaction waits for a writable primary before it fails.
     #[serde(default = "default_pause_timeout_ms")]
     pub pause_timeout_ms: u64,
-    /// How long a stopping router lets open transactions finish.
+    /// How long open statements and transactions may go on when the router
+    /// drains: at a switchover (then they are cut with SQLSTATE 57P01 and the
+    /// router acknowledges the drain to the monitor), and when the router stops.
     #[serde(default = "default_drain_timeout_ms")]
     pub drain_timeout_ms: u64,
     /// How long a client may take to complete its startup and authentication.
@@ -306,7 +308,8 @@ impl RouterConfig {
         Duration::from_millis(self.router.pause_timeout_ms)
     }
 
-    /// `router.drain_timeout_ms` as a duration.
+    /// `router.drain_timeout_ms` as a duration: the switchover drain's and the
+    /// shutdown drain's limit.
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_millis(self.router.drain_timeout_ms)
     }

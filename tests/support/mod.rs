@@ -427,3 +427,51 @@ pub async fn wait_writable(uri: &str, timeout: Duration) {
     }
     panic!("{uri} did not accept writes within {timeout:?}");
 }
+
+/// A `hapg router run` process started by [`Cluster::start_router`].
+#[derive(Debug, Clone)]
+pub struct RouterProcess {
+    /// The process name in the cluster (its log is `<name>.log`).
+    pub name: String,
+    /// The router id registered with the monitor.
+    pub id: String,
+    /// The loopback port clients connect to.
+    pub port: u16,
+    /// Its configuration file.
+    pub config: PathBuf,
+}
+
+impl RouterProcess {
+    /// A client URI through the router, as user `postgres`, to `dbname`.
+    pub fn uri(&self, dbname: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{dbname}", self.port)
+    }
+}
+
+impl Cluster {
+    /// Writes `<name>.toml` into the cluster directory (a free loopback port,
+    /// the monitor's URI, trust authentication, `extra` appended to the
+    /// `[router]` section) and starts `hapg router run --config` on it; waits
+    /// (bounded) until the router accepts TCP connections.
+    pub fn start_router(&self, name: &str, extra: &str) -> RouterProcess {
+        let port = free_port();
+        let config = self.path().join(format!("{name}.toml"));
+        let id = format!("{name}-{port}");
+        let text = format!(
+            "[router]\nlisten = \"127.0.0.1:{port}\"\nmonitor = \"{}\"\nformation = \"default\"\nid = \"{id}\"\n{extra}\n\n[auth]\ntype = \"trust\"\n",
+            self.monitor_uri()
+        );
+        std::fs::write(&config, text).expect("write router config");
+        let path = config.to_str().expect("utf-8 path").to_string();
+        self.spawn(name, &["router", "run", "--config", &path]);
+        self.eventually("the router to listen", Duration::from_secs(30), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        RouterProcess {
+            name: name.to_string(),
+            id,
+            port,
+            config,
+        }
+    }
+}
