@@ -2,11 +2,12 @@
 //! proxy, in one run, on one node, and one table of TPS, latency and ratio to
 //! direct.
 //!
-//! Order: direct, the router rows, PgBouncer session, PgBouncer transaction,
-//! HAProxy, then direct again. Each target runs its tests back to back and is
-//! the only proxy running meanwhile. Direct's two passes are averaged and
-//! their spread shown, which bounds the drift over the run (the machine is
-//! shared, TPC-B tables grow). Before each run, straight to the node and
+//! Order: direct, then `--rounds` times (default 1): the router rows,
+//! PgBouncer session, PgBouncer transaction, HAProxy, direct again. Each
+//! target runs its tests back to back and is the only proxy running
+//! meanwhile. A target's runs are averaged and their spread shown; direct's
+//! spread bounds the drift over the run (the machine is shared, TPC-B tables
+//! grow). Before each run, straight to the node and
 //! untimed: `CHECKPOINT`, and before TPC-B also what pgbench does without
 //! `-n` (vacuum branches and tellers, truncate history), so every target's
 //! TPC-B starts from the same state.
@@ -53,6 +54,10 @@ pub struct ThroughputArgs {
     /// client), session, transaction (write `[pool] mode` into router.toml).
     #[arg(long, value_delimiter = ',', default_value = "none")]
     pub router_pool_mode: Vec<String>,
+    /// How many times to run the proxies (direct runs first and after each
+    /// round); the table shows means and the spread between runs.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub rounds: u32,
     /// Seconds of untimed select-only load on the node before the first run.
     #[arg(long, default_value_t = 5)]
     pub warmup: u64,
@@ -291,7 +296,7 @@ fn measure(
         for &test in tests {
             prepare(&env, test)?;
             let label = format!("{pass}-{}", target.to_string().replace(' ', "-"));
-            eprint!("{target:>24} {test:<15}");
+            eprint!("{target:<24} {test:<15}");
             let outcome = pgbench_run(&env, test, shape, running.port, &label)?;
             match &outcome {
                 Ok(m) => eprintln!(" {:>10.0} tps {:>8.3} ms", m.tps, m.latency_ms),
@@ -308,7 +313,7 @@ fn measure(
     Ok(Outcomes { samples, skipped })
 }
 
-/// The targets in run order: direct first and last, the proxies in between.
+/// The targets in run order: direct first and after every round of the proxies.
 fn schedule(args: &ThroughputArgs) -> Result<Vec<Target>> {
     let known = [
         "direct",
@@ -348,14 +353,21 @@ fn schedule(args: &ThroughputArgs) -> Result<Vec<Target>> {
     if want("haproxy") {
         order.push(Target::HaProxy);
     }
-    if want("direct") {
-        order.insert(0, Target::Direct);
-        order.push(Target::Direct);
-    }
-    if order.is_empty() {
+    let direct = want("direct");
+    if order.is_empty() && !direct {
         bail!("nothing to run");
     }
-    Ok(order)
+    let mut all = Vec::new();
+    if direct {
+        all.push(Target::Direct);
+    }
+    for _ in 0..args.rounds {
+        all.extend(order.iter().copied());
+        if direct {
+            all.push(Target::Direct);
+        }
+    }
+    Ok(all)
 }
 
 /// Untimed, straight to the node: a checkpoint (so no timed one lands in the
@@ -482,11 +494,15 @@ fn command_line() -> String {
     s
 }
 
-/// What one line of the table shows.
+/// What one line of the table shows: the mean of a target's runs of a test.
 struct Row {
     target: Target,
     test: Test,
+    /// The mean of the successful runs, or the first failure if none succeeded.
     outcome: Result<Measured, String>,
+    /// (max - min) / mean of TPS, when there were at least two successful runs.
+    spread: Option<f64>,
+    runs: usize,
     ratio: Option<f64>,
 }
 
@@ -497,59 +513,76 @@ struct Report {
     order: Vec<Target>,
 }
 
-impl Report {
-    /// Direct's passes for `test` (first and last).
-    fn direct(&self, test: Test) -> Vec<Measured> {
-        self.samples
-            .iter()
-            .filter(|s| s.target == Target::Direct && s.test == test)
-            .filter_map(|s| s.outcome.as_ref().ok().copied())
-            .collect()
+/// The mean of `runs` and the spread of their TPS.
+fn aggregate(runs: &[Measured]) -> Option<(Measured, Option<f64>)> {
+    if runs.is_empty() {
+        return None;
     }
+    let n = runs.len() as f64;
+    let mean = |f: fn(&Measured) -> f64| runs.iter().map(f).sum::<f64>() / n;
+    let connects: Vec<f64> = runs.iter().filter_map(|m| m.connect_ms).collect();
+    let m = Measured {
+        tps: mean(|m| m.tps),
+        latency_ms: mean(|m| m.latency_ms),
+        connect_ms: (!connects.is_empty())
+            .then(|| connects.iter().sum::<f64>() / connects.len() as f64),
+        transactions: runs.iter().map(|m| m.transactions).sum(),
+        failed: runs.iter().map(|m| m.failed).sum(),
+    };
+    let spread = (runs.len() > 1 && m.tps > 0.0).then(|| {
+        let max = runs.iter().map(|r| r.tps).fold(f64::MIN, f64::max);
+        let min = runs.iter().map(|r| r.tps).fold(f64::MAX, f64::min);
+        (max - min) / m.tps
+    });
+    Some((m, spread))
+}
 
-    fn direct_mean(&self, test: Test) -> Option<Measured> {
-        let runs = self.direct(test);
-        if runs.is_empty() {
-            return None;
+/// Squeezes a (possibly multi-line) error into one line of at most 400 characters.
+fn one_line(s: &str) -> String {
+    let s = s.split_whitespace().collect::<Vec<_>>().join(" ");
+    match s.char_indices().nth(400) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s,
+    }
+}
+
+impl Report {
+    /// The successful runs of `target` for `test`, and the first failure.
+    fn runs(&self, target: Target, test: Test) -> (Vec<Measured>, Option<String>) {
+        let mut ok = Vec::new();
+        let mut err = None;
+        for s in self
+            .samples
+            .iter()
+            .filter(|s| s.target == target && s.test == test)
+        {
+            match &s.outcome {
+                Ok(m) => ok.push(*m),
+                Err(e) => {
+                    err.get_or_insert_with(|| e.clone());
+                }
+            }
         }
-        let n = runs.len() as f64;
-        let mean = |f: fn(&Measured) -> f64| runs.iter().map(f).sum::<f64>() / n;
-        let connects: Vec<f64> = runs.iter().filter_map(|m| m.connect_ms).collect();
-        Some(Measured {
-            tps: mean(|m| m.tps),
-            latency_ms: mean(|m| m.latency_ms),
-            connect_ms: (!connects.is_empty())
-                .then(|| connects.iter().sum::<f64>() / connects.len() as f64),
-            transactions: runs.iter().map(|m| m.transactions).sum(),
-            failed: runs.iter().map(|m| m.failed).sum(),
-        })
+        (ok, err)
     }
 
     fn rows(&self) -> Vec<Row> {
         let mut targets: Vec<Target> = Vec::new();
         for t in &self.order {
-            if !targets.contains(t) && !self.skipped.iter().any(|(s, _)| s == t) {
+            if !targets.contains(t) {
                 targets.push(*t);
             }
         }
         let mut rows = Vec::new();
         for &target in &targets {
             for &test in &self.tests {
-                let base = self.direct_mean(test).map(|m| m.tps);
-                let outcome = if target == Target::Direct {
-                    match self.direct_mean(test) {
-                        Some(m) => Ok(m),
-                        None => Err("failed".to_string()),
-                    }
-                } else {
-                    match self
-                        .samples
-                        .iter()
-                        .find(|s| s.target == target && s.test == test)
-                    {
-                        Some(s) => s.outcome.clone(),
-                        None => continue,
-                    }
+                let base = aggregate(&self.runs(Target::Direct, test).0).map(|(m, _)| m.tps);
+                let (ok, err) = self.runs(target, test);
+                let runs = ok.len();
+                let (outcome, spread) = match (aggregate(&ok), err) {
+                    (Some((m, spread)), _) => (Ok(m), spread),
+                    (None, Some(e)) => (Err(e), None),
+                    (None, None) => continue,
                 };
                 let ratio = match (&outcome, base) {
                     (Ok(m), Some(b)) if b > 0.0 => Some(m.tps / b),
@@ -559,6 +592,8 @@ impl Report {
                     target,
                     test,
                     outcome,
+                    spread,
+                    runs,
                     ratio,
                 });
             }
@@ -566,27 +601,8 @@ impl Report {
         rows
     }
 
-    /// Lines about direct's two passes: how far apart they were.
-    fn spread(&self) -> Vec<String> {
-        self.tests
-            .iter()
-            .filter_map(|&test| {
-                let runs = self.direct(test);
-                if runs.len() < 2 {
-                    return None;
-                }
-                let (a, b) = (runs[0].tps, runs[runs.len() - 1].tps);
-                let spread = (a - b).abs() / ((a + b) / 2.0) * 100.0;
-                Some(format!(
-                    "{test}: first {a:.0}, last {b:.0} tps (spread {spread:.1}%)"
-                ))
-            })
-            .collect()
-    }
-
     /// Issue 4's goals, checked against this run.
-    fn goals(&self) -> Vec<String> {
-        let rows = self.rows();
+    fn goals(&self, rows: &[Row]) -> Vec<String> {
         let tps = |target: Target, test: Test| {
             rows.iter()
                 .find(|r| r.target == target && r.test == test)
@@ -594,20 +610,24 @@ impl Report {
         };
         let verdict = |ok: bool| if ok { "met" } else { "not met" };
         let mut out = Vec::new();
-        for &target in self.order.iter().filter(|t| matches!(t, Target::Router(_))) {
+        let mut routers: Vec<Target> = Vec::new();
+        for t in self.order.iter().filter(|t| matches!(t, Target::Router(_))) {
+            if !routers.contains(t) {
+                routers.push(*t);
+            }
+        }
+        for target in routers {
             if let Some((_, Some(r))) = tps(target, Test::SelectOnly) {
                 out.push(format!(
                     "{target}, select-only: {r:.2} of direct (goal 0.85): {}",
                     verdict(r >= 0.85)
                 ));
             }
-            if let (Some((t, _)), Some((b, _))) = (
-                tps(target, Test::SelectOnlyConnect),
-                tps(
-                    Target::PgBouncer(BouncerMode::Session),
-                    Test::SelectOnlyConnect,
-                ),
-            ) {
+            let bouncer = tps(
+                Target::PgBouncer(BouncerMode::Session),
+                Test::SelectOnlyConnect,
+            );
+            if let (Some((t, _)), Some((b, _))) = (tps(target, Test::SelectOnlyConnect), bouncer) {
                 out.push(format!(
                     "{target}, select-only -C: {:.2} of PgBouncer session (goal 1.00): {}",
                     t / b,
@@ -624,7 +644,17 @@ impl Report {
         out
     }
 
-    fn cells(row: &Row) -> [String; 6] {
+    const HEADER: [&'static str; 7] = [
+        "target",
+        "test",
+        "TPS",
+        "latency avg ms",
+        "connect avg ms",
+        "vs direct",
+        "runs (spread)",
+    ];
+
+    fn cells(row: &Row) -> [String; 7] {
         let (tps, lat, conn) = match &row.outcome {
             Ok(m) => (
                 format!("{:.0}", m.tps),
@@ -633,6 +663,10 @@ impl Report {
             ),
             Err(_) => ("failed".into(), "-".into(), "-".into()),
         };
+        let runs = match row.spread {
+            Some(s) => format!("{} ({:.0}%)", row.runs, s * 100.0),
+            None => row.runs.to_string(),
+        };
         [
             row.target.to_string(),
             row.test.to_string(),
@@ -640,6 +674,7 @@ impl Report {
             lat,
             conn,
             row.ratio.map_or("-".into(), |r| format!("{r:.2}")),
+            runs,
         ]
     }
 
@@ -651,37 +686,45 @@ impl Report {
                 s.outcome
                     .as_ref()
                     .err()
-                    .map(|e| format!("{} {}: {e}", s.target, s.test))
+                    .map(|e| format!("{} {}: {}", s.target, s.test, one_line(e)))
             })
             .collect();
         out.extend(
             self.skipped
                 .iter()
-                .map(|(t, why)| format!("{t}: skipped: {why}")),
+                .map(|(t, why)| format!("{t}: skipped: {}", one_line(why))),
         );
         out
     }
 
+    /// Notes under the table: how direct ran, goals, failures.
+    fn notes(&self, rows: &[Row]) -> Vec<String> {
+        let mut notes = Vec::new();
+        if self.order.first() == Some(&Target::Direct) {
+            notes.push(
+                "direct ran first and after every round of proxies; its row is the mean, \
+                 ratios are to that mean; spread = (max - min) / mean of TPS over the runs"
+                    .to_string(),
+            );
+        }
+        notes.extend(self.goals(rows));
+        notes.extend(self.failures());
+        notes
+    }
+
     fn plain(&self, cx: &RunInfo, shape: &Shape, scale: u32) -> String {
-        let header = [
-            "target",
-            "test",
-            "TPS",
-            "latency ms",
-            "connect ms",
-            "vs direct",
-        ];
-        let rows: Vec<[String; 6]> = self.rows().iter().map(Self::cells).collect();
-        let mut width = header.map(str::len);
-        for r in &rows {
+        let rows = self.rows();
+        let cells: Vec<[String; 7]> = rows.iter().map(Self::cells).collect();
+        let mut width = Self::HEADER.map(str::len);
+        for r in &cells {
             for (w, c) in width.iter_mut().zip(r) {
-                *w = (*w).max(c.len());
+                *w = (*w).max(c.chars().count());
             }
         }
-        let line = |cells: [&str; 6]| {
+        let line = |cells: [&str; 7]| {
             let mut s = String::new();
             for (i, (c, w)) in cells.iter().zip(width).enumerate() {
-                if i < 2 {
+                if i < 2 || i == 6 {
                     let _ = write!(s, "{c:<w$}  ");
                 } else {
                     let _ = write!(s, "{c:>w$}  ");
@@ -697,30 +740,29 @@ impl Report {
             shape.duration_s,
             shape.query_mode
         );
-        out.push_str(&line(header));
-        for r in &rows {
-            out.push_str(&line([&r[0], &r[1], &r[2], &r[3], &r[4], &r[5]]));
+        out.push_str(&line(Self::HEADER));
+        for r in &cells {
+            out.push_str(&line([&r[0], &r[1], &r[2], &r[3], &r[4], &r[5], &r[6]]));
         }
-        let mut notes = vec![];
-        notes.extend(self.spread().into_iter().map(|s| format!("direct {s}")));
-        notes.extend(self.goals());
-        notes.extend(self.failures());
-        notes.push(format!(
-            "machine: {} CPUs ({}), Linux {}, load average before {} / after {}",
-            cx.cpus, cx.cpu_model, cx.kernel, cx.load_before, cx.load_after
-        ));
-        notes.push(format!("versions: {}", cx.versions.join("; ")));
         out.push('\n');
-        for n in notes {
+        for n in self.notes(&rows) {
             let _ = writeln!(out, "{n}");
         }
+        let _ = writeln!(
+            out,
+            "machine: {} CPUs ({}), Linux {}, load average before {} / after {}",
+            cx.cpus, cx.cpu_model, cx.kernel, cx.load_before, cx.load_after
+        );
+        let _ = writeln!(out, "versions: {}", cx.versions.join("; "));
         out
     }
 
     fn markdown(&self, cx: &RunInfo, shape: &Shape, scale: u32) -> String {
+        let rows = self.rows();
         let mut out = format!(
             "```sh\n{}\n```\n\n{} clients, {} pgbench threads, {} s per run, scale {scale}, \
-             query mode {}. Machine: {} CPUs ({}), Linux {}; load average {} before, {} after.\n\n",
+             query mode {}. Machine: {} CPUs ({}), Linux {}; load average (1, 5, 15 min) \
+             {} before, {} after.\n\n",
             cx.command,
             shape.clients,
             shape.threads.min(shape.clients),
@@ -732,40 +774,81 @@ impl Report {
             cx.load_before,
             cx.load_after,
         );
-        out.push_str(
-            "| target | test | TPS | latency avg (ms) | connect avg (ms) | vs direct |\n\
-             |---|---|---:|---:|---:|---:|\n",
-        );
-        for r in self.rows() {
-            let c = Self::cells(&r);
-            let _ = writeln!(
-                out,
-                "| {} | {} | {} | {} | {} | {} |",
-                c[0], c[1], c[2], c[3], c[4], c[5]
-            );
+        let _ = writeln!(out, "| {} |", Self::HEADER.join(" | "));
+        out.push_str("|---|---|---:|---:|---:|---:|---|\n");
+        for r in &rows {
+            let _ = writeln!(out, "| {} |", Self::cells(r).join(" | "));
         }
-        let spread = self.spread();
-        if !spread.is_empty() {
-            out.push_str("\nDirect ran first and last; the table shows the mean.\n");
-            for s in spread {
-                let _ = writeln!(out, "- {s}");
-            }
-        }
-        let goals = self.goals();
-        if !goals.is_empty() {
-            out.push_str("\nGoals of issue 4 in this run:\n");
-            for g in goals {
-                let _ = writeln!(out, "- {g}");
-            }
-        }
-        let failures = self.failures();
-        if !failures.is_empty() {
-            out.push_str("\nFailed or skipped:\n");
-            for f in failures {
-                let _ = writeln!(out, "- {f}");
-            }
+        out.push('\n');
+        for n in self.notes(&rows) {
+            let _ = writeln!(out, "- {n}");
         }
         let _ = writeln!(out, "\nVersions: {}.", cx.versions.join("; "));
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: ThroughputArgs,
+    }
+
+    fn order(argv: &[&str]) -> Vec<String> {
+        let cli =
+            Cli::try_parse_from(std::iter::once("t").chain(argv.iter().copied())).expect("parse");
+        schedule(&cli.args)
+            .expect("schedule")
+            .iter()
+            .map(|t| t.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn direct_first_and_after_each_round() {
+        assert_eq!(
+            order(&[]),
+            [
+                "direct",
+                "router",
+                "pgbouncer session",
+                "pgbouncer transaction",
+                "haproxy tcp",
+                "direct"
+            ]
+        );
+        assert_eq!(
+            order(&["--only", "router,direct", "--rounds", "2"]),
+            ["direct", "router", "direct", "router", "direct"]
+        );
+        assert_eq!(
+            order(&[
+                "--only",
+                "pgbouncer",
+                "--router-pool-mode",
+                "none,transaction"
+            ]),
+            ["pgbouncer session", "pgbouncer transaction"]
+        );
+    }
+
+    #[test]
+    fn mean_and_spread() {
+        let m = |tps| Measured {
+            tps,
+            latency_ms: 1.0,
+            connect_ms: None,
+            transactions: 10,
+            failed: 0,
+        };
+        let (mean, spread) = aggregate(&[m(90.0), m(110.0)]).expect("runs");
+        assert_eq!((mean.tps, spread), (100.0, Some(0.2)));
+        assert_eq!(aggregate(&[m(5.0)]).map(|(_, s)| s), Some(None));
+        assert!(aggregate(&[]).is_none());
     }
 }
