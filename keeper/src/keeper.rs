@@ -338,6 +338,7 @@ impl Keeper {
             monitor_uptime: Duration::MAX,
             thresholds: Thresholds::default(),
             switchover: None,
+            preferred_candidate: None,
         };
         Ok((nodes, view))
     }
@@ -424,11 +425,12 @@ impl Keeper {
                     self.pg.basebackup(&upstream, &slot).await?;
                 }
                 self.prepare_files().await?;
-                self.pg.write_standby_config(Some(&upstream), &slot)?;
+                self.pg.write_standby_config(Some(&upstream), &slot, true)?;
                 self.pg.start().await
             }
             Action::RewindOrInit => self.rewind_or_init().await,
             Action::DetachFromPrimary => self.detach_from_primary().await,
+            Action::FastForward => self.fast_forward().await,
             Action::Promote { read_only } => {
                 self.ensure_running().await?;
                 self.pg.set_system("synchronous_standby_names", "").await?;
@@ -482,7 +484,7 @@ impl Keeper {
             }
             Action::StopAsStandby => {
                 self.pg.stop("fast").await?;
-                self.pg.write_standby_config(None, &self.slot_name())
+                self.pg.write_standby_config(None, &self.slot_name(), false)
             }
             Action::StartAsPrimary => {
                 self.prepare_files().await?;
@@ -525,11 +527,52 @@ impl Keeper {
         self.pg.clear_standby_config()
     }
 
+    /// Streams from the most advanced standby of the election (never from
+    /// ourselves) until we have its WAL, then detaches again.
+    async fn fast_forward(&mut self) -> Result<(), KeeperError> {
+        self.ensure_running().await?;
+        let own = self.state.node_id;
+        let (nodes, _) = self.group().await?;
+        let source = nodes
+            .iter()
+            .filter(|n| n.node_id != own && n.reported == NodeState::ReportLsn)
+            .max_by_key(|n| (n.tli, n.lsn))
+            .ok_or_else(|| {
+                KeeperError::Refused("no standby reported its WAL position to fetch from".into())
+            })?;
+        let target = source.lsn;
+        let upstream = Upstream {
+            host: source.host.clone(),
+            port: source.port,
+        };
+        tracing::info!(from = %source.name, target = %hapg_monitor::pgconn::format_lsn(target), "fetching missing WAL");
+        self.pg
+            .write_standby_config(Some(&upstream), &self.slot_name(), false)?;
+        self.pg.reload().await?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let o = self.pg.observe().await;
+            if o.lsn >= target {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(KeeperError::Timeout(format!(
+                    "fetching WAL up to {} from {}",
+                    hapg_monitor::pgconn::format_lsn(target),
+                    source.name
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.detach_from_primary().await
+    }
+
     /// Cuts replication and waits until the WAL receiver is gone, so the LSN we
     /// report is final and the old primary can no longer count us as synchronous.
     async fn detach_from_primary(&mut self) -> Result<(), KeeperError> {
         self.ensure_running().await?;
-        self.pg.write_standby_config(None, &self.slot_name())?;
+        self.pg
+            .write_standby_config(None, &self.slot_name(), false)?;
         self.pg.reload().await?;
         let timeout = Duration::from_millis(self.config.timeout.walreceiver_stop_timeout_ms);
         let deadline = Instant::now() + timeout;
@@ -615,7 +658,7 @@ impl Keeper {
         if observation.running && observation.in_recovery {
             // Already a standby: point it at the primary and let it stream.
             self.prepare_files().await?;
-            self.pg.write_standby_config(Some(&upstream), &slot)?;
+            self.pg.write_standby_config(Some(&upstream), &slot, true)?;
             return self.pg.reload().await;
         }
         self.pg.stop("fast").await?;
@@ -634,7 +677,7 @@ impl Keeper {
             self.pg.basebackup(&upstream, &slot).await?;
         }
         self.prepare_files().await?;
-        self.pg.write_standby_config(Some(&upstream), &slot)?;
+        self.pg.write_standby_config(Some(&upstream), &slot, true)?;
         self.pg.start().await?;
         // Slots copied from the old primary's time would hold WAL forever here.
         self.pg.sync_replication_slots(&[]).await

@@ -338,12 +338,16 @@ impl LocalPostgres {
         Ok(())
     }
 
-    /// Writes the standby settings: stream from `upstream` through `slot`, or
-    /// (with `None`) stay a standby without upstream. Creates standby.signal.
+    /// Writes the standby settings: stream from `upstream` as
+    /// `application_name`, through the replication slot of the same name when
+    /// `use_slot` (a primary keeps one per standby; a standby serving WAL to a
+    /// fast-forwarding peer has none), or, with no upstream, stay a standby that
+    /// streams from nobody. Creates standby.signal.
     pub fn write_standby_config(
         &self,
         upstream: Option<&Upstream>,
         application_name: &str,
+        use_slot: bool,
     ) -> Result<(), KeeperError> {
         let conf = match upstream {
             Some(up) => {
@@ -356,8 +360,13 @@ impl LocalPostgres {
                 if let Some(password) = &self.replication_password {
                     conninfo.push_str(&format!(" password={password}"));
                 }
+                let slot = if use_slot {
+                    format!("primary_slot_name = '{application_name}'\n")
+                } else {
+                    String::new()
+                };
                 format!(
-                    "primary_conninfo = '{}'\nprimary_slot_name = '{application_name}'\nrecovery_target_timeline = 'latest'\n",
+                    "primary_conninfo = '{}'\n{slot}recovery_target_timeline = 'latest'\n",
                     conninfo.replace('\'', "''")
                 )
             }

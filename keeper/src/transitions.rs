@@ -19,6 +19,8 @@ pub enum Action {
     RewindOrInit,
     /// Cut the WAL receiver and wait until it is gone, so the LSN stays put.
     DetachFromPrimary,
+    /// Fetch missing WAL from the election's most advanced standby, then detach.
+    FastForward,
     /// Promote the standby; with `read_only`, keep it from taking writes.
     Promote {
         /// Hold writes off with `default_transaction_read_only`.
@@ -71,7 +73,16 @@ pub fn transition(current: NodeState, goal: NodeState) -> Option<Action> {
     );
     let fenced = matches!(current, Draining | DemoteTimeout | Demoted);
     let action = match goal {
-        Init | JoinPrimary | ReportLsn | FastForward | JoinSecondary => return None,
+        Init | JoinPrimary | JoinSecondary => return None,
+        ReportLsn => match current {
+            Secondary | Catchingup | PreparePromotion | FastForward | JoinSecondary
+            | WaitMaintenance => Action::DetachFromPrimary,
+            _ => return None,
+        },
+        FastForward => match current {
+            ReportLsn => Action::FastForward,
+            _ => return None,
+        },
         Single => match current {
             Init => Action::InitPrimary,
             _ => Action::BecomeSingle,
@@ -283,6 +294,7 @@ mod reachability {
                         monitor_uptime: Duration::from_secs(3600),
                         thresholds: Thresholds::default(),
                         switchover: None,
+                        preferred_candidate: None,
                     });
                     for r2 in states {
                         for g2 in states {
@@ -292,6 +304,7 @@ mod reachability {
                                 monitor_uptime: Duration::from_secs(3600),
                                 thresholds: Thresholds::default(),
                                 switchover: None,
+                                preferred_candidate: None,
                             });
                         }
                     }
@@ -319,6 +332,39 @@ mod reachability {
                         let goals: Vec<(i64, NodeState)> =
                             assignments.iter().map(|a| (a.node_id, a.goal)).collect();
                         record(&view, &goals, &mut seen);
+                    }
+                }
+            }
+        }
+        // Three-node groups: every node in a converged state or in a pair found
+        // above, with number_sync_standbys 1 (elections, fast-forward).
+        let mut pairs: Vec<(NodeState, NodeState)> = seen.iter().copied().collect();
+        pairs.extend(states.iter().map(|s| (*s, *s)));
+        for alive in [[true, true, true], [false, true, true], [true, false, true]] {
+            for p1 in &pairs {
+                for p2 in &pairs {
+                    for p3 in &pairs {
+                        let view = GroupView {
+                            nodes: vec![
+                                node(1, p1.0, p1.1, alive[0]),
+                                node(2, p2.0, p2.1, alive[1]),
+                                NodeView {
+                                    lsn: 0x2000000,
+                                    candidate_priority: 90,
+                                    ..node(3, p3.0, p3.1, alive[2])
+                                },
+                            ],
+                            number_sync_standbys: 1,
+                            monitor_uptime: Duration::from_secs(3600),
+                            thresholds: Thresholds::default(),
+                            switchover: None,
+                            preferred_candidate: None,
+                        };
+                        if let Some(Decision::Assign(assignments)) = fsm::decide(&view) {
+                            let goals: Vec<(i64, NodeState)> =
+                                assignments.iter().map(|a| (a.node_id, a.goal)).collect();
+                            record(&view, &goals, &mut seen);
+                        }
                     }
                 }
             }

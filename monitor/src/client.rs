@@ -267,6 +267,14 @@ pub enum RequestKind {
     DisableMaintenance,
     /// `drop node`.
     Drop,
+    /// `perform promotion --name`.
+    Promotion,
+    /// `set node candidate-priority` (value: 0..100).
+    SetCandidatePriority,
+    /// `set node replication-quorum` (value: true/false).
+    SetReplicationQuorum,
+    /// `set formation number-sync-standbys` (value: n).
+    SetNumberSyncStandbys,
 }
 
 impl RequestKind {
@@ -278,6 +286,10 @@ impl RequestKind {
             RequestKind::EnableMaintenance => "enable_maintenance",
             RequestKind::DisableMaintenance => "disable_maintenance",
             RequestKind::Drop => "drop",
+            RequestKind::Promotion => "promotion",
+            RequestKind::SetCandidatePriority => "set_candidate_priority",
+            RequestKind::SetReplicationQuorum => "set_replication_quorum",
+            RequestKind::SetNumberSyncStandbys => "set_number_sync_standbys",
         }
     }
 
@@ -289,6 +301,10 @@ impl RequestKind {
             RequestKind::EnableMaintenance,
             RequestKind::DisableMaintenance,
             RequestKind::Drop,
+            RequestKind::Promotion,
+            RequestKind::SetCandidatePriority,
+            RequestKind::SetReplicationQuorum,
+            RequestKind::SetNumberSyncStandbys,
         ]
         .into_iter()
         .find(|k| k.as_str() == text)
@@ -636,6 +652,7 @@ impl MonitorClient {
             monitor_uptime: Duration::MAX,
             thresholds: Thresholds::default(),
             switchover: None,
+            preferred_candidate: None,
         })
     }
 
@@ -695,12 +712,26 @@ impl MonitorClient {
         kind: RequestKind,
         timeout: Duration,
     ) -> Result<String, MonitorError> {
+        self.request_value(formation, group, node_id, kind, None, timeout)
+            .await
+    }
+
+    /// [`MonitorClient::request`] with a value (for the settings requests).
+    pub async fn request_value(
+        &mut self,
+        formation: &str,
+        group: i32,
+        node_id: Option<i64>,
+        kind: RequestKind,
+        value: Option<String>,
+        timeout: Duration,
+    ) -> Result<String, MonitorError> {
         self.listen(CHANNEL_REQUEST).await?;
         let id: i64 = self
             .client
             .query_one(
-                "WITH r AS (INSERT INTO hapg.request (formation_id, group_id, node_id, kind)
-                            VALUES ($1, $2, $3, $4) RETURNING request_id)
+                "WITH r AS (INSERT INTO hapg.request (formation_id, group_id, node_id, kind, value)
+                            VALUES ($1, $2, $3, $4, $6) RETURNING request_id)
                  SELECT request_id, pg_notify($5, request_id::text) FROM r",
                 &[
                     &formation,
@@ -708,6 +739,7 @@ impl MonitorClient {
                     &node_id,
                     &kind.as_str(),
                     &CHANNEL_REQUEST,
+                    &value,
                 ],
             )
             .await?

@@ -114,6 +114,8 @@ pub struct GroupView {
     pub thresholds: Thresholds,
     /// A requested switchover waiting for the routers to drain, if any.
     pub switchover: Option<SwitchoverDrain>,
+    /// The node `perform promotion` asked for, preferred by the election.
+    pub preferred_candidate: Option<i64>,
 }
 
 /// A switchover that was requested and waits for the routers to drain the primary.
@@ -150,6 +152,13 @@ pub enum Decision {
     },
     /// Nothing can be done now, for a reason worth one event (written once).
     Hold(String),
+    /// Change the formation's `number_sync_standbys`.
+    SetNumberSyncStandbys {
+        /// The new value.
+        value: i32,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// An operator request the monitor service decides on.
@@ -163,6 +172,83 @@ pub enum Request {
     DisableMaintenance(i64),
     /// `drop node`.
     Drop(i64),
+    /// `perform promotion --name`: move the primary to this node.
+    Promote(i64),
+}
+
+/// A setting an operator changes with `hapg set ...`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Setting {
+    /// `set node candidate-priority`.
+    CandidatePriority(i64, i32),
+    /// `set node replication-quorum`.
+    ReplicationQuorum(i64, bool),
+    /// `set formation number-sync-standbys`.
+    NumberSyncStandbys(i32),
+}
+
+/// Checks a setting change against the group; the error says why it is refused.
+pub fn check_setting(view: &GroupView, setting: Setting) -> Result<String, String> {
+    let quorum_standbys = |exclude: Option<i64>, with: Option<(i64, bool)>| {
+        let p = view.primary().map(|p| p.id);
+        view.members()
+            .filter(|n| Some(n.id) != p && Some(n.id) != exclude)
+            .filter(|n| match with {
+                Some((id, q)) if id == n.id => q,
+                _ => n.replication_quorum,
+            })
+            .count()
+    };
+    match setting {
+        Setting::CandidatePriority(id, value) => {
+            let n = view.node(id).ok_or("no such node in this group")?;
+            if !(0..=100).contains(&value) {
+                return Err(format!(
+                    "candidate priority {value} is out of range: use 0 to 100"
+                ));
+            }
+            let others_eligible = view
+                .members()
+                .filter(|m| m.id != id && m.candidate_priority > 0)
+                .count();
+            let mut text = format!(
+                "Candidate priority of node {} ({}) is now {value}",
+                n.id, n.name
+            );
+            if value == 0 && others_eligible == 0 {
+                text.push_str("; no node can be promoted automatically now");
+            }
+            Ok(text)
+        }
+        Setting::ReplicationQuorum(id, value) => {
+            let n = view.node(id).ok_or("no such node in this group")?;
+            let nss = usize::try_from(view.number_sync_standbys).unwrap_or(0);
+            if !value && nss > 0 && quorum_standbys(None, Some((id, false))) < nss + 1 {
+                return Err(format!(
+                    "number_sync_standbys is {nss}: at least {} quorum standbys must remain; lower number_sync_standbys first",
+                    nss + 1
+                ));
+            }
+            Ok(format!(
+                "Replication quorum of node {} ({}) is now {value}",
+                n.id, n.name
+            ))
+        }
+        Setting::NumberSyncStandbys(value) => {
+            if value < 0 {
+                return Err("number_sync_standbys must be 0 or more".to_string());
+            }
+            let q = quorum_standbys(None, None);
+            let wanted = usize::try_from(value).unwrap_or(0);
+            if value > 0 && wanted + 1 > q {
+                return Err(format!(
+                    "number_sync_standbys {value} needs at least {} quorum standbys, the formation has {q}",
+                    wanted + 1
+                ));
+            }
+            Ok(format!("number_sync_standbys is now {value}"))
+        }
+    }
 }
 
 impl GroupView {
@@ -256,6 +342,9 @@ pub fn decide(view: &GroupView) -> Option<Decision> {
         });
     }
     if let Some(decision) = proceed_with_switchover(view) {
+        return Some(decision);
+    }
+    if let Some(decision) = adjust_number_sync_standbys(view) {
         return Some(decision);
     }
     let mut hold = None;
@@ -378,13 +467,25 @@ fn decide_for(view: &GroupView, a: &NodeView) -> Option<Decision> {
         )]));
     }
 
+    // With two standbys or more, a new primary is elected (see `elect`).
+    let election = view.others(p).count() >= 2;
+
     // Automatic failover.
     if a.is_converged(Secondary) && p.is_in_primary_state() && view.is_unhealthy(p) {
+        if election {
+            return Some(start_election(view, p, true));
+        }
         return Some(failover_decision(view, p, a));
     }
 
-    // The old primary stopped cleanly for a switchover or maintenance: promote the standby.
-    if a.is_converged(Secondary) && p.converged_in(&[Draining, PrepareMaintenance]) {
+    // The old primary stopped cleanly for a switchover or maintenance: promote a standby.
+    if a.converged_in(&[Secondary, Catchingup]) && p.converged_in(&[Draining, PrepareMaintenance]) {
+        if election {
+            return Some(start_election(view, p, false));
+        }
+        if a.reported == Catchingup {
+            return None;
+        }
         return Some(Decision::Assign(vec![assign(
             a,
             PreparePromotion,
@@ -407,6 +508,31 @@ fn decide_for(view: &GroupView, a: &NodeView) -> Option<Decision> {
         return decide_promotion(view, p, a);
     }
 
+    if a.is_converged(FastForward) {
+        return Some(Decision::Assign(vec![assign(
+            a,
+            PreparePromotion,
+            format!(
+                "Node {} ({}) has fetched the missing WAL: it will be promoted",
+                a.id, a.name
+            ),
+        )]));
+    }
+
+    if a.is_converged(ReportLsn) {
+        if p.id != a.id && p.goal.can_take_writes() && p.reported.can_take_writes() {
+            return Some(Decision::Assign(vec![assign(
+                a,
+                Catchingup,
+                format!(
+                    "Node {} ({}) follows the new primary {} ({})",
+                    a.id, a.name, p.id, p.name
+                ),
+            )]));
+        }
+        return elect(view, p);
+    }
+
     // An old primary rejoins once the new primary runs.
     if a.is_converged(Demoted)
         && p.id != a.id
@@ -424,6 +550,44 @@ fn decide_for(view: &GroupView, a: &NodeView) -> Option<Decision> {
         )]));
     }
 
+    None
+}
+
+/// `number_sync_standbys` follows the standbys, as pg_auto_failover's does: a
+/// node joining as the second quorum standby raises it from 0 to 1 (so losing
+/// one standby no longer risks writes), and when too few quorum standbys are
+/// left for the value it is lowered so the primary does not wait forever.
+fn adjust_number_sync_standbys(view: &GroupView) -> Option<Decision> {
+    let p = view.primary()?;
+    let quorum: Vec<&NodeView> = view
+        .others(p)
+        .filter(|n| n.replication_quorum && n.goal != NodeState::Init)
+        .collect();
+    let joining = view
+        .others(p)
+        .find(|n| n.is_converged(NodeState::Init) && n.replication_quorum);
+    let nss = view.number_sync_standbys;
+    if let Some(j) = joining {
+        if nss == 0 && quorum.len() + 1 >= 2 {
+            return Some(Decision::SetNumberSyncStandbys {
+                value: 1,
+                reason: format!(
+                    "Node {} ({}) joins as the second quorum standby: number_sync_standbys is now 1",
+                    j.id, j.name
+                ),
+            });
+        }
+    }
+    let count = i32::try_from(quorum.len()).unwrap_or(i32::MAX);
+    if nss > 0 && nss + 1 > count && joining.is_none() {
+        let value = (count - 1).max(0);
+        return Some(Decision::SetNumberSyncStandbys {
+            value,
+            reason: format!(
+                "Only {count} quorum standby(s) left: number_sync_standbys is lowered from {nss} to {value}"
+            ),
+        });
+    }
     None
 }
 
@@ -507,6 +671,151 @@ fn failover_decision(view: &GroupView, p: &NodeView, a: &NodeView) -> Decision {
     }
 }
 
+/// States of a standby that no longer streams from the old primary during a failover.
+const DETACHED: [NodeState; 3] = [
+    NodeState::ReportLsn,
+    NodeState::FastForward,
+    NodeState::PreparePromotion,
+];
+
+/// Quorum intersection: the old primary acknowledged a commit once `k` of its
+/// `q` quorum standbys had it, so any `q - k + 1` of them include one that has
+/// it. When that many quorum standbys have stopped streaming and reported, the
+/// most advanced of them holds every acknowledged write. Returns how many are
+/// needed, or `None` when the primary ran without synchronous standbys.
+fn quorum_needed(view: &GroupView, p: &NodeView) -> Option<usize> {
+    let q = view.others(p).filter(|n| n.replication_quorum).count();
+    let k = usize::try_from(view.number_sync_standbys.max(1)).unwrap_or(1);
+    (q >= 1).then(|| (q + 1).saturating_sub(k).max(1))
+}
+
+/// Starts an election: the healthy standbys stop streaming and report their
+/// WAL position (`report_lsn`), and the old primary is told to drain.
+fn start_election(view: &GroupView, p: &NodeView, primary_lost: bool) -> Decision {
+    use NodeState::*;
+    if primary_lost {
+        if !p.is_converged(Primary) {
+            return Decision::Hold(format!(
+                "Primary {} ({}) is unhealthy, but it was {}: its standbys may miss acknowledged writes, so none is promoted",
+                p.id, p.name, p.reported
+            ));
+        }
+        if let Some(s) = view
+            .others(p)
+            .find(|n| n.upstream_streaming && view.is_healthy(n))
+        {
+            return Decision::Hold(format!(
+                "Primary {} ({}) looks unhealthy to the monitor, but node {} ({}) still receives WAL from it: no failover",
+                p.id, p.name, s.id, s.name
+            ));
+        }
+    }
+    let mut assignments: Vec<Assignment> = view
+        .others(p)
+        .filter(|n| n.converged_in(&[Secondary, Catchingup]) && view.is_healthy(n))
+        .map(|n| {
+            assign(
+                n,
+                ReportLsn,
+                format!(
+                    "Election for a new primary: node {} ({}) stops streaming and reports its WAL position",
+                    n.id, n.name
+                ),
+            )
+        })
+        .collect();
+    if p.is_in_primary_state() {
+        assignments.push(assign(
+            p,
+            Draining,
+            format!("Primary {} ({}) is unhealthy: draining it", p.id, p.name),
+        ));
+    }
+    Decision::Assign(assignments)
+}
+
+/// The election: once every healthy standby reported its position, and enough
+/// quorum standbys did to be sure no acknowledged write is missing, the
+/// candidate with the highest priority wins (the operator's choice first, then
+/// ties by WAL position); a winner that lacks WAL first fetches it from the
+/// most advanced standby.
+fn elect(view: &GroupView, old: &NodeView) -> Option<Decision> {
+    use NodeState::*;
+    let others: Vec<&NodeView> = view.others(old).collect();
+    if others
+        .iter()
+        .any(|n| matches!(n.goal, FastForward | PreparePromotion | StopReplication))
+    {
+        return None;
+    }
+    if others
+        .iter()
+        .any(|n| n.goal == ReportLsn && n.reported != ReportLsn && view.is_healthy(n))
+    {
+        return None;
+    }
+    let reporters: Vec<&NodeView> = others
+        .iter()
+        .copied()
+        .filter(|n| n.is_converged(ReportLsn) && view.is_healthy(n))
+        .collect();
+    let stopped_cleanly = old.converged_in(&[Draining, PrepareMaintenance]);
+    if !stopped_cleanly {
+        let Some(needed) = quorum_needed(view, old) else {
+            return Some(Decision::Hold(
+                "Election cannot complete: the old primary had no synchronous standby".to_string(),
+            ));
+        };
+        let reported = reporters.iter().filter(|n| n.replication_quorum).count();
+        if reported < needed {
+            return Some(Decision::Hold(format!(
+                "Election waits: {reported} quorum standby(s) reported their WAL position, {needed} are needed                  to be sure no acknowledged write is missing (number_sync_standbys {})",
+                view.number_sync_standbys
+            )));
+        }
+    }
+    let most_advanced = reporters.iter().max_by_key(|n| (n.tli, n.lsn, -n.id))?;
+    let candidates: Vec<&&NodeView> = reporters
+        .iter()
+        .filter(|n| n.candidate_priority > 0)
+        .collect();
+    let preferred = view
+        .preferred_candidate
+        .and_then(|id| candidates.iter().find(|n| n.id == id).copied());
+    let Some(chosen) = preferred.or_else(|| {
+        candidates
+            .iter()
+            .max_by_key(|n| (n.candidate_priority, n.tli, n.lsn, -n.id))
+            .copied()
+    }) else {
+        return Some(Decision::Hold(
+            "Election cannot complete: no standby with a candidate priority above 0 reported"
+                .to_string(),
+        ));
+    };
+    if (chosen.tli, chosen.lsn) < (most_advanced.tli, most_advanced.lsn) {
+        return Some(Decision::Assign(vec![assign(
+            chosen,
+            FastForward,
+            format!(
+                "Node {} ({}) is elected (priority {}) but lacks WAL: it fetches it from node {} ({}) first",
+                chosen.id, chosen.name, chosen.candidate_priority, most_advanced.id, most_advanced.name
+            ),
+        )]));
+    }
+    Some(Decision::Assign(vec![assign(
+        chosen,
+        PreparePromotion,
+        format!(
+            "Node {} ({}) is elected: priority {}, WAL position {}",
+            chosen.id,
+            chosen.name,
+            chosen.candidate_priority,
+            crate::pgconn::format_lsn(chosen.lsn)
+        ),
+    )]))
+}
+
 /// The candidate `a` stopped replicating; decide whether it may take writes now.
 fn decide_promotion(view: &GroupView, p: &NodeView, a: &NodeView) -> Option<Decision> {
     use NodeState::*;
@@ -544,10 +853,17 @@ fn decide_promotion(view: &GroupView, p: &NodeView, a: &NodeView) -> Option<Deci
     // The old primary cannot confirm. It last reported `primary` with synchronous
     // replication to `a`, and `a` no longer streams from it: the old primary can
     // not acknowledge another commit, so promoting now loses nothing.
+    let detached: Vec<&NodeView> = view
+        .others(p)
+        .filter(|n| DETACHED.contains(&n.reported) && !n.upstream_streaming)
+        .collect();
+    let quorum_detached = detached.iter().filter(|n| n.replication_quorum).count();
+    let most_advanced = detached.iter().map(|n| (n.tli, n.lsn)).max();
     if p.reported == Primary
         && view.is_unhealthy(p)
-        && a.replication_quorum
         && !a.upstream_streaming
+        && quorum_needed(view, p).is_some_and(|needed| quorum_detached >= needed)
+        && most_advanced.is_none_or(|top| (a.tli, a.lsn) >= top)
     {
         return promote(
             Demoted,
@@ -793,6 +1109,19 @@ pub fn on_request(view: &GroupView, request: Request) -> Result<Vec<Assignment>,
                 _ => Err("the group has no primary for this node to follow".to_string()),
             }
         }
+        Request::Promote(id) => {
+            let n = view.node(id).ok_or("no such node in this group")?;
+            if n.goal.can_take_writes() {
+                return Err(format!("node {} is already the primary", n.name));
+            }
+            if !n.is_converged(Secondary) || n.candidate_priority == 0 || !view.is_healthy(n) {
+                return Err(format!(
+                    "node {} is {} with candidate priority {}: only a healthy secondary with a priority above 0 can be promoted",
+                    n.name, n.reported, n.candidate_priority
+                ));
+            }
+            on_request(view, Request::Switchover)
+        }
         Request::Drop(id) => {
             let n = view.node(id).ok_or("no such node in this group")?;
             if n.goal == Dropped {
@@ -817,9 +1146,14 @@ pub fn synchronous_standby_names(view: &GroupView, primary_id: i64) -> String {
     if matches!(p.goal, NodeState::WaitPrimary | NodeState::Single) {
         return String::new();
     }
+    // Every quorum standby is listed, caught up or not: with number_sync_standbys
+    // above 0, commits wait for enough of them rather than silently going async.
     let mut standbys: Vec<&NodeView> = view
         .others(p)
-        .filter(|n| n.replication_quorum && n.goal == NodeState::Secondary)
+        .filter(|n| {
+            n.replication_quorum
+                && (n.goal == NodeState::Secondary || view.number_sync_standbys > 0)
+        })
         .collect();
     if standbys.is_empty() {
         return String::new();
@@ -880,6 +1214,7 @@ mod tests {
             monitor_uptime: Duration::from_secs(3600),
             thresholds: Thresholds::default(),
             switchover: None,
+            preferred_candidate: None,
         }
     }
 
@@ -889,6 +1224,7 @@ mod tests {
         Goals(Vec<(i64, NodeState)>),
         Removed(i64),
         Held,
+        SyncStandbys(i32),
         Nothing,
     }
 
@@ -899,6 +1235,7 @@ mod tests {
             }
             Some(Decision::Remove { node_id, .. }) => Outcome::Removed(node_id),
             Some(Decision::Hold(_)) => Outcome::Held,
+            Some(Decision::SetNumberSyncStandbys { value, .. }) => Outcome::SyncStandbys(value),
             None => Outcome::Nothing,
         }
     }
@@ -1126,6 +1463,187 @@ mod tests {
                 "a dropped node is removed",
                 group(vec![at(1, Primary), at(2, Dropped)]),
                 Removed(2),
+            ),
+            (
+                "a second quorum standby joining raises number_sync_standbys",
+                group(vec![at(1, Primary), at(2, Secondary), at(3, Init)]),
+                SyncStandbys(1),
+            ),
+            (
+                "three nodes: primary lost, the standbys report their LSN",
+                GroupView {
+                    number_sync_standbys: 1,
+                    ..group(vec![
+                        dead(at(1, Primary)),
+                        at(2, Secondary),
+                        at(3, Secondary),
+                    ])
+                },
+                Goals(vec![(2, ReportLsn), (3, ReportLsn), (1, Draining)]),
+            ),
+            (
+                "three nodes: a standby still streams from the primary",
+                GroupView {
+                    number_sync_standbys: 1,
+                    ..group(vec![
+                        dead(at(1, Primary)),
+                        at(2, Secondary),
+                        NodeView {
+                            upstream_streaming: true,
+                            ..at(3, Secondary)
+                        },
+                    ])
+                },
+                Held,
+            ),
+            (
+                "three nodes: switchover, the primary stopped, elect",
+                GroupView {
+                    number_sync_standbys: 1,
+                    ..group(vec![at(1, Draining), at(2, Secondary), at(3, Secondary)])
+                },
+                Goals(vec![(2, ReportLsn), (3, ReportLsn)]),
+            ),
+            (
+                "election: highest priority wins",
+                GroupView {
+                    number_sync_standbys: 1,
+                    ..group(vec![
+                        dead(node(1, Primary, Draining)),
+                        at(2, ReportLsn),
+                        NodeView {
+                            candidate_priority: 90,
+                            ..at(3, ReportLsn)
+                        },
+                    ])
+                },
+                Goals(vec![(3, PreparePromotion)]),
+            ),
+            (
+                "election: equal priority, the most advanced wins",
+                GroupView {
+                    number_sync_standbys: 1,
+                    ..group(vec![
+                        dead(node(1, Primary, Draining)),
+                        at(2, ReportLsn),
+                        NodeView {
+                            lsn: 0x3000100,
+                            ..at(3, ReportLsn)
+                        },
+                    ])
+                },
+                Goals(vec![(3, PreparePromotion)]),
+            ),
+            (
+                "election: a lagging winner fast-forwards first",
+                GroupView {
+                    number_sync_standbys: 1,
+                    ..group(vec![
+                        dead(node(1, Primary, Draining)),
+                        at(2, ReportLsn),
+                        NodeView {
+                            candidate_priority: 90,
+                            lsn: 0x2000000,
+                            ..at(3, ReportLsn)
+                        },
+                    ])
+                },
+                Goals(vec![(3, FastForward)]),
+            ),
+            (
+                "election: priority 0 is never promoted",
+                GroupView {
+                    number_sync_standbys: 1,
+                    ..group(vec![
+                        dead(node(1, Primary, Draining)),
+                        NodeView {
+                            candidate_priority: 0,
+                            lsn: 0x3000100,
+                            ..at(2, ReportLsn)
+                        },
+                        at(3, ReportLsn),
+                    ])
+                },
+                Goals(vec![(3, FastForward)]),
+            ),
+            (
+                "election: nobody with a priority",
+                GroupView {
+                    number_sync_standbys: 1,
+                    ..group(vec![
+                        dead(node(1, Primary, Draining)),
+                        NodeView {
+                            candidate_priority: 0,
+                            ..at(2, ReportLsn)
+                        },
+                        NodeView {
+                            candidate_priority: 0,
+                            ..at(3, ReportLsn)
+                        },
+                    ])
+                },
+                Held,
+            ),
+            (
+                "election: waits for a healthy standby still detaching",
+                GroupView {
+                    number_sync_standbys: 1,
+                    ..group(vec![
+                        dead(node(1, Primary, Draining)),
+                        at(2, ReportLsn),
+                        node(3, Secondary, ReportLsn),
+                    ])
+                },
+                Nothing,
+            ),
+            (
+                "election: too few quorum standbys reported",
+                GroupView {
+                    number_sync_standbys: 1,
+                    ..group(vec![
+                        dead(node(1, Primary, Draining)),
+                        at(2, ReportLsn),
+                        dead(at(3, Secondary)),
+                        dead(at(4, Secondary)),
+                    ])
+                },
+                Held,
+            ),
+            (
+                "fast-forwarded: prepare promotion",
+                GroupView {
+                    number_sync_standbys: 1,
+                    ..group(vec![
+                        dead(node(1, Primary, Draining)),
+                        at(2, ReportLsn),
+                        at(3, FastForward),
+                    ])
+                },
+                Goals(vec![(3, PreparePromotion)]),
+            ),
+            (
+                "three nodes: the winner promoted without the old primary",
+                GroupView {
+                    number_sync_standbys: 1,
+                    ..group(vec![
+                        dead(node(1, Primary, Draining)),
+                        at(2, ReportLsn),
+                        at(3, PreparePromotion),
+                    ])
+                },
+                Goals(vec![(3, WaitPrimary), (1, Demoted)]),
+            ),
+            (
+                "the losers follow the new primary",
+                GroupView {
+                    number_sync_standbys: 1,
+                    ..group(vec![
+                        dead(node(1, Primary, Demoted)),
+                        at(2, ReportLsn),
+                        at(3, WaitPrimary),
+                    ])
+                },
+                Goals(vec![(2, Catchingup)]),
             ),
             (
                 "a node being dropped no longer counts: the primary serves alone",

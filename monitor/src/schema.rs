@@ -28,7 +28,7 @@ pub const CHANNEL_REQUEST: &str = "hapg_request";
 pub const CHANNEL_DRAIN: &str = "hapg_drain";
 
 /// Ordered migrations; a version is never edited once released, only added.
-const MIGRATIONS: &[(i32, &str)] = &[(1, MIGRATION_1), (2, MIGRATION_2)];
+const MIGRATIONS: &[(i32, &str)] = &[(1, MIGRATION_1), (2, MIGRATION_2), (3, MIGRATION_3)];
 
 const MIGRATION_1: &str = r#"
 CREATE TYPE hapg.replication_state AS ENUM (
@@ -127,6 +127,14 @@ ALTER TABLE hapg.formation ADD COLUMN switchover_requested_at timestamptz;
 -- A router's acknowledgement: it finished (or cut) its transactions on the
 -- primary and pauses new ones until the monitor names the next primary.
 ALTER TABLE hapg.router ADD COLUMN drained_at timestamptz;
+"#;
+
+/// `perform promotion` and the settings commands.
+const MIGRATION_3: &str = r#"
+-- The node `perform promotion` asked for; the election prefers it.
+ALTER TABLE hapg.formation ADD COLUMN switchover_target bigint;
+-- The value of a settings request (candidate priority, replication quorum, ...).
+ALTER TABLE hapg.request ADD COLUMN value text;
 "#;
 
 /// The schema version this binary expects.

@@ -13,7 +13,9 @@ use tracing::Instrument;
 
 use crate::client::{NodeRow, RequestKind, NODE_COLUMNS, STATE_PAYLOAD_SQL};
 use crate::error::MonitorError;
-use crate::fsm::{self, Assignment, Decision, GroupView, Request, SwitchoverDrain, Thresholds};
+use crate::fsm::{
+    self, Assignment, Decision, GroupView, Request, Setting, SwitchoverDrain, Thresholds,
+};
 use crate::pgconn;
 use crate::schema::{self, CHANNEL_DRAIN, CHANNEL_REPORT, CHANNEL_REQUEST, CHANNEL_STATE};
 use crate::state::{Health, NodeState};
@@ -172,6 +174,16 @@ impl Decider {
                 remove_node(&tx, node_id, &reason).await?;
                 true
             }
+            Some(Decision::SetNumberSyncStandbys { value, reason }) => {
+                tracing::info!(formation, "{reason}");
+                tx.execute(
+                    "UPDATE hapg.formation SET number_sync_standbys = $2 WHERE formation_id = $1",
+                    &[&formation, &value],
+                )
+                .await?;
+                write_event(&tx, formation, group, None, &reason).await?;
+                true
+            }
             Some(Decision::Hold(reason)) => {
                 let key = (formation.to_string(), group);
                 if self.holds.get(&key) != Some(&reason) {
@@ -210,6 +222,7 @@ impl Decider {
             .query_one(
                 "SELECT f.number_sync_standbys,
                         (extract(epoch FROM now() - f.switchover_requested_at) * 1000)::float8,
+                        f.switchover_target,
                         (SELECT count(*) FROM hapg.router r
                           WHERE r.formation_id = f.formation_id
                             AND r.last_seen > now() - interval '3 seconds'
@@ -220,7 +233,8 @@ impl Decider {
             .await?;
         let nss: i32 = f.try_get(0)?;
         let drain_age: Option<f64> = f.try_get(1)?;
-        let routers_pending: i64 = f.try_get(2)?;
+        let preferred_candidate: Option<i64> = f.try_get(2)?;
+        let routers_pending: i64 = f.try_get(3)?;
         let switchover = drain_age.map(|ms| SwitchoverDrain {
             age: Duration::from_millis(ms.max(0.0) as u64),
             routers_pending: usize::try_from(routers_pending).unwrap_or(usize::MAX),
@@ -244,6 +258,7 @@ impl Decider {
             monitor_uptime: self.started.elapsed(),
             thresholds: self.thresholds.clone(),
             switchover,
+            preferred_candidate,
         })
     }
 
@@ -251,7 +266,7 @@ impl Decider {
         let tx = client.transaction().await?;
         let pending = tx
             .query(
-                "SELECT request_id, formation_id, group_id, node_id, kind,
+                "SELECT request_id, formation_id, group_id, node_id, kind, value,
                         extract(epoch FROM now() - created_at)::float8
                    FROM hapg.request WHERE status = 'pending'
                   ORDER BY request_id FOR UPDATE SKIP LOCKED",
@@ -264,59 +279,24 @@ impl Decider {
             let group: i32 = row.try_get(2)?;
             let node_id: Option<i64> = row.try_get(3)?;
             let kind: String = row.try_get(4)?;
-            let age: f64 = row.try_get(5)?;
-            let outcome = if age > REQUEST_EXPIRY_SECS {
+            let value: Option<String> = row.try_get(5)?;
+            let age: f64 = row.try_get(6)?;
+            let answer = if age > REQUEST_EXPIRY_SECS {
                 Err(format!(
                     "the request expired after {REQUEST_EXPIRY_SECS} s without an answer"
                 ))
             } else {
-                match (RequestKind::parse(&kind), node_id) {
-                    (Some(RequestKind::Switchover | RequestKind::Failover), _) => {
-                        Ok(Request::Switchover)
+                match parse_operation(&kind, node_id, value.as_deref()) {
+                    Err(reason) => Err(reason),
+                    Ok(operation) => {
+                        let view = self.load_group(&tx, &formation, group).await?;
+                        self.carry_out(&tx, &formation, group, &view, operation)
+                            .await?
                     }
-                    (Some(RequestKind::EnableMaintenance), Some(n)) => {
-                        Ok(Request::EnableMaintenance(n))
-                    }
-                    (Some(RequestKind::DisableMaintenance), Some(n)) => {
-                        Ok(Request::DisableMaintenance(n))
-                    }
-                    (Some(RequestKind::Drop), Some(n)) => Ok(Request::Drop(n)),
-                    _ => Err(format!("malformed request {kind:?}")),
                 }
             };
-            let answer = match outcome {
-                Err(reason) => Err(reason),
-                Ok(request) => {
-                    let view = self.load_group(&tx, &formation, group).await?;
-                    fsm::on_request(&view, request)
-                }
-            };
-            let begins_drain = matches!(outcome_kind(&kind), Some(Request::Switchover));
             let (status, reply) = match answer {
-                Ok(assignments) if begins_drain => {
-                    tx.execute(
-                        "UPDATE hapg.formation SET switchover_requested_at = now() WHERE formation_id = $1",
-                        &[&formation],
-                    )
-                    .await?;
-                    tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL_DRAIN, &formation])
-                        .await?;
-                    let reason = "Switchover requested: routers drain the primary, then it stops and a standby takes over";
-                    write_event(&tx, &formation, group, None, reason).await?;
-                    debug_assert!(assignments.is_empty());
-                    ("accepted", reason.to_string())
-                }
-                Ok(assignments) => {
-                    for a in &assignments {
-                        apply_assignment(&tx, a).await?;
-                    }
-                    let reply = assignments
-                        .iter()
-                        .map(|a| a.reason.as_str())
-                        .collect::<Vec<_>>()
-                        .join("; ");
-                    ("accepted", reply)
-                }
+                Ok(reply) => ("accepted", reply),
                 Err(reason) => {
                     tracing::info!(request = id, kind, "refused: {reason}");
                     ("refused", reason)
@@ -337,13 +317,130 @@ impl Decider {
         tx.commit().await?;
         Ok(())
     }
+
+    /// Decides on one operation and writes its effect; the inner error is a
+    /// refusal for the operator, the outer one a database failure.
+    async fn carry_out(
+        &mut self,
+        tx: &Transaction<'_>,
+        formation: &str,
+        group: i32,
+        view: &GroupView,
+        operation: Operation,
+    ) -> Result<Result<String, String>, MonitorError> {
+        match operation {
+            Operation::Setting(setting) => {
+                let reply = match fsm::check_setting(view, setting) {
+                    Ok(reply) => reply,
+                    Err(reason) => return Ok(Err(reason)),
+                };
+                match setting {
+                    Setting::CandidatePriority(node, value) => {
+                        tx.execute(
+                            "UPDATE hapg.node SET candidate_priority = $2 WHERE node_id = $1",
+                            &[&node, &value],
+                        )
+                        .await?;
+                    }
+                    Setting::ReplicationQuorum(node, value) => {
+                        tx.execute(
+                            "UPDATE hapg.node SET replication_quorum = $2 WHERE node_id = $1",
+                            &[&node, &value],
+                        )
+                        .await?;
+                    }
+                    Setting::NumberSyncStandbys(value) => {
+                        tx.execute(
+                            "UPDATE hapg.formation SET number_sync_standbys = $2 WHERE formation_id = $1",
+                            &[&formation, &value],
+                        )
+                        .await?;
+                    }
+                }
+                write_event(tx, formation, group, None, &reply).await?;
+                // Keepers re-read synchronous_standby_names from the new settings.
+                tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL_REPORT, &formation])
+                    .await?;
+                Ok(Ok(reply))
+            }
+            Operation::Request(request) => {
+                let assignments = match fsm::on_request(view, request) {
+                    Ok(assignments) => assignments,
+                    Err(reason) => return Ok(Err(reason)),
+                };
+                if let Request::Switchover | Request::Promote(_) = request {
+                    let target = match request {
+                        Request::Promote(node) => Some(node),
+                        _ => None,
+                    };
+                    tx.execute(
+                        "UPDATE hapg.formation SET switchover_requested_at = now(), switchover_target = $2
+                          WHERE formation_id = $1",
+                        &[&formation, &target],
+                    )
+                    .await?;
+                    tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL_DRAIN, &formation])
+                        .await?;
+                    let reason = "Switchover requested: routers drain the primary, then it stops and a standby takes over";
+                    write_event(tx, formation, group, None, reason).await?;
+                    return Ok(Ok(reason.to_string()));
+                }
+                for a in &assignments {
+                    apply_assignment(tx, a).await?;
+                }
+                Ok(Ok(assignments
+                    .iter()
+                    .map(|a| a.reason.as_str())
+                    .collect::<Vec<_>>()
+                    .join("; ")))
+            }
+        }
+    }
 }
 
-fn outcome_kind(kind: &str) -> Option<Request> {
-    match RequestKind::parse(kind) {
-        Some(RequestKind::Switchover | RequestKind::Failover) => Some(Request::Switchover),
-        _ => None,
-    }
+/// What an operator request asks for.
+enum Operation {
+    Request(Request),
+    Setting(Setting),
+}
+
+fn parse_operation(
+    kind: &str,
+    node: Option<i64>,
+    value: Option<&str>,
+) -> Result<Operation, String> {
+    let malformed = || format!("malformed request {kind:?}");
+    let node_id = || node.ok_or_else(malformed);
+    let value = || value.ok_or_else(malformed);
+    let kind = RequestKind::parse(kind).ok_or_else(malformed)?;
+    Ok(match kind {
+        RequestKind::Switchover | RequestKind::Failover => Operation::Request(Request::Switchover),
+        RequestKind::EnableMaintenance => {
+            Operation::Request(Request::EnableMaintenance(node_id()?))
+        }
+        RequestKind::DisableMaintenance => {
+            Operation::Request(Request::DisableMaintenance(node_id()?))
+        }
+        RequestKind::Drop => Operation::Request(Request::Drop(node_id()?)),
+        RequestKind::Promotion => Operation::Request(Request::Promote(node_id()?)),
+        RequestKind::SetCandidatePriority => Operation::Setting(Setting::CandidatePriority(
+            node_id()?,
+            value()?.parse().map_err(|_| {
+                "candidate priority must be a whole number from 0 to 100".to_string()
+            })?,
+        )),
+        RequestKind::SetReplicationQuorum => Operation::Setting(Setting::ReplicationQuorum(
+            node_id()?,
+            value()?
+                .parse()
+                .map_err(|_| "replication quorum must be true or false".to_string())?,
+        )),
+        RequestKind::SetNumberSyncStandbys => Operation::Setting(Setting::NumberSyncStandbys(
+            value()?
+                .parse()
+                .map_err(|_| "number_sync_standbys must be a whole number".to_string())?,
+        )),
+    })
 }
 
 /// Writes one goal: the node's row, the formation's epoch when a different node
@@ -360,8 +457,11 @@ async fn apply_assignment(tx: &Transaction<'_>, a: &Assignment) -> Result<(), Mo
         .await?;
     let formation: String = row.try_get(0)?;
     if a.goal.can_take_writes() {
+        // A different node becomes writable: a new epoch, and a promotion
+        // target, if any, has been served.
         tx.execute(
-            "UPDATE hapg.formation SET primary_epoch = primary_epoch + 1, primary_node_id = $2
+            "UPDATE hapg.formation SET primary_epoch = primary_epoch + 1, primary_node_id = $2,
+                                      switchover_target = NULL
               WHERE formation_id = $1 AND primary_node_id IS DISTINCT FROM $2",
             &[&formation, &a.node_id],
         )
