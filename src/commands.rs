@@ -17,7 +17,7 @@ use crate::show;
 use crate::{
     Command, ConfigCommand, CreateCommand, CreateMonitorArgs, CreatePostgresArgs, DisableCommand,
     DropCommand, EnableCommand, InstanceArgs, MaintenanceArgs, MonitorArgs, PerformArgs,
-    PerformCommand, RouterCommand, ShowCommand,
+    PerformCommand, RouterCommand, SetCommand, SetFormationCommand, SetNodeCommand, ShowCommand,
 };
 
 /// Runs one command.
@@ -31,8 +31,12 @@ pub async fn dispatch(command: Command) -> Result<()> {
         Command::Stop(args) => stop(&args.pgdata, args.fast, args.immediate).await,
         Command::Show(cmd) => show_command(cmd).await,
         Command::Perform(PerformCommand::Switchover(args) | PerformCommand::Failover(args)) => {
-            perform_switchover(args).await
+            perform_switchover(args, None).await
         }
+        Command::Perform(PerformCommand::Promotion { perform, name }) => {
+            perform_switchover(perform, Some(name)).await
+        }
+        Command::Set(cmd) => set_command(cmd).await,
         Command::Enable(EnableCommand::Maintenance(args)) => maintenance(args, true).await,
         Command::Disable(DisableCommand::Maintenance(args)) => maintenance(args, false).await,
         Command::Drop(DropCommand::Node {
@@ -44,6 +48,10 @@ pub async fn dispatch(command: Command) -> Result<()> {
         Command::Config(cmd) => config_command(cmd),
         Command::Router(RouterCommand::Run { config }) => router_run(config).await,
         Command::Demo(args) => crate::demo::run(args).await,
+        Command::Watch(args) => {
+            let t = target(&args)?;
+            crate::watch::run(&t.conninfo, &t.formation, args.json).await
+        }
     }
 }
 
@@ -588,7 +596,7 @@ fn time_of_day() -> String {
     )
 }
 
-async fn perform_switchover(args: PerformArgs) -> Result<()> {
+async fn perform_switchover(args: PerformArgs, promote: Option<String>) -> Result<()> {
     let t = target(&args.monitor)?;
     let mut monitor = connect(&t).await?;
     let before = monitor.nodes(&t.formation, Some(0)).await?;
@@ -597,28 +605,99 @@ async fn perform_switchover(args: PerformArgs) -> Result<()> {
         .find(|n| n.goal.can_take_writes())
         .map(|n| n.node_id);
     let timeout = Duration::from_secs(args.wait);
-    monitor
-        .request(&t.formation, 0, None, RequestKind::Switchover, timeout)
-        .await?;
+    let wanted = match &promote {
+        Some(name) => {
+            let node = monitor.node_by_name(&t.formation, name).await?;
+            monitor
+                .request(
+                    &t.formation,
+                    node.group_id,
+                    Some(node.node_id),
+                    RequestKind::Promotion,
+                    timeout,
+                )
+                .await?;
+            Some(node.node_id)
+        }
+        None => {
+            monitor
+                .request(&t.formation, 0, None, RequestKind::Switchover, timeout)
+                .await?;
+            None
+        }
+    };
     let mut progress = Progress::new();
     monitor
         .wait_until(
             &t.formation,
-            "the switchover to complete",
+            "the new primary and its standbys",
             timeout,
             |nodes| {
                 progress.update(nodes);
-                let new_primary = nodes
-                    .iter()
-                    .find(|n| n.is_converged_primary() && Some(n.node_id) != old_primary);
+                let new_primary = nodes.iter().find(|n| {
+                    n.is_converged_primary()
+                        && Some(n.node_id) != old_primary
+                        && wanted.is_none_or(|w| w == n.node_id)
+                });
                 new_primary.is_some()
-                    && nodes
-                        .iter()
-                        .filter(|n| !n.is_converged_primary())
-                        .all(|n| n.reported == n.goal && n.goal == NodeState::Secondary)
+                    && nodes.iter().filter(|n| !n.is_converged_primary()).all(|n| {
+                        n.reported == n.goal
+                            && matches!(n.goal, NodeState::Secondary | NodeState::Maintenance)
+                    })
             },
         )
         .await?;
+    Ok(())
+}
+
+async fn set_command(cmd: SetCommand) -> Result<()> {
+    let (args, name, kind, value) = match cmd {
+        SetCommand::Node(SetNodeCommand::CandidatePriority {
+            monitor,
+            name,
+            value,
+        }) => (
+            monitor,
+            name,
+            RequestKind::SetCandidatePriority,
+            value.to_string(),
+        ),
+        SetCommand::Node(SetNodeCommand::ReplicationQuorum {
+            monitor,
+            name,
+            value,
+        }) => (
+            monitor,
+            name,
+            RequestKind::SetReplicationQuorum,
+            value.to_string(),
+        ),
+        SetCommand::Formation(SetFormationCommand::NumberSyncStandbys { monitor, value }) => (
+            monitor,
+            None,
+            RequestKind::SetNumberSyncStandbys,
+            value.to_string(),
+        ),
+    };
+    let t = target(&args)?;
+    let mut monitor = connect(&t).await?;
+    let node = match (kind, &name, &t.node_config) {
+        (RequestKind::SetNumberSyncStandbys, _, _) => None,
+        (_, Some(name), _) => Some(monitor.node_by_name(&t.formation, name).await?),
+        (_, None, Some(config)) => Some(monitor.node(config.node.node_id).await?),
+        (_, None, None) => bail!("name the node with --name, or give its --pgdata"),
+    };
+    let reply = monitor
+        .request_value(
+            &t.formation,
+            node.as_ref().map_or(0, |n| n.group_id),
+            node.as_ref().map(|n| n.node_id),
+            kind,
+            Some(value),
+            Duration::from_secs(30),
+        )
+        .await?;
+    println!("{reply}");
     Ok(())
 }
 

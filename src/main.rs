@@ -4,6 +4,7 @@
 mod commands;
 mod demo;
 mod show;
+mod watch;
 
 use std::path::PathBuf;
 
@@ -40,6 +41,9 @@ enum Command {
     /// Remove a node from its formation.
     #[command(subcommand)]
     Drop(DropCommand),
+    /// Change node or formation settings (the monitor validates them).
+    #[command(subcommand)]
+    Set(SetCommand),
     /// Read or change a node's configuration file.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -48,6 +52,8 @@ enum Command {
     Router(RouterCommand),
     /// Create a monitor and two nodes on free ports, and keep them running.
     Demo(DemoArgs),
+    /// A live view of the formation, like top: nodes, lag, latest events (q quits).
+    Watch(MonitorArgs),
 }
 
 /// Options shared by `create monitor` and `create postgres`.
@@ -233,6 +239,60 @@ enum PerformCommand {
     Switchover(PerformArgs),
     /// Same as switchover: pg_autoctl's name for it.
     Failover(PerformArgs),
+    /// Make a chosen standby the primary.
+    Promotion {
+        #[command(flatten)]
+        perform: PerformArgs,
+        /// The node to promote.
+        #[arg(long)]
+        name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum SetCommand {
+    /// Change a node's failover settings.
+    #[command(subcommand)]
+    Node(SetNodeCommand),
+    /// Change a formation's settings.
+    #[command(subcommand)]
+    Formation(SetFormationCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum SetNodeCommand {
+    /// Failover candidate priority, 0 (never promoted) to 100.
+    CandidatePriority {
+        #[command(flatten)]
+        monitor: MonitorArgs,
+        /// The node (default: the node of --pgdata).
+        #[arg(long)]
+        name: Option<String>,
+        /// The new priority.
+        value: i32,
+    },
+    /// Whether the node counts for synchronous replication.
+    ReplicationQuorum {
+        #[command(flatten)]
+        monitor: MonitorArgs,
+        /// The node (default: the node of --pgdata).
+        #[arg(long)]
+        name: Option<String>,
+        /// true or false.
+        #[arg(action = clap::ArgAction::Set)]
+        value: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum SetFormationCommand {
+    /// How many quorum standbys must confirm a commit (0: writes stay available when standbys are lost).
+    NumberSyncStandbys {
+        #[command(flatten)]
+        monitor: MonitorArgs,
+        /// The new value.
+        value: i32,
+    },
 }
 
 #[derive(Args, Debug)]

@@ -68,7 +68,7 @@ pub async fn run(paths: NodePaths, mode: RunMode, shutdown: Shutdown) -> Result<
         monitor: None,
         confirmed: false,
         restart_failing_since: None,
-        last_tli: 1,
+        last_tli: 0,
         last_lsn: 0,
         last_error: None,
     };
@@ -114,7 +114,11 @@ impl Keeper {
             }
             let observation = self.pg.observe().await;
             if observation.running {
-                self.last_tli = observation.tli;
+                // A detached standby keeps the timeline it last streamed on:
+                // its checkpoint's timeline can lag behind.
+                if observation.tli_is_exact || self.last_tli == 0 {
+                    self.last_tli = observation.tli;
+                }
                 if observation.lsn > 0 {
                     self.last_lsn = observation.lsn;
                 }
@@ -246,7 +250,7 @@ impl Keeper {
             node_id: self.state.node_id,
             state: self.state.current,
             pg_running: self.reported_running(observation),
-            tli: self.last_tli,
+            tli: self.last_tli.max(1),
             lsn: self.last_lsn,
             rep_state: observation.rep_state.clone(),
             upstream_streaming: observation.upstream_streaming,

@@ -75,8 +75,11 @@ pub struct Observation {
     pub running: bool,
     /// It is a standby.
     pub in_recovery: bool,
-    /// Timeline.
+    /// Timeline: the primary's, or the one a standby last received WAL on.
     pub tli: i32,
+    /// `tli` comes from the WAL (false: a standby without a WAL receiver, whose
+    /// only clue is its last restartpoint's timeline, which can be older).
+    pub tli_is_exact: bool,
     /// Flush LSN on a primary, receive (or replay) LSN on a standby.
     pub lsn: u64,
     /// A standby's WAL receiver is streaming.
@@ -516,11 +519,11 @@ impl LocalPostgres {
                               THEN greatest(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn())
                               ELSE pg_current_wal_flush_lsn() END)::text,
                         CASE WHEN pg_is_in_recovery()
-                             THEN coalesce((SELECT received_tli FROM pg_stat_wal_receiver
-                                             WHERE received_tli > 0),
-                                           (SELECT timeline_id FROM pg_control_checkpoint()))
+                             THEN (SELECT received_tli FROM pg_stat_wal_receiver
+                                    WHERE received_tli > 0)
                              ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int
                         END,
+                        (SELECT timeline_id FROM pg_control_checkpoint()),
                         coalesce((SELECT status = 'streaming' FROM pg_stat_wal_receiver), false),
                         coalesce((SELECT sync_state FROM pg_stat_replication
                                    WHERE application_name LIKE 'pgautofailover_standby_%'
@@ -533,15 +536,18 @@ impl LocalPostgres {
             )
             .await?;
         let lsn: Option<String> = row.try_get(1)?;
+        let exact_tli: Option<i32> = row.try_get(2)?;
+        let checkpoint_tli: Option<i32> = row.try_get(3)?;
         Ok(Observation {
             running: true,
             in_recovery: row.try_get(0)?,
             lsn: lsn.as_deref().and_then(parse_lsn).unwrap_or(0),
-            tli: row.try_get::<_, Option<i32>>(2)?.unwrap_or(1),
-            upstream_streaming: row.try_get(3)?,
-            rep_state: row.try_get(4)?,
-            standby_connected: row.try_get(5)?,
-            synchronous_standby_names: row.try_get(6)?,
+            tli: exact_tli.or(checkpoint_tli).unwrap_or(1),
+            tli_is_exact: exact_tli.is_some(),
+            upstream_streaming: row.try_get(4)?,
+            rep_state: row.try_get(5)?,
+            standby_connected: row.try_get(6)?,
+            synchronous_standby_names: row.try_get(7)?,
         })
     }
 
