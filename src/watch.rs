@@ -708,9 +708,11 @@ mod tests {
         let lines = frame(&snap, "default", uri, Some((60, 15)));
         assert_eq!(lines.len(), 15);
         assert!(lines.iter().all(|l| l.chars().count() <= 60), "{lines:#?}");
-        assert!(lines[0].contains("formation: default"), "{}", lines[0]);
-        assert!(lines[0].contains("primary epoch: 2"), "{}", lines[0]);
+        assert!(lines[0].starts_with("hapg watch"), "{}", lines[0]);
         let wide = frame(&snap, "default", uri, Some((400, 15)));
+        assert!(wide[0].contains("formation: default"), "{}", wide[0]);
+        assert!(wide[0].contains("primary epoch: 2"), "{}", wide[0]);
+        assert!(wide[0].contains("2024-01-01 00:00:01"), "{}", wide[0]);
         assert!(!wide[0].contains("secret"), "{}", wide[0]);
         assert!(wide[0].contains("autoctl_node:****@"), "{}", wide[0]);
         assert!(wide.iter().any(|l| l.starts_with("node_a |")), "{wide:#?}");
