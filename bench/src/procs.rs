@@ -200,6 +200,14 @@ impl Supervisor {
         Ok(())
     }
 
+    /// The pid of `name`, if it was started.
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        self.services
+            .iter()
+            .find(|s| s.name == name)
+            .map(|s| s.child.id())
+    }
+
     /// The log file of `name`.
     pub fn log_of(&self, name: &str) -> Option<PathBuf> {
         self.services
@@ -246,6 +254,16 @@ fn stop_service(s: &mut Service) {
         );
         kill_group(&mut s.child);
     }
+}
+
+/// CPU time (user + system, all threads) `pid` has used so far, in seconds.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command name: state, ppid, ..., utime and stime are fields 14 and 15.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // /proc reports in USER_HZ, which is 100 on Linux.
+    Some(ticks as f64 / 100.0)
 }
 
 /// The pid in `dir/postmaster.pid`, if that process is alive and is a postgres.

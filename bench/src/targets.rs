@@ -156,6 +156,8 @@ impl Env {
 /// A proxy started for one target's runs; stopped by [`Running::stop`].
 pub struct Running {
     pub port: u16,
+    /// The proxy's pid (none for direct), to measure the CPU it uses.
+    pub pid: Option<u32>,
     service: Option<String>,
 }
 
@@ -188,6 +190,7 @@ pub fn start(target: Target, env: &Env, sup: &mut Supervisor) -> Result<Running>
         Target::Direct => {
             return Ok(Running {
                 port: env.node_port,
+                pid: None,
                 service: None,
             })
         }
@@ -235,6 +238,7 @@ pub fn start(target: Target, env: &Env, sup: &mut Supervisor) -> Result<Running>
         .with_context(|| format!("{target} did not start (log {})", log.display()))?;
     Ok(Running {
         port,
+        pid: sup.pid(&service),
         service: Some(service),
     })
 }

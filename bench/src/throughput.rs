@@ -88,6 +88,8 @@ struct Sample {
     target: Target,
     test: Test,
     outcome: Result<Measured, String>,
+    /// CPU the proxy used during the run, in cores (1.0 = one core busy).
+    proxy_cpu: Option<f64>,
 }
 
 /// Facts about the machine and the software, printed with the table.
@@ -297,15 +299,29 @@ fn measure(
             prepare(&env, test)?;
             let label = format!("{pass}-{}", target.to_string().replace(' ', "-"));
             eprint!("{target:<24} {test:<15}");
+            let cpu_before = running.pid.and_then(procs::cpu_seconds);
+            let started = std::time::Instant::now();
             let outcome = pgbench_run(&env, test, shape, running.port, &label)?;
+            let wall = started.elapsed().as_secs_f64();
+            let cpu_after = running.pid.and_then(procs::cpu_seconds);
+            let proxy_cpu = match (cpu_before, cpu_after) {
+                (Some(a), Some(b)) if wall > 0.0 => Some((b - a) / wall),
+                _ => None,
+            };
             match &outcome {
-                Ok(m) => eprintln!(" {:>10.0} tps {:>8.3} ms", m.tps, m.latency_ms),
+                Ok(m) => eprintln!(
+                    " {:>10.0} tps {:>8.3} ms{}",
+                    m.tps,
+                    m.latency_ms,
+                    proxy_cpu.map_or(String::new(), |c| format!(", proxy CPU {:.0}%", c * 100.0))
+                ),
                 Err(e) => eprintln!(" failed: {e}"),
             }
             samples.push(Sample {
                 target,
                 test,
                 outcome,
+                proxy_cpu,
             });
         }
         running.stop(sup);
@@ -504,6 +520,8 @@ struct Row {
     spread: Option<f64>,
     runs: usize,
     ratio: Option<f64>,
+    /// Mean CPU the proxy used, in cores.
+    proxy_cpu: Option<f64>,
 }
 
 struct Report {
@@ -588,6 +606,14 @@ impl Report {
                     (Ok(m), Some(b)) if b > 0.0 => Some(m.tps / b),
                     _ => None,
                 };
+                let cpus: Vec<f64> = self
+                    .samples
+                    .iter()
+                    .filter(|s| s.target == target && s.test == test && s.outcome.is_ok())
+                    .filter_map(|s| s.proxy_cpu)
+                    .collect();
+                let proxy_cpu =
+                    (!cpus.is_empty()).then(|| cpus.iter().sum::<f64>() / cpus.len() as f64);
                 rows.push(Row {
                     target,
                     test,
@@ -595,6 +621,7 @@ impl Report {
                     spread,
                     runs,
                     ratio,
+                    proxy_cpu,
                 });
             }
         }
@@ -644,17 +671,18 @@ impl Report {
         out
     }
 
-    const HEADER: [&'static str; 7] = [
+    const HEADER: [&'static str; 8] = [
         "target",
         "test",
         "TPS",
         "latency avg ms",
         "connect avg ms",
         "vs direct",
+        "proxy CPU",
         "runs (spread)",
     ];
 
-    fn cells(row: &Row) -> [String; 7] {
+    fn cells(row: &Row) -> [String; 8] {
         let (tps, lat, conn) = match &row.outcome {
             Ok(m) => (
                 format!("{:.0}", m.tps),
@@ -674,6 +702,8 @@ impl Report {
             lat,
             conn,
             row.ratio.map_or("-".into(), |r| format!("{r:.2}")),
+            row.proxy_cpu
+                .map_or("-".into(), |c| format!("{:.0}%", c * 100.0)),
             runs,
         ]
     }
@@ -703,7 +733,8 @@ impl Report {
         if self.order.first() == Some(&Target::Direct) {
             notes.push(
                 "direct ran first and after every round of proxies; its row is the mean, \
-                 ratios are to that mean; spread = (max - min) / mean of TPS over the runs"
+                 ratios are to that mean; spread = (max - min) / mean of TPS over the runs; \
+                 proxy CPU = CPU time of the proxy process / run time (100% = one core)"
                     .to_string(),
             );
         }
@@ -714,17 +745,17 @@ impl Report {
 
     fn plain(&self, cx: &RunInfo, shape: &Shape, scale: u32) -> String {
         let rows = self.rows();
-        let cells: Vec<[String; 7]> = rows.iter().map(Self::cells).collect();
+        let cells: Vec<[String; 8]> = rows.iter().map(Self::cells).collect();
         let mut width = Self::HEADER.map(str::len);
         for r in &cells {
             for (w, c) in width.iter_mut().zip(r) {
                 *w = (*w).max(c.chars().count());
             }
         }
-        let line = |cells: [&str; 7]| {
+        let line = |cells: [&str; 8]| {
             let mut s = String::new();
             for (i, (c, w)) in cells.iter().zip(width).enumerate() {
-                if i < 2 || i == 6 {
+                if i < 2 || i == 7 {
                     let _ = write!(s, "{c:<w$}  ");
                 } else {
                     let _ = write!(s, "{c:>w$}  ");
@@ -742,7 +773,9 @@ impl Report {
         );
         out.push_str(&line(Self::HEADER));
         for r in &cells {
-            out.push_str(&line([&r[0], &r[1], &r[2], &r[3], &r[4], &r[5], &r[6]]));
+            out.push_str(&line([
+                &r[0], &r[1], &r[2], &r[3], &r[4], &r[5], &r[6], &r[7],
+            ]));
         }
         out.push('\n');
         for n in self.notes(&rows) {
@@ -775,7 +808,7 @@ impl Report {
             cx.load_after,
         );
         let _ = writeln!(out, "| {} |", Self::HEADER.join(" | "));
-        out.push_str("|---|---|---:|---:|---:|---:|---|\n");
+        out.push_str("|---|---|---:|---:|---:|---:|---:|---|\n");
         for r in &rows {
             let _ = writeln!(out, "| {} |", Self::cells(r).join(" | "));
         }
