@@ -245,9 +245,9 @@ fn frame(snap: &Snapshot, formation: &str, uri: &str, size: Option<(usize, usize
         Some(e) => {
             let since = snap
                 .fetched
-                .map(|t| format!(" (data from {}s ago)", t.elapsed().as_secs()))
+                .map(|t| format!(" (data below from {}s ago)", t.elapsed().as_secs()))
                 .unwrap_or_default();
-            lines.push(format!("monitor: {e}{since}"));
+            lines.push(format!("STALE{since}: monitor {e}"));
         }
         None => lines.push(String::new()),
     }
