@@ -132,6 +132,16 @@ async fn elections_priorities_and_sync_standbys() {
             "write {id}"
         );
     }
+    // More WAL than socket buffers hold, so node_a cannot catch up from what
+    // the kernel buffered for its stopped receiver.
+    connect(&uri)
+        .await
+        .expect("connect")
+        .batch_execute(
+            "CREATE TABLE filler AS SELECT repeat('x', 1000) AS pad FROM generate_series(1, 30000)",
+        )
+        .await
+        .expect("filler acknowledged by node_b");
     cluster.power_off("node_c");
     signal(receiver, nix::sys::signal::Signal::SIGCONT);
     cluster.wait_states(&[("node_a", "primary"), ("node_b", "secondary")], STEP);

@@ -775,6 +775,17 @@ fn elect(view: &GroupView, old: &NodeView) -> Option<Decision> {
         }
     }
     let most_advanced = reporters.iter().max_by_key(|n| (n.tli, n.lsn, -n.id))?;
+    if !stopped_cleanly {
+        if let Some(behind) = old.lsn.checked_sub(most_advanced.lsn) {
+            if most_advanced.lsn > 0 && behind > view.thresholds.promote_threshold {
+                return Some(Decision::Hold(format!(
+                    "Election cannot complete: the most advanced standby, node {} ({}), is {behind} bytes \
+                     of WAL behind the old primary's last report, over the {} byte limit",
+                    most_advanced.id, most_advanced.name, view.thresholds.promote_threshold
+                )));
+            }
+        }
+    }
     let candidates: Vec<&&NodeView> = reporters
         .iter()
         .filter(|n| n.candidate_priority > 0)
@@ -1605,6 +1616,21 @@ mod tests {
                         at(2, ReportLsn),
                         dead(at(3, Secondary)),
                         dead(at(4, Secondary)),
+                    ])
+                },
+                Held,
+            ),
+            (
+                "election: the most advanced standby is too far behind",
+                GroupView {
+                    number_sync_standbys: 1,
+                    ..group(vec![
+                        dead(NodeView {
+                            lsn: 0x9000000,
+                            ..node(1, Primary, Draining)
+                        }),
+                        at(2, ReportLsn),
+                        at(3, ReportLsn),
                     ])
                 },
                 Held,
