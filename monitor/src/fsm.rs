@@ -1138,6 +1138,13 @@ pub fn on_request(view: &GroupView, request: Request) -> Result<Vec<Assignment>,
             if n.goal == Dropped {
                 return Ok(vec![]);
             }
+            if n.goal.can_take_writes() && view.others(n).next().is_some() {
+                return Err(format!(
+                    "node {} is the primary: dropping it could lose writes its standbys do not have; \
+                     run `hapg perform switchover` first, then drop it",
+                    n.name
+                ));
+            }
             Ok(vec![assign(
                 n,
                 Dropped,
@@ -1766,6 +1773,13 @@ mod tests {
         assert_eq!(
             goals(on_request(&healthy, Request::Drop(2))),
             Ok(vec![(2, Dropped)])
+        );
+        assert!(on_request(&healthy, Request::Drop(1))
+            .expect_err("the primary")
+            .contains("perform switchover"));
+        assert_eq!(
+            goals(on_request(&group(vec![at(1, Single)]), Request::Drop(1))),
+            Ok(vec![(1, Dropped)])
         );
     }
 
