@@ -13,15 +13,13 @@ use anyhow::{bail, Context, Result};
 
 use crate::procs::{self, Supervisor};
 
-/// The router's connection handling. Today the router has one server
-/// connection per client and no `[pool]` section; `Session` and
-/// `Transaction` write `[pool] mode = "..."` into router.toml, ready for the
-/// day the router learns pooling (until then the router refuses the key and
-/// the bench reports the row as skipped).
+/// The router's `[pool]` section. `Default` writes none (the router's own
+/// defaults: session pooling, or one server connection per client for a
+/// router older than pooling); `Session` and `Transaction` write the mode and
+/// `pool_size` equal to the client count, as PgBouncer's `default_pool_size`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RouterPool {
-    /// No `[pool]` section: the router as it is (session per client).
-    Off,
+    Default,
     Session,
     Transaction,
 }
@@ -30,7 +28,7 @@ impl RouterPool {
     /// Parses a `--router-pool-mode` entry.
     pub fn from_key(key: &str) -> Result<RouterPool> {
         Ok(match key {
-            "none" | "off" => RouterPool::Off,
+            "none" | "default" => RouterPool::Default,
             "session" => RouterPool::Session,
             "transaction" => RouterPool::Transaction,
             _ => bail!("unknown router pool mode {key:?}: use none, session or transaction"),
@@ -38,13 +36,13 @@ impl RouterPool {
     }
 
     /// The `[pool]` section for router.toml, if any.
-    fn toml(self) -> String {
+    fn toml(self, clients: u32) -> String {
         let mode = match self {
-            RouterPool::Off => return String::new(),
+            RouterPool::Default => return String::new(),
             RouterPool::Session => "session",
             RouterPool::Transaction => "transaction",
         };
-        format!("\n[pool]\nmode = \"{mode}\"\n")
+        format!("\n[pool]\nmode = \"{mode}\"\npool_size = {clients}\n")
     }
 }
 
@@ -68,9 +66,9 @@ impl fmt::Display for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.pad(match self {
             Target::Direct => "direct",
-            Target::Router(RouterPool::Off) => "router",
-            Target::Router(RouterPool::Session) => "router session pool",
-            Target::Router(RouterPool::Transaction) => "router transaction pool",
+            Target::Router(RouterPool::Default) => "router",
+            Target::Router(RouterPool::Session) => "router session",
+            Target::Router(RouterPool::Transaction) => "router transaction",
             Target::PgBouncer(BouncerMode::Session) => "pgbouncer session",
             Target::PgBouncer(BouncerMode::Transaction) => "pgbouncer transaction",
             Target::HaProxy => "haproxy tcp",
@@ -234,8 +232,17 @@ pub fn start(target: Target, env: &Env, sup: &mut Supervisor) -> Result<Running>
     let service = format!("{kind}-{port}");
     let log = env.dir.join(format!("{service}.log"));
     sup.spawn(&service, cmd, &log, stop_timeout)?;
-    env.wait_ready(sup, Some(&service), port, Duration::from_secs(30))
-        .with_context(|| format!("{target} did not start (log {})", log.display()))?;
+    if let Err(e) = env.wait_ready(sup, Some(&service), port, Duration::from_secs(30)) {
+        let e = format!("{e:#}");
+        if matches!(
+            target,
+            Target::Router(RouterPool::Session | RouterPool::Transaction)
+        ) && e.contains("unknown field `pool`")
+        {
+            bail!("this router has no connection pool ([pool] section); run with --router-pool-mode none");
+        }
+        bail!("{target} did not start (log {}): {e}", log.display());
+    }
     Ok(Running {
         port,
         pid: sup.pid(&service),
@@ -268,7 +275,7 @@ fn router_toml(env: &Env, port: u16, pool: RouterPool) -> String {
          {pool}",
         monitor = env.monitor_uri.replace('\\', "\\\\").replace('"', "\\\""),
         max = (env.clients * 4).max(1000),
-        pool = pool.toml(),
+        pool = pool.toml(env.clients),
     )
 }
 

@@ -50,9 +50,10 @@ pub struct ThroughputArgs {
     /// pgbouncer-transaction, haproxy. Default: all. Ratios need direct.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
-    /// Router rows: none (the router as it is: one server connection per
-    /// client), session, transaction (write `[pool] mode` into router.toml).
-    #[arg(long, value_delimiter = ',', default_value = "none")]
+    /// Router rows: session, transaction (`[pool] mode` and `pool_size` =
+    /// clients in router.toml, as PgBouncer's pool), none (no `[pool]`
+    /// section: the router's defaults; for a router without pooling).
+    #[arg(long, value_delimiter = ',', default_value = "session,transaction")]
     pub router_pool_mode: Vec<String>,
     /// How many times to run the proxies (direct runs first and after each
     /// round); the table shows means and the spread between runs.
@@ -848,7 +849,8 @@ mod tests {
             order(&[]),
             [
                 "direct",
-                "router",
+                "router session",
+                "router transaction",
                 "pgbouncer session",
                 "pgbouncer transaction",
                 "haproxy tcp",
@@ -856,7 +858,14 @@ mod tests {
             ]
         );
         assert_eq!(
-            order(&["--only", "router,direct", "--rounds", "2"]),
+            order(&[
+                "--only",
+                "router,direct",
+                "--rounds",
+                "2",
+                "--router-pool-mode",
+                "none"
+            ]),
             ["direct", "router", "direct", "router", "direct"]
         );
         assert_eq!(
