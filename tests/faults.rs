@@ -62,12 +62,7 @@ fn assert_steady(cluster: &Cluster, want: &[(&str, &str)], duration: Duration) {
 
 #[test]
 fn short_freeze_and_monitor_restart_do_not_fail_over() {
-    let mut cluster = Cluster::new();
-    cluster.start_monitor();
-    cluster.start_node("node_a");
-    cluster.wait_states(&[("node_a", "single")], STEP);
-    cluster.start_node("node_b");
-    cluster.wait_states(&[("node_a", "primary"), ("node_b", "secondary")], STEP);
+    let cluster = Cluster::formation(&["node_a", "node_b"], STEP);
     let steady = [("node_a", "primary"), ("node_b", "secondary")];
 
     // The whole primary node stalls for 1.9 s: keeper and Postgres.

@@ -11,12 +11,6 @@ use support::{connect, Cluster, Writer};
 
 const STEP: Duration = Duration::from_secs(120);
 
-fn app_uri(cluster: &Cluster) -> String {
-    cluster
-        .formation_uri()
-        .replacen("postgres://", "postgres://postgres@", 1)
-}
-
 async fn walreceiver_pid(cluster: &Cluster, name: &str) -> i32 {
     let node = cluster.node(name);
     let client = connect(&format!(
@@ -50,21 +44,7 @@ async fn try_write(uri: &str, value: i64, timeout: Duration) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn elections_priorities_and_sync_standbys() {
-    let mut cluster = Cluster::new();
-    cluster.start_monitor();
-    cluster.start_node("node_a");
-    cluster.wait_states(&[("node_a", "single")], STEP);
-    cluster.start_node("node_b");
-    cluster.wait_states(&[("node_a", "primary"), ("node_b", "secondary")], STEP);
-    cluster.start_node("node_c");
-    cluster.wait_states(
-        &[
-            ("node_a", "primary"),
-            ("node_b", "secondary"),
-            ("node_c", "secondary"),
-        ],
-        STEP,
-    );
+    let cluster = Cluster::formation(&["node_a", "node_b", "node_c"], STEP);
     let settings = cluster.ok(&["show", "settings", "--pgdata", "./monitor"]);
     assert!(
         settings
@@ -77,7 +57,7 @@ async fn elections_priorities_and_sync_standbys() {
         names.contains("ANY 1 (pgautofailover_standby_2, pgautofailover_standby_3)"),
         "{names}"
     );
-    let uri = app_uri(&cluster);
+    let uri = cluster.app_uri();
     connect(&uri)
         .await
         .expect("connect")
@@ -236,7 +216,7 @@ async fn elections_priorities_and_sync_standbys() {
 
     // number_sync_standbys 1: with every standby gone, writes wait instead of
     // going asynchronous; 0 makes them available again.
-    let uri = app_uri(&cluster);
+    let uri = cluster.app_uri();
     assert!(try_write(&uri, 2_000_000, Duration::from_secs(10)).await);
     cluster.power_off("node_a");
     tokio::time::sleep(Duration::from_secs(5)).await;

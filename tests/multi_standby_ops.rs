@@ -11,23 +11,8 @@ const STEP: Duration = Duration::from_secs(120);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn most_advanced_wins_and_primary_maintenance() {
-    let mut cluster = Cluster::new();
-    cluster.start_monitor();
-    cluster.start_node("node_a");
-    cluster.wait_states(&[("node_a", "single")], STEP);
-    cluster.start_node("node_b");
-    cluster.start_node("node_c");
-    cluster.wait_states(
-        &[
-            ("node_a", "primary"),
-            ("node_b", "secondary"),
-            ("node_c", "secondary"),
-        ],
-        STEP,
-    );
-    let uri = cluster
-        .formation_uri()
-        .replacen("postgres://", "postgres://postgres@", 1);
+    let cluster = Cluster::formation(&["node_a", "node_b", "node_c"], STEP);
+    let uri = cluster.app_uri();
     connect(&uri)
         .await
         .expect("connect")

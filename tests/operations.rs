@@ -13,9 +13,7 @@ const STEP: Duration = Duration::from_secs(90);
 /// Writes one row through the formation's URI, retrying (bounded) while the
 /// primary is starting up, as a client of the multi-host URI must.
 async fn write_through(cluster: &Cluster, value: i64) {
-    let uri = cluster
-        .formation_uri()
-        .replacen("postgres://", "postgres://postgres@", 1);
+    let uri = cluster.app_uri();
     let mut last_error = String::new();
     for _ in 0..300 {
         match connect(&uri).await {
@@ -32,15 +30,8 @@ async fn write_through(cluster: &Cluster, value: i64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn maintenance_supervision_drop_and_readd() {
-    let mut cluster = Cluster::new();
-    cluster.start_monitor();
-    cluster.start_node("node_a");
-    cluster.wait_states(&[("node_a", "single")], STEP);
-    cluster.start_node("node_b");
-    cluster.wait_states(&[("node_a", "primary"), ("node_b", "secondary")], STEP);
-    let uri = cluster
-        .formation_uri()
-        .replacen("postgres://", "postgres://postgres@", 1);
+    let mut cluster = Cluster::formation(&["node_a", "node_b"], STEP);
+    let uri = cluster.app_uri();
     connect(&uri)
         .await
         .expect("connect")

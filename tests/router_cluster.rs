@@ -90,12 +90,7 @@ fn summary(what: &str, reports: &[WriterReport]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn router_in_front_of_a_cluster_switchover_and_power_off() {
-    let mut cluster = Cluster::new();
-    cluster.start_monitor();
-    cluster.start_node("node_a");
-    cluster.wait_states(&[("node_a", "single")], STEP);
-    cluster.start_node("node_b");
-    cluster.wait_states(&[("node_a", "primary"), ("node_b", "secondary")], STEP);
+    let cluster = Cluster::formation(&["node_a", "node_b"], STEP);
     let monitor_uri = cluster.monitor_uri();
 
     let router = cluster.start_router("router", "pause_timeout_ms = 30000");

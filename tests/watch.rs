@@ -273,12 +273,7 @@ impl Screen {
 #[test]
 fn watch_in_a_terminal_during_a_switchover() {
     ensure_tmux();
-    let mut cluster = Cluster::new();
-    cluster.start_monitor();
-    cluster.start_node("node_a");
-    cluster.wait_states(&[("node_a", "single")], STEP);
-    cluster.start_node("node_b");
-    cluster.wait_states(&[("node_a", "primary"), ("node_b", "secondary")], STEP);
+    let cluster = Cluster::formation(&["node_a", "node_b"], STEP);
 
     // Not a terminal: one plain frame, then exit 0.
     let plain = cluster.ok(&["watch", "--pgdata", "./monitor"]);

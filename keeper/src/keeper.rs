@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use hapg_config::NodeConfig;
 use hapg_monitor::client::{NodeReport, NodeRow, StateNotification};
-use hapg_monitor::fsm::{self, GroupView, Thresholds};
+use hapg_monitor::fsm::{self, GroupView};
 use hapg_monitor::{MonitorClient, MonitorError, NodeState};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -333,18 +333,7 @@ impl Keeper {
     async fn group(&mut self) -> Result<(Vec<NodeRow>, GroupView), KeeperError> {
         let formation = self.config.node.formation.clone();
         let group = self.state.group_id;
-        let monitor = self.monitor().await?;
-        let nodes = monitor.nodes(&formation, Some(group)).await?;
-        let f = monitor.formation(&formation).await?;
-        let view = GroupView {
-            nodes: nodes.iter().map(NodeRow::view).collect(),
-            number_sync_standbys: f.number_sync_standbys,
-            monitor_uptime: Duration::MAX,
-            thresholds: Thresholds::default(),
-            switchover: None,
-            preferred_candidate: None,
-        };
-        Ok((nodes, view))
+        Ok(self.monitor().await?.group(&formation, group).await?)
     }
 
     /// The node this one should stream from: the one assigned a writable state.

@@ -644,16 +644,26 @@ impl MonitorClient {
 
     /// A group as the state machine sees it (thresholds at their defaults).
     pub async fn group_view(&self, formation: &str, group: i32) -> Result<GroupView, MonitorError> {
+        Ok(self.group(formation, group).await?.1)
+    }
+
+    /// A group's nodes, and the same group as the state machine sees it.
+    pub async fn group(
+        &self,
+        formation: &str,
+        group: i32,
+    ) -> Result<(Vec<NodeRow>, GroupView), MonitorError> {
         let f = self.formation(formation).await?;
         let nodes = self.nodes(formation, Some(group)).await?;
-        Ok(GroupView {
+        let view = GroupView {
             nodes: nodes.iter().map(NodeRow::view).collect(),
             number_sync_standbys: f.number_sync_standbys,
             monitor_uptime: Duration::MAX,
             thresholds: Thresholds::default(),
             switchover: None,
             preferred_candidate: None,
-        })
+        };
+        Ok((nodes, view))
     }
 
     /// The newest `count` events of a formation, oldest first.

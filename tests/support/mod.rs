@@ -229,6 +229,34 @@ impl Cluster {
         }
     }
 
+    /// A running formation: the monitor, then `names` in order; the first ends
+    /// up primary and the others secondaries.
+    pub fn formation(names: &[&str], timeout: Duration) -> Cluster {
+        let mut cluster = Cluster::new();
+        cluster.start_monitor();
+        for (i, name) in names.iter().enumerate() {
+            cluster.start_node(name);
+            if i == 0 {
+                cluster.wait_states(&[(name, "single")], timeout);
+            }
+        }
+        let want: Vec<(&str, &str)> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (*n, if i == 0 { "primary" } else { "secondary" }))
+            .collect();
+        if names.len() > 1 {
+            cluster.wait_states(&want, timeout);
+        }
+        cluster
+    }
+
+    /// The formation's multi-host URI with the `postgres` user, as applications use it.
+    pub fn app_uri(&self) -> String {
+        self.formation_uri()
+            .replacen("postgres://", "postgres://postgres@", 1)
+    }
+
     /// The node called `name`.
     pub fn node(&self, name: &str) -> Node {
         self.nodes
