@@ -65,16 +65,21 @@ impl ServerCertVerifier for EncryptOnly {
     }
 }
 
-/// The TLS connector every hapg client connection uses.
-pub fn tls_connector() -> MakeRustlsConnect {
+/// The TLS client configuration of every hapg connection to Postgres (keepers,
+/// CLI, monitor, router): encryption without certificate verification.
+pub fn encrypt_only_client_config() -> rustls::ClientConfig {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+    rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .expect("the ring provider supports rustls' default protocol versions")
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(EncryptOnly(provider)))
-        .with_no_client_auth();
-    MakeRustlsConnect::new(config)
+        .with_no_client_auth()
+}
+
+/// The TLS connector every hapg client connection uses.
+pub fn tls_connector() -> MakeRustlsConnect {
+    MakeRustlsConnect::new(encrypt_only_client_config())
 }
 
 /// A connected client, with the NOTIFY messages its connection received.
