@@ -204,6 +204,9 @@ impl Decider {
                     &[&formation],
                 )
                 .await?;
+                // Routers holding transactions for the drain resume at once.
+                tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL_DRAIN, &formation])
+                    .await?;
                 write_event(&tx, formation, group, None, reason).await?;
             }
         }
@@ -461,7 +464,7 @@ async fn apply_assignment(tx: &Transaction<'_>, a: &Assignment) -> Result<(), Mo
         // target, if any, has been served.
         tx.execute(
             "UPDATE hapg.formation SET primary_epoch = primary_epoch + 1, primary_node_id = $2,
-                                      switchover_target = NULL
+                                      switchover_target = NULL, switchover_requested_at = NULL
               WHERE formation_id = $1 AND primary_node_id IS DISTINCT FROM $2",
             &[&formation, &a.node_id],
         )
