@@ -46,6 +46,9 @@ impl RouterPool {
     }
 }
 
+/// How a router row fails when the router predates pooling.
+pub const NO_POOL: &str = "this router has no connection pool";
+
 /// PgBouncer's `pool_mode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BouncerMode {
@@ -239,7 +242,7 @@ pub fn start(target: Target, env: &Env, sup: &mut Supervisor) -> Result<Running>
             Target::Router(RouterPool::Session | RouterPool::Transaction)
         ) && e.contains("unknown field `pool`")
         {
-            bail!("this router has no connection pool ([pool] section); run with --router-pool-mode none");
+            bail!("{NO_POOL} ([pool] section); run with --router-pool-mode none");
         }
         bail!("{target} did not start (log {}): {e}", log.display());
     }

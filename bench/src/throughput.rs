@@ -23,7 +23,7 @@ use clap::Args;
 use crate::cluster::{self, Hapg};
 use crate::pgbench::{self, Measured, Shape, Test};
 use crate::procs::{self, Supervisor};
-use crate::targets::{self, BouncerMode, Env, RouterPool, Target};
+use crate::targets::{self, BouncerMode, Env, RouterPool, Target, NO_POOL};
 
 /// Options of `hapg-bench throughput`.
 #[derive(Args, Debug)]
@@ -52,8 +52,9 @@ pub struct ThroughputArgs {
     pub only: Vec<String>,
     /// Router rows: session, transaction (`[pool] mode` and `pool_size` =
     /// clients in router.toml, as PgBouncer's pool), none (no `[pool]`
-    /// section: the router's defaults; for a router without pooling).
-    #[arg(long, value_delimiter = ',', default_value = "session,transaction")]
+    /// section: the router's defaults). Default: session,transaction, or
+    /// none when the router has no pooling (it refuses a `[pool]` section).
+    #[arg(long, value_delimiter = ',')]
     pub router_pool_mode: Vec<String>,
     /// How many times to run the proxies (direct runs first and after each
     /// round); the table shows means and the spread between runs.
@@ -199,7 +200,7 @@ pub fn run(args: ThroughputArgs) -> Result<()> {
             haproxy,
             run_as,
         };
-        let r = measure(&mut sup, &tools, &args, &shape, &tests, &order);
+        let r = measure(&mut sup, &tools, &args, &shape, &tests, order);
         sup.stop_all();
         r
     };
@@ -209,12 +210,18 @@ pub fn run(args: ThroughputArgs) -> Result<()> {
     } else if result.is_err() {
         eprintln!("(run with --keep to look at the logs in the run directory)");
     }
-    let Outcomes { samples, skipped } = result?;
+    let Outcomes {
+        samples,
+        skipped,
+        order,
+        notes,
+    } = result?;
     let report = Report {
         samples,
         skipped,
         tests,
         order,
+        notes,
     };
     let text = if args.markdown {
         report.markdown(&context, &shape, args.scale)
@@ -234,10 +241,13 @@ struct Tools {
     run_as: Option<(u32, u32)>,
 }
 
-/// Every run's outcome, and the targets that could not run (with why).
+/// Every run's outcome, the targets that could not run (with why), and
+/// the order they ran in.
 struct Outcomes {
     samples: Vec<Sample>,
     skipped: Vec<(Target, String)>,
+    order: Vec<Target>,
+    notes: Vec<String>,
 }
 
 fn measure(
@@ -246,7 +256,7 @@ fn measure(
     args: &ThroughputArgs,
     shape: &Shape,
     tests: &[Test],
-    order: &[Target],
+    mut order: Vec<Target>,
 ) -> Result<Outcomes> {
     let hapg = &tools.hapg;
     let cluster = cluster::start(hapg, sup, DBNAME)?;
@@ -273,6 +283,22 @@ fn measure(
         if let Err(e) = pgbench_run(&env, Test::SelectOnly, &warm, env.node_port, "warmup")? {
             bail!("warm-up against the node failed: {e}");
         }
+    }
+
+    let mut notes = Vec::new();
+    if args.router_pool_mode.is_empty() && !router_pools(&env, sup)? {
+        notes.push(format!(
+            "{NO_POOL}: one router row, without a [pool] section"
+        ));
+        eprintln!("{NO_POOL}: running one router row, without a [pool] section");
+        order = order
+            .into_iter()
+            .filter(|t| *t != Target::Router(RouterPool::Transaction))
+            .map(|t| match t {
+                Target::Router(_) => Target::Router(RouterPool::Default),
+                t => t,
+            })
+            .collect();
     }
 
     let mut samples = Vec::new();
@@ -327,7 +353,28 @@ fn measure(
         }
         running.stop(sup);
     }
-    Ok(Outcomes { samples, skipped })
+    Ok(Outcomes {
+        samples,
+        skipped,
+        order,
+        notes,
+    })
+}
+
+/// Whether the router accepts a `[pool]` section (started once and stopped).
+/// Other start failures count as yes: the router rows then report them.
+fn router_pools(env: &Env, sup: &mut Supervisor) -> Result<bool> {
+    eprintln!("checking whether the router pools connections");
+    match targets::start(Target::Router(RouterPool::Session), env, sup) {
+        Ok(running) => {
+            running.stop(sup);
+            Ok(true)
+        }
+        Err(e) => {
+            procs::check_interrupted()?;
+            Ok(!format!("{e:#}").contains(NO_POOL))
+        }
+    }
 }
 
 /// The targets in run order: direct first and after every round of the proxies.
@@ -354,7 +401,13 @@ fn schedule(args: &ThroughputArgs) -> Result<Vec<Target>> {
     };
     let mut order = Vec::new();
     if want("router") {
-        for mode in &args.router_pool_mode {
+        let auto = ["session".to_string(), "transaction".to_string()];
+        let modes = if args.router_pool_mode.is_empty() {
+            &auto[..]
+        } else {
+            &args.router_pool_mode[..]
+        };
+        for mode in modes {
             let t = Target::Router(RouterPool::from_key(mode.trim())?);
             if !order.contains(&t) {
                 order.push(t);
@@ -530,6 +583,8 @@ struct Report {
     skipped: Vec<(Target, String)>,
     tests: Vec<Test>,
     order: Vec<Target>,
+    /// Said during the run, printed under the table.
+    notes: Vec<String>,
 }
 
 /// The mean of `runs` and the spread of their TPS.
@@ -739,6 +794,7 @@ impl Report {
                     .to_string(),
             );
         }
+        notes.extend(self.notes.iter().cloned());
         notes.extend(self.goals(rows));
         notes.extend(self.failures());
         notes
