@@ -28,6 +28,54 @@ pub struct RouterConfig {
     /// How the router logs into Postgres nodes.
     #[serde(default)]
     pub server: ServerSection,
+    /// Server connection pooling.
+    #[serde(default)]
+    pub pool: PoolSection,
+}
+
+/// When a server connection goes back to the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum PoolMode {
+    /// A client keeps its server connection until it disconnects; the
+    /// connection is then reset with `DISCARD ALL` and reused.
+    #[default]
+    Session,
+    /// A client holds a server connection for one transaction only.
+    Transaction,
+}
+
+/// The `[pool]` section.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolSection {
+    /// `session` or `transaction`.
+    #[serde(default)]
+    pub mode: PoolMode,
+    /// Server connections per user and database, in use and idle together.
+    #[serde(default = "default_pool_size")]
+    pub pool_size: u32,
+    /// Idle server connections kept open per user and database.
+    #[serde(default)]
+    pub min_idle: u32,
+    /// An idle server connection older than this is closed (0: never).
+    #[serde(default = "default_idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
+    /// A server connection older than this is closed when it is next idle (0: never).
+    #[serde(default = "default_lifetime_ms")]
+    pub lifetime_ms: u64,
+}
+
+impl Default for PoolSection {
+    fn default() -> Self {
+        PoolSection {
+            mode: PoolMode::default(),
+            pool_size: default_pool_size(),
+            min_idle: 0,
+            idle_timeout_ms: default_idle_timeout_ms(),
+            lifetime_ms: default_lifetime_ms(),
+        }
+    }
 }
 
 /// The `[router]` section.
@@ -172,6 +220,15 @@ fn default_max_message_size() -> u32 {
 fn default_connect_timeout_ms() -> u64 {
     5_000
 }
+fn default_pool_size() -> u32 {
+    100
+}
+fn default_idle_timeout_ms() -> u64 {
+    600_000
+}
+fn default_lifetime_ms() -> u64 {
+    3_600_000
+}
 
 impl RouterConfig {
     /// Reads and validates a router configuration file; relative paths in it
@@ -249,6 +306,13 @@ impl RouterConfig {
                 10,
                 600_000,
             ),
+            (
+                "pool.idle_timeout_ms",
+                self.pool.idle_timeout_ms,
+                0,
+                86_400_000,
+            ),
+            ("pool.lifetime_ms", self.pool.lifetime_ms, 0, 604_800_000),
         ] {
             if value < min || value > max {
                 return Err(invalid(key, format!("must be between {min} and {max}")));
@@ -264,6 +328,15 @@ impl RouterConfig {
             return Err(invalid(
                 "router.max_message_size",
                 "must be at least 1024 bytes",
+            ));
+        }
+        if self.pool.pool_size == 0 || self.pool.pool_size > 10_000 {
+            return Err(invalid("pool.pool_size", "must be between 1 and 10000"));
+        }
+        if self.pool.min_idle > self.pool.pool_size {
+            return Err(invalid(
+                "pool.min_idle",
+                format!("must not exceed pool.pool_size ({})", self.pool.pool_size),
             ));
         }
         if self.auth.kind != AuthType::Trust && self.auth.file.is_none() {
@@ -319,6 +392,16 @@ impl RouterConfig {
         Duration::from_millis(self.router.login_timeout_ms)
     }
 
+    /// `pool.idle_timeout_ms` as a duration; `None` when idle connections stay.
+    pub fn pool_idle_timeout(&self) -> Option<Duration> {
+        (self.pool.idle_timeout_ms > 0).then(|| Duration::from_millis(self.pool.idle_timeout_ms))
+    }
+
+    /// `pool.lifetime_ms` as a duration; `None` when connections live on.
+    pub fn pool_lifetime(&self) -> Option<Duration> {
+        (self.pool.lifetime_ms > 0).then(|| Duration::from_millis(self.pool.lifetime_ms))
+    }
+
     /// `server.connect_timeout_ms` as a duration.
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.server.connect_timeout_ms)
@@ -348,6 +431,34 @@ type = "trust"
         assert_eq!(config.server.sslmode, ServerSslMode::Prefer);
         assert_eq!(config.server.user, None);
         assert!(config.tls.cert.is_none());
+        assert_eq!(config.pool, PoolSection::default());
+        assert_eq!(config.pool.mode, PoolMode::Session);
+        assert_eq!(config.pool.pool_size, 100);
+    }
+
+    #[test]
+    fn pool_section_parses_and_names_bad_keys() {
+        let text = format!(
+            "{TUTORIAL}\n[pool]\nmode = \"transaction\"\npool_size = 4\nmin_idle = 1\nidle_timeout_ms = 0\nlifetime_ms = 1000\n"
+        );
+        let config = RouterConfig::parse(Path::new("r.toml"), &text).expect("parses");
+        assert_eq!(config.pool.mode, PoolMode::Transaction);
+        assert_eq!(config.pool.pool_size, 4);
+        assert_eq!(config.pool_idle_timeout(), None);
+        assert_eq!(config.pool_lifetime(), Some(Duration::from_secs(1)));
+        for (body, key) in [
+            ("pool_size = 0", "pool.pool_size"),
+            ("pool_size = 2\nmin_idle = 3", "pool.min_idle"),
+            ("idle_timeout_ms = 100000000000", "pool.idle_timeout_ms"),
+            ("lifetime_ms = 100000000000", "pool.lifetime_ms"),
+        ] {
+            let text = format!("{TUTORIAL}\n[pool]\n{body}\n");
+            let err = RouterConfig::parse(Path::new("r.toml"), &text).expect_err(key);
+            assert!(err.to_string().starts_with(key), "{key}: {err}");
+        }
+        let text = format!("{TUTORIAL}\n[pool]\nmode = \"statement\"\n");
+        let err = RouterConfig::parse(Path::new("r.toml"), &text).expect_err("mode");
+        assert!(err.to_string().contains("mode"), "{err}");
     }
 
     #[test]

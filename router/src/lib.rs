@@ -10,6 +10,7 @@ pub mod auth;
 pub mod cancel;
 pub mod follower;
 pub mod net;
+pub mod pool;
 pub mod protocol;
 pub mod routing;
 pub mod server;
@@ -93,6 +94,8 @@ pub(crate) struct Shared {
     /// ParameterStatus of the newest server connection, told to clients that
     /// log in while no server connection can be opened.
     pub last_params: ArcSwap<Vec<(String, String)>>,
+    /// Server connection pools.
+    pub pools: pool::Pools,
     clients: AtomicUsize,
     restart_follower: Arc<Notify>,
     /// `router.address` as registered: set when serving starts.
@@ -126,6 +129,7 @@ impl Router {
                 cancels: Arc::new(CancelRegistry::default()),
                 server_tls: tls::client_config(),
                 last_params: ArcSwap::from_pointee(Vec::new()),
+                pools: pool::Pools::default(),
                 clients: AtomicUsize::new(0),
                 restart_follower: Arc::new(Notify::new()),
                 registered_address: Mutex::new(String::new()),
@@ -146,6 +150,11 @@ impl Router {
     /// Client connections open now.
     pub fn client_count(&self) -> usize {
         self.shared.clients.load(Ordering::Relaxed)
+    }
+
+    /// Counts of the server connection pool of `user` and `database`.
+    pub fn pool_stats(&self, user: &str, database: &str) -> pool::PoolStats {
+        self.shared.pools.stats(user, database)
     }
 
     /// Re-reads the configuration file (what SIGHUP does). A bad file keeps the
@@ -224,6 +233,7 @@ impl Router {
             self.shared.restart_follower.clone(),
             follower_stop.clone(),
         ));
+        let maintenance = tokio::spawn(pool::maintain(self.shared.clone(), follower_stop.clone()));
         tracing::info!(listen = %local, "router accepting connections");
         let mut backoff = Duration::from_millis(5);
         loop {
@@ -281,6 +291,7 @@ impl Router {
         }
         follower_stop.cancel();
         let _ = follower.await;
+        let _ = maintenance.await;
         Ok(())
     }
 }

@@ -5,10 +5,12 @@
 //! writable primary), re-attach the client to a new server connection (the
 //! primary moved), and restore its session.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use hapg_config::router::PoolMode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -16,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cancel::CancelKey;
 use crate::net::Stream;
+use crate::pool::CheckoutError;
 use crate::protocol::backend::{
     self, parse_error, parse_parameter_status, sqlstate, ErrorFields, Severity,
 };
@@ -51,6 +54,8 @@ enum AttachError {
     Refused(ErrorFields),
     /// Session state cannot move to the new server.
     StateLost(String),
+    /// Every connection of the pool stayed in use until the pause timeout.
+    PoolFull(String),
     /// The router is stopping.
     Stopping,
 }
@@ -70,6 +75,142 @@ struct Pending {
     code: &'static str,
     message: String,
     hint: &'static str,
+}
+
+/// Named prepared statements in transaction mode: the router re-prepares a
+/// client's statement on whichever server connection runs its transaction,
+/// by putting a Parse (after a Close, when the name is taken there) in front
+/// of the client's Bind or Describe. The server's answers to those messages
+/// (ParseComplete, CloseComplete) are not passed on. Each Parse and Close
+/// sent is queued, with the number of ReadyForQuery-bringing messages sent
+/// before it, to match the answers in order.
+#[derive(Default)]
+struct Statements {
+    /// One entry per Parse sent: (segment, answer to be swallowed).
+    parses: VecDeque<(u64, bool)>,
+    /// One entry per Close sent.
+    closes: VecDeque<(u64, bool)>,
+    /// Query, Sync and FunctionCall messages sent on this server connection.
+    sent: u64,
+    /// ReadyForQuery messages received on this server connection.
+    seen: u64,
+    /// Named statements parsed since the session was last idle on the
+    /// server: if an error comes, they may not exist.
+    parsed: Vec<Box<[u8]>>,
+}
+
+impl Statements {
+    fn reset(&mut self) {
+        self.parses.clear();
+        self.closes.clear();
+        self.seen = self.sent;
+        self.parsed.clear();
+    }
+
+    fn on_ready(&mut self, idle: bool) {
+        self.seen += 1;
+        while self.parses.front().is_some_and(|(seg, _)| *seg < self.seen) {
+            self.parses.pop_front();
+        }
+        while self.closes.front().is_some_and(|(seg, _)| *seg < self.seen) {
+            self.closes.pop_front();
+        }
+        if idle {
+            self.parsed.clear();
+        }
+    }
+
+    /// Answers of the statement's own messages are swallowed.
+    fn close(&mut self, out: &mut BytesMut, name: &[u8], swallow: bool) {
+        out.put_u8(b'C');
+        out.put_u32((4 + 1 + name.len() + 1) as u32);
+        out.put_u8(b'S');
+        out.put_slice(name);
+        out.put_u8(0);
+        self.closes.push_back((self.sent, swallow));
+    }
+
+    /// Makes sure the server has the client's statement `name` before a
+    /// message that uses it.
+    fn ensure(
+        &mut self,
+        server: &mut ServerConn,
+        out: &mut BytesMut,
+        state: &SessionState,
+        name: &[u8],
+    ) {
+        if name.is_empty() {
+            return;
+        }
+        let Some(frame) = state.prepared_frame(name) else {
+            return;
+        };
+        match server.prepared.get(name) {
+            Some(have) if have == frame => return,
+            Some(_) => self.close(out, name, true),
+            None => {}
+        }
+        out.extend_from_slice(frame);
+        self.parses.push_back((self.sent, true));
+        server.prepared.insert(name.into(), frame.clone());
+        self.parsed.push(name.into());
+    }
+
+    /// The client parses `name` (the whole frame given).
+    fn on_parse(&mut self, server: &mut ServerConn, out: &mut BytesMut, frame: &[u8]) {
+        let Some((name, rest)) = frame.get(5..).and_then(cstr) else {
+            return;
+        };
+        if cstr(rest).is_some_and(|(sql, _)| mentions_deallocation(sql)) {
+            forget_all(server);
+        }
+        if !name.is_empty() {
+            if server.prepared.contains_key(name) {
+                self.close(out, name, true);
+            }
+            server
+                .prepared
+                .insert(name.into(), Bytes::copy_from_slice(frame));
+            self.parsed.push(name.into());
+        }
+        self.parses.push_back((self.sent, false));
+    }
+
+    /// The client closes a statement or portal (Close body given).
+    fn on_close(&mut self, server: &mut ServerConn, body: &[u8]) {
+        if let [b'S', rest @ ..] = body {
+            if let Some((name, _)) = cstr(rest) {
+                if let Some(frame) = server.prepared.get_mut(name) {
+                    // Unknown until the Close ran; a later Parse closes first.
+                    *frame = Bytes::new();
+                }
+            }
+        }
+        self.closes.push_back((self.sent, false));
+    }
+
+    /// An error: the statements parsed in this batch may not exist.
+    fn on_error_in(&mut self, prepared: &mut std::collections::HashMap<Box<[u8]>, Bytes>) {
+        for name in &self.parsed {
+            if let Some(frame) = prepared.get_mut(name) {
+                *frame = Bytes::new();
+            }
+        }
+    }
+}
+
+/// After SQL that may deallocate statements, what the server has is unknown.
+fn forget_all(server: &mut ServerConn) {
+    for frame in server.prepared.values_mut() {
+        *frame = Bytes::new();
+    }
+}
+
+fn mentions_deallocation(sql: &[u8]) -> bool {
+    const WORDS: [&[u8]; 2] = [b"deallocate", b"discard"];
+    WORDS
+        .iter()
+        .any(|w| sql.windows(w.len()).any(|win| win.eq_ignore_ascii_case(w)))
 }
 
 /// One client session in the relay phase.
@@ -105,6 +246,11 @@ pub(crate) struct Session {
     partial: usize,
     /// A server connection was attached once (so a new one is a move).
     had_server: bool,
+    /// Transaction pooling: the server connection goes back to the pool at
+    /// each transaction boundary.
+    tx_mode: bool,
+    /// Prepared statements in transaction mode.
+    stmts: Statements,
     cancel: CancelKey,
     shutdown: CancellationToken,
     kill: CancellationToken,
@@ -121,6 +267,12 @@ async fn read_server(server: &mut Option<ServerConn>) -> std::io::Result<usize> 
 }
 
 async fn read_client(stream: &mut Stream, buf: &mut BytesMut) -> std::io::Result<usize> {
+    if buf.capacity() == 0 {
+        // An idle client holds no buffer: wait until it sends something.
+        if let Stream::Plain(tcp) = stream {
+            tcp.readable().await?;
+        }
+    }
     buf.reserve(READ_CHUNK);
     stream.read_buf(buf).await
 }
@@ -145,13 +297,14 @@ impl Session {
         kill: CancellationToken,
     ) -> Session {
         let had_server = ready.server.is_some();
+        let tx_mode = shared.runtime.load().config.pool.mode == PoolMode::Transaction;
         let mut cuts = shared.routing.subscribe_cut();
         cuts.mark_unchanged();
         Session {
             shared,
             client,
             server: ready.server,
-            swbuf: BytesMut::with_capacity(READ_CHUNK),
+            swbuf: BytesMut::new(),
             login: ready.login,
             known: ready.known,
             changed: Vec::new(),
@@ -165,6 +318,8 @@ impl Session {
             cuts,
             partial: 0,
             had_server,
+            tx_mode,
+            stmts: Statements::default(),
             cancel: ready.cancel,
             shutdown,
             kill,
@@ -175,7 +330,44 @@ impl Session {
     pub async fn run(mut self) {
         let _ = self.relay().await;
         if let Some(server) = self.server.take() {
-            server.terminate().await;
+            self.cancel.set_target(None);
+            let reusable = self.at_boundary()
+                && self.partial == 0
+                && self.swbuf.is_empty()
+                && !self.skip_until_sync;
+            if reusable {
+                give_back(&self.shared, server, !self.tx_mode).await;
+            } else {
+                server.terminate().await;
+            }
+        }
+    }
+
+    /// Transaction mode: the transaction is over, the connection goes back
+    /// to the pool.
+    fn release(&mut self) {
+        let Some(server) = self.server.take() else {
+            return;
+        };
+        self.cancel.set_target(None);
+        self.busy = None;
+        self.stmts.reset();
+        if let Some(conn) = self.shared.pools.checkin(&self.shared, server) {
+            tokio::spawn(conn.terminate());
+        }
+    }
+
+    /// A client with no server connection and nothing buffered keeps no
+    /// buffers (they are allocated again when it sends something).
+    fn shrink(&mut self) {
+        for buf in [
+            &mut self.client.rbuf,
+            &mut self.client.wbuf,
+            &mut self.swbuf,
+        ] {
+            if buf.is_empty() && buf.capacity() > 0 {
+                *buf = BytesMut::new();
+            }
         }
     }
 
@@ -203,6 +395,18 @@ impl Session {
             self.flush_server().await?;
             self.client.flush().await?;
             self.sync_busy();
+            if self.tx_mode
+                && self.server.is_some()
+                && self.at_boundary()
+                && self.partial == 0
+                && self.swbuf.is_empty()
+                && !self.skip_until_sync
+            {
+                self.release();
+            }
+            if self.server.is_none() {
+                self.shrink();
+            }
             let idle = self.idle();
             // Server first: a server that went away while the client was idle
             // must be noticed before the client's next statement is sent to it;
@@ -399,6 +603,16 @@ impl Session {
                         self.fail_batch(tag, &fields.code, &message, None);
                         continue;
                     }
+                    Err(AttachError::PoolFull(message)) => {
+                        self.client.rbuf.advance(header.frame_len);
+                        self.fail_batch(
+                            tag,
+                            sqlstate::TOO_MANY_CONNECTIONS,
+                            &message,
+                            Some("Raise pool.pool_size, or hold server connections for less time."),
+                        );
+                        continue;
+                    }
                     Err(AttachError::StateLost(message)) => {
                         return Err(self
                             .client
@@ -425,29 +639,72 @@ impl Session {
                 continue;
             }
             let frame = &self.client.rbuf[..header.frame_len];
+            let pooled = if self.tx_mode {
+                self.server.as_mut()
+            } else {
+                None
+            };
             match tag {
                 b'Q' => {
                     if let Some((sql, _)) = cstr(&frame[5..]) {
+                        if let Some(server) = pooled {
+                            if mentions_deallocation(sql) {
+                                forget_all(server);
+                            }
+                        }
                         if let Ok(sql) = std::str::from_utf8(sql) {
                             self.state.on_query(sql);
                         }
                     }
                     self.outstanding += 1;
+                    self.stmts.sent += 1;
                 }
-                b'F' => self.outstanding += 1,
+                b'F' => {
+                    self.outstanding += 1;
+                    self.stmts.sent += 1;
+                }
                 b'S' => {
                     self.outstanding += 1;
+                    self.stmts.sent += 1;
                     self.open_batch = false;
                 }
                 b'P' => {
                     self.state.on_parse(frame);
+                    if let Some(server) = pooled {
+                        self.stmts.on_parse(server, &mut self.swbuf, frame);
+                    }
                     self.open_batch = true;
                 }
                 b'C' => {
                     self.state.on_close(&frame[5..]);
+                    if let Some(server) = pooled {
+                        self.stmts.on_close(server, &frame[5..]);
+                    }
                     self.open_batch = true;
                 }
-                b'B' | b'E' | b'D' => self.open_batch = true,
+                b'B' => {
+                    if let Some(server) = pooled {
+                        if let Some((_portal, rest)) = cstr(&frame[5..]) {
+                            if let Some((name, _)) = cstr(rest) {
+                                self.stmts
+                                    .ensure(server, &mut self.swbuf, &self.state, name);
+                            }
+                        }
+                    }
+                    self.open_batch = true;
+                }
+                b'D' => {
+                    if let Some(server) = pooled {
+                        if let [b'S', rest @ ..] = &frame[5..] {
+                            if let Some((name, _)) = cstr(rest) {
+                                self.stmts
+                                    .ensure(server, &mut self.swbuf, &self.state, name);
+                            }
+                        }
+                    }
+                    self.open_batch = true;
+                }
+                b'E' => self.open_batch = true,
                 _ => {}
             }
             self.swbuf.extend_from_slice(frame);
@@ -484,6 +741,21 @@ impl Session {
                     }
                 };
                 match header.tag {
+                    b'1' | b'3' => {
+                        if buf.len() < header.frame_len {
+                            break;
+                        }
+                        let queue = if header.tag == b'1' {
+                            &mut self.stmts.parses
+                        } else {
+                            &mut self.stmts.closes
+                        };
+                        let swallow = queue.pop_front().is_some_and(|(_, s)| s);
+                        if !swallow {
+                            out.extend_from_slice(&buf[..header.frame_len]);
+                        }
+                        buf.advance(header.frame_len);
+                    }
                     b'Z' | b'E' | b'S' | b'C' => {
                         if buf.len() < header.frame_len {
                             break;
@@ -498,6 +770,7 @@ impl Session {
                                 self.tx = status;
                                 self.outstanding = self.outstanding.saturating_sub(1);
                                 self.state.on_ready(status);
+                                self.stmts.on_ready(self.outstanding == 0 && status == b'I');
                             }
                             b'E' => {
                                 let fields = parse_error(body);
@@ -510,6 +783,7 @@ impl Session {
                                     break;
                                 }
                                 self.state.on_error();
+                                self.stmts.on_error_in(&mut server.prepared);
                             }
                             b'S' => {
                                 if let Some((name, value)) = parse_parameter_status(body) {
@@ -558,6 +832,7 @@ impl Session {
         };
         self.cancel.set_target(None);
         self.busy = None;
+        self.stmts.reset();
         if self.partial > 0 {
             // The client holds half a message: its framing cannot be recovered.
             tracing::info!(
@@ -683,7 +958,7 @@ impl Session {
             }
             if self.server.is_none() {
                 if let Some(target) = &target {
-                    if self.had_server {
+                    if self.had_server && !self.tx_mode {
                         if let Some(sticky) = self.state.sticky() {
                             return Err(AttachError::StateLost(format!(
                                 "the primary changed and this session's {} cannot move to the new primary",
@@ -696,28 +971,43 @@ impl Session {
                             .saturating_duration_since(Instant::now())
                             .max(Duration::from_millis(100)),
                     );
-                    match ServerConn::connect(
-                        target,
-                        &self.login,
-                        &self.shared.server_tls,
-                        connect_timeout,
-                    )
-                    .await
+                    match self
+                        .shared
+                        .pools
+                        .checkout(
+                            &self.shared,
+                            target,
+                            &self.login,
+                            connect_timeout,
+                            Some(deadline),
+                        )
+                        .await
                     {
                         Ok(conn) => {
-                            self.shared.last_params.store(Arc::new(conn.params.clone()));
+                            if !self.tx_mode {
+                                self.shared.last_params.store(Arc::new(conn.params.clone()));
+                            }
+                            self.stmts.reset();
                             self.server = Some(conn);
                             self.restore().await?;
                             return Ok(());
                         }
-                        Err(ServerError::Refused(fields))
+                        Err(CheckoutError::Full { size }) => {
+                            return Err(AttachError::PoolFull(format!(
+                                "all {size} server connections of the pool of user \"{}\" and database \"{}\" stayed in use for {} ms (pool.pool_size, router.pause_timeout_ms)",
+                                self.login.user,
+                                self.login.database,
+                                pause.as_millis()
+                            )))
+                        }
+                        Err(CheckoutError::Server(ServerError::Refused(fields)))
                             if !["57", "53", "08"]
                                 .iter()
                                 .any(|c| fields.code.starts_with(c)) =>
                         {
                             return Err(AttachError::Refused(fields))
                         }
-                        Err(e) => {
+                        Err(CheckoutError::Server(e)) => {
                             tracing::info!(server = %format!("{}:{}", target.host, target.port), error = %e, "cannot connect to the primary; retrying until the pause timeout");
                             last_error = Some(format!("{}:{}: {e}", target.host, target.port));
                         }
@@ -768,7 +1058,28 @@ impl Session {
                 "the primary changed and this session's {what} could not be restored on the new primary: {e}"
             ))
         };
-        if self.had_server {
+        if self.tx_mode {
+            // Reported settings the client has and this connection does not
+            // (another client changed them here): set them as the client has them.
+            let mut fixes = String::new();
+            for (name, value) in &self.known {
+                if SETTABLE.contains(&name.as_str())
+                    && server.param(name).is_some_and(|v| v != value)
+                {
+                    fixes.push_str(&format!(
+                        "SELECT set_config({}, {}, false);",
+                        postgres_protocol::escape::escape_literal(name),
+                        postgres_protocol::escape::escape_literal(value)
+                    ));
+                }
+            }
+            if !fixes.is_empty() {
+                server
+                    .simple_query(&fixes)
+                    .await
+                    .map_err(|e| lost("settings", e))?;
+            }
+        } else if self.had_server {
             let sets: Vec<&str> = self.state.sets().collect();
             if !sets.is_empty() {
                 server
@@ -811,6 +1122,25 @@ impl Session {
         self.had_server = true;
         self.tx = b'I';
         Ok(())
+    }
+}
+
+/// Gives a server connection back to the pool at the end of a client
+/// session; with `reset`, after `DISCARD ALL`. A connection that cannot be
+/// reset or kept is closed.
+async fn give_back(shared: &Shared, mut server: ServerConn, reset: bool) {
+    if reset {
+        let timeout = shared.runtime.load().config.connect_timeout();
+        match tokio::time::timeout(timeout, server.simple_query("DISCARD ALL")).await {
+            Ok(Ok(_)) => server.prepared.clear(),
+            _ => {
+                server.terminate().await;
+                return;
+            }
+        }
+    }
+    if let Some(conn) = shared.pools.checkin(shared, server) {
+        conn.terminate().await;
     }
 }
 

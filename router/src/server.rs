@@ -3,11 +3,12 @@
 //! server is not in recovery, and run the few statements the router issues
 //! itself (session restore) before the connection is handed to the relay.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use hapg_config::router::ServerSslMode;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::frontend;
@@ -94,6 +95,22 @@ pub struct ServerConn {
     pub secret: i32,
     /// ParameterStatus values, updated by the router's own statements.
     pub params: Vec<(String, String)>,
+    /// The startup parameters the connection was opened with (other than
+    /// user and database): a pooled connection only serves clients that sent
+    /// the same ones.
+    pub startup: Vec<(String, String)>,
+    /// The user the connection logged in as (its pool's key, with the database).
+    pub login_user: String,
+    /// The database of the connection.
+    pub login_database: String,
+    /// When the connection was opened.
+    pub born: Instant,
+    /// The pool slot the connection holds (none outside a pool).
+    pub permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// Named prepared statements on this connection (transaction pooling):
+    /// name and Parse frame. Every statement the server has is here; an entry
+    /// whose frame is empty may or may not exist on the server.
+    pub prepared: HashMap<Box<[u8]>, Bytes>,
 }
 
 impl ServerConn {
@@ -126,6 +143,12 @@ impl ServerConn {
             pid: 0,
             secret: 0,
             params: Vec::new(),
+            startup: login.params.clone(),
+            login_user: login.user.clone(),
+            login_database: login.database.clone(),
+            born: Instant::now(),
+            permit: None,
+            prepared: HashMap::new(),
         };
         conn.login(login).await?;
         match conn.param("in_hot_standby") {
@@ -359,6 +382,20 @@ impl ServerConn {
                 }
                 _ => {}
             }
+        }
+    }
+
+    /// True when nothing arrived on the idle connection (no end of file, no
+    /// FATAL from a terminated backend); for TLS only end of file is seen.
+    pub fn looks_alive(&self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+        match socket2::SockRef::from(self.stream.tcp()).peek(&mut probe) {
+            Ok(0) => false,
+            Ok(_) => !matches!(self.stream, Stream::Plain(_)),
+            Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
         }
     }
 

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::scram::ScramServer;
 use crate::auth::{md5, AuthError, Secret};
 use crate::net::{self, Stream};
+use crate::pool::CheckoutError;
 use crate::protocol::backend::{self, sqlstate, Severity};
 use crate::protocol::startup::{self, FirstPacket, Startup};
 use crate::protocol::{cstr, frame, ProtocolError};
@@ -325,16 +326,17 @@ async fn start(
 
     let mut server = None;
     if let Some(target) = shared.routing.load().target() {
-        match ServerConn::connect(
-            &target,
-            &login,
-            &shared.server_tls,
-            rt.config.connect_timeout(),
-        )
-        .await
+        match shared
+            .pools
+            .checkout(shared, &target, &login, rt.config.connect_timeout(), None)
+            .await
         {
             Ok(conn) => server = Some(conn),
-            Err(ServerError::Refused(fields))
+            Err(CheckoutError::Full { size }) => tracing::debug!(
+                size,
+                "the pool is full at login; deferring to the first statement"
+            ),
+            Err(CheckoutError::Server(ServerError::Refused(fields)))
                 if !["57", "53", "08"]
                     .iter()
                     .any(|c| fields.code.starts_with(c)) =>
@@ -342,7 +344,7 @@ async fn start(
                 // The primary's definitive answer (no such database, role, ...).
                 return Err(client.fatal(&fields.code, &fields.message, None).await);
             }
-            Err(e) => tracing::info!(
+            Err(CheckoutError::Server(e)) => tracing::info!(
                 server = %format!("{}:{}", target.host, target.port),
                 error = %e,
                 "no server connection at login; deferring to the first statement"

@@ -415,6 +415,17 @@ impl SessionState {
         self.sets.iter().map(|(_, s)| s.as_str())
     }
 
+    /// The Parse frame of the named statement `name` as the client last
+    /// prepared it (in the batch in progress or before).
+    pub fn prepared_frame(&self, name: &[u8]) -> Option<&Bytes> {
+        self.pending_parses
+            .iter()
+            .rev()
+            .chain(self.prepared.iter().rev())
+            .find(|(n, _)| n.as_bytes() == name)
+            .map(|(_, f)| f)
+    }
+
     /// The Parse frames to replay, concatenated.
     pub fn prepared_frames(&self) -> Vec<u8> {
         self.prepared
