@@ -111,31 +111,36 @@ pub async fn lost_writes(
         .collect())
 }
 
-/// SIGKILLs a process and its direct children at once (a postmaster and its backends).
-pub fn kill_tree(pid: i32) {
+/// A process and its direct children (a postmaster and its backends).
+pub fn process_tree(pid: i32) -> Vec<i32> {
     let mut pids = vec![pid];
-    if let Ok(entries) = std::fs::read_dir("/proc") {
-        for entry in entries.flatten() {
-            let Ok(child) = entry.file_name().to_string_lossy().parse::<i32>() else {
-                continue;
-            };
-            let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
-            // After the command name: state, then ppid.
-            let ppid = stat
-                .rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-                .and_then(|p| p.parse::<i32>().ok());
-            if ppid == Some(pid) {
-                pids.push(child);
-            }
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+        // After the command name: state, then ppid.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<i32>().ok());
+        if ppid == Some(pid) {
+            pids.push(child);
         }
     }
-    for p in pids {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(p),
-            nix::sys::signal::Signal::SIGKILL,
-        );
+    pids
+}
+
+/// Sends `signal` to every process of `pids`.
+pub fn signal_all(pids: &[i32], signal: nix::sys::signal::Signal) {
+    for pid in pids {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), signal);
     }
+}
+
+/// SIGKILLs a process and its direct children at once (a postmaster and its backends).
+pub fn kill_tree(pid: i32) {
+    signal_all(&process_tree(pid), nix::sys::signal::Signal::SIGKILL);
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline && hapg_keeper::pidfile::process_alive(pid) {
         std::thread::sleep(Duration::from_millis(20));

@@ -6,6 +6,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use hapg::drill::signal_all;
 use nix::sys::signal::Signal;
 use support::{postmaster_pid, Cluster};
 
@@ -13,30 +14,7 @@ const STEP: Duration = Duration::from_secs(90);
 
 /// The pids of a postmaster and its children.
 fn postgres_tree(pgdata: &std::path::Path) -> Vec<i32> {
-    let Some(postmaster) = postmaster_pid(pgdata) else {
-        return Vec::new();
-    };
-    let mut pids = vec![postmaster];
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let ppid = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-            .and_then(|p| p.parse::<i32>().ok());
-        if ppid == Some(postmaster) {
-            pids.push(pid);
-        }
-    }
-    pids
-}
-
-fn signal_all(pids: &[i32], sig: Signal) {
-    for pid in pids {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), sig);
-    }
+    postmaster_pid(pgdata).map_or_else(Vec::new, hapg::drill::process_tree)
 }
 
 /// The states stay as they are for `duration`.

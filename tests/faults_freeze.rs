@@ -11,24 +11,11 @@ use support::{connect, postmaster_pid, Cluster, Writer};
 
 const STEP: Duration = Duration::from_secs(120);
 
+/// The node's hapg process, its postmaster and the postmaster's children.
 fn node_pids(cluster: &Cluster, name: &str) -> Vec<i32> {
     let mut pids: Vec<i32> = cluster.keeper_pid(name).into_iter().collect();
-    let Some(postmaster) = postmaster_pid(&cluster.node(name).pgdata) else {
-        return pids;
-    };
-    pids.push(postmaster);
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let ppid = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-            .and_then(|p| p.parse::<i32>().ok());
-        if ppid == Some(postmaster) {
-            pids.push(pid);
-        }
+    if let Some(postmaster) = postmaster_pid(&cluster.node(name).pgdata) {
+        pids.extend(hapg::drill::process_tree(postmaster));
     }
     pids
 }
@@ -57,16 +44,12 @@ async fn long_freeze_fails_over_and_the_thawed_primary_never_takes_a_write() {
     .expect("connect to node_a");
 
     let pids = node_pids(&cluster, "node_a");
-    for pid in &pids {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), Signal::SIGSTOP);
-    }
+    hapg::drill::signal_all(&pids, Signal::SIGSTOP);
     cluster.wait_states(&[("node_b", "wait_primary")], STEP);
 
     // Thaw: the old primary runs again for a moment before its keeper hears it
     // was demoted. A write sent to it now must never be acknowledged.
-    for pid in &pids {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), Signal::SIGCONT);
-    }
+    hapg::drill::signal_all(&pids, Signal::SIGCONT);
     let attempt = tokio::time::timeout(
         Duration::from_secs(10),
         stale.execute("INSERT INTO t VALUES (-1)", &[]),
