@@ -3,7 +3,8 @@
 //! direct.
 //!
 //! Order: direct, then `--rounds` times (default 1): the router rows,
-//! PgBouncer session, PgBouncer transaction, HAProxy, direct again. Each
+//! PgBouncer session, PgBouncer transaction, HAProxy, direct again; each
+//! round rotates the proxies by one place. Each
 //! target runs its tests back to back and is the only proxy running
 //! meanwhile. A target's runs are averaged and their spread shown; direct's
 //! spread bounds the drift over the run (the machine is shared, TPC-B tables
@@ -377,7 +378,8 @@ fn router_pools(env: &Env, sup: &mut Supervisor) -> Result<bool> {
     }
 }
 
-/// The targets in run order: direct first and after every round of the proxies.
+/// The targets in run order: direct first and after every round of the
+/// proxies, the proxies rotated by one place each round.
 fn schedule(args: &ThroughputArgs) -> Result<Vec<Target>> {
     let known = [
         "direct",
@@ -431,8 +433,15 @@ fn schedule(args: &ThroughputArgs) -> Result<Vec<Target>> {
     if direct {
         all.push(Target::Direct);
     }
-    for _ in 0..args.rounds {
-        all.extend(order.iter().copied());
+    for round in 0..args.rounds as usize {
+        // Each round starts one proxy later, so that over rounds every proxy
+        // runs in every position (the first after direct tends to score lower).
+        let mut this = order.clone();
+        if !this.is_empty() {
+            let len = this.len();
+            this.rotate_left(round % len);
+        }
+        all.extend(this);
         if direct {
             all.push(Target::Direct);
         }
@@ -788,7 +797,8 @@ impl Report {
         let mut notes = Vec::new();
         if self.order.first() == Some(&Target::Direct) {
             notes.push(
-                "direct ran first and after every round of proxies; its row is the mean, \
+                "direct ran first and after every round of proxies (rotated by one place \
+                 per round); its row is the mean, \
                  ratios are to that mean; spread = (max - min) / mean of TPS over the runs; \
                  proxy CPU = CPU time of the proxy process / run time (100% = one core)"
                     .to_string(),
@@ -923,6 +933,18 @@ mod tests {
                 "none"
             ]),
             ["direct", "router", "direct", "router", "direct"]
+        );
+        assert_eq!(
+            order(&["--only", "direct,pgbouncer", "--rounds", "2"]),
+            [
+                "direct",
+                "pgbouncer session",
+                "pgbouncer transaction",
+                "direct",
+                "pgbouncer transaction",
+                "pgbouncer session",
+                "direct"
+            ]
         );
         assert_eq!(
             order(&[
