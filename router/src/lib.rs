@@ -17,6 +17,7 @@ pub mod server;
 pub mod tls;
 pub mod tracking;
 
+mod lost;
 mod relay;
 mod session;
 

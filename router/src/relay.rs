@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::cancel::CancelKey;
+use crate::lost::{self, LostTransaction, Step};
 use crate::net::Stream;
 use crate::pool::CheckoutError;
 use crate::protocol::backend::{
@@ -67,14 +68,6 @@ enum Loss<'a> {
     /// A switchover drain ran out of time: the router cuts the statement or
     /// transaction still open on the primary being drained.
     Switchover,
-}
-
-/// An error the client's next statement gets, because the transaction it was
-/// idle in is gone.
-struct Pending {
-    code: &'static str,
-    message: String,
-    hint: &'static str,
 }
 
 /// Named prepared statements in transaction mode: the router re-prepares a
@@ -199,6 +192,21 @@ impl Statements {
     }
 }
 
+/// Whether a Bind (body given) binds a statement that ends the transaction.
+fn binds_an_ending(state: &SessionState, unnamed_ends: bool, body: &[u8]) -> bool {
+    let Some((statement, _)) = cstr(body).and_then(|(_portal, rest)| cstr(rest)) else {
+        return false;
+    };
+    if statement.is_empty() {
+        return unnamed_ends;
+    }
+    let query = state
+        .prepared_frame(statement)
+        .and_then(|frame| cstr(frame.get(5..)?))
+        .and_then(|(_name, rest)| cstr(rest));
+    query.is_some_and(|(sql, _)| lost::ends_transaction(sql))
+}
+
 /// After SQL that may deallocate statements, what the server has is unknown.
 fn forget_all(server: &mut ServerConn) {
     for frame in server.prepared.values_mut() {
@@ -234,9 +242,16 @@ pub(crate) struct Session {
     open_batch: bool,
     /// After a failed batch: drop client messages until Sync, as Postgres does.
     skip_until_sync: bool,
-    /// The server connection was lost (or cut) while the client was idle in
-    /// a transaction: its next statement fails with this error.
-    lost: Option<Pending>,
+    /// The server connection was lost (or cut) during a transaction: the
+    /// router answers for the failed transaction until the client ends it.
+    lost: Option<LostTransaction>,
+    /// A statement that ends the transaction (COMMIT, ROLLBACK, ...) is in
+    /// flight: if the connection is lost now, the transaction is over either
+    /// way, and the session is idle. The number of ReadyForQuery still to
+    /// come up to that statement's.
+    ending: Option<u32>,
+    /// The unnamed statement last parsed ends a transaction.
+    unnamed_ends: bool,
     /// Set while the session has a statement or transaction open on its
     /// server: what a switchover drain waits for.
     busy: Option<Busy>,
@@ -314,6 +329,8 @@ impl Session {
             open_batch: false,
             skip_until_sync: false,
             lost: None,
+            ending: None,
+            unnamed_ends: false,
             busy: None,
             cuts,
             partial: 0,
@@ -567,15 +584,26 @@ impl Session {
                 }
                 continue;
             }
-            let starts_work = matches!(tag, b'Q' | b'P' | b'B' | b'E' | b'D' | b'C' | b'S' | b'F');
-            if let Some(pending) = self.lost.take() {
-                if starts_work {
-                    self.client.rbuf.advance(header.frame_len);
-                    self.fail_batch(tag, pending.code, &pending.message, Some(pending.hint));
-                    continue;
+            if let Some(lost) = self.lost.as_mut() {
+                let frame = &self.client.rbuf[..header.frame_len];
+                match lost.on_message(frame, &mut self.state, &mut self.client.wbuf) {
+                    Step::Answered => {
+                        self.client.rbuf.advance(header.frame_len);
+                        continue;
+                    }
+                    Step::Ended => {
+                        self.lost = None;
+                        self.tx = b'I';
+                        self.client.rbuf.advance(header.frame_len);
+                        continue;
+                    }
+                    Step::PassOn => {
+                        self.lost = None;
+                        self.tx = b'I';
+                    }
                 }
-                self.lost = Some(pending);
             }
+            let starts_work = matches!(tag, b'Q' | b'P' | b'B' | b'E' | b'D' | b'C' | b'S' | b'F');
             if starts_work && self.at_boundary() {
                 self.busy = None;
                 self.flush_server().await?;
@@ -655,6 +683,9 @@ impl Session {
                         if let Ok(sql) = std::str::from_utf8(sql) {
                             self.state.on_query(sql);
                         }
+                        if self.tx != b'I' && lost::ends_transaction(sql) {
+                            self.ending = Some(self.outstanding + 1);
+                        }
                     }
                     self.outstanding += 1;
                     self.stmts.sent += 1;
@@ -670,6 +701,10 @@ impl Session {
                 }
                 b'P' => {
                     self.state.on_parse(frame);
+                    if let Some((b"", rest)) = frame.get(5..).and_then(cstr) {
+                        self.unnamed_ends =
+                            cstr(rest).is_some_and(|(sql, _)| lost::ends_transaction(sql));
+                    }
                     if let Some(server) = pooled {
                         self.stmts.on_parse(server, &mut self.swbuf, frame);
                     }
@@ -683,6 +718,12 @@ impl Session {
                     self.open_batch = true;
                 }
                 b'B' => {
+                    if self.tx != b'I'
+                        && binds_an_ending(&self.state, self.unnamed_ends, &frame[5..])
+                    {
+                        // Its ReadyForQuery is the next Sync's.
+                        self.ending = Some(self.outstanding + 1);
+                    }
                     if let Some(server) = pooled {
                         if let Some((_portal, rest)) = cstr(&frame[5..]) {
                             if let Some((name, _)) = cstr(rest) {
@@ -768,6 +809,10 @@ impl Session {
                                     break;
                                 };
                                 self.tx = status;
+                                self.ending = self
+                                    .ending
+                                    .and_then(|n| n.checked_sub(1))
+                                    .filter(|n| *n > 0);
                                 self.outstanding = self.outstanding.saturating_sub(1);
                                 self.state.on_ready(status);
                                 self.stmts.on_ready(self.outstanding == 0 && status == b'I');
@@ -844,11 +889,13 @@ impl Session {
             );
             return Err(Ended);
         }
-        let in_tx = self.tx != b'I';
+        let ending = self.ending.take().is_some();
+        let in_tx = self.tx != b'I' && !ending;
         let statement = self.outstanding > 0 || self.open_batch;
         let (code, message, hint) = match loss {
             Loss::Lost(reason) => {
                 let message = match (in_tx, statement) {
+                    _ if ending => format!("lost the connection to the primary while ending the transaction ({reason}); if that was a COMMIT, it may or may not have completed"),
                     (true, false) => format!("lost the connection to the primary during the transaction ({reason}); the transaction was rolled back"),
                     (true, true) => format!("lost the connection to the primary during the transaction ({reason}); the transaction was rolled back, unless the statement in flight was its COMMIT, which may or may not have completed"),
                     (false, _) => format!("lost the connection to the primary during the statement ({reason}); it may or may not have completed"),
@@ -863,6 +910,7 @@ impl Session {
             Loss::Switchover => {
                 let ms = self.shared.runtime.load().config.router.drain_timeout_ms;
                 let message = match (in_tx, statement) {
+                    _ if ending => format!("a switchover interrupted the end of this transaction: it was still running after router.drain_timeout_ms ({ms} ms); if it was a COMMIT, it may or may not have completed"),
                     (true, false) => format!("a switchover interrupted this transaction: it was still open after router.drain_timeout_ms ({ms} ms), and it was rolled back"),
                     (true, true) => format!("a switchover interrupted this transaction: it was still open after router.drain_timeout_ms ({ms} ms); it was rolled back, unless the statement in flight was its COMMIT, which may or may not have completed"),
                     (false, _) => format!("a switchover interrupted this statement: it was still running after router.drain_timeout_ms ({ms} ms), and it may or may not have completed"),
@@ -877,35 +925,34 @@ impl Session {
         };
         drop(server);
         self.state.discard_pending();
-        for _ in 0..self.outstanding {
-            backend::error(
-                &mut self.client.wbuf,
-                Severity::Error,
-                code,
-                &message,
-                Some(hint),
-            );
-            backend::ready_for_query(&mut self.client.wbuf, b'I');
+        let out = &mut self.client.wbuf;
+        if in_tx {
+            // The transaction is failed, as on a server after an error: the
+            // client's statements are refused until it ends the transaction.
+            let mut lost = LostTransaction::new(code, message);
+            for _ in 0..self.outstanding {
+                lost.error(out);
+                backend::ready_for_query(out, b'E');
+            }
+            if self.open_batch {
+                lost.error(out);
+                lost.skip_to_sync();
+            }
+            self.lost = Some(lost);
+            self.tx = b'E';
+        } else {
+            for _ in 0..self.outstanding {
+                backend::error(out, Severity::Error, code, &message, Some(hint));
+                backend::ready_for_query(out, b'I');
+            }
+            if self.open_batch {
+                backend::error(out, Severity::Error, code, &message, Some(hint));
+                self.skip_until_sync = true;
+            }
+            self.tx = b'I';
         }
-        if self.open_batch {
-            backend::error(
-                &mut self.client.wbuf,
-                Severity::Error,
-                code,
-                &message,
-                Some(hint),
-            );
-            self.skip_until_sync = true;
-            self.open_batch = false;
-        } else if self.outstanding == 0 && in_tx {
-            self.lost = Some(Pending {
-                code,
-                message,
-                hint: "The transaction was rolled back; run it again.",
-            });
-        }
+        self.open_batch = false;
         self.outstanding = 0;
-        self.tx = b'I';
         Ok(())
     }
 

@@ -312,6 +312,15 @@ async fn transaction_longer_than_the_drain_timeout_is_cut_and_the_session_goes_o
         db.message()
     );
 
+    // The cut transaction stays failed until the client ends it; the
+    // router answers the ROLLBACK itself, without a primary.
+    let err = idle_tx
+        .batch_execute("SELECT 1")
+        .await
+        .expect_err("still failed");
+    assert_eq!(code(&err), "57P01", "{err:?}");
+    idle_tx.batch_execute("ROLLBACK").await.expect("rollback");
+
     // Both sessions go on: their next statements wait for the new primary.
     let next_idle = tokio::spawn(async move {
         let port = server_port(&idle_tx).await;

@@ -218,45 +218,36 @@ async fn session_state_that_cannot_move_ends_with_a_clear_error() {
     c.router.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "regression under investigation: since server pooling, a session whose server died idle in a transaction was seen continuing on a new server connection (issue 3 left open)"]
-async fn server_lost_mid_transaction_or_statement_is_an_08_error_and_the_session_goes_on() {
-    let c = Cluster::start(false, "", "").await;
-    let admin = c.a.connect("postgres").await;
-    let client = connect(&c.router.url("postgres")).await.expect("connect");
-    // Lost while idle in a transaction.
-    client.batch_execute("BEGIN").await.expect("begin");
-    let pid: i32 = client
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .expect("pid")
-        .get(0);
+/// Terminates the backend `pid` on `admin`'s server and waits until it exited.
+async fn terminate(admin: &tokio_postgres::Client, pid: i32) {
     admin
         .execute("SELECT pg_terminate_backend($1, 5000)", &[&pid])
         .await
         .expect("terminate and wait for the backend to exit");
-    let err = client
-        .simple_query("SELECT 1")
-        .await
-        .expect_err("transaction lost");
-    assert!(code(&err).starts_with("08"), "{err:?}");
-    let message = err.as_db_error().expect("db error").message().to_string();
-    assert!(message.contains("rolled back"), "{message}");
-    assert_eq!(server_port(&client).await.expect("usable after"), c.a.port);
-    // Lost in the middle of a statement.
-    let pid: i32 = client
+}
+
+async fn backend_pid(client: &tokio_postgres::Client) -> i32 {
+    client
         .query_one("SELECT pg_backend_pid()", &[])
         .await
         .expect("pid")
-        .get(0);
-    let killer = tokio::spawn(async move {
+        .get(0)
+}
+
+/// Terminates `pid` once it runs a statement containing `marker`.
+fn terminate_when_running(
+    admin: tokio_postgres::Client,
+    pid: i32,
+    marker: &'static str,
+) -> tokio::task::JoinHandle<tokio_postgres::Client> {
+    tokio::spawn(async move {
         let start = Instant::now();
         loop {
             let running: bool = admin
                 .query_one(
                     "SELECT count(*) > 0 FROM pg_stat_activity
-                      WHERE pid = $1 AND state = 'active' AND query LIKE '%pg_sleep(20)%'",
-                    &[&pid],
+                      WHERE pid = $1 AND state = 'active' AND strpos(query, $2) > 0",
+                    &[&pid, &marker],
                 )
                 .await
                 .expect("pg_stat_activity")
@@ -275,30 +266,136 @@ async fn server_lost_mid_transaction_or_statement_is_an_08_error_and_the_session
             .await
             .expect("terminate");
         admin
-    });
+    })
+}
+
+fn assert_lost(err: &tokio_postgres::Error, what: &str) {
+    assert!(code(err).starts_with("08"), "{what}: {err:?}");
+}
+
+/// The server connection of a session dies: idle in a transaction, in the
+/// middle of a statement inside and outside a transaction, and during COMMIT.
+async fn server_lost(sections: &str) {
+    let c = Cluster::start(false, "", sections).await;
+    let admin = c.a.connect("postgres").await;
+    admin
+        .batch_execute(
+            "CREATE TABLE t (id int);
+             CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS
+               $$ BEGIN PERFORM pg_sleep(20); RETURN NULL; END $$;
+             CREATE TABLE slow_commit (id int);
+             CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON slow_commit
+               DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow();",
+        )
+        .await
+        .expect("schema");
+    let client = connect(&c.router.url("postgres")).await.expect("connect");
+
+    // Lost while idle in a transaction: the transaction is failed, as after
+    // an error, until the client ends it; its COMMIT commits nothing.
+    client
+        .batch_execute("BEGIN; INSERT INTO t VALUES (1)")
+        .await
+        .expect("begin");
+    terminate(&admin, backend_pid(&client).await).await;
+    let err = client
+        .simple_query("INSERT INTO t VALUES (2)")
+        .await
+        .expect_err("transaction lost");
+    assert_lost(&err, "first statement after the loss");
+    let message = err.as_db_error().expect("db error").message().to_string();
+    assert!(message.contains("rolled back"), "{message}");
+    // Pipelined statements of the extended protocol: refused too.
+    let (a, b) = tokio::join!(
+        client.execute("INSERT INTO t VALUES (3)", &[]),
+        client.query_one("SELECT 1", &[])
+    );
+    assert_lost(&a.expect_err("still failed"), "pipelined insert");
+    assert_lost(&b.expect_err("still failed"), "pipelined select");
+    client
+        .batch_execute("COMMIT")
+        .await
+        .expect("commit ends it");
+    let rows: i64 = admin
+        .query_one("SELECT count(*) FROM t", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(rows, 0, "nothing of the lost transaction was committed");
+    assert_eq!(server_port(&client).await.expect("usable after"), c.a.port);
+
+    // Ended with ROLLBACK over the extended protocol, as drivers do.
+    client.batch_execute("BEGIN").await.expect("begin");
+    terminate(&admin, backend_pid(&client).await).await;
+    client
+        .query_one("SELECT 1", &[])
+        .await
+        .expect_err("transaction lost");
+    client.execute("ROLLBACK", &[]).await.expect("rollback");
+    assert_eq!(server_port(&client).await.expect("usable after"), c.a.port);
+
+    // Lost in the middle of a statement inside a transaction.
+    client.batch_execute("BEGIN").await.expect("begin");
+    let killer = terminate_when_running(admin, backend_pid(&client).await, "pg_sleep(20)");
     let err = client
         .simple_query("SELECT pg_sleep(20)")
         .await
         .expect_err("statement lost");
-    assert!(code(&err).starts_with("08"), "{err:?}");
-    let _admin = killer.await.expect("killer");
+    assert_lost(&err, "statement in a transaction");
+    let admin = killer.await.expect("killer");
+    assert_lost(
+        &client.simple_query("SELECT 1").await.expect_err("failed"),
+        "after the statement",
+    );
+    client.batch_execute("ROLLBACK").await.expect("rollback");
+
+    // Lost during COMMIT: the transaction is over either way, and the
+    // session is idle at once.
+    client
+        .batch_execute("BEGIN; INSERT INTO slow_commit VALUES (1)")
+        .await
+        .expect("begin");
+    let killer = terminate_when_running(admin, backend_pid(&client).await, "COMMIT");
+    let err = client
+        .batch_execute("COMMIT")
+        .await
+        .expect_err("commit lost");
+    assert_lost(&err, "commit");
+    let message = err.as_db_error().expect("db error").message().to_string();
+    assert!(
+        message.contains("may or may not have completed"),
+        "{message}"
+    );
+    let admin = killer.await.expect("killer");
+    assert_eq!(server_port(&client).await.expect("idle after"), c.a.port);
+
+    // Lost in the middle of a statement outside a transaction.
+    let killer = terminate_when_running(admin, backend_pid(&client).await, "pg_sleep(20)");
+    let err = client
+        .simple_query("SELECT pg_sleep(20)")
+        .await
+        .expect_err("statement lost");
+    assert_lost(&err, "statement");
+    let admin = killer.await.expect("killer");
     assert_eq!(server_port(&client).await.expect("usable after"), c.a.port);
+
     // Lost while idle outside a transaction: silent.
-    let pid: i32 = client
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .expect("pid")
-        .get(0);
-    let admin = c.a.connect("postgres").await;
-    admin
-        .execute("SELECT pg_terminate_backend($1, 5000)", &[&pid])
-        .await
-        .expect("terminate and wait for the backend to exit");
+    terminate(&admin, backend_pid(&client).await).await;
     assert_eq!(
         server_port(&client).await.expect("silently reconnected"),
         c.a.port
     );
     c.router.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_lost_in_session_mode_fails_the_transaction_until_the_client_ends_it() {
+    server_lost("").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_lost_in_transaction_mode_fails_the_transaction_until_the_client_ends_it() {
+    server_lost("[pool]\nmode = \"transaction\"\npool_size = 2\n").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
