@@ -13,6 +13,18 @@ pub async fn connect(uri: &str) -> Result<tokio_postgres::Client, tokio_postgres
     Ok(connection.client)
 }
 
+/// One acknowledged write, as the server that ran it reported it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Ack {
+    pub id: i64,
+    /// The port of the Postgres that ran the INSERT (`inet_server_port()`),
+    /// `None` over a Unix socket.
+    pub port: Option<u16>,
+    /// When it ran, on the server's clock (`clock_timestamp()`), in seconds
+    /// since the Unix epoch: the nodes and the monitor share this machine's clock.
+    pub at: f64,
+}
+
 /// A client that inserts rows with increasing ids in a loop, reconnecting on
 /// error, and records which inserts were acknowledged.
 pub struct Writer {
@@ -25,6 +37,10 @@ pub struct Writer {
 pub struct WriterReport {
     /// Ids whose INSERT was acknowledged.
     pub acked: Vec<i64>,
+    /// Where and when each acknowledged INSERT ran, in the order of `acked`.
+    pub acks: Vec<Ack>,
+    /// The highest id sent (acknowledged or not): ids run from 1 to this.
+    pub attempted: i64,
     /// Statements that failed, and connection attempts that failed.
     pub errors: u64,
     /// Longest time between two acknowledged writes.
@@ -36,7 +52,12 @@ impl Writer {
     pub fn start(uri: String, table: &str, limit: Duration) -> Writer {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
-        let insert = format!("INSERT INTO {table} (id) VALUES ($1)");
+        // The server says which node ran the write and when, so the drill can
+        // check it against the monitor's history (see `invariants`).
+        let insert = format!(
+            "INSERT INTO {table} (id) VALUES ($1) \
+             RETURNING inet_server_port(), extract(epoch FROM clock_timestamp())::float8"
+        );
         let handle = tokio::spawn(async move {
             let mut report = WriterReport::default();
             let mut next: i64 = 1;
@@ -55,12 +76,20 @@ impl Writer {
                     }
                 }
                 let Some(c) = client.as_ref() else { continue };
+                report.attempted = next;
                 let result =
-                    tokio::time::timeout(Duration::from_secs(30), c.execute(&insert, &[&next]))
+                    tokio::time::timeout(Duration::from_secs(30), c.query_one(&insert, &[&next]))
                         .await;
                 match result {
-                    Ok(Ok(_)) => {
+                    Ok(Ok(row)) => {
                         report.acked.push(next);
+                        report.acks.push(Ack {
+                            id: next,
+                            port: row
+                                .get::<_, Option<i32>>(0)
+                                .and_then(|p| u16::try_from(p).ok()),
+                            at: row.get(1),
+                        });
                         report.longest_gap = report.longest_gap.max(last_ack.elapsed());
                         last_ack = Instant::now();
                     }

@@ -2,3 +2,4 @@
 //! the benchmarks share beyond the four library crates.
 
 pub mod drill;
+pub mod invariants;
