@@ -300,7 +300,10 @@ impl Default for KeeperTimings {
     fn default() -> Self {
         KeeperTimings {
             report_interval_ms: 500,
-            network_partition_timeout_ms: 5_000,
+            // Below the earliest failover (the standby notices a silent
+            // primary after wal_receiver_timeout, 5 s), so an isolated primary
+            // is fenced before a standby could be promoted.
+            network_partition_timeout_ms: 3_000,
             postgresql_restart_failure_timeout_ms: 5_000,
             walreceiver_stop_timeout_ms: 5_000,
         }

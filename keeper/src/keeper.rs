@@ -71,6 +71,8 @@ pub async fn run(paths: NodePaths, mode: RunMode, shutdown: Shutdown) -> Result<
         last_tli: 0,
         last_lsn: 0,
         last_error: None,
+        monitor_heard: Instant::now(),
+        standby_heard: Instant::now(),
     };
     let span = tracing::info_span!("keeper", node = keeper.state.node_id);
     let exit = keeper.main_loop(mode, &shutdown).instrument(span).await?;
@@ -102,6 +104,10 @@ struct Keeper {
     last_lsn: u64,
     /// Last transition error, logged once per distinct message.
     last_error: Option<String>,
+    /// When the monitor last answered (or the keeper started).
+    monitor_heard: Instant,
+    /// When Postgres last saw a standby reply (or the keeper started).
+    standby_heard: Instant,
 }
 
 impl Keeper {
@@ -124,6 +130,7 @@ impl Keeper {
                 }
                 if observation.standby_connected {
                     self.state.last_standby_contact = unix_now();
+                    self.standby_heard = Instant::now();
                 }
             }
             let goal = match self.report(&observation).await {
@@ -261,6 +268,7 @@ impl Keeper {
             .map_err(|_| KeeperError::Timeout("reporting to the monitor".into()))??;
         self.confirmed = true;
         self.state.last_monitor_contact = unix_now();
+        self.monitor_heard = Instant::now();
         self.state.group_id = assigned.group_id;
         if assigned.goal != self.state.assigned {
             tracing::info!(current = %self.state.current, goal = %assigned.goal, "new goal from the monitor");
@@ -279,15 +287,13 @@ impl Keeper {
         ) {
             return Ok(());
         }
-        let timeout = self.config.timeout.network_partition_timeout_ms / 1000;
-        let now = unix_now();
-        let monitor_silent = self.state.last_monitor_contact > 0
-            && now.saturating_sub(self.state.last_monitor_contact) > timeout;
-        let standby_silent = self.state.last_standby_contact > 0
-            && now.saturating_sub(self.state.last_standby_contact) > timeout;
-        if monitor_silent && standby_silent {
+        let timeout = Duration::from_millis(self.config.timeout.network_partition_timeout_ms);
+        if self.monitor_heard.elapsed() > timeout && self.standby_heard.elapsed() > timeout {
             tracing::warn!(
-                "cannot reach the monitor nor any standby for {timeout} s: fencing this primary (demote_timeout)"
+                monitor_silent_ms = self.monitor_heard.elapsed().as_millis() as u64,
+                standby_silent_ms = self.standby_heard.elapsed().as_millis() as u64,
+                "cannot reach the monitor nor any standby for timeout.network_partition_timeout_ms ({} ms): fencing this primary (demote_timeout)",
+                timeout.as_millis()
             );
             self.pg.stop("fast").await?;
             self.state.current = NodeState::DemoteTimeout;

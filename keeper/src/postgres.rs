@@ -530,7 +530,12 @@ impl LocalPostgres {
                                    ORDER BY CASE sync_state WHEN 'quorum' THEN 0 WHEN 'sync' THEN 1
                                                             WHEN 'potential' THEN 2 ELSE 3 END
                                    LIMIT 1), ''),
-                        EXISTS (SELECT 1 FROM pg_stat_replication WHERE usename = $1),
+                        -- A standby heard from lately (it replies at least every
+                        -- wal_receiver_status_interval, 1 s): a walsender whose
+                        -- standby is cut off lingers until wal_sender_timeout.
+                        EXISTS (SELECT 1 FROM pg_stat_replication
+                                 WHERE usename = $1
+                                   AND coalesce(reply_time, backend_start) > clock_timestamp() - interval '2 s'),
                         current_setting('synchronous_standby_names')",
                 &[&REPLICATION_ROLE],
             )

@@ -125,13 +125,18 @@ impl Cluster {
 
     /// Starts `hapg args` in the background, logging to `<name>.log`.
     pub fn spawn(&self, name: &str, args: &[&str]) {
+        self.spawn_command(name, self.hapg(args));
+    }
+
+    /// Starts `cmd` (a `hapg` command, possibly wrapped, as in `ip netns
+    /// exec`) in the background, logging to `<name>.log`.
+    pub fn spawn_command(&self, name: &str, mut cmd: Command) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.path().join(format!("{name}.log")))
             .expect("log file");
-        let child = self
-            .hapg(args)
+        let child = cmd
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .env("HAPG_LOG", "info")
@@ -184,38 +189,65 @@ impl Cluster {
 
     /// Creates and runs a node (`create postgres ... --run`).
     pub fn start_node(&mut self, name: &str) -> Node {
+        let uri = self.monitor_uri();
+        self.start_node_at(name, "localhost", &uri, &[])
+    }
+
+    /// Creates and runs a node that others reach at `hostname` and that
+    /// reaches the monitor at `monitor_uri`, its `hapg` command run under
+    /// `wrapper` (such as `ip netns exec NS`) when given.
+    pub fn start_node_at(
+        &mut self,
+        name: &str,
+        hostname: &str,
+        monitor_uri: &str,
+        wrapper: &[&str],
+    ) -> Node {
         let port = free_port();
         let node = Node {
             name: name.to_string(),
             pgdata: self.path().join(name),
             port,
         };
-        let uri = self.monitor_uri();
         let pgdata = format!("./{name}");
         let port_s = port.to_string();
-        self.spawn(
+        let args = [
+            "create",
+            "postgres",
+            "--pgdata",
+            &pgdata,
+            "--pgport",
+            &port_s,
+            "--hostname",
+            hostname,
+            "--name",
             name,
-            &[
-                "create",
-                "postgres",
-                "--pgdata",
-                &pgdata,
-                "--pgport",
-                &port_s,
-                "--hostname",
-                "localhost",
-                "--name",
-                name,
-                "--dbname",
-                "appdb",
-                "--auth",
-                "trust",
-                "--ssl-self-signed",
-                "--monitor",
-                &uri,
-                "--run",
-            ],
-        );
+            "--dbname",
+            "appdb",
+            "--auth",
+            "trust",
+            "--ssl-self-signed",
+            "--monitor",
+            monitor_uri,
+            "--run",
+        ];
+        let cmd = match wrapper.split_first() {
+            None => self.hapg(&args),
+            Some((program, wrapper_args)) => {
+                let inner = self.hapg(&args);
+                let mut cmd = Command::new(program);
+                cmd.args(wrapper_args)
+                    .arg(inner.get_program())
+                    .args(inner.get_args())
+                    .current_dir(self.path())
+                    .envs(inner.get_envs().filter_map(|(k, v)| Some((k, v?))))
+                    .env_remove("PGDATA")
+                    .env_remove("PG_AUTOCTL_MONITOR")
+                    .stdin(Stdio::null());
+                cmd
+            }
+        };
+        self.spawn_command(name, cmd);
         self.nodes.retain(|n| n.name != name);
         self.nodes.push(node.clone());
         node
