@@ -374,6 +374,20 @@ impl Keeper {
     async fn wanted_synchronous_standby_names(&mut self) -> Result<String, KeeperError> {
         let own = self.state.node_id;
         let (_, view) = self.group().await?;
+        // The view is read after the report: if the monitor has meanwhile
+        // taken the primary role away from this node (a failover, or a
+        // keeper that was frozen), names computed from it would drop the
+        // standby being promoted and release the commits waiting for it.
+        // Leave synchronous replication as it is; the next round moves on.
+        if !view
+            .nodes
+            .iter()
+            .any(|n| n.id == own && n.goal.can_take_writes())
+        {
+            return Err(KeeperError::Refused(
+                "the monitor no longer assigns this node a primary state".into(),
+            ));
+        }
         Ok(fsm::synchronous_standby_names(&view, own))
     }
 

@@ -478,6 +478,29 @@ fn decide_for(view: &GroupView, a: &NodeView) -> Option<Decision> {
         return Some(failover_decision(view, p, a));
     }
 
+    // A standby that comes back during an election joins it: the election may
+    // need its WAL position to be sure no acknowledged write is missing
+    // (quorum intersection), and no other rule would ever ask it. Its keeper
+    // reports again; its Postgres may still be down (it cannot follow a
+    // primary there is none), and detaching starts it.
+    if election
+        && matches!(p.goal, Draining | DemoteTimeout)
+        && matches!(a.reported, Secondary | Catchingup)
+        && matches!(a.goal, Secondary | Catchingup)
+        && a.report_age
+            .is_some_and(|age| age <= view.thresholds.unhealthy_timeout)
+        && view.others(p).any(|n| n.goal == ReportLsn)
+    {
+        return Some(Decision::Assign(vec![assign(
+            a,
+            ReportLsn,
+            format!(
+                "Election for a new primary: node {} ({}) is back, stops streaming and reports its WAL position",
+                a.id, a.name
+            ),
+        )]));
+    }
+
     // The old primary stopped cleanly for a switchover or maintenance: promote a standby.
     if a.converged_in(&[Secondary, Catchingup]) && p.converged_in(&[Draining, PrepareMaintenance]) {
         if election {
@@ -769,7 +792,7 @@ fn elect(view: &GroupView, old: &NodeView) -> Option<Decision> {
         let reported = reporters.iter().filter(|n| n.replication_quorum).count();
         if reported < needed {
             return Some(Decision::Hold(format!(
-                "Election waits: {reported} quorum standby(s) reported their WAL position, {needed} are needed                  to be sure no acknowledged write is missing (number_sync_standbys {})",
+                "Election waits: {reported} quorum standby(s) reported their WAL position, {needed} are needed to be sure no acknowledged write is missing (number_sync_standbys {})",
                 view.number_sync_standbys
             )));
         }
@@ -1626,6 +1649,21 @@ mod tests {
                     ])
                 },
                 Held,
+            ),
+            (
+                "election: a quorum standby that comes back joins it",
+                GroupView {
+                    number_sync_standbys: 1,
+                    ..group(vec![
+                        dead(node(1, Primary, Draining)),
+                        at(2, ReportLsn),
+                        NodeView {
+                            pg_running: false,
+                            ..node(3, Secondary, Catchingup)
+                        },
+                    ])
+                },
+                Goals(vec![(3, ReportLsn)]),
             ),
             (
                 "election: the most advanced standby is too far behind",

@@ -235,6 +235,26 @@ impl Pools {
         None
     }
 
+    /// Takes out the idle connections opened in `epoch`: one of them was just
+    /// lost, and the others, to the same server, most likely went the same
+    /// way (over TLS an idle connection does not show it until it is read),
+    /// so a session must not be given one.
+    pub fn discard_epoch(&self, epoch: i64) -> Vec<ServerConn> {
+        let mut victims = Vec::new();
+        let mut pools = self.lock();
+        for pool in pools.values_mut() {
+            let mut i = 0;
+            while i < pool.idle.len() {
+                if pool.idle[i].conn.epoch == epoch {
+                    victims.push(pool.idle.swap_remove(i).conn);
+                } else {
+                    i += 1;
+                }
+            }
+        }
+        victims
+    }
+
     /// Takes out the idle connections that must close now: to an older
     /// epoch's primary, idle too long, or too old.
     fn expired(

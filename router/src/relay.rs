@@ -901,6 +901,8 @@ impl Session {
                     (false, _) => format!("lost the connection to the primary during the statement ({reason}); it may or may not have completed"),
                 };
                 tracing::info!(server = %server.addr, reason, in_tx, outstanding = self.outstanding, "server connection lost");
+                // The idle connections to the same server are likely gone too.
+                drop(self.shared.pools.discard_epoch(server.epoch));
                 (
                     sqlstate::CONNECTION_FAILURE,
                     message,

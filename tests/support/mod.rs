@@ -535,3 +535,24 @@ impl Cluster {
         }
     }
 }
+
+impl Cluster {
+    /// Crash of a router: SIGKILL of its process (its clients see their
+    /// connections drop, new connections are refused).
+    pub fn kill_router(&self, router: &RouterProcess) {
+        self.power_off_keeper_only(&router.name);
+    }
+
+    /// Starts a router again with the same configuration (same port and id);
+    /// waits (bounded) until it accepts TCP connections.
+    pub fn restart_router(&self, router: &RouterProcess) {
+        let path = router.config.to_str().expect("utf-8 path").to_string();
+        self.spawn(&router.name, &["router", "run", "--config", &path]);
+        let port = router.port;
+        self.eventually(
+            "the restarted router to listen",
+            Duration::from_secs(30),
+            || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+        );
+    }
+}

@@ -1,0 +1,698 @@
+//! The fault matrix (reliability.md section 8), injected for real while
+//! clients write through the hapg router: real monitor, keepers, router and
+//! PostgreSQL 15 processes. Every fault is one phase: a probe that writes to
+//! every node directly and two writers through the router start before the
+//! fault; after it the group must converge back to one primary and
+//! secondaries, and the invariant checker (`hapg::invariants::Drill`) must
+//! find nothing broken: no split brain, every acknowledged write on the final
+//! primary, no row no client sent, every write on the node the monitor named
+//! writable at that moment.
+//!
+//! * `faults_without_failover`: Postgres of the primary killed, the primary's
+//!   keeper crashed, the whole primary frozen for 1.9 s, the monitor crashed,
+//!   the standby crashed, the router killed: the primary never moves.
+//! * `faults_with_failover`: power-off of the primary, long freeze of the
+//!   primary, switchover under write load.
+//! * `primary_and_the_standby_holding_its_latest_writes_lost_together`: three
+//!   nodes; the primary and the only standby with its latest writes die
+//!   together: the other standby is not promoted until the lost one returns.
+
+mod support;
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use hapg::drill::{connect, signal_all, Writer, WriterReport};
+use hapg::invariants::{Drill, WriteProbe};
+use nix::sys::signal::Signal;
+use support::{postmaster_pid, wait_writable, Cluster, RouterProcess};
+
+const STEP: Duration = Duration::from_secs(90);
+const ROUTER_CONFIG: &str = "pause_timeout_ms = 30000";
+/// Writers per phase, each on its own table.
+const WRITERS: usize = 2;
+
+/// A node, directly (not through the router).
+fn direct_uri(cluster: &Cluster, name: &str) -> String {
+    format!(
+        "postgres://postgres@127.0.0.1:{}/appdb",
+        cluster.node(name).port
+    )
+}
+
+fn now_epoch() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_default()
+}
+
+/// Rows in `table` at `uri`, if it answers.
+async fn rows(uri: &str, table: &str) -> Option<i64> {
+    let client = tokio::time::timeout(Duration::from_secs(5), connect(uri))
+        .await
+        .ok()?
+        .ok()?;
+    let row = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.query_one(&format!("SELECT count(*) FROM {table}"), &[]),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    Some(row.get(0))
+}
+
+/// Waits (bounded) until `table` at `uri` holds more than `more_than` rows.
+async fn wait_rows(cluster: &Cluster, uri: &str, table: &str, more_than: i64) -> i64 {
+    let deadline = Instant::now() + STEP;
+    let mut last = None;
+    while Instant::now() < deadline {
+        last = rows(uri, table).await;
+        if let Some(n) = last.filter(|n| *n > more_than) {
+            return n;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "{table} at {uri}: no more than {more_than} rows within {STEP:?} (last {last:?})\n{}",
+        cluster.all_logs()
+    );
+}
+
+/// The monitor's newest event id.
+async fn last_event_id(monitor_uri: &str) -> i64 {
+    connect(monitor_uri)
+        .await
+        .expect("connect to the monitor")
+        .query_one("SELECT coalesce(max(event_id), 0) FROM hapg.event", &[])
+        .await
+        .expect("read events")
+        .get(0)
+}
+
+/// Events after `after`: (node name, assigned state, description).
+async fn events_since(monitor_uri: &str, after: i64) -> Vec<(String, String, String)> {
+    connect(monitor_uri)
+        .await
+        .expect("connect to the monitor")
+        .query(
+            "SELECT coalesce(node_name, ''), coalesce(goal_state::text, ''), description
+               FROM hapg.event WHERE event_id > $1 ORDER BY event_id",
+            &[&after],
+        )
+        .await
+        .expect("read events")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+}
+
+fn show_events(events: &[(String, String, String)]) -> String {
+    events
+        .iter()
+        .map(|(node, goal, what)| format!("  [{node} -> {goal}] {what}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The events show no failover and no election: nothing assigned a state of
+/// one, no node but `primary` assigned a writable state, and no decision
+/// says the primary was unhealthy.
+fn assert_no_failover(events: &[(String, String, String)], primary: &str, phase: &str) {
+    const FAILOVER_STATES: [&str; 7] = [
+        "prepare_promotion",
+        "report_lsn",
+        "fast_forward",
+        "draining",
+        "demoted",
+        "demote_timeout",
+        "stop_replication",
+    ];
+    const WRITABLE: [&str; 4] = ["single", "wait_primary", "primary", "join_primary"];
+    for (node, goal, what) in events {
+        let bad = FAILOVER_STATES.contains(&goal.as_str())
+            || (node != primary && WRITABLE.contains(&goal.as_str()))
+            || what.contains("failing over")
+            || what.contains("Election")
+            || what.contains("elected")
+            || (what.starts_with("Primary") && what.contains("unhealthy"));
+        assert!(
+            !bad,
+            "{phase}: the events show a failover or an election ({node} -> {goal}: {what}):\n{}",
+            show_events(events)
+        );
+    }
+}
+
+/// The node's hapg process, its postmaster and the postmaster's children.
+fn node_pids(cluster: &Cluster, name: &str) -> Vec<i32> {
+    let mut pids: Vec<i32> = cluster.keeper_pid(name).into_iter().collect();
+    if let Some(postmaster) = postmaster_pid(&cluster.node(name).pgdata) {
+        pids.extend(hapg::drill::process_tree(postmaster));
+    }
+    pids
+}
+
+/// The states stay as they are for `duration` (a standby may pass through
+/// catchingup while its upstream restarts; the monitor may be away).
+fn assert_steady(cluster: &Cluster, primary: &str, standby: &str, duration: Duration) {
+    let deadline = Instant::now() + duration;
+    while Instant::now() < deadline {
+        let states = cluster.states();
+        if !states.is_empty() {
+            let (reported, goal) = &states[primary];
+            assert!(
+                goal == "primary" && reported == "primary",
+                "{primary} moved: {states:?}"
+            );
+            let (_, goal) = &states[standby];
+            assert!(
+                goal == "secondary" || goal == "catchingup",
+                "{standby} moved: {states:?}"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn summary(phase: &str, reports: &[WriterReport]) -> String {
+    reports
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            format!(
+                "{phase}: writer {i}: {} acked of {} sent, {} errors, longest gap {:?}",
+                r.acked.len(),
+                r.attempted,
+                r.errors,
+                r.longest_gap
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// One fault: writers through the router and a probe on every node, started
+/// before the fault and checked after the group converged.
+struct Phase {
+    name: String,
+    tables: Vec<String>,
+    writers: Vec<Writer>,
+    probe: WriteProbe,
+    first_event: i64,
+    started: Instant,
+}
+
+impl Phase {
+    /// Creates the phase's tables through the router, starts the probe over
+    /// every node (the probe table emptied first, so its ids start afresh)
+    /// and the writers, and waits until every writer has written.
+    async fn start(
+        cluster: &Cluster,
+        router: &RouterProcess,
+        primary: &str,
+        name: &str,
+        monitor_uri: &str,
+    ) -> Phase {
+        let uri = router.uri("appdb");
+        wait_writable(&uri, STEP).await;
+        let tables: Vec<String> = (0..WRITERS).map(|i| format!("{name}_{i}")).collect();
+        let mut ddl = format!("DROP TABLE IF EXISTS {};", hapg::invariants::PROBE_TABLE);
+        for table in &tables {
+            ddl.push_str(&format!("CREATE TABLE {table} (id bigint PRIMARY KEY);"));
+        }
+        connect(&uri)
+            .await
+            .expect("connect through the router")
+            .batch_execute(&ddl)
+            .await
+            .expect("create the phase's tables");
+        let nodes: Vec<(String, String)> = cluster
+            .nodes
+            .iter()
+            .map(|n| (n.name.clone(), direct_uri(cluster, &n.name)))
+            .collect();
+        let probe = WriteProbe::start(&direct_uri(cluster, primary), &nodes)
+            .await
+            .expect("start the write probe");
+        let writers = tables
+            .iter()
+            .map(|t| Writer::start(uri.clone(), t, Duration::from_secs(300)))
+            .collect();
+        for table in &tables {
+            wait_rows(cluster, &uri, table, 10).await;
+        }
+        Phase {
+            name: name.to_string(),
+            tables,
+            writers,
+            probe,
+            first_event: last_event_id(monitor_uri).await,
+            started: Instant::now(),
+        }
+    }
+
+    /// After the group converged on `primary`: the writers go on through the
+    /// router, then everything stops and the invariants are checked.
+    async fn finish(
+        self,
+        cluster: &Cluster,
+        router: &RouterProcess,
+        primary: &str,
+        monitor_uri: &str,
+    ) -> PhaseResult {
+        let uri = router.uri("appdb");
+        for table in &self.tables {
+            let before = rows(&uri, table).await.unwrap_or(0);
+            wait_rows(cluster, &uri, table, before + 10).await;
+        }
+        let mut reports = Vec::new();
+        for writer in self.writers {
+            reports.push(writer.finish().await);
+        }
+        let probe = self.probe.finish().await;
+        let mut probed: Vec<(String, usize)> = cluster
+            .nodes
+            .iter()
+            .map(|n| {
+                let count = probe.writes.iter().filter(|w| w.node == n.name).count();
+                (n.name.clone(), count)
+            })
+            .collect();
+        probed.sort();
+        eprintln!(
+            "{}\n{}: probe writes acknowledged per node {probed:?}; phase took {:?}",
+            summary(&self.name, &reports),
+            self.name,
+            self.started.elapsed()
+        );
+        let primary_uri = direct_uri(cluster, primary);
+        let drill = Drill {
+            monitor_uri,
+            primary_uri: &primary_uri,
+            writers: self
+                .tables
+                .iter()
+                .map(String::as_str)
+                .zip(reports.iter())
+                .collect(),
+            probe: Some(&probe),
+            through_router: true,
+        };
+        let violations = drill.violations().await.expect("check the invariants");
+        let events = events_since(monitor_uri, self.first_event).await;
+        assert!(
+            violations.is_empty(),
+            "{}: invariants broken:\n{}\nevents:\n{}\nrouter log:\n{}\nlogs:\n{}",
+            self.name,
+            violations.join("\n"),
+            show_events(&events),
+            cluster.log(&router.name),
+            cluster.all_logs()
+        );
+        PhaseResult {
+            reports,
+            events,
+            probe_writes: probe
+                .writes
+                .iter()
+                .map(|w| (w.node.clone(), w.at))
+                .collect(),
+        }
+    }
+}
+
+struct PhaseResult {
+    reports: Vec<WriterReport>,
+    events: Vec<(String, String, String)>,
+    /// (node, server time) of every probe write acknowledged.
+    probe_writes: Vec<(String, f64)>,
+}
+
+/// A two-node formation with a router in front, writable through it.
+async fn two_nodes_and_router() -> (Cluster, RouterProcess, String) {
+    let cluster = Cluster::formation(&["node_a", "node_b"], STEP);
+    let monitor_uri = cluster.monitor_uri();
+    let router = cluster.start_router("router", ROUTER_CONFIG);
+    wait_writable(&router.uri("appdb"), STEP).await;
+    (cluster, router, monitor_uri)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_without_failover() {
+    let test_started = Instant::now();
+    let (cluster, router, monitor_uri) = two_nodes_and_router().await;
+    let converged = [("node_a", "primary"), ("node_b", "secondary")];
+    let node_a = cluster.node("node_a");
+
+    // 1. SIGKILL of the primary's Postgres tree, its keeper alive: restarted
+    // in place.
+    let phase = Phase::start(&cluster, &router, "node_a", "pg_kill", &monitor_uri).await;
+    let before = postmaster_pid(&node_a.pgdata).expect("node_a's Postgres runs");
+    support::kill_tree(before);
+    let killed = Instant::now();
+    cluster.eventually("the keeper to restart Postgres", STEP, || {
+        postmaster_pid(&node_a.pgdata).is_some_and(|pid| pid != before)
+    });
+    eprintln!("pg_kill: Postgres restarted after {:?}", killed.elapsed());
+    cluster.wait_states(&converged, STEP);
+    let result = phase
+        .finish(&cluster, &router, "node_a", &monitor_uri)
+        .await;
+    assert_no_failover(&result.events, "node_a", "pg_kill");
+
+    // 2. The primary's keeper crashes, its Postgres alive; restarted later.
+    let phase = Phase::start(&cluster, &router, "node_a", "keeper_crash", &monitor_uri).await;
+    let postmaster = postmaster_pid(&node_a.pgdata).expect("node_a's Postgres runs");
+    cluster.power_off_keeper_only("node_a");
+    // Longer than the unhealthy timeout: the report goes stale, the health
+    // check still succeeds.
+    assert_steady(&cluster, "node_a", "node_b", Duration::from_secs(5));
+    cluster.spawn("node_a", &["run", "--pgdata", "./node_a"]);
+    cluster.wait_states(&converged, STEP);
+    assert_eq!(
+        postmaster_pid(&node_a.pgdata),
+        Some(postmaster),
+        "the restarted keeper adopts the running Postgres"
+    );
+    let result = phase
+        .finish(&cluster, &router, "node_a", &monitor_uri)
+        .await;
+    assert_no_failover(&result.events, "node_a", "keeper_crash");
+
+    // 3. The whole primary node freezes for 1.9 s: keeper and Postgres.
+    let phase = Phase::start(&cluster, &router, "node_a", "short_freeze", &monitor_uri).await;
+    let pids = node_pids(&cluster, "node_a");
+    signal_all(&pids, Signal::SIGSTOP);
+    std::thread::sleep(Duration::from_millis(1900));
+    signal_all(&pids, Signal::SIGCONT);
+    assert_steady(&cluster, "node_a", "node_b", Duration::from_secs(8));
+    cluster.wait_states(&converged, STEP);
+    let result = phase
+        .finish(&cluster, &router, "node_a", &monitor_uri)
+        .await;
+    assert_no_failover(&result.events, "node_a", "short_freeze");
+
+    // 4. The monitor crashes (its hapg and its Postgres) and comes back.
+    let phase = Phase::start(&cluster, &router, "node_a", "monitor_crash", &monitor_uri).await;
+    cluster.power_off_keeper_only("monitor");
+    if let Some(pid) = postmaster_pid(&cluster.path().join("monitor")) {
+        support::kill_tree(pid);
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    cluster.spawn("monitor", &["run", "--pgdata", "./monitor"]);
+    cluster.eventually("the monitor to answer again", STEP, || {
+        cluster
+            .run(&["show", "state", "--pgdata", "./monitor"])
+            .status
+            .success()
+    });
+    assert_steady(&cluster, "node_a", "node_b", Duration::from_secs(8));
+    cluster.wait_states(&converged, STEP);
+    let result = phase
+        .finish(&cluster, &router, "node_a", &monitor_uri)
+        .await;
+    assert_no_failover(&result.events, "node_a", "monitor_crash");
+
+    // 5. The standby crashes: the primary goes on alone (wait_primary), then
+    // the standby rejoins.
+    let phase = Phase::start(&cluster, &router, "node_a", "standby_crash", &monitor_uri).await;
+    cluster.power_off("node_b");
+    cluster.wait_states(&[("node_a", "wait_primary")], STEP);
+    let uri = router.uri("appdb");
+    for table in ["standby_crash_0", "standby_crash_1"] {
+        let before = rows(&uri, table).await.unwrap_or(0);
+        wait_rows(&cluster, &uri, table, before + 10).await;
+    }
+    cluster.spawn("node_b", &["run", "--pgdata", "./node_b"]);
+    cluster.wait_states(&converged, STEP);
+    let result = phase
+        .finish(&cluster, &router, "node_a", &monitor_uri)
+        .await;
+    assert_no_failover(&result.events, "node_a", "standby_crash");
+    assert!(
+        result
+            .events
+            .iter()
+            .any(|(node, goal, _)| node == "node_a" && goal == "wait_primary"),
+        "standby_crash: node_a was never assigned wait_primary:\n{}",
+        show_events(&result.events)
+    );
+
+    // 6. The router is killed and restarted on the same port.
+    let phase = Phase::start(&cluster, &router, "node_a", "router_kill", &monitor_uri).await;
+    cluster.kill_router(&router);
+    std::thread::sleep(Duration::from_secs(1));
+    let restarted = now_epoch();
+    cluster.restart_router(&router);
+    let result = phase
+        .finish(&cluster, &router, "node_a", &monitor_uri)
+        .await;
+    assert_no_failover(&result.events, "node_a", "router_kill");
+    for (i, r) in result.reports.iter().enumerate() {
+        assert!(
+            r.errors >= 1,
+            "router_kill: writer {i} saw no error while the router was down: {r:?}"
+        );
+        assert!(
+            r.acks.iter().any(|a| a.at > restarted),
+            "router_kill: writer {i} wrote nothing after the restart"
+        );
+    }
+    let _ = &result.probe_writes;
+    cluster.wait_states(&converged, STEP);
+    eprintln!("faults_without_failover took {:?}", test_started.elapsed());
+    cluster.terminate(&router.name);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_with_failover() {
+    let test_started = Instant::now();
+    let (cluster, router, monitor_uri) = two_nodes_and_router().await;
+
+    // 1. Power-off of the primary: writes through the router resume on the
+    // standby, each writer loses at most the statement in flight; the old
+    // primary, restarted, rejoins.
+    let phase = Phase::start(&cluster, &router, "node_a", "power_off", &monitor_uri).await;
+    let powered_off = Instant::now();
+    cluster.power_off("node_a");
+    cluster.wait_states(&[("node_b", "wait_primary")], STEP);
+    eprintln!(
+        "power_off: node_b wait_primary {:?} after the power-off",
+        powered_off.elapsed()
+    );
+    let uri = router.uri("appdb");
+    for table in ["power_off_0", "power_off_1"] {
+        let before = rows(&uri, table).await.unwrap_or(0);
+        wait_rows(&cluster, &uri, table, before + 10).await;
+    }
+    cluster.spawn("node_a", &["run", "--pgdata", "./node_a"]);
+    cluster.wait_states(&[("node_b", "primary"), ("node_a", "secondary")], STEP);
+    let result = phase
+        .finish(&cluster, &router, "node_b", &monitor_uri)
+        .await;
+    for (i, r) in result.reports.iter().enumerate() {
+        assert!(
+            r.errors <= 1,
+            "power_off: writer {i} saw {} errors; router log:\n{}",
+            r.errors,
+            cluster.log(&router.name)
+        );
+    }
+
+    // 2. Long freeze of the primary (node_b now): the standby takes over; the
+    // thawed old primary never acknowledges a write on a connection opened
+    // before the freeze, and rejoins as a standby.
+    let phase = Phase::start(&cluster, &router, "node_b", "long_freeze", &monitor_uri).await;
+    connect(&uri)
+        .await
+        .expect("connect through the router")
+        .batch_execute("CREATE TABLE long_freeze_stale (id bigint PRIMARY KEY)")
+        .await
+        .expect("create table");
+    let stale = connect(&direct_uri(&cluster, "node_b"))
+        .await
+        .expect("connect to node_b directly");
+    let pids = node_pids(&cluster, "node_b");
+    let frozen = Instant::now();
+    signal_all(&pids, Signal::SIGSTOP);
+    cluster.wait_states(&[("node_a", "wait_primary")], STEP);
+    eprintln!(
+        "long_freeze: node_a wait_primary {:?} after the freeze",
+        frozen.elapsed()
+    );
+    signal_all(&pids, Signal::SIGCONT);
+    let attempt = tokio::time::timeout(
+        Duration::from_secs(10),
+        stale.execute("INSERT INTO long_freeze_stale VALUES (-1)", &[]),
+    )
+    .await;
+    assert!(
+        !matches!(attempt, Ok(Ok(_))),
+        "long_freeze: the thawed old primary acknowledged a write\nnode_b log:\n{}\nevents:\n{}",
+        cluster.log("node_b"),
+        show_events(&events_since(&monitor_uri, phase.first_event).await)
+    );
+    drop(stale);
+    cluster.wait_states(&[("node_a", "primary"), ("node_b", "secondary")], STEP);
+    let result = phase
+        .finish(&cluster, &router, "node_a", &monitor_uri)
+        .await;
+    assert_eq!(
+        rows(&direct_uri(&cluster, "node_a"), "long_freeze_stale").await,
+        Some(0),
+        "long_freeze: the write sent to the thawed old primary is on the new primary"
+    );
+    let _ = &result.probe_writes;
+
+    // 3. Switchover under write load: no client error at all.
+    let phase = Phase::start(&cluster, &router, "node_a", "switchover", &monitor_uri).await;
+    let started = Instant::now();
+    cluster.ok(&["perform", "switchover", "--pgdata", "./monitor"]);
+    eprintln!(
+        "switchover: `perform switchover` took {:?}",
+        started.elapsed()
+    );
+    cluster.wait_states(&[("node_b", "primary"), ("node_a", "secondary")], STEP);
+    let result = phase
+        .finish(&cluster, &router, "node_b", &monitor_uri)
+        .await;
+    for (i, r) in result.reports.iter().enumerate() {
+        assert_eq!(
+            r.errors,
+            0,
+            "switchover: writer {i} saw errors; router log:\n{}",
+            cluster.log(&router.name)
+        );
+    }
+    eprintln!("faults_with_failover took {:?}", test_started.elapsed());
+    cluster.terminate(&router.name);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn primary_and_the_standby_holding_its_latest_writes_lost_together() {
+    let test_started = Instant::now();
+    let cluster = Cluster::formation(&["node_a", "node_b", "node_c"], STEP);
+    let monitor_uri = cluster.monitor_uri();
+    let router = cluster.start_router("router", ROUTER_CONFIG);
+    let uri = router.uri("appdb");
+    wait_writable(&uri, STEP).await;
+    let phase = Phase::start(&cluster, &router, "node_a", "double_loss", &monitor_uri).await;
+
+    // node_b stops receiving WAL: from now on only node_c acknowledges.
+    let receiver: i32 = connect(&direct_uri(&cluster, "node_b"))
+        .await
+        .expect("connect to node_b")
+        .query_one("SELECT pid FROM pg_stat_wal_receiver", &[])
+        .await
+        .expect("node_b streams")
+        .get(0);
+    let receiver = nix::unistd::Pid::from_raw(receiver);
+    nix::sys::signal::kill(receiver, Signal::SIGSTOP).expect("stop node_b's WAL receiver");
+    let uri_c = uri.clone();
+    // More WAL than socket buffers hold, so node_b cannot catch up from what
+    // the kernel buffered for its stopped receiver; the writers go on after.
+    connect(&uri_c)
+        .await
+        .expect("connect through the router")
+        .batch_execute(
+            "CREATE TABLE filler AS SELECT repeat('x', 1000) AS pad FROM generate_series(1, 30000)",
+        )
+        .await
+        .expect("filler acknowledged by node_c");
+    for table in ["double_loss_0", "double_loss_1"] {
+        let before = rows(&uri, table).await.unwrap_or(0);
+        wait_rows(&cluster, &uri, table, before + 20).await;
+    }
+
+    // The primary and node_c die together.
+    cluster.power_off("node_a");
+    cluster.power_off("node_c");
+    let lost_at = now_epoch();
+    nix::sys::signal::kill(receiver, Signal::SIGCONT).expect("resume node_b's WAL receiver");
+
+    // node_b must not be promoted: it lacks acknowledged writes.
+    let deadline = Instant::now() + Duration::from_secs(12);
+    while Instant::now() < deadline {
+        let states = cluster.states();
+        if let Some((reported, goal)) = states.get("node_b") {
+            let standby = ["secondary", "catchingup", "report_lsn"];
+            assert!(
+                standby.contains(&reported.as_str()) && standby.contains(&goal.as_str()),
+                "node_b, which lacks acknowledged writes, left the standby states: {states:?}\n{}",
+                cluster.all_logs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let held = events_since(&monitor_uri, phase.first_event).await;
+    eprintln!(
+        "double_loss: events while node_b is held:\n{}",
+        show_events(&held)
+    );
+    assert!(
+        held.iter()
+            .any(|(_, _, what)| what.contains("Election waits")
+                && what.contains("1 quorum standby(s) reported")
+                && what.contains("2 are needed")),
+        "the events do not say the election waits for a second quorum standby:\n{}",
+        show_events(&held)
+    );
+
+    // node_c comes back: the most advanced, it is elected.
+    let back = Instant::now();
+    cluster.spawn("node_c", &["run", "--pgdata", "./node_c"]);
+    cluster.wait_states(&[("node_c", "wait_primary")], STEP);
+    eprintln!(
+        "double_loss: node_c wait_primary {:?} after its keeper restarted",
+        back.elapsed()
+    );
+    cluster.spawn("node_a", &["run", "--pgdata", "./node_a"]);
+    cluster.wait_states(
+        &[
+            ("node_c", "primary"),
+            ("node_b", "secondary"),
+            ("node_a", "secondary"),
+        ],
+        STEP,
+    );
+    let result = phase
+        .finish(&cluster, &router, "node_c", &monitor_uri)
+        .await;
+    assert!(
+        result
+            .events
+            .iter()
+            .any(|(_, _, what)| what.contains("(node_c) is elected")),
+        "node_c was not elected:\n{}",
+        show_events(&result.events)
+    );
+    // Nothing ran on node_b: neither a writer's write (through the router)
+    // nor a probe write (directly), and no write anywhere while the group had
+    // no primary it could promote safely.
+    let port_b = cluster.node("node_b").port;
+    for (i, r) in result.reports.iter().enumerate() {
+        assert!(
+            r.acks.iter().all(|a| a.port != Some(port_b)),
+            "writer {i}: a write ran on node_b"
+        );
+        let during = r
+            .acks
+            .iter()
+            .filter(|a| a.at > lost_at && a.port != Some(cluster.node("node_c").port))
+            .count();
+        assert_eq!(
+            during, 0,
+            "writer {i}: writes acknowledged after the double loss elsewhere than node_c"
+        );
+    }
+    assert!(
+        result.probe_writes.iter().all(|(node, _)| node != "node_b"),
+        "the probe wrote to node_b"
+    );
+    eprintln!(
+        "primary_and_the_standby_holding_its_latest_writes_lost_together took {:?}",
+        test_started.elapsed()
+    );
+    cluster.terminate(&router.name);
+}
