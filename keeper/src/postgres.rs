@@ -406,6 +406,7 @@ impl LocalPostgres {
              host    all          {REPLICATION_ROLE}  samenet     {auth}\n"
         );
         for host in other_hosts {
+            let host = hba_address(host);
             hba.push_str(&format!(
                 "host    replication  {REPLICATION_ROLE}  {host}  {auth}\n\
                  host    all          {REPLICATION_ROLE}  {host}  {auth}\n"
@@ -784,4 +785,24 @@ pub fn default_bindir() -> PathBuf {
         }
     }
     PathBuf::from("/usr/lib/postgresql/15/bin")
+}
+
+/// A host as pg_hba.conf takes it: an IP address needs a mask (Postgres
+/// refuses the whole file otherwise), a host name stays as it is.
+fn hba_address(host: &str) -> String {
+    match host.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(ip)) => format!("{ip}/32"),
+        Ok(std::net::IpAddr::V6(ip)) => format!("{ip}/128"),
+        Err(_) => host.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod hba_tests {
+    #[test]
+    fn hba_addresses_get_a_mask() {
+        assert_eq!(super::hba_address("10.0.0.5"), "10.0.0.5/32");
+        assert_eq!(super::hba_address("::1"), "::1/128");
+        assert_eq!(super::hba_address("db-1.example.com"), "db-1.example.com");
+    }
 }

@@ -1,0 +1,456 @@
+//! Network splits, made for real with a network namespace: one part of the
+//! cluster runs in its own namespace, joined to the host by a veth pair, and
+//! setting its end of the link down cuts it off (packets to it are dropped,
+//! its own sends fail). Writers go through the router, a probe writes to every
+//! node directly, and the invariants are checked after each split heals.
+//!
+//! * The primary isolated: it fences itself (stops Postgres) before the
+//!   monitor promotes the standby; after the heal it rejoins.
+//! * A standby isolated: it never promotes itself; the primary goes on alone.
+//! * The monitor isolated: nothing fails over and nothing is fenced, because
+//!   the nodes still see each other.
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use hapg::drill::{connect, Writer, WriterReport};
+use hapg::invariants::{Drill, ProbeReport, WriteProbe};
+use support::{postmaster_pid, wait_writable, Cluster, RouterProcess};
+
+const STEP: Duration = Duration::from_secs(120);
+
+/// A network namespace and the veth pair that joins it to the host.
+struct Split {
+    ns: String,
+    host_if: String,
+    ns_if: String,
+    /// The host's address on the link (reachable from the namespace).
+    host_ip: String,
+    /// The namespace's address.
+    ns_ip: String,
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Split {
+    /// A namespace on its own /24 (`subnet` picks it), named after this
+    /// process so that parallel test runs do not collide.
+    fn create(tag: &str, subnet: u8) -> Split {
+        let id = std::process::id() % 100_000;
+        let split = Split {
+            ns: format!("hapg-{id}-{tag}"),
+            host_if: format!("h{id}{tag}"),
+            ns_if: format!("n{id}{tag}"),
+            host_ip: format!("10.213.{subnet}.1"),
+            ns_ip: format!("10.213.{subnet}.2"),
+        };
+        ip(&["netns", "add", &split.ns]);
+        ip(&[
+            "link",
+            "add",
+            &split.host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &split.ns_if,
+            "netns",
+            &split.ns,
+        ]);
+        ip(&[
+            "addr",
+            "add",
+            &format!("{}/24", split.host_ip),
+            "dev",
+            &split.host_if,
+        ]);
+        ip(&["link", "set", &split.host_if, "up"]);
+        split.in_ns(&[
+            "addr",
+            "add",
+            &format!("{}/24", split.ns_ip),
+            "dev",
+            &split.ns_if,
+        ]);
+        split.in_ns(&["link", "set", &split.ns_if, "up"]);
+        split.in_ns(&["link", "set", "lo", "up"]);
+        split
+    }
+
+    fn in_ns(&self, args: &[&str]) {
+        let mut all = vec!["netns", "exec", &self.ns, "ip"];
+        all.extend_from_slice(args);
+        ip(&all);
+    }
+
+    /// The command prefix that runs a program inside the namespace.
+    fn wrapper(&self) -> [&str; 4] {
+        ["ip", "netns", "exec", &self.ns]
+    }
+
+    /// Cuts the link: the namespace reaches nothing and nothing reaches it.
+    fn cut(&self) {
+        self.in_ns(&["link", "set", &self.ns_if, "down"]);
+    }
+
+    fn heal(&self) {
+        self.in_ns(&["link", "set", &self.ns_if, "up"]);
+    }
+
+    /// Runs SQL on a node inside the namespace with psql (the test process
+    /// itself is outside it).
+    fn psql(&self, port: u16, sql: &str) -> Option<String> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns])
+            .arg("/usr/lib/postgresql/15/bin/psql")
+            .args(["-X", "-A", "-t", "-c", sql])
+            .arg(format!(
+                "postgres://postgres@{}:{port}/appdb?connect_timeout=2",
+                self.ns_ip
+            ))
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+}
+
+impl Drop for Split {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .output();
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
+    }
+}
+
+fn now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_default()
+}
+
+/// Watches a data directory and records when its postmaster stopped.
+struct StopWatch {
+    stop: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<Option<f64>>,
+}
+
+impl StopWatch {
+    fn start(pgdata: &Path) -> StopWatch {
+        let pgdata = pgdata.to_path_buf();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let deadline = Instant::now() + STEP;
+            while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
+                if postmaster_pid(&pgdata).is_none() {
+                    return Some(now());
+                }
+                std::thread::sleep(Duration::from_millis(25));
+            }
+            None
+        });
+        StopWatch { stop, handle }
+    }
+
+    /// When the postmaster stopped, if it did.
+    fn finish(self) -> Option<f64> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.join().ok().flatten()
+    }
+}
+
+/// When the monitor first assigned `node` the state `goal` after `after`.
+async fn assigned_at(monitor_uri: &str, node: &str, goal: &str, after: f64) -> Option<f64> {
+    connect(monitor_uri)
+        .await
+        .expect("connect to the monitor")
+        .query_opt(
+            "SELECT extract(epoch FROM event_time)::float8 FROM hapg.event
+              WHERE node_name = $1 AND goal_state::text = $2
+                AND event_time > to_timestamp($3)
+              ORDER BY event_id LIMIT 1",
+            &[&node, &goal, &after],
+        )
+        .await
+        .expect("events")
+        .map(|r| r.get(0))
+}
+
+/// Writers through the router and a probe against every node.
+struct Load {
+    writers: Vec<(String, Writer)>,
+    probe: WriteProbe,
+}
+
+impl Load {
+    async fn start(cluster: &Cluster, router: &RouterProcess, phase: &str) -> Load {
+        let uri = router.uri("appdb");
+        let client = connect(&uri).await.expect("connect through the router");
+        let mut writers = Vec::new();
+        for i in 0..2 {
+            let table = format!("{phase}_{i}");
+            client
+                .batch_execute(&format!("CREATE TABLE {table} (id bigint PRIMARY KEY)"))
+                .await
+                .expect("create table");
+            writers.push((
+                table.clone(),
+                Writer::start(uri.clone(), &table, Duration::from_secs(300)),
+            ));
+        }
+        let nodes: Vec<(String, String)> = cluster
+            .nodes
+            .iter()
+            .map(|n| (n.name.clone(), node_uri(cluster, &n.name)))
+            .collect();
+        let probe = WriteProbe::start(&uri, &nodes).await.expect("probe");
+        Load { writers, probe }
+    }
+
+    /// Stops the load and checks every invariant against the final primary.
+    async fn check(self, cluster: &Cluster, primary: &str, phase: &str) -> Vec<WriterReport> {
+        let probe: ProbeReport = self.probe.finish().await;
+        let mut reports = Vec::new();
+        for (table, writer) in self.writers {
+            reports.push((table, writer.finish().await));
+        }
+        for (table, r) in &reports {
+            eprintln!(
+                "{phase}: {table}: {} writes acknowledged, {} errors, longest gap {:?}",
+                r.acked.len(),
+                r.errors,
+                r.longest_gap
+            );
+        }
+        let monitor_uri = cluster.monitor_uri();
+        let primary_uri = node_uri(cluster, primary);
+        let drill = Drill {
+            monitor_uri: &monitor_uri,
+            primary_uri: &primary_uri,
+            writers: reports.iter().map(|(t, r)| (t.as_str(), r)).collect(),
+            probe: Some(&probe),
+            through_router: true,
+        };
+        let broken = drill.violations().await.expect("check the invariants");
+        assert!(
+            broken.is_empty(),
+            "{phase}: invariants broken:\n{}\nevents:\n{}",
+            broken.join("\n"),
+            events(cluster)
+        );
+        for (table, r) in &reports {
+            assert!(
+                r.acked.len() > 10,
+                "{phase}: {table}: too few writes: {r:?}"
+            );
+        }
+        reports.into_iter().map(|(_, r)| r).collect()
+    }
+}
+
+/// A node's own address, as the monitor registered it.
+fn node_uri(cluster: &Cluster, name: &str) -> String {
+    let states: serde_json::Value =
+        serde_json::from_str(&cluster.ok(&["show", "state", "--pgdata", "./monitor", "--json"]))
+            .expect("json");
+    let node = states
+        .as_array()
+        .and_then(|nodes| nodes.iter().find(|n| n["name"] == name))
+        .unwrap_or_else(|| panic!("no node {name}: {states}"));
+    format!(
+        "postgres://postgres@{}:{}/appdb?connect_timeout=2",
+        node["host"].as_str().expect("host"),
+        node["port"]
+    )
+}
+
+fn events(cluster: &Cluster) -> String {
+    cluster.ok(&["show", "events", "--pgdata", "./monitor", "--count", "80"])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn isolated_primary_fences_itself_and_an_isolated_standby_never_promotes() {
+    let split = Split::create("a", 71);
+    let mut cluster = Cluster::new();
+    cluster.start_monitor();
+    let monitor_uri = cluster.monitor_uri();
+    // node_a runs in the namespace and reaches the monitor over the link.
+    let monitor_from_ns = monitor_uri.replacen("@localhost:", &format!("@{}:", split.host_ip), 1);
+    assert_ne!(monitor_from_ns, monitor_uri, "{monitor_uri}");
+    let node_a = cluster.start_node_at("node_a", &split.ns_ip, &monitor_from_ns, &split.wrapper());
+    cluster.wait_states(&[("node_a", "single")], STEP);
+    cluster.start_node_at("node_b", &split.host_ip, &monitor_uri, &[]);
+    cluster.wait_states(&[("node_a", "primary"), ("node_b", "secondary")], STEP);
+    let router = cluster.start_router("router", "pause_timeout_ms = 30000");
+    wait_writable(&router.uri("appdb"), STEP).await;
+
+    // The primary is cut off from the monitor and the standby.
+    let load = Load::start(&cluster, &router, "primary_cut").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let fence = StopWatch::start(&node_a.pgdata);
+    let cut_at = now();
+    split.cut();
+    cluster.wait_states(&[("node_b", "wait_primary")], STEP);
+    let fenced_at = fence.finish();
+    let promoted_at = assigned_at(&monitor_uri, "node_b", "wait_primary", cut_at)
+        .await
+        .expect("node_b was promoted");
+    eprintln!(
+        "primary cut off: fenced after {:?} s, standby promoted after {:.2} s",
+        fenced_at.map(|t| t - cut_at),
+        promoted_at - cut_at
+    );
+    let fenced_at = fenced_at.unwrap_or_else(|| {
+        panic!(
+            "the isolated primary never stopped Postgres; its log:\n{}",
+            cluster.log("node_a")
+        )
+    });
+    assert!(
+        fenced_at < promoted_at,
+        "the isolated primary stopped Postgres {:.2} s after the standby was promoted",
+        fenced_at - promoted_at
+    );
+    assert!(
+        cluster.log("node_a").contains("fencing this primary"),
+        "{}",
+        cluster.log("node_a")
+    );
+    // Writes go on through the router on node_b while node_a is cut off.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    split.heal();
+    cluster.wait_states(&[("node_b", "primary"), ("node_a", "secondary")], STEP);
+    let reports = load.check(&cluster, "node_b", "primary_cut").await;
+    for r in &reports {
+        assert!(
+            r.errors <= 1,
+            "at most the statement in flight fails: {r:?}"
+        );
+    }
+
+    // Now node_a, in the namespace, is the standby: cut off, it never
+    // promotes itself, and the primary goes on alone.
+    let load = Load::start(&cluster, &router, "standby_cut").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let cut_at = now();
+    split.cut();
+    cluster.wait_states(&[("node_b", "wait_primary")], STEP);
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < deadline {
+        assert_eq!(
+            split
+                .psql(node_a.port, "SELECT pg_is_in_recovery()")
+                .as_deref(),
+            Some("t"),
+            "the isolated standby must stay a standby (or at least answer from inside)"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    split.heal();
+    cluster.wait_states(&[("node_b", "primary"), ("node_a", "secondary")], STEP);
+    let reports = load.check(&cluster, "node_b", "standby_cut").await;
+    for r in &reports {
+        assert_eq!(r.errors, 0, "losing the standby costs no write: {r:?}");
+    }
+    assert_eq!(
+        assigned_at(&monitor_uri, "node_a", "wait_primary", cut_at).await,
+        None,
+        "{}",
+        events(&cluster)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn isolated_monitor_changes_nothing() {
+    let split = Split::create("m", 72);
+    let mut cluster = Cluster::new();
+    // The monitor runs in the namespace; the nodes and the router outside.
+    cluster.monitor_port = support::free_port();
+    let port = cluster.monitor_port.to_string();
+    let mut create = Command::new(split.wrapper()[0]);
+    create.args(&split.wrapper()[1..]);
+    let inner = cluster.hapg(&[
+        "create",
+        "monitor",
+        "--pgdata",
+        "./monitor",
+        "--pgport",
+        &port,
+        "--hostname",
+        &split.ns_ip,
+        "--auth",
+        "trust",
+        "--ssl-self-signed",
+        "--run",
+    ]);
+    create
+        .arg(inner.get_program())
+        .args(inner.get_args())
+        .current_dir(cluster.path())
+        .envs(inner.get_envs().filter_map(|(k, v)| Some((k, v?))));
+    cluster.spawn_command("monitor", create);
+    cluster.eventually("the monitor to answer", STEP, || {
+        cluster
+            .run(&["show", "state", "--pgdata", "./monitor"])
+            .status
+            .success()
+    });
+    let monitor_uri = cluster.monitor_uri();
+    assert!(monitor_uri.contains(&split.ns_ip), "{monitor_uri}");
+    cluster.start_node_at("node_a", &split.host_ip, &monitor_uri, &[]);
+    cluster.wait_states(&[("node_a", "single")], STEP);
+    cluster.start_node_at("node_b", &split.host_ip, &monitor_uri, &[]);
+    cluster.wait_states(&[("node_a", "primary"), ("node_b", "secondary")], STEP);
+    let router = cluster.start_router("router", "pause_timeout_ms = 30000");
+    wait_writable(&router.uri("appdb"), STEP).await;
+
+    let load = Load::start(&cluster, &router, "monitor_cut").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let node_a = cluster.node("node_a");
+    let fence = StopWatch::start(&node_a.pgdata);
+    split.cut();
+    // Longer than every timeout involved: the monitor's unhealthy timeout,
+    // the keepers' network_partition_timeout, wal_receiver_timeout.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    split.heal();
+    cluster.eventually("the monitor to answer again", STEP, || {
+        cluster
+            .run(&["show", "state", "--pgdata", "./monitor"])
+            .status
+            .success()
+    });
+    // The monitor sees the nodes again and everything is where it was.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    cluster.wait_states(&[("node_a", "primary"), ("node_b", "secondary")], STEP);
+    assert_eq!(
+        fence.finish(),
+        None,
+        "the primary stopped Postgres though its standby still streamed from it:\n{}",
+        cluster.log("node_a")
+    );
+    let events = events(&cluster);
+    assert!(!events.contains("Election"), "{events}");
+    let reports = load.check(&cluster, "node_a", "monitor_cut").await;
+    for r in &reports {
+        assert_eq!(
+            r.errors, 0,
+            "the router keeps routing to the primary it knows: {r:?}"
+        );
+    }
+}
