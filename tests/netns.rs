@@ -144,7 +144,19 @@ fn now() -> f64 {
         .unwrap_or_default()
 }
 
-/// Watches a data directory and records when its postmaster stopped.
+/// Whether the postmaster of `pgdata` is gone or shutting down: the status
+/// line of postmaster.pid says `stopping` from the moment a shutdown begins
+/// (new connections refused, sessions ended). A fast shutdown then waits for
+/// the walsenders, up to wal_sender_timeout when the standby is cut off.
+fn stopping(pgdata: &Path) -> bool {
+    if postmaster_pid(pgdata).is_none() {
+        return true;
+    }
+    std::fs::read_to_string(pgdata.join("postmaster.pid"))
+        .is_ok_and(|text| text.lines().nth(7).is_some_and(|l| l.trim() == "stopping"))
+}
+
+/// Watches a data directory and records when its postmaster began to stop.
 struct StopWatch {
     stop: Arc<AtomicBool>,
     handle: std::thread::JoinHandle<Option<f64>>,
@@ -158,7 +170,7 @@ impl StopWatch {
         let handle = std::thread::spawn(move || {
             let deadline = Instant::now() + STEP;
             while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
-                if postmaster_pid(&pgdata).is_none() {
+                if stopping(&pgdata) {
                     return Some(now());
                 }
                 std::thread::sleep(Duration::from_millis(25));
@@ -168,7 +180,7 @@ impl StopWatch {
         StopWatch { stop, handle }
     }
 
-    /// When the postmaster stopped, if it did.
+    /// When the postmaster began to stop, if it did.
     fn finish(self) -> Option<f64> {
         self.stop.store(true, Ordering::Relaxed);
         self.handle.join().ok().flatten()
@@ -324,7 +336,7 @@ async fn isolated_primary_fences_itself_and_an_isolated_standby_never_promotes()
     });
     assert!(
         fenced_at < promoted_at,
-        "the isolated primary stopped Postgres {:.2} s after the standby was promoted",
+        "the isolated primary began to stop Postgres {:.2} s after the standby was promoted",
         fenced_at - promoted_at
     );
     assert!(

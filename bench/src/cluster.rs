@@ -1,6 +1,7 @@
-//! The Postgres under test: a real hapg monitor and one hapg node (state
-//! `single`), so the router follows the monitor exactly as in production.
-//! Direct runs and every proxy use this same node.
+//! The Postgres under test: a real hapg monitor and hapg nodes, so the
+//! router follows the monitor exactly as in production. The throughput bench
+//! uses one node (state `single`) for direct runs and every proxy; the
+//! failover bench a primary and a standby.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -47,6 +48,18 @@ pub struct Cluster {
 
 /// Creates and runs the monitor and one node, and waits until the node is `single`.
 pub fn start(hapg: &Hapg, sup: &mut Supervisor, dbname: &str) -> Result<Cluster> {
+    let monitor_uri = start_monitor(hapg, sup)?;
+    let node_port = create_node(hapg, sup, "node1", &monitor_uri, dbname)?;
+    eprintln!("waiting for node1 (port {node_port}) to be single");
+    wait_states(hapg, sup, &[("node1", "single")], START)?;
+    Ok(Cluster {
+        monitor_uri,
+        node_port,
+    })
+}
+
+/// Creates and runs the monitor (`./monitor`); its URI once it answers.
+pub fn start_monitor(hapg: &Hapg, sup: &mut Supervisor) -> Result<String> {
     let monitor_port = free_port()?.to_string();
     sup.watch_data_dir(&hapg.dir.join("monitor"));
     let cmd = hapg.cmd(&[
@@ -67,7 +80,7 @@ pub fn start(hapg: &Hapg, sup: &mut Supervisor, dbname: &str) -> Result<Cluster>
     ]);
     sup.spawn("monitor", cmd, &hapg.dir.join("monitor.log"), STOP)?;
     eprintln!("waiting for the monitor (port {monitor_port})");
-    poll(sup, "monitor", "the monitor to answer", START, || {
+    poll(sup, &["monitor"], "the monitor to answer", START, || {
         Ok(hapg
             .run(&["show", "state", "--pgdata", "./monitor"])?
             .is_some())
@@ -75,16 +88,27 @@ pub fn start(hapg: &Hapg, sup: &mut Supervisor, dbname: &str) -> Result<Cluster>
     let Some(uri) = hapg.run(&["show", "uri", "--pgdata", "./monitor", "--monitor-uri"])? else {
         bail!("hapg show uri --monitor-uri failed");
     };
-    let monitor_uri = uri.trim().to_string();
+    Ok(uri.trim().to_string())
+}
 
+/// Creates and runs node `name` (`./name`, service `name`, log `name.log`)
+/// on a free port; the port. Trust auth and no TLS, as pgbench direct.
+pub fn create_node(
+    hapg: &Hapg,
+    sup: &mut Supervisor,
+    name: &str,
+    monitor_uri: &str,
+    dbname: &str,
+) -> Result<u16> {
     let node_port = free_port()?;
     let port = node_port.to_string();
-    sup.watch_data_dir(&hapg.dir.join("node1"));
+    let pgdata = format!("./{name}");
+    sup.watch_data_dir(&hapg.dir.join(name));
     let cmd = hapg.cmd(&[
         "create",
         "postgres",
         "--pgdata",
-        "./node1",
+        &pgdata,
         "--pgport",
         &port,
         "--hostname",
@@ -92,27 +116,48 @@ pub fn start(hapg: &Hapg, sup: &mut Supervisor, dbname: &str) -> Result<Cluster>
         "--listen",
         "127.0.0.1",
         "--name",
-        "node1",
+        name,
         "--dbname",
         dbname,
         "--auth",
         "trust",
         "--no-ssl",
         "--monitor",
-        &monitor_uri,
+        monitor_uri,
         "--run",
     ]);
-    sup.spawn("node1", cmd, &hapg.dir.join("node1.log"), STOP)?;
-    eprintln!("waiting for node1 (port {node_port}) to be single");
-    poll(sup, "node1", "node1 to reach state single", START, || {
+    sup.spawn(name, cmd, &hapg.dir.join(format!("{name}.log")), STOP)?;
+    Ok(node_port)
+}
+
+/// Restarts node `name` after it was killed: `hapg run --pgdata ./name`.
+pub fn run_node(hapg: &Hapg, sup: &mut Supervisor, name: &str) -> Result<()> {
+    let pgdata = format!("./{name}");
+    let cmd = hapg.cmd(&["run", "--pgdata", &pgdata]);
+    sup.spawn(name, cmd, &hapg.dir.join(format!("{name}.log")), STOP)
+}
+
+/// Waits until each `(node, state)` is reported and assigned; fails with the
+/// end of the first node's log on timeout or if a node's process exits.
+pub fn wait_states(
+    hapg: &Hapg,
+    sup: &mut Supervisor,
+    want: &[(&str, &str)],
+    timeout: Duration,
+) -> Result<()> {
+    let what = want
+        .iter()
+        .map(|(name, state)| format!("{name} {state}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let names: Vec<&str> = want.iter().map(|(name, _)| *name).collect();
+    poll(sup, &names, &what, timeout, || {
         let Some(json) = hapg.run(&["show", "state", "--pgdata", "./monitor", "--json"])? else {
             return Ok(false);
         };
-        Ok(is_single(&json, "node1"))
-    })?;
-    Ok(Cluster {
-        monitor_uri,
-        node_port,
+        Ok(want
+            .iter()
+            .all(|(name, state)| is_in_state(&json, name, state)))
     })
 }
 
@@ -121,34 +166,38 @@ const STOP: Duration = Duration::from_secs(60);
 /// Time allowed for initdb, start and registration.
 const START: Duration = Duration::from_secs(180);
 
-/// Whether `show state --json` says `name` is reported and assigned `single`.
-fn is_single(json: &str, name: &str) -> bool {
+/// Whether `show state --json` says `name` is reported and assigned `state`.
+fn is_in_state(json: &str, name: &str, state: &str) -> bool {
     let value: Value = serde_json::from_str(json).unwrap_or(Value::Null);
     value.as_array().is_some_and(|nodes| {
         nodes.iter().any(|n| {
-            n["name"] == name && n["reported_state"] == "single" && n["assigned_state"] == "single"
+            n["name"] == name && n["reported_state"] == state && n["assigned_state"] == state
         })
     })
 }
 
-/// Calls `check` every 250 ms until it holds; fails on timeout or if `service` exits.
+/// Calls `check` every 250 ms until it holds; fails on timeout or if one of
+/// `services` exits.
 fn poll(
     sup: &mut Supervisor,
-    service: &str,
+    services: &[&str],
     what: &str,
     timeout: Duration,
     mut check: impl FnMut() -> Result<bool>,
 ) -> Result<()> {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
-        sup.check_alive(service)?;
+        for service in services {
+            sup.check_alive(service)?;
+        }
         if check()? {
             return Ok(());
         }
         procs::sleep(Duration::from_millis(250))?;
     }
-    let log = sup
-        .log_of(service)
+    let log = services
+        .first()
+        .and_then(|service| sup.log_of(service))
         .map(|p| procs::log_tail(&p, 30))
         .unwrap_or_default();
     bail!("timed out after {timeout:?} waiting for {what}; last lines of its log:\n{log}")
@@ -177,9 +226,10 @@ mod tests {
     #[test]
     fn single_state() {
         let json = r#"[{"name":"node1","reported_state":"single","assigned_state":"single"}]"#;
-        assert!(is_single(json, "node1"));
+        assert!(is_in_state(json, "node1", "single"));
+        assert!(!is_in_state(json, "node1", "primary"));
         let json = r#"[{"name":"node1","reported_state":"init","assigned_state":"single"}]"#;
-        assert!(!is_single(json, "node1"));
-        assert!(!is_single("not json", "node1"));
+        assert!(!is_in_state(json, "node1", "single"));
+        assert!(!is_in_state("not json", "node1", "single"));
     }
 }

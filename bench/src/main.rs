@@ -3,13 +3,15 @@
 //!
 //! * `throughput` (issue 4): pgbench through the router, PgBouncer and HAProxy,
 //!   as ratios to Postgres direct, in one run.
-//! * `failover` (issue 6) is not built yet. It will reuse `cluster` (real
-//!   monitor and nodes) and `procs` (supervised processes), and live in its
-//!   own module next to `throughput`.
+//! * `failover` (issue 6): rows of the fault matrix under clients writing
+//!   through the router, several runs each: write unavailability, client
+//!   errors, acknowledged writes lost.
 //!
 //! Not run by `cargo test`: only the small parsing tests are unit tests.
 
 mod cluster;
+mod failover;
+mod machine;
 mod pgbench;
 mod procs;
 mod targets;
@@ -33,7 +35,9 @@ enum Command {
     /// pgbench select-only, select-only -C and TPC-B: direct, through the
     /// router, PgBouncer (session, transaction) and HAProxy (TCP), in one run.
     Throughput(throughput::ThroughputArgs),
-    // Failover (issue 6) goes here.
+    /// Faults injected into a primary and a standby while clients write
+    /// through the router: power-off, switchover, Postgres killed, freezes.
+    Failover(failover::FailoverArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -44,6 +48,7 @@ fn main() -> std::process::ExitCode {
     }
     let result = match cli.command {
         Command::Throughput(args) => throughput::run(args),
+        Command::Failover(args) => failover::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -224,6 +224,14 @@ impl Supervisor {
         }
     }
 
+    /// SIGKILLs `name` and its process group at once (a power-off) and forgets it.
+    pub fn kill(&mut self, name: &str) {
+        if let Some(i) = self.services.iter().position(|s| s.name == name) {
+            let mut s = self.services.remove(i);
+            kill_group(&mut s.child);
+        }
+    }
+
     /// Stops everything, newest first, then any postmaster still running in a watched directory.
     pub fn stop_all(&mut self) {
         while let Some(mut s) = self.services.pop() {

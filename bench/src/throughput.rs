@@ -18,10 +18,11 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Args;
 
 use crate::cluster::{self, Hapg};
+use crate::machine::{self, RunInfo};
 use crate::pgbench::{self, Measured, Shape, Test};
 use crate::procs::{self, Supervisor};
 use crate::targets::{self, BouncerMode, Env, RouterPool, Target, NO_POOL};
@@ -95,17 +96,7 @@ struct Sample {
     proxy_cpu: Option<f64>,
 }
 
-/// Facts about the machine and the software, printed with the table.
-struct RunInfo {
-    command: String,
-    cpus: usize,
-    cpu_model: String,
-    kernel: String,
-    load_before: String,
-    load_after: String,
-    versions: Vec<String>,
-}
-
+/// Runs the benchmark and prints its table.
 pub fn run(args: ThroughputArgs) -> Result<()> {
     let tests: Vec<Test> = args
         .tests
@@ -120,27 +111,8 @@ pub fn run(args: ThroughputArgs) -> Result<()> {
         query_mode: args.query_mode.clone(),
     };
     let pg_bindir = args.pg_bindir.clone();
-    for tool in ["pgbench", "psql", "initdb"] {
-        if !pg_bindir.join(tool).exists() {
-            bail!(
-                "{} not found: install PostgreSQL 15 (apt-get install -y postgresql-15) or give --pg-bindir",
-                pg_bindir.join(tool).display()
-            );
-        }
-    }
-    let hapg_bin = match &args.hapg {
-        Some(p) => p.clone(),
-        None => std::env::current_exe()?
-            .parent()
-            .map(|d| d.join("hapg"))
-            .context("no directory for hapg-bench's own binary")?,
-    };
-    if !hapg_bin.exists() {
-        bail!(
-            "{} not found: build it (cargo build --release -p hapg) or give --hapg PATH",
-            hapg_bin.display()
-        );
-    }
+    machine::check_pg_bindir(&pg_bindir, &["pgbench", "psql", "initdb"])?;
+    let hapg_bin = machine::hapg_binary(&args.hapg)?;
     let pgbouncer = installed(&args.pgbouncer, "/usr/sbin/pgbouncer");
     let haproxy = installed(&args.haproxy, "/usr/sbin/haproxy");
     if pgbouncer.is_none() || haproxy.is_none() {
@@ -158,35 +130,21 @@ pub fn run(args: ThroughputArgs) -> Result<()> {
     }
     let run_as = postgres_ids()?;
 
-    let tmp = tempfile::Builder::new()
-        .prefix("hapg-bench-")
-        .tempdir_in("/tmp")
-        .context("creating the run directory")?;
+    let tmp = machine::run_directory()?;
     let dir = tmp.path().to_path_buf();
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
-    }
-    eprintln!("run directory {}", dir.display());
 
-    let mut context = RunInfo {
-        command: command_line(),
-        cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
-        cpu_model: cpu_model(),
-        kernel: read_trim("/proc/sys/kernel/osrelease"),
-        load_before: load_average(),
-        load_after: String::new(),
-        versions: Vec::new(),
-    };
-    context.versions.push(version(&hapg_bin, "--version"));
+    let mut context = RunInfo::now();
     context
         .versions
-        .push(version(&pg_bindir.join("pgbench"), "--version"));
+        .push(machine::version(&hapg_bin, "--version"));
+    context
+        .versions
+        .push(machine::version(&pg_bindir.join("pgbench"), "--version"));
     if let Some(p) = &pgbouncer {
-        context.versions.push(version(p, "--version"));
+        context.versions.push(machine::version(p, "--version"));
     }
     if let Some(p) = &haproxy {
-        context.versions.push(version(p, "-v"));
+        context.versions.push(machine::version(p, "-v"));
     }
 
     // Everything started from here is stopped when `sup` drops, whatever happens.
@@ -205,7 +163,7 @@ pub fn run(args: ThroughputArgs) -> Result<()> {
         sup.stop_all();
         r
     };
-    context.load_after = load_average();
+    context.load_after = machine::load_average();
     if args.keep {
         eprintln!("keeping {}", tmp.keep().display());
     } else if result.is_err() {
@@ -515,62 +473,6 @@ fn installed(given: &Option<PathBuf>, default: &str) -> Option<PathBuf> {
         Some(p) => Some(p.clone()),
         None => Some(PathBuf::from(default)).filter(|p| p.exists()),
     }
-}
-
-fn read_trim(path: &str) -> String {
-    std::fs::read_to_string(path)
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
-}
-
-fn load_average() -> String {
-    read_trim("/proc/loadavg")
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-fn cpu_model() -> String {
-    read_trim("/proc/cpuinfo")
-        .lines()
-        .find_map(|l| l.strip_prefix("model name"))
-        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
-        .unwrap_or_default()
-}
-
-/// The first line of `program flag`.
-fn version(program: &std::path::Path, flag: &str) -> String {
-    let mut cmd = Command::new(program);
-    cmd.arg(flag);
-    procs::run_capture(cmd, Duration::from_secs(10))
-        .map(|o| {
-            o.both()
-                .lines()
-                .next()
-                .unwrap_or_default()
-                .trim()
-                .to_string()
-        })
-        .unwrap_or_default()
-}
-
-/// This invocation, as a shell command.
-fn command_line() -> String {
-    let mut s = String::from("hapg-bench");
-    for a in std::env::args().skip(1) {
-        s.push(' ');
-        if a.is_empty()
-            || a.contains(|c: char| !(c.is_ascii_alphanumeric() || "-_=,./:".contains(c)))
-        {
-            s.push('\'');
-            s.push_str(&a.replace('\'', "'\\''"));
-            s.push('\'');
-        } else {
-            s.push_str(&a);
-        }
-    }
-    s
 }
 
 /// What one line of the table shows: the mean of a target's runs of a test.

@@ -128,12 +128,19 @@ impl Keeper {
                 if observation.lsn > 0 {
                     self.last_lsn = observation.lsn;
                 }
-                if observation.standby_connected {
-                    self.state.last_standby_contact = unix_now();
-                    self.standby_heard = Instant::now();
+                if let Some(heard) = observation
+                    .standby_reply_age
+                    .and_then(|age| Instant::now().checked_sub(age))
+                {
+                    // The standby's own reply time, not when we looked: the
+                    // fence must count from the moment the standby went silent.
+                    if heard > self.standby_heard {
+                        self.standby_heard = heard;
+                        self.state.last_standby_contact = unix_now();
+                    }
                 }
             }
-            let goal = match self.report(&observation).await {
+            let goal = match self.report_until_fence(&observation).await {
                 Ok(goal) => Some(goal),
                 Err(KeeperError::Monitor(MonitorError::NoSuchNode(_)))
                     if self.state.current == NodeState::Dropped =>
@@ -275,6 +282,44 @@ impl Keeper {
             self.state.assigned = assigned.goal;
         }
         Ok(assigned.goal)
+    }
+
+    /// Reports to the monitor. A primary that has heard from neither the
+    /// monitor nor a standby for a while gives up on the report when its
+    /// fence is due, rather than at the end of a connect timeout: the fence
+    /// must come before the monitor could promote a standby.
+    async fn report_until_fence(
+        &mut self,
+        observation: &Observation,
+    ) -> Result<NodeState, KeeperError> {
+        let Some(left) = self.time_to_fence() else {
+            return self.report(observation).await;
+        };
+        tokio::time::timeout(left, self.report(observation))
+            .await
+            .unwrap_or_else(|_| {
+                Err(KeeperError::Timeout(
+                    "reporting to the monitor (the network partition timeout came first)".into(),
+                ))
+            })
+    }
+
+    /// For a primary: how long until it must fence itself if neither the
+    /// monitor nor a standby is heard from meanwhile.
+    fn time_to_fence(&self) -> Option<Duration> {
+        if !matches!(
+            self.state.current,
+            NodeState::Primary | NodeState::ApplySettings
+        ) {
+            return None;
+        }
+        let timeout = Duration::from_millis(self.config.timeout.network_partition_timeout_ms);
+        let silent = self
+            .monitor_heard
+            .elapsed()
+            .min(self.standby_heard.elapsed());
+        // Just past the timeout, so that the check after the failed report fences.
+        Some(timeout.saturating_sub(silent) + Duration::from_millis(10))
     }
 
     /// A primary that reaches neither the monitor nor any standby for longer

@@ -86,8 +86,9 @@ pub struct Observation {
     pub upstream_streaming: bool,
     /// Best sync_state among hapg standbys connected to a primary.
     pub rep_state: String,
-    /// A hapg standby (or base backup) is connected to this primary.
-    pub standby_connected: bool,
+    /// How long ago this primary last heard from a standby (its latest reply,
+    /// or the start of a base backup's connection); `None` without any.
+    pub standby_reply_age: Option<Duration>,
     /// `synchronous_standby_names` in force.
     pub synchronous_standby_names: String,
 }
@@ -531,12 +532,12 @@ impl LocalPostgres {
                                    ORDER BY CASE sync_state WHEN 'quorum' THEN 0 WHEN 'sync' THEN 1
                                                             WHEN 'potential' THEN 2 ELSE 3 END
                                    LIMIT 1), ''),
-                        -- A standby heard from lately (it replies at least every
-                        -- wal_receiver_status_interval, 1 s): a walsender whose
-                        -- standby is cut off lingers until wal_sender_timeout.
-                        EXISTS (SELECT 1 FROM pg_stat_replication
-                                 WHERE usename = $1
-                                   AND coalesce(reply_time, backend_start) > clock_timestamp() - interval '2 s'),
+                        -- When a standby was last heard from (it replies at least
+                        -- every wal_receiver_status_interval, 1 s): a walsender
+                        -- whose standby is cut off lingers until wal_sender_timeout.
+                        (SELECT extract(epoch FROM clock_timestamp()
+                                        - max(coalesce(reply_time, backend_start)))::float8
+                           FROM pg_stat_replication WHERE usename = $1),
                         current_setting('synchronous_standby_names')",
                 &[&REPLICATION_ROLE],
             )
@@ -552,7 +553,9 @@ impl LocalPostgres {
             tli_is_exact: exact_tli.is_some(),
             upstream_streaming: row.try_get(4)?,
             rep_state: row.try_get(5)?,
-            standby_connected: row.try_get(6)?,
+            standby_reply_age: row
+                .try_get::<_, Option<f64>>(6)?
+                .map(|seconds| Duration::from_secs_f64(seconds.max(0.0))),
             synchronous_standby_names: row.try_get(7)?,
         })
     }

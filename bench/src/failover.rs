@@ -1,0 +1,725 @@
+//! `hapg-bench failover`: rows of the fault matrix injected for real into a
+//! monitor, a primary and a standby while clients write through the hapg
+//! router, each fault `--runs` times; one table of what the clients saw per
+//! fault: write unavailability, client errors, acknowledged writes lost, and
+//! the invariant checker's verdict (`hapg::invariants`).
+//!
+//! One cluster serves every run: each run starts from a converged primary and
+//! secondary (whichever node is primary by then), writes into fresh tables,
+//! injects the fault, waits until the group converged back with the lost node
+//! restarted, lets the writers go on for a moment, and checks.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use hapg::drill::{self, Writer, WriterReport};
+use hapg::invariants::{Drill, WriteProbe, PROBE_TABLE};
+use hapg_monitor::client::{NodeRow, RequestKind};
+use hapg_monitor::{MonitorClient, NodeState};
+use nix::sys::signal::Signal;
+
+use crate::cluster::{self, Hapg};
+use crate::machine::RunInfo;
+use crate::procs::Supervisor;
+use crate::targets::free_port;
+
+/// Options of `hapg-bench failover`.
+#[derive(Args, Debug)]
+pub struct FailoverArgs {
+    /// Faults to inject, each `--runs` times: power-off (keeper and Postgres
+    /// of the primary SIGKILLed together), switchover (`perform switchover`),
+    /// postgres-kill (the primary's Postgres SIGKILLed, its keeper alive),
+    /// short-freeze (the primary node SIGSTOPped for 1.9 s), long-freeze
+    /// (SIGSTOPped until the standby took over).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "power-off,switchover,postgres-kill"
+    )]
+    pub faults: Vec<String>,
+    /// Clients writing through the router, each on its own connection and table.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub clients: u32,
+    /// Runs per fault; the table shows the median and the maximum.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub runs: u32,
+    /// Print the result as Markdown (for docs/failover.md).
+    #[arg(long)]
+    pub markdown: bool,
+    /// Keep the run directory (data directories, configs, logs).
+    #[arg(long)]
+    pub keep: bool,
+    /// The hapg binary (default: `hapg` next to hapg-bench).
+    #[arg(long)]
+    pub hapg: Option<PathBuf>,
+    /// Directory of the PostgreSQL 15 programs.
+    #[arg(long, default_value = "/usr/lib/postgresql/15/bin")]
+    pub pg_bindir: PathBuf,
+}
+
+/// A row of the fault matrix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    PowerOff,
+    Switchover,
+    PostgresKill,
+    ShortFreeze,
+    LongFreeze,
+}
+
+/// Every fault, in table order.
+const FAULTS: [Fault; 5] = [
+    Fault::PowerOff,
+    Fault::Switchover,
+    Fault::PostgresKill,
+    Fault::ShortFreeze,
+    Fault::LongFreeze,
+];
+
+impl Fault {
+    fn key(self) -> &'static str {
+        match self {
+            Fault::PowerOff => "power-off",
+            Fault::Switchover => "switchover",
+            Fault::PostgresKill => "postgres-kill",
+            Fault::ShortFreeze => "short-freeze",
+            Fault::LongFreeze => "long-freeze",
+        }
+    }
+
+    fn from_key(key: &str) -> Result<Fault> {
+        FAULTS
+            .into_iter()
+            .find(|f| f.key() == key)
+            .with_context(|| {
+                let known: Vec<&str> = FAULTS.iter().map(|f| f.key()).collect();
+                format!(
+                    "unknown fault {key:?} in --faults: use {}",
+                    known.join(", ")
+                )
+            })
+    }
+
+    /// What the table calls it.
+    fn describe(self) -> &'static str {
+        match self {
+            Fault::PowerOff => "power-off of the primary node (keeper and Postgres SIGKILLed)",
+            Fault::Switchover => "switchover under write load",
+            Fault::PostgresKill => "Postgres of the primary SIGKILLed, keeper alive",
+            Fault::ShortFreeze => "primary node frozen (SIGSTOP) for 1.9 s",
+            Fault::LongFreeze => "primary node frozen until the standby took over",
+        }
+    }
+
+    /// Whether the standby ends up primary.
+    fn moves_primary(self) -> bool {
+        match self {
+            Fault::PowerOff | Fault::Switchover | Fault::LongFreeze => true,
+            Fault::PostgresKill | Fault::ShortFreeze => false,
+        }
+    }
+}
+
+const DBNAME: &str = "bench";
+/// Time allowed for one step: a failover, a rejoin, a start.
+const STEP: Duration = Duration::from_secs(120);
+/// Writes before the fault and after the group converged again.
+const STEADY: Duration = Duration::from_secs(2);
+/// The short freeze: under the 2 s within which hapg must not fail over.
+const SHORT_FREEZE: Duration = Duration::from_millis(1900);
+/// Router pause timeout: long enough that a failover is a pause, not an error.
+const PAUSE_TIMEOUT_MS: u64 = 30_000;
+
+/// What one run of one fault measured.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct RunResult {
+    /// The longest any client went without an acknowledged write.
+    unavailable: Duration,
+    /// Errors seen by the clients, in all.
+    errors: u64,
+    /// The most errors one client saw.
+    max_client_errors: u64,
+    acked: usize,
+    /// Acknowledged writes missing from the final primary.
+    lost: usize,
+    /// Invariants the checker found broken, a sentence each.
+    violations: Vec<String>,
+}
+
+impl RunResult {
+    fn from_reports(reports: &[WriterReport]) -> RunResult {
+        RunResult {
+            unavailable: reports
+                .iter()
+                .map(|r| r.longest_gap)
+                .max()
+                .unwrap_or_default(),
+            errors: reports.iter().map(|r| r.errors).sum(),
+            max_client_errors: reports.iter().map(|r| r.errors).max().unwrap_or(0),
+            acked: reports.iter().map(|r| r.acked.len()).sum(),
+            lost: 0,
+            violations: Vec::new(),
+        }
+    }
+}
+
+/// The running cluster: monitor, two nodes, router.
+struct Bench {
+    hapg: Hapg,
+    sup: Supervisor,
+    monitor_uri: String,
+    /// Node name and port.
+    nodes: Vec<(String, u16)>,
+    router_uri: String,
+}
+
+impl Bench {
+    fn direct_uri(&self, name: &str) -> String {
+        let port = self
+            .nodes
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or(0, |(_, p)| *p);
+        format!("postgres://postgres@127.0.0.1:{port}/{DBNAME}?sslmode=disable")
+    }
+
+    fn pgdata(&self, name: &str) -> PathBuf {
+        self.hapg.dir.join(name)
+    }
+
+    /// The node's keeper, its postmaster and the postmaster's children.
+    fn node_pids(&self, name: &str) -> Vec<i32> {
+        let mut pids: Vec<i32> = self
+            .sup
+            .pid(name)
+            .and_then(|p| i32::try_from(p).ok())
+            .into_iter()
+            .collect();
+        if let Some(postmaster) = drill::postmaster_pid(&self.pgdata(name)) {
+            pids.extend(drill::process_tree(postmaster));
+        }
+        pids
+    }
+}
+
+/// Runs the benchmark and prints its table.
+pub fn run(args: FailoverArgs) -> Result<()> {
+    let faults: Vec<Fault> = args
+        .faults
+        .iter()
+        .map(|f| Fault::from_key(f.trim()))
+        .collect::<Result<_>>()?;
+    if faults.is_empty() {
+        bail!("--faults is empty: name at least one fault");
+    }
+    crate::machine::check_pg_bindir(&args.pg_bindir, &["initdb", "pg_ctl", "pg_basebackup"])?;
+    let hapg_bin = crate::machine::hapg_binary(&args.hapg)?;
+    let tmp = crate::machine::run_directory()?;
+    let dir = tmp.path().to_path_buf();
+    let mut info = RunInfo::now();
+    let hapg = Hapg {
+        bin: hapg_bin,
+        dir: dir.clone(),
+    };
+    info.versions
+        .push(crate::machine::version(&hapg.bin, "--version"));
+    info.versions.push(crate::machine::version(
+        &args.pg_bindir.join("postgres"),
+        "--version",
+    ));
+
+    let mut bench = start_cluster(hapg)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let results = runtime.block_on(run_faults(&mut bench, &faults, &args));
+    info.load_after = crate::machine::load_average();
+    bench.sup.stop_all();
+    if args.keep {
+        eprintln!("kept {}", tmp.keep().display());
+    }
+    let results = results?;
+    let text = if args.markdown {
+        markdown(&results, &args, &info)
+    } else {
+        plain(&results, &args)
+    };
+    print!("{text}");
+    let broken: usize = results
+        .iter()
+        .flat_map(|(_, runs)| runs)
+        .map(|r| r.violations.len())
+        .sum();
+    if broken > 0 {
+        bail!("{broken} invariant violations (listed above): hapg lost or misplaced writes");
+    }
+    Ok(())
+}
+
+/// The monitor, node1 (primary), node2 (secondary) and the router, running.
+fn start_cluster(hapg: Hapg) -> Result<Bench> {
+    let mut sup = Supervisor::default();
+    let monitor_uri = cluster::start_monitor(&hapg, &mut sup)?;
+    let port1 = cluster::create_node(&hapg, &mut sup, "node1", &monitor_uri, DBNAME)?;
+    eprintln!("waiting for node1 (port {port1}) to be single");
+    cluster::wait_states(&hapg, &mut sup, &[("node1", "single")], STEP)?;
+    let port2 = cluster::create_node(&hapg, &mut sup, "node2", &monitor_uri, DBNAME)?;
+    eprintln!("waiting for node2 (port {port2}) to be secondary");
+    cluster::wait_states(
+        &hapg,
+        &mut sup,
+        &[("node1", "primary"), ("node2", "secondary")],
+        STEP,
+    )?;
+    let router_port = free_port()?;
+    let config = hapg.dir.join("router.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "# Written by hapg-bench failover.\n\
+             [router]\n\
+             listen = \"127.0.0.1:{router_port}\"\n\
+             monitor = \"{monitor}\"\n\
+             formation = \"default\"\n\
+             id = \"hapg-bench-failover\"\n\
+             pause_timeout_ms = {PAUSE_TIMEOUT_MS}\n\
+             \n\
+             [auth]\n\
+             type = \"trust\"\n\
+             \n\
+             [server]\n\
+             sslmode = \"disable\"\n",
+            monitor = monitor_uri.replace('\\', "\\\\").replace('"', "\\\""),
+        ),
+    )
+    .context("writing router.toml")?;
+    let config = config.display().to_string();
+    let cmd = hapg.cmd(&["router", "run", "--config", &config]);
+    sup.spawn(
+        "router",
+        cmd,
+        &hapg.dir.join("router.log"),
+        Duration::from_secs(15),
+    )?;
+    Ok(Bench {
+        hapg,
+        sup,
+        monitor_uri,
+        nodes: vec![("node1".into(), port1), ("node2".into(), port2)],
+        router_uri: format!("postgres://postgres@127.0.0.1:{router_port}/{DBNAME}?sslmode=disable"),
+    })
+}
+
+async fn run_faults(
+    bench: &mut Bench,
+    faults: &[Fault],
+    args: &FailoverArgs,
+) -> Result<Vec<(Fault, Vec<RunResult>)>> {
+    let mut monitor = MonitorClient::connect_with_retry(&bench.monitor_uri, STEP).await?;
+    wait_connectable(&bench.router_uri).await?;
+    let mut results = Vec::new();
+    for &fault in faults {
+        let mut runs = Vec::new();
+        for run in 1..=args.runs {
+            crate::procs::check_interrupted()?;
+            eprintln!("{} run {run}/{}", fault.key(), args.runs);
+            let result = one_run(bench, &mut monitor, fault, run, args.clients).await?;
+            eprintln!(
+                "  {:.2} s without writes, {} errors, {} acknowledged, {} lost{}",
+                result.unavailable.as_secs_f64(),
+                result.errors,
+                result.acked,
+                result.lost,
+                if result.violations.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "; INVARIANTS BROKEN:\n    {}",
+                        result.violations.join("\n    ")
+                    )
+                }
+            );
+            runs.push(result);
+        }
+        results.push((fault, runs));
+    }
+    Ok(results)
+}
+
+/// Waits (bounded) until `SELECT 1` works at `uri`.
+async fn wait_connectable(uri: &str) -> Result<()> {
+    let deadline = Instant::now() + STEP;
+    loop {
+        match drill::connect(uri).await {
+            Ok(client) if client.simple_query("SELECT 1").await.is_ok() => return Ok(()),
+            _ if Instant::now() > deadline => bail!("{uri} did not answer within {STEP:?}"),
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// The node reports the state it is assigned.
+fn settled(node: &NodeRow, state: NodeState) -> bool {
+    node.reported == state && node.goal == state
+}
+
+fn converged(nodes: &[NodeRow], name: &str, state: NodeState) -> bool {
+    nodes.iter().any(|n| n.name == name && settled(n, state))
+}
+
+/// Waits until `primary` is primary and `standby` secondary, both reported and assigned.
+async fn wait_converged(monitor: &mut MonitorClient, primary: &str, standby: &str) -> Result<()> {
+    let what = format!("{primary} primary and {standby} secondary");
+    monitor
+        .wait_until("default", &what, STEP, |n| {
+            converged(n, primary, NodeState::Primary) && converged(n, standby, NodeState::Secondary)
+        })
+        .await?;
+    Ok(())
+}
+
+/// The current primary and secondary, once the group is converged.
+async fn roles(monitor: &mut MonitorClient) -> Result<(String, String)> {
+    let nodes = monitor
+        .wait_until("default", "a primary and a secondary", STEP, |nodes| {
+            [NodeState::Primary, NodeState::Secondary]
+                .iter()
+                .all(|&state| nodes.iter().any(|n| settled(n, state)))
+        })
+        .await?;
+    let name_of = |state| {
+        nodes
+            .iter()
+            .find(|n| settled(n, state))
+            .map(|n| n.name.clone())
+            .unwrap_or_default()
+    };
+    Ok((name_of(NodeState::Primary), name_of(NodeState::Secondary)))
+}
+
+/// One run: writers through the router and a probe on every node, the
+/// fault, recovery, then the checks.
+async fn one_run(
+    bench: &mut Bench,
+    monitor: &mut MonitorClient,
+    fault: Fault,
+    run: u32,
+    clients: u32,
+) -> Result<RunResult> {
+    let (primary, standby) = roles(monitor).await?;
+    let tag = format!("{}_{run}", fault.key().replace('-', "_"));
+    let tables: Vec<String> = (0..clients).map(|i| format!("w_{tag}_{i}")).collect();
+    wait_connectable(&bench.router_uri).await?;
+    let mut ddl = format!("DROP TABLE IF EXISTS {PROBE_TABLE};");
+    for table in &tables {
+        let _ = write!(
+            ddl,
+            "DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (id bigint PRIMARY KEY);"
+        );
+    }
+    drill::connect(&bench.router_uri)
+        .await?
+        .batch_execute(&ddl)
+        .await
+        .context("creating the writers' tables through the router")?;
+    let nodes: Vec<(String, String)> = bench
+        .nodes
+        .iter()
+        .map(|(name, _)| (name.clone(), bench.direct_uri(name)))
+        .collect();
+    let probe = WriteProbe::start(&bench.direct_uri(&primary), &nodes)
+        .await
+        .context("starting the write probe")?;
+    let writers: Vec<Writer> = tables
+        .iter()
+        .map(|t| Writer::start(bench.router_uri.clone(), t, Duration::from_secs(600)))
+        .collect();
+    tokio::time::sleep(STEADY).await;
+
+    let injected = inject(bench, monitor, fault, &primary, &standby).await;
+    tokio::time::sleep(STEADY).await;
+    let mut reports = Vec::new();
+    for writer in writers {
+        reports.push(writer.finish().await);
+    }
+    let probe = probe.finish().await;
+    injected?;
+
+    let final_primary = if fault.moves_primary() {
+        &standby
+    } else {
+        &primary
+    };
+    let primary_uri = bench.direct_uri(final_primary);
+    let mut result = RunResult::from_reports(&reports);
+    for (table, report) in tables.iter().zip(&reports) {
+        result.lost += drill::lost_writes(&primary_uri, table, &report.acked)
+            .await?
+            .len();
+    }
+    let check = Drill {
+        monitor_uri: &bench.monitor_uri,
+        primary_uri: &primary_uri,
+        writers: tables.iter().map(String::as_str).zip(&reports).collect(),
+        probe: Some(&probe),
+        through_router: true,
+    };
+    result.violations = check.violations().await?;
+    Ok(result)
+}
+
+/// Injects `fault` into `primary` and waits until the group converged back,
+/// every node running.
+async fn inject(
+    bench: &mut Bench,
+    monitor: &mut MonitorClient,
+    fault: Fault,
+    primary: &str,
+    standby: &str,
+) -> Result<()> {
+    match fault {
+        Fault::PowerOff => {
+            let postmaster = drill::postmaster_pid(&bench.pgdata(primary));
+            bench.sup.kill(primary);
+            if let Some(pid) = postmaster {
+                drill::kill_tree(pid);
+            }
+            wait_writable(monitor, standby).await?;
+            cluster::run_node(&bench.hapg, &mut bench.sup, primary)?;
+            wait_converged(monitor, standby, primary).await
+        }
+        Fault::Switchover => {
+            monitor
+                .request("default", 0, None, RequestKind::Switchover, STEP)
+                .await?;
+            wait_converged(monitor, standby, primary).await
+        }
+        Fault::PostgresKill => {
+            let Some(old) = drill::postmaster_pid(&bench.pgdata(primary)) else {
+                bail!("{primary}'s Postgres is not running");
+            };
+            drill::kill_tree(old);
+            let deadline = Instant::now() + STEP;
+            while drill::postmaster_pid(&bench.pgdata(primary)).is_none_or(|pid| pid == old) {
+                if Instant::now() > deadline {
+                    bail!("{primary}'s keeper did not restart Postgres within {STEP:?}");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            wait_converged(monitor, primary, standby).await
+        }
+        Fault::ShortFreeze => {
+            let pids = bench.node_pids(primary);
+            drill::signal_all(&pids, Signal::SIGSTOP);
+            tokio::time::sleep(SHORT_FREEZE).await;
+            drill::signal_all(&pids, Signal::SIGCONT);
+            wait_converged(monitor, primary, standby).await
+        }
+        Fault::LongFreeze => {
+            let pids = bench.node_pids(primary);
+            drill::signal_all(&pids, Signal::SIGSTOP);
+            // Thaw whatever happened: a frozen node left behind is worse
+            // than a failed run.
+            let took_over = wait_writable(monitor, standby).await;
+            drill::signal_all(&pids, Signal::SIGCONT);
+            took_over?;
+            wait_converged(monitor, standby, primary).await
+        }
+    }
+}
+
+/// Waits until `name` is assigned and reports a writable state.
+async fn wait_writable(monitor: &mut MonitorClient, name: &str) -> Result<()> {
+    let what = format!("{name} to take over");
+    monitor
+        .wait_until("default", &what, STEP, |nodes| {
+            nodes.iter().any(|n| {
+                n.name == name
+                    && n.goal == n.reported
+                    && matches!(n.goal, NodeState::WaitPrimary | NodeState::Primary)
+            })
+        })
+        .await?;
+    Ok(())
+}
+
+/// One row of the table: a fault over its runs.
+struct Row {
+    fault: Fault,
+    runs: usize,
+    median: Duration,
+    max: Duration,
+    errors: u64,
+    max_client_errors: u64,
+    acked: usize,
+    lost: usize,
+    violations: usize,
+}
+
+impl Row {
+    fn of(fault: Fault, runs: &[RunResult]) -> Row {
+        let mut gaps: Vec<Duration> = runs.iter().map(|r| r.unavailable).collect();
+        gaps.sort();
+        Row {
+            fault,
+            runs: runs.len(),
+            median: median(&gaps),
+            max: gaps.last().copied().unwrap_or_default(),
+            errors: runs.iter().map(|r| r.errors).sum(),
+            max_client_errors: runs.iter().map(|r| r.max_client_errors).max().unwrap_or(0),
+            acked: runs.iter().map(|r| r.acked).sum(),
+            lost: runs.iter().map(|r| r.lost).sum(),
+            violations: runs.iter().map(|r| r.violations.len()).sum(),
+        }
+    }
+
+    const HEADER: [&'static str; 8] = [
+        "fault",
+        "runs",
+        "writes unavailable, median",
+        "max",
+        "client errors (all runs)",
+        "most errors, one client in one run",
+        "acknowledged writes lost (of)",
+        "invariants broken",
+    ];
+
+    fn cells(&self) -> [String; 8] {
+        [
+            self.fault.describe().to_string(),
+            self.runs.to_string(),
+            format!("{:.2} s", self.median.as_secs_f64()),
+            format!("{:.2} s", self.max.as_secs_f64()),
+            self.errors.to_string(),
+            self.max_client_errors.to_string(),
+            format!("{} (of {})", self.lost, self.acked),
+            self.violations.to_string(),
+        ]
+    }
+}
+
+/// The median of sorted `values` (the mean of the middle two for an even count).
+fn median(sorted: &[Duration]) -> Duration {
+    match sorted.len() {
+        0 => Duration::ZERO,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2,
+    }
+}
+
+fn plain(results: &[(Fault, Vec<RunResult>)], args: &FailoverArgs) -> String {
+    let rows: Vec<[String; 8]> = results
+        .iter()
+        .map(|(fault, runs)| Row::of(*fault, runs).cells())
+        .collect();
+    let mut widths: Vec<usize> = Row::HEADER.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let mut out = format!(
+        "\n{} clients writing through the router, {} runs per fault\n\n",
+        args.clients, args.runs
+    );
+    let line = |cells: Vec<&str>| {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+    };
+    let _ = writeln!(out, "{}", line(Row::HEADER.to_vec()));
+    for row in &rows {
+        let _ = writeln!(out, "{}", line(row.iter().map(String::as_str).collect()));
+    }
+    out
+}
+
+fn markdown(results: &[(Fault, Vec<RunResult>)], args: &FailoverArgs, info: &RunInfo) -> String {
+    let mut out = format!(
+        "```sh\n{}\n```\n\n{} clients writing through the router, {} runs per fault. {}\n\n",
+        info.command,
+        args.clients,
+        args.runs,
+        info.machine()
+    );
+    let _ = writeln!(out, "| {} |", Row::HEADER.join(" | "));
+    out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|\n");
+    for (fault, runs) in results {
+        let _ = writeln!(out, "| {} |", Row::of(*fault, runs).cells().join(" | "));
+    }
+    let _ = writeln!(
+        out,
+        "\nWrites unavailable: the longest time one client went without an \
+         acknowledged write. Versions: {}.",
+        info.versions.join("; ")
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn faults_parse_by_key_and_refuse_unknown_ones() {
+        for fault in FAULTS {
+            assert_eq!(Fault::from_key(fault.key()).ok(), Some(fault));
+        }
+        let err = Fault::from_key("poweroff").err().map(|e| e.to_string());
+        assert!(
+            err.as_deref()
+                .is_some_and(|e| e.contains("\"poweroff\"") && e.contains("power-off, switchover")),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        let ms = Duration::from_millis;
+        assert_eq!(median(&[]), Duration::ZERO);
+        assert_eq!(median(&[ms(1), ms(2), ms(9)]), ms(2));
+        assert_eq!(median(&[ms(1), ms(3), ms(5), ms(9)]), ms(4));
+    }
+
+    #[test]
+    fn a_row_adds_up_its_runs() {
+        let run = |gap_ms, errors, lost| RunResult {
+            unavailable: Duration::from_millis(gap_ms),
+            errors,
+            max_client_errors: errors,
+            acked: 100,
+            lost,
+            violations: vec![String::new(); lost],
+        };
+        let row = Row::of(
+            Fault::PowerOff,
+            &[run(3000, 1, 0), run(5000, 2, 0), run(4000, 0, 1)],
+        );
+        assert_eq!(row.median, Duration::from_millis(4000));
+        assert_eq!(row.max, Duration::from_millis(5000));
+        assert_eq!((row.errors, row.max_client_errors), (3, 2));
+        assert_eq!((row.acked, row.lost, row.violations), (300, 1, 1));
+        assert_eq!(row.cells()[6], "1 (of 300)");
+    }
+
+    #[test]
+    fn a_run_takes_the_worst_client() {
+        let report = |gap_ms, errors| WriterReport {
+            longest_gap: Duration::from_millis(gap_ms),
+            errors,
+            acked: vec![1, 2],
+            ..WriterReport::default()
+        };
+        let result = RunResult::from_reports(&[report(100, 0), report(2500, 1), report(900, 3)]);
+        assert_eq!(result.unavailable, Duration::from_millis(2500));
+        assert_eq!((result.errors, result.max_client_errors), (4, 3));
+        assert_eq!(result.acked, 6);
+    }
+}

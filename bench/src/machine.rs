@@ -1,0 +1,149 @@
+//! What every benchmark table says about how it was made: the command, the
+//! machine, its load and the versions; and the run's setup shared by the
+//! benches (the hapg binary, the PostgreSQL programs, the run directory).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use crate::procs;
+
+/// The facts printed with a table.
+pub struct RunInfo {
+    /// This invocation, as a shell command.
+    pub command: String,
+    pub cpus: usize,
+    pub cpu_model: String,
+    pub kernel: String,
+    /// Load average (1, 5, 15 min) when the run started and ended.
+    pub load_before: String,
+    pub load_after: String,
+    /// First line of each program's version output.
+    pub versions: Vec<String>,
+}
+
+impl RunInfo {
+    /// The facts as of now; `load_after` and `versions` are filled in later.
+    pub fn now() -> RunInfo {
+        RunInfo {
+            command: command_line(),
+            cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            cpu_model: cpu_model(),
+            kernel: read_trim("/proc/sys/kernel/osrelease"),
+            load_before: load_average(),
+            load_after: String::new(),
+            versions: Vec::new(),
+        }
+    }
+
+    /// The machine and its load, as a sentence.
+    pub fn machine(&self) -> String {
+        format!(
+            "Machine: {} CPUs ({}), Linux {}; load average (1, 5, 15 min) {} before, {} after.",
+            self.cpus, self.cpu_model, self.kernel, self.load_before, self.load_after
+        )
+    }
+}
+
+/// The hapg binary: `given`, or `hapg` next to hapg-bench.
+pub fn hapg_binary(given: &Option<PathBuf>) -> Result<PathBuf> {
+    let bin = match given {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .map(|d| d.join("hapg"))
+            .context("no directory for hapg-bench's own binary")?,
+    };
+    if !bin.exists() {
+        bail!(
+            "{} not found: build it (cargo build --release -p hapg) or give --hapg PATH",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// Fails, saying how to install them, unless `tools` are in `pg_bindir`.
+pub fn check_pg_bindir(pg_bindir: &Path, tools: &[&str]) -> Result<()> {
+    for tool in tools {
+        if !pg_bindir.join(tool).exists() {
+            bail!(
+                "{} not found: install PostgreSQL 15 (apt-get install -y postgresql-15) or give --pg-bindir",
+                pg_bindir.join(tool).display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A new run directory under /tmp, removed when dropped unless kept; 0755
+/// because Postgres and the proxies run as `postgres` when we are root.
+pub fn run_directory() -> Result<tempfile::TempDir> {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::Builder::new()
+        .prefix("hapg-bench-")
+        .tempdir_in("/tmp")
+        .context("creating the run directory")?;
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755))?;
+    eprintln!("run directory {}", tmp.path().display());
+    Ok(tmp)
+}
+
+fn read_trim(path: &str) -> String {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// The load average over 1, 5 and 15 minutes.
+pub fn load_average() -> String {
+    read_trim("/proc/loadavg")
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn cpu_model() -> String {
+    read_trim("/proc/cpuinfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
+        .unwrap_or_default()
+}
+
+/// The first line of `program flag`.
+pub fn version(program: &Path, flag: &str) -> String {
+    let mut cmd = Command::new(program);
+    cmd.arg(flag);
+    procs::run_capture(cmd, Duration::from_secs(10))
+        .map(|o| {
+            o.both()
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_string()
+        })
+        .unwrap_or_default()
+}
+
+/// This invocation, as a shell command.
+fn command_line() -> String {
+    let mut s = String::from("hapg-bench");
+    for a in std::env::args().skip(1) {
+        s.push(' ');
+        if a.is_empty()
+            || a.contains(|c: char| !(c.is_ascii_alphanumeric() || "-_=,./:".contains(c)))
+        {
+            s.push('\'');
+            s.push_str(&a.replace('\'', "'\\''"));
+            s.push('\'');
+        } else {
+            s.push_str(&a);
+        }
+    }
+    s
+}
