@@ -271,6 +271,60 @@ pub(crate) struct Session {
     kill: CancellationToken,
 }
 
+/// Hands what a server sent on to the client without copying it when it can:
+/// while everything forwarded is one run from the start of the server's read
+/// buffer and the client's write buffer was empty, the bytes stay where they
+/// are, and at the end the two buffers trade places. A message the router
+/// swallows breaks the run: what came before it is copied out, and the rest
+/// of the read is copied message by message.
+struct Forward {
+    in_place: bool,
+    /// `buf[..run]` is forwarded in place.
+    run: usize,
+}
+
+impl Forward {
+    fn new(out: &BytesMut) -> Forward {
+        Forward {
+            in_place: out.is_empty(),
+            run: 0,
+        }
+    }
+
+    /// Forwards `buf[at..at + n]`.
+    fn pass(&mut self, buf: &BytesMut, out: &mut BytesMut, at: usize, n: usize) {
+        if self.in_place && at == self.run {
+            self.run += n;
+        } else {
+            self.spill(buf, out);
+            out.extend_from_slice(&buf[at..at + n]);
+        }
+    }
+
+    /// Something in `buf` is not forwarded: copies the run so far to `out`.
+    fn spill(&mut self, buf: &BytesMut, out: &mut BytesMut) {
+        if self.in_place {
+            out.extend_from_slice(&buf[..self.run]);
+            self.in_place = false;
+        }
+    }
+
+    /// `buf[..consumed]` is dealt with: drops it from `buf`, and when it was
+    /// forwarded in place, makes it `out` (an incomplete message after it goes
+    /// back to `buf`).
+    fn finish(self, buf: &mut BytesMut, out: &mut BytesMut, consumed: usize) {
+        if self.in_place && self.run > 0 {
+            debug_assert_eq!(self.run, consumed);
+            debug_assert!(out.is_empty());
+            std::mem::swap(buf, out);
+            buf.extend_from_slice(&out[consumed..]);
+            out.truncate(consumed);
+        } else {
+            buf.advance(consumed);
+        }
+    }
+}
+
 async fn read_server(server: &mut Option<ServerConn>) -> std::io::Result<usize> {
     match server {
         Some(s) => {
@@ -762,18 +816,21 @@ impl Session {
             };
             let buf = &mut server.buf;
             let out = &mut self.client.wbuf;
+            let mut forward = Forward::new(out);
+            // Bytes of `buf` looked at so far.
+            let mut pos = 0;
             loop {
                 if self.partial > 0 {
-                    let n = self.partial.min(buf.len());
+                    let n = self.partial.min(buf.len() - pos);
                     if n == 0 {
                         break;
                     }
-                    out.extend_from_slice(&buf[..n]);
-                    buf.advance(n);
+                    forward.pass(buf, out, pos, n);
+                    pos += n;
                     self.partial -= n;
                     continue;
                 }
-                let header = match frame::peek_header(buf, usize::MAX) {
+                let header = match frame::peek_header(&buf[pos..], usize::MAX) {
                     Ok(Some(h)) => h,
                     Ok(None) => break,
                     Err(e) => {
@@ -781,9 +838,10 @@ impl Session {
                         break;
                     }
                 };
+                let complete = buf.len() - pos >= header.frame_len;
                 match header.tag {
                     b'1' | b'3' => {
-                        if buf.len() < header.frame_len {
+                        if !complete {
                             break;
                         }
                         let queue = if header.tag == b'1' {
@@ -792,16 +850,18 @@ impl Session {
                             &mut self.stmts.closes
                         };
                         let swallow = queue.pop_front().is_some_and(|(_, s)| s);
-                        if !swallow {
-                            out.extend_from_slice(&buf[..header.frame_len]);
+                        if swallow {
+                            forward.spill(buf, out);
+                        } else {
+                            forward.pass(buf, out, pos, header.frame_len);
                         }
-                        buf.advance(header.frame_len);
+                        pos += header.frame_len;
                     }
                     b'Z' | b'E' | b'S' | b'C' => {
-                        if buf.len() < header.frame_len {
+                        if !complete {
                             break;
                         }
-                        let body = &buf[5..header.frame_len];
+                        let body = &buf[pos + 5..pos + header.frame_len];
                         match header.tag {
                             b'Z' => {
                                 let Some(&status) = body.first() else {
@@ -824,7 +884,9 @@ impl Session {
                                         "the server ended the session: {}",
                                         fields.message
                                     ));
-                                    buf.advance(header.frame_len);
+                                    // Consumed, not forwarded: the loss is reported instead.
+                                    forward.spill(buf, out);
+                                    pos += header.frame_len;
                                     break;
                                 }
                                 self.state.on_error();
@@ -845,17 +907,20 @@ impl Session {
                                 }
                             }
                         }
-                        out.extend_from_slice(&buf[..header.frame_len]);
-                        buf.advance(header.frame_len);
+                        forward.pass(buf, out, pos, header.frame_len);
+                        pos += header.frame_len;
                     }
                     _ => {
-                        let n = header.frame_len.min(buf.len());
-                        out.extend_from_slice(&buf[..n]);
-                        buf.advance(n);
+                        // Rows and the rest are not looked into: forwarded as
+                        // they arrive, even a frame split across reads.
+                        let n = header.frame_len.min(buf.len() - pos);
+                        forward.pass(buf, out, pos, n);
+                        pos += n;
                         self.partial = header.frame_len - n;
                     }
                 }
             }
+            forward.finish(buf, out, pos);
         }
         match fatal {
             Some(reason) => self.server_lost(&reason),
@@ -1200,4 +1265,63 @@ async fn next_cut(cuts: &mut watch::Receiver<(u64, i64)>) -> i64 {
         std::future::pending::<()>().await;
     }
     cuts.borrow_and_update().1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes(s: &[u8]) -> BytesMut {
+        BytesMut::from(s)
+    }
+
+    #[test]
+    fn a_read_forwarded_whole_trades_buffers_without_copying() {
+        let mut buf = bytes(b"aaaabbbbcc");
+        let data = buf.as_ptr();
+        let mut out = BytesMut::with_capacity(64);
+        let mut forward = Forward::new(&out);
+        forward.pass(&buf, &mut out, 0, 4);
+        forward.pass(&buf, &mut out, 4, 4);
+        // "cc" is the start of a message not complete yet.
+        forward.finish(&mut buf, &mut out, 8);
+        assert_eq!(&out[..], b"aaaabbbb");
+        assert_eq!(out.as_ptr(), data, "the bytes were copied");
+        assert_eq!(&buf[..], b"cc");
+    }
+
+    #[test]
+    fn a_swallowed_message_breaks_the_run_and_the_rest_is_copied() {
+        let mut buf = bytes(b"aaaaXXXXbbbb");
+        let mut out = BytesMut::new();
+        let mut forward = Forward::new(&out);
+        forward.pass(&buf, &mut out, 0, 4);
+        forward.spill(&buf, &mut out);
+        forward.pass(&buf, &mut out, 8, 4);
+        forward.finish(&mut buf, &mut out, 12);
+        assert_eq!(&out[..], b"aaaabbbb");
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn pending_output_keeps_its_place_in_front() {
+        let mut buf = bytes(b"aaaabb");
+        let mut out = bytes(b"Z");
+        let mut forward = Forward::new(&out);
+        forward.pass(&buf, &mut out, 0, 4);
+        forward.finish(&mut buf, &mut out, 4);
+        assert_eq!(&out[..], b"Zaaaa");
+        assert_eq!(&buf[..], b"bb");
+    }
+
+    #[test]
+    fn nothing_forwarded_leaves_both_buffers_alone() {
+        let mut buf = bytes(b"XXXXbb");
+        let mut out = BytesMut::new();
+        let mut forward = Forward::new(&out);
+        forward.spill(&buf, &mut out);
+        forward.finish(&mut buf, &mut out, 4);
+        assert!(out.is_empty());
+        assert_eq!(&buf[..], b"bb");
+    }
 }
