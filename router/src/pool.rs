@@ -131,16 +131,20 @@ impl Pools {
                     returned: Arc::new(Notify::new()),
                     login: login.clone(),
                 });
-                pool.login = login.clone();
+                if pool.login != *login {
+                    pool.login = login.clone();
+                }
                 let mut i = 0;
                 while i < pool.idle.len() {
                     let c = &pool.idle[i].conn;
-                    let stale = c.epoch != target.epoch
-                        || lifetime.is_some_and(|l| c.born.elapsed() >= l)
-                        || !c.looks_alive();
-                    if stale {
+                    let stale =
+                        c.epoch != target.epoch || lifetime.is_some_and(|l| c.born.elapsed() >= l);
+                    let candidate = !stale && found.is_none() && c.startup == login.params;
+                    // Only the connection about to be handed out is probed;
+                    // the others are when their turn comes.
+                    if stale || (candidate && !c.looks_alive()) {
                         victims.push(pool.idle.swap_remove(i).conn);
-                    } else if found.is_none() && c.startup == login.params {
+                    } else if candidate {
                         found = Some(pool.idle.swap_remove(i).conn);
                     } else {
                         i += 1;

@@ -36,7 +36,7 @@ pub struct Target {
 }
 
 /// How the router logs into servers.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Login {
     /// Server user.
     pub user: String,
@@ -390,6 +390,14 @@ impl ServerConn {
     pub fn looks_alive(&self) -> bool {
         if !self.buf.is_empty() {
             return false;
+        }
+        // The reactor's view first, which costs no system call: a socket it
+        // has not seen become readable since the last read has nothing new
+        // (no read is pending on an idle connection, so the no-op waker
+        // displaces nobody's).
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        if self.stream.tcp().poll_read_ready(&mut cx).is_pending() {
+            return true;
         }
         let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
         match socket2::SockRef::from(self.stream.tcp()).peek(&mut probe) {
