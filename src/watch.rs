@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Once};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use crossterm::event::{self, Event, KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
 use crossterm::style::{Attribute, Print, SetAttribute};
 use crossterm::terminal::{self, ClearType};
@@ -389,16 +389,41 @@ fn quits(key: &KeyEvent) -> bool {
 
 /// Reads terminal events on a thread of its own (crossterm's reader blocks),
 /// sending them to `tx` until `stop` is set or the receiver is gone. It waits
-/// in `poll` with a timeout, so stopping it takes at most that long.
+/// at most [`INPUT_WAIT`] at a time, so stopping it takes at most that long.
+///
+/// When stdin is the terminal, the thread waits on it itself and hands it to
+/// crossterm only when there is something to read: crossterm 0.28 reads a
+/// closed terminal (end of file) again and again without returning, which
+/// would keep a core busy after the terminal window is closed. A hung-up
+/// terminal ends the reader with [`Input::Failed`] instead.
 fn spawn_input_reader(
     tx: mpsc::UnboundedSender<Input>,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let guard_stdin = std::io::stdin().is_terminal();
     std::thread::Builder::new()
         .name("hapg-watch-input".into())
         .spawn(move || {
             while !stop.load(Ordering::SeqCst) {
-                let input = match event::poll(Duration::from_millis(200)) {
+                // Events crossterm already holds first (several keys can come
+                // in one read), then a wait on the terminal.
+                let wait = match event::poll(Duration::ZERO) {
+                    Ok(true) => Duration::ZERO,
+                    Ok(false) if guard_stdin => match wait_for_stdin(INPUT_WAIT) {
+                        Ok(true) => Duration::ZERO,
+                        Ok(false) => continue,
+                        Err(e) => {
+                            let _ = tx.send(Input::Failed(e));
+                            return;
+                        }
+                    },
+                    Ok(false) => INPUT_WAIT,
+                    Err(e) => {
+                        let _ = tx.send(Input::Failed(e.to_string()));
+                        return;
+                    }
+                };
+                let input = match event::poll(wait) {
                     Ok(false) => continue,
                     Ok(true) => match event::read() {
                         Ok(Event::Key(key)) if key.kind != KeyEventKind::Release => Input::Key(key),
@@ -414,6 +439,49 @@ fn spawn_input_reader(
                 }
             }
         })
+}
+
+/// How long the input reader waits before it looks at its stop flag again.
+const INPUT_WAIT: Duration = Duration::from_millis(200);
+
+/// Waits up to `timeout` for stdin (a terminal) to have input: true when it
+/// has, false on timeout, an error when the terminal was closed.
+fn wait_for_stdin(timeout: Duration) -> std::result::Result<bool, String> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+
+    let stdin = std::io::stdin();
+    let mut fds = [PollFd::new(stdin.as_fd(), PollFlags::POLLIN)];
+    let millis = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+    match poll(&mut fds, PollTimeout::from(millis)) {
+        Ok(0) => Ok(false),
+        Ok(_) => {
+            let revents = fds[0].revents().unwrap_or(PollFlags::empty());
+            if revents.intersects(PollFlags::POLLHUP | PollFlags::POLLERR | PollFlags::POLLNVAL) {
+                Err("the terminal was closed".into())
+            } else {
+                Ok(true)
+            }
+        }
+        Err(nix::errno::Errno::EINTR) => Ok(false),
+        Err(e) => Err(format!("waiting for the terminal: {e}")),
+    }
+}
+
+/// Waits for the input reader to end, at most a few of its waits: a reader
+/// stuck in a read of a terminal that went away must not keep hapg running.
+fn join_input_reader(reader: std::thread::JoinHandle<()>) -> Result<()> {
+    let deadline = Instant::now() + INPUT_WAIT * 5;
+    while !reader.is_finished() {
+        if Instant::now() >= deadline {
+            // Left behind; it ends with the process.
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    reader
+        .join()
+        .map_err(|_| anyhow!("the terminal reader panicked"))
 }
 
 /// Draws `lines` over the whole screen, header in reverse video.
@@ -526,9 +594,7 @@ async fn live(
     stop.store(true, Ordering::SeqCst);
     drop(inputs);
     drop(guard);
-    if reader.join().is_err() {
-        bail!("the terminal reader panicked");
-    }
+    join_input_reader(reader)?;
     outcome
 }
 

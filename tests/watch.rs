@@ -424,4 +424,35 @@ fn watch_in_a_terminal_during_a_switchover() {
     let watch = Watch::start(&cluster, "ctrl-c", 160, 30);
     watch.wait_screen("the node table", STEP, |s| s.is("node_b", "primary"));
     watch.quit_with("C-c");
+
+    // Closing the terminal (its tmux server goes away, the pty hangs up)
+    // ends hapg watch too, instead of leaving it reading the dead terminal.
+    let watch = Watch::start(&cluster, "hangup", 160, 30);
+    watch.wait_screen("the node table", STEP, |s| s.is("node_b", "primary"));
+    let shell = watch.pane("#{pane_pid}");
+    let children =
+        std::fs::read_to_string(format!("/proc/{shell}/task/{shell}/children")).unwrap_or_default();
+    let pid = children
+        .split_whitespace()
+        .next()
+        .unwrap_or_else(|| {
+            panic!("no child of the pane's shell {shell:?}: hapg watch is not running")
+        })
+        .to_string();
+    let running = |pid: &str| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| stat.rsplit(") ").next().map(|rest| !rest.starts_with('Z')))
+            .unwrap_or(false)
+    };
+    assert!(running(&pid), "hapg watch (pid {pid}) is not running");
+    drop(watch);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while running(&pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if running(&pid) {
+        let _ = Command::new("kill").args(["-9", &pid]).status();
+        panic!("hapg watch (pid {pid}) still runs 10 s after its terminal was closed");
+    }
 }
