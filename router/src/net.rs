@@ -35,7 +35,7 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 pub fn tune(stream: &TcpStream) -> io::Result<()> {
     let sock = SockRef::from(stream);
     sock.set_nodelay(true)?;
-    sock.set_keepalive(true)?;
+    // Turns SO_KEEPALIVE on as well.
     sock.set_tcp_keepalive(
         &TcpKeepalive::new()
             .with_time(KEEPALIVE_IDLE)
@@ -125,6 +125,35 @@ impl AsyncWrite for Stream {
             Stream::Plain(s) => s.is_write_vectored(),
             Stream::ClientTls(s) => s.is_write_vectored(),
             Stream::ServerTls(s) => s.is_write_vectored(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn tuned_sockets_have_nodelay_and_keepalive_with_its_timings() {
+        let listener = bind("127.0.0.1:0".parse().expect("address")).expect("bind");
+        let addr = listener.local_addr().expect("local address");
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let client = client.expect("connect");
+        let (server, _) = accepted.expect("accept");
+        for stream in [&client, &server] {
+            tune(stream).expect("tune");
+            let sock = SockRef::from(stream);
+            assert!(sock.nodelay().expect("TCP_NODELAY"));
+            assert!(sock.keepalive().expect("SO_KEEPALIVE"));
+            assert_eq!(sock.keepalive_time().expect("TCP_KEEPIDLE"), KEEPALIVE_IDLE);
+            assert_eq!(
+                sock.keepalive_interval().expect("TCP_KEEPINTVL"),
+                KEEPALIVE_INTERVAL
+            );
+            assert_eq!(
+                sock.keepalive_retries().expect("TCP_KEEPCNT"),
+                KEEPALIVE_RETRIES
+            );
         }
     }
 }
