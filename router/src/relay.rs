@@ -271,55 +271,57 @@ pub(crate) struct Session {
     kill: CancellationToken,
 }
 
-/// Hands what a server sent on to the client without copying it when it can:
-/// while everything forwarded is one run from the start of the server's read
-/// buffer and the client's write buffer was empty, the bytes stay where they
-/// are, and at the end the two buffers trade places. A message the router
-/// swallows breaks the run: what came before it is copied out, and the rest
-/// of the read is copied message by message.
+/// Forwards messages from a read buffer (`buf`) to a write buffer (`out`)
+/// without copying them when it can: while the forwarded messages are one
+/// unbroken stretch of `buf` that started when `out` was empty, the bytes stay
+/// where they are, and at the end the two buffers trade places. Anything else
+/// (a message swallowed in between, something the router writes itself)
+/// breaks the stretch: it is copied to `out` first, in order, and what follows
+/// is copied message by message until `out` is empty again.
+#[derive(Default)]
 struct Forward {
-    in_place: bool,
-    /// `buf[..run]` is forwarded in place.
+    /// `buf[start..start + run]` is forwarded in place.
+    start: usize,
     run: usize,
 }
 
 impl Forward {
-    fn new(out: &BytesMut) -> Forward {
-        Forward {
-            in_place: out.is_empty(),
-            run: 0,
-        }
-    }
-
     /// Forwards `buf[at..at + n]`.
     fn pass(&mut self, buf: &BytesMut, out: &mut BytesMut, at: usize, n: usize) {
-        if self.in_place && at == self.run {
+        if self.run > 0 && at == self.start + self.run {
             self.run += n;
+        } else if self.run == 0 && out.is_empty() {
+            self.start = at;
+            self.run = n;
         } else {
             self.spill(buf, out);
             out.extend_from_slice(&buf[at..at + n]);
         }
     }
 
-    /// Something in `buf` is not forwarded: copies the run so far to `out`.
+    /// Copies the stretch so far to `out`: call before writing anything else
+    /// to `out`, so that it stays in order.
     fn spill(&mut self, buf: &BytesMut, out: &mut BytesMut) {
-        if self.in_place {
-            out.extend_from_slice(&buf[..self.run]);
-            self.in_place = false;
+        if self.run > 0 {
+            out.extend_from_slice(&buf[self.start..self.start + self.run]);
+            self.run = 0;
         }
     }
 
-    /// `buf[..consumed]` is dealt with: drops it from `buf`, and when it was
-    /// forwarded in place, makes it `out` (an incomplete message after it goes
-    /// back to `buf`).
-    fn finish(self, buf: &mut BytesMut, out: &mut BytesMut, consumed: usize) {
-        if self.in_place && self.run > 0 {
-            debug_assert_eq!(self.run, consumed);
-            debug_assert!(out.is_empty());
+    /// `buf[..consumed]` is dealt with: drops it from `buf`, and when a
+    /// stretch was forwarded in place, makes it `out` (what follows
+    /// `consumed`, an incomplete message, goes back to `buf`).
+    fn finish(mut self, buf: &mut BytesMut, out: &mut BytesMut, consumed: usize) {
+        if self.run > 0 && out.is_empty() {
+            let end = self.start + self.run;
+            debug_assert!(end <= consumed);
             std::mem::swap(buf, out);
             buf.extend_from_slice(&out[consumed..]);
-            out.truncate(consumed);
+            out.truncate(end);
+            out.advance(self.start);
         } else {
+            debug_assert_eq!(self.run, 0, "something was written over a stretch");
+            self.spill(buf, out);
             buf.advance(consumed);
         }
     }
@@ -587,10 +589,27 @@ impl Session {
         }
     }
 
-    /// Handles every complete client message buffered.
+    /// Handles every complete client message buffered; what goes on to the
+    /// server ends up in `swbuf`, without a copy when it can (see [`Forward`]).
     async fn on_client_bytes(&mut self) -> Result<(), Ended> {
+        let mut forward = Forward::default();
+        // Bytes of `rbuf` dealt with so far.
+        let mut pos = 0;
+        let result = self.on_client_frames(&mut forward, &mut pos).await;
+        if result.is_ok() {
+            forward.finish(&mut self.client.rbuf, &mut self.swbuf, pos);
+        }
+        // An error ends the session: what is left in the buffers goes nowhere.
+        result
+    }
+
+    async fn on_client_frames(
+        &mut self,
+        forward: &mut Forward,
+        pos: &mut usize,
+    ) -> Result<(), Ended> {
         loop {
-            let header = match frame::peek_header(&self.client.rbuf, self.client.max) {
+            let header = match frame::peek_header(&self.client.rbuf[*pos..], self.client.max) {
                 Ok(Some(h)) => h,
                 Ok(None) => return Ok(()),
                 Err(e @ ProtocolError::TooLarge { .. }) => {
@@ -610,7 +629,7 @@ impl Session {
                         .await)
                 }
             };
-            if self.client.rbuf.len() < header.frame_len {
+            if self.client.rbuf.len() - *pos < header.frame_len {
                 return Ok(());
             }
             let tag = header.tag;
@@ -642,7 +661,7 @@ impl Session {
                 return Err(Ended);
             }
             if self.skip_until_sync {
-                self.client.rbuf.advance(header.frame_len);
+                *pos += header.frame_len;
                 if tag == b'S' {
                     self.skip_until_sync = false;
                     backend::ready_for_query(&mut self.client.wbuf, b'I');
@@ -650,16 +669,16 @@ impl Session {
                 continue;
             }
             if let Some(lost) = self.lost.as_mut() {
-                let frame = &self.client.rbuf[..header.frame_len];
+                let frame = &self.client.rbuf[*pos..*pos + header.frame_len];
                 match lost.on_message(frame, &mut self.state, &mut self.client.wbuf) {
                     Step::Answered => {
-                        self.client.rbuf.advance(header.frame_len);
+                        *pos += header.frame_len;
                         continue;
                     }
                     Step::Ended => {
                         self.lost = None;
                         self.tx = b'I';
-                        self.client.rbuf.advance(header.frame_len);
+                        *pos += header.frame_len;
                         continue;
                     }
                     Step::PassOn => {
@@ -671,12 +690,14 @@ impl Session {
             let starts_work = matches!(tag, b'Q' | b'P' | b'B' | b'E' | b'D' | b'C' | b'S' | b'F');
             if starts_work && self.at_boundary() {
                 self.busy = None;
+                // What came before this transaction goes first.
+                forward.spill(&self.client.rbuf, &mut self.swbuf);
                 self.flush_server().await?;
                 self.check_server().await?;
                 match self.attach_and_begin().await {
                     Ok(()) => {}
                     Err(AttachError::NoPrimary(message)) => {
-                        self.client.rbuf.advance(header.frame_len);
+                        *pos += header.frame_len;
                         self.fail_batch(
                             tag,
                             sqlstate::NO_PRIMARY,
@@ -688,7 +709,7 @@ impl Session {
                         continue;
                     }
                     Err(AttachError::Refused(fields)) => {
-                        self.client.rbuf.advance(header.frame_len);
+                        *pos += header.frame_len;
                         let message = format!(
                             "the primary refused the router's connection: {}",
                             fields.message
@@ -697,7 +718,7 @@ impl Session {
                         continue;
                     }
                     Err(AttachError::PoolFull(message)) => {
-                        self.client.rbuf.advance(header.frame_len);
+                        *pos += header.frame_len;
                         self.fail_batch(
                             tag,
                             sqlstate::TOO_MANY_CONNECTIONS,
@@ -720,7 +741,7 @@ impl Session {
                 }
             }
             if self.server.is_none() {
-                self.client.rbuf.advance(header.frame_len);
+                *pos += header.frame_len;
                 if starts_work {
                     self.fail_batch(
                         tag,
@@ -731,7 +752,7 @@ impl Session {
                 }
                 continue;
             }
-            let frame = &self.client.rbuf[..header.frame_len];
+            let frame = &self.client.rbuf[*pos..*pos + header.frame_len];
             let pooled = if self.tx_mode {
                 self.server.as_mut()
             } else {
@@ -771,6 +792,7 @@ impl Session {
                             cstr(rest).is_some_and(|(sql, _)| lost::ends_transaction(sql));
                     }
                     if let Some(server) = pooled {
+                        forward.spill(&self.client.rbuf, &mut self.swbuf);
                         self.stmts.on_parse(server, &mut self.swbuf, frame);
                     }
                     self.open_batch = true;
@@ -792,6 +814,7 @@ impl Session {
                     if let Some(server) = pooled {
                         if let Some((_portal, rest)) = cstr(&frame[5..]) {
                             if let Some((name, _)) = cstr(rest) {
+                                forward.spill(&self.client.rbuf, &mut self.swbuf);
                                 self.stmts
                                     .ensure(server, &mut self.swbuf, &self.state, name);
                             }
@@ -803,6 +826,7 @@ impl Session {
                     if let Some(server) = pooled {
                         if let [b'S', rest @ ..] = &frame[5..] {
                             if let Some((name, _)) = cstr(rest) {
+                                forward.spill(&self.client.rbuf, &mut self.swbuf);
                                 self.stmts
                                     .ensure(server, &mut self.swbuf, &self.state, name);
                             }
@@ -813,8 +837,8 @@ impl Session {
                 b'E' => self.open_batch = true,
                 _ => {}
             }
-            self.swbuf.extend_from_slice(frame);
-            self.client.rbuf.advance(header.frame_len);
+            forward.pass(&self.client.rbuf, &mut self.swbuf, *pos, header.frame_len);
+            *pos += header.frame_len;
         }
     }
 
@@ -827,7 +851,7 @@ impl Session {
             };
             let buf = &mut server.buf;
             let out = &mut self.client.wbuf;
-            let mut forward = Forward::new(out);
+            let mut forward = Forward::default();
             // Bytes of `buf` looked at so far.
             let mut pos = 0;
             loop {
@@ -1291,7 +1315,7 @@ mod tests {
         let mut buf = bytes(b"aaaabbbbcc");
         let data = buf.as_ptr();
         let mut out = BytesMut::with_capacity(64);
-        let mut forward = Forward::new(&out);
+        let mut forward = Forward::default();
         forward.pass(&buf, &mut out, 0, 4);
         forward.pass(&buf, &mut out, 4, 4);
         // "cc" is the start of a message not complete yet.
@@ -1305,7 +1329,7 @@ mod tests {
     fn a_swallowed_message_breaks_the_run_and_the_rest_is_copied() {
         let mut buf = bytes(b"aaaaXXXXbbbb");
         let mut out = BytesMut::new();
-        let mut forward = Forward::new(&out);
+        let mut forward = Forward::default();
         forward.pass(&buf, &mut out, 0, 4);
         forward.spill(&buf, &mut out);
         forward.pass(&buf, &mut out, 8, 4);
@@ -1318,7 +1342,7 @@ mod tests {
     fn pending_output_keeps_its_place_in_front() {
         let mut buf = bytes(b"aaaabb");
         let mut out = bytes(b"Z");
-        let mut forward = Forward::new(&out);
+        let mut forward = Forward::default();
         forward.pass(&buf, &mut out, 0, 4);
         forward.finish(&mut buf, &mut out, 4);
         assert_eq!(&out[..], b"Zaaaa");
@@ -1326,10 +1350,38 @@ mod tests {
     }
 
     #[test]
+    fn a_stretch_after_a_swallowed_message_is_forwarded_in_place() {
+        let mut buf = bytes(b"XXXXaaaabbbbcc");
+        let data = buf.as_ptr();
+        let mut out = BytesMut::new();
+        let mut forward = Forward::default();
+        forward.pass(&buf, &mut out, 4, 4);
+        forward.pass(&buf, &mut out, 8, 4);
+        forward.finish(&mut buf, &mut out, 12);
+        assert_eq!(&out[..], b"aaaabbbb");
+        assert_eq!(out.as_ptr(), data.wrapping_add(4), "the bytes were copied");
+        assert_eq!(&buf[..], b"cc");
+    }
+
+    #[test]
+    fn what_the_router_writes_itself_goes_after_the_stretch() {
+        let mut buf = bytes(b"aaaabbbb");
+        let mut out = BytesMut::new();
+        let mut forward = Forward::default();
+        forward.pass(&buf, &mut out, 0, 4);
+        forward.spill(&buf, &mut out);
+        out.extend_from_slice(b"P");
+        forward.pass(&buf, &mut out, 4, 4);
+        forward.finish(&mut buf, &mut out, 8);
+        assert_eq!(&out[..], b"aaaaPbbbb");
+        assert!(buf.is_empty());
+    }
+
+    #[test]
     fn nothing_forwarded_leaves_both_buffers_alone() {
         let mut buf = bytes(b"XXXXbb");
         let mut out = BytesMut::new();
-        let mut forward = Forward::new(&out);
+        let mut forward = Forward::default();
         forward.spill(&buf, &mut out);
         forward.finish(&mut buf, &mut out, 4);
         assert!(out.is_empty());
