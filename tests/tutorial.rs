@@ -67,8 +67,17 @@ async fn tutorial_two_nodes_switchover_failure_and_rejoin() {
     // 4. Router.
     let router = cluster.start_router("router", "");
     let uri = format!("postgres://postgres@127.0.0.1:{}/appdb", router.port);
-    let uris = cluster.ok(&["show", "uri", "--pgdata", "./monitor"]);
-    assert!(uris.contains("router"), "{uris}");
+    // `show uri` lists the router once it has registered with the monitor,
+    // which it does just after it starts listening.
+    cluster.eventually(
+        "show uri to list the router once it registered",
+        Duration::from_secs(30),
+        || {
+            cluster
+                .ok(&["show", "uri", "--pgdata", "./monitor"])
+                .contains("router")
+        },
+    );
 
     // 5. Data, through the router.
     let client = connect(&uri)
