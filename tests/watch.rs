@@ -256,10 +256,13 @@ impl Screen {
         })
     }
 
-    /// Whether `name` reports and is assigned `state`.
+    /// `name` reports and is assigned `state`, and the monitor's last health
+    /// check of it passed (a node is briefly unhealthy while a base backup or
+    /// a demotion has its Postgres down; the ` !` goes once a check passes).
     fn is(&self, name: &str, state: &str) -> bool {
-        self.node(name)
-            .is_some_and(|c| c[7] == state && c[8] == state)
+        self.node(name).is_some_and(|c| {
+            c[7] == state && c[8] == state && !c[6].ends_with(" !") && !c[6].ends_with(" ?")
+        })
     }
 
     /// The primary epoch of the header.
