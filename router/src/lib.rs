@@ -103,6 +103,16 @@ pub(crate) struct Shared {
     registered_address: Mutex<String>,
 }
 
+impl Shared {
+    /// Keeps `params` as the newest server connection's; a pooled connection
+    /// handed out again shares its list, and storing the same list is skipped.
+    pub fn remember_params(&self, params: &server::Params) {
+        if !Arc::ptr_eq(&self.last_params.load(), params) {
+            self.last_params.store(params.clone());
+        }
+    }
+}
+
 /// A router: configuration, routing table and sessions.
 #[derive(Clone)]
 pub struct Router {
@@ -220,6 +230,24 @@ impl Router {
         listener: TcpListener,
         shutdown: CancellationToken,
     ) -> Result<(), RouterError> {
+        // The caller may be `block_on`'s thread, which is not a runtime
+        // worker: accepting there would cost two thread wake-ups per
+        // connection (the driver wakes that thread, and its spawn wakes a
+        // worker). On a worker, the accepted session is queued on the same
+        // worker and runs next, with no wake-up.
+        let me = self.clone();
+        match tokio::spawn(async move { me.accept_loop(listener, shutdown).await }).await {
+            Ok(result) => result,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => Err(RouterError::Io(std::io::Error::other(e))),
+        }
+    }
+
+    async fn accept_loop(
+        &self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<(), RouterError> {
         let local = listener.local_addr()?;
         if let Ok(mut a) = self.shared.registered_address.lock() {
             *a = advertised(local);
@@ -242,10 +270,10 @@ impl Router {
                 _ = shutdown.cancelled() => break,
                 a = listener.accept() => a,
             };
-            let tcp = match accepted {
-                Ok((tcp, _)) => {
+            let (tcp, peer) = match accepted {
+                Ok(accepted) => {
                     backoff = Duration::from_millis(5);
-                    tcp
+                    accepted
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
@@ -269,10 +297,12 @@ impl Router {
             }
             let shared = self.shared.clone();
             let (s, k) = (shutdown.clone(), kill.clone());
-            tasks.spawn(async move {
-                session::serve(shared, tcp, s, k).await;
+            // Boxed: the session's future is several KB, and the task
+            // machinery would otherwise copy it a few times per connection.
+            tasks.spawn(Box::pin(async move {
+                session::serve(shared, tcp, peer, s, k).await;
                 drop(slot);
-            });
+            }));
         }
         drop(listener);
         tasks.close();

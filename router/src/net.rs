@@ -1,6 +1,7 @@
 //! Sockets: the listener (explicit backlog), socket tuning applied to every
-//! client and server connection (in this one place), and the stream type that
-//! is either plain TCP or TLS on either side.
+//! client and server connection (in this one place), the room every socket
+//! read is given, and the stream type that is either plain TCP or TLS on
+//! either side.
 
 use std::io;
 use std::net::SocketAddr;
@@ -8,6 +9,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::BytesMut;
 use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -20,6 +22,21 @@ const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 /// Unanswered probes before the peer is declared dead.
 const KEEPALIVE_RETRIES: u32 = 3;
+
+/// Size of a read buffer, and what one grows by when it runs short.
+pub const READ_CHUNK: usize = 16 * 1024;
+/// Free room below which a read buffer grows before the next read.
+const MIN_READ_ROOM: usize = READ_CHUNK / 4;
+
+/// Makes room in `buf` for the next socket read: a chunk when less than a
+/// quarter of one is free. Reserving a whole chunk before every read would
+/// grow any buffer that already holds some bytes, and growing copies the
+/// whole old allocation (realloc cannot know how much of it is in use).
+pub fn read_room(buf: &mut BytesMut) {
+    if buf.capacity() - buf.len() < MIN_READ_ROOM {
+        buf.reserve(READ_CHUNK);
+    }
+}
 
 /// Binds a listener with `SO_REUSEADDR` and a large backlog.
 pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {

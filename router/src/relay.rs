@@ -18,20 +18,18 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cancel::CancelKey;
 use crate::lost::{self, LostTransaction, Step};
-use crate::net::Stream;
+use crate::net::{self, Stream};
 use crate::pool::CheckoutError;
 use crate::protocol::backend::{
     self, parse_error, parse_parameter_status, sqlstate, ErrorFields, Severity,
 };
 use crate::protocol::{cstr, frame, ProtocolError};
 use crate::routing::Busy;
-use crate::server::{Login, ServerConn, ServerError};
+use crate::server::{set_param, set_shared_param, Login, Params, ServerConn, ServerError};
 use crate::session::{ClientConn, Ended, Ready};
 use crate::tracking::SessionState;
 use crate::Shared;
 
-/// Read chunk reserved before each socket read.
-const READ_CHUNK: usize = 16 * 1024;
 /// Delay between two connection attempts to a primary that does not answer.
 const RETRY_DELAY: Duration = Duration::from_millis(250);
 /// Reported parameters a client may change with SET or set_config and the
@@ -230,7 +228,7 @@ pub(crate) struct Session {
     swbuf: BytesMut,
     login: Login,
     /// ParameterStatus values the client has seen.
-    known: Vec<(String, String)>,
+    known: Params,
     /// Settable parameters the client changed during the session (from ParameterStatus).
     changed: Vec<(String, String)>,
     state: SessionState,
@@ -330,7 +328,7 @@ impl Forward {
 async fn read_server(server: &mut Option<ServerConn>) -> std::io::Result<usize> {
     match server {
         Some(s) => {
-            s.buf.reserve(READ_CHUNK);
+            net::read_room(&mut s.buf);
             s.stream.read_buf(&mut s.buf).await
         }
         None => std::future::pending().await,
@@ -344,19 +342,8 @@ async fn read_client(stream: &mut Stream, buf: &mut BytesMut) -> std::io::Result
             tcp.readable().await?;
         }
     }
-    buf.reserve(READ_CHUNK);
+    net::read_room(buf);
     stream.read_buf(buf).await
-}
-
-fn set_param(params: &mut Vec<(String, String)>, name: &str, value: &str) {
-    match params.iter_mut().find(|(k, _)| k == name) {
-        Some(slot) => {
-            if slot.1 != value {
-                slot.1 = value.to_string();
-            }
-        }
-        None => params.push((name.to_string(), value.to_string())),
-    }
 }
 
 impl Session {
@@ -929,11 +916,11 @@ impl Session {
                             }
                             b'S' => {
                                 if let Some((name, value)) = parse_parameter_status(body) {
-                                    set_param(&mut self.known, name, value);
+                                    set_shared_param(&mut self.known, name, value);
                                     if SETTABLE.contains(&name) {
                                         set_param(&mut self.changed, name, value);
                                     }
-                                    set_param(&mut server.params, name, value);
+                                    set_shared_param(&mut server.params, name, value);
                                 }
                             }
                             _ => {
@@ -1134,7 +1121,7 @@ impl Session {
                     {
                         Ok(conn) => {
                             if !self.tx_mode {
-                                self.shared.last_params.store(Arc::new(conn.params.clone()));
+                                self.shared.remember_params(&conn.params);
                             }
                             self.stmts.reset();
                             self.server = Some(conn);
@@ -1211,7 +1198,7 @@ impl Session {
             // Reported settings the client has and this connection does not
             // (another client changed them here): set them as the client has them.
             let mut fixes = String::new();
-            for (name, value) in &self.known {
+            for (name, value) in self.known.iter() {
                 if SETTABLE.contains(&name.as_str())
                     && server.param(name).is_some_and(|v| v != value)
                 {
@@ -1260,12 +1247,12 @@ impl Session {
                     .map_err(|e| lost("prepared statements", e))?;
             }
         }
-        for (name, value) in &server.params {
+        for (name, value) in server.params.iter() {
             if self.known.iter().any(|(k, v)| k == name && v == value) {
                 continue;
             }
             backend::parameter_status(&mut self.client.wbuf, name, value);
-            set_param(&mut self.known, name, value);
+            set_shared_param(&mut self.known, name, value);
         }
         self.cancel.set_target(Some(server.cancel_target()));
         self.had_server = true;

@@ -94,7 +94,7 @@ pub struct ServerConn {
     /// BackendKeyData secret.
     pub secret: i32,
     /// ParameterStatus values, updated by the router's own statements.
-    pub params: Vec<(String, String)>,
+    pub params: Params,
     /// The startup parameters the connection was opened with (other than
     /// user and database): a pooled connection only serves clients that sent
     /// the same ones.
@@ -111,6 +111,30 @@ pub struct ServerConn {
     /// name and Parse frame. Every statement the server has is here; an entry
     /// whose frame is empty may or may not exist on the server.
     pub prepared: HashMap<Box<[u8]>, Bytes>,
+}
+
+/// Reported parameters (ParameterStatus), shared: a session, its server
+/// connection and the router's last-seen copy point at one list until one of
+/// them changes, so a login does not copy it.
+pub type Params = Arc<Vec<(String, String)>>;
+
+/// Sets `name` to `value` in `params` (added when missing).
+pub fn set_param(params: &mut Vec<(String, String)>, name: &str, value: &str) {
+    match params.iter_mut().find(|(k, _)| k == name) {
+        Some(slot) => {
+            if slot.1 != value {
+                slot.1 = value.to_string();
+            }
+        }
+        None => params.push((name.to_string(), value.to_string())),
+    }
+}
+
+/// [`set_param`] on a shared list, copied first only when it changes.
+pub fn set_shared_param(params: &mut Params, name: &str, value: &str) {
+    if !params.iter().any(|(k, v)| k == name && v == value) {
+        set_param(Arc::make_mut(params), name, value);
+    }
 }
 
 impl ServerConn {
@@ -137,12 +161,12 @@ impl ServerConn {
         let stream = negotiate_tls(tcp, &target.host, login.sslmode, tls).await?;
         let mut conn = ServerConn {
             stream,
-            buf: BytesMut::with_capacity(8192),
+            buf: BytesMut::with_capacity(net::READ_CHUNK),
             epoch: target.epoch,
             addr,
             pid: 0,
             secret: 0,
-            params: Vec::new(),
+            params: Params::default(),
             startup: login.params.clone(),
             login_user: login.user.clone(),
             login_database: login.database.clone(),
@@ -179,13 +203,6 @@ impl ServerConn {
             .iter()
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.as_str())
-    }
-
-    fn set_param(&mut self, name: &str, value: &str) {
-        match self.params.iter_mut().find(|(k, _)| k == name) {
-            Some(slot) => slot.1 = value.to_string(),
-            None => self.params.push((name.to_string(), value.to_string())),
-        }
     }
 
     async fn login(&mut self, login: &Login) -> Result<(), ServerError> {
@@ -286,8 +303,7 @@ impl ServerConn {
                 }
                 b'S' => {
                     if let Some((name, value)) = parse_parameter_status(&body) {
-                        let (name, value) = (name.to_string(), value.to_string());
-                        self.set_param(&name, &value);
+                        set_shared_param(&mut self.params, name, value);
                     }
                 }
                 b'K' => {
@@ -321,6 +337,7 @@ impl ServerConn {
             if let Some(frame) = frame::split(&mut self.buf, MAX_SERVER_MESSAGE)? {
                 return Ok(frame);
             }
+            net::read_room(&mut self.buf);
             if self.stream.read_buf(&mut self.buf).await? == 0 {
                 return Err(ServerError::Closed);
             }
@@ -363,8 +380,7 @@ impl ServerConn {
                 }
                 b'S' => {
                     if let Some((name, value)) = parse_parameter_status(&body) {
-                        let (name, value) = (name.to_string(), value.to_string());
-                        self.set_param(&name, &value);
+                        set_shared_param(&mut self.params, name, value);
                     }
                 }
                 b'E' => {

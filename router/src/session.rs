@@ -21,7 +21,7 @@ use crate::protocol::backend::{self, sqlstate, Severity};
 use crate::protocol::startup::{self, FirstPacket, Startup};
 use crate::protocol::{cstr, frame, ProtocolError};
 use crate::relay::Session;
-use crate::server::{Login, ServerConn, ServerError};
+use crate::server::{set_shared_param, Login, Params, ServerConn, ServerError};
 use crate::{Runtime, Shared};
 
 /// Parameters a client is told about when no server connection could be
@@ -62,7 +62,7 @@ pub(crate) struct Ended;
 
 impl ClientConn {
     pub async fn read_more(&mut self) -> Result<(), Ended> {
-        self.rbuf.reserve(8192);
+        net::read_room(&mut self.rbuf);
         match self.stream.read_buf(&mut self.rbuf).await {
             Ok(0) | Err(_) => Err(Ended),
             Ok(_) => Ok(()),
@@ -106,10 +106,10 @@ impl ClientConn {
 pub(crate) async fn serve(
     shared: Arc<Shared>,
     tcp: TcpStream,
+    peer: std::net::SocketAddr,
     shutdown: CancellationToken,
     kill: CancellationToken,
 ) {
-    let peer = tcp.peer_addr().ok();
     if let Err(e) = net::tune(&tcp) {
         tracing::debug!(error = %e, "could not tune client socket");
     }
@@ -119,7 +119,7 @@ pub(crate) async fn serve(
         _ = kill.cancelled() => return,
     };
     match started {
-        Err(_) => tracing::info!(?peer, "client did not complete its startup in time"),
+        Err(_) => tracing::info!(%peer, "client did not complete its startup in time"),
         Ok(Err(Ended)) | Ok(Ok(None)) => {}
         Ok(Ok(Some((client, ready)))) => {
             Session::new(shared, client, ready, shutdown, kill)
@@ -133,7 +133,7 @@ pub(crate) async fn serve(
 pub(crate) struct Ready {
     pub login: Login,
     pub server: Option<ServerConn>,
-    pub known: Vec<(String, String)>,
+    pub known: Params,
     pub cancel: crate::cancel::CancelKey,
 }
 
@@ -144,7 +144,7 @@ async fn negotiate(
 ) -> Result<Option<(ClientConn, Startup)>, Ended> {
     let mut client = ClientConn {
         stream: Stream::Plain(tcp),
-        rbuf: BytesMut::with_capacity(1024),
+        rbuf: BytesMut::with_capacity(net::READ_CHUNK),
         wbuf: BytesMut::with_capacity(1024),
         max: rt.config.router.max_message_size as usize,
     };
@@ -352,31 +352,33 @@ async fn start(
         }
     }
 
-    let known: Vec<(String, String)> = match &server {
+    let known: Params = match &server {
         Some(conn) => {
-            shared.last_params.store(Arc::new(conn.params.clone()));
+            shared.remember_params(&conn.params);
             conn.params.clone()
         }
         None => {
             let last = shared.last_params.load_full();
-            let mut params: Vec<(String, String)> = if last.is_empty() {
-                FALLBACK_PARAMS
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect()
+            let mut params: Params = if last.is_empty() {
+                Arc::new(
+                    FALLBACK_PARAMS
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                )
             } else {
-                last.as_ref().clone()
+                last
             };
             for name in ECHOED {
                 if let Some(value) = startup.get(name) {
-                    set(&mut params, name, value);
+                    set_shared_param(&mut params, name, value);
                 }
             }
-            set(&mut params, "session_authorization", &user);
+            set_shared_param(&mut params, "session_authorization", &user);
             params
         }
     };
-    for (name, value) in &known {
+    for (name, value) in known.iter() {
         backend::parameter_status(&mut client.wbuf, name, value);
     }
     let cancel = shared.cancels.register();
@@ -395,13 +397,6 @@ async fn start(
             cancel,
         },
     )))
-}
-
-fn set(params: &mut Vec<(String, String)>, name: &str, value: &str) {
-    match params.iter_mut().find(|(k, _)| k == name) {
-        Some(slot) => slot.1 = value.to_string(),
-        None => params.push((name.to_string(), value.to_string())),
-    }
 }
 
 enum AuthOutcome {

@@ -181,9 +181,12 @@ fn interesting(sql: &str) -> bool {
         .position(|c| !c.is_ascii_whitespace())
         .map_or(&b[..0], |p| &b[p..]);
     let starts = |w: &[u8]| first.len() >= w.len() && first[..w.len()].eq_ignore_ascii_case(w);
+    // A statement's own trailing semicolon (pgbench sends one) starts no
+    // second statement; any other one might.
+    let one_statement = !sql.trim_end().trim_end_matches(';').contains(';');
     let plain_dml =
         (starts(b"select") || starts(b"insert") || starts(b"update") || starts(b"delete"))
-            && !sql.contains(';');
+            && one_statement;
     !plain_dml || contains_ci(sql, "advisory")
 }
 
@@ -447,6 +450,19 @@ mod tests {
             parts,
             vec!["SET a = 'x;y'", "SELECT $$;$$", "SET \"b;\" TO 1"]
         );
+    }
+
+    #[test]
+    fn a_single_dml_statement_is_not_parsed_further() {
+        assert!(!interesting(
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 1;"
+        ));
+        assert!(!interesting("update t set a = 1 ;\n"));
+        assert!(!interesting("  insert into t values (1)"));
+        assert!(interesting("SELECT 1; SET search_path = x;"));
+        assert!(interesting("select 1;set a = 1"));
+        assert!(interesting("select pg_advisory_lock(1);"));
+        assert!(interesting("SET a = 1;"));
     }
 
     #[test]
