@@ -449,6 +449,13 @@ impl Session {
     }
 
     async fn relay(&mut self) -> Result<(), Ended> {
+        // What the loop waits on besides the sockets is made once: made anew
+        // each time round, every one of these futures would register with
+        // its notifier and unregister again (a lock each) twice per
+        // transaction.
+        let mut kill = std::pin::pin!(self.kill.clone().cancelled_owned());
+        let mut shutdown = std::pin::pin!(self.shutdown.clone().cancelled_owned());
+        let mut cut = Box::pin(next_cut(self.cuts.clone()));
         loop {
             self.sync_busy();
             self.on_client_bytes().await?;
@@ -473,10 +480,13 @@ impl Session {
             // and a transaction that just ended must not be cut.
             tokio::select! {
                 biased;
-                _ = self.kill.cancelled() => return Err(self.stopping().await),
-                _ = self.shutdown.cancelled(), if idle => return Err(self.stopping().await),
+                _ = &mut kill => return Err(self.stopping().await),
+                _ = &mut shutdown, if idle => return Err(self.stopping().await),
                 r = read_server(&mut self.server) => self.on_server_read(r)?,
-                epoch = next_cut(&mut self.cuts) => self.on_cut(epoch)?,
+                (epoch, cuts) = &mut cut => {
+                    cut = Box::pin(next_cut(cuts));
+                    self.on_cut(epoch)?;
+                }
                 r = read_client(&mut self.client.stream, &mut self.client.rbuf) => {
                     if !matches!(r, Ok(n) if n > 0) {
                         return Err(Ended);
@@ -1281,12 +1291,14 @@ async fn give_back(shared: &Shared, mut server: ServerConn, reset: bool) {
 }
 
 /// The epoch of the next cut order.
-async fn next_cut(cuts: &mut watch::Receiver<(u64, i64)>) -> i64 {
+/// The next cut ordered on `cuts`, and the receiver to wait for the one after.
+async fn next_cut(mut cuts: watch::Receiver<(u64, i64)>) -> (i64, watch::Receiver<(u64, i64)>) {
     if cuts.changed().await.is_err() {
         // The routing table is gone: no cut will ever come.
         std::future::pending::<()>().await;
     }
-    cuts.borrow_and_update().1
+    let epoch = cuts.borrow_and_update().1;
+    (epoch, cuts)
 }
 
 #[cfg(test)]

@@ -134,14 +134,23 @@ impl Busy {
 impl Drop for Busy {
     fn drop(&mut self) {
         let mut gate = self.table.lock();
-        if let Some(n) = gate.busy.get_mut(&self.epoch) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                gate.busy.remove(&self.epoch);
+        let last = match gate.busy.get_mut(&self.epoch) {
+            Some(n) => {
+                *n = n.saturating_sub(1);
+                *n == 0
             }
+            None => true,
+        };
+        if last {
+            gate.busy.remove(&self.epoch);
         }
         drop(gate);
-        self.table.idle.send_modify(|v| *v = v.wrapping_add(1));
+        // A drain waits for no session busy on its epoch: only the last one
+        // ending can be what it waits for (telling it every time cost a
+        // notification per transaction).
+        if last {
+            self.table.idle.send_modify(|v| *v = v.wrapping_add(1));
+        }
     }
 }
 
@@ -233,7 +242,7 @@ impl RoutingTable {
         self.lock().busy.get(&epoch).copied().unwrap_or(0)
     }
 
-    /// A receiver that wakes up each time a session stops being busy.
+    /// A receiver that wakes up each time the last session busy on an epoch ends.
     pub fn subscribe_idle(&self) -> watch::Receiver<u64> {
         self.idle.subscribe()
     }
@@ -286,6 +295,22 @@ mod tests {
         table.publish(2, primary(NodeState::WaitPrimary, NodeState::WaitPrimary));
         assert!(!table.load().paused());
         assert_eq!(table.load().routed_epoch, 2);
+    }
+
+    #[test]
+    fn only_the_last_busy_session_of_an_epoch_wakes_a_drain() {
+        let table = Arc::new(RoutingTable::default());
+        table.publish(1, primary(NodeState::Primary, NodeState::Primary));
+        let first = table.begin(1).expect("epoch 1 open");
+        let second = table.begin(1).expect("epoch 1 open");
+        let mut idle = table.subscribe_idle();
+        idle.mark_unchanged();
+        drop(first);
+        assert_eq!(table.busy(1), 1);
+        assert!(!idle.has_changed().expect("open"), "one session still busy");
+        drop(second);
+        assert_eq!(table.busy(1), 0);
+        assert!(idle.has_changed().expect("open"), "the last one ended");
     }
 
     #[test]

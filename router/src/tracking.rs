@@ -453,6 +453,16 @@ mod tests {
     }
 
     #[test]
+    fn finds_words_whatever_their_case() {
+        assert!(contains_ci("select pg_ADVISORY_lock(1)", "advisory"));
+        assert!(contains_ci("Advisory", "advisory"));
+        assert!(contains_ci("x advisorY", "advisory"));
+        assert!(!contains_ci("advisor", "advisory"));
+        assert!(!contains_ci("", "advisory"));
+        assert!(contains_ci("DECLARE c CURSOR WITH HOLD FOR", "with hold"));
+    }
+
+    #[test]
     fn a_single_dml_statement_is_not_parsed_further() {
         assert!(!interesting(
             "SELECT abalance FROM pgbench_accounts WHERE aid = 1;"
