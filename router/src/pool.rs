@@ -40,11 +40,28 @@ struct Idle {
 struct Pool {
     slots: Arc<Semaphore>,
     size: u32,
+    /// In the order they were returned: the longest idle first.
     idle: Vec<Idle>,
     /// A connection went back idle.
     returned: Arc<Notify>,
     /// The login of the last client, to open `min_idle` connections with.
     login: Login,
+}
+
+impl Pool {
+    /// Moves the idle connections `doomed` picks into `victims`, keeping the
+    /// others in their order.
+    fn take_idle_where(
+        &mut self,
+        victims: &mut Vec<ServerConn>,
+        mut doomed: impl FnMut(&ServerConn) -> bool,
+    ) {
+        let (gone, kept): (Vec<Idle>, Vec<Idle>) = std::mem::take(&mut self.idle)
+            .into_iter()
+            .partition(|idle| doomed(&idle.conn));
+        self.idle = kept;
+        victims.extend(gone.into_iter().map(|idle| idle.conn));
+    }
 }
 
 /// Why no connection could be checked out.
@@ -134,8 +151,13 @@ impl Pools {
                 if pool.login != *login {
                     pool.login = login.clone();
                 }
-                let mut i = 0;
-                while i < pool.idle.len() {
+                // The most recently returned connection first (LIFO, as
+                // PgBouncer does by default): the connections in use stay
+                // warm, and a surplus stays idle long enough for
+                // `pool.idle_timeout_ms` to close it.
+                let mut i = pool.idle.len();
+                while i > 0 {
+                    i -= 1;
                     let c = &pool.idle[i].conn;
                     let stale =
                         c.epoch != target.epoch || lifetime.is_some_and(|l| c.born.elapsed() >= l);
@@ -143,11 +165,9 @@ impl Pools {
                     // Only the connection about to be handed out is probed;
                     // the others are when their turn comes.
                     if stale || (candidate && !c.looks_alive()) {
-                        victims.push(pool.idle.swap_remove(i).conn);
+                        victims.push(pool.idle.remove(i).conn);
                     } else if candidate {
-                        found = Some(pool.idle.swap_remove(i).conn);
-                    } else {
-                        i += 1;
+                        found = Some(pool.idle.remove(i).conn);
                     }
                 }
                 if found.is_none() {
@@ -247,39 +267,37 @@ impl Pools {
         let mut victims = Vec::new();
         let mut pools = self.lock();
         for pool in pools.values_mut() {
-            let mut i = 0;
-            while i < pool.idle.len() {
-                if pool.idle[i].conn.epoch == epoch {
-                    victims.push(pool.idle.swap_remove(i).conn);
-                } else {
-                    i += 1;
-                }
-            }
+            pool.take_idle_where(&mut victims, |conn| conn.epoch == epoch);
         }
         victims
     }
 
     /// Takes out the idle connections that must close now: to an older
-    /// epoch's primary, idle too long, or too old.
+    /// epoch's primary, too old, or idle too long. Idleness alone does not
+    /// take a pool below `min_idle` (as PgBouncer's `server_idle_timeout`
+    /// stops at `min_pool_size`): closing those only to open them again a
+    /// second later would churn backends for nothing.
     fn expired(
         &self,
         epoch: Option<i64>,
         idle_timeout: Option<Duration>,
         lifetime: Option<Duration>,
+        min_idle: u32,
     ) -> Vec<ServerConn> {
         let mut victims = Vec::new();
         let mut pools = self.lock();
         for pool in pools.values_mut() {
-            let mut i = 0;
-            while i < pool.idle.len() {
-                let idle = &pool.idle[i];
-                if epoch.is_some_and(|e| idle.conn.epoch != e)
-                    || idle_timeout.is_some_and(|t| idle.since.elapsed() >= t)
-                    || lifetime.is_some_and(|l| idle.conn.born.elapsed() >= l)
-                {
-                    victims.push(pool.idle.swap_remove(i).conn);
-                } else {
-                    i += 1;
+            pool.take_idle_where(&mut victims, |conn| {
+                epoch.is_some_and(|e| conn.epoch != e)
+                    || lifetime.is_some_and(|l| conn.born.elapsed() >= l)
+            });
+            if let Some(timeout) = idle_timeout {
+                // `idle` is in return order, so the longest idle go first and
+                // the ones kept are the freshest.
+                let mut closable = pool.idle.len().saturating_sub(min_idle as usize);
+                while closable > 0 && pool.idle[0].since.elapsed() >= timeout {
+                    victims.push(pool.idle.remove(0).conn);
+                    closable -= 1;
                 }
             }
         }
@@ -311,10 +329,12 @@ pub(crate) async fn maintain(shared: Arc<Shared>, stop: CancellationToken) {
         let routing = shared.routing.load();
         let config = shared.runtime.load().config.clone();
         let epoch = routing.known.then_some(routing.epoch);
-        let victims =
-            shared
-                .pools
-                .expired(epoch, config.pool_idle_timeout(), config.pool_lifetime());
+        let victims = shared.pools.expired(
+            epoch,
+            config.pool_idle_timeout(),
+            config.pool_lifetime(),
+            config.pool.min_idle,
+        );
         if !victims.is_empty() {
             tracing::info!(
                 closed = victims.len(),
@@ -351,6 +371,6 @@ pub(crate) async fn maintain(shared: Arc<Shared>, stop: CancellationToken) {
             _ = tokio::time::sleep(MAINTAIN_EVERY) => {}
         }
     }
-    let victims = shared.pools.expired(None, Some(Duration::ZERO), None);
+    let victims = shared.pools.expired(None, Some(Duration::ZERO), None, 0);
     close_all(victims).await;
 }

@@ -1,7 +1,8 @@
 //! Server connection pooling against real Postgres 15: session reuse with
 //! DISCARD ALL, transaction mode on fewer server connections, prepared
-//! statements across server connections, and pools emptied when the primary
-//! changes. No timing is asserted; waits are bounded loops.
+//! statements across server connections, pools emptied when the primary
+//! changes, and the pool's limits (LIFO reuse, idle timeout down to
+//! `min_idle`, lifetime). No timing is asserted; waits are bounded loops.
 
 mod support;
 
@@ -182,6 +183,100 @@ async fn transaction_mode_runs_many_clients_on_fewer_server_connections() {
         backend_pid(client).await;
     }
     assert!(c.router.router.pool_stats("app", "postgres").open <= 2);
+    c.router.stop().await;
+}
+
+/// Process ids of the server connections of user `app` on a node.
+async fn app_backend_pids(pg: &Pg) -> Vec<i32> {
+    pg.connect("postgres")
+        .await
+        .query(
+            "SELECT pid FROM pg_stat_activity WHERE usename = 'app' ORDER BY pid",
+            &[],
+        )
+        .await
+        .expect("list backends")
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_most_recently_returned_server_connection_is_reused_first() {
+    let c = Cluster::start(false, "", "[pool]\npool_size = 2\n").await;
+    create_app_role(&c.a).await;
+    let first = connect(&c.router.url("app")).await.expect("connect");
+    let second = connect(&c.router.url("app")).await.expect("connect");
+    let first_pid = backend_pid(&first).await;
+    let second_pid = backend_pid(&second).await;
+    assert_ne!(first_pid, second_pid);
+    drop(first);
+    wait_for("the first connection is back in the pool", || async {
+        c.router.router.pool_stats("app", "postgres").idle == 1
+    })
+    .await;
+    drop(second);
+    wait_for("the second connection is back in the pool", || async {
+        c.router.router.pool_stats("app", "postgres").idle == 2
+    })
+    .await;
+    // LIFO: the connection returned last serves the next client, so the
+    // other one stays idle and pool.idle_timeout_ms can retire a surplus.
+    let next = connect(&c.router.url("app")).await.expect("connect again");
+    assert_eq!(backend_pid(&next).await, second_pid);
+    c.router.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_timeout_closes_surplus_server_connections_down_to_min_idle() {
+    let c = Cluster::start(
+        false,
+        "",
+        "[pool]\npool_size = 4\nmin_idle = 1\nidle_timeout_ms = 200\n",
+    )
+    .await;
+    create_app_role(&c.a).await;
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let client = connect(&c.router.url("app")).await.expect("connect");
+        backend_pid(&client).await;
+        clients.push(client);
+    }
+    assert_eq!(app_backends(&c.a).await, 3);
+    drop(clients);
+    wait_for("idle connections past the timeout are closed", || async {
+        app_backends(&c.a).await == 1
+    })
+    .await;
+    let kept = app_backend_pids(&c.a).await;
+    // Several maintenance rounds (one a second), each past the idle timeout:
+    // the min_idle connection stays the same one, not closed and reopened.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_eq!(app_backend_pids(&c.a).await, kept);
+    c.router.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifetime_retires_a_server_connection_when_it_is_next_idle() {
+    let c = Cluster::start(
+        false,
+        "",
+        "[pool]\npool_size = 1\nidle_timeout_ms = 0\nlifetime_ms = 1000\n",
+    )
+    .await;
+    create_app_role(&c.a).await;
+    let client = connect(&c.router.url("app")).await.expect("connect");
+    let old_pid = backend_pid(&client).await;
+    // Past its lifetime while in use: a session is never cut for it.
+    tokio::time::sleep(Duration::from_millis(1_300)).await;
+    assert_eq!(backend_pid(&client).await, old_pid);
+    drop(client);
+    wait_for("the old connection is closed, not pooled", || async {
+        app_backends(&c.a).await == 0
+    })
+    .await;
+    let client = connect(&c.router.url("app")).await.expect("connect again");
+    assert_ne!(backend_pid(&client).await, old_pid);
     c.router.stop().await;
 }
 
