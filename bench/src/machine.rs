@@ -106,6 +106,31 @@ pub fn load_average() -> String {
         .join(" ")
 }
 
+/// CPU time the whole machine has spent busy since boot, in seconds: user,
+/// nice, system, irq and softirq over every CPU of `/proc/stat`; idle, iowait
+/// and steal (time the hypervisor gave to someone else) are not busy.
+pub fn busy_cpu_seconds() -> Option<f64> {
+    busy_seconds(std::fs::read_to_string("/proc/stat").ok()?.lines().next()?)
+}
+
+/// The busy seconds of `/proc/stat`'s `cpu` line (in USER_HZ, 100 on Linux).
+fn busy_seconds(line: &str) -> Option<f64> {
+    let mut fields = line.split_whitespace();
+    if fields.next()? != "cpu" {
+        return None;
+    }
+    let ticks: Vec<u64> = fields
+        .take(7)
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .ok()?;
+    // user nice system idle iowait irq softirq
+    let [user, nice, system, _idle, _iowait, irq, softirq] = ticks[..] else {
+        return None;
+    };
+    Some((user + nice + system + irq + softirq) as f64 / 100.0)
+}
+
 fn cpu_model() -> String {
     read_trim("/proc/cpuinfo")
         .lines()
@@ -146,4 +171,18 @@ fn command_line() -> String {
         }
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::busy_seconds;
+
+    #[test]
+    fn busy_time_leaves_out_idle_iowait_and_steal() {
+        let line = "cpu  1000 10 300 5000 40 5 25 700 0 0";
+        assert_eq!(busy_seconds(line), Some(13.4));
+        assert_eq!(busy_seconds("cpu0 1 2 3 4 5 6 7 8"), None);
+        assert_eq!(busy_seconds("cpu  1 2 x 4 5 6 7"), None);
+        assert_eq!(busy_seconds("cpu  1 2 3"), None);
+    }
 }

@@ -94,6 +94,8 @@ struct Sample {
     outcome: Result<Measured, String>,
     /// CPU the proxy used during the run, in cores (1.0 = one core busy).
     proxy_cpu: Option<f64>,
+    /// Busy CPU time of the whole machine during the run, in seconds.
+    machine_cpu: Option<f64>,
 }
 
 /// Runs the benchmark and prints its table.
@@ -286,12 +288,18 @@ fn measure(
             let label = format!("{pass}-{}", target.to_string().replace(' ', "-"));
             eprint!("{target:<24} {test:<15}");
             let cpu_before = running.pid.and_then(procs::cpu_seconds);
+            let machine_before = machine::busy_cpu_seconds();
             let started = std::time::Instant::now();
             let outcome = pgbench_run(&env, test, shape, running.port, &label)?;
             let wall = started.elapsed().as_secs_f64();
+            let machine_after = machine::busy_cpu_seconds();
             let cpu_after = running.pid.and_then(procs::cpu_seconds);
             let proxy_cpu = match (cpu_before, cpu_after) {
                 (Some(a), Some(b)) if wall > 0.0 => Some((b - a) / wall),
+                _ => None,
+            };
+            let machine_cpu = match (machine_before, machine_after) {
+                (Some(a), Some(b)) => Some(b - a),
                 _ => None,
             };
             match &outcome {
@@ -308,6 +316,7 @@ fn measure(
                 test,
                 outcome,
                 proxy_cpu,
+                machine_cpu,
             });
         }
         running.stop(sup);
@@ -487,6 +496,8 @@ struct Row {
     ratio: Option<f64>,
     /// Mean CPU the proxy used, in cores.
     proxy_cpu: Option<f64>,
+    /// Busy CPU time of the whole machine per transaction, in microseconds.
+    cpu_per_tx_us: Option<f64>,
 }
 
 struct Report {
@@ -520,6 +531,15 @@ fn aggregate(runs: &[Measured]) -> Option<(Measured, Option<f64>)> {
         (max - min) / m.tps
     });
     Some((m, spread))
+}
+
+/// The machine's busy CPU time per transaction, in microseconds, over the
+/// successful runs that measured it.
+fn cpu_per_transaction<'a>(samples: impl Iterator<Item = &'a Sample>) -> Option<f64> {
+    let (busy, transactions) = samples
+        .filter_map(|s| Some((s.machine_cpu?, s.outcome.as_ref().ok()?.transactions)))
+        .fold((0.0, 0), |(b, t), (busy, n)| (b + busy, t + n));
+    (transactions > 0).then(|| busy * 1e6 / transactions as f64)
 }
 
 /// Squeezes a (possibly multi-line) error into one line of at most 400 characters.
@@ -581,6 +601,11 @@ impl Report {
                     .collect();
                 let proxy_cpu =
                     (!cpus.is_empty()).then(|| cpus.iter().sum::<f64>() / cpus.len() as f64);
+                let cpu_per_tx_us = cpu_per_transaction(
+                    self.samples
+                        .iter()
+                        .filter(|s| s.target == target && s.test == test),
+                );
                 rows.push(Row {
                     target,
                     test,
@@ -589,6 +614,7 @@ impl Report {
                     runs,
                     ratio,
                     proxy_cpu,
+                    cpu_per_tx_us,
                 });
             }
         }
@@ -603,6 +629,24 @@ impl Report {
                 .and_then(|r| r.outcome.as_ref().ok().map(|m| (m.tps, r.ratio)))
         };
         let verdict = |ok: bool| if ok { "met" } else { "not met" };
+        let cost = |target: Target, test: Test| {
+            rows.iter()
+                .find(|r| r.target == target && r.test == test)
+                .and_then(|r| r.cpu_per_tx_us)
+        };
+        // What a goal of `goal` × direct leaves a proxy to spend, when the
+        // machine is CPU-bound and TPS is cores / CPU per transaction.
+        let budget = |target: Target, test: Test, goal: f64| match (
+            cost(target, test),
+            cost(Target::Direct, test),
+        ) {
+            (Some(c), Some(d)) => format!(
+                "; machine CPU per transaction {c:.0} µs against direct's {d:.0} µs \
+                 ({goal:.2} of direct needs at most {:.0} µs)",
+                d / goal
+            ),
+            _ => String::new(),
+        };
         let mut out = Vec::new();
         let mut routers: Vec<Target> = Vec::new();
         for t in self.order.iter().filter(|t| matches!(t, Target::Router(_))) {
@@ -613,8 +657,9 @@ impl Report {
         for target in routers {
             if let Some((_, Some(r))) = tps(target, Test::SelectOnly) {
                 out.push(format!(
-                    "{target}, select-only: {r:.2} of direct (goal 0.85): {}",
-                    verdict(r >= 0.85)
+                    "{target}, select-only: {r:.2} of direct (goal 0.85): {}{}",
+                    verdict(r >= 0.85),
+                    budget(target, Test::SelectOnly, 0.85)
                 ));
             }
             let bouncer = tps(
@@ -630,15 +675,16 @@ impl Report {
             }
             if let Some((_, Some(r))) = tps(target, Test::TpcB) {
                 out.push(format!(
-                    "{target}, TPC-B: {r:.2} of direct (goal 0.90): {}",
-                    verdict(r >= 0.9)
+                    "{target}, TPC-B: {r:.2} of direct (goal 0.90): {}{}",
+                    verdict(r >= 0.9),
+                    budget(target, Test::TpcB, 0.9)
                 ));
             }
         }
         out
     }
 
-    const HEADER: [&'static str; 8] = [
+    const HEADER: [&'static str; 9] = [
         "target",
         "test",
         "TPS",
@@ -646,10 +692,11 @@ impl Report {
         "connect avg ms",
         "vs direct",
         "proxy CPU",
+        "CPU µs/tx",
         "runs (spread)",
     ];
 
-    fn cells(row: &Row) -> [String; 8] {
+    fn cells(row: &Row) -> [String; 9] {
         let (tps, lat, conn) = match &row.outcome {
             Ok(m) => (
                 format!("{:.0}", m.tps),
@@ -671,6 +718,7 @@ impl Report {
             row.ratio.map_or("-".into(), |r| format!("{r:.2}")),
             row.proxy_cpu
                 .map_or("-".into(), |c| format!("{:.0}%", c * 100.0)),
+            row.cpu_per_tx_us.map_or("-".into(), |c| format!("{c:.0}")),
             runs,
         ]
     }
@@ -702,7 +750,11 @@ impl Report {
                 "direct ran first and after every round of proxies (rotated by one place \
                  per round); its row is the mean, \
                  ratios are to that mean; spread = (max - min) / mean of TPS over the runs; \
-                 proxy CPU = CPU time of the proxy process / run time (100% = one core)"
+                 proxy CPU = CPU time of the proxy process / run time (100% = one core); \
+                 CPU µs/tx = busy CPU time of the whole machine (user and system on every \
+                 core; not idle, iowait or steal) / transactions, pgbench, Postgres and the \
+                 proxy together: while every core is busy, TPS is about cores / CPU per \
+                 transaction, so a proxy's TPS ratio is about direct's CPU µs/tx / its own"
                     .to_string(),
             );
         }
@@ -714,17 +766,17 @@ impl Report {
 
     fn plain(&self, cx: &RunInfo, shape: &Shape, scale: u32) -> String {
         let rows = self.rows();
-        let cells: Vec<[String; 8]> = rows.iter().map(Self::cells).collect();
+        let cells: Vec<[String; 9]> = rows.iter().map(Self::cells).collect();
         let mut width = Self::HEADER.map(str::len);
         for r in &cells {
             for (w, c) in width.iter_mut().zip(r) {
                 *w = (*w).max(c.chars().count());
             }
         }
-        let line = |cells: [&str; 8]| {
+        let line = |cells: [&str; 9]| {
             let mut s = String::new();
             for (i, (c, w)) in cells.iter().zip(width).enumerate() {
-                if i < 2 || i == 7 {
+                if i < 2 || i == 8 {
                     let _ = write!(s, "{c:<w$}  ");
                 } else {
                     let _ = write!(s, "{c:>w$}  ");
@@ -743,7 +795,7 @@ impl Report {
         out.push_str(&line(Self::HEADER));
         for r in &cells {
             out.push_str(&line([
-                &r[0], &r[1], &r[2], &r[3], &r[4], &r[5], &r[6], &r[7],
+                &r[0], &r[1], &r[2], &r[3], &r[4], &r[5], &r[6], &r[7], &r[8],
             ]));
         }
         out.push('\n');
@@ -777,7 +829,7 @@ impl Report {
             cx.load_after,
         );
         let _ = writeln!(out, "| {} |", Self::HEADER.join(" | "));
-        out.push_str("|---|---|---:|---:|---:|---:|---:|---|\n");
+        out.push_str("|---|---|---:|---:|---:|---:|---:|---:|---|\n");
         for r in &rows {
             let _ = writeln!(out, "| {} |", Self::cells(r).join(" | "));
         }
@@ -872,5 +924,32 @@ mod tests {
         assert_eq!((mean.tps, spread), (100.0, Some(0.2)));
         assert_eq!(aggregate(&[m(5.0)]).map(|(_, s)| s), Some(None));
         assert!(aggregate(&[]).is_none());
+    }
+
+    #[test]
+    fn cpu_per_transaction_counts_only_runs_that_measured_it() {
+        let sample = |outcome: Result<u64, &str>, machine_cpu| Sample {
+            target: Target::Direct,
+            test: Test::SelectOnly,
+            outcome: outcome
+                .map(|transactions| Measured {
+                    tps: 1.0,
+                    latency_ms: 1.0,
+                    connect_ms: None,
+                    transactions,
+                    failed: 0,
+                })
+                .map_err(str::to_string),
+            proxy_cpu: None,
+            machine_cpu,
+        };
+        let runs = [
+            sample(Ok(100_000), Some(8.0)),
+            sample(Ok(300_000), Some(16.0)),
+            sample(Ok(50_000), None),
+            sample(Err("failed"), Some(9.0)),
+        ];
+        assert_eq!(cpu_per_transaction(runs.iter()), Some(60.0));
+        assert_eq!(cpu_per_transaction(runs[2..].iter()), None);
     }
 }
