@@ -21,6 +21,14 @@ async fn create_app_role(pg: &Pg) {
         .expect("create role app");
 }
 
+/// One node with the login role `app`, and a router with the `[pool]`
+/// section `pool`.
+async fn app_cluster(pool: &str) -> Cluster {
+    let c = Cluster::start(false, "", pool).await;
+    create_app_role(&c.a).await;
+    c
+}
+
 /// Server connections of user `app` on a node, as pg_stat_activity counts them.
 async fn app_backends(pg: &Pg) -> i64 {
     pg.connect("postgres")
@@ -73,8 +81,7 @@ async fn show(client: &tokio_postgres::Client, sql: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_mode_reuses_the_server_connection_after_discard_all() {
-    let c = Cluster::start(false, "", "[pool]\npool_size = 1\n").await;
-    create_app_role(&c.a).await;
+    let c = app_cluster("[pool]\npool_size = 1\n").await;
     let first = connect(&c.router.url("app")).await.expect("connect");
     let pid = backend_pid(&first).await;
     first
@@ -121,8 +128,7 @@ async fn session_mode_reuses_the_server_connection_after_discard_all() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transaction_mode_runs_many_clients_on_fewer_server_connections() {
-    let c = Cluster::start(false, "", "[pool]\nmode = \"transaction\"\npool_size = 2\n").await;
-    create_app_role(&c.a).await;
+    let c = app_cluster("[pool]\nmode = \"transaction\"\npool_size = 2\n").await;
     let mut clients = Vec::new();
     for _ in 0..6 {
         clients.push(connect(&c.router.url("app")).await.expect("connect"));
@@ -203,8 +209,7 @@ async fn app_backend_pids(pg: &Pg) -> Vec<i32> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_most_recently_returned_server_connection_is_reused_first() {
-    let c = Cluster::start(false, "", "[pool]\npool_size = 2\n").await;
-    create_app_role(&c.a).await;
+    let c = app_cluster("[pool]\npool_size = 2\n").await;
     let first = connect(&c.router.url("app")).await.expect("connect");
     let second = connect(&c.router.url("app")).await.expect("connect");
     let first_pid = backend_pid(&first).await;
@@ -229,13 +234,7 @@ async fn the_most_recently_returned_server_connection_is_reused_first() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_timeout_closes_surplus_server_connections_down_to_min_idle() {
-    let c = Cluster::start(
-        false,
-        "",
-        "[pool]\npool_size = 4\nmin_idle = 1\nidle_timeout_ms = 200\n",
-    )
-    .await;
-    create_app_role(&c.a).await;
+    let c = app_cluster("[pool]\npool_size = 4\nmin_idle = 1\nidle_timeout_ms = 200\n").await;
     let mut clients = Vec::new();
     for _ in 0..3 {
         let client = connect(&c.router.url("app")).await.expect("connect");
@@ -258,13 +257,7 @@ async fn idle_timeout_closes_surplus_server_connections_down_to_min_idle() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lifetime_retires_a_server_connection_when_it_is_next_idle() {
-    let c = Cluster::start(
-        false,
-        "",
-        "[pool]\npool_size = 1\nidle_timeout_ms = 0\nlifetime_ms = 1000\n",
-    )
-    .await;
-    create_app_role(&c.a).await;
+    let c = app_cluster("[pool]\npool_size = 1\nidle_timeout_ms = 0\nlifetime_ms = 1000\n").await;
     let client = connect(&c.router.url("app")).await.expect("connect");
     let old_pid = backend_pid(&client).await;
     // Past its lifetime while in use: a session is never cut for it.
@@ -336,8 +329,7 @@ async fn until_ready(raw: &mut Raw) -> (Vec<u8>, Vec<String>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transaction_mode_prepared_statements_follow_the_client_to_any_server_connection() {
-    let c = Cluster::start(false, "", "[pool]\nmode = \"transaction\"\npool_size = 2\n").await;
-    create_app_role(&c.a).await;
+    let c = app_cluster("[pool]\nmode = \"transaction\"\npool_size = 2\n").await;
     let a = connect(&c.router.url("app")).await.expect("connect a");
     let b = connect(&c.router.url("app")).await.expect("connect b");
     let stmt = a
