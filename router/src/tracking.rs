@@ -180,14 +180,26 @@ fn interesting(sql: &str) -> bool {
         .iter()
         .position(|c| !c.is_ascii_whitespace())
         .map_or(&b[..0], |p| &b[p..]);
-    let starts = |w: &[u8]| first.len() >= w.len() && first[..w.len()].eq_ignore_ascii_case(w);
+    let starts = |w: &[u8]| {
+        first.len() >= w.len()
+            && first[..w.len()].eq_ignore_ascii_case(w)
+            && first
+                .get(w.len())
+                .is_none_or(|c| !(c.is_ascii_alphanumeric() || *c == b'_'))
+    };
     // A statement's own trailing semicolon (pgbench sends one) starts no
     // second statement; any other one might.
     let one_statement = !sql.trim_end().trim_end_matches(';').contains(';');
-    let plain_dml =
-        (starts(b"select") || starts(b"insert") || starts(b"update") || starts(b"delete"))
-            && one_statement;
-    !plain_dml || contains_ci(sql, "advisory")
+    // DML, and transaction control (pgbench's TPC-B sends BEGIN; and END;
+    // on their own), change no session state by themselves.
+    let plain = [
+        "select", "insert", "update", "delete", "begin", "start", "commit", "end", "rollback",
+        "abort",
+    ]
+    .iter()
+    .any(|w| starts(w.as_bytes()))
+        && one_statement;
+    !plain || contains_ci(sql, "advisory")
 }
 
 /// The session-state effects of the statements in `sql`.
@@ -244,6 +256,8 @@ pub fn classify(sql: &str) -> Vec<Effect> {
             }
             ["unlisten", "*", ..] => out.push(Effect::UnlistenAll),
             ["listen", ..] => out.push(Effect::Sticky(Sticky::Listen)),
+            // PREPARE TRANSACTION is two-phase commit, not a statement.
+            ["prepare", "transaction", ..] => {}
             ["prepare", ..] => out.push(Effect::Sticky(Sticky::SqlPrepare)),
             ["declare", ..] if contains_ci(stmt, "with hold") => {
                 out.push(Effect::Sticky(Sticky::HoldCursor))
@@ -463,12 +477,27 @@ mod tests {
     }
 
     #[test]
-    fn a_single_dml_statement_is_not_parsed_further() {
+    fn a_single_dml_or_transaction_control_statement_is_not_parsed_further() {
         assert!(!interesting(
             "SELECT abalance FROM pgbench_accounts WHERE aid = 1;"
         ));
         assert!(!interesting("update t set a = 1 ;\n"));
         assert!(!interesting("  insert into t values (1)"));
+        assert!(!interesting("select(1)"));
+        for sql in [
+            "BEGIN;",
+            "begin isolation level serializable",
+            "START TRANSACTION READ ONLY;",
+            "END;",
+            "commit",
+            "ROLLBACK TO SAVEPOINT a",
+            "abort;",
+        ] {
+            assert!(!interesting(sql), "{sql}");
+        }
+        assert!(interesting("BEGIN; SET search_path = x;"));
+        assert!(interesting("endless = 1"));
+        assert!(interesting("selecting 1"));
         assert!(interesting("SELECT 1; SET search_path = x;"));
         assert!(interesting("select 1;set a = 1"));
         assert!(interesting("select pg_advisory_lock(1);"));
@@ -504,6 +533,11 @@ mod tests {
         );
         assert_eq!(classify("SELECT pg_advisory_xact_lock(1)"), vec![]);
         assert_eq!(classify("LISTEN x"), vec![Effect::Sticky(Sticky::Listen)]);
+        assert_eq!(
+            classify("PREPARE q AS SELECT 1"),
+            vec![Effect::Sticky(Sticky::SqlPrepare)]
+        );
+        assert_eq!(classify("PREPARE TRANSACTION 'gid'"), vec![]);
         assert_eq!(classify("DISCARD ALL"), vec![Effect::DiscardAll]);
     }
 
