@@ -219,27 +219,36 @@ fn command_complete_rollback(out: &mut BytesMut) {
 /// (AND CHAIN would open a new transaction on a server the router does not
 /// have: it is refused, and the client's plain ROLLBACK is what ends it.)
 pub(crate) fn ends_transaction(sql: &[u8]) -> bool {
-    let Ok(sql) = std::str::from_utf8(sql) else {
-        return false;
+    // Runs on every statement sent inside a transaction: the first word
+    // decides most of them, without allocating or decoding anything.
+    let is = |word: Option<&[u8]>, any: &[&str]| {
+        word.is_some_and(|w| any.iter().any(|k| w.eq_ignore_ascii_case(k.as_bytes())))
     };
-    let sql = sql.trim().trim_end_matches(';').trim_end();
-    if sql.contains(';') {
+    let mut words = sql
+        .split(|c| c.is_ascii_whitespace() || *c == b';')
+        .filter(|w| !w.is_empty());
+    if !is(words.next(), &["rollback", "abort", "commit", "end"]) {
         return false;
     }
-    let words: Vec<String> = sql
-        .split_whitespace()
-        .map(str::to_ascii_lowercase)
-        .collect();
-    let words: Vec<&str> = words.iter().map(String::as_str).collect();
-    let rest = match words.split_first() {
-        Some((first, rest)) if ["rollback", "abort", "commit", "end"].contains(first) => rest,
-        _ => return false,
-    };
-    let rest = match rest.split_first() {
-        Some((w, r)) if *w == "work" || *w == "transaction" => r,
-        _ => rest,
-    };
-    matches!(rest, [] | ["and", "no", "chain"])
+    // One statement: a semicolon may only end it.
+    let body = sql.trim_ascii_end();
+    let body = &body[..body.len() - body.iter().rev().take_while(|c| **c == b';').count()];
+    if body.contains(&b';') {
+        return false;
+    }
+    let mut next = words.next();
+    if is(next, &["work", "transaction"]) {
+        next = words.next();
+    }
+    match next {
+        None => true,
+        Some(w) => {
+            w.eq_ignore_ascii_case(b"and")
+                && is(words.next(), &["no"])
+                && is(words.next(), &["chain"])
+                && words.next().is_none()
+        }
+    }
 }
 
 #[cfg(test)]
@@ -319,6 +328,13 @@ mod tests {
             ("ROLLBACK PREPARED 'x'", false),
             ("ROLLBACK; SELECT 1", false),
             ("SELECT 1", false),
+            ("END;", true),
+            ("commit\n", true),
+            ("rollback ;", true),
+            ("rollback ; ;", false),
+            ("COMMITTED", false),
+            ("endless", false),
+            ("UPDATE t SET a = 1; COMMIT", false),
             ("", false),
         ] {
             assert_eq!(ends_transaction(sql.as_bytes()), ends, "{sql:?}");

@@ -27,7 +27,7 @@ use crate::protocol::{cstr, frame, ProtocolError};
 use crate::routing::Busy;
 use crate::server::{set_param, set_shared_param, Login, Params, ServerConn, ServerError};
 use crate::session::{ClientConn, Ended, Ready};
-use crate::tracking::SessionState;
+use crate::tracking::{self, SessionState};
 use crate::Shared;
 
 /// Delay between two connection attempts to a primary that does not answer.
@@ -213,10 +213,7 @@ fn forget_all(server: &mut ServerConn) {
 }
 
 fn mentions_deallocation(sql: &[u8]) -> bool {
-    const WORDS: [&[u8]; 2] = [b"deallocate", b"discard"];
-    WORDS
-        .iter()
-        .any(|w| sql.windows(w.len()).any(|win| win.eq_ignore_ascii_case(w)))
+    tracking::contains_ci(sql, "deallocate") || tracking::contains_ci(sql, "discard")
 }
 
 /// One client session in the relay phase.

@@ -166,11 +166,27 @@ fn words(stmt: &str, n: usize) -> Vec<String> {
         .collect()
 }
 
-fn contains_ci(haystack: &str, needle: &str) -> bool {
-    haystack
-        .as_bytes()
-        .windows(needle.len())
-        .any(|w| w.eq_ignore_ascii_case(needle.as_bytes()))
+/// Whether the ASCII `needle` occurs in `haystack`, whatever the case of
+/// either. It runs on every statement, so it jumps (memchr) from one
+/// occurrence of one of the needle's bytes to the next and compares only
+/// there; the byte is the needle's first that is not among the most common
+/// in SQL text, so that few places need a compare.
+pub(crate) fn contains_ci(haystack: impl AsRef<[u8]>, needle: &str) -> bool {
+    let (hay, needle) = (haystack.as_ref(), needle.as_bytes());
+    if needle.is_empty() {
+        return true;
+    }
+    let anchor = needle
+        .iter()
+        .position(|c| !b"etaoins _".contains(&c.to_ascii_lowercase()))
+        .unwrap_or(0);
+    let b = needle[anchor];
+    memchr::memchr2_iter(b.to_ascii_lowercase(), b.to_ascii_uppercase(), hay).any(|at| {
+        at >= anchor
+            && hay
+                .get(at - anchor..at - anchor + needle.len())
+                .is_some_and(|w| w.eq_ignore_ascii_case(needle))
+    })
 }
 
 /// Quick check: can this SQL possibly change tracked session state?
@@ -473,6 +489,12 @@ mod tests {
         assert!(contains_ci("x advisorY", "advisory"));
         assert!(!contains_ci("advisor", "advisory"));
         assert!(!contains_ci("", "advisory"));
+        assert!(contains_ci("DISCARD ALL", "discard"));
+        assert!(contains_ci("x ON COMMIT DROP", "on commit drop"));
+        assert!(contains_ci("declare c cursor WITH HOLD for", "with hold"));
+        assert!(!contains_ci("with  hold", "with hold"));
+        assert!(contains_ci("aaaa", "aaa"));
+        assert!(contains_ci(b"dd", ""));
         assert!(contains_ci("DECLARE c CURSOR WITH HOLD FOR", "with hold"));
     }
 
