@@ -93,7 +93,7 @@ pub async fn read_routing(
             let reported: String = row.try_get(5)?;
             Some(Primary {
                 node_id,
-                host: row.try_get(2)?,
+                host: row.try_get::<_, String>(2)?.into(),
                 port: u16::try_from(port)
                     .map_err(|_| MonitorError::Corrupt(format!("node port {port}")))?,
                 goal: goal.parse::<NodeState>()?,

@@ -34,7 +34,41 @@ const MIN_READ_ROOM: usize = READ_CHUNK / 4;
 /// whole old allocation (realloc cannot know how much of it is in use).
 pub fn read_room(buf: &mut BytesMut) {
     if buf.capacity() - buf.len() < MIN_READ_ROOM {
+        if buf.capacity() == 0 {
+            if let Some(spare) = SPARE.with_borrow_mut(Vec::pop) {
+                *buf = spare;
+                return;
+            }
+        }
         buf.reserve(READ_CHUNK);
+    }
+}
+
+/// Empty buffers kept per thread at most, one chunk each (512 KiB).
+const SPARES_PER_THREAD: usize = 32;
+
+thread_local! {
+    /// Empty one-chunk buffers that sessions gave up, for the next read that
+    /// needs one on this thread (as PgBouncer keeps its I/O buffers in a
+    /// slab cache): a client running one transaction after another in
+    /// transaction mode gives its buffers up between transactions and would
+    /// otherwise allocate them again for each one.
+    static SPARE: std::cell::RefCell<Vec<BytesMut>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Takes `buf`'s memory away, leaving it with none: an empty buffer of one
+/// chunk is kept for [`read_room`] (while the thread keeps fewer than
+/// [`SPARES_PER_THREAD`]), any other is freed.
+pub fn give_up(buf: &mut BytesMut) {
+    let mut buf = std::mem::take(buf);
+    // An emptied buffer that was read from starts further in; reclaiming
+    // moves its start back (it never allocates).
+    if buf.is_empty() && buf.try_reclaim(READ_CHUNK) && buf.capacity() == READ_CHUNK {
+        SPARE.with_borrow_mut(|spare| {
+            if spare.len() < SPARES_PER_THREAD {
+                spare.push(buf);
+            }
+        });
     }
 }
 

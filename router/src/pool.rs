@@ -26,10 +26,37 @@ use crate::Shared;
 /// How often the maintenance task looks at idle connections.
 const MAINTAIN_EVERY: Duration = Duration::from_secs(1);
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct Key {
-    user: String,
-    database: String,
+/// The pools by server user, then database. Looked up with the login's own
+/// strings (a `String` key answers to a `&str`), so that a checkout or a
+/// checkin allocates nothing.
+#[derive(Default)]
+struct PoolMap(HashMap<String, HashMap<String, Pool>>);
+
+impl PoolMap {
+    fn get(&self, user: &str, database: &str) -> Option<&Pool> {
+        self.0.get(user)?.get(database)
+    }
+
+    fn get_mut(&mut self, user: &str, database: &str) -> Option<&mut Pool> {
+        self.0.get_mut(user)?.get_mut(database)
+    }
+
+    fn get_or_insert_with(
+        &mut self,
+        user: &str,
+        database: &str,
+        new: impl FnOnce() -> Pool,
+    ) -> &mut Pool {
+        slot(slot(&mut self.0, user, HashMap::new), database, new)
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Pool> {
+        self.0.values().flat_map(HashMap::values)
+    }
+
+    fn values_mut(&mut self) -> impl Iterator<Item = &mut Pool> {
+        self.0.values_mut().flat_map(HashMap::values_mut)
+    }
 }
 
 struct Idle {
@@ -73,10 +100,21 @@ pub(crate) enum CheckoutError {
     Full { size: u32 },
 }
 
+/// `map[key]`, made with `new` first if absent; finding it allocates nothing.
+fn slot<'a, V>(map: &'a mut HashMap<String, V>, key: &str, new: impl FnOnce() -> V) -> &'a mut V {
+    if !map.contains_key(key) {
+        map.insert(key.to_string(), new());
+    }
+    match map.get_mut(key) {
+        Some(value) => value,
+        None => unreachable!("{key} was just inserted"),
+    }
+}
+
 /// All pools.
 #[derive(Default)]
 pub(crate) struct Pools {
-    pools: Mutex<HashMap<Key, Pool>>,
+    pools: Mutex<PoolMap>,
 }
 
 /// Counts of one pool (for tests and logs).
@@ -88,13 +126,6 @@ pub struct PoolStats {
     pub open: usize,
 }
 
-fn key(login: &Login) -> Key {
-    Key {
-        user: login.user.clone(),
-        database: login.database.clone(),
-    }
-}
-
 async fn close_all(conns: Vec<ServerConn>) {
     for conn in conns {
         conn.terminate().await;
@@ -102,17 +133,14 @@ async fn close_all(conns: Vec<ServerConn>) {
 }
 
 impl Pools {
-    fn lock(&self) -> MutexGuard<'_, HashMap<Key, Pool>> {
+    fn lock(&self) -> MutexGuard<'_, PoolMap> {
         self.pools.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Counts of the pool of `user` and `database`.
     pub fn stats(&self, user: &str, database: &str) -> PoolStats {
         let pools = self.lock();
-        match pools.get(&Key {
-            user: user.to_string(),
-            database: database.to_string(),
-        }) {
+        match pools.get(user, database) {
             Some(p) => PoolStats {
                 idle: p.idle.len(),
                 open: p.size as usize - p.slots.available_permits(),
@@ -134,14 +162,13 @@ impl Pools {
     ) -> Result<ServerConn, CheckoutError> {
         let size = shared.runtime.load().config.pool.pool_size;
         let lifetime = shared.runtime.load().config.pool_lifetime();
-        let k = key(login);
         loop {
             let mut victims = Vec::new();
             let mut found = None;
             let mut permit = None;
             let (slots, returned, size) = {
                 let mut pools = self.lock();
-                let pool = pools.entry(k.clone()).or_insert_with(|| Pool {
+                let pool = pools.get_or_insert_with(&login.user, &login.database, || Pool {
                     slots: Arc::new(Semaphore::new(size as usize)),
                     size,
                     idle: Vec::new(),
@@ -245,10 +272,7 @@ impl Pools {
             return Some(conn);
         }
         let mut pools = self.lock();
-        let Some(pool) = pools.get_mut(&Key {
-            user: conn.login_user.clone(),
-            database: conn.login_database.clone(),
-        }) else {
+        let Some(pool) = pools.get_mut(&conn.login_user, &conn.login_database) else {
             return Some(conn);
         };
         pool.idle.push(Idle {

@@ -423,7 +423,7 @@ impl Session {
             &mut self.swbuf,
         ] {
             if buf.is_empty() && buf.capacity() > 0 {
-                *buf = BytesMut::new();
+                net::give_up(buf);
             }
         }
     }
@@ -1080,12 +1080,11 @@ impl Session {
         let mut waited = false;
         loop {
             let routing = self.shared.routing.load();
-            let target = routing.target();
             if let Some(server) = &self.server {
-                match &target {
-                    Some(t) if t.epoch == server.epoch => {
+                match routing.target_epoch() {
+                    Some(epoch) if epoch == server.epoch => {
                         if waited {
-                            tracing::info!(epoch = t.epoch, "resumed on the same primary");
+                            tracing::info!(epoch, "resumed on the same primary");
                         }
                         return Ok(());
                     }
@@ -1099,6 +1098,7 @@ impl Session {
                     None => {}
                 }
             }
+            let target = routing.target();
             if self.server.is_none() {
                 if let Some(target) = &target {
                     if self.had_server && !self.tx_mode {

@@ -23,8 +23,8 @@ use crate::server::Target;
 pub struct Primary {
     /// Node id.
     pub node_id: i64,
-    /// Host.
-    pub host: String,
+    /// Host (shared: every new server connection's target names it).
+    pub host: Arc<str>,
     /// Port.
     pub port: u16,
     /// Goal the monitor assigned.
@@ -61,23 +61,25 @@ impl Routing {
     /// Where new server connections go, when the primary is writable and not
     /// being drained.
     pub fn target(&self) -> Option<Target> {
-        if self.draining() {
-            return None;
-        }
-        self.primary
-            .as_ref()
-            .filter(|p| p.writable())
-            .map(|p| Target {
-                host: p.host.clone(),
-                port: p.port,
-                epoch: self.epoch,
-            })
+        self.target_epoch()?;
+        self.primary.as_ref().map(|p| Target {
+            host: p.host.clone(),
+            port: p.port,
+            epoch: self.epoch,
+        })
+    }
+
+    /// The epoch of [`Routing::target`], without building it (every
+    /// transaction asks, and the host name is a String to copy).
+    pub fn target_epoch(&self) -> Option<i64> {
+        let writable = self.primary.as_ref().is_some_and(|p| p.writable());
+        (writable && !self.draining()).then_some(self.epoch)
     }
 
     /// True while new transactions have to wait (the primary is moving,
     /// unknown, or being drained).
     pub fn paused(&self) -> bool {
-        self.target().is_none()
+        self.target_epoch().is_none()
     }
 
     /// True while a switchover drain holds the current epoch's primary.
@@ -222,11 +224,7 @@ impl RoutingTable {
     /// under one lock, so a drain that starts after this returns sees the mark.
     pub fn begin(self: &Arc<Self>, epoch: i64) -> Option<Busy> {
         let mut gate = self.lock();
-        let allowed = self
-            .current
-            .load()
-            .target()
-            .is_some_and(|t| t.epoch == epoch);
+        let allowed = self.current.load().target_epoch() == Some(epoch);
         if !allowed {
             return None;
         }
@@ -273,6 +271,29 @@ mod tests {
             goal,
             reported,
         })
+    }
+
+    #[test]
+    fn the_target_epoch_is_the_epoch_of_the_target() {
+        let mut r = Routing {
+            epoch: 3,
+            primary: primary(NodeState::Primary, NodeState::Primary),
+            ..Routing::default()
+        };
+        let agree = |r: &Routing, want: Option<i64>| {
+            assert_eq!(r.target_epoch(), want, "{r:?}");
+            assert_eq!(r.target().map(|t| t.epoch), want, "{r:?}");
+        };
+        agree(&r, Some(3));
+        r.drain = Some(2);
+        agree(&r, Some(3));
+        r.drain = Some(3);
+        agree(&r, None);
+        r.drain = None;
+        r.primary = primary(NodeState::Draining, NodeState::Primary);
+        agree(&r, None);
+        r.primary = None;
+        agree(&r, None);
     }
 
     #[test]

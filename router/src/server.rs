@@ -28,7 +28,7 @@ const MAX_SERVER_MESSAGE: usize = 1 << 30;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
     /// Host name or address.
-    pub host: String,
+    pub host: Arc<str>,
     /// Port.
     pub port: u16,
     /// The routing epoch this target is the primary of.
@@ -155,7 +155,7 @@ impl ServerConn {
         login: &Login,
         tls: &Arc<rustls::ClientConfig>,
     ) -> Result<ServerConn, ServerError> {
-        let tcp = TcpStream::connect((target.host.as_str(), target.port)).await?;
+        let tcp = TcpStream::connect((&*target.host, target.port)).await?;
         net::tune(&tcp)?;
         let addr = tcp.peer_addr()?;
         let stream = negotiate_tls(tcp, &target.host, login.sslmode, tls).await?;
