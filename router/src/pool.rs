@@ -351,7 +351,10 @@ pub(crate) async fn maintain(shared: Arc<Shared>, stop: CancellationToken) {
     let mut changes = shared.routing.subscribe();
     loop {
         let routing = shared.routing.load();
-        let config = shared.runtime.load().config.clone();
+        // The whole configuration in force, shared (cloning it every second
+        // would copy each of its strings).
+        let runtime = shared.runtime.load_full();
+        let config = &runtime.config;
         let epoch = routing.known.then_some(routing.epoch);
         let victims = shared.pools.expired(
             epoch,
