@@ -394,6 +394,20 @@ fn init_tracing(default: &str) {
         .try_init();
 }
 
+/// The async runtime `command` runs on: `router run` takes its threads from its
+/// configuration file (a file that does not load is reported by the command
+/// itself), everything else gets tokio's default.
+fn runtime_for(command: &Command) -> std::io::Result<tokio::runtime::Runtime> {
+    if let Command::Router(RouterCommand::Run { config }) = command {
+        if let Ok(config) = hapg_config::router::RouterConfig::load(config) {
+            return hapg_router::threads::build_runtime(&config.router);
+        }
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let verbose = matches!(
@@ -401,10 +415,7 @@ fn main() -> std::process::ExitCode {
         Command::Run(_) | Command::Create(_) | Command::Router(_) | Command::Demo(_)
     );
     init_tracing(if verbose { "info" } else { "warn" });
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime_for(&cli.command) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("hapg: cannot start the async runtime: {e}");

@@ -99,6 +99,8 @@ pub struct Env {
     pub node_port: u16,
     pub dbname: String,
     pub clients: u32,
+    /// Lines added to router.toml's `[router]` section (worker threads, CPU scheduling).
+    pub router_settings: String,
 }
 
 impl Env {
@@ -269,6 +271,7 @@ fn router_toml(env: &Env, port: u16, pool: RouterPool) -> String {
          max_client_connections = {max}\n\
          pause_timeout_ms = 5000\n\
          drain_timeout_ms = 2000\n\
+         {settings}\
          \n\
          [auth]\n\
          type = \"trust\"\n\
@@ -279,6 +282,7 @@ fn router_toml(env: &Env, port: u16, pool: RouterPool) -> String {
         monitor = env.monitor_uri.replace('\\', "\\\\").replace('"', "\\\""),
         max = (env.clients * 4).max(1000),
         pool = pool.toml(env.clients),
+        settings = env.router_settings,
     )
 }
 

@@ -58,6 +58,15 @@ pub struct ThroughputArgs {
     /// none when the router has no pooling (it refuses a `[pool]` section).
     #[arg(long, value_delimiter = ',')]
     pub router_pool_mode: Vec<String>,
+    /// `router.worker_threads` of the router rows; 0 leaves it out (one
+    /// worker per CPU, the router's default). One worker, like PgBouncer's one
+    /// thread, suits a router that shares a small machine with Postgres.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=1024))]
+    pub router_worker_threads: u32,
+    /// `router.cpu_scheduling` of the router rows: normal (the router's
+    /// default) or batch.
+    #[arg(long, default_value = "batch", value_parser = ["normal", "batch"])]
+    pub router_cpu_scheduling: String,
     /// How many times to run the proxies (direct runs first and after each
     /// round); the table shows means and the spread between runs.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
@@ -96,6 +105,24 @@ struct Sample {
     proxy_cpu: Option<f64>,
     /// Busy CPU time of the whole machine during the run, in seconds.
     machine_cpu: Option<f64>,
+}
+
+/// The `[router]` lines the router rows add to router.toml, one per line.
+fn router_settings(args: &ThroughputArgs) -> String {
+    let mut lines = String::new();
+    if args.router_worker_threads > 0 {
+        lines.push_str(&format!(
+            "worker_threads = {}\n",
+            args.router_worker_threads
+        ));
+    }
+    if args.router_cpu_scheduling != "normal" {
+        lines.push_str(&format!(
+            "cpu_scheduling = \"{}\"\n",
+            args.router_cpu_scheduling
+        ));
+    }
+    lines
 }
 
 /// Runs the benchmark and prints its table.
@@ -234,6 +261,7 @@ fn measure(
         node_port: cluster.node_port,
         dbname: DBNAME.into(),
         clients: args.clients,
+        router_settings: router_settings(args),
     };
     if args.warmup > 0 {
         eprintln!("warm-up: {} s select-only on the node", args.warmup);
@@ -247,6 +275,17 @@ fn measure(
     }
 
     let mut notes = Vec::new();
+    if order.iter().any(|t| matches!(t, Target::Router(_))) {
+        let settings = env.router_settings.trim().replace('\n', ", ");
+        notes.push(format!(
+            "Router rows: {} (--router-worker-threads, --router-cpu-scheduling).",
+            if settings.is_empty() {
+                "the router's defaults"
+            } else {
+                &settings
+            }
+        ));
+    }
     if args.router_pool_mode.is_empty() && !router_pools(&env, sup)? {
         notes.push(format!(
             "{NO_POOL}: one router row, without a [pool] section"
@@ -909,6 +948,29 @@ mod tests {
             ]),
             ["pgbouncer session", "pgbouncer transaction"]
         );
+    }
+
+    #[test]
+    fn router_rows_get_the_router_settings_asked_for() {
+        let settings = |argv: &[&str]| {
+            let cli = Cli::try_parse_from(std::iter::once("t").chain(argv.iter().copied()))
+                .expect("parse");
+            router_settings(&cli.args)
+        };
+        assert_eq!(
+            settings(&[]),
+            "worker_threads = 1\ncpu_scheduling = \"batch\"\n"
+        );
+        assert_eq!(
+            settings(&[
+                "--router-worker-threads",
+                "0",
+                "--router-cpu-scheduling",
+                "normal"
+            ]),
+            ""
+        );
+        assert!(Cli::try_parse_from(["t", "--router-cpu-scheduling", "fifo"]).is_err());
     }
 
     #[test]

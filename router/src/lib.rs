@@ -14,6 +14,7 @@ pub mod pool;
 pub mod protocol;
 pub mod routing;
 pub mod server;
+pub mod threads;
 pub mod tls;
 pub mod tracking;
 
@@ -171,7 +172,8 @@ impl Router {
     /// Re-reads the configuration file (what SIGHUP does). A bad file keeps the
     /// configuration in force and returns why. New settings apply to new
     /// connections and new transactions; a changed monitor or formation makes
-    /// the follower reconnect; `router.listen` needs a restart.
+    /// the follower reconnect; `router.listen`, `router.worker_threads` and
+    /// `router.cpu_scheduling` need a restart.
     pub fn reload(&self) -> Result<(), RouterError> {
         let next = match Runtime::load(&self.shared.config_path) {
             Ok(next) => next,
@@ -183,6 +185,11 @@ impl Router {
         let old = self.shared.runtime.load_full();
         if next.config.router.listen != old.config.router.listen {
             tracing::warn!("router.listen changed: it takes effect at the next restart");
+        }
+        if next.config.router.worker_threads != old.config.router.worker_threads
+            || next.config.router.cpu_scheduling != old.config.router.cpu_scheduling
+        {
+            tracing::warn!("router.worker_threads or router.cpu_scheduling changed: it takes effect at the next restart");
         }
         let follow_changed = next.config.router.monitor != old.config.router.monitor
             || next.config.router.formation != old.config.router.formation
