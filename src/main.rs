@@ -394,18 +394,19 @@ fn init_tracing(default: &str) {
         .try_init();
 }
 
-/// The async runtime `command` runs on: `router run` takes its threads from its
-/// configuration file (a file that does not load is reported by the command
-/// itself), everything else gets tokio's default.
-fn runtime_for(command: &Command) -> std::io::Result<tokio::runtime::Runtime> {
-    if let Command::Router(RouterCommand::Run { config }) = command {
+/// Runs `command` on its async runtime: `router run` on the threads its
+/// configuration file asks for (a file that does not load is reported by the
+/// command itself), everything else on tokio's default.
+fn run(command: Command) -> std::io::Result<anyhow::Result<()>> {
+    if let Command::Router(RouterCommand::Run { config }) = &command {
         if let Ok(config) = hapg_config::router::RouterConfig::load(config) {
-            return hapg_router::threads::build_runtime(&config.router);
+            return hapg_router::threads::block_on(&config.router, || commands::dispatch(command));
         }
     }
-    tokio::runtime::Builder::new_multi_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .build()
+        .build()?;
+    Ok(runtime.block_on(commands::dispatch(command)))
 }
 
 fn main() -> std::process::ExitCode {
@@ -415,17 +416,14 @@ fn main() -> std::process::ExitCode {
         Command::Run(_) | Command::Create(_) | Command::Router(_) | Command::Demo(_)
     );
     init_tracing(if verbose { "info" } else { "warn" });
-    let runtime = match runtime_for(&cli.command) {
-        Ok(rt) => rt,
+    match run(cli.command) {
+        Ok(Ok(())) => std::process::ExitCode::SUCCESS,
+        Ok(Err(e)) => {
+            eprintln!("hapg: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("hapg: cannot start the async runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(commands::dispatch(cli.command)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("hapg: {e:#}");
             std::process::ExitCode::FAILURE
         }
     }

@@ -93,7 +93,12 @@ async fn router_in_front_of_a_cluster_switchover_and_power_off() {
     let cluster = Cluster::formation(&["node_a", "node_b"], STEP);
     let monitor_uri = cluster.monitor_uri();
 
-    let router = cluster.start_router("router", "pause_timeout_ms = 30000");
+    // One worker under batch scheduling, as hapg-bench runs it: the
+    // current-thread scheduler carries the switchover and the power-off too.
+    let router = cluster.start_router(
+        "router",
+        "pause_timeout_ms = 30000\nworker_threads = 1\ncpu_scheduling = \"batch\"",
+    );
     let uri = router.uri("appdb");
     wait_writable(&uri, STEP).await;
 

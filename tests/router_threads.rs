@@ -1,6 +1,11 @@
 //! `router.worker_threads` and `router.cpu_scheduling` shape the real `hapg
 //! router run` process: how many router threads it runs, and the Linux
 //! scheduling policy they run under (read back from `/proc`).
+//!
+//! Each router's monitor is on port 1, where nothing listens: it keeps
+//! retrying, which is all this test needs. A monitor named `localhost` makes
+//! every attempt resolve the name, which tokio does on a thread for blocking
+//! work; one named `127.0.0.1` needs no such thread.
 
 mod support;
 
@@ -8,6 +13,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use hapg_router::threads::{BLOCKING_THREAD_NAME, THREAD_NAME};
 use support::{free_port, hapg_bin};
 
 /// SCHED_OTHER and SCHED_BATCH as `/proc/<pid>/task/<tid>/stat` reports them.
@@ -24,17 +30,16 @@ impl Drop for RouterProcess {
     }
 }
 
-/// Starts a router whose monitor does not answer (nothing listens on port 1,
-/// so it keeps retrying, which is all this test needs) with `settings` in its
-/// `[router]` section; returns once it accepts connections.
-fn start_router(dir: &Path, name: &str, settings: &str) -> RouterProcess {
+/// Starts a router whose monitor on `monitor_host` does not answer, with
+/// `settings` in its `[router]` section; returns once it accepts connections.
+fn start_router(dir: &Path, name: &str, monitor_host: &str, settings: &str) -> RouterProcess {
     let port = free_port();
     let config = dir.join(format!("{name}.toml"));
     std::fs::write(
         &config,
         format!(
             "[router]\nlisten = \"127.0.0.1:{port}\"\n\
-             monitor = \"postgres://autoctl_node@127.0.0.1:1/pg_auto_failover\"\n{settings}\n"
+             monitor = \"postgres://autoctl_node@{monitor_host}:1/pg_auto_failover\"\n{settings}\n"
         ),
     )
     .expect("write router.toml");
@@ -59,14 +64,14 @@ fn start_router(dir: &Path, name: &str, settings: &str) -> RouterProcess {
     router
 }
 
-/// The scheduling policy of each thread named like the router's threads.
-fn router_thread_policies(router: &RouterProcess) -> Vec<u32> {
+/// The scheduling policy of each of the router's threads named `name`.
+fn thread_policies(router: &RouterProcess, name: &str) -> Vec<u32> {
     let tasks = format!("/proc/{}/task", router.0.id());
     let mut policies = Vec::new();
     for task in std::fs::read_dir(&tasks).expect("read the router's tasks") {
         let path = task.expect("task entry").path();
         let comm = std::fs::read_to_string(path.join("comm")).expect("comm");
-        if comm.trim_end() != hapg_router::threads::THREAD_NAME {
+        if comm.trim_end() != name {
             continue;
         }
         let stat = std::fs::read_to_string(path.join("stat")).expect("stat");
@@ -90,19 +95,34 @@ fn worker_threads_and_cpu_scheduling_shape_the_router_process() {
     let batch = start_router(
         dir.path(),
         "batch",
+        "localhost",
         "worker_threads = 1\ncpu_scheduling = \"batch\"",
     );
-    let normal = start_router(dir.path(), "normal", "worker_threads = 3");
+    let normal = start_router(dir.path(), "normal", "127.0.0.1", "worker_threads = 3");
 
-    let batch_threads = router_thread_policies(&batch);
-    let normal_threads = router_thread_policies(&normal);
+    // The one-worker router has resolved its monitor's name at least once.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while thread_policies(&batch, BLOCKING_THREAD_NAME).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the one-worker router started no {BLOCKING_THREAD_NAME} thread for name resolution within 20 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
     assert_eq!(
-        batch_threads,
+        thread_policies(&batch, THREAD_NAME),
         vec![SCHED_BATCH],
-        "worker_threads = 1, cpu_scheduling = \"batch\": one router thread, under SCHED_BATCH"
+        "worker_threads = 1, cpu_scheduling = \"batch\": one thread serves clients, under SCHED_BATCH, \
+         and blocking work runs elsewhere"
+    );
+    let blocking = thread_policies(&batch, BLOCKING_THREAD_NAME);
+    assert!(
+        blocking.iter().all(|&policy| policy == SCHED_BATCH),
+        "the one-worker router's threads for blocking work inherit SCHED_BATCH: {blocking:?}"
     );
     assert_eq!(
-        normal_threads,
+        thread_policies(&normal, THREAD_NAME),
         vec![SCHED_OTHER; 3],
         "worker_threads = 3 and the default cpu_scheduling: three router threads, normal"
     );

@@ -1,6 +1,7 @@
 //! The threads a router runs on: how many tokio workers, and how Linux
 //! schedules them (`router.worker_threads`, `router.cpu_scheduling`).
 
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use hapg_config::router::{CpuScheduling, RouterSection};
@@ -8,27 +9,74 @@ use hapg_config::router::{CpuScheduling, RouterSection};
 /// The name every router thread carries (`/proc/<pid>/task/*/comm`, `top -H`).
 pub const THREAD_NAME: &str = "hapg-router";
 
-/// Builds the multi-threaded tokio runtime `hapg router run` serves on: the
-/// configured number of workers (default one per CPU), each thread scheduled
-/// as `cpu_scheduling` says. A policy the kernel refuses is logged once and the
-/// router goes on with the normal one.
-pub fn build_runtime(config: &RouterSection) -> std::io::Result<tokio::runtime::Runtime> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.enable_all().thread_name(THREAD_NAME);
-    if let Some(threads) = config.worker_threads {
-        builder.worker_threads(threads.max(1) as usize);
+/// Runs the future `make` returns to completion on the threads `hapg router
+/// run` serves on, and returns its output.
+///
+/// * `worker_threads = 1`: tokio's current-thread scheduler, on one thread of
+///   its own. With a single worker, the multi-threaded scheduler's work
+///   stealing, its injection queue and its cross-thread wake-ups buy nothing
+///   and cost about 3 µs of CPU per select-only transaction (docs/performance.md).
+/// * otherwise the multi-threaded scheduler with the configured number of
+///   workers (default one per CPU).
+///
+/// Every thread is named [`THREAD_NAME`] and scheduled as `cpu_scheduling`
+/// says; a policy the kernel refuses is logged once and the router goes on
+/// with the normal one. The future is made on the thread that runs it, so it
+/// need not be `Send`.
+pub fn block_on<F, M>(config: &RouterSection, make: M) -> std::io::Result<F::Output>
+where
+    M: FnOnce() -> F + Send,
+    F: Future,
+    F::Output: Send,
+{
+    let scheduling = config.cpu_scheduling;
+    if config.worker_threads != Some(1) {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        if let Some(threads) = config.worker_threads {
+            builder.worker_threads(threads.max(1) as usize);
+        }
+        builder
+            .enable_all()
+            .thread_name(THREAD_NAME)
+            .on_thread_start(move || apply(scheduling));
+        return Ok(builder.build()?.block_on(make()));
     }
-    if config.cpu_scheduling == CpuScheduling::Batch {
-        static WARNED: AtomicBool = AtomicBool::new(false);
-        builder.on_thread_start(|| {
+    std::thread::scope(|scope| {
+        let worker = std::thread::Builder::new()
+            .name(THREAD_NAME.to_owned())
+            .spawn_scoped(scope, move || {
+                // Before the runtime exists, so that the threads it starts for
+                // blocking work inherit the policy.
+                apply(scheduling);
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .thread_name(BLOCKING_THREAD_NAME)
+                    .build()?;
+                Ok(runtime.block_on(make()))
+            })?;
+        worker
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
+/// The name of the threads a one-worker router starts for blocking work (name
+/// resolution, file reads); they do not serve clients.
+pub const BLOCKING_THREAD_NAME: &str = "hapg-router-io";
+
+/// Puts the calling thread under `scheduling`, warning once if refused.
+fn apply(scheduling: CpuScheduling) {
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    match scheduling {
+        CpuScheduling::Normal => {}
+        CpuScheduling::Batch => {
             if let Err(e) = schedule_this_thread_as_batch() {
                 if !WARNED.swap(true, Ordering::Relaxed) {
                     tracing::warn!(error = %e, "router.cpu_scheduling = \"batch\" refused by the kernel; the router's threads stay normal");
                 }
             }
-        });
+        }
     }
-    builder.build()
 }
 
 /// Puts the calling thread under SCHED_BATCH, leaving its nice value alone.
