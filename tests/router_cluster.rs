@@ -2,7 +2,9 @@
 //! and PostgreSQL 15): a live writer through the router during a switchover
 //! (the hitless drain: no client error, the monitor does not wait out its
 //! drain timeout) and during a power-off of the primary; `show uri` lists the
-//! router.
+//! router. The nodes run on this machine and the router has
+//! `server.unix_socket_dir`: every primary is reached through its Unix socket,
+//! and a cancel request still finds its query.
 
 mod support;
 
@@ -72,6 +74,65 @@ async fn wait_rows(uri: &str, table: &str, more_than: i64, limit: Duration) {
     panic!("no new rows in {table} within {limit:?}");
 }
 
+/// The router's server connection for a client at `uri` is on the primary's
+/// Unix socket: Postgres shows no client address for it.
+async fn assert_reached_through_unix_socket(uri: &str, primary: &str) {
+    let client = connect(uri).await.expect("connect through the router");
+    let row = client
+        .query_one(
+            "SELECT client_addr IS NULL, coalesce(host(client_addr), 'none')
+               FROM pg_stat_activity WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .expect("read the router's server connection");
+    let address: String = row.get(1);
+    assert!(
+        row.get::<_, bool>(0),
+        "{primary}: the router reached the primary over TCP from {address}, not through its Unix socket"
+    );
+}
+
+/// A cancel request sent to the router stops a query running on the primary
+/// (the router forwards it to the primary's TCP address).
+async fn assert_cancel_reaches_the_query(uri: &str) {
+    let client = connect(uri).await.expect("connect through the router");
+    let token = client.cancel_token();
+    let sleeper = tokio::spawn(async move { client.simple_query("SELECT pg_sleep(60)").await });
+    // Bounded: the query must be running on the server before it is cancelled.
+    let checker = connect(uri).await.expect("connect through the router");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let running: i64 = checker
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)'",
+                &[],
+            )
+            .await
+            .expect("look for the query")
+            .get(0);
+        if running > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "pg_sleep(60) never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    token
+        .cancel_query(tokio_postgres::NoTls)
+        .await
+        .expect("send the cancel request to the router");
+    let result = tokio::time::timeout(Duration::from_secs(20), sleeper)
+        .await
+        .expect("the cancelled query did not end within 20 s")
+        .expect("join the query");
+    let error = result.expect_err("pg_sleep(60) finished instead of being cancelled");
+    assert_eq!(
+        error.code(),
+        Some(&tokio_postgres::error::SqlState::QUERY_CANCELED),
+        "{error}"
+    );
+}
+
 fn summary(what: &str, reports: &[WriterReport]) -> String {
     reports
         .iter()
@@ -97,10 +158,16 @@ async fn router_in_front_of_a_cluster_switchover_and_power_off() {
     // current-thread scheduler carries the switchover and the power-off too.
     let router = cluster.start_router(
         "router",
-        "pause_timeout_ms = 30000\nworker_threads = 1\ncpu_scheduling = \"batch\"",
+        &format!(
+            "pause_timeout_ms = 30000\nworker_threads = 1\ncpu_scheduling = \"batch\"\n\n\
+             [server]\nunix_socket_dir = \"{}\"",
+            hapg_keeper::postgres::SOCKET_DIR
+        ),
     );
     let uri = router.uri("appdb");
     wait_writable(&uri, STEP).await;
+    assert_reached_through_unix_socket(&uri, "node A, the first primary").await;
+    assert_cancel_reaches_the_query(&uri).await;
 
     // (c) `show uri` lists the router (it registers about once a second).
     let address = format!("postgres://127.0.0.1:{}/appdb", router.port);
@@ -138,6 +205,7 @@ async fn router_in_front_of_a_cluster_switchover_and_power_off() {
         .expect("count")
         .get(0);
     wait_rows(&uri, "writes", before + 20, STEP).await;
+    assert_reached_through_unix_socket(&uri, "node B, primary after the switchover").await;
     let report = writer.finish().await;
     let node_b = cluster.node("node_b");
     let on_b = format!("postgres://postgres@127.0.0.1:{}/appdb", node_b.port);
@@ -235,5 +303,6 @@ async fn router_in_front_of_a_cluster_switchover_and_power_off() {
         .expect("query")
         .get(0);
     assert_eq!(port as u16, node_a.port);
+    assert_reached_through_unix_socket(&uri, "node A, primary after the power-off").await;
     cluster.terminate(&router.name);
 }

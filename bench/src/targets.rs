@@ -101,6 +101,9 @@ pub struct Env {
     pub clients: u32,
     /// Lines added to router.toml's `[router]` section (worker threads, CPU scheduling).
     pub router_settings: String,
+    /// The node's Unix socket directory, when the proxies reach the node
+    /// through it instead of TCP.
+    pub node_socket_dir: Option<PathBuf>,
 }
 
 impl Env {
@@ -259,7 +262,8 @@ fn write(path: &Path, text: &str) -> Result<()> {
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
 
-/// router.toml: trust auth, plain TCP to the node (as pgbench direct), limits high enough.
+/// router.toml: trust auth, plain TCP to the node (as pgbench direct) or its
+/// Unix socket, limits high enough.
 fn router_toml(env: &Env, port: u16, pool: RouterPool) -> String {
     format!(
         "# Written by hapg-bench.\n\
@@ -278,11 +282,16 @@ fn router_toml(env: &Env, port: u16, pool: RouterPool) -> String {
          \n\
          [server]\n\
          sslmode = \"disable\"\n\
+         {socket}\
          {pool}",
         monitor = env.monitor_uri.replace('\\', "\\\\").replace('"', "\\\""),
         max = (env.clients * 4).max(1000),
         pool = pool.toml(env.clients),
         settings = env.router_settings,
+        socket = match &env.node_socket_dir {
+            Some(dir) => format!("unix_socket_dir = \"{}\"\n", dir.display()),
+            None => String::new(),
+        },
     )
 }
 
@@ -295,7 +304,7 @@ fn pgbouncer_ini(env: &Env, port: u16, mode: BouncerMode, userlist: &Path) -> St
     format!(
         ";; Written by hapg-bench.\n\
          [databases]\n\
-         {db} = host=127.0.0.1 port={node} dbname={db}\n\
+         {db} = host={host} port={node} dbname={db}\n\
          \n\
          [pgbouncer]\n\
          listen_addr = 127.0.0.1\n\
@@ -311,6 +320,10 @@ fn pgbouncer_ini(env: &Env, port: u16, mode: BouncerMode, userlist: &Path) -> St
          log_connections = 0\n\
          log_disconnections = 0\n",
         db = env.dbname,
+        host = match &env.node_socket_dir {
+            Some(dir) => dir.display().to_string(),
+            None => "127.0.0.1".to_string(),
+        },
         node = env.node_port,
         userlist = userlist.display(),
         pool = env.clients,
@@ -318,7 +331,8 @@ fn pgbouncer_ini(env: &Env, port: u16, mode: BouncerMode, userlist: &Path) -> St
     )
 }
 
-/// haproxy.cfg: a plain TCP listener forwarding to the node.
+/// haproxy.cfg: a plain TCP listener forwarding to the node (its TCP port or
+/// its Unix socket).
 fn haproxy_cfg(env: &Env, port: u16) -> String {
     format!(
         "# Written by hapg-bench.\n\
@@ -333,8 +347,53 @@ fn haproxy_cfg(env: &Env, port: u16) -> String {
          \n\
          listen postgres\n\
          \x20   bind 127.0.0.1:{port}\n\
-         \x20   server node 127.0.0.1:{node}\n",
+         \x20   server node {node}\n",
         max = (env.clients * 4).max(1000),
-        node = env.node_port,
+        node = match &env.node_socket_dir {
+            Some(dir) => dir
+                .join(format!(".s.PGSQL.{}", env.node_port))
+                .display()
+                .to_string(),
+            None => format!("127.0.0.1:{}", env.node_port),
+        },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(node_socket_dir: Option<&str>) -> Env {
+        Env {
+            dir: PathBuf::from("/tmp/run"),
+            pg_bindir: PathBuf::from("/usr/lib/postgresql/15/bin"),
+            hapg: PathBuf::from("hapg"),
+            pgbouncer: None,
+            haproxy: None,
+            run_as: None,
+            monitor_uri: "postgres://autoctl_node@localhost:5000/pg_auto_failover".into(),
+            node_port: 5433,
+            dbname: "bench".into(),
+            clients: 16,
+            router_settings: String::new(),
+            node_socket_dir: node_socket_dir.map(PathBuf::from),
+        }
+    }
+
+    #[test]
+    fn every_proxy_reaches_the_node_the_same_way() {
+        let userlist = Path::new("/tmp/run/userlist.txt");
+        let tcp = env(None);
+        assert!(!router_toml(&tcp, 6432, RouterPool::Session).contains("unix_socket_dir"));
+        assert!(pgbouncer_ini(&tcp, 6433, BouncerMode::Session, userlist)
+            .contains("bench = host=127.0.0.1 port=5433 dbname=bench"));
+        assert!(haproxy_cfg(&tcp, 6434).contains("server node 127.0.0.1:5433"));
+
+        let unix = env(Some("/tmp"));
+        assert!(router_toml(&unix, 6432, RouterPool::Session)
+            .contains("[server]\nsslmode = \"disable\"\nunix_socket_dir = \"/tmp\"\n"));
+        assert!(pgbouncer_ini(&unix, 6433, BouncerMode::Session, userlist)
+            .contains("bench = host=/tmp port=5433 dbname=bench"));
+        assert!(haproxy_cfg(&unix, 6434).contains("server node /tmp/.s.PGSQL.5433"));
+    }
 }

@@ -67,6 +67,12 @@ pub struct ThroughputArgs {
     /// default) or batch.
     #[arg(long, default_value = "batch", value_parser = ["normal", "batch"])]
     pub router_cpu_scheduling: String,
+    /// How the proxies reach the node: tcp (127.0.0.1, as pgbench's direct
+    /// runs) or unix (the node's Unix socket: the router's
+    /// `server.unix_socket_dir`, PgBouncer's `host=<dir>`, HAProxy's socket
+    /// path), as a proxy on the database's own machine would be set up.
+    #[arg(long, default_value = "tcp", value_parser = ["tcp", "unix"])]
+    pub proxy_to_node: String,
     /// How many times to run the proxies (direct runs first and after each
     /// round); the table shows means and the spread between runs.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
@@ -262,6 +268,8 @@ fn measure(
         dbname: DBNAME.into(),
         clients: args.clients,
         router_settings: router_settings(args),
+        node_socket_dir: (args.proxy_to_node == "unix")
+            .then(|| PathBuf::from(hapg_keeper::postgres::SOCKET_DIR)),
     };
     if args.warmup > 0 {
         eprintln!("warm-up: {} s select-only on the node", args.warmup);
@@ -275,6 +283,15 @@ fn measure(
     }
 
     let mut notes = Vec::new();
+    if order.iter().any(|t| !matches!(t, Target::Direct)) {
+        notes.push(match &env.node_socket_dir {
+            Some(dir) => format!(
+                "Proxies reach the node through its Unix socket in {} (--proxy-to-node unix); pgbench reaches every target over TCP.",
+                dir.display()
+            ),
+            None => "Proxies reach the node over TCP on 127.0.0.1, as pgbench does (--proxy-to-node tcp).".to_string(),
+        });
+    }
     if order.iter().any(|t| matches!(t, Target::Router(_))) {
         let settings = env.router_settings.trim().replace('\n', ", ");
         notes.push(format!(

@@ -204,6 +204,10 @@ pub struct ServerSection {
     /// Time allowed to open and log into one server connection.
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
+    /// When the primary runs on this machine, reach it through its Unix
+    /// socket in this directory instead of TCP; default TCP always.
+    #[serde(default)]
+    pub unix_socket_dir: Option<PathBuf>,
 }
 
 impl Default for ServerSection {
@@ -213,6 +217,7 @@ impl Default for ServerSection {
             password: None,
             sslmode: ServerSslMode::default(),
             connect_timeout_ms: default_connect_timeout_ms(),
+            unix_socket_dir: None,
         }
     }
 }
@@ -359,6 +364,25 @@ impl RouterConfig {
                 ));
             }
         }
+        if let Some(dir) = &self.server.unix_socket_dir {
+            if !dir.is_absolute() {
+                return Err(invalid(
+                    "server.unix_socket_dir",
+                    format!(
+                        "\"{}\" must be an absolute path, a directory of Postgres's unix_socket_directories such as /var/run/postgresql",
+                        dir.display()
+                    ),
+                ));
+            }
+            // sun_path holds 108 bytes with its terminating NUL; Postgres
+            // adds "/.s.PGSQL.<port>" (at most 16 bytes).
+            if dir.as_os_str().len() > 107 - 16 {
+                return Err(invalid(
+                    "server.unix_socket_dir",
+                    "is too long for a Unix socket path (at most 91 bytes)",
+                ));
+            }
+        }
         if self.pool.pool_size == 0 || self.pool.pool_size > 10_000 {
             return Err(invalid("pool.pool_size", "must be between 1 and 10000"));
         }
@@ -492,6 +516,28 @@ type = "trust"
         let err = RouterConfig::parse(Path::new("r.toml"), &text).expect_err("realtime");
         assert!(err.to_string().contains("cpu_scheduling"), "{err}");
         assert!(err.to_string().contains("batch"), "{err}");
+    }
+
+    #[test]
+    fn unix_socket_dir_parses_and_names_bad_values() {
+        let config = RouterConfig::parse(Path::new("r.toml"), TUTORIAL).expect("tutorial");
+        assert_eq!(config.server.unix_socket_dir, None);
+        let text = format!("{TUTORIAL}\n[server]\nunix_socket_dir = \"/var/run/postgresql\"\n");
+        let config = RouterConfig::parse(Path::new("r.toml"), &text).expect("absolute");
+        assert_eq!(
+            config.server.unix_socket_dir.as_deref(),
+            Some(Path::new("/var/run/postgresql"))
+        );
+        for (dir, says) in [
+            ("run/postgresql", "absolute"),
+            (&*format!("/{}", "d".repeat(100)), "too long"),
+        ] {
+            let text = format!("{TUTORIAL}\n[server]\nunix_socket_dir = \"{dir}\"\n");
+            let err = RouterConfig::parse(Path::new("r.toml"), &text).expect_err(dir);
+            let err = err.to_string();
+            assert!(err.starts_with("server.unix_socket_dir"), "{err}");
+            assert!(err.contains(says), "{err}");
+        }
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Sockets: the listener (explicit backlog), socket tuning applied to every
 //! client and server connection (in this one place), the room every socket
-//! read is given, and the stream type that is either plain TCP or TLS on
-//! either side.
+//! read is given, and the stream type that is plain TCP, TLS on either side,
+//! or a server's Unix socket.
 
 use std::io;
 use std::net::SocketAddr;
@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UnixStream};
 
 /// Listen backlog; the kernel's `somaxconn` may lower it.
 pub const LISTEN_BACKLOG: i32 = 4096;
@@ -103,16 +103,40 @@ pub enum Stream {
     ClientTls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
     /// TLS to a server (the router is the TLS client).
     ServerTls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    /// A server on this machine, through its Unix socket (`server.unix_socket_dir`).
+    Local(UnixStream),
 }
 
 impl Stream {
-    /// The TCP socket underneath.
-    pub fn tcp(&self) -> &TcpStream {
+    /// The reactor's view of the socket underneath: ready once it has been
+    /// seen readable since the last read that drained it. Costs no system
+    /// call; with no read pending on the stream, `cx`'s waker displaces
+    /// nobody's.
+    pub fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self {
-            Stream::Plain(s) => s,
-            Stream::ClientTls(s) => s.get_ref().0,
-            Stream::ServerTls(s) => s.get_ref().0,
+            Stream::Plain(s) => s.poll_read_ready(cx),
+            Stream::ClientTls(s) => s.get_ref().0.poll_read_ready(cx),
+            Stream::ServerTls(s) => s.get_ref().0.poll_read_ready(cx),
+            Stream::Local(s) => s.poll_read_ready(cx),
         }
+    }
+
+    /// Looks at the socket underneath without reading: `Ok(0)` at end of
+    /// file, `Ok(1)` when bytes wait, `WouldBlock` when none do. For TLS,
+    /// the bytes are records, not yet messages.
+    pub fn peek_socket(&self) -> io::Result<usize> {
+        let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+        match self {
+            Stream::Plain(s) => SockRef::from(s).peek(&mut probe),
+            Stream::ClientTls(s) => SockRef::from(s.get_ref().0).peek(&mut probe),
+            Stream::ServerTls(s) => SockRef::from(s.get_ref().0).peek(&mut probe),
+            Stream::Local(s) => SockRef::from(s).peek(&mut probe),
+        }
+    }
+
+    /// True when the stream carries TLS.
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Stream::ClientTls(_) | Stream::ServerTls(_))
     }
 }
 
@@ -126,6 +150,7 @@ impl AsyncRead for Stream {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Stream::ClientTls(s) => Pin::new(s).poll_read(cx, buf),
             Stream::ServerTls(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Local(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -140,6 +165,7 @@ impl AsyncWrite for Stream {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Stream::ClientTls(s) => Pin::new(s).poll_write(cx, buf),
             Stream::ServerTls(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Local(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
@@ -148,6 +174,7 @@ impl AsyncWrite for Stream {
             Stream::Plain(s) => Pin::new(s).poll_flush(cx),
             Stream::ClientTls(s) => Pin::new(s).poll_flush(cx),
             Stream::ServerTls(s) => Pin::new(s).poll_flush(cx),
+            Stream::Local(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
@@ -156,6 +183,7 @@ impl AsyncWrite for Stream {
             Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Stream::ClientTls(s) => Pin::new(s).poll_shutdown(cx),
             Stream::ServerTls(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Local(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 
@@ -168,6 +196,7 @@ impl AsyncWrite for Stream {
             Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Stream::ClientTls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Stream::ServerTls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Local(s) => Pin::new(s).poll_write_vectored(cx, bufs),
         }
     }
 
@@ -176,6 +205,7 @@ impl AsyncWrite for Stream {
             Stream::Plain(s) => s.is_write_vectored(),
             Stream::ClientTls(s) => s.is_write_vectored(),
             Stream::ServerTls(s) => s.is_write_vectored(),
+            Stream::Local(s) => s.is_write_vectored(),
         }
     }
 }

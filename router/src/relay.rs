@@ -524,13 +524,12 @@ impl Session {
         // the server here, so the no-op waker displaces nobody's.
         let seen_readable = {
             let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-            server.stream.tcp().poll_read_ready(&mut cx).is_ready()
+            server.stream.poll_read_ready(&mut cx).is_ready()
         };
         if !seen_readable {
             return Ok(());
         }
-        let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
-        match socket2::SockRef::from(server.stream.tcp()).peek(&mut probe) {
+        match server.stream.peek_socket() {
             Ok(0) => self.server_lost("the server closed the connection"),
             Ok(_) => match tokio::time::timeout(
                 Duration::from_millis(100),

@@ -4,7 +4,8 @@
 //! itself (session restore) before the connection is handed to the relay.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,7 +15,7 @@ use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::frontend;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 
 use crate::net::{self, Stream};
 use crate::protocol::backend::{parse_error, parse_parameter_status, ErrorFields};
@@ -46,8 +47,10 @@ pub struct Login {
     pub database: String,
     /// Other startup parameters, as the client sent them.
     pub params: Vec<(String, String)>,
-    /// TLS to the server.
+    /// TLS to the server (over TCP; a Unix socket carries none, as with libpq).
     pub sslmode: ServerSslMode,
+    /// Where a server on this machine has its Unix socket (`server.unix_socket_dir`).
+    pub unix_socket_dir: Option<PathBuf>,
 }
 
 /// Why a server connection could not be opened or used.
@@ -155,10 +158,25 @@ impl ServerConn {
         login: &Login,
         tls: &Arc<rustls::ClientConfig>,
     ) -> Result<ServerConn, ServerError> {
-        let tcp = TcpStream::connect((&*target.host, target.port)).await?;
-        net::tune(&tcp)?;
-        let addr = tcp.peer_addr()?;
-        let stream = negotiate_tls(tcp, &target.host, login.sslmode, tls).await?;
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((&*target.host, target.port))
+            .await?
+            .collect();
+        let local = match &login.unix_socket_dir {
+            Some(dir) => connect_local(dir, &addrs).await,
+            None => None,
+        };
+        let (stream, addr) = match local {
+            Some(local) => local,
+            None => {
+                let tcp = TcpStream::connect(&addrs[..]).await?;
+                net::tune(&tcp)?;
+                let addr = tcp.peer_addr()?;
+                (
+                    negotiate_tls(tcp, &target.host, login.sslmode, tls).await?,
+                    addr,
+                )
+            }
+        };
         let mut conn = ServerConn {
             stream,
             buf: BytesMut::with_capacity(net::READ_CHUNK),
@@ -412,13 +430,12 @@ impl ServerConn {
         // (no read is pending on an idle connection, so the no-op waker
         // displaces nobody's).
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        if self.stream.tcp().poll_read_ready(&mut cx).is_pending() {
+        if self.stream.poll_read_ready(&mut cx).is_pending() {
             return true;
         }
-        let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
-        match socket2::SockRef::from(self.stream.tcp()).peek(&mut probe) {
+        match self.stream.peek_socket() {
             Ok(0) => false,
-            Ok(_) => !matches!(self.stream, Stream::Plain(_)),
+            Ok(_) => self.stream.is_tls(),
             Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
         }
     }
@@ -433,6 +450,30 @@ impl ServerConn {
         })
         .await;
     }
+}
+
+/// Connects to the Unix socket in `dir` of the server at `addrs` when that
+/// server is on this machine: one of `addrs` is a loopback address or one
+/// bound to an interface here (binding to it succeeds), and its socket,
+/// `<dir>/.s.PGSQL.<port>`, accepts the connection. Returns the stream and
+/// that TCP address, which stays the connection's address for cancel
+/// requests (the same postmaster listens on both). `None` means TCP: the
+/// server is elsewhere, or its socket is not there (logged).
+async fn connect_local(dir: &Path, addrs: &[SocketAddr]) -> Option<(Stream, SocketAddr)> {
+    let addr = *addrs.iter().find(|addr| is_this_machine(addr.ip()))?;
+    let path = dir.join(format!(".s.PGSQL.{}", addr.port()));
+    match UnixStream::connect(&path).await {
+        Ok(stream) => Some((Stream::Local(stream), addr)),
+        Err(e) => {
+            tracing::warn!(socket = %path.display(), server = %addr, error = %e, "the server is on this machine but its Unix socket does not answer (check server.unix_socket_dir); using TCP");
+            None
+        }
+    }
+}
+
+/// True when `ip` is an address of this machine, in this network namespace.
+fn is_this_machine(ip: IpAddr) -> bool {
+    ip.is_loopback() || (!ip.is_unspecified() && std::net::UdpSocket::bind((ip, 0)).is_ok())
 }
 
 async fn negotiate_tls(
@@ -480,4 +521,44 @@ pub async fn send_cancel(addr: SocketAddr, pid: i32, secret: i32) -> std::io::Re
     let mut sink = [0u8; 1];
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.read(&mut sink)).await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_machine_is_loopback_and_the_addresses_bound_here() {
+        for local in ["127.0.0.1", "127.0.0.2", "::1"] {
+            assert!(is_this_machine(local.parse().expect("address")), "{local}");
+        }
+        // The wildcard is nobody's address; 192.0.2.0/24 (TEST-NET-1) is
+        // never assigned to a real interface.
+        for elsewhere in ["0.0.0.0", "::", "192.0.2.1"] {
+            assert!(
+                !is_this_machine(elsewhere.parse().expect("address")),
+                "{elsewhere}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_server_elsewhere_or_without_a_socket_is_reached_over_tcp() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let elsewhere: SocketAddr = "192.0.2.1:5432".parse().expect("address");
+        assert!(connect_local(dir.path(), &[elsewhere]).await.is_none());
+        // On this machine, but nothing listens on the socket path.
+        let here: SocketAddr = "127.0.0.1:5432".parse().expect("address");
+        assert!(connect_local(dir.path(), &[here]).await.is_none());
+        // On this machine, with a socket: the stream, and the TCP address
+        // kept for cancel requests.
+        let listener = tokio::net::UnixListener::bind(dir.path().join(".s.PGSQL.5432"))
+            .expect("bind the socket");
+        let (stream, addr) = connect_local(dir.path(), &[elsewhere, here])
+            .await
+            .expect("connected through the socket");
+        assert!(matches!(stream, Stream::Local(_)));
+        assert_eq!(addr, here);
+        drop(listener);
+    }
 }

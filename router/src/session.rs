@@ -322,6 +322,7 @@ async fn start(
             .cloned()
             .collect(),
         sslmode: rt.config.server.sslmode,
+        unix_socket_dir: rt.config.server.unix_socket_dir.clone(),
     };
 
     let mut server = None;
