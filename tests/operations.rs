@@ -1,11 +1,13 @@
 //! Operator controls and keeper supervision on a two-node group, with real
 //! PostgreSQL 15: maintenance on either node, a keeper killed and restarted,
-//! Postgres killed under a live keeper, drop and re-add of a node.
+//! Postgres killed under a live keeper, drop and re-add of a node; and
+//! clients that wait for a monitor still being created.
 
 mod support;
 
 use std::time::Duration;
 
+use hapg_monitor::{MonitorClient, MonitorError};
 use support::{connect, postmaster_pid, Cluster};
 
 const STEP: Duration = Duration::from_secs(90);
@@ -114,4 +116,63 @@ async fn maintenance_supervision_drop_and_readd() {
     let settings = cluster.ok(&["show", "settings", "--pgdata", "./monitor"]);
     assert!(settings.contains("number_sync_standbys"), "{settings}");
     assert!(settings.contains("candidate priority"), "{settings}");
+}
+
+/// `hapg create monitor` starts Postgres before it creates the monitor's
+/// database and schema, so a keeper, router or command started beside it may
+/// find Postgres answering "database does not exist" (3D000), then a database
+/// without the schema. Both mean "not yet": clients retry them within their
+/// connect budget, and only if it lasts report the monitor's own answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_wait_for_a_monitor_still_being_created() {
+    let mut cluster = Cluster::new();
+    cluster.start_monitor();
+    let port = cluster.monitor_port;
+    let admin_uri = format!("postgres://postgres@localhost:{port}/postgres?sslmode=require");
+    let admin = connect(&admin_uri).await.expect("connect as postgres");
+    let late_uri =
+        format!("postgres://postgres@localhost:{port}/monitor_created_late?sslmode=require");
+
+    let waiter = tokio::spawn({
+        let uri = late_uri.clone();
+        async move { MonitorClient::connect_with_retry(&uri, Duration::from_secs(60)).await }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !waiter.is_finished(),
+        "gave up on a database that does not exist yet: {:?}",
+        waiter.await.map(|r| r.err())
+    );
+
+    admin
+        .batch_execute("CREATE DATABASE monitor_created_late")
+        .await
+        .expect("create the database");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !waiter.is_finished(),
+        "gave up on a database without the monitor schema yet: {:?}",
+        waiter.await.map(|r| r.err())
+    );
+
+    let mut late = connect(&late_uri)
+        .await
+        .expect("connect to the new database");
+    hapg_monitor::schema::migrate(&mut late)
+        .await
+        .expect("install the monitor schema");
+    let client = tokio::time::timeout(Duration::from_secs(30), waiter)
+        .await
+        .expect("the waiting client connects once the schema is there")
+        .expect("join")
+        .expect("connect to the monitor created late");
+    assert!(!client.is_closed());
+
+    // A database that never becomes a monitor: after the budget, the error
+    // says what it is, not merely that the monitor was unreachable.
+    let error = MonitorClient::connect_with_retry(&admin_uri, Duration::from_secs(1))
+        .await
+        .err()
+        .expect("the postgres database is not a monitor");
+    assert!(matches!(error, MonitorError::NotAMonitor), "{error:?}");
 }

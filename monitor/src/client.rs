@@ -340,8 +340,9 @@ impl MonitorClient {
         Ok(client)
     }
 
-    /// Connects, retrying connection failures with backoff for up to `budget`,
-    /// then fails with an error that names the URI.
+    /// Connects, retrying connection failures, and a monitor that is still
+    /// being created or started, with backoff for up to `budget`; then fails
+    /// with an error that names the URI, or with the monitor's own answer.
     pub async fn connect_with_retry(
         uri: &str,
         budget: Duration,
@@ -353,7 +354,10 @@ impl MonitorClient {
             attempts += 1;
             match MonitorClient::connect(uri).await {
                 Ok(client) => return Ok(client),
-                Err(e) if e.is_transient() && start.elapsed() + delay < budget => {
+                Err(e)
+                    if (e.is_transient() || e.is_monitor_not_ready())
+                        && start.elapsed() + delay < budget =>
+                {
                     tracing::debug!(attempt = attempts, error = %e, "monitor not reachable yet");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(2));

@@ -1,5 +1,7 @@
 //! The monitor layer's errors: what can go wrong talking to, or deciding in, the monitor.
 
+use tokio_postgres::error::SqlState;
+
 /// Errors from the monitor database, the monitor client and the monitor service.
 #[derive(Debug, thiserror::Error)]
 pub enum MonitorError {
@@ -87,6 +89,21 @@ impl MonitorError {
         match self {
             MonitorError::Db(e) => e.as_db_error().is_none(),
             MonitorError::Unreachable { .. } => true,
+            _ => false,
+        }
+    }
+
+    /// True for what a monitor answers while it is still being created or
+    /// started: its Postgres is starting up (57P03), or already listens while
+    /// `hapg create monitor` has not yet created the database (3D000) or
+    /// committed its schema. Worth retrying for a while, but if it lasts, the
+    /// error itself says best what is wrong.
+    pub fn is_monitor_not_ready(&self) -> bool {
+        match self {
+            MonitorError::Db(e) => e.code().is_some_and(|code| {
+                *code == SqlState::CANNOT_CONNECT_NOW || *code == SqlState::INVALID_CATALOG_NAME
+            }),
+            MonitorError::NotAMonitor => true,
             _ => false,
         }
     }
