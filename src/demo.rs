@@ -173,9 +173,24 @@ fn demo_dir(args: &DemoArgs) -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// Runs the demo.
+/// Runs the demo. A temporary directory the demo made for itself is removed
+/// once everything stopped cleanly; a `--dir` of the user's, or any
+/// directory after a failure, is kept for its logs.
 pub async fn run(args: DemoArgs) -> Result<()> {
     let dir = demo_dir(&args)?;
+    let result = run_in(&args, &dir).await;
+    if result.is_ok() && args.dir.is_none() {
+        std::fs::remove_dir_all(&dir)
+            .with_context(|| format!("removing the demo's directory {}", dir.display()))?;
+    } else {
+        println!("The demo's data and logs stay in {}", dir.display());
+    }
+    result
+}
+
+/// The demo in `dir`; every process it started is stopped when this returns.
+async fn run_in(args: &DemoArgs, dir: &std::path::Path) -> Result<()> {
+    let dir = dir.to_path_buf();
     let mut demo = Demo {
         dir: dir.clone(),
         os_user: args.os_user.clone(),

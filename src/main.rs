@@ -372,7 +372,8 @@ enum RouterCommand {
 
 #[derive(Args, Debug)]
 struct DemoArgs {
-    /// Directory for the demo's data (default: a new temporary directory).
+    /// Directory for the demo's data, kept afterwards (default: a new temporary
+    /// directory, removed when the demo ends without error).
     #[arg(long)]
     dir: Option<PathBuf>,
     /// Run the tutorial's switchover and node failure under a live writer, report, and exit.
