@@ -459,12 +459,42 @@ impl Drop for Cluster {
             if let Some(pid) = postmaster_pid(&entry.path()) {
                 kill_tree(pid);
             }
+            remove_stale_socket(&entry.path());
         }
         if std::env::var_os("HAPG_TEST_KEEP").is_some() {
             if let Some(dir) = self.dir.take() {
                 eprintln!("keeping {}", dir.keep().display());
             }
         }
+    }
+}
+
+/// Removes the Unix socket and its lock file (in `/tmp`, shared by every
+/// run) that a SIGKILLed postmaster of `pgdata` left behind: Postgres removes
+/// them itself only when it shuts down. Only files whose lock names that
+/// postmaster, now dead, are touched.
+fn remove_stale_socket(pgdata: &Path) {
+    // postmaster.pid: pid, data directory, start time, port, socket directory, ...
+    let Ok(text) = std::fs::read_to_string(pgdata.join("postmaster.pid")) else {
+        return;
+    };
+    let lines: Vec<&str> = text.lines().map(str::trim).collect();
+    let (Some(pid), Some(port), Some(socket_dir)) = (lines.first(), lines.get(3), lines.get(4))
+    else {
+        return;
+    };
+    let Ok(pid_number) = pid.parse::<i32>() else {
+        return;
+    };
+    if socket_dir.is_empty() || hapg_keeper::pidfile::process_alive(pid_number) {
+        return;
+    }
+    let socket = Path::new(socket_dir).join(format!(".s.PGSQL.{port}"));
+    let lock = Path::new(socket_dir).join(format!(".s.PGSQL.{port}.lock"));
+    let lock_pid = std::fs::read_to_string(&lock).unwrap_or_default();
+    if lock_pid.lines().next().map(str::trim) == Some(*pid) {
+        let _ = std::fs::remove_file(&socket);
+        let _ = std::fs::remove_file(&lock);
     }
 }
 
