@@ -17,6 +17,9 @@ pub struct RunInfo {
     pub cpus: usize,
     pub cpu_model: String,
     pub kernel: String,
+    /// `kernel.sched_autogroup_enabled`: whether each session is a scheduling
+    /// group (see `--proxy-session`).
+    pub autogroup: &'static str,
     /// Load average (1, 5, 15 min) when the run started and ended.
     pub load_before: String,
     pub load_after: String,
@@ -32,6 +35,11 @@ impl RunInfo {
             cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
             cpu_model: cpu_model(),
             kernel: read_trim("/proc/sys/kernel/osrelease"),
+            autogroup: match read_trim("/proc/sys/kernel/sched_autogroup_enabled").as_str() {
+                "1" => "on",
+                "0" => "off",
+                _ => "absent",
+            },
             load_before: load_average(),
             load_after: String::new(),
             versions: Vec::new(),
@@ -41,8 +49,8 @@ impl RunInfo {
     /// The machine and its load, as a sentence.
     pub fn machine(&self) -> String {
         format!(
-            "Machine: {} CPUs ({}), Linux {}; load average (1, 5, 15 min) {} before, {} after.",
-            self.cpus, self.cpu_model, self.kernel, self.load_before, self.load_after
+            "Machine: {} CPUs ({}), Linux {}, autogroup scheduling {}; load average (1, 5, 15 min) {} before, {} after.",
+            self.cpus, self.cpu_model, self.kernel, self.autogroup, self.load_before, self.load_after
         )
     }
 }

@@ -34,7 +34,7 @@ struct Cli {
 enum Command {
     /// pgbench select-only, select-only -C and TPC-B: direct, through the
     /// router, PgBouncer (session, transaction) and HAProxy (TCP), in one run.
-    Throughput(throughput::ThroughputArgs),
+    Throughput(Box<throughput::ThroughputArgs>),
     /// Faults injected into a primary and a standby while clients write
     /// through the router: power-off, switchover, Postgres killed, freezes.
     Failover(failover::FailoverArgs),
@@ -47,7 +47,7 @@ fn main() -> std::process::ExitCode {
         return std::process::ExitCode::FAILURE;
     }
     let result = match cli.command {
-        Command::Throughput(args) => throughput::run(args),
+        Command::Throughput(args) => throughput::run(*args),
         Command::Failover(args) => failover::run(args),
     };
     match result {

@@ -1,6 +1,6 @@
 //! Child processes: each in its own process group (so a terminal's Ctrl-C
-//! reaches only hapg-bench, which then stops everything in order), output in
-//! log files or captured, every wait bounded.
+//! reaches only hapg-bench, which then stops everything in order) or its own
+//! session, output in log files or captured, every wait bounded.
 
 use std::io::Read;
 use std::os::unix::process::CommandExt;
@@ -12,6 +12,33 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
+
+/// Which session a service runs in. Under the kernel's autogroup scheduling
+/// (`/proc/sys/kernel/sched_autogroup_enabled`) every session is a
+/// scheduling group with an equal share of the CPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Session {
+    /// hapg-bench's session (and so pgbench's), in a process group of its own.
+    Shared,
+    /// A session of its own (`setsid`), as a daemon runs.
+    Own,
+}
+
+/// Makes `cmd` start a session of its own. A new session is also a new
+/// process group led by the child, as `process_group(0)` makes it, so the
+/// service is stopped the same way.
+#[allow(unsafe_code)]
+fn in_new_session(cmd: &mut Command) {
+    // SAFETY: the closure runs in the forked child before exec and calls only
+    // setsid(2), which is async-signal-safe and allocates nothing.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid()
+                .map(drop)
+                .map_err(std::io::Error::from)
+        });
+    }
+}
 
 /// Set by the signal thread on SIGINT, SIGTERM or SIGHUP.
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -155,9 +182,21 @@ impl Supervisor {
     pub fn spawn(
         &mut self,
         name: &str,
+        cmd: Command,
+        log: &Path,
+        stop_timeout: Duration,
+    ) -> Result<()> {
+        self.spawn_in(name, cmd, log, stop_timeout, Session::Shared)
+    }
+
+    /// Starts a service in `session`, its output appended to `log`.
+    pub fn spawn_in(
+        &mut self,
+        name: &str,
         mut cmd: Command,
         log: &Path,
         stop_timeout: Duration,
+        session: Session,
     ) -> Result<()> {
         let file = std::fs::OpenOptions::new()
             .create(true)
@@ -166,8 +205,13 @@ impl Supervisor {
             .with_context(|| format!("opening {}", log.display()))?;
         cmd.stdin(Stdio::null())
             .stdout(file.try_clone()?)
-            .stderr(file)
-            .process_group(0);
+            .stderr(file);
+        match session {
+            Session::Shared => {
+                cmd.process_group(0);
+            }
+            Session::Own => in_new_session(&mut cmd),
+        }
         let child = cmd
             .spawn()
             .with_context(|| format!("starting {name} ({:?})", cmd.get_program()))?;
@@ -300,4 +344,60 @@ fn stop_postmaster(dir: &Path) {
         std::thread::sleep(Duration::from_millis(50));
     }
     let _ = kill(pid, Signal::SIGKILL);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The session and process group of `pid`, from `/proc/<pid>/stat`.
+    fn session_and_group(pid: u32) -> (i32, i32) {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+        // After the command name: state, ppid, pgrp, session, ...
+        let fields: Vec<i32> = stat
+            .rsplit_once(')')
+            .expect("command name")
+            .1
+            .split_whitespace()
+            .skip(1)
+            .take(3)
+            .map(|f| f.parse().expect("number"))
+            .collect();
+        (fields[2], fields[1])
+    }
+
+    #[test]
+    fn a_service_runs_in_the_session_asked_for() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let log = dir.path().join("sleep.log");
+        let mut sup = Supervisor::default();
+        let sleep = || {
+            let mut cmd = Command::new("sleep");
+            cmd.arg("30");
+            cmd
+        };
+        let second = Duration::from_secs(1);
+        sup.spawn_in("own", sleep(), &log, second, Session::Own)
+            .expect("start");
+        sup.spawn_in("shared", sleep(), &log, second, Session::Shared)
+            .expect("start");
+        let own = sup.pid("own").expect("pid");
+        let shared = sup.pid("shared").expect("pid");
+        let ours = session_and_group(std::process::id()).0;
+
+        // Its own session: it leads both its session and its process group.
+        assert_eq!(session_and_group(own), (own as i32, own as i32));
+        // Ours: its own process group (Ctrl-C reaches only hapg-bench), our session.
+        assert_eq!(session_and_group(shared), (ours, shared as i32));
+        assert_ne!(ours, own as i32);
+
+        // Both are stopped alike.
+        sup.stop_all();
+        for pid in [own, shared] {
+            assert!(
+                kill(Pid::from_raw(pid as i32), None).is_err(),
+                "{pid} still runs"
+            );
+        }
+    }
 }

@@ -73,6 +73,12 @@ pub struct ThroughputArgs {
     /// path), as a proxy on the database's own machine would be set up.
     #[arg(long, default_value = "tcp", value_parser = ["tcp", "unix"])]
     pub proxy_to_node: String,
+    /// Where each proxy runs: own (its own session, as a daemon started by
+    /// systemd or with -d: the kernel's autogroup scheduling then gives it
+    /// its own share of the CPUs, as Postgres has under the keeper) or
+    /// shared (pgbench's session: proxy and pgbench share one share).
+    #[arg(long, default_value = "own", value_parser = ["own", "shared"])]
+    pub proxy_session: String,
     /// How many times to run the proxies (direct runs first and after each
     /// round); the table shows means and the spread between runs.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
@@ -270,6 +276,7 @@ fn measure(
         router_settings: router_settings(args),
         node_socket_dir: (args.proxy_to_node == "unix")
             .then(|| PathBuf::from(hapg_keeper::postgres::SOCKET_DIR)),
+        proxy_own_session: args.proxy_session == "own",
     };
     if args.warmup > 0 {
         eprintln!("warm-up: {} s select-only on the node", args.warmup);
@@ -290,6 +297,11 @@ fn measure(
                 dir.display()
             ),
             None => "Proxies reach the node over TCP on 127.0.0.1, as pgbench does (--proxy-to-node tcp).".to_string(),
+        });
+        notes.push(if env.proxy_own_session {
+            "Each proxy runs in its own session, as a daemon does, and Postgres in another (the keeper starts it so); pgbench runs in hapg-bench's (--proxy-session own).".to_string()
+        } else {
+            "Each proxy runs in pgbench's session (hapg-bench's), Postgres in its own (--proxy-session shared).".to_string()
         });
     }
     if order.iter().any(|t| matches!(t, Target::Router(_))) {
@@ -860,8 +872,8 @@ impl Report {
         }
         let _ = writeln!(
             out,
-            "machine: {} CPUs ({}), Linux {}, load average before {} / after {}",
-            cx.cpus, cx.cpu_model, cx.kernel, cx.load_before, cx.load_after
+            "machine: {} CPUs ({}), Linux {}, autogroup scheduling {}, load average before {} / after {}",
+            cx.cpus, cx.cpu_model, cx.kernel, cx.autogroup, cx.load_before, cx.load_after
         );
         let _ = writeln!(out, "versions: {}", cx.versions.join("; "));
         out
