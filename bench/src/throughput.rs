@@ -883,18 +883,13 @@ impl Report {
         let rows = self.rows();
         let mut out = format!(
             "```sh\n{}\n```\n\n{} clients, {} pgbench threads, {} s per run, scale {scale}, \
-             query mode {}. Machine: {} CPUs ({}), Linux {}; load average (1, 5, 15 min) \
-             {} before, {} after.\n\n",
+             query mode {}. {}\n\n",
             cx.command,
             shape.clients,
             shape.threads.min(shape.clients),
             shape.duration_s,
             shape.query_mode,
-            cx.cpus,
-            cx.cpu_model,
-            cx.kernel,
-            cx.load_before,
-            cx.load_after,
+            cx.machine()
         );
         let _ = writeln!(out, "| {} |", Self::HEADER.join(" | "));
         out.push_str("|---|---|---:|---:|---:|---:|---:|---:|---|\n");
