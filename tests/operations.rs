@@ -119,10 +119,11 @@ async fn maintenance_supervision_drop_and_readd() {
 }
 
 /// `hapg create monitor` starts Postgres before it creates the monitor's
-/// database and schema, so a keeper, router or command started beside it may
-/// find Postgres answering "database does not exist" (3D000), then a database
-/// without the schema. Both mean "not yet": clients retry them within their
-/// connect budget, and only if it lasts report the monitor's own answer.
+/// role, database and schema, so a keeper, router or command started beside
+/// it may find Postgres answering "role does not exist" (28000), then
+/// "database does not exist" (3D000), then a database without the schema.
+/// All mean "not yet": clients retry them within their connect budget, and
+/// only if it lasts report the monitor's own answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_wait_for_a_monitor_still_being_created() {
     let mut cluster = Cluster::new();
@@ -131,12 +132,23 @@ async fn clients_wait_for_a_monitor_still_being_created() {
     let admin_uri = format!("postgres://postgres@localhost:{port}/postgres?sslmode=require");
     let admin = connect(&admin_uri).await.expect("connect as postgres");
     let late_uri =
-        format!("postgres://postgres@localhost:{port}/monitor_created_late?sslmode=require");
+        format!("postgres://late_node@localhost:{port}/monitor_created_late?sslmode=require");
 
     let waiter = tokio::spawn({
         let uri = late_uri.clone();
         async move { MonitorClient::connect_with_retry(&uri, Duration::from_secs(60)).await }
     });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !waiter.is_finished(),
+        "gave up on a role that does not exist yet: {:?}",
+        waiter.await.map(|r| r.err())
+    );
+
+    admin
+        .batch_execute("CREATE ROLE late_node WITH LOGIN SUPERUSER")
+        .await
+        .expect("create the role");
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(
         !waiter.is_finished(),
@@ -155,9 +167,11 @@ async fn clients_wait_for_a_monitor_still_being_created() {
         waiter.await.map(|r| r.err())
     );
 
-    let mut late = connect(&late_uri)
-        .await
-        .expect("connect to the new database");
+    let mut late = connect(&format!(
+        "postgres://postgres@localhost:{port}/monitor_created_late?sslmode=require"
+    ))
+    .await
+    .expect("connect to the new database");
     hapg_monitor::schema::migrate(&mut late)
         .await
         .expect("install the monitor schema");
@@ -175,4 +189,15 @@ async fn clients_wait_for_a_monitor_still_being_created() {
         .err()
         .expect("the postgres database is not a monitor");
     assert!(matches!(error, MonitorError::NotAMonitor), "{error:?}");
+
+    // A role that never comes: after the budget, the error names it.
+    let nobody = format!("postgres://nobody_here@localhost:{port}/postgres?sslmode=require");
+    let error = MonitorClient::connect_with_retry(&nobody, Duration::from_secs(1))
+        .await
+        .err()
+        .expect("no such role");
+    assert!(
+        error.is_monitor_not_ready() && error.to_string().contains("nobody_here"),
+        "{error}"
+    );
 }

@@ -95,13 +95,20 @@ impl MonitorError {
 
     /// True for what a monitor answers while it is still being created or
     /// started: its Postgres is starting up (57P03), or already listens while
-    /// `hapg create monitor` has not yet created the database (3D000) or
-    /// committed its schema. Worth retrying for a while, but if it lasts, the
-    /// error itself says best what is wrong.
+    /// `hapg create monitor` has not yet created the `autoctl_node` role
+    /// (28000, "role ... does not exist"), the database (3D000) or committed
+    /// its schema. Worth retrying for a while, but if it lasts, the error
+    /// itself says best what is wrong. Other refusals with 28000 (no
+    /// pg_hba.conf entry) are reported at once.
     pub fn is_monitor_not_ready(&self) -> bool {
         match self {
-            MonitorError::Db(e) => e.code().is_some_and(|code| {
-                *code == SqlState::CANNOT_CONNECT_NOW || *code == SqlState::INVALID_CATALOG_NAME
+            MonitorError::Db(e) => e.as_db_error().is_some_and(|db| {
+                let code = db.code();
+                *code == SqlState::CANNOT_CONNECT_NOW
+                    || *code == SqlState::INVALID_CATALOG_NAME
+                    || (*code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+                        && db.message().starts_with("role ")
+                        && db.message().ends_with(" does not exist"))
             }),
             MonitorError::NotAMonitor => true,
             _ => false,
