@@ -120,7 +120,13 @@ async fn create_monitor(args: CreateMonitorArgs) -> Result<()> {
             opts.auth_method
         );
     }
-    let paths = create::create_monitor(opts, monitor_password).await?;
+    let pgdata = NodePaths::for_pgdata(&opts.pgdata)?.pgdata;
+    let paths = stop_postgres_on_interrupt(
+        &pgdata,
+        "the monitor",
+        create::create_monitor(opts, monitor_password),
+    )
+    .await?;
     let config = NodeConfig::load(&paths.config)?;
     println!("{}", pgconn_redacted(&create::monitor_uri(&config)));
     if args.instance.run {
@@ -155,10 +161,79 @@ async fn create_postgres(args: CreatePostgresArgs) -> Result<()> {
         run(&paths.pgdata).await
     } else {
         let _pid = pidfile::PidFile::acquire(&paths.pid)?;
+        // Once initialised, the keeper leaves Postgres running for `hapg run`
+        // to take over; interrupted before that, it stops it.
         let shutdown = shutdown_on_signals()?;
-        shutdown.keep_postgres.store(true, Ordering::Relaxed);
-        keeper::run(paths, RunMode::UntilInitialized, shutdown).await?;
-        Ok(())
+        match keeper::run(paths, RunMode::UntilInitialized, shutdown).await? {
+            Exit::Initialized => Ok(()),
+            Exit::Stopped => bail!(
+                "interrupted while initialising the node in {pgdata}; its Postgres is stopped. \
+                 Run `hapg run --pgdata {pgdata}` to finish",
+                pgdata = args.instance.pgdata.display()
+            ),
+            Exit::Dropped => bail!(
+                "the node in {} was dropped from the formation while it was being created",
+                args.instance.pgdata.display()
+            ),
+        }
+    }
+}
+
+/// Runs a create step that starts Postgres in `pgdata`, until SIGTERM, SIGINT
+/// or SIGQUIT. On a signal the step ends (a tool it runs, such as initdb or
+/// pg_ctl, is killed with it) and so does the Postgres it started, which has a
+/// session of its own and would otherwise outlive the interrupted command:
+/// SIGTERM and SIGINT with a fast shutdown, SIGQUIT with an immediate one.
+async fn stop_postgres_on_interrupt<T>(
+    pgdata: &Path,
+    what: &str,
+    step: impl std::future::Future<Output = Result<T, hapg_keeper::KeeperError>>,
+) -> Result<T> {
+    use nix::sys::signal::Signal;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut quit = signal(SignalKind::quit())?;
+    let (received, shutdown) = tokio::select! {
+        result = step => return Ok(result?),
+        _ = term.recv() => ("SIGTERM", Signal::SIGINT),
+        _ = int.recv() => ("SIGINT", Signal::SIGINT),
+        _ = quit.recv() => ("SIGQUIT", Signal::SIGQUIT),
+    };
+    let dir = pgdata.display();
+    match stop_postmaster(pgdata, shutdown).await {
+        Ok(()) => bail!(
+            "interrupted by {received} while creating {what} in {dir}; its Postgres is stopped. \
+             The directory is incomplete: remove it and run the same command again"
+        ),
+        Err(pid) => bail!(
+            "interrupted by {received} while creating {what} in {dir}, and its Postgres \
+             (pid {pid}) is still shutting down; once it is gone, remove the directory and \
+             run the same command again"
+        ),
+    }
+}
+
+/// Sends `shutdown` to the postmaster of `pgdata` and waits (at most 30 s)
+/// until it is gone; `Err(pid)` if it is still there. A pg_ctl killed while
+/// starting Postgres may have launched it an instant before: a postmaster
+/// that appears within half a second is stopped too.
+async fn stop_postmaster(pgdata: &Path, shutdown: nix::sys::signal::Signal) -> Result<(), i32> {
+    let start = std::time::Instant::now();
+    let mut signalled = None;
+    loop {
+        match hapg::drill::postmaster_pid(pgdata) {
+            Some(pid) if signalled != Some(pid) => {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), shutdown);
+                signalled = Some(pid);
+            }
+            Some(pid) if start.elapsed() > Duration::from_secs(30) => return Err(pid),
+            Some(_) => {}
+            None if signalled.is_some() || start.elapsed() > Duration::from_millis(500) => {
+                return Ok(())
+            }
+            None => {}
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

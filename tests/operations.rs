@@ -1,14 +1,18 @@
 //! Operator controls and keeper supervision on a two-node group, with real
 //! PostgreSQL 15: maintenance on either node, a keeper killed and restarted,
-//! Postgres killed under a live keeper, drop and re-add of a node; and
-//! clients that wait for a monitor still being created.
+//! Postgres killed under a live keeper, drop and re-add of a node; clients
+//! that wait for a monitor still being created; and a create interrupted
+//! while it sets up Postgres.
 
 mod support;
 
-use std::time::Duration;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
 
 use hapg_monitor::{MonitorClient, MonitorError};
-use support::{connect, postmaster_pid, Cluster};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use support::{connect, free_port, postmaster_pid, Cluster};
 
 const STEP: Duration = Duration::from_secs(90);
 
@@ -200,4 +204,131 @@ async fn clients_wait_for_a_monitor_still_being_created() {
         error.is_monitor_not_ready() && error.to_string().contains("nobody_here"),
         "{error}"
     );
+}
+
+/// Starts `hapg args` with its output captured, waits until the Postgres it
+/// creates in `pgdata` has written its pid file and freezes that Postgres
+/// (SIGSTOP), so that hapg is surely still setting it up; then sends hapg
+/// SIGTERM, lets Postgres go on, and returns hapg's exit code, its stderr
+/// and the postmaster's pid once hapg has ended.
+fn interrupt_create(cluster: &Cluster, args: &[&str], pgdata: &str) -> (Option<i32>, String, i32) {
+    let mut create = cluster
+        .hapg(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start hapg create");
+    let hapg = Pid::from_raw(create.id() as i32);
+    let pgdata = cluster.path().join(pgdata);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let postmaster = loop {
+        if let Some(pid) = postmaster_pid(&pgdata) {
+            break Pid::from_raw(pid);
+        }
+        assert!(
+            create.try_wait().expect("poll hapg").is_none(),
+            "hapg ended before Postgres started"
+        );
+        assert!(Instant::now() < deadline, "Postgres did not start");
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    kill(postmaster, Signal::SIGSTOP).expect("stop the postmaster");
+    kill(hapg, Signal::SIGTERM).expect("signal hapg");
+    std::thread::sleep(Duration::from_millis(300));
+    kill(postmaster, Signal::SIGCONT).expect("continue the postmaster");
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while create.try_wait().expect("poll hapg").is_none() {
+        if Instant::now() > deadline {
+            let _ = create.kill();
+            panic!("hapg did not end within 60 s of SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = create.wait_with_output().expect("hapg output");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status.code(), stderr, postmaster.as_raw())
+}
+
+/// SIGTERM (or Ctrl-C) while `hapg create monitor` sets up its Postgres ends
+/// that Postgres too: it runs in a session of its own, so the signal does not
+/// reach it, and it would be left running on its port. The error says what to
+/// do next.
+#[test]
+fn an_interrupted_create_leaves_no_postgres_behind() {
+    let mut cluster = Cluster::new();
+    let port = free_port().to_string();
+    let (code, stderr, postmaster) = interrupt_create(
+        &cluster,
+        &[
+            "create",
+            "monitor",
+            "--pgdata",
+            "./interrupted",
+            "--pgport",
+            &port,
+            "--hostname",
+            "localhost",
+            "--auth",
+            "trust",
+            "--ssl-self-signed",
+        ],
+        "interrupted",
+    );
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("interrupted by SIGTERM while creating the monitor")
+            && stderr.contains("its Postgres is stopped")
+            && stderr.contains("remove it and run the same command again"),
+        "{stderr}"
+    );
+    // Dead, or a zombie its new parent has not reaped yet.
+    assert!(
+        !hapg_keeper::pidfile::process_alive(postmaster),
+        "the monitor's Postgres (pid {postmaster}) still runs after the interrupted create"
+    );
+
+    // The same for a node that `hapg create postgres` (without --run) is
+    // still initialising.
+    cluster.start_monitor();
+    let uri = cluster.monitor_uri();
+    let port = free_port().to_string();
+    let (_, stderr, postmaster) = interrupt_create(
+        &cluster,
+        &[
+            "create",
+            "postgres",
+            "--pgdata",
+            "./node_a",
+            "--pgport",
+            &port,
+            "--hostname",
+            "localhost",
+            "--name",
+            "node_a",
+            "--auth",
+            "trust",
+            "--ssl-self-signed",
+            "--monitor",
+            &uri,
+        ],
+        "node_a",
+    );
+    assert!(
+        !hapg_keeper::pidfile::process_alive(postmaster),
+        "the node's Postgres (pid {postmaster}) still runs after the interrupted create: {stderr}"
+    );
+    assert!(
+        stderr.contains("interrupted while initialising the node")
+            && stderr.contains("Run `hapg run --pgdata ./node_a` to finish"),
+        "{stderr}"
+    );
+    // And what it says works: `hapg run` finishes the node.
+    cluster.spawn("node_a", &["run", "--pgdata", "./node_a"]);
+    cluster.nodes.push(support::Node {
+        name: "node_a".to_string(),
+        pgdata: cluster.path().join("node_a"),
+        port: port.parse().expect("port"),
+    });
+    cluster.wait_states(&[("node_a", "single")], STEP);
 }

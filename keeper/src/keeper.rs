@@ -174,6 +174,11 @@ impl Keeper {
             if mode == RunMode::UntilInitialized
                 && !matches!(self.state.current, NodeState::Init | NodeState::WaitStandby)
             {
+                // A stop asked for while the last step ran wins: only a
+                // create that ends by itself leaves Postgres running.
+                if shutdown.token.is_cancelled() {
+                    return Ok(Exit::Stopped);
+                }
                 return Ok(Exit::Initialized);
             }
             if moved {
