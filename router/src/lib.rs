@@ -18,6 +18,7 @@ pub mod threads;
 pub mod tls;
 pub mod tracking;
 
+mod gated;
 mod lost;
 mod relay;
 mod session;

@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::cancel::CancelKey;
+use crate::gated::Gated;
 use crate::lost::{self, LostTransaction, Step};
 use crate::net::{self, Stream};
 use crate::pool::CheckoutError;
@@ -446,13 +447,13 @@ impl Session {
     }
 
     async fn relay(&mut self) -> Result<(), Ended> {
-        // What the loop waits on besides the sockets is made once: made anew
+        // What the loop waits on besides the sockets is made once (made anew
         // each time round, every one of these futures would register with
-        // its notifier and unregister again (a lock each) twice per
-        // transaction.
-        let mut kill = std::pin::pin!(self.kill.clone().cancelled_owned());
-        let mut shutdown = std::pin::pin!(self.shutdown.clone().cancelled_owned());
-        let mut cut = Box::pin(next_cut(self.cuts.clone()));
+        // its notifier and unregister again, a lock each, twice per
+        // transaction), and gated: polled only after its own wake-up.
+        let mut kill = Gated::new(self.kill.clone().cancelled_owned());
+        let mut shutdown = Gated::new(self.shutdown.clone().cancelled_owned());
+        let mut cut = Gated::new(next_cut(self.cuts.clone()));
         loop {
             self.sync_busy();
             self.on_client_bytes().await?;
@@ -481,7 +482,7 @@ impl Session {
                 _ = &mut shutdown, if idle => return Err(self.stopping().await),
                 r = read_server(&mut self.server) => self.on_server_read(r)?,
                 (epoch, cuts) = &mut cut => {
-                    cut = Box::pin(next_cut(cuts));
+                    cut = Gated::new(next_cut(cuts));
                     self.on_cut(epoch)?;
                 }
                 r = read_client(&mut self.client.stream, &mut self.client.rbuf) => {
@@ -759,8 +760,12 @@ impl Session {
                                 forget_all(server);
                             }
                         }
-                        if let Ok(sql) = std::str::from_utf8(sql) {
-                            self.state.on_query(sql);
+                        // Most statements are plain DML: the quick check
+                        // spares them the UTF-8 check and the parser.
+                        if tracking::interesting(sql) {
+                            if let Ok(sql) = std::str::from_utf8(sql) {
+                                self.state.on_query(sql);
+                            }
                         }
                         if self.tx != b'I' && lost::ends_transaction(sql) {
                             self.ending = Some(self.outstanding + 1);
@@ -1055,6 +1060,15 @@ impl Session {
     /// [`Session::attach`]) and marks the session busy on its epoch; if a
     /// switchover drain started in between, waits again.
     async fn attach_and_begin(&mut self) -> Result<(), AttachError> {
+        // The common case, attached to the current primary and nothing
+        // paused, needs neither a deadline nor the slow path's subscriptions
+        // (`begin` allows only the current epoch of a writable primary).
+        if let Some(server) = &self.server {
+            if let Some(busy) = self.shared.routing.begin(server.epoch) {
+                self.busy = Some(busy);
+                return Ok(());
+            }
+        }
         let deadline = Instant::now() + self.shared.runtime.load().config.pause_timeout();
         loop {
             self.attach(deadline).await?;

@@ -169,16 +169,15 @@ fn words(stmt: &str, n: usize) -> Vec<String> {
 /// Whether the ASCII `needle` occurs in `haystack`, whatever the case of
 /// either. It runs on every statement, so it jumps (memchr) from one
 /// occurrence of one of the needle's bytes to the next and compares only
-/// there; the byte is the needle's first that is not among the most common
-/// in SQL text, so that few places need a compare.
+/// there; the byte is the needle's rarest in English and SQL text, so that
+/// few places need a compare.
 pub(crate) fn contains_ci(haystack: impl AsRef<[u8]>, needle: &str) -> bool {
     let (hay, needle) = (haystack.as_ref(), needle.as_bytes());
     if needle.is_empty() {
         return true;
     }
-    let anchor = needle
-        .iter()
-        .position(|c| !b"etaoins _".contains(&c.to_ascii_lowercase()))
+    let anchor = (0..needle.len())
+        .max_by_key(|&i| rarity(needle[i]))
         .unwrap_or(0);
     let b = needle[anchor];
     memchr::memchr2_iter(b.to_ascii_lowercase(), b.to_ascii_uppercase(), hay).any(|at| {
@@ -189,33 +188,62 @@ pub(crate) fn contains_ci(haystack: impl AsRef<[u8]>, needle: &str) -> bool {
     })
 }
 
-/// Quick check: can this SQL possibly change tracked session state?
-fn interesting(sql: &str) -> bool {
-    let b = sql.as_bytes();
-    let first = b
-        .iter()
-        .position(|c| !c.is_ascii_whitespace())
-        .map_or(&b[..0], |p| &b[p..]);
-    let starts = |w: &[u8]| {
-        first.len() >= w.len()
-            && first[..w.len()].eq_ignore_ascii_case(w)
-            && first
-                .get(w.len())
-                .is_none_or(|c| !(c.is_ascii_alphanumeric() || *c == b'_'))
+/// How rare a byte is in SQL text: letters by their frequency in English
+/// (z the rarest), everything else as common as the commonest letter.
+fn rarity(b: u8) -> u8 {
+    const RARITY: [u8; 256] = {
+        const COMMONEST_FIRST: &[u8] = b"etaoinsrhldcumfpgwybvkxjqz";
+        let mut table = [0; 256];
+        let mut i = 0;
+        while i < COMMONEST_FIRST.len() {
+            let c = COMMONEST_FIRST[i];
+            table[c as usize] = i as u8;
+            table[c.to_ascii_uppercase() as usize] = i as u8;
+            i += 1;
+        }
+        table
     };
-    // A statement's own trailing semicolon (pgbench sends one) starts no
-    // second statement; any other one might.
-    let one_statement = !sql.trim_end().trim_end_matches(';').contains(';');
+    RARITY[b as usize]
+}
+
+/// Quick check: can this SQL possibly change tracked session state? It runs
+/// on every Query message, so it looks at bytes (no UTF-8 check) and at the
+/// first word only, unless that word starts something else than one plain
+/// statement.
+pub(crate) fn interesting(sql: impl AsRef<[u8]>) -> bool {
     // DML, and transaction control (pgbench's TPC-B sends BEGIN; and END;
     // on their own), change no session state by themselves.
-    let plain = [
-        "select", "insert", "update", "delete", "begin", "start", "commit", "end", "rollback",
-        "abort",
-    ]
-    .iter()
-    .any(|w| starts(w.as_bytes()))
-        && one_statement;
-    !plain || contains_ci(sql, "advisory")
+    const PLAIN: [&[u8]; 10] = [
+        b"select",
+        b"insert",
+        b"update",
+        b"delete",
+        b"begin",
+        b"start",
+        b"commit",
+        b"end",
+        b"rollback",
+        b"abort",
+    ];
+    let sql = sql.as_ref();
+    let start = sql
+        .iter()
+        .position(|c| !c.is_ascii_whitespace())
+        .unwrap_or(sql.len());
+    let word_end = sql[start..]
+        .iter()
+        .position(|c| !(c.is_ascii_alphanumeric() || *c == b'_'))
+        .map_or(sql.len(), |n| start + n);
+    let word = &sql[start..word_end];
+    let plain_word = PLAIN.iter().any(|w| w.eq_ignore_ascii_case(word));
+    // A statement's own trailing semicolon (pgbench sends one) starts no
+    // second statement; any other one might.
+    let mut end = sql.trim_ascii_end().len();
+    while end > 0 && sql[end - 1] == b';' {
+        end -= 1;
+    }
+    let one_statement = memchr::memchr(b';', &sql[..end]).is_none();
+    !(plain_word && one_statement) || contains_ci(sql, "advisory")
 }
 
 /// The session-state effects of the statements in `sql`.

@@ -47,6 +47,6 @@ pub enum ProtocolError {
 
 /// Reads a NUL-terminated string from the start of `buf`; returns it and the rest.
 pub fn cstr(buf: &[u8]) -> Option<(&[u8], &[u8])> {
-    let end = buf.iter().position(|&b| b == 0)?;
+    let end = memchr::memchr(0, buf)?;
     Some((&buf[..end], &buf[end + 1..]))
 }
