@@ -162,7 +162,7 @@ mod tests {
         tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
             .await
             .expect("the gated future was never woken")
-            .unwrap();
+            .expect("the waiting task failed");
     }
 
     /// Wakes a flag, standing in for a second task's waker.
