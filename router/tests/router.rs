@@ -751,3 +751,88 @@ async fn pgbench_runs_through_the_router_in_every_query_mode() {
     }
     c.router.stop().await;
 }
+
+/// Connects like `connect`, and hands over how the connection ended.
+async fn connect_watched(
+    url: &str,
+) -> (
+    tokio_postgres::Client,
+    tokio::sync::oneshot::Receiver<Result<(), tokio_postgres::Error>>,
+) {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect through router");
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let _ = tx.send(conn.await);
+    });
+    (client, rx)
+}
+
+/// Waits (30 s at most) for the router to end a connection, and returns the
+/// SQLSTATE it ended it with.
+async fn ended_with(
+    ended: tokio::sync::oneshot::Receiver<Result<(), tokio_postgres::Error>>,
+    what: &str,
+) -> String {
+    let result = tokio::time::timeout(Duration::from_secs(30), ended)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: the router did not end the connection"))
+        .expect("connection task");
+    match result {
+        Err(e) => code(&e),
+        Ok(()) => format!("{what}: ended without an error"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_ends_idle_sessions_at_once_and_lets_open_transactions_finish() {
+    // The drain lasts far longer than the test waits: sessions must end
+    // because they are told the router is stopping, not because the drain
+    // ran out and killed them.
+    let c = Cluster::start(false, "drain_timeout_ms = 600000", "").await;
+    let (idle, idle_ended) = connect_watched(&c.router.url("postgres")).await;
+    let (busy, busy_ended) = connect_watched(&c.router.url("postgres")).await;
+    idle.batch_execute("SELECT 1").await.expect("idle client");
+    busy.batch_execute("BEGIN; SELECT 1")
+        .await
+        .expect("busy client");
+    c.router.shutdown.cancel();
+
+    assert_eq!(
+        ended_with(idle_ended, "idle session").await,
+        "57P01",
+        "an idle session is told the router is shutting down"
+    );
+    // The open transaction goes on until the client ends it.
+    busy.batch_execute("SELECT 2")
+        .await
+        .expect("the open transaction still works");
+    busy.batch_execute("COMMIT").await.expect("commit");
+    assert_eq!(
+        ended_with(busy_ended, "session after its commit").await,
+        "57P01"
+    );
+    tokio::time::timeout(Duration::from_secs(30), c.router.task)
+        .await
+        .expect("the router stops once its sessions are gone")
+        .expect("router task");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_open_past_the_drain_timeout_is_ended_when_the_router_stops() {
+    let c = Cluster::start(false, "drain_timeout_ms = 300", "").await;
+    let (busy, busy_ended) = connect_watched(&c.router.url("postgres")).await;
+    busy.batch_execute("BEGIN; SELECT 1")
+        .await
+        .expect("busy client");
+    c.router.shutdown.cancel();
+    assert_eq!(
+        ended_with(busy_ended, "session in a transaction").await,
+        "57P01"
+    );
+    tokio::time::timeout(Duration::from_secs(30), c.router.task)
+        .await
+        .expect("the router stops")
+        .expect("router task");
+}
