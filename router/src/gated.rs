@@ -64,9 +64,7 @@ impl<F: Future> Gated<F> {
             task: None,
         }
     }
-}
 
-impl<F: Future> Gated<F> {
     /// Hands the task's waker to the signal (once per gate for a spawned
     /// task, whose waker does not change).
     #[cold]
@@ -80,6 +78,9 @@ impl<F: Future> Gated<F> {
         self.task = Some(task);
     }
 
+    /// Shuts the gate and polls the inner future with the opener. Kept out
+    /// of line so that the common case, a shut gate, stays a few
+    /// instructions in the relay loop.
     #[inline(never)]
     fn poll_inner(&mut self) -> Poll<F::Output> {
         if !self.signal.open.swap(false, Ordering::AcqRel) {
