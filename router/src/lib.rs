@@ -113,6 +113,20 @@ impl Shared {
             self.last_params.store(params.clone());
         }
     }
+
+    /// The router's last-seen list when it holds the same values as
+    /// `params` (in any order); else `params`, which becomes the last seen. The connections
+    /// of a pool then share one list with the sessions told it, and a
+    /// transaction-mode session taking a connection sees by pointer that it
+    /// has nothing to set or report.
+    pub fn shared_params(&self, params: &server::Params) -> server::Params {
+        let last = self.last_params.load();
+        if !Arc::ptr_eq(&last, params) && server::same_params(&last, params) {
+            return Arc::clone(&last);
+        }
+        self.remember_params(params);
+        params.clone()
+    }
 }
 
 /// A router: configuration, routing table and sessions.

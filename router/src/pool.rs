@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -26,36 +26,54 @@ use crate::Shared;
 /// How often the maintenance task looks at idle connections.
 const MAINTAIN_EVERY: Duration = Duration::from_secs(1);
 
-/// The pools by server user, then database. Looked up with the login's own
-/// strings (a `String` key answers to a `&str`), so that a checkout or a
-/// checkin allocates nothing.
+/// A pool's place in the [`PoolMap`]. Pools are never removed, so a
+/// connection or a session can keep it and skip the lookup by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolId(usize);
+
+/// The pools, and their places by server user, then database. Looked up
+/// with the login's own strings (a `String` key answers to a `&str`), so
+/// that a checkout allocates nothing, and not at all when the caller knows
+/// the place.
 #[derive(Default)]
-struct PoolMap(HashMap<String, HashMap<String, Pool>>);
+struct PoolMap {
+    ids: HashMap<String, HashMap<String, PoolId>>,
+    pools: Vec<Pool>,
+}
 
 impl PoolMap {
     fn get(&self, user: &str, database: &str) -> Option<&Pool> {
-        self.0.get(user)?.get(database)
+        let id = self.ids.get(user)?.get(database)?;
+        self.pools.get(id.0)
     }
 
-    fn get_mut(&mut self, user: &str, database: &str) -> Option<&mut Pool> {
-        self.0.get_mut(user)?.get_mut(database)
-    }
-
-    fn get_or_insert_with(
+    /// The pool of `login`, made with `new` first if absent: at `hint` when
+    /// that is its place (one comparison of each name instead of hashing
+    /// them).
+    fn find_or_insert_with(
         &mut self,
-        user: &str,
-        database: &str,
+        login: &Login,
+        hint: Option<PoolId>,
         new: impl FnOnce() -> Pool,
-    ) -> &mut Pool {
-        slot(slot(&mut self.0, user, HashMap::new), database, new)
-    }
-
-    fn values(&self) -> impl Iterator<Item = &Pool> {
-        self.0.values().flat_map(HashMap::values)
-    }
-
-    fn values_mut(&mut self) -> impl Iterator<Item = &mut Pool> {
-        self.0.values_mut().flat_map(HashMap::values_mut)
+    ) -> (PoolId, &mut Pool) {
+        let hinted = hint.filter(|id| {
+            self.pools.get(id.0).is_some_and(|pool| {
+                pool.login.user == login.user && pool.login.database == login.database
+            })
+        });
+        let id = match hinted {
+            Some(id) => id,
+            None => {
+                let next = PoolId(self.pools.len());
+                let by_database = slot(&mut self.ids, &login.user, HashMap::new);
+                let id = *slot(by_database, &login.database, || next);
+                if id == next {
+                    self.pools.push(new());
+                }
+                id
+            }
+        };
+        (id, &mut self.pools[id.0])
     }
 }
 
@@ -151,24 +169,31 @@ impl Pools {
 
     /// A connection to `target` for `login`: an idle one opened with the same
     /// startup parameters, or a new one in a free slot. Without a deadline it
-    /// does not wait for a slot.
+    /// does not wait for a slot. `hint` is where the pool of `login` was
+    /// last time (a connection's [`ServerConn::pool`]), if known.
     pub async fn checkout(
         &self,
         shared: &Shared,
         target: &Target,
         login: &Login,
+        hint: Option<PoolId>,
         connect_timeout: Duration,
         deadline: Option<Instant>,
     ) -> Result<ServerConn, CheckoutError> {
-        let size = shared.runtime.load().config.pool.pool_size;
-        let lifetime = shared.runtime.load().config.pool_lifetime();
+        let (size, lifetime) = {
+            let runtime = shared.runtime.load();
+            (
+                runtime.config.pool.pool_size,
+                runtime.config.pool_lifetime(),
+            )
+        };
         loop {
             let mut victims = Vec::new();
             let mut found = None;
             let mut permit = None;
-            let (slots, returned, size) = {
+            let (id, slots, returned, size) = {
                 let mut pools = self.lock();
-                let pool = pools.get_or_insert_with(&login.user, &login.database, || Pool {
+                let (id, pool) = pools.find_or_insert_with(login, hint, || Pool {
                     slots: Arc::new(Semaphore::new(size as usize)),
                     size,
                     idle: Vec::new(),
@@ -182,13 +207,16 @@ impl Pools {
                 // PgBouncer does by default): the connections in use stay
                 // warm, and a surplus stays idle long enough for
                 // `pool.idle_timeout_ms` to close it.
+                // The search stops at the first connection it can hand out:
+                // the maintenance task closes stale ones the search did not
+                // reach (at once when the routing changes).
+                let now = std::time::Instant::now();
                 let mut i = pool.idle.len();
-                while i > 0 {
+                while i > 0 && found.is_none() {
                     i -= 1;
                     let c = &pool.idle[i].conn;
-                    let stale =
-                        c.epoch != target.epoch || lifetime.is_some_and(|l| c.born.elapsed() >= l);
-                    let candidate = !stale && found.is_none() && c.startup == login.params;
+                    let stale = c.epoch != target.epoch || past(c, lifetime, now);
+                    let candidate = !stale && c.startup == login.params;
                     // Only the connection about to be handed out is probed;
                     // the others are when their turn comes.
                     if stale || (candidate && !c.looks_alive()) {
@@ -209,7 +237,7 @@ impl Pools {
                         }
                     }
                 }
-                (pool.slots.clone(), pool.returned.clone(), pool.size)
+                (id, pool.slots.clone(), pool.returned.clone(), pool.size)
             };
             let freed = !victims.is_empty();
             close_all(victims).await;
@@ -217,12 +245,9 @@ impl Pools {
                 return Ok(conn);
             }
             if let Some(permit) = permit {
-                let mut conn =
-                    ServerConn::connect(target, login, &shared.server_tls, connect_timeout)
-                        .await
-                        .map_err(CheckoutError::Server)?;
-                conn.permit = Some(permit);
-                return Ok(conn);
+                return open(shared, target, login, connect_timeout, (id, permit))
+                    .await
+                    .map_err(CheckoutError::Server);
             }
             if freed {
                 continue;
@@ -240,16 +265,35 @@ impl Pools {
             match got {
                 Err(_) => return Err(CheckoutError::Full { size }),
                 Ok(Some(permit)) => {
-                    let mut conn =
-                        ServerConn::connect(target, login, &shared.server_tls, connect_timeout)
-                            .await
-                            .map_err(CheckoutError::Server)?;
-                    conn.permit = Some(permit);
-                    return Ok(conn);
+                    return open(shared, target, login, connect_timeout, (id, permit))
+                        .await
+                        .map_err(CheckoutError::Server);
                 }
                 Ok(None) => continue,
             }
         }
+    }
+
+    /// The most recently returned idle connection of pool `id`, when it can
+    /// serve `login` as it is: opened with the same startup parameters,
+    /// within `pool.lifetime_ms`, and alive. The quick checkout of a
+    /// transaction-mode session between two transactions (the caller checks
+    /// the connection's epoch); anything less goes through
+    /// [`Pools::checkout`].
+    pub fn take_ready(&self, shared: &Shared, id: PoolId, login: &Login) -> Option<ServerConn> {
+        let lifetime = shared.runtime.load().config.pool_lifetime();
+        let mut pools = self.lock();
+        let pool = pools.pools.get_mut(id.0)?;
+        let conn = &pool.idle.last()?.conn;
+        let ready = pool.login.user == login.user
+            && pool.login.database == login.database
+            && conn.startup == login.params
+            && !past(conn, lifetime, std::time::Instant::now())
+            && conn.looks_alive();
+        if !ready {
+            return None;
+        }
+        pool.idle.pop().map(|idle| idle.conn)
     }
 
     /// Puts a connection back idle, or returns it to be closed (its pool is
@@ -262,23 +306,22 @@ impl Pools {
         if routing.known && conn.epoch != routing.epoch {
             return Some(conn);
         }
-        if shared
-            .runtime
-            .load()
-            .config
-            .pool_lifetime()
-            .is_some_and(|l| conn.born.elapsed() >= l)
-        {
+        let now = Instant::now();
+        if past(
+            &conn,
+            shared.runtime.load().config.pool_lifetime(),
+            now.into_std(),
+        ) {
             return Some(conn);
         }
-        let mut pools = self.lock();
-        let Some(pool) = pools.get_mut(&conn.login_user, &conn.login_database) else {
+        let Some(id) = conn.pool else {
             return Some(conn);
         };
-        pool.idle.push(Idle {
-            conn,
-            since: Instant::now(),
-        });
+        let mut pools = self.lock();
+        let Some(pool) = pools.pools.get_mut(id.0) else {
+            return Some(conn);
+        };
+        pool.idle.push(Idle { conn, since: now });
         pool.returned.notify_one();
         None
     }
@@ -290,7 +333,7 @@ impl Pools {
     pub fn discard_epoch(&self, epoch: i64) -> Vec<ServerConn> {
         let mut victims = Vec::new();
         let mut pools = self.lock();
-        for pool in pools.values_mut() {
+        for pool in pools.pools.iter_mut() {
             pool.take_idle_where(&mut victims, |conn| conn.epoch == epoch);
         }
         victims
@@ -310,10 +353,10 @@ impl Pools {
     ) -> Vec<ServerConn> {
         let mut victims = Vec::new();
         let mut pools = self.lock();
-        for pool in pools.values_mut() {
+        for pool in pools.pools.iter_mut() {
+            let now = std::time::Instant::now();
             pool.take_idle_where(&mut victims, |conn| {
-                epoch.is_some_and(|e| conn.epoch != e)
-                    || lifetime.is_some_and(|l| conn.born.elapsed() >= l)
+                epoch.is_some_and(|e| conn.epoch != e) || past(conn, lifetime, now)
             });
             if let Some(timeout) = idle_timeout {
                 // `idle` is in return order, so the longest idle go first and
@@ -330,19 +373,43 @@ impl Pools {
 
     /// Free slots of pools short of `min_idle` idle connections, with the
     /// login to open a connection with.
-    fn short(&self, min_idle: u32) -> Vec<(Login, tokio::sync::OwnedSemaphorePermit)> {
+    fn short(&self, min_idle: u32) -> Vec<(Login, (PoolId, OwnedSemaphorePermit))> {
         if min_idle == 0 {
             return Vec::new();
         }
         self.lock()
-            .values()
-            .filter(|p| p.idle.len() < min_idle as usize)
-            .filter_map(|p| {
+            .pools
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.idle.len() < min_idle as usize)
+            .filter_map(|(i, p)| {
                 let permit = p.slots.clone().try_acquire_owned().ok()?;
-                Some((p.login.clone(), permit))
+                Some((p.login.clone(), (PoolId(i), permit)))
             })
             .collect()
     }
+}
+
+/// True when `conn` has lived `lifetime` (`pool.lifetime_ms`) by `now`.
+fn past(conn: &ServerConn, lifetime: Option<Duration>, now: std::time::Instant) -> bool {
+    lifetime.is_some_and(|l| now.saturating_duration_since(conn.born) >= l)
+}
+
+/// Opens a connection to `target` in a slot of pool `id`, its reported
+/// parameters shared with the pool's other connections when they agree
+/// ([`Shared::shared_params`]).
+async fn open(
+    shared: &Shared,
+    target: &Target,
+    login: &Login,
+    timeout: Duration,
+    (id, permit): (PoolId, OwnedSemaphorePermit),
+) -> Result<ServerConn, ServerError> {
+    let mut conn = ServerConn::connect(target, login, &shared.server_tls, timeout).await?;
+    conn.params = shared.shared_params(&conn.params);
+    conn.pool = Some(id);
+    conn.permit = Some(permit);
+    Ok(conn)
 }
 
 /// Closes idle connections to an old primary as soon as the routing changes,
@@ -374,16 +441,8 @@ pub(crate) async fn maintain(shared: Arc<Shared>, stop: CancellationToken) {
             // One connection per pool per round: min_idle fills up over a
             // few rounds without a burst of logins.
             for (login, permit) in shared.pools.short(config.pool.min_idle) {
-                match ServerConn::connect(
-                    &target,
-                    &login,
-                    &shared.server_tls,
-                    config.connect_timeout(),
-                )
-                .await
-                {
-                    Ok(mut conn) => {
-                        conn.permit = Some(permit);
+                match open(&shared, &target, &login, config.connect_timeout(), permit).await {
+                    Ok(conn) => {
                         if let Some(conn) = shared.pools.checkin(&shared, conn) {
                             conn.terminate().await;
                         }
@@ -400,4 +459,57 @@ pub(crate) async fn maintain(shared: Arc<Shared>, stop: CancellationToken) {
     }
     let victims = shared.pools.expired(None, Some(Duration::ZERO), None, 0);
     close_all(victims).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn login(user: &str, database: &str) -> Login {
+        Login {
+            user: user.to_string(),
+            password: None,
+            database: database.to_string(),
+            params: Vec::new(),
+            sslmode: hapg_config::router::ServerSslMode::Disable,
+            unix_socket_dir: None,
+        }
+    }
+
+    fn pool(login: &Login) -> Pool {
+        Pool {
+            slots: Arc::new(Semaphore::new(1)),
+            size: 1,
+            idle: Vec::new(),
+            returned: Arc::new(Notify::new()),
+            login: login.clone(),
+        }
+    }
+
+    #[test]
+    fn a_pool_is_found_at_its_place_and_a_wrong_hint_is_not_followed() {
+        let mut map = PoolMap::default();
+        let (app, reports) = (login("app", "db"), login("reports", "db"));
+        let (app_id, _) = map.find_or_insert_with(&app, None, || pool(&app));
+        let (reports_id, _) = map.find_or_insert_with(&reports, None, || pool(&reports));
+        assert_ne!(app_id, reports_id);
+        // Found again by name, and at the hinted place.
+        for hint in [None, Some(app_id)] {
+            let (id, found) = map.find_or_insert_with(&app, hint, || unreachable!("no new pool"));
+            assert_eq!((id, found.login.user.as_str()), (app_id, "app"));
+        }
+        // A hint to another pool's place, or past the end, is checked against
+        // the login's names and ignored.
+        for hint in [Some(app_id), Some(PoolId(7))] {
+            let (id, found) =
+                map.find_or_insert_with(&reports, hint, || unreachable!("no new pool"));
+            assert_eq!((id, found.login.user.as_str()), (reports_id, "reports"));
+        }
+        let other_db = login("app", "other");
+        let (id, found) = map.find_or_insert_with(&other_db, Some(app_id), || pool(&other_db));
+        assert!(id != app_id && id != reports_id);
+        assert_eq!(found.login.database, "other");
+        assert_eq!(map.pools.len(), 3);
+        assert!(map.get("app", "other").is_some());
+    }
 }

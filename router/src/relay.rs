@@ -20,13 +20,15 @@ use crate::cancel::CancelKey;
 use crate::gated::Gated;
 use crate::lost::{self, LostTransaction, Step};
 use crate::net::{self, Stream};
-use crate::pool::CheckoutError;
+use crate::pool::{CheckoutError, PoolId};
 use crate::protocol::backend::{
     self, parse_error, parse_parameter_status, sqlstate, ErrorFields, Severity,
 };
 use crate::protocol::{cstr, frame, ProtocolError};
 use crate::routing::Busy;
-use crate::server::{set_param, set_shared_param, Login, Params, ServerConn, ServerError};
+use crate::server::{
+    same_params, set_param, set_shared_param, Login, Params, ServerConn, ServerError,
+};
 use crate::session::{ClientConn, Ended, Ready};
 use crate::tracking::{self, SessionState};
 use crate::Shared;
@@ -257,6 +259,9 @@ pub(crate) struct Session {
     partial: usize,
     /// A server connection was attached once (so a new one is a move).
     had_server: bool,
+    /// The pool of the last server connection attached (see
+    /// [`crate::pool::Pools::checkout`]).
+    pool: Option<PoolId>,
     /// Transaction pooling: the server connection goes back to the pool at
     /// each transaction boundary.
     tx_mode: bool,
@@ -353,6 +358,7 @@ impl Session {
         kill: CancellationToken,
     ) -> Session {
         let had_server = ready.server.is_some();
+        let pool = ready.server.as_ref().and_then(|server| server.pool);
         let tx_mode = shared.runtime.load().config.pool.mode == PoolMode::Transaction;
         let mut cuts = shared.routing.subscribe_cut();
         cuts.mark_unchanged();
@@ -376,6 +382,7 @@ impl Session {
             cuts,
             partial: 0,
             had_server,
+            pool,
             tx_mode,
             stmts: Statements::default(),
             cancel: ready.cancel,
@@ -1068,6 +1075,8 @@ impl Session {
                 self.busy = Some(busy);
                 return Ok(());
             }
+        } else if self.tx_mode && self.take_ready() {
+            return Ok(());
         }
         let deadline = Instant::now() + self.shared.runtime.load().config.pause_timeout();
         loop {
@@ -1080,6 +1089,38 @@ impl Session {
                 return Ok(());
             }
         }
+    }
+
+    /// Transaction mode, between transactions: takes the pool's most recently
+    /// returned connection when it is to the current primary and in step
+    /// with what the client was told (nothing to set or report), and begins
+    /// the transaction on it, without the slow path's deadline, subscription
+    /// and checkout machinery. False leaves everything to the slow path.
+    fn take_ready(&mut self) -> bool {
+        let Some(id) = self.pool else {
+            return false;
+        };
+        let Some(conn) = self.shared.pools.take_ready(&self.shared, id, &self.login) else {
+            return false;
+        };
+        let busy = if Arc::ptr_eq(&self.known, &conn.params) {
+            self.shared.routing.begin(conn.epoch)
+        } else {
+            None
+        };
+        let Some(busy) = busy else {
+            if let Some(conn) = self.shared.pools.checkin(&self.shared, conn) {
+                tokio::spawn(conn.terminate());
+            }
+            return false;
+        };
+        self.busy = Some(busy);
+        self.stmts.reset();
+        self.cancel.set_target(Some(conn.cancel_target()));
+        self.server = Some(conn);
+        self.had_server = true;
+        self.tx = b'I';
+        true
     }
 
     /// Makes sure a server connection to the current primary is attached, at a
@@ -1134,6 +1175,7 @@ impl Session {
                             &self.shared,
                             target,
                             &self.login,
+                            self.pool,
                             connect_timeout,
                             Some(deadline),
                         )
@@ -1144,6 +1186,7 @@ impl Session {
                                 self.shared.remember_params(&conn.params);
                             }
                             self.stmts.reset();
+                            self.pool = conn.pool;
                             self.server = Some(conn);
                             self.restore().await?;
                             return Ok(());
@@ -1214,7 +1257,11 @@ impl Session {
                 "the primary changed and this session's {what} could not be restored on the new primary: {e}"
             ))
         };
-        if self.tx_mode {
+        // The client was told exactly this connection's settings (in
+        // transaction mode the rule: the pool's connections share one list,
+        // see `Shared::shared_params`): nothing to set and nothing to report.
+        let in_step = Arc::ptr_eq(&self.known, &server.params);
+        if self.tx_mode && !in_step {
             // Reported settings the client has and this connection does not
             // (another client changed them here): set them as the client has them.
             let mut fixes = String::new();
@@ -1235,7 +1282,7 @@ impl Session {
                     .await
                     .map_err(|e| lost("settings", e))?;
             }
-        } else if self.had_server {
+        } else if !self.tx_mode && self.had_server {
             let sets: Vec<&str> = self.state.sets().collect();
             if !sets.is_empty() {
                 server
@@ -1267,12 +1314,22 @@ impl Session {
                     .map_err(|e| lost("prepared statements", e))?;
             }
         }
-        for (name, value) in server.params.iter() {
-            if self.known.iter().any(|(k, v)| k == name && v == value) {
-                continue;
+        if !in_step {
+            for (name, value) in server.params.iter() {
+                if self.known.iter().any(|(k, v)| k == name && v == value) {
+                    continue;
+                }
+                backend::parameter_status(&mut self.client.wbuf, name, value);
+                set_shared_param(&mut self.known, name, value);
             }
-            backend::parameter_status(&mut self.client.wbuf, name, value);
-            set_shared_param(&mut self.known, name, value);
+            // In step again: the client and the connection share the
+            // router's list for these values, so that the next restore on
+            // this connection or another one like it is quick.
+            if same_params(&self.known, &server.params) {
+                let shared = self.shared.shared_params(&server.params);
+                server.params = shared.clone();
+                self.known = shared;
+            }
         }
         self.cancel.set_target(Some(server.cancel_target()));
         self.had_server = true;

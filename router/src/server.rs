@@ -18,6 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 
 use crate::net::{self, Stream};
+use crate::pool::PoolId;
 use crate::protocol::backend::{parse_error, parse_parameter_status, ErrorFields};
 use crate::protocol::frame;
 use crate::protocol::ProtocolError;
@@ -102,10 +103,8 @@ pub struct ServerConn {
     /// user and database): a pooled connection only serves clients that sent
     /// the same ones.
     pub startup: Vec<(String, String)>,
-    /// The user the connection logged in as (its pool's key, with the database).
-    pub login_user: String,
-    /// The database of the connection.
-    pub login_database: String,
+    /// The pool the connection belongs to (none outside a pool).
+    pub pool: Option<PoolId>,
     /// When the connection was opened.
     pub born: Instant,
     /// The pool slot the connection holds (none outside a pool).
@@ -131,6 +130,12 @@ pub fn set_param(params: &mut Vec<(String, String)>, name: &str, value: &str) {
         }
         None => params.push((name.to_string(), value.to_string())),
     }
+}
+
+/// True when `a` and `b` hold the same settings, in any order (a list names
+/// each setting once).
+pub fn same_params(a: &[(String, String)], b: &[(String, String)]) -> bool {
+    a.len() == b.len() && a.iter().all(|pair| b.contains(pair))
 }
 
 /// [`set_param`] on a shared list, copied first only when it changes.
@@ -186,8 +191,7 @@ impl ServerConn {
             secret: 0,
             params: Params::default(),
             startup: login.params.clone(),
-            login_user: login.user.clone(),
-            login_database: login.database.clone(),
+            pool: None,
             born: Instant::now(),
             permit: None,
             prepared: HashMap::new(),
@@ -526,6 +530,26 @@ pub async fn send_cancel(addr: SocketAddr, pid: i32, secret: i32) -> std::io::Re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn list(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn the_same_settings_in_another_order_are_the_same_params() {
+        let zone_first = list(&[("TimeZone", "UTC"), ("DateStyle", "ISO, MDY")]);
+        let style_first = list(&[("DateStyle", "ISO, MDY"), ("TimeZone", "UTC")]);
+        assert!(same_params(&zone_first, &style_first));
+        let other_zone = list(&[("DateStyle", "ISO, MDY"), ("TimeZone", "Etc/UTC")]);
+        assert!(!same_params(&zone_first, &other_zone));
+        // One list holding the other and more is not the same.
+        let more = list(&[("DateStyle", "ISO, MDY"), ("TimeZone", "UTC"), ("a", "b")]);
+        assert!(!same_params(&zone_first, &more));
+        assert!(!same_params(&more, &zone_first));
+    }
 
     #[test]
     fn this_machine_is_loopback_and_the_addresses_bound_here() {

@@ -329,7 +329,14 @@ async fn start(
     if let Some(target) = shared.routing.load().target() {
         match shared
             .pools
-            .checkout(shared, &target, &login, rt.config.connect_timeout(), None)
+            .checkout(
+                shared,
+                &target,
+                &login,
+                None,
+                rt.config.connect_timeout(),
+                None,
+            )
             .await
         {
             Ok(conn) => server = Some(conn),
