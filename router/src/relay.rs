@@ -155,7 +155,9 @@ impl Statements {
         let Some((name, rest)) = frame.get(5..).and_then(cstr) else {
             return;
         };
-        if cstr(rest).is_some_and(|(sql, _)| mentions_deallocation(sql)) {
+        if cstr(rest)
+            .is_some_and(|(sql, _)| tracking::interesting(sql) && mentions_deallocation(sql))
+        {
             forget_all(server);
         }
         if !name.is_empty() {
@@ -215,6 +217,10 @@ fn forget_all(server: &mut ServerConn) {
     }
 }
 
+/// Whether `sql` names DEALLOCATE or DISCARD anywhere. Callers ask only of
+/// SQL that [`tracking::interesting`] let through: one plain DML or
+/// transaction-control statement cannot be either (a function it calls
+/// could, and no reading of the text would see that).
 fn mentions_deallocation(sql: &[u8]) -> bool {
     tracking::contains_ci(sql, "deallocate") || tracking::contains_ci(sql, "discard")
 }
@@ -762,14 +768,16 @@ impl Session {
             match tag {
                 b'Q' => {
                     if let Some((sql, _)) = cstr(&frame[5..]) {
+                        // Most statements are plain DML: the quick check
+                        // spares them the scans for DEALLOCATE and DISCARD,
+                        // the UTF-8 check and the parser.
+                        let interesting = tracking::interesting(sql);
                         if let Some(server) = pooled {
-                            if mentions_deallocation(sql) {
+                            if interesting && mentions_deallocation(sql) {
                                 forget_all(server);
                             }
                         }
-                        // Most statements are plain DML: the quick check
-                        // spares them the UTF-8 check and the parser.
-                        if tracking::interesting(sql) {
+                        if interesting {
                             if let Ok(sql) = std::str::from_utf8(sql) {
                                 self.state.on_query(sql);
                             }

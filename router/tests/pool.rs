@@ -434,6 +434,43 @@ async fn transaction_mode_prepared_statements_follow_the_client_to_any_server_co
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transaction_mode_statements_deallocated_by_sql_are_prepared_again() {
+    // One server connection, and two clients sending the same startup
+    // parameters, so that both always run on it.
+    let c = app_cluster("[pool]\nmode = \"transaction\"\npool_size = 1\n").await;
+    let mut raw = Raw::login(c.router.addr, "app").await;
+    let mut other = Raw::login(c.router.addr, "app").await;
+    raw.send(&[parse("st", "SELECT 1"), bind_execute("st"), sync()].concat())
+        .await;
+    let (tags, values) = until_ready(&mut raw).await;
+    assert_eq!(tags, b"12DCZ");
+    assert_eq!(values, ["1"]);
+    // The other client drops every prepared statement of the connection,
+    // with DEALLOCATE or DISCARD as a statement of its own or behind another
+    // one in the same query string. The router cannot know which of its
+    // statements survived, and prepares the one used next again.
+    for sql in [
+        "DEALLOCATE ALL",
+        "SELECT 1; DEALLOCATE ALL",
+        "discard all",
+        "select 1; deallocate prepare all",
+    ] {
+        other.send(&msg(b'Q', format!("{sql}\0").as_bytes())).await;
+        until_ready(&mut other).await;
+        raw.send(&[bind_execute("st"), sync()].concat()).await;
+        let (tags, values) = until_ready(&mut raw).await;
+        assert_eq!(
+            tags,
+            b"2DCZ",
+            "after {sql}: {}",
+            String::from_utf8_lossy(&tags)
+        );
+        assert_eq!(values, ["1"], "after {sql}");
+    }
+    c.router.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_change_empties_the_pools() {
     let c = Cluster::start(true, "", "[pool]\nmin_idle = 1\n").await;
     let b_pg = c.b.as_ref().expect("b");
