@@ -86,7 +86,19 @@ async fn pause_timeout_expiry_is_a_clean_error_and_the_connection_stays_usable()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_then_resume_on_the_new_primary() {
-    let c = Cluster::start(true, "pause_timeout_ms = 20000", "").await;
+    pause_then_resume("").await;
+}
+
+/// In transaction mode the session has no server connection between
+/// statements: its next one finds the pool's connection to the old primary
+/// idle, and must wait all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_then_resume_on_the_new_primary_in_transaction_mode() {
+    pause_then_resume("[pool]\nmode = \"transaction\"\n").await;
+}
+
+async fn pause_then_resume(sections: &str) {
+    let c = Cluster::start(true, "pause_timeout_ms = 20000", sections).await;
     let b_port = c.b.as_ref().expect("b").port;
     let client = connect(&c.router.url("postgres")).await.expect("connect");
     assert_eq!(server_port(&client).await.expect("query"), c.a.port);
