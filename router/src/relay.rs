@@ -1268,8 +1268,7 @@ impl Session {
         // The client was told exactly this connection's settings (in
         // transaction mode the rule: the pool's connections share one list,
         // see `Shared::shared_params`): nothing to set and nothing to report.
-        let in_step = Arc::ptr_eq(&self.known, &server.params);
-        if self.tx_mode && !in_step {
+        if self.tx_mode && !Arc::ptr_eq(&self.known, &server.params) {
             // Reported settings the client has and this connection does not
             // (another client changed them here): set them as the client has them.
             let mut fixes = String::new();
@@ -1322,7 +1321,9 @@ impl Session {
                     .map_err(|e| lost("prepared statements", e))?;
             }
         }
-        if !in_step {
+        // Asked again: the SETs replayed above may have changed the
+        // connection's settings.
+        if !Arc::ptr_eq(&self.known, &server.params) {
             for (name, value) in server.params.iter() {
                 if self.known.iter().any(|(k, v)| k == name && v == value) {
                     continue;
