@@ -301,6 +301,7 @@ impl RouterConfig {
                 "the monitor's connection string is required",
             ));
         }
+        crate::validate_monitor_uri("router.monitor", &self.router.monitor)?;
         validate_name("router.formation", &self.router.formation)?;
         if let Some(id) = &self.router.id {
             if id.is_empty() || id.len() > 200 {
