@@ -116,6 +116,36 @@ fn wrong_commands_and_flags_are_refused_clearly() {
     assert!(err.contains("bogus"), "{err}");
     assert!(!cluster.path().join("m").exists(), "nothing may be created");
 
+    // Postgres refusing to start: the error quotes the server log and names
+    // where it is kept, and no half-initialised data directory stays behind.
+    let err = cluster.fails(&[
+        "create",
+        "monitor",
+        "--pgdata",
+        "./m",
+        "--pgport",
+        &port,
+        "--hostname",
+        "localhost",
+        "--auth",
+        "trust",
+        "--no-ssl",
+        "--listen",
+        "999.999.999.999",
+    ]);
+    assert!(
+        err.contains("could not create any TCP/IP sockets") && err.contains("m.postgres.log"),
+        "{err}"
+    );
+    assert!(
+        !cluster.path().join("m").exists(),
+        "initdb's files are removed"
+    );
+    assert!(
+        cluster.path().join("m.postgres.log").exists(),
+        "the log is kept"
+    );
+
     // A hostname that does not resolve is refused before anything is made or
     // registered (the monitor here is not even asked: it does not exist).
     let dead = format!(
