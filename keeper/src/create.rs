@@ -225,7 +225,7 @@ pub async fn create_monitor(
 /// role, database and schema.
 async fn init_monitor(pg: &LocalPostgres, password: Option<&str>) -> Result<(), KeeperError> {
     pg.write_config(&[("cluster_name", "'hapg monitor'".to_string())])?;
-    write_monitor_hba(&pg)?;
+    write_monitor_hba(pg)?;
     pg.start().await?;
     let client = pg.connect().await?;
     client
