@@ -111,6 +111,28 @@ fn json_outputs_settings_failover_stop_modes_and_drop() {
     ]);
     cluster.wait_states(&[("node_a", "primary"), ("node_b", "secondary")], STEP);
 
+    // The monitor validates settings: one standby cannot carry
+    // number_sync_standbys 1, nor can it leave the quorum while 1 is asked.
+    let err = cluster.fails(&[
+        "set",
+        "formation",
+        "number-sync-standbys",
+        "--pgdata",
+        "./monitor",
+        "1",
+    ]);
+    assert!(
+        err.contains("number_sync_standbys 1 needs at least 2 quorum standbys"),
+        "{err}"
+    );
+    let settings = cluster.ok(&["show", "settings", "--pgdata", "./monitor"]);
+    assert!(
+        settings
+            .lines()
+            .any(|l| l.contains("number_sync_standbys") && l.trim_end().ends_with('0')),
+        "a refused setting is not written:\n{settings}"
+    );
+
     // perform failover (pg_autoctl's name for a switchover).
     cluster.ok(&["perform", "failover", "--pgdata", "./monitor"]);
     cluster.wait_states(&[("node_a", "secondary"), ("node_b", "primary")], STEP);
