@@ -40,6 +40,20 @@ const FALLBACK_PARAMS: &[(&str, &str)] = &[
     ("in_hot_standby", "off"),
 ];
 
+/// The largest message a client may send before it has logged in (a
+/// PasswordMessage, SASLInitialResponse or SASLResponse), counted as its length
+/// field counts it: Postgres 15's `PG_MAX_AUTH_TOKEN_LENGTH`, the limit its
+/// `recv_password_packet` and SASL exchange give `pq_getmessage`. An md5 answer
+/// is 36 bytes and a SCRAM message a few hundred, so no client needs more;
+/// a client gets no more of the router's memory than this before it has
+/// proved who it is. (The startup packet has its own limit,
+/// [`startup::MAX_STARTUP_LEN`], Postgres' `MAX_STARTUP_PACKET_LENGTH`.)
+pub(crate) const MAX_AUTH_MESSAGE: usize = 65_535;
+
+/// How long a refused client that has not logged in may go on sending before
+/// the router closes (see [`ClientConn::refuse`]).
+const REFUSE_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Client parameters a server echoes back as ParameterStatus.
 const ECHOED: &[&str] = &[
     "application_name",
@@ -86,15 +100,47 @@ impl ClientConn {
         Ended
     }
 
-    /// Reads one tagged message during authentication.
+    /// Refuses a client that has not logged in: sends a FATAL, then reads and
+    /// discards what the client is still sending, for at most
+    /// [`REFUSE_DRAIN`], before closing. Closing with unread bytes would
+    /// reset the connection, and a client still writing a large message
+    /// would then never read the reason (libpq reports "server closed the
+    /// connection unexpectedly"). The discarding reads into a small fixed
+    /// buffer, so it costs no memory.
+    pub async fn refuse(&mut self, code: &str, message: &str, hint: Option<&str>) -> Ended {
+        backend::error(&mut self.wbuf, Severity::Fatal, code, message, hint);
+        if self.flush().await.is_err() {
+            return Ended;
+        }
+        let _ = self.stream.shutdown().await;
+        self.rbuf = BytesMut::new();
+        let mut sink = vec![0u8; 8192];
+        let _ = tokio::time::timeout(REFUSE_DRAIN, async {
+            while let Ok(n) = self.stream.read(&mut sink).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        })
+        .await;
+        Ended
+    }
+
+    /// Reads one tagged message during authentication, at most
+    /// [`MAX_AUTH_MESSAGE`] bytes: the limit is checked on the header, so a
+    /// client that announces more is refused before anything is buffered.
     async fn read_frame(&mut self) -> Result<(u8, BytesMut), Ended> {
         loop {
-            match frame::split(&mut self.rbuf, self.max) {
+            match frame::split(&mut self.rbuf, MAX_AUTH_MESSAGE + 1) {
                 Ok(Some(frame)) => return Ok(frame),
                 Ok(None) => self.read_more().await?,
                 Err(e) => {
                     return Err(self
-                        .fatal(sqlstate::PROTOCOL_VIOLATION, &e.to_string(), None)
+                        .refuse(
+                            sqlstate::PROTOCOL_VIOLATION,
+                            &format!("invalid authentication message: {e}"),
+                            None,
+                        )
                         .await)
                 }
             }
@@ -156,12 +202,12 @@ async fn negotiate(
                 Ok(None) => client.read_more().await?,
                 Err(e @ ProtocolError::UnsupportedVersion { .. }) => {
                     return Err(client
-                        .fatal(sqlstate::FEATURE_NOT_SUPPORTED, &e.to_string(), None)
+                        .refuse(sqlstate::FEATURE_NOT_SUPPORTED, &e.to_string(), None)
                         .await)
                 }
                 Err(e) => {
                     return Err(client
-                        .fatal(
+                        .refuse(
                             sqlstate::PROTOCOL_VIOLATION,
                             &format!("invalid startup packet: {e}"),
                             None,
@@ -177,7 +223,7 @@ async fn negotiate(
                 let already_tls = !matches!(client.stream, Stream::Plain(_));
                 if negotiations > 2 || already_tls {
                     return Err(client
-                        .fatal(
+                        .refuse(
                             sqlstate::PROTOCOL_VIOLATION,
                             "repeated encryption request",
                             None,
@@ -188,7 +234,7 @@ async fn negotiate(
                     // Bytes sent before the answer could be read by an attacker
                     // in the middle; Postgres refuses them too.
                     return Err(client
-                        .fatal(
+                        .refuse(
                             sqlstate::PROTOCOL_VIOLATION,
                             "received unencrypted data after encryption request",
                             None,
@@ -249,7 +295,7 @@ async fn start(
         .map(str::to_string)
     else {
         return Err(client
-            .fatal(
+            .refuse(
                 sqlstate::INVALID_AUTHORIZATION,
                 "no PostgreSQL user name specified in startup packet",
                 None,
@@ -262,7 +308,7 @@ async fn start(
             "false" | "off" | "no" | "0"
         ) {
             return Err(client
-                .fatal(
+                .refuse(
                     sqlstate::FEATURE_NOT_SUPPORTED,
                     "the hapg router does not relay replication connections",
                     Some("Connect to the Postgres node directly for replication."),
@@ -292,7 +338,7 @@ async fn start(
                 tracing::info!(user, error = %e, "client authentication failed");
                 let message = format!("password authentication failed for user \"{user}\"");
                 return Err(client
-                    .fatal(sqlstate::INVALID_PASSWORD, &message, None)
+                    .refuse(sqlstate::INVALID_PASSWORD, &message, None)
                     .await);
             }
         }
