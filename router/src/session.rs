@@ -161,7 +161,7 @@ pub(crate) async fn serve(
     }
     let rt = shared.runtime.load_full();
     let started = tokio::select! {
-        r = tokio::time::timeout(rt.config.login_timeout(), start(&shared, &rt, tcp)) => r,
+        r = tokio::time::timeout(rt.config.login_timeout(), start(&shared, &rt, tcp, peer)) => r,
         _ = kill.cancelled() => return,
     };
     match started {
@@ -285,6 +285,7 @@ async fn start(
     shared: &Arc<Shared>,
     rt: &Runtime,
     tcp: TcpStream,
+    peer: std::net::SocketAddr,
 ) -> Result<Option<(ClientConn, Ready)>, Ended> {
     let Some((mut client, startup)) = negotiate(shared, rt, tcp).await? else {
         return Ok(None);
@@ -335,7 +336,9 @@ async fn start(
         match e {
             AuthOutcome::Ended => return Err(Ended),
             AuthOutcome::Refused(e) => {
-                tracing::info!(user, error = %e, "client authentication failed");
+                // The audit trail: who tried, from where, and why it failed
+                // (the client itself only learns "password authentication failed").
+                tracing::warn!(client = %peer, user, reason = %e, "client authentication failed");
                 let message = format!("password authentication failed for user \"{user}\"");
                 return Err(client
                     .refuse(sqlstate::INVALID_PASSWORD, &message, None)
@@ -355,6 +358,7 @@ async fn start(
         rt.users
             .get(&server_user)
             .and_then(Secret::plain)
+            .filter(|p| !p.is_empty())
             .map(str::to_string)
     });
     let login = Login {
@@ -481,25 +485,21 @@ async fn authenticate(
     user: &str,
 ) -> Result<(), AuthOutcome> {
     let secret = rt.users.get(user);
-    let method = match (rt.config.auth.kind, secret) {
+    let scram = match (rt.config.auth.kind, secret) {
         (AuthType::Trust, _) => return Ok(()),
-        (AuthType::Md5, Some(Secret::Scram(_))) | (AuthType::ScramSha256, _) => {
-            AuthType::ScramSha256
-        }
-        (AuthType::Md5, _) => AuthType::Md5,
+        (AuthType::ScramSha256, _) | (AuthType::Md5, Some(Secret::Scram(_))) => true,
+        (AuthType::Md5, Some(_)) => false,
+        // An unknown user is asked what a known one would be (see
+        // `Userlist::unknown_gets_scram`).
+        (AuthType::Md5, None) => rt.users.unknown_gets_scram(),
     };
-    if method == AuthType::Md5 {
+    if !scram {
         let mut salt = [0u8; 4];
         rand::thread_rng().fill_bytes(&mut salt);
         backend::authentication(&mut client.wbuf, 5, &salt);
         let body = password_message(client).await?;
         let answer = cstr(&body).map(|(a, _)| a).unwrap_or(&body[..]);
-        return match secret {
-            Some(secret) => md5::verify(user, secret, salt, answer).map_err(AuthOutcome::Refused),
-            None => Err(AuthOutcome::Refused(AuthError::UnknownUser(
-                user.to_string(),
-            ))),
-        };
+        return md5::check(user, secret, salt, answer).map_err(AuthOutcome::Refused);
     }
     backend::auth_sasl(&mut client.wbuf);
     let mut body = password_message(client).await?;
@@ -519,16 +519,12 @@ async fn authenticate(
     if len < 0 || len as usize != body.len() {
         return Err(malformed());
     }
+    let (verifier, refusal) = rt.users.scram_secret(user, &rt.mock_key);
     let (exchange, server_first) =
-        ScramServer::start(user, secret, &body).map_err(AuthOutcome::Refused)?;
+        ScramServer::start(user, verifier, refusal, &body).map_err(AuthOutcome::Refused)?;
     backend::authentication(&mut client.wbuf, 11, server_first.as_bytes());
     let body = password_message(client).await?;
     let server_final = exchange.finish(&body).map_err(AuthOutcome::Refused)?;
-    if secret.is_none() {
-        return Err(AuthOutcome::Refused(AuthError::UnknownUser(
-            user.to_string(),
-        )));
-    }
     backend::authentication(&mut client.wbuf, 12, server_final.as_bytes());
     Ok(())
 }

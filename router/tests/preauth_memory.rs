@@ -160,7 +160,7 @@ async fn hostile(addr: std::net::SocketAddr, big: Big, n: usize) -> Option<Vec<u
             sent += n;
         }
     };
-    if n % 2 == 0 {
+    if n.is_multiple_of(2) {
         // As libpq does: the whole message is written before anything is read.
         send.await;
         return read_error(&mut read).await;
