@@ -121,6 +121,12 @@ pub(crate) struct Shared {
     /// ParameterStatus of the newest server connection, told to clients that
     /// log in while no server connection can be opened.
     pub last_params: ArcSwap<Vec<(String, String)>>,
+    /// The server's own values of the parameters a client may set in its
+    /// startup packet (`application_name`, `TimeZone`, ...), as server
+    /// connections opened without them reported them at login: what a client
+    /// that sets none is told when no server connection can be opened at its
+    /// login. Unlike `last_params`, never a previous client's session-level SET.
+    pub server_defaults: Mutex<Vec<(String, String)>>,
     /// Server connection pools.
     pub pools: pool::Pools,
     clients: AtomicUsize,
@@ -180,6 +186,7 @@ impl Router {
                 cancels: Arc::new(CancelRegistry::default()),
                 server_tls: tls::client_config(),
                 last_params: ArcSwap::from_pointee(Vec::new()),
+                server_defaults: Mutex::new(Vec::new()),
                 pools: pool::Pools::default(),
                 clients: AtomicUsize::new(0),
                 restart_follower: Arc::new(Notify::new()),

@@ -20,7 +20,7 @@ use crate::pool::CheckoutError;
 use crate::protocol::backend::{self, sqlstate, Severity};
 use crate::protocol::startup::{self, FirstPacket, Startup};
 use crate::protocol::{cstr, frame, ProtocolError};
-use crate::relay::Session;
+use crate::relay::{Session, SETTABLE};
 use crate::server::{set_shared_param, Login, Params, ServerConn, ServerError};
 use crate::{Runtime, Shared};
 
@@ -389,7 +389,13 @@ async fn start(
             )
             .await
         {
-            Ok(conn) => server = Some(conn),
+            Ok(mut conn) => match reset_drifted(&mut conn).await {
+                Ok(()) => server = Some(conn),
+                Err(e) => {
+                    tracing::info!(error = %e, "could not reset a pooled connection's settings at login; deferring to the first statement");
+                    conn.terminate().await;
+                }
+            },
             Err(CheckoutError::Full { size }) => tracing::debug!(
                 size,
                 "the pool is full at login; deferring to the first statement"
@@ -413,6 +419,7 @@ async fn start(
     let known: Params = match &server {
         Some(conn) => {
             shared.remember_params(&conn.params);
+            learn_server_defaults(shared, conn);
             conn.params.clone()
         }
         None => {
@@ -427,8 +434,26 @@ async fn start(
             } else {
                 last
             };
+            // The newest connection's values may be a previous client's
+            // session-level SETs (transaction mode): a client is told what it
+            // asked for, else the server's own value when the router knows it
+            // (an empty application_name when it does not: Postgres' default).
+            let defaults = shared
+                .server_defaults
+                .lock()
+                .map(|d| d.clone())
+                .unwrap_or_default();
             for name in ECHOED {
-                if let Some(value) = startup.get(name) {
+                let value = startup
+                    .get(name)
+                    .or_else(|| {
+                        defaults
+                            .iter()
+                            .find(|(k, _)| k == name)
+                            .map(|(_, v)| v.as_str())
+                    })
+                    .or((*name == "application_name").then_some(""));
+                if let Some(value) = value {
                     set_shared_param(&mut params, name, value);
                 }
             }
@@ -455,6 +480,51 @@ async fn start(
             cancel,
         },
     )))
+}
+
+/// Keeps the values `conn` reported at its login for the startup-settable
+/// parameters its startup packet did not set: the server's own values.
+fn learn_server_defaults(shared: &Shared, conn: &ServerConn) {
+    let Ok(mut defaults) = shared.server_defaults.lock() else {
+        return;
+    };
+    for name in ECHOED {
+        if conn.startup.iter().any(|(k, _)| k == name) {
+            continue;
+        }
+        if let Some((_, value)) = conn.opened.iter().find(|(k, _)| k == name) {
+            if !defaults.iter().any(|(k, v)| k == name && v == value) {
+                crate::server::set_param(&mut defaults, name, value);
+            }
+        }
+    }
+}
+
+/// Sets back, on a pooled connection a client takes at login, the reported
+/// settings a previous client changed at session level (transaction mode
+/// leaves them on the connection): the client is owed the values the
+/// connection was opened with, since it sent the same startup parameters.
+/// Without this it would be told, and would run with, the previous client's
+/// `application_name` (or `TimeZone`, ...). Later transactions are kept in
+/// step by the relay's restore, against what the client was told.
+async fn reset_drifted(conn: &mut ServerConn) -> Result<(), ServerError> {
+    if Arc::ptr_eq(&conn.params, &conn.opened) {
+        return Ok(());
+    }
+    let mut fixes = String::new();
+    for (name, value) in conn.opened.iter() {
+        if SETTABLE.contains(&name.as_str()) && conn.param(name) != Some(value.as_str()) {
+            fixes.push_str(&format!(
+                "SELECT set_config({}, {}, false);",
+                postgres_protocol::escape::escape_literal(name),
+                postgres_protocol::escape::escape_literal(value)
+            ));
+        }
+    }
+    if !fixes.is_empty() {
+        conn.simple_query(&fixes).await?;
+    }
+    Ok(())
 }
 
 enum AuthOutcome {

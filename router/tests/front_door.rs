@@ -333,3 +333,85 @@ async fn malformed_secrets_and_duplicate_users_stop_the_router_naming_file_and_l
         assert_eq!(text.matches("ul.txt").count(), 1, "repeated: {text}");
     }
 }
+
+/// Logs in raw as `user` and returns the ParameterStatus value of `name`.
+async fn login_reporting(
+    addr: std::net::SocketAddr,
+    user: &str,
+    name: &str,
+) -> (Raw, Option<String>) {
+    let mut raw = Raw::connect(addr).await;
+    raw.send(&startup_packet(&[("user", user), ("database", "postgres")]))
+        .await;
+    let mut value = None;
+    loop {
+        let (tag, body) = raw.recv().await.expect("login messages");
+        assert_ne!(tag, b'E', "login failed: {}", field(&body, b'M'));
+        if tag == b'S' {
+            let mut parts = body.split(|&b| b == 0);
+            if parts.next() == Some(name.as_bytes()) {
+                value = parts
+                    .next()
+                    .map(|v| String::from_utf8_lossy(v).into_owned());
+            }
+        }
+        if tag == b'Z' {
+            return (raw, value);
+        }
+    }
+}
+
+/// The value of a one-row, one-column simple query over a raw connection.
+async fn raw_value(raw: &mut Raw, sql: &str) -> String {
+    let mut body = sql.as_bytes().to_vec();
+    body.push(0);
+    raw.send(&tagged(b'Q', &body)).await;
+    let mut value = String::new();
+    loop {
+        let (tag, body) = raw.recv().await.expect("query answer");
+        assert_ne!(tag, b'E', "{sql}: {}", field(&body, b'M'));
+        if tag == b'D' {
+            let len = i32::from_be_bytes([body[2], body[3], body[4], body[5]]);
+            value = String::from_utf8_lossy(&body[6..6 + len.max(0) as usize]).into_owned();
+        }
+        if tag == b'Z' {
+            return value;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transaction_mode_does_not_pass_application_name_to_the_next_client() {
+    let c = Cluster::start(false, "", "[pool]\nmode = \"transaction\"\npool_size = 1\n").await;
+    let addr = c.router.addr;
+    // A sets its application_name at session level; its connection goes back
+    // to the pool (the only one) with it.
+    let (mut a, _) = login_reporting(addr, "postgres", "application_name").await;
+    raw_value(&mut a, "SET application_name = 'leaky'").await;
+    assert_eq!(raw_value(&mut a, "SHOW application_name").await, "leaky");
+    // B sets none: it is told "" and sees "", at login and after.
+    let (mut b, told) = login_reporting(addr, "postgres", "application_name").await;
+    assert_eq!(
+        told.as_deref(),
+        Some(""),
+        "B told A's application_name at login"
+    );
+    assert_eq!(raw_value(&mut b, "SHOW application_name").await, "");
+    // A still has its own.
+    assert_eq!(raw_value(&mut a, "SHOW application_name").await, "leaky");
+    assert_eq!(raw_value(&mut b, "SHOW application_name").await, "");
+    // C logs in while A's transaction holds the only connection: the router
+    // answers the login itself, and tells C the default, not A's value.
+    raw_value(&mut a, "BEGIN").await;
+    raw_value(&mut a, "SELECT 1").await;
+    let (mut late, told) = login_reporting(addr, "postgres", "application_name").await;
+    assert_eq!(
+        told.as_deref(),
+        Some(""),
+        "C told A's application_name at login"
+    );
+    raw_value(&mut a, "COMMIT").await;
+    assert_eq!(raw_value(&mut late, "SHOW application_name").await, "");
+    assert_eq!(raw_value(&mut a, "SHOW application_name").await, "leaky");
+    c.router.stop().await;
+}
