@@ -130,13 +130,26 @@ fn parse_scram(rest: &str) -> Result<ScramSecret, SecretError> {
 }
 
 /// Users and their secrets.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Userlist {
     users: HashMap<String, Secret>,
     /// 1-based line of each user with an empty password (warned about).
     empty: Vec<(String, usize)>,
     /// SCRAM verifiers of the plain-text passwords (see [`Userlist::prepare_scram`]).
     derived: HashMap<String, ScramSecret>,
+    /// See [`Userlist::mock_iterations`].
+    mock_iterations: u32,
+}
+
+impl Default for Userlist {
+    fn default() -> Self {
+        Userlist {
+            users: HashMap::new(),
+            empty: Vec::new(),
+            derived: HashMap::new(),
+            mock_iterations: DEFAULT_ITERATIONS,
+        }
+    }
 }
 
 /// What is wrong with one line of the auth file.
@@ -242,10 +255,21 @@ impl Userlist {
             lines.insert(user.clone(), number);
             users.insert(user, secret);
         }
+        let mut counts: HashMap<u32, usize> = HashMap::new();
+        for secret in users.values() {
+            if let Secret::Scram(s) = secret {
+                *counts.entry(s.iterations).or_default() += 1;
+            }
+        }
+        let mock_iterations = counts
+            .into_iter()
+            .max_by_key(|&(iterations, n)| (n, std::cmp::Reverse(iterations)))
+            .map_or(DEFAULT_ITERATIONS, |(iterations, _)| iterations);
         Ok(Userlist {
             users,
             empty,
             derived: HashMap::new(),
+            mock_iterations,
         })
     }
 
@@ -256,7 +280,7 @@ impl Userlist {
     /// plain-text user took a PBKDF2 run, ~0.5 ms, and a new random salt at
     /// every login). Costs one PBKDF2 run per plain-text user at load time.
     pub fn prepare_scram(&mut self, key: &MockKey) {
-        let iterations = self.mock_iterations();
+        let iterations = self.mock_iterations;
         self.derived = self
             .users
             .iter()
@@ -272,16 +296,7 @@ impl Userlist {
     /// The iteration count shown to users without a verifier of their own:
     /// the one most of the file's verifiers have, else Postgres' default.
     pub fn mock_iterations(&self) -> u32 {
-        let mut counts: HashMap<u32, usize> = HashMap::new();
-        for secret in self.users.values() {
-            if let Secret::Scram(s) = secret {
-                *counts.entry(s.iterations).or_default() += 1;
-            }
-        }
-        counts
-            .into_iter()
-            .max_by_key(|&(iterations, n)| (n, std::cmp::Reverse(iterations)))
-            .map_or(DEFAULT_ITERATIONS, |(iterations, _)| iterations)
+        self.mock_iterations
     }
 
     /// The verifier a SCRAM exchange with `user` runs against, and why it must
@@ -289,21 +304,23 @@ impl Userlist {
     /// secret that cannot serve SCRAM): such users get a mock verifier, stable
     /// per name, and fail only at the end, like a wrong password.
     pub fn scram_secret(&self, user: &str, key: &MockKey) -> (ScramSecret, Option<AuthError>) {
-        let mock = || key.secret(user, self.mock_iterations());
+        // Computed for every user, used or not, so that a known user costs
+        // what an unknown one does.
+        let mock = key.secret(user, self.mock_iterations);
         match self.users.get(user) {
             Some(Secret::Scram(s)) => (s.clone(), None),
             Some(Secret::Plain(p)) if p.is_empty() => {
-                (mock(), Some(AuthError::EmptyPassword(user.to_string())))
+                (mock, Some(AuthError::EmptyPassword(user.to_string())))
             }
             Some(Secret::Plain(p)) => match self.derived.get(user) {
                 Some(s) => (s.clone(), None),
-                None => (derive(p, &key.salt(user), self.mock_iterations()), None),
+                None => (derive(p, &mock.salt, self.mock_iterations), None),
             },
             Some(Secret::Md5(_)) => (
-                mock(),
+                mock,
                 Some(AuthError::UnusableSecret(user.to_string(), "scram-sha-256")),
             ),
-            None => (mock(), Some(AuthError::UnknownUser(user.to_string()))),
+            None => (mock, Some(AuthError::UnknownUser(user.to_string()))),
         }
     }
 
@@ -424,6 +441,27 @@ mod tests {
         let list = Userlist::parse("\"a\" \"xmd5\"\n\"b\" \"scram-sha-256$\"\n").expect("parses");
         assert_eq!(list.get("a"), Some(&Secret::Plain("xmd5".into())));
         assert_eq!(list.get("b"), Some(&Secret::Plain("scram-sha-256$".into())));
+    }
+
+    #[test]
+    fn unknown_users_get_the_iteration_count_of_most_verifiers() {
+        let keys = "3FRWcOUbdQ/6lOQH4lrTKNcfxUTcQPiYq+5Ty3KtAfE=:Z/3ihRRjULPqfmwZxOxp8L2JiS1HYw3vHp4dctt2I5U=";
+        let list = Userlist::parse(&format!(
+            "\"a\" \"SCRAM-SHA-256$10000:c2FsdA==${keys}\"\n\"b\" \"SCRAM-SHA-256$10000:c2FsdA==${keys}\"\n\"c\" \"SCRAM-SHA-256$4096:c2FsdA==${keys}\"\n\"d\" \"pw\"\n"
+        ))
+        .expect("parses");
+        assert_eq!(list.mock_iterations(), 10_000);
+        assert!(!list.unknown_gets_scram());
+        let key = MockKey::generate();
+        let (ghost, refusal) = list.scram_secret("ghost", &key);
+        assert_eq!(ghost.iterations, 10_000);
+        assert_eq!(refusal, Some(AuthError::UnknownUser("ghost".into())));
+        let mut list = list;
+        list.prepare_scram(&key);
+        let (plain, refusal) = list.scram_secret("d", &key);
+        assert_eq!((plain.iterations, refusal), (10_000, None));
+        assert_eq!(plain.salt, key.salt("d"));
+        assert_eq!(Userlist::default().mock_iterations(), DEFAULT_ITERATIONS);
     }
 
     #[test]
