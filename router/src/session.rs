@@ -48,7 +48,7 @@ const FALLBACK_PARAMS: &[(&str, &str)] = &[
 /// a client gets no more of the router's memory than this before it has
 /// proved who it is. (The startup packet has its own limit,
 /// [`startup::MAX_STARTUP_LEN`], Postgres' `MAX_STARTUP_PACKET_LENGTH`.)
-pub(crate) const MAX_AUTH_MESSAGE: usize = 65_535;
+const MAX_AUTH_MESSAGE: usize = 65_535;
 
 /// How long a refused client that has not logged in may go on sending before
 /// the router closes (see [`ClientConn::refuse`]).
@@ -102,11 +102,11 @@ impl ClientConn {
 
     /// Refuses a client that has not logged in: sends a FATAL, then reads and
     /// discards what the client is still sending, for at most
-    /// [`REFUSE_DRAIN`], before closing. Closing with unread bytes would
-    /// reset the connection, and a client still writing a large message
-    /// would then never read the reason (libpq reports "server closed the
-    /// connection unexpectedly"). The discarding reads into a small fixed
-    /// buffer, so it costs no memory.
+    /// [`REFUSE_DRAIN`], before closing. Closing with unread bytes makes the
+    /// kernel reset the connection, and a reset can cost a client still
+    /// writing a large message the reason it was about to read (Linux over
+    /// loopback keeps it readable; other stacks and lost segments may not).
+    /// The discarding reads into a small fixed buffer, so it costs no memory.
     pub async fn refuse(&mut self, code: &str, message: &str, hint: Option<&str>) -> Ended {
         backend::error(&mut self.wbuf, Severity::Fatal, code, message, hint);
         if self.flush().await.is_err() {
