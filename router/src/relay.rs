@@ -37,7 +37,7 @@ use crate::Shared;
 const RETRY_DELAY: Duration = Duration::from_millis(250);
 /// Reported parameters a client may change with SET or set_config and the
 /// router restores on a new server connection.
-const SETTABLE: &[&str] = &[
+pub(crate) const SETTABLE: &[&str] = &[
     "application_name",
     "client_encoding",
     "DateStyle",

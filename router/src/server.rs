@@ -99,6 +99,10 @@ pub struct ServerConn {
     pub secret: i32,
     /// ParameterStatus values, updated by the router's own statements.
     pub params: Params,
+    /// ParameterStatus values as the login left them: what a client with the
+    /// same startup parameters is owed when it takes the connection from the
+    /// pool (transaction mode keeps a previous client's session-level SETs).
+    pub opened: Params,
     /// The startup parameters the connection was opened with (other than
     /// user and database): a pooled connection only serves clients that sent
     /// the same ones.
@@ -190,6 +194,7 @@ impl ServerConn {
             pid: 0,
             secret: 0,
             params: Params::default(),
+            opened: Params::default(),
             startup: login.params.clone(),
             pool: None,
             born: Instant::now(),
@@ -197,6 +202,7 @@ impl ServerConn {
             prepared: HashMap::new(),
         };
         conn.login(login).await?;
+        conn.opened = conn.params.clone();
         match conn.param("in_hot_standby") {
             Some("off") => {}
             Some(_) => return Err(ServerError::InRecovery),
