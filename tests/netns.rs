@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hapg::drill::{connect, Writer, WriterReport};
 use hapg::invariants::{Drill, ProbeReport, WriteProbe};
-use support::{postmaster_pid, wait_writable, Cluster, RouterProcess};
+use support::{assigned_at, postmaster_pid, wait_writable, Cluster, RouterProcess};
 
 const STEP: Duration = Duration::from_secs(120);
 
@@ -185,23 +185,6 @@ impl StopWatch {
         self.stop.store(true, Ordering::Relaxed);
         self.handle.join().ok().flatten()
     }
-}
-
-/// When the monitor first assigned `node` the state `goal` after `after`.
-async fn assigned_at(monitor_uri: &str, node: &str, goal: &str, after: f64) -> Option<f64> {
-    connect(monitor_uri)
-        .await
-        .expect("connect to the monitor")
-        .query_opt(
-            "SELECT extract(epoch FROM event_time)::float8 FROM hapg.event
-              WHERE node_name = $1 AND goal_state::text = $2
-                AND event_time > to_timestamp($3)
-              ORDER BY event_id LIMIT 1",
-            &[&node, &goal, &after],
-        )
-        .await
-        .expect("events")
-        .map(|r| r.get(0))
 }
 
 /// Writers through the router and a probe against every node.
