@@ -149,16 +149,39 @@ async fn pause_then_resume(sections: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_statement_running_on_the_old_primary_is_answered_when_the_epoch_moves() {
-    let c = Cluster::start(true, "pause_timeout_ms = 20000", "").await;
+    answered_when_the_epoch_moves("", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_running_on_the_old_primary_is_answered_when_the_epoch_moves_in_transaction_mode(
+) {
+    answered_when_the_epoch_moves("[pool]\nmode = \"transaction\"\n", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_whose_state_cannot_move_ends_after_its_statement_is_answered() {
+    answered_when_the_epoch_moves("", true).await;
+}
+
+/// A statement runs on node A (which stays up: only the new epoch can end
+/// the wait here, not the socket) when the monitor names node B: it is
+/// answered with 08006 at once, and the session goes on on B, or, with a
+/// temporary table (`sticky`), ends with FATAL at its next statement.
+async fn answered_when_the_epoch_moves(sections: &str, sticky: bool) {
+    let c = Cluster::start(true, "pause_timeout_ms = 20000", sections).await;
     let b_port = c.b.as_ref().expect("b").port;
     let client = connect(&c.router.url("postgres")).await.expect("connect");
     assert_eq!(server_port(&client).await.expect("on a"), c.a.port);
+    if sticky {
+        client
+            .batch_execute("CREATE TEMP TABLE t (x int)")
+            .await
+            .expect("temp table");
+    }
     let running = tokio::spawn(async move {
         let result = client.simple_query("SELECT pg_sleep(60)").await;
         (result, client)
     });
-    // The statement runs on node A (which stays up: only the new epoch can
-    // end the wait here, not the socket).
     let a = c.a.connect("postgres").await;
     let start = Instant::now();
     loop {
@@ -197,8 +220,19 @@ async fn a_statement_running_on_the_old_primary_is_answered_when_the_epoch_moves
         answered < Duration::from_secs(3),
         "answered after {answered:?}"
     );
-    // The session goes on, on the new primary.
-    assert_eq!(server_port(&client).await.expect("moved"), b_port);
+    if sticky {
+        let err = client
+            .simple_query("SELECT 1")
+            .await
+            .expect_err("cannot move");
+        assert_eq!(code(&err), "08006", "{err:?}");
+        let db = err.as_db_error().expect("db error");
+        assert_eq!(db.severity(), "FATAL", "{db:?}");
+        assert!(db.message().contains("temporary tables"), "{db:?}");
+    } else {
+        // The session goes on, on the new primary.
+        assert_eq!(server_port(&client).await.expect("moved"), b_port);
+    }
     c.router.stop().await;
 }
 
