@@ -155,9 +155,10 @@ impl ServerConn {
         target: &Target,
         login: &Login,
         tls: &Arc<rustls::ClientConfig>,
+        liveness: &net::Liveness,
         timeout: Duration,
     ) -> Result<ServerConn, ServerError> {
-        tokio::time::timeout(timeout, Self::connect_inner(target, login, tls))
+        tokio::time::timeout(timeout, Self::connect_inner(target, login, tls, liveness))
             .await
             .map_err(|_| ServerError::Timeout(timeout))?
     }
@@ -166,6 +167,7 @@ impl ServerConn {
         target: &Target,
         login: &Login,
         tls: &Arc<rustls::ClientConfig>,
+        liveness: &net::Liveness,
     ) -> Result<ServerConn, ServerError> {
         let addrs: Vec<SocketAddr> = tokio::net::lookup_host((&*target.host, target.port))
             .await?
@@ -178,7 +180,7 @@ impl ServerConn {
             Some(local) => local,
             None => {
                 let tcp = TcpStream::connect(&addrs[..]).await?;
-                net::tune(&tcp)?;
+                net::tune_server(&tcp, liveness)?;
                 let addr = tcp.peer_addr()?;
                 (
                     negotiate_tls(tcp, &target.host, login.sslmode, tls).await?,
