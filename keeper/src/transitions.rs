@@ -265,6 +265,102 @@ mod reachability {
         }
     }
 
+    /// A node last heard from `age` ago, its health checks failing or not.
+    fn aged(
+        id: i64,
+        reported: NodeState,
+        goal: NodeState,
+        age: Duration,
+        healthy: bool,
+    ) -> NodeView {
+        NodeView {
+            health: if healthy { Health::Good } else { Health::Bad },
+            report_age: Some(age),
+            pg_running: healthy,
+            ..node(id, reported, goal, true)
+        }
+    }
+
+    /// Writable goals after `goals` are applied to `view`.
+    fn writable_after(view: &GroupView, goals: &[(i64, NodeState)]) -> usize {
+        view.nodes
+            .iter()
+            .map(|n| {
+                goals
+                    .iter()
+                    .find(|(id, _)| *id == n.id)
+                    .map_or(n.goal, |(_, g)| *g)
+            })
+            .filter(|g| g.can_take_writes())
+            .count()
+    }
+
+    /// No decision and no accepted request ever leaves two nodes of a group
+    /// with a writable goal, whatever the states, with the report ages on
+    /// both sides of the unhealthy timeout (3 s: a 2 s stall leaves a report
+    /// at most 2.5 s old) and a failing or passing health check.
+    #[test]
+    fn no_group_ever_gets_two_writable_goals() {
+        let states = NodeState::ALL;
+        let ages = [
+            (Duration::from_millis(100), true),
+            (Duration::from_millis(2_900), false),
+            (Duration::from_millis(3_100), false),
+            (Duration::from_millis(3_100), true),
+            (Duration::from_secs(60), false),
+        ];
+        // One node fresh, the other at each age (both ways round).
+        let fresh = ages[0];
+        let pairs = ages
+            .iter()
+            .map(|a| (fresh, *a))
+            .chain(ages[1..].iter().map(|a| (*a, fresh)));
+        let mut checked = 0_usize;
+        for ((age1, healthy1), (age2, healthy2)) in pairs {
+            {
+                for r1 in states {
+                    for g1 in states {
+                        for r2 in states {
+                            for g2 in states {
+                                let view = GroupView {
+                                    nodes: vec![
+                                        aged(1, r1, g1, age1, healthy1),
+                                        aged(2, r2, g2, age2, healthy2),
+                                    ],
+                                    number_sync_standbys: 0,
+                                    monitor_uptime: Duration::from_secs(3600),
+                                    thresholds: Thresholds::default(),
+                                    switchover: None,
+                                    preferred_candidate: None,
+                                };
+                                if writable_after(&view, &[]) > 1 {
+                                    continue;
+                                }
+                                let mut outcomes = Vec::new();
+                                if let Some(Decision::Assign(a)) = fsm::decide(&view) {
+                                    outcomes.push(a);
+                                }
+                                if let Ok(a) = fsm::on_request(&view, Request::Switchover) {
+                                    outcomes.push(a);
+                                }
+                                for assignments in outcomes {
+                                    let goals: Vec<(i64, NodeState)> =
+                                        assignments.iter().map(|a| (a.node_id, a.goal)).collect();
+                                    checked += 1;
+                                    assert!(
+                                        writable_after(&view, &goals) <= 1,
+                                        "two writable goals: {goals:?} applied to {view:#?}"
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(checked > 1_000, "too few decisions checked: {checked}");
+    }
+
     fn record(
         view: &GroupView,
         goals: &[(i64, NodeState)],
