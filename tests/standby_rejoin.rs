@@ -347,3 +347,73 @@ async fn standby_promoted_by_hand_is_rewound() {
     );
     cluster.terminate(&router.name);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_primary_with_lost_writes_is_rewound() {
+    let cluster = Cluster::formation(&["node_a", "node_b"], STEP);
+    let monitor_uri = cluster.monitor_uri();
+    let a = connect(&direct_uri(&cluster, "node_a"))
+        .await
+        .expect("connect to node_a");
+    a.batch_execute("CREATE TABLE lost (id bigint PRIMARY KEY); INSERT INTO lost VALUES (1)")
+        .await
+        .expect("create a table");
+    wait_caught_up(&cluster, "node_a", "node_b", "lost").await;
+
+    // node_a's WAL sender to node_b stops sending; a commit that does not
+    // wait for the standby is on node_a alone when node_a powers off.
+    let sender: i32 = a
+        .query_one(
+            "SELECT pid FROM pg_stat_replication WHERE application_name LIKE 'pgautofailover_standby_%'",
+            &[],
+        )
+        .await
+        .expect("find the WAL sender")
+        .get(0);
+    hapg::drill::signal_all(&[sender], nix::sys::signal::Signal::SIGSTOP);
+    a.batch_execute("SET synchronous_commit = local; INSERT INTO lost VALUES (42)")
+        .await
+        .expect("commit on node_a alone");
+    let first = last_event_id(&monitor_uri).await;
+    cluster.power_off("node_a");
+    cluster.wait_states(&[("node_b", "wait_primary")], STEP);
+    assert_eq!(
+        count(&direct_uri(&cluster, "node_b"), "lost WHERE id = 42").await,
+        Some(0),
+        "node_b received the commit: the test cannot show a rewind"
+    );
+
+    let restarted = Instant::now();
+    cluster.spawn("node_a", &["run", "--pgdata", "./node_a"]);
+    cluster.wait_states(&[("node_b", "primary"), ("node_a", "secondary")], STEP);
+    let back = restarted.elapsed();
+    let events = events_since(&monitor_uri, first).await;
+    eprintln!(
+        "old primary: node_a secondary {back:?} after `hapg run`\nevents:\n  {}",
+        events.join("\n  ")
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e.contains("(node_a) rejoins the primary") && e.contains("by pg_rewind")),
+        "node_a was not rewound:\n{}",
+        events.join("\n")
+    );
+    assert!(
+        !events.iter().any(|e| e.contains("by pg_basebackup")),
+        "node_a was copied again:\n{}",
+        events.join("\n")
+    );
+    let b = connect(&direct_uri(&cluster, "node_b"))
+        .await
+        .expect("connect to node_b");
+    b.execute("INSERT INTO lost VALUES (2)", &[])
+        .await
+        .expect("write on the new primary");
+    wait_caught_up(&cluster, "node_b", "node_a", "lost").await;
+    assert_eq!(
+        count(&direct_uri(&cluster, "node_a"), "lost WHERE id = 42").await,
+        Some(0),
+        "node_a kept the commit the new primary never had"
+    );
+}

@@ -316,15 +316,19 @@ impl GroupView {
     }
 }
 
-/// Why `node`, assigned and reporting a standby state, cannot be trusted as a
+/// Why `node`, assigned and reporting standby states, cannot be trusted as a
 /// standby of `primary`: its Postgres is out of recovery (it takes writes), or
 /// runs on a timeline newer than the primary's (it was promoted outside hapg:
 /// every timeline after the primary's forked from its history). `None` when
 /// nothing says so.
 pub fn divergence(node: &NodeView, primary: Option<&NodeView>) -> Option<String> {
     use NodeState::*;
-    let standby = node.reported == node.goal
-        && matches!(node.goal, Secondary | Catchingup | ReportLsn | FastForward);
+    // Reported and assigned states both where Postgres runs in recovery (a
+    // node on its way to being promoted is assigned another state first);
+    // not only converged ones: while its keeper rewinds it, the node keeps
+    // its last report and stays marked.
+    let in_recovery_state = |s: NodeState| matches!(s, Secondary | Catchingup | ReportLsn | FastForward);
+    let standby = in_recovery_state(node.reported) && in_recovery_state(node.goal);
     if !standby || !node.pg_running || node.goal == Dropped {
         return None;
     }
@@ -1866,6 +1870,11 @@ mod tests {
                 "a diverged secondary goes before a failover to it",
                 group(vec![dead(at(1, Primary)), on_tli(promoted(at(2, Secondary)), 2)]),
                 Goals(vec![(2, Catchingup)]),
+            ),
+            (
+                "a diverged secondary sent to catchingup stays marked: held",
+                group(vec![at(1, WaitPrimary), promoted(node(2, Secondary, Catchingup))]),
+                Held,
             ),
             (
                 "a node being promoted is not diverged",
