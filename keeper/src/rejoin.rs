@@ -177,9 +177,13 @@ pub fn plan(local: Option<&LocalWal>, primary: &PrimaryHistory, failed: &Failed)
                 local.tli, switch, local.end, primary.tli
             ))
         }
-        Some(switch) => Rejoin::Rewind(format!(
+        Some(switch) if local.role == LocalRole::Standby => Rejoin::Rewind(format!(
             "its WAL on timeline {} goes to {}, past {} where the primary's history left that timeline for timeline {}: it diverged",
             local.tli, local.end, switch, primary.tli
+        )),
+        Some(switch) => Rejoin::Rewind(format!(
+            "it was a primary on timeline {}, which the primary's history left at {} for timeline {}: what it wrote after that (its WAL is known up to {}) is not the primary's",
+            local.tli, switch, primary.tli, local.end
         )),
         None => Rejoin::Rewind(format!(
             "its timeline {} is not in the history of the primary's timeline {}: it diverged",
