@@ -285,7 +285,9 @@ async fn standby_promoted_by_hand_is_rewound() {
             }
         }
         let states = cluster.states();
-        let back = states.get("node_b").is_some_and(|(r, g)| r == "secondary" && g == "secondary");
+        let back = states
+            .get("node_b")
+            .is_some_and(|(r, g)| r == "secondary" && g == "secondary");
         if noticed.is_some() && back {
             break;
         }
@@ -306,7 +308,10 @@ async fn standby_promoted_by_hand_is_rewound() {
             cluster.all_logs()
         )
     });
-    assert!(noticed < Duration::from_secs(5), "noticed after {noticed:?}");
+    assert!(
+        noticed < Duration::from_secs(5),
+        "noticed after {noticed:?}"
+    );
     assert!(marked_in_show, "show state never marked node_b diverged");
     cluster.wait_states(&[("node_a", "primary"), ("node_b", "secondary")], STEP);
     assert!(

@@ -746,7 +746,10 @@ impl Keeper {
             ))
             .await;
             let result = match &plan {
-                Rejoin::Stream(_) => self.rejoin_by_streaming(&upstream, &observation).await,
+                Rejoin::Stream(_) => {
+                    self.rejoin_by_streaming(&upstream, &observation, primary.tli)
+                        .await
+                }
                 Rejoin::Rewind(_) => self.rejoin_by_rewind(&upstream).await,
                 Rejoin::BaseBackup(_) => self.rejoin_by_basebackup(&upstream).await,
             };
@@ -781,7 +784,10 @@ impl Keeper {
         tracing::info!("{text}");
         let node_id = self.state.node_id;
         let recorded = match self.monitor().await {
-            Ok(monitor) => monitor.node_event(node_id, &text).await.map_err(KeeperError::from),
+            Ok(monitor) => monitor
+                .node_event(node_id, &text)
+                .await
+                .map_err(KeeperError::from),
             Err(e) => Err(e),
         };
         if let Err(e) = recorded {
@@ -833,11 +839,14 @@ impl Keeper {
     }
 
     /// Restarts (or keeps) Postgres in recovery, streaming from `upstream`,
-    /// and waits until its WAL receiver streams.
+    /// and waits until its WAL receiver streams on the primary's timeline
+    /// `tli`: streaming an older timeline proves nothing (a node whose WAL
+    /// forked from it receives that timeline up to the switch, then stops).
     async fn rejoin_by_streaming(
         &mut self,
         upstream: &Upstream,
         observation: &Observation,
+        tli: Timeline,
     ) -> Result<(), KeeperError> {
         let slot = self.slot_name();
         self.prepare_files().await?;
@@ -850,12 +859,13 @@ impl Keeper {
         }
         let deadline = Instant::now() + REJOIN_STREAMING_TIMEOUT;
         loop {
-            if self.pg.observe().await.upstream_streaming {
+            let o = self.pg.observe().await;
+            if o.upstream_streaming && o.tli_is_exact && u32::try_from(o.tli) == Ok(tli.0) {
                 return Ok(());
             }
             if Instant::now() > deadline {
                 return Err(KeeperError::Timeout(format!(
-                    "no WAL streamed from {}:{} within {} s; the server log says: {}",
+                    "no WAL streamed from {}:{} on timeline {tli} within {} s; the server log says: {}",
                     upstream.host,
                     upstream.port,
                     REJOIN_STREAMING_TIMEOUT.as_secs(),
@@ -911,7 +921,9 @@ impl Keeper {
                 } else if !observation.in_recovery && self.state.current == NodeState::Catchingup {
                     // Promoted outside hapg while catching up: the monitor
                     // cannot assign catchingup again, so we rewind it here.
-                    tracing::warn!("postgres is out of recovery in catchingup: it diverged, rewinding it");
+                    tracing::warn!(
+                        "postgres is out of recovery in catchingup: it diverged, rewinding it"
+                    );
                     self.rewind_or_init().await?;
                 }
                 Ok(())

@@ -815,7 +815,10 @@ impl LocalPostgres {
     /// The timeline of the primary at `upstream` and its history file, read
     /// with psql as the replication role (a superuser): what decides whether
     /// this node's WAL is a prefix of the primary's.
-    pub async fn primary_history(&self, upstream: &Upstream) -> Result<PrimaryHistory, KeeperError> {
+    pub async fn primary_history(
+        &self,
+        upstream: &Upstream,
+    ) -> Result<PrimaryHistory, KeeperError> {
         let sslmode = if self.ssl.active { "require" } else { "prefer" };
         let source = format!(
             "host={} port={} user={REPLICATION_ROLE} dbname=postgres sslmode={sslmode} connect_timeout=5 application_name=hapg_keeper",

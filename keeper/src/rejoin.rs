@@ -235,7 +235,8 @@ mod tests {
     #[test]
     fn table_of_rejoins() {
         use LocalRole::*;
-        let streaming = Failed::Streaming("requested starting point is not in this server's history".into());
+        let streaming =
+            Failed::Streaming("requested starting point is not in this server's history".into());
         let rewind = Failed::Rewind("could not find common ancestor".into());
         let rows: &[(Option<LocalWal>, Failed, &str)] = &[
             // No data directory: copy.
@@ -258,9 +259,17 @@ mod tests {
             // A timeline the primary never knew.
             (local(Standby, 7, 0x100_0000), Failed::Nothing, "pg_rewind"),
             // Streaming was tried and failed: rewind.
-            (local(Standby, 3, 0x900_0000), streaming.clone(), "pg_rewind"),
+            (
+                local(Standby, 3, 0x900_0000),
+                streaming.clone(),
+                "pg_rewind",
+            ),
             // pg_rewind failed: the last resort.
-            (local(Primary, 4, 0x600_0000), rewind.clone(), "pg_basebackup"),
+            (
+                local(Primary, 4, 0x600_0000),
+                rewind.clone(),
+                "pg_basebackup",
+            ),
             (local(Standby, 3, 0x900_0000), rewind, "pg_basebackup"),
             (None, streaming, "pg_basebackup"),
         ];

@@ -327,7 +327,8 @@ pub fn divergence(node: &NodeView, primary: Option<&NodeView>) -> Option<String>
     // node on its way to being promoted is assigned another state first);
     // not only converged ones: while its keeper rewinds it, the node keeps
     // its last report and stays marked.
-    let in_recovery_state = |s: NodeState| matches!(s, Secondary | Catchingup | ReportLsn | FastForward);
+    let in_recovery_state =
+        |s: NodeState| matches!(s, Secondary | Catchingup | ReportLsn | FastForward);
     let standby = in_recovery_state(node.reported) && in_recovery_state(node.goal);
     if !standby || !node.pg_running || node.goal == Dropped {
         return None;
@@ -1863,17 +1864,26 @@ mod tests {
             ),
             (
                 "a diverged catchingup node does not become secondary",
-                group(vec![at(1, WaitPrimary), on_tli(promoted(at(2, Catchingup)), 1)]),
+                group(vec![
+                    at(1, WaitPrimary),
+                    on_tli(promoted(at(2, Catchingup)), 1),
+                ]),
                 Held,
             ),
             (
                 "a diverged secondary goes before a failover to it",
-                group(vec![dead(at(1, Primary)), on_tli(promoted(at(2, Secondary)), 2)]),
+                group(vec![
+                    dead(at(1, Primary)),
+                    on_tli(promoted(at(2, Secondary)), 2),
+                ]),
                 Goals(vec![(2, Catchingup)]),
             ),
             (
                 "a diverged secondary sent to catchingup stays marked: held",
-                group(vec![at(1, WaitPrimary), promoted(node(2, Secondary, Catchingup))]),
+                group(vec![
+                    at(1, WaitPrimary),
+                    promoted(node(2, Secondary, Catchingup)),
+                ]),
                 Held,
             ),
             (
