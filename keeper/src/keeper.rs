@@ -294,6 +294,8 @@ impl Keeper {
         if assigned.goal != self.state.assigned {
             tracing::info!(current = %self.state.current, goal = %assigned.goal, "new goal from the monitor");
             self.state.assigned = assigned.goal;
+            // What failed while rejoining counts for that attempt only.
+            self.rejoin_failed = Failed::Nothing;
         }
         Ok(assigned.goal)
     }

@@ -825,10 +825,12 @@ impl LocalPostgres {
             upstream.host, upstream.port
         );
         // The timeline from the WAL position (the checkpoint's can lag right
-        // after a promotion), then its history file (none on timeline 1).
+        // after a promotion), then its history file (none on timeline 1; a
+        // missing one leaves no ancestor known, so the node is rewound).
         let query = "WITH t AS (SELECT ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int AS tli)
                      SELECT t.tli || E'\n' || CASE WHEN t.tli > 1
-                              THEN pg_read_file('pg_wal/' || lpad(upper(to_hex(t.tli)), 8, '0') || '.history')
+                              THEN coalesce(pg_read_file('pg_wal/' || lpad(upper(to_hex(t.tli)), 8, '0') || '.history',
+                                                         0, 1048576, true), '')
                               ELSE '' END
                        FROM t";
         let out = self
