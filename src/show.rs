@@ -53,6 +53,30 @@ pub fn connection(node: &NodeRow) -> String {
     }
 }
 
+/// Why `node` cannot be trusted as the standby it is assigned to be (see
+/// `hapg_monitor::fsm::divergence`), against the primary of its group in `nodes`.
+pub fn divergence(nodes: &[NodeRow], node: &NodeRow) -> Option<String> {
+    let primary = nodes
+        .iter()
+        .find(|p| {
+            p.node_id != node.node_id
+                && p.formation == node.formation
+                && p.group_id == node.group_id
+                && p.goal.can_take_writes()
+        })
+        .map(NodeRow::view);
+    hapg_monitor::fsm::divergence(&node.view(), primary.as_ref())
+}
+
+/// [`connection`], or `diverged !` for a node that [`divergence`] names.
+pub fn connection_in(nodes: &[NodeRow], node: &NodeRow) -> String {
+    if divergence(nodes, node).is_some() {
+        "diverged !".to_string()
+    } else {
+        connection(node)
+    }
+}
+
 fn tli_lsn(node: &NodeRow) -> String {
     format!(
         "{:>3}: {}",
@@ -71,7 +95,7 @@ pub fn state_table(nodes: &[NodeRow]) -> String {
                 n.node_id.to_string(),
                 n.address(),
                 tli_lsn(n),
-                connection(n),
+                connection_in(nodes, n),
                 n.reported.to_string(),
                 n.goal.to_string(),
             ]
@@ -108,6 +132,7 @@ pub fn state_json(nodes: &[NodeRow]) -> serde_json::Value {
                     "tli": n.tli,
                     "lsn": hapg_monitor::pgconn::format_lsn(n.lsn),
                     "health": n.health.as_str(),
+                    "diverged": divergence(nodes, n),
                     "connection": n.reported.connection_type(),
                     "reported_state": n.reported.as_str(),
                     "assigned_state": n.goal.as_str(),
@@ -199,6 +224,7 @@ mod tests {
             tli: 1,
             lsn: 0x3000148,
             upstream_streaming: false,
+            in_recovery: Some(state != NodeState::Primary),
             report_age: None,
             health: Health::Good,
             candidate_priority: 50,
@@ -226,5 +252,22 @@ node_b |     2 | localhost:5502 |   1: 0/3000148 |    read-only |           seco
         assert_eq!(connection(&n), "read-write !");
         n.health = Health::Unknown;
         assert_eq!(connection(&n), "read-write ?");
+    }
+
+    #[test]
+    fn diverged_nodes_are_marked() {
+        let primary = node("node_a", 1, 5501, NodeState::Primary);
+        let mut standby = node("node_b", 2, 5502, NodeState::Secondary);
+        let nodes = [primary.clone(), standby.clone()];
+        assert_eq!(connection_in(&nodes, &standby), "read-only");
+        standby.in_recovery = Some(false);
+        standby.tli = 2;
+        let nodes = [primary, standby.clone()];
+        assert_eq!(connection_in(&nodes, &standby), "diverged !");
+        let json = state_json(&nodes);
+        assert!(json[1]["diverged"]
+            .as_str()
+            .is_some_and(|why| why.contains("not in recovery")));
+        assert!(json[0]["diverged"].is_null());
     }
 }

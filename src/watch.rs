@@ -167,7 +167,7 @@ fn nodes_table(snap: &Snapshot) -> String {
                 format!("{:>3}: {}", n.tli, format_lsn(n.lsn)),
                 lag(snap, n),
                 age(n.report_age),
-                show::connection(n),
+                show::connection_in(&snap.nodes, n),
                 n.reported.to_string(),
                 n.goal.to_string(),
             ]
@@ -705,6 +705,7 @@ mod tests {
             tli: 1,
             lsn,
             upstream_streaming: false,
+            in_recovery: None,
             report_age: Some(Duration::from_millis(400)),
             health: Health::Good,
             candidate_priority: 50,

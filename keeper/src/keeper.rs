@@ -17,6 +17,7 @@ use tracing::Instrument;
 use crate::error::KeeperError;
 use crate::paths::NodePaths;
 use crate::postgres::{LocalPostgres, Observation, Upstream};
+use crate::rejoin::{self, Failed, LocalRole, LocalWal, Lsn, Rejoin, Timeline};
 use crate::state_file::{unix_now, KeeperState};
 use crate::transitions::{expectation, transition, Action, Expectation};
 
@@ -55,6 +56,9 @@ pub enum Exit {
 /// does not answer is treated like one that is gone.
 const MONITOR_CALL_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// A node rejoining by streaming must stream within this long, or it is rewound.
+const REJOIN_STREAMING_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Runs the keeper for the node at `paths` until `shutdown`.
 pub async fn run(paths: NodePaths, mode: RunMode, shutdown: Shutdown) -> Result<Exit, KeeperError> {
     let config = NodeConfig::load(&paths.config)?;
@@ -73,6 +77,7 @@ pub async fn run(paths: NodePaths, mode: RunMode, shutdown: Shutdown) -> Result<
         last_error: None,
         monitor_heard: Instant::now(),
         standby_heard: Instant::now(),
+        rejoin_failed: Failed::Nothing,
     };
     let span = tracing::info_span!("keeper", node = keeper.state.node_id);
     let exit = keeper.main_loop(mode, &shutdown).instrument(span).await?;
@@ -108,6 +113,9 @@ struct Keeper {
     monitor_heard: Instant,
     /// When Postgres last saw a standby reply (or the keeper started).
     standby_heard: Instant,
+    /// What failed in the current attempt to rejoin the primary: the next try
+    /// escalates (streaming, then pg_rewind, then pg_basebackup).
+    rejoin_failed: Failed,
 }
 
 impl Keeper {
@@ -275,6 +283,7 @@ impl Keeper {
             lsn: self.last_lsn,
             rep_state: observation.rep_state.clone(),
             upstream_streaming: observation.upstream_streaming,
+            in_recovery: observation.running.then_some(observation.in_recovery),
         };
         let monitor = self.monitor().await?;
         let assigned = tokio::time::timeout(MONITOR_CALL_TIMEOUT, monitor.report(&report))
@@ -287,6 +296,8 @@ impl Keeper {
         if assigned.goal != self.state.assigned {
             tracing::info!(current = %self.state.current, goal = %assigned.goal, "new goal from the monitor");
             self.state.assigned = assigned.goal;
+            // What failed while rejoining counts for that attempt only.
+            self.rejoin_failed = Failed::Nothing;
         }
         Ok(assigned.goal)
     }
@@ -373,6 +384,7 @@ impl Keeper {
                 );
                 self.state.current = goal;
                 self.last_error = None;
+                self.rejoin_failed = Failed::Nothing;
                 if let Err(e) = self.state.save(&self.paths.state) {
                     tracing::error!(error = %e, "cannot write the state file");
                     return false;
@@ -716,33 +728,178 @@ impl Keeper {
         self.pg.sync_replication_slots(&wanted).await
     }
 
+    /// Becomes a standby of the current primary by the cheapest way that is
+    /// safe ([`rejoin::plan`]): stream from where it stopped, pg_rewind, or a
+    /// fresh base backup, escalating when one fails. The way and its reason
+    /// go into the monitor's events.
     async fn rewind_or_init(&mut self) -> Result<(), KeeperError> {
         let upstream = self.upstream().await?;
-        let slot = self.slot_name();
         let observation = self.pg.observe().await;
-        if observation.running && observation.in_recovery {
-            // Already a standby: point it at the primary and let it stream.
-            self.prepare_files().await?;
-            self.pg.write_standby_config(Some(&upstream), &slot, true)?;
-            return self.pg.reload().await;
-        }
-        self.pg.stop("fast").await?;
-        let rewound = if self.pg.is_initialized() {
-            match self.pg.rewind(&upstream).await {
-                Ok(()) => true,
-                Err(e) => {
-                    tracing::warn!(error = %e, "pg_rewind failed, taking a new base backup instead");
-                    false
+        let local = self.local_wal(&observation).await;
+        let primary = self.pg.primary_history(&upstream).await?;
+        let mut failed = std::mem::replace(&mut self.rejoin_failed, Failed::Nothing);
+        loop {
+            let plan = rejoin::plan(local.as_ref(), &primary, &failed);
+            let started = Instant::now();
+            self.rejoin_event(format!(
+                "rejoins the primary at {}:{} by {}: {}",
+                upstream.host,
+                upstream.port,
+                plan.method(),
+                plan.reason()
+            ))
+            .await;
+            let result = match &plan {
+                Rejoin::Stream(_) => {
+                    self.rejoin_by_streaming(&upstream, &observation, primary.tli)
+                        .await
                 }
+                Rejoin::Rewind(_) => self.rejoin_by_rewind(&upstream).await,
+                Rejoin::BaseBackup(_) => self.rejoin_by_basebackup(&upstream).await,
+            };
+            match (result, plan) {
+                (Ok(()), plan) => {
+                    self.rejoin_event(format!(
+                        "rejoined by {} in {} ms",
+                        plan.method(),
+                        started.elapsed().as_millis()
+                    ))
+                    .await;
+                    return Ok(());
+                }
+                // pg_rewind left the data directory as it was or unusable:
+                // the last resort right away.
+                (Err(e), Rejoin::Rewind(_)) => failed = Failed::Rewind(e.to_string()),
+                (Err(e), Rejoin::Stream(_)) => {
+                    self.rejoin_failed = Failed::Streaming(e.to_string());
+                    return Err(e);
+                }
+                (Err(e), Rejoin::BaseBackup(_)) => return Err(e),
             }
-        } else {
-            false
-        };
-        if !rewound {
-            self.pg.basebackup(&upstream, &slot).await?;
         }
+    }
+
+    /// Logs how this node rejoins, and records it as an event of the monitor.
+    async fn rejoin_event(&mut self, what: String) {
+        let text = format!(
+            "Node {} ({}) {what}",
+            self.state.node_id, self.config.node.name
+        );
+        tracing::info!("{text}");
+        let node_id = self.state.node_id;
+        let recorded = match self.monitor().await {
+            Ok(monitor) => monitor
+                .node_event(node_id, &text)
+                .await
+                .map_err(KeeperError::from),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = recorded {
+            tracing::warn!(error = %e, "cannot record the event");
+        }
+    }
+
+    /// The node's WAL as its running Postgres or its control file shows it;
+    /// `None` without a usable data directory.
+    async fn local_wal(&self, observation: &Observation) -> Option<LocalWal> {
+        let tli = |t: i32| Timeline(u32::try_from(t).unwrap_or(0));
+        if observation.running {
+            let (role, t) = if observation.in_recovery {
+                // Without a WAL receiver the checkpoint's timeline can lag.
+                (LocalRole::Standby, observation.tli.max(self.last_tli))
+            } else {
+                (LocalRole::Primary, observation.tli)
+            };
+            return Some(LocalWal {
+                role,
+                tli: tli(t),
+                end: Lsn(observation.lsn),
+            });
+        }
+        if !self.pg.is_initialized() {
+            return None;
+        }
+        // A postmaster that does not answer (still recovering, or stuck)
+        // would change the control file under us.
+        if let Err(e) = self.pg.stop("fast").await {
+            tracing::warn!(error = %e, "cannot stop postgres to read its control file");
+            return None;
+        }
+        match self.pg.control_data().await {
+            Ok(c) => Some(LocalWal {
+                role: if c.in_recovery() {
+                    LocalRole::Standby
+                } else {
+                    LocalRole::Primary
+                },
+                tli: Timeline(c.checkpoint_tli.max(c.min_recovery_tli)),
+                end: Lsn(c.checkpoint.max(c.min_recovery)),
+            }),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the control file");
+                None
+            }
+        }
+    }
+
+    /// Restarts (or keeps) Postgres in recovery, streaming from `upstream`,
+    /// and waits until its WAL receiver streams on the primary's timeline
+    /// `tli`: streaming an older timeline proves nothing (a node whose WAL
+    /// forked from it receives that timeline up to the switch, then stops).
+    async fn rejoin_by_streaming(
+        &mut self,
+        upstream: &Upstream,
+        observation: &Observation,
+        tli: Timeline,
+    ) -> Result<(), KeeperError> {
+        let slot = self.slot_name();
         self.prepare_files().await?;
-        self.pg.write_standby_config(Some(&upstream), &slot, true)?;
+        self.pg.write_standby_config(Some(upstream), &slot, true)?;
+        if observation.running && observation.in_recovery {
+            self.pg.reload().await?;
+        } else {
+            self.pg.stop("fast").await?;
+            self.pg.start().await?;
+        }
+        let deadline = Instant::now() + REJOIN_STREAMING_TIMEOUT;
+        loop {
+            let o = self.pg.observe().await;
+            if o.upstream_streaming && o.tli_is_exact && u32::try_from(o.tli) == Ok(tli.0) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(KeeperError::Timeout(format!(
+                    "no WAL streamed from {}:{} on timeline {tli} within {} s; the server log says: {}",
+                    upstream.host,
+                    upstream.port,
+                    REJOIN_STREAMING_TIMEOUT.as_secs(),
+                    self.pg.last_log_error()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Stops Postgres, rewinds it from `upstream`, and starts it streaming.
+    async fn rejoin_by_rewind(&mut self, upstream: &Upstream) -> Result<(), KeeperError> {
+        let slot = self.slot_name();
+        self.pg.prepare_for_rewind(&slot).await?;
+        self.pg.rewind(upstream).await?;
+        self.start_streaming_copy(upstream).await
+    }
+
+    /// Replaces the data directory by a fresh base backup of `upstream`.
+    async fn rejoin_by_basebackup(&mut self, upstream: &Upstream) -> Result<(), KeeperError> {
+        self.pg.stop("fast").await?;
+        self.pg.basebackup(upstream, &self.slot_name()).await?;
+        self.start_streaming_copy(upstream).await
+    }
+
+    /// Starts a data directory just copied or rewound from `upstream` as its standby.
+    async fn start_streaming_copy(&mut self, upstream: &Upstream) -> Result<(), KeeperError> {
+        let slot = self.slot_name();
+        self.prepare_files().await?;
+        self.pg.write_standby_config(Some(upstream), &slot, true)?;
         self.pg.start().await?;
         // Slots copied from the old primary's time would hold WAL forever here.
         self.pg.sync_replication_slots(&[]).await
@@ -765,6 +922,13 @@ impl Keeper {
                 if !observation.running {
                     tracing::warn!("postgres is not running: starting it");
                     self.ensure_running().await?;
+                } else if !observation.in_recovery && self.state.current == NodeState::Catchingup {
+                    // Promoted outside hapg while catching up: the monitor
+                    // cannot assign catchingup again, so we rewind it here.
+                    tracing::warn!(
+                        "postgres is out of recovery in catchingup: it diverged, rewinding it"
+                    );
+                    self.rewind_or_init().await?;
                 }
                 Ok(())
             }

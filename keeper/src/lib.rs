@@ -8,6 +8,7 @@ pub mod monitor_node;
 pub mod paths;
 pub mod pidfile;
 pub mod postgres;
+pub mod rejoin;
 pub mod state_file;
 pub mod transitions;
 

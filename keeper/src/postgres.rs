@@ -15,6 +15,7 @@ use tokio::process::Command;
 use tokio_postgres::{Client, Config};
 
 use crate::error::KeeperError;
+use crate::rejoin::{PrimaryHistory, Timeline};
 
 /// Directory for the instance's Unix socket: writable by any OS user, and what
 /// the keeper uses to reach its own Postgres without a password.
@@ -833,6 +834,150 @@ impl LocalPostgres {
             .find_map(|l| l.strip_prefix("Database cluster state:"))
             .map(|s| s.trim().to_string())
             .unwrap_or_default())
+    }
+
+    /// The last FATAL or ERROR line of the server log (for error messages).
+    pub fn last_log_error(&self) -> String {
+        let path = self.pgdata.join(LOG_FILE);
+        let text = std::fs::read(&path).unwrap_or_default();
+        let tail = &text[text.len().saturating_sub(64 * 1024)..];
+        String::from_utf8_lossy(tail)
+            .lines()
+            .rev()
+            .find(|l| l.contains("FATAL:") || l.contains("ERROR:"))
+            .map(str::to_string)
+            .unwrap_or_else(|| "nothing".to_string())
+    }
+
+    /// pg_controldata of the (stopped) data directory.
+    pub async fn control_data(&self) -> Result<ControlData, KeeperError> {
+        let out = self
+            .run_tool("pg_controldata", [self.pgdata.as_os_str()])
+            .await?;
+        Ok(ControlData::parse(&out))
+    }
+
+    /// Brings a stopped data directory to a clean shutdown so that pg_rewind
+    /// needs no crash recovery of its own: pg_rewind runs that in single-user
+    /// mode, which refuses a standby ("standby mode is not supported by
+    /// single-user servers"). A crashed standby is started as a standby that
+    /// streams from nobody and stopped again (`shut down in recovery`: no WAL
+    /// of its own is written); a crashed primary is crash-recovered by
+    /// pg_rewind itself, as a primary, so a standby.signal left by hapg goes.
+    pub async fn prepare_for_rewind(&self, application_name: &str) -> Result<(), KeeperError> {
+        self.stop("fast").await?;
+        let control = self.control_data().await?;
+        if control.shut_down_cleanly() {
+            return Ok(());
+        }
+        if control.in_recovery() {
+            tracing::info!(state = %control.state, "finishing crash recovery as a standby before pg_rewind");
+            self.write_standby_config(None, application_name, false)?;
+            self.start().await?;
+            return self.stop("fast").await;
+        }
+        let signal = self.pgdata.join("standby.signal");
+        if signal.exists() {
+            std::fs::remove_file(&signal).map_err(|e| KeeperError::io(&signal, e))?;
+        }
+        Ok(())
+    }
+
+    /// The timeline of the primary at `upstream` and its history file, read
+    /// with psql as the replication role (a superuser): what decides whether
+    /// this node's WAL is a prefix of the primary's.
+    pub async fn primary_history(
+        &self,
+        upstream: &Upstream,
+    ) -> Result<PrimaryHistory, KeeperError> {
+        let sslmode = if self.ssl.active { "require" } else { "prefer" };
+        let source = format!(
+            "host={} port={} user={REPLICATION_ROLE} dbname=postgres sslmode={sslmode} connect_timeout=5 application_name=hapg_keeper",
+            upstream.host, upstream.port
+        );
+        // The timeline from the WAL position (the checkpoint's can lag right
+        // after a promotion), then its history file (none on timeline 1; a
+        // missing one leaves no ancestor known, so the node is rewound).
+        let query = "WITH t AS (SELECT ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int AS tli)
+                     SELECT t.tli || E'\n' || CASE WHEN t.tli > 1
+                              THEN coalesce(pg_read_file('pg_wal/' || lpad(upper(to_hex(t.tli)), 8, '0') || '.history',
+                                                         0, 1048576, true), '')
+                              ELSE '' END
+                       FROM t";
+        let out = self
+            .run_tool(
+                "psql",
+                [
+                    "-X",
+                    "--no-align",
+                    "--tuples-only",
+                    "--no-password",
+                    "-v",
+                    "ON_ERROR_STOP=1",
+                    "--dbname",
+                    &source,
+                    "--command",
+                    query,
+                ],
+            )
+            .await?;
+        let (tli, history) = out.split_once('\n').unwrap_or((out.as_str(), ""));
+        let tli: u32 = tli.trim().parse().map_err(|_| KeeperError::Tool {
+            tool: "psql".into(),
+            status: "unexpected output".into(),
+            output: out.clone(),
+        })?;
+        Ok(PrimaryHistory::parse(Timeline(tli), history))
+    }
+}
+
+/// What pg_controldata says about a stopped data directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlData {
+    /// "Database cluster state", such as `in archive recovery` or `shut down`.
+    pub state: String,
+    /// Latest checkpoint location.
+    pub checkpoint: u64,
+    /// Latest checkpoint's timeline.
+    pub checkpoint_tli: u32,
+    /// Minimum recovery ending location (0 on a primary).
+    pub min_recovery: u64,
+    /// Its timeline (0 on a primary).
+    pub min_recovery_tli: u32,
+}
+
+impl ControlData {
+    /// Parses pg_controldata's output.
+    pub fn parse(text: &str) -> ControlData {
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|rest| rest.strip_prefix(':'))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        ControlData {
+            state: field("Database cluster state"),
+            checkpoint: parse_lsn(&field("Latest checkpoint location")).unwrap_or(0),
+            checkpoint_tli: field("Latest checkpoint's TimeLineID").parse().unwrap_or(0),
+            min_recovery: parse_lsn(&field("Minimum recovery ending location")).unwrap_or(0),
+            min_recovery_tli: field("Min recovery ending loc's timeline")
+                .parse()
+                .unwrap_or(0),
+        }
+    }
+
+    /// The data directory was last a standby: it crashed or stopped in recovery.
+    pub fn in_recovery(&self) -> bool {
+        matches!(
+            self.state.as_str(),
+            "in archive recovery" | "shut down in recovery"
+        )
+    }
+
+    /// Stopped cleanly, so pg_rewind needs no crash recovery first.
+    pub fn shut_down_cleanly(&self) -> bool {
+        matches!(self.state.as_str(), "shut down" | "shut down in recovery")
     }
 }
 

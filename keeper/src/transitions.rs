@@ -14,8 +14,9 @@ pub enum Action {
     InitPrimary,
     /// pg_basebackup from the primary with its replication slot, then start streaming.
     InitStandby,
-    /// Become a standby of the current primary: follow it if already a standby on
-    /// its history, else pg_rewind, falling back to a fresh pg_basebackup.
+    /// Become a standby of the current primary: stream if its WAL is a prefix
+    /// of the primary's history, else pg_rewind, falling back to a fresh
+    /// pg_basebackup ([`crate::rejoin::plan`] decides).
     RewindOrInit,
     /// Cut the WAL receiver and wait until it is gone, so the LSN stays put.
     DetachFromPrimary,
@@ -254,6 +255,7 @@ mod reachability {
             tli: 1,
             lsn: 0x3000000,
             upstream_streaming: false,
+            in_recovery: None,
             health: if alive { Health::Good } else { Health::Bad },
             report_age: Some(if alive {
                 Duration::from_millis(100)

@@ -44,6 +44,8 @@ pub struct NodeRow {
     pub lsn: u64,
     /// A standby still hears from its primary.
     pub upstream_streaming: bool,
+    /// The keeper last saw Postgres in recovery (`None`: not running, or not said).
+    pub in_recovery: Option<bool>,
     /// Time since the last report.
     pub report_age: Option<Duration>,
     /// Health check verdict.
@@ -66,6 +68,7 @@ impl NodeRow {
             tli: self.tli,
             lsn: self.lsn,
             upstream_streaming: self.upstream_streaming,
+            in_recovery: self.in_recovery,
             health: self.health,
             report_age: self.report_age,
             candidate_priority: self.candidate_priority,
@@ -85,7 +88,7 @@ pub(crate) const NODE_COLUMNS: &str =
      n.goal_state::text, n.reported_state::text, n.reported_pg_running, n.reported_rep_state, \
      n.reported_tli, n.reported_lsn::text, n.upstream_streaming, \
      (extract(epoch FROM clock_timestamp() - n.report_time) * 1000)::float8, \
-     n.health, n.candidate_priority, n.replication_quorum";
+     n.health, n.candidate_priority, n.replication_quorum, n.reported_in_recovery";
 
 impl NodeRow {
     pub(crate) fn from_row(row: &Row) -> Result<NodeRow, MonitorError> {
@@ -113,6 +116,7 @@ impl NodeRow {
             health: Health::from_db(row.try_get(14)?),
             candidate_priority: row.try_get(15)?,
             replication_quorum: row.try_get(16)?,
+            in_recovery: row.try_get(17)?,
         })
     }
 }
@@ -204,6 +208,8 @@ pub struct NodeReport {
     pub rep_state: String,
     /// A standby still hears from its primary.
     pub upstream_streaming: bool,
+    /// Postgres is in recovery (`None` when it does not answer).
+    pub in_recovery: Option<bool>,
 }
 
 /// The monitor's answer to a report: the node's goal.
@@ -513,7 +519,8 @@ impl MonitorClient {
                            SET reported_state = $2::text::hapg.replication_state,
                                reported_pg_running = $3, reported_tli = $4,
                                reported_lsn = $5::text::pg_lsn, reported_rep_state = $6,
-                               upstream_streaming = $7, report_time = now()
+                               upstream_streaming = $7, reported_in_recovery = $8,
+                               report_time = now()
                           FROM old WHERE n.node_id = old.node_id
                       RETURNING n.*, old.before),
                   changed AS (
@@ -546,6 +553,7 @@ impl MonitorClient {
                     &format_lsn(report.lsn),
                     &report.rep_state,
                     &report.upstream_streaming,
+                    &report.in_recovery,
                 ],
             )
             .await?
@@ -556,6 +564,25 @@ impl MonitorClient {
             group_id: row.try_get(1)?,
             primary_epoch: row.try_get(2)?,
         })
+    }
+
+    /// Records an event a keeper has to tell about its node (how it rejoined
+    /// its primary, and why), with the node's current row.
+    pub async fn node_event(&self, node_id: i64, description: &str) -> Result<(), MonitorError> {
+        self.client
+            .execute(
+                "INSERT INTO hapg.event (formation_id, group_id, node_id, node_name, node_host,
+                                         node_port, reported_state, goal_state, reported_tli,
+                                         reported_lsn, health, primary_epoch, description)
+                 SELECT n.formation_id, n.group_id, n.node_id, n.node_name, n.node_host,
+                        n.node_port, n.reported_state, n.goal_state, n.reported_tli,
+                        n.reported_lsn, n.health, f.primary_epoch, $2
+                   FROM hapg.node n JOIN hapg.formation f USING (formation_id)
+                  WHERE n.node_id = $1",
+                &[&node_id, &description],
+            )
+            .await?;
+        Ok(())
     }
 
     /// A formation's row.

@@ -67,6 +67,8 @@ pub struct NodeView {
     pub lsn: u64,
     /// For a standby: its WAL receiver still hears from the primary.
     pub upstream_streaming: bool,
+    /// The keeper last saw Postgres in recovery (`None`: down, or not said).
+    pub in_recovery: Option<bool>,
     /// Last health check verdict.
     pub health: Health,
     /// Time since the keeper last reported; `None` if it never did.
@@ -292,12 +294,18 @@ impl GroupView {
             || !node.pg_running
     }
 
-    /// The keeper reports recently and Postgres runs.
+    /// The keeper reports recently, Postgres runs, and it has not diverged.
     pub fn is_healthy(&self, node: &NodeView) -> bool {
         node.pg_running
             && node
                 .report_age
                 .is_some_and(|age| age <= self.thresholds.unhealthy_timeout)
+            && self.divergence(node).is_none()
+    }
+
+    /// [`divergence`] of `node` from this group's primary.
+    pub fn divergence(&self, node: &NodeView) -> Option<String> {
+        divergence(node, self.primary())
     }
 
     /// Failing over from `primary` to `standby` keeps every acknowledged write:
@@ -305,6 +313,46 @@ impl GroupView {
     /// its quorum standbys, and `standby` is one of them.
     fn failover_is_lossless(&self, primary: &NodeView, standby: &NodeView) -> bool {
         primary.is_converged(NodeState::Primary) && standby.replication_quorum
+    }
+}
+
+/// Why `node`, assigned and reporting standby states, cannot be trusted as a
+/// standby of `primary`: its Postgres is out of recovery (it takes writes), or
+/// runs on a timeline newer than the primary's (it was promoted outside hapg:
+/// every timeline after the primary's forked from its history). `None` when
+/// nothing says so.
+pub fn divergence(node: &NodeView, primary: Option<&NodeView>) -> Option<String> {
+    use NodeState::*;
+    // Reported and assigned states both where Postgres runs in recovery (a
+    // node on its way to being promoted is assigned another state first);
+    // not only converged ones: while its keeper rewinds it, the node keeps
+    // its last report and stays marked.
+    let in_recovery_state =
+        |s: NodeState| matches!(s, Secondary | Catchingup | ReportLsn | FastForward);
+    let standby = in_recovery_state(node.reported) && in_recovery_state(node.goal);
+    if !standby || !node.pg_running || node.goal == Dropped {
+        return None;
+    }
+    let primary = primary.filter(|p| p.id != node.id);
+    let primary_tli = primary.map(|p| p.tli).unwrap_or(0);
+    if node.in_recovery == Some(false) {
+        return Some(format!(
+            "its Postgres is not in recovery and takes writes (timeline {}{})",
+            node.tli,
+            match primary {
+                Some(p) => format!(", the primary's is {}", p.tli),
+                None => String::new(),
+            }
+        ));
+    }
+    match primary {
+        Some(p) if p.is_in_primary_state() && p.pg_running && node.tli > primary_tli => {
+            Some(format!(
+                "it runs on timeline {}, which forked from the history of the primary's timeline {}",
+                node.tli, p.tli
+            ))
+        }
+        _ => None,
     }
 }
 
@@ -341,13 +389,24 @@ pub fn decide(view: &GroupView) -> Option<Decision> {
             reason: format!("Removing node {} ({}): it reported dropped", a.id, a.name),
         });
     }
+    // A node that diverged is never trusted as a standby: it goes before the
+    // other rules, which would count it as one.
+    let mut hold = None;
+    for node in &view.nodes {
+        match decide_divergence(view, node) {
+            Some(Decision::Hold(reason)) => {
+                hold.get_or_insert(Decision::Hold(reason));
+            }
+            Some(decision) => return Some(decision),
+            None => {}
+        }
+    }
     if let Some(decision) = proceed_with_switchover(view) {
         return Some(decision);
     }
     if let Some(decision) = adjust_number_sync_standbys(view) {
         return Some(decision);
     }
-    let mut hold = None;
     for node in &view.nodes {
         match decide_for(view, node) {
             Some(Decision::Hold(reason)) => {
@@ -358,6 +417,33 @@ pub fn decide(view: &GroupView) -> Option<Decision> {
         }
     }
     hold
+}
+
+/// A standby that diverged from the primary (see [`divergence`]) is sent back
+/// to `catchingup`: its keeper stops it and rewinds it from the primary. One
+/// already in `catchingup` is being brought back by its keeper: the hold
+/// records why.
+fn decide_divergence(view: &GroupView, a: &NodeView) -> Option<Decision> {
+    let why = view.divergence(a)?;
+    let p = view.primary().filter(|p| p.id != a.id);
+    let from = match p {
+        Some(p) => format!("primary {} ({})", p.id, p.name),
+        None => "the group".to_string(),
+    };
+    if a.goal == NodeState::Catchingup {
+        return Some(Decision::Hold(format!(
+            "Node {} ({}) diverged from {from}: {why}; its keeper rewinds it",
+            a.id, a.name
+        )));
+    }
+    Some(Decision::Assign(vec![assign(
+        a,
+        NodeState::Catchingup,
+        format!(
+            "Node {} ({}) diverged from {from}: {why}; it is not a standby any more: it is stopped, rewound and rejoins",
+            a.id, a.name
+        ),
+    )]))
 }
 
 /// The rules, evaluated with `a` as the node under consideration; the first that
@@ -1231,6 +1317,7 @@ mod tests {
             tli: 1,
             lsn: 0x3000000,
             upstream_streaming: false,
+            in_recovery: None,
             health: Health::Good,
             report_age: FRESH,
             candidate_priority: 50,
@@ -1245,6 +1332,24 @@ mod tests {
     fn dead(mut n: NodeView) -> NodeView {
         n.report_age = STALE;
         n.health = Health::Bad;
+        n
+    }
+
+    /// The keeper saw Postgres in recovery.
+    fn standby(mut n: NodeView) -> NodeView {
+        n.in_recovery = Some(true);
+        n
+    }
+
+    /// The keeper saw Postgres out of recovery, on a new timeline.
+    fn promoted(mut n: NodeView) -> NodeView {
+        n.in_recovery = Some(false);
+        n.tli += 1;
+        n
+    }
+
+    fn on_tli(mut n: NodeView, tli: i32) -> NodeView {
+        n.tli = tli;
         n
     }
 
@@ -1341,11 +1446,11 @@ mod tests {
             (
                 "not on the primary's timeline: not caught up",
                 group(vec![
-                    at(1, WaitPrimary),
                     NodeView {
                         tli: 2,
-                        ..at(2, Catchingup)
+                        ..at(1, WaitPrimary)
                     },
+                    at(2, Catchingup),
                 ]),
                 Nothing,
             ),
@@ -1720,6 +1825,83 @@ mod tests {
                 "a node being dropped no longer counts: the primary serves alone",
                 group(vec![at(1, Primary), node(2, Secondary, Dropped)]),
                 Goals(vec![(1, Single)]),
+            ),
+            (
+                "a standby in recovery on the primary's timeline is trusted",
+                group(vec![at(1, Primary), on_tli(standby(at(2, Secondary)), 1)]),
+                Nothing,
+            ),
+            (
+                "a secondary out of recovery diverged: back to catchingup",
+                group(vec![at(1, Primary), promoted(at(2, Secondary))]),
+                Goals(vec![(2, Catchingup)]),
+            ),
+            (
+                "a secondary out of recovery diverged, even with the primary down",
+                group(vec![dead(at(1, Primary)), promoted(at(2, Secondary))]),
+                Goals(vec![(2, Catchingup)]),
+            ),
+            (
+                "a secondary on a timeline after the primary's diverged",
+                group(vec![
+                    on_tli(at(1, Primary), 2),
+                    on_tli(standby(at(2, Secondary)), 3),
+                ]),
+                Goals(vec![(2, Catchingup)]),
+            ),
+            (
+                "a secondary behind the primary's timeline switch is not diverged",
+                group(vec![
+                    on_tli(at(1, Primary), 3),
+                    on_tli(standby(at(2, Secondary)), 2),
+                ]),
+                Nothing,
+            ),
+            (
+                "a diverged node already catching up: held while its keeper rewinds it",
+                group(vec![at(1, WaitPrimary), promoted(at(2, Catchingup))]),
+                Held,
+            ),
+            (
+                "a diverged catchingup node does not become secondary",
+                group(vec![
+                    at(1, WaitPrimary),
+                    on_tli(promoted(at(2, Catchingup)), 1),
+                ]),
+                Held,
+            ),
+            (
+                "a diverged secondary goes before a failover to it",
+                group(vec![
+                    dead(at(1, Primary)),
+                    on_tli(promoted(at(2, Secondary)), 2),
+                ]),
+                Goals(vec![(2, Catchingup)]),
+            ),
+            (
+                "a diverged secondary sent to catchingup stays marked: held",
+                group(vec![
+                    at(1, WaitPrimary),
+                    promoted(node(2, Secondary, Catchingup)),
+                ]),
+                Held,
+            ),
+            (
+                "a node being promoted is not diverged",
+                group(vec![
+                    dead(node(1, Primary, Draining)),
+                    promoted(node(2, PreparePromotion, StopReplication)),
+                ]),
+                Nothing,
+            ),
+            (
+                "a stopped standby's last word is not a divergence",
+                group(vec![at(1, WaitPrimary), {
+                    let mut n = promoted(at(2, Catchingup));
+                    n.pg_running = false;
+                    n
+                }]),
+                Nothing,
             ),
         ];
         for (name, view, expected) in rows {

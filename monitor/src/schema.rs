@@ -28,7 +28,12 @@ pub const CHANNEL_REQUEST: &str = "hapg_request";
 pub const CHANNEL_DRAIN: &str = "hapg_drain";
 
 /// Ordered migrations; a version is never edited once released, only added.
-const MIGRATIONS: &[(i32, &str)] = &[(1, MIGRATION_1), (2, MIGRATION_2), (3, MIGRATION_3)];
+const MIGRATIONS: &[(i32, &str)] = &[
+    (1, MIGRATION_1),
+    (2, MIGRATION_2),
+    (3, MIGRATION_3),
+    (4, MIGRATION_4),
+];
 
 const MIGRATION_1: &str = r#"
 CREATE TYPE hapg.replication_state AS ENUM (
@@ -135,6 +140,12 @@ const MIGRATION_3: &str = r#"
 ALTER TABLE hapg.formation ADD COLUMN switchover_target bigint;
 -- The value of a settings request (candidate priority, replication quorum, ...).
 ALTER TABLE hapg.request ADD COLUMN value text;
+"#;
+
+/// What the keeper sees of its Postgres' role, to notice a node that diverged.
+const MIGRATION_4: &str = r#"
+-- pg_is_in_recovery() as the keeper last saw it; NULL while Postgres is down.
+ALTER TABLE hapg.node ADD COLUMN reported_in_recovery bool;
 "#;
 
 /// The schema version this binary expects.
