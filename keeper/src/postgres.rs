@@ -27,6 +27,15 @@ pub const STANDBY_CONF: &str = "postgresql.hapg-standby.conf";
 /// The server log pg_ctl writes to, in the data directory.
 pub const LOG_FILE: &str = "postgres.log";
 
+/// The pid a `postmaster.pid` names, when that process has exited and waits
+/// to be reaped (a zombie).
+fn zombie_lock(lock: &Path) -> Option<i32> {
+    let text = std::fs::read_to_string(lock).ok()?;
+    let pid: i32 = text.lines().next()?.trim().parse().ok()?;
+    let exists = Path::new(&format!("/proc/{pid}")).exists();
+    (exists && !crate::pidfile::process_alive(pid)).then_some(pid)
+}
+
 /// The last `lines` lines of a log file, or a note that it cannot be read.
 fn log_tail(path: &Path, lines: usize) -> String {
     match std::fs::read_to_string(path) {
@@ -444,11 +453,29 @@ impl LocalPostgres {
         crate::pidfile::process_alive(pid).then_some(pid)
     }
 
+    /// Removes `postmaster.pid` when the postmaster it names has exited but
+    /// is not yet reaped (a zombie). Postgres takes such a pid for a running
+    /// postmaster and refuses to start ("lock file already exists") until the
+    /// parent reaps it, which an init process that reaps late (as in some VMs
+    /// and containers) delays for seconds: long enough to turn a restart in
+    /// place into a failover. The postmaster is gone, so the lock is stale;
+    /// Postgres still refuses to start while any of its old backends holds
+    /// the shared memory.
+    fn remove_stale_lock(&self) -> Result<(), KeeperError> {
+        let lock = self.pgdata.join("postmaster.pid");
+        if let Some(pid) = zombie_lock(&lock) {
+            tracing::warn!(pid, "the previous postmaster exited but is not reaped yet: removing its stale postmaster.pid");
+            std::fs::remove_file(&lock).map_err(|e| KeeperError::io(&lock, e))?;
+        }
+        Ok(())
+    }
+
     /// Starts Postgres and waits until it accepts connections.
     pub async fn start(&self) -> Result<(), KeeperError> {
         if self.postmaster_pid().is_some() {
             return Ok(());
         }
+        self.remove_stale_lock()?;
         let log = self.pgdata.join(LOG_FILE);
         let result = self
             .run_tool(
@@ -1023,5 +1050,41 @@ mod hba_tests {
         assert_eq!(super::hba_address("10.0.0.5"), "10.0.0.5/32");
         assert_eq!(super::hba_address("::1"), "::1/128");
         assert_eq!(super::hba_address("db-1.example.com"), "db-1.example.com");
+    }
+}
+
+#[cfg(test)]
+mod lock_tests {
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn only_a_zombie_postmaster_leaves_a_stale_lock() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let lock = dir.path().join("postmaster.pid");
+        let write = |pid: u32| std::fs::write(&lock, format!("{pid}\n/data\n")).expect("write");
+
+        // A child that exited and that nobody reaped yet is a zombie.
+        let mut exited = std::process::Command::new("true").spawn().expect("spawn");
+        let pid = exited.id();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while crate::pidfile::process_alive(pid as i32) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        write(pid);
+        assert_eq!(super::zombie_lock(&lock), Some(pid as i32));
+
+        // Reaped: the pid is gone, which Postgres handles by itself.
+        exited.wait().expect("reap");
+        assert_eq!(super::zombie_lock(&lock), None);
+
+        // A live process is never taken for a stale lock.
+        let mut live = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn");
+        write(live.id());
+        assert_eq!(super::zombie_lock(&lock), None);
+        live.kill().expect("kill");
+        live.wait().expect("reap");
     }
 }
