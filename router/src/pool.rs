@@ -405,7 +405,8 @@ async fn open(
     timeout: Duration,
     (id, permit): (PoolId, OwnedSemaphorePermit),
 ) -> Result<ServerConn, ServerError> {
-    let mut conn = ServerConn::connect(target, login, &shared.server_tls, timeout).await?;
+    let tls = shared.runtime.load().server_tls.clone();
+    let mut conn = ServerConn::connect(target, login, &tls, timeout).await?;
     conn.params = shared.shared_params(&conn.params);
     conn.pool = Some(id);
     conn.permit = Some(permit);
