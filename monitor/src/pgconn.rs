@@ -196,6 +196,86 @@ pub fn client_config(check: &CertCheck) -> Result<rustls::ClientConfig, RootCert
         .with_no_client_auth())
 }
 
+/// Refuses every certificate, saying why: the TLS configuration of a
+/// connection string whose CA file cannot be used, for callers whose only
+/// error is the connection's own.
+#[derive(Debug)]
+struct RefuseAll(Arc<rustls::crypto::CryptoProvider>, Arc<RootCertError>);
+
+impl ServerCertVerifier for RefuseAll {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Err(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::Other(rustls::OtherError(self.1.clone())),
+        ))
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Connects to `uri` (any connection string, with libpq's `verify-ca` and
+/// `verify-full`): a CA file that cannot be read fails the TLS handshake
+/// with the reason, never falls back to no check.
+pub async fn connect_uri(
+    uri: &str,
+    connect_timeout: Duration,
+) -> Result<Connection, tokio_postgres::Error> {
+    let parsed = match hapg_config::conninfo::parse(uri) {
+        Ok(parsed) => parsed,
+        // tokio-postgres' own parse error, which names the option.
+        Err(_) => hapg_config::conninfo::Conninfo {
+            config: uri.parse()?,
+            cert_check: CertCheck::None,
+        },
+    };
+    let tls = client_config(&parsed.cert_check).unwrap_or_else(|e| {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .expect("the ring provider supports rustls' default protocol versions")
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(RefuseAll(provider, Arc::new(e))))
+            .with_no_client_auth()
+    });
+    connect_with(parsed.config, MakeRustlsConnect::new(tls), connect_timeout).await
+}
+
 /// True when the connection failed because the server's certificate was
 /// refused (retrying cannot help).
 pub fn certificate_refused(error: &tokio_postgres::Error) -> bool {
