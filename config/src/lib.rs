@@ -544,6 +544,38 @@ mod tests {
     }
 
     #[test]
+    fn tls_files_round_trip_and_files_without_them_still_load() {
+        let mut config = sample();
+        config.ssl = SslConfig::files(
+            Some(PathBuf::from("/etc/hapg/ca.pem")),
+            PathBuf::from("/etc/hapg/server.crt"),
+            PathBuf::from("/etc/hapg/server.key"),
+        );
+        assert_eq!(config.ssl.sslmode, "verify-full");
+        let back = NodeConfig::parse(Path::new("hapg.toml"), &config.to_toml()).expect("parses");
+        assert_eq!(back, config);
+        assert_eq!(
+            config.ssl.libpq_params(),
+            "sslmode=verify-full sslrootcert='/etc/hapg/ca.pem'"
+        );
+        // A file written before these keys existed ([ssl] with three keys).
+        let old = sample().to_toml();
+        assert!(!old.contains("ca_file"), "{old}");
+        let back = NodeConfig::parse(Path::new("hapg.toml"), &old).expect("old file");
+        assert_eq!(back.ssl, SslConfig::self_signed());
+        assert_eq!(back.ssl.libpq_params(), "sslmode=require");
+        assert_eq!(SslConfig::off().libpq_params(), "sslmode=prefer");
+        // Relative files and a key without its certificate name their key.
+        let mut config = sample();
+        config.ssl = SslConfig::files(None, "server.crt".into(), "/k".into());
+        let err = config.validate().expect_err("relative");
+        assert!(err.to_string().starts_with("ssl.cert_file"), "{err}");
+        config.ssl.cert_file = None;
+        let err = config.validate().expect_err("key alone");
+        assert!(err.to_string().starts_with("ssl.cert_file"), "{err}");
+    }
+
+    #[test]
     fn unknown_key_is_named() {
         let text = sample()
             .to_toml()
