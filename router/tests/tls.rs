@@ -241,3 +241,47 @@ async fn verify_full_refuses_a_wrong_host_name_that_verify_ca_accepts() {
         .expect("verify-ca checks the chain only"));
     router.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_monitor_connection_verifies_the_monitor_certificate() {
+    let (monitor, _a) = one_node().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = Ca::new("hapg test CA");
+    let other = Ca::new("some other CA");
+    serve_tls(&monitor.pg, &ca.issue(&["localhost", "127.0.0.1"])).await;
+    let uri = |ca_file: &Path| {
+        format!(
+            "{}?sslmode=verify-full&sslrootcert={}",
+            monitor.uri(),
+            ca_file.display()
+        )
+    };
+
+    let router = RouterHandle::start(&uri(&ca.write(dir.path(), "ca.pem")), "", "").await;
+    router.wait_epoch(1).await;
+    let encrypted = monitor
+        .client
+        .query(
+            "SELECT s.ssl FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid)
+              WHERE a.usename = 'autoctl_node'",
+            &[],
+        )
+        .await
+        .expect("the router's monitor connections");
+    assert!(!encrypted.is_empty(), "the router is connected");
+    assert!(encrypted.iter().all(|row| row.get::<_, bool>(0)));
+    router.stop().await;
+
+    // A monitor certificate of another CA: the router never reads the
+    // routing from it.
+    let router = RouterHandle::start(&uri(&other.write(dir.path(), "other.pem")), "", "").await;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(3) {
+        assert!(
+            router.router.routing().target().is_none(),
+            "routing read from a monitor whose certificate the CA did not sign"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    router.stop().await;
+}
