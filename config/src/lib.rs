@@ -332,12 +332,6 @@ impl NodeConfig {
                 }
             }
         }
-        if self.ssl.sslmode.starts_with("verify-") && self.ssl.ca_file.is_none() {
-            return Err(invalid(
-                "ssl.ca_file",
-                "sslmode verify-ca and verify-full need the CA certificate (--ssl-ca-file)",
-            ));
-        }
         self.timeout.validate()
     }
 
