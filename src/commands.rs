@@ -67,10 +67,22 @@ fn instance_options(args: &InstanceArgs) -> Result<InstanceOptions> {
             hapg_config::AUTH_METHODS.join(", ")
         );
     }
-    let ssl = match (args.ssl_self_signed, args.no_ssl) {
-        (true, _) => SslConfig::self_signed(),
-        (false, true) => SslConfig::off(),
-        (false, false) => bail!("choose --ssl-self-signed or --no-ssl"),
+    let ssl = match (&args.server_cert, &args.server_key) {
+        (Some(cert), Some(key)) => SslConfig::files(
+            args.ssl_ca_file
+                .as_deref()
+                .map(|ca| tls_file("--ssl-ca-file", ca))
+                .transpose()?,
+            tls_file("--server-cert", cert)?,
+            tls_file("--server-key", key)?,
+        ),
+        _ => match (args.ssl_self_signed, args.no_ssl) {
+            (true, _) => SslConfig::self_signed(),
+            (false, true) => SslConfig::off(),
+            (false, false) => bail!(
+                "choose --ssl-self-signed, --server-cert and --server-key (with --ssl-ca-file to verify certificates), or --no-ssl"
+            ),
+        },
     };
     if args.hostname.trim().is_empty() {
         bail!("--hostname must not be empty");
@@ -88,6 +100,12 @@ fn instance_options(args: &InstanceArgs) -> Result<InstanceOptions> {
         bindir: args.pgctl.clone().unwrap_or_else(postgres::default_bindir),
         username: args.username.clone(),
     })
+}
+
+/// A certificate or key file given on the command line, as the absolute path
+/// Postgres and the connection strings will name; it must exist.
+fn tls_file(flag: &str, path: &std::path::Path) -> Result<PathBuf> {
+    std::fs::canonicalize(path).with_context(|| format!("{flag} {}", path.display()))
 }
 
 /// Refuses a `--hostname` that does not resolve, before anything is created:
@@ -328,7 +346,7 @@ async fn stop(pgdata: &Path, fast: bool, immediate: bool) -> Result<()> {
     bail!("hapg (pid {pid}) did not stop within 60 s")
 }
 
-/// Where the monitor is, which formation, and the sslmode for formation URIs.
+/// Where the monitor is, which formation, and the TLS parameters of formation URIs.
 struct Target {
     conninfo: String,
     formation: String,
@@ -342,11 +360,7 @@ fn target(args: &MonitorArgs) -> Result<Target> {
         return Ok(Target {
             conninfo: uri.clone(),
             formation: args.formation.clone().unwrap_or_else(|| "default".into()),
-            sslmode: if uri.contains("sslmode=require") {
-                "require".into()
-            } else {
-                "prefer".into()
-            },
+            sslmode: ssl_query_of(uri),
             monitor_config: None,
             node_config: None,
         });
@@ -359,7 +373,7 @@ fn target(args: &MonitorArgs) -> Result<Target> {
         Role::Monitor => Target {
             conninfo: create::monitor_local_conninfo(&config),
             formation: args.formation.clone().unwrap_or_else(|| "default".into()),
-            sslmode: config.ssl.sslmode.clone(),
+            sslmode: create::ssl_query(&config.ssl),
             monitor_config: Some(config),
             node_config: None,
         },
@@ -369,7 +383,7 @@ fn target(args: &MonitorArgs) -> Result<Target> {
                 .formation
                 .clone()
                 .unwrap_or_else(|| config.node.formation.clone()),
-            sslmode: config.ssl.sslmode.clone(),
+            sslmode: create::ssl_query(&config.ssl),
             monitor_config: None,
             node_config: Some(config),
         },
@@ -439,10 +453,23 @@ async fn show_command(cmd: ShowCommand) -> Result<()> {
     }
 }
 
-fn formation_uri(nodes: &[NodeRow], dbname: &str, sslmode: &str) -> String {
+/// The TLS parameters of formation URIs, as the monitor URI `uri` has them.
+fn ssl_query_of(uri: &str) -> String {
+    use hapg_config::conninfo::{self, CertCheck};
+    match conninfo::parse(uri).map(|c| c.cert_check) {
+        Ok(CertCheck::ChainAndHost { root_cert }) => {
+            create::ssl_query_with("verify-full", Some(&root_cert))
+        }
+        Ok(CertCheck::Chain { root_cert }) => create::ssl_query_with("verify-ca", Some(&root_cert)),
+        _ if uri.contains("sslmode=require") => "sslmode=require".into(),
+        _ => "sslmode=prefer".into(),
+    }
+}
+
+fn formation_uri(nodes: &[NodeRow], dbname: &str, ssl_query: &str) -> String {
     let hosts: Vec<String> = nodes.iter().map(NodeRow::address).collect();
     format!(
-        "postgres://{}/{dbname}?target_session_attrs=read-write&sslmode={sslmode}",
+        "postgres://{}/{dbname}?target_session_attrs=read-write&{ssl_query}",
         hosts.join(",")
     )
 }

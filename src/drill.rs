@@ -6,10 +6,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Connects to `uri` the way hapg's own clients do (TLS when offered).
+/// Connects to `uri` the way hapg's own clients do (TLS when offered, the
+/// certificate checked with `sslmode=verify-ca` or `verify-full`).
 pub async fn connect(uri: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    let config: tokio_postgres::Config = uri.parse()?;
-    let connection = hapg_monitor::pgconn::connect(config, Duration::from_secs(2)).await?;
+    let connection = hapg_monitor::pgconn::connect_uri(uri, Duration::from_secs(2)).await?;
     Ok(connection.client)
 }
 

@@ -83,6 +83,18 @@ struct InstanceArgs {
     /// Turn ssl off.
     #[arg(long)]
     no_ssl: bool,
+    /// CA certificate (PEM) that signed the nodes' and the monitor's
+    /// certificates: Postgres' ssl_ca_file, and the sslrootcert of the
+    /// connection strings hapg builds, which then verify the server's
+    /// certificate and host name (sslmode=verify-full).
+    #[arg(long, requires_all = ["server_cert", "server_key"])]
+    ssl_ca_file: Option<PathBuf>,
+    /// This node's certificate (PEM), for its --hostname: Postgres' ssl_cert_file; turns ssl on.
+    #[arg(long, requires = "server_key", conflicts_with_all = ["ssl_self_signed", "no_ssl"])]
+    server_cert: Option<PathBuf>,
+    /// The private key of --server-cert (PEM, readable by --os-user only): Postgres' ssl_key_file.
+    #[arg(long, requires = "server_cert")]
+    server_key: Option<PathBuf>,
     /// OS user that runs Postgres when hapg runs as root.
     #[arg(long, default_value = "postgres")]
     os_user: String,

@@ -2,6 +2,7 @@
 //! monitor), the timings the monitor and keepers run by, their defaults (here
 //! and nowhere else), and validation that names the offending key.
 
+pub mod conninfo;
 pub mod router;
 
 use std::path::{Path, PathBuf};
@@ -65,6 +66,16 @@ pub struct SslConfig {
     pub self_signed: bool,
     /// `sslmode` hapg uses in the connection strings it builds.
     pub sslmode: String,
+    /// CA certificate file (`--ssl-ca-file`): Postgres' `ssl_ca_file`, and the
+    /// `sslrootcert` of the connection strings hapg builds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// Server certificate (`--server-cert`): Postgres' `ssl_cert_file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<PathBuf>,
+    /// Server private key (`--server-key`): Postgres' `ssl_key_file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
 }
 
 impl SslConfig {
@@ -74,6 +85,9 @@ impl SslConfig {
             active: false,
             self_signed: false,
             sslmode: "prefer".to_string(),
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
         }
     }
 
@@ -83,6 +97,49 @@ impl SslConfig {
             active: true,
             self_signed: true,
             sslmode: "require".to_string(),
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+        }
+    }
+
+    /// `--server-cert`, `--server-key` and optionally `--ssl-ca-file`, as
+    /// pg_autoctl takes them: with a CA, connection strings verify the
+    /// server's certificate and host name (`verify-full`), else they only
+    /// encrypt (`require`).
+    pub fn files(ca_file: Option<PathBuf>, cert_file: PathBuf, key_file: PathBuf) -> Self {
+        SslConfig {
+            active: true,
+            self_signed: false,
+            sslmode: if ca_file.is_some() {
+                "verify-full"
+            } else {
+                "require"
+            }
+            .to_string(),
+            ca_file,
+            cert_file: Some(cert_file),
+            key_file: Some(key_file),
+        }
+    }
+
+    /// The `sslmode` (and `sslrootcert`) parameters of the libpq connection
+    /// strings hapg writes for replication, pg_basebackup and pg_rewind, in
+    /// `key=value` form.
+    pub fn libpq_params(&self) -> String {
+        let mode = if !self.active {
+            "prefer"
+        } else if self.ca_file.is_some() {
+            self.sslmode.as_str()
+        } else {
+            "require"
+        };
+        match &self.ca_file {
+            Some(ca) if self.active => format!(
+                "sslmode={mode} sslrootcert={}",
+                conninfo::quote_value(&ca.display().to_string())
+            ),
+            _ => format!("sslmode={mode}"),
         }
     }
 }
@@ -254,6 +311,27 @@ impl NodeConfig {
                 "must be disable, allow, prefer, require, verify-ca or verify-full",
             ));
         }
+        if self.ssl.cert_file.is_some() != self.ssl.key_file.is_some() {
+            return Err(invalid(
+                if self.ssl.cert_file.is_some() {
+                    "ssl.key_file"
+                } else {
+                    "ssl.cert_file"
+                },
+                "the server certificate and its key go together (--server-cert and --server-key)",
+            ));
+        }
+        for (key, file) in [
+            ("ssl.ca_file", &self.ssl.ca_file),
+            ("ssl.cert_file", &self.ssl.cert_file),
+            ("ssl.key_file", &self.ssl.key_file),
+        ] {
+            if let Some(file) = file {
+                if !file.is_absolute() {
+                    return Err(invalid(key, "must be an absolute path"));
+                }
+            }
+        }
         self.timeout.validate()
     }
 
@@ -281,12 +359,16 @@ pub const READ_ONLY_KEYS: &[&str] = &[
 /// A monitor URI: a Postgres connection string (URI or `key=value` form)
 /// naming at least one host.
 pub fn validate_monitor_uri(key: &str, value: &str) -> Result<(), ConfigError> {
-    let config: tokio_postgres::Config = value.parse().map_err(|e: tokio_postgres::Error| {
-        invalid(
-            key,
-            format!("is not a connection string ({e}); expected postgres://user@host:port/dbname"),
-        )
-    })?;
+    let config = conninfo::parse(value)
+        .map_err(|e| {
+            invalid(
+                key,
+                format!(
+                    "is not a connection string ({e}); expected postgres://user@host:port/dbname"
+                ),
+            )
+        })?
+        .config;
     if config.get_hosts().is_empty() {
         return Err(invalid(
             key,
@@ -453,6 +535,38 @@ mod tests {
         let text = config.to_toml();
         let back = NodeConfig::parse(Path::new("hapg.toml"), &text).expect("parses");
         assert_eq!(back, config);
+    }
+
+    #[test]
+    fn tls_files_round_trip_and_files_without_them_still_load() {
+        let mut config = sample();
+        config.ssl = SslConfig::files(
+            Some(PathBuf::from("/etc/hapg/ca.pem")),
+            PathBuf::from("/etc/hapg/server.crt"),
+            PathBuf::from("/etc/hapg/server.key"),
+        );
+        assert_eq!(config.ssl.sslmode, "verify-full");
+        let back = NodeConfig::parse(Path::new("hapg.toml"), &config.to_toml()).expect("parses");
+        assert_eq!(back, config);
+        assert_eq!(
+            config.ssl.libpq_params(),
+            "sslmode=verify-full sslrootcert='/etc/hapg/ca.pem'"
+        );
+        // A file written before these keys existed ([ssl] with three keys).
+        let old = sample().to_toml();
+        assert!(!old.contains("ca_file"), "{old}");
+        let back = NodeConfig::parse(Path::new("hapg.toml"), &old).expect("old file");
+        assert_eq!(back.ssl, SslConfig::self_signed());
+        assert_eq!(back.ssl.libpq_params(), "sslmode=require");
+        assert_eq!(SslConfig::off().libpq_params(), "sslmode=prefer");
+        // Relative files and a key without its certificate name their key.
+        let mut config = sample();
+        config.ssl = SslConfig::files(None, "server.crt".into(), "/k".into());
+        let err = config.validate().expect_err("relative");
+        assert!(err.to_string().starts_with("ssl.cert_file"), "{err}");
+        config.ssl.cert_file = None;
+        let err = config.validate().expect_err("key alone");
+        assert!(err.to_string().starts_with("ssl.cert_file"), "{err}");
     }
 
     #[test]

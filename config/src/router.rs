@@ -163,7 +163,20 @@ pub struct AuthSection {
     pub file: Option<PathBuf>,
 }
 
-/// The `[tls]` section: certificate and key the router presents to clients.
+/// Whether clients must use TLS (PgBouncer's `client_tls_sslmode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClientTlsMode {
+    /// A client chooses: TLS when it asks for it (and `[tls]` has a
+    /// certificate), plain otherwise.
+    #[default]
+    Allow,
+    /// A client that does not ask for TLS is refused before it authenticates.
+    Require,
+}
+
+/// The `[tls]` section: certificate and key the router presents to clients,
+/// and whether clients must use TLS.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct TlsSection {
@@ -173,6 +186,9 @@ pub struct TlsSection {
     /// PEM private key (relative to the config file).
     #[serde(default)]
     pub key: Option<PathBuf>,
+    /// `allow` or `require`.
+    #[serde(default)]
+    pub client_mode: ClientTlsMode,
 }
 
 /// TLS toward Postgres nodes.
@@ -186,6 +202,18 @@ pub enum ServerSslMode {
     Prefer,
     /// TLS or nothing (no certificate check, as libpq's `require`).
     Require,
+    /// TLS with a certificate signed by a CA of `server.sslrootcert`.
+    VerifyCa,
+    /// As `verify-ca`, and the certificate names the host the router
+    /// connects to (the node's address as the monitor has it).
+    VerifyFull,
+}
+
+impl ServerSslMode {
+    /// True for `verify-ca` and `verify-full`.
+    pub fn verifies(self) -> bool {
+        matches!(self, ServerSslMode::VerifyCa | ServerSslMode::VerifyFull)
+    }
 }
 
 /// The `[server]` section.
@@ -198,9 +226,14 @@ pub struct ServerSection {
     /// Password for nodes; default the plain-text secret of the auth file, if any.
     #[serde(default)]
     pub password: Option<String>,
-    /// `disable`, `prefer` or `require`.
+    /// `disable`, `prefer`, `require`, `verify-ca` or `verify-full`.
     #[serde(default)]
     pub sslmode: ServerSslMode,
+    /// PEM file of the CA certificates that sign the nodes' certificates, as
+    /// libpq's `sslrootcert` (relative to the config file); needed by
+    /// `verify-ca` and `verify-full`.
+    #[serde(default)]
+    pub sslrootcert: Option<PathBuf>,
     /// Time allowed to open and log into one server connection.
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
@@ -231,6 +264,7 @@ impl Default for ServerSection {
             user: None,
             password: None,
             sslmode: ServerSslMode::default(),
+            sslrootcert: None,
             connect_timeout_ms: default_connect_timeout_ms(),
             unix_socket_dir: None,
             tcp_user_timeout_ms: default_tcp_user_timeout_ms(),
@@ -297,6 +331,7 @@ impl RouterConfig {
                 &mut config.auth.file,
                 &mut config.tls.cert,
                 &mut config.tls.key,
+                &mut config.server.sslrootcert,
             ]
             .into_iter()
             .flatten()
@@ -469,6 +504,18 @@ impl RouterConfig {
                     "tls.cert"
                 },
                 "tls.cert and tls.key go together",
+            ));
+        }
+        if self.tls.client_mode == ClientTlsMode::Require && self.tls.cert.is_none() {
+            return Err(invalid(
+                "tls.client_mode",
+                "require needs tls.cert and tls.key (the certificate the router presents)",
+            ));
+        }
+        if self.server.sslmode.verifies() && self.server.sslrootcert.is_none() {
+            return Err(invalid(
+                "server.sslrootcert",
+                "server.sslmode verify-ca and verify-full need the CA certificate file the nodes' certificates are checked against",
             ));
         }
         if let Some(user) = &self.server.user {
@@ -745,5 +792,33 @@ type = "trust"
         let text = format!("{TUTORIAL}\n[tls]\ncert = \"c.pem\"\n");
         let err = RouterConfig::parse(Path::new("r.toml"), &text).expect_err("tls");
         assert!(err.to_string().starts_with("tls.key"), "{err}");
+    }
+
+    #[test]
+    fn tls_policies_parse_and_name_what_they_lack() {
+        let config = RouterConfig::parse(Path::new("r.toml"), TUTORIAL).expect("tutorial");
+        assert_eq!(config.tls.client_mode, ClientTlsMode::Allow);
+        let text = format!(
+            "{TUTORIAL}\n[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\nclient_mode = \"require\"\n\n[server]\nsslmode = \"verify-full\"\nsslrootcert = \"ca.pem\"\n"
+        );
+        let config = RouterConfig::parse(Path::new("r.toml"), &text).expect("parses");
+        assert_eq!(config.tls.client_mode, ClientTlsMode::Require);
+        assert_eq!(config.server.sslmode, ServerSslMode::VerifyFull);
+        assert_eq!(
+            config.server.sslrootcert.as_deref(),
+            Some(Path::new("ca.pem"))
+        );
+        for (body, key) in [
+            ("[tls]\nclient_mode = \"require\"", "tls.client_mode"),
+            ("[server]\nsslmode = \"verify-ca\"", "server.sslrootcert"),
+            ("[server]\nsslmode = \"verify-full\"", "server.sslrootcert"),
+        ] {
+            let text = format!("{TUTORIAL}\n{body}\n");
+            let err = RouterConfig::parse(Path::new("r.toml"), &text).expect_err(key);
+            assert!(err.to_string().starts_with(key), "{key}: {err}");
+        }
+        let text = format!("{TUTORIAL}\n[tls]\nclient_mode = \"prefer\"\n");
+        let err = RouterConfig::parse(Path::new("r.toml"), &text).expect_err("prefer");
+        assert!(err.to_string().contains("client_mode"), "{err}");
     }
 }

@@ -290,9 +290,28 @@ pub fn monitor_uri(config: &NodeConfig) -> String {
         None => MONITOR_ROLE.to_string(),
     };
     format!(
-        "postgres://{credentials}@{}:{}/{MONITOR_DBNAME}?sslmode={}",
-        config.node.hostname, config.postgresql.port, config.ssl.sslmode
+        "postgres://{credentials}@{}:{}/{MONITOR_DBNAME}?{}",
+        config.node.hostname,
+        config.postgresql.port,
+        ssl_query(&config.ssl)
     )
+}
+
+/// The TLS parameters of the URIs hapg builds: `sslmode`, and `sslrootcert`
+/// when certificates are verified against the `--ssl-ca-file`.
+pub fn ssl_query(ssl: &SslConfig) -> String {
+    ssl_query_with(&ssl.sslmode, ssl.ca_file.as_deref())
+}
+
+/// `sslmode=<mode>` and, given a CA file, `&sslrootcert=<file>`, for a URI.
+pub fn ssl_query_with(sslmode: &str, ca_file: Option<&Path>) -> String {
+    match ca_file {
+        Some(ca) => format!(
+            "sslmode={sslmode}&sslrootcert={}",
+            percent_encode(&ca.display().to_string())
+        ),
+        None => format!("sslmode={sslmode}"),
+    }
 }
 
 /// Percent-encodes everything but unreserved URI characters.

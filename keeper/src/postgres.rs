@@ -325,7 +325,22 @@ impl LocalPostgres {
             if self.ssl.active { "on" } else { "off" },
         );
         if self.ssl.active {
-            conf.push_str("ssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+            let quoted = |path: &Option<PathBuf>, default: &str| {
+                path.as_ref().map_or(default.to_string(), |p| {
+                    p.display().to_string().replace('\'', "''")
+                })
+            };
+            conf.push_str(&format!(
+                "ssl_cert_file = '{}'\nssl_key_file = '{}'\n",
+                quoted(&self.ssl.cert_file, "server.crt"),
+                quoted(&self.ssl.key_file, "server.key")
+            ));
+            if self.ssl.ca_file.is_some() {
+                conf.push_str(&format!(
+                    "ssl_ca_file = '{}'\n",
+                    quoted(&self.ssl.ca_file, "")
+                ));
+            }
         }
         for (key, value) in extra {
             conf.push_str(&format!("{key} = {value}\n"));
@@ -377,10 +392,10 @@ impl LocalPostgres {
         let conf = match upstream {
             Some(up) => {
                 let mut conninfo = format!(
-                    "application_name={application_name} host={} port={} user={REPLICATION_ROLE} dbname=postgres sslmode={} connect_timeout=2 keepalives_idle=2 keepalives_interval=1 keepalives_count=3",
+                    "application_name={application_name} host={} port={} user={REPLICATION_ROLE} dbname=postgres {} connect_timeout=2 keepalives_idle=2 keepalives_interval=1 keepalives_count=3",
                     up.host,
                     up.port,
-                    if self.ssl.active { "require" } else { "prefer" },
+                    self.ssl.libpq_params(),
                 );
                 if let Some(password) = &self.replication_password {
                     conninfo.push_str(&format!(" password={password}"));
@@ -796,8 +811,7 @@ impl LocalPostgres {
             .map_err(|e| KeeperError::io(&staging, e))?;
         self.chown(&staging)?;
         let port = upstream.port.to_string();
-        let sslmode = if self.ssl.active { "require" } else { "prefer" };
-        let dbname = format!("sslmode={sslmode}");
+        let dbname = self.ssl.libpq_params();
         let args: Vec<&OsStr> = vec![
             OsStr::new("--pgdata"),
             staging.as_os_str(),
@@ -833,10 +847,11 @@ impl LocalPostgres {
     /// pg_rewind from `upstream` (Postgres must be stopped). pg_rewind itself runs
     /// crash recovery first when the instance was not shut down cleanly.
     pub async fn rewind(&self, upstream: &Upstream) -> Result<(), KeeperError> {
-        let sslmode = if self.ssl.active { "require" } else { "prefer" };
         let source = format!(
-            "host={} port={} user={REPLICATION_ROLE} dbname=postgres sslmode={sslmode} connect_timeout=5",
-            upstream.host, upstream.port
+            "host={} port={} user={REPLICATION_ROLE} dbname=postgres {} connect_timeout=5",
+            upstream.host,
+            upstream.port,
+            self.ssl.libpq_params()
         );
         self.run_tool(
             "pg_rewind",

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Config, Notification, Row};
+use tokio_postgres::{Notification, Row};
 
 use crate::error::MonitorError;
 use crate::fsm::{GroupView, NodeView, Thresholds};
@@ -330,13 +330,30 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 impl MonitorClient {
     /// Connects once, and checks the schema version.
     pub async fn connect(uri: &str) -> Result<MonitorClient, MonitorError> {
-        let config: Config =
-            uri.parse()
-                .map_err(|e: tokio_postgres::Error| MonitorError::BadUri {
+        let parsed = hapg_config::conninfo::parse(uri).map_err(|reason| MonitorError::BadUri {
+            uri: redact_uri(uri),
+            reason,
+        })?;
+        let tls = pgconn::client_config(&parsed.cert_check).map_err(|e| MonitorError::BadUri {
+            uri: redact_uri(uri),
+            reason: e.to_string(),
+        })?;
+        let connection = pgconn::connect_with(
+            parsed.config,
+            tokio_postgres_rustls::MakeRustlsConnect::new(tls),
+            CONNECT_TIMEOUT,
+        )
+        .await
+        .map_err(|e| {
+            if pgconn::certificate_refused(&e) {
+                MonitorError::CertificateRefused {
                     uri: redact_uri(uri),
-                    reason: e.to_string(),
-                })?;
-        let connection = pgconn::connect(config, CONNECT_TIMEOUT).await?;
+                    reason: crate::error::describe(&e),
+                }
+            } else {
+                e.into()
+            }
+        })?;
         let client = MonitorClient {
             client: connection.client,
             notifications: connection.notifications,

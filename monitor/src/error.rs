@@ -28,6 +28,15 @@ pub enum MonitorError {
         /// Why it does not parse.
         reason: String,
     },
+    /// The monitor's certificate does not pass the URI's `sslmode`
+    /// (`verify-ca`, `verify-full`) check against its `sslrootcert`.
+    #[error("the monitor at {uri} presents a certificate its sslmode refuses ({reason}): check sslrootcert and the host name in the URI")]
+    CertificateRefused {
+        /// The URI, password removed.
+        uri: String,
+        /// What was wrong with the certificate.
+        reason: String,
+    },
     /// The database answers but was never set up as a hapg monitor.
     #[error("this database is not a hapg monitor (no hapg schema); create one with `hapg create monitor`")]
     NotAMonitor,

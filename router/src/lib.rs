@@ -84,6 +84,8 @@ pub(crate) struct Runtime {
     pub config: RouterConfig,
     pub users: Userlist,
     pub tls: Option<TlsAcceptor>,
+    /// TLS toward servers, as `server.sslmode` and `server.sslrootcert` ask.
+    pub server_tls: Arc<rustls::ClientConfig>,
     /// The key of mock salts and secrets (the same across reloads).
     pub mock_key: Arc<MockKey>,
 }
@@ -102,10 +104,13 @@ impl Runtime {
             (Some(cert), Some(key)) => Some(TlsAcceptor::from(tls::server_config(cert, key)?)),
             _ => None,
         };
+        let server_tls =
+            tls::client_config(config.server.sslmode, config.server.sslrootcert.as_deref())?;
         Ok(Runtime {
             config,
             users,
             tls,
+            server_tls,
             mock_key,
         })
     }
@@ -117,7 +122,6 @@ pub(crate) struct Shared {
     pub runtime: ArcSwap<Runtime>,
     pub routing: Arc<RoutingTable>,
     pub cancels: Arc<CancelRegistry>,
-    pub server_tls: Arc<rustls::ClientConfig>,
     /// ParameterStatus of the newest server connection, told to clients that
     /// log in while no server connection can be opened.
     pub last_params: ArcSwap<Vec<(String, String)>>,
@@ -184,7 +188,6 @@ impl Router {
                 runtime: ArcSwap::from_pointee(runtime),
                 routing: Arc::new(RoutingTable::default()),
                 cancels: Arc::new(CancelRegistry::default()),
-                server_tls: tls::client_config(),
                 last_params: ArcSwap::from_pointee(Vec::new()),
                 server_defaults: Mutex::new(Vec::new()),
                 pools: pool::Pools::default(),

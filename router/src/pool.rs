@@ -405,9 +405,11 @@ async fn open(
     timeout: Duration,
     (id, permit): (PoolId, OwnedSemaphorePermit),
 ) -> Result<ServerConn, ServerError> {
-    let liveness = crate::net::Liveness::of(&shared.runtime.load().config);
-    let mut conn =
-        ServerConn::connect(target, login, &shared.server_tls, &liveness, timeout).await?;
+    let runtime = shared.runtime.load();
+    let liveness = crate::net::Liveness::of(&runtime.config);
+    let tls = runtime.server_tls.clone();
+    drop(runtime);
+    let mut conn = ServerConn::connect(target, login, &tls, &liveness, timeout).await?;
     conn.params = shared.shared_params(&conn.params);
     conn.pool = Some(id);
     conn.permit = Some(permit);

@@ -508,13 +508,24 @@ async fn negotiate_tls(
             let stream = tokio_rustls::TlsConnector::from(tls.clone())
                 .connect(name, tcp)
                 .await
-                .map_err(|e| ServerError::Tls(e.to_string()))?;
+                .map_err(|e| match e.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
+                    Some(rustls::Error::InvalidCertificate(why)) => ServerError::Tls(format!(
+                        "the certificate of {host} is refused by server.sslmode {} against server.sslrootcert: {why}",
+                        if mode == ServerSslMode::VerifyFull { "verify-full" } else { "verify-ca" }
+                    )),
+                    _ => ServerError::Tls(e.to_string()),
+                })?;
             Ok(Stream::ServerTls(Box::new(stream)))
         }
         b'N' if mode == ServerSslMode::Prefer => Ok(Stream::Plain(tcp)),
-        b'N' => Err(ServerError::Tls(
-            "the server does not accept TLS and server.sslmode is require".into(),
-        )),
+        b'N' => Err(ServerError::Tls(format!(
+            "the server does not accept TLS and server.sslmode is {}",
+            match mode {
+                ServerSslMode::VerifyCa => "verify-ca",
+                ServerSslMode::VerifyFull => "verify-full",
+                _ => "require",
+            }
+        ))),
         other => Err(ProtocolError::Unexpected {
             tag: other as char,
             during: "the answer to SSLRequest",

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use bytes::{Buf, BytesMut};
-use hapg_config::router::AuthType;
+use hapg_config::router::{AuthType, ClientTlsMode};
 use rand::RngCore;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -276,7 +276,28 @@ async fn negotiate(
                 }
                 return Ok(None);
             }
-            FirstPacket::Startup(s) => return Ok(Some((client, s))),
+            FirstPacket::Startup(s) => {
+                if rt.config.tls.client_mode == ClientTlsMode::Require
+                    && matches!(client.stream, Stream::Plain(_))
+                {
+                    // Refused before authentication, as Postgres refuses a
+                    // client no `hostssl` line admits: nothing of the
+                    // exchange (password, challenge) may travel in the clear.
+                    let user = s.get("user").unwrap_or_default();
+                    tracing::warn!(
+                        user,
+                        "client refused: it did not ask for TLS and tls.client_mode is require"
+                    );
+                    return Err(client
+                        .refuse(
+                            sqlstate::INVALID_AUTHORIZATION,
+                            "this router accepts only TLS connections (tls.client_mode = require), and this connection is not encrypted",
+                            Some("Connect with sslmode=require (or verify-ca, verify-full)."),
+                        )
+                        .await);
+                }
+                return Ok(Some((client, s)));
+            }
         }
     }
 }

@@ -1,10 +1,14 @@
 //! TLS material: the rustls server configuration built from `[tls]` for
-//! clients, and the encrypt-only client configuration for server connections
-//! (hapg nodes use self-signed certificates, as libpq's `sslmode=require`).
+//! clients, and the client configuration for server connections: encryption
+//! only (hapg's self-signed node certificates, as libpq's `sslmode=require`)
+//! or certificates checked against `server.sslrootcert` (`verify-ca`,
+//! `verify-full`).
 
 use std::path::Path;
 use std::sync::Arc;
 
+use hapg_config::conninfo::CertCheck;
+use hapg_config::router::ServerSslMode;
 use rustls::pki_types::CertificateDer;
 
 /// TLS material that could not be loaded.
@@ -78,9 +82,26 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig
     Ok(Arc::new(config))
 }
 
-/// The client configuration for TLS to servers.
-/// Encryption without certificate verification, like every hapg client (hapg
-/// nodes use self-signed certificates).
-pub fn client_config() -> Arc<rustls::ClientConfig> {
-    Arc::new(hapg_monitor::pgconn::encrypt_only_client_config())
+/// The client configuration for TLS to servers, for `server.sslmode`:
+/// encryption only (`prefer`, `require`: hapg's self-signed node
+/// certificates), or the certificate checked against `server.sslrootcert`,
+/// its chain (`verify-ca`) or its chain and host name (`verify-full`).
+pub fn client_config(
+    mode: ServerSslMode,
+    root_cert: Option<&Path>,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let check = match (mode, root_cert) {
+        (ServerSslMode::VerifyCa, Some(root)) => CertCheck::Chain {
+            root_cert: root.to_path_buf(),
+        },
+        (ServerSslMode::VerifyFull, Some(root)) => CertCheck::ChainAndHost {
+            root_cert: root.to_path_buf(),
+        },
+        _ => CertCheck::None,
+    };
+    let config = hapg_monitor::pgconn::client_config(&check).map_err(|e| TlsError::Content {
+        path: e.path,
+        what: e.reason,
+    })?;
+    Ok(Arc::new(config))
 }

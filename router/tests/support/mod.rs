@@ -431,8 +431,14 @@ impl RouterHandle {
 
 pub fn write_config(path: &Path, monitor_uri: &str, extra: &str, sections: &str) {
     let listen = format!("127.0.0.1:{}", free_port());
+    // A test that configures [server] itself says how to reach the nodes.
+    let server = if sections.contains("[server]") {
+        ""
+    } else {
+        "[server]\nsslmode = \"disable\"\n"
+    };
     let text = format!(
-        "[router]\nlisten = \"{listen}\"\nmonitor = \"{monitor_uri}\"\nformation = \"default\"\n{extra}\n\n[server]\nsslmode = \"disable\"\n\n{sections}\n"
+        "[router]\nlisten = \"{listen}\"\nmonitor = \"{monitor_uri}\"\nformation = \"default\"\n{extra}\n\n{server}\n{sections}\n"
     );
     std::fs::write(path, text).expect("write config");
 }
