@@ -103,6 +103,10 @@ async fn a_login_burst_leaves_the_superuser_slots_and_stays_under_the_node_limit
     }
     // The served clients still hold their transactions here.
     let backends = client_backends(&admin).await;
+    eprintln!(
+        "burst of {CLIENTS}: {served} served at once, {} refused, {backends} client backends on the node",
+        refused.len()
+    );
     assert!(
         backends <= LIMIT,
         "the router holds {backends} server connections, over its limit {LIMIT}"
