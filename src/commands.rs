@@ -10,7 +10,7 @@ use hapg_keeper::create::{self, InstanceOptions, NodeOptions};
 use hapg_keeper::keeper::{self, Exit, RunMode, Shutdown};
 use hapg_keeper::{pidfile, postgres, NodePaths};
 use hapg_monitor::client::{NodeRow, RequestKind};
-use hapg_monitor::{MonitorClient, MonitorError, NodeState};
+use hapg_monitor::{MonitorClient, NodeState};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::show;
@@ -1030,40 +1030,15 @@ fn config_command(cmd: ConfigCommand) -> Result<()> {
     }
 }
 
-/// Refuses to start a router whose formation the monitor does not have: it
-/// would follow nothing and hold every client. A monitor that does not answer
-/// yet is no reason to refuse: the router starts and follows it once it does.
-async fn check_router_formation(
-    path: &Path,
-    router: &hapg_config::router::RouterSection,
-) -> Result<()> {
-    let monitor = match MonitorClient::connect_with_retry(&router.monitor, Duration::from_secs(3))
-        .await
-    {
-        Ok(monitor) => monitor,
-        Err(e) if e.is_transient() || e.is_monitor_not_ready() => {
-            tracing::warn!(error = %e, "monitor not reachable at start; the router follows it once it answers");
-            return Ok(());
-        }
-        Err(e) => bail!("{}: router.monitor: {e}", path.display()),
-    };
-    match monitor.formation(&router.formation).await {
-        Ok(_) => Ok(()),
-        Err(MonitorError::NoSuchFormation(name)) => bail!(
-            "{}: router.formation: the monitor has no formation {name:?} (`hapg show state --monitor URI` lists what it has)",
-            path.display()
-        ),
-        Err(e) => bail!("{}: router.monitor: {e}", path.display()),
-    }
-}
-
 fn lookup<'a>(doc: &'a toml::Value, key: &str) -> Option<&'a toml::Value> {
     key.split('.').try_fold(doc, |v, part| v.get(part))
 }
 
 async fn router_run(path: PathBuf) -> Result<()> {
     let config = hapg_config::router::RouterConfig::load(&path)?;
-    check_router_formation(&path, &config.router).await?;
+    hapg_router::check_formation(&config.router, Duration::from_secs(3))
+        .await
+        .map_err(|e| anyhow!("{}: {e}", path.display()))?;
     let listener = hapg_router::bind(&config)
         .with_context(|| format!("cannot listen on {}", config.router.listen))?;
     let shutdown = shutdown_on_signals()?;

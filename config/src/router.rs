@@ -64,6 +64,11 @@ pub struct PoolSection {
     /// A server connection older than this is closed when it is next idle (0: never).
     #[serde(default = "default_lifetime_ms")]
     pub lifetime_ms: u64,
+    /// Server connections the router opens to one node, all pools together
+    /// (0: computed from the node's `max_connections` and
+    /// `superuser_reserved_connections`, see [`server_connection_limit`]).
+    #[serde(default)]
+    pub max_server_connections: u32,
 }
 
 impl Default for PoolSection {
@@ -74,6 +79,7 @@ impl Default for PoolSection {
             min_idle: 0,
             idle_timeout_ms: default_idle_timeout_ms(),
             lifetime_ms: default_lifetime_ms(),
+            max_server_connections: 0,
         }
     }
 }
@@ -307,14 +313,50 @@ fn default_tcp_keepalive_idle_ms() -> u64 {
 fn default_tcp_keepalive_interval_ms() -> u64 {
     1_000
 }
+/// As PgBouncer's `default_pool_size`: a pool is for concurrency, not one
+/// server connection per client.
 fn default_pool_size() -> u32 {
-    100
+    20
 }
 fn default_idle_timeout_ms() -> u64 {
     600_000
 }
 fn default_lifetime_ms() -> u64 {
     3_600_000
+}
+
+/// A node's connection settings, as the router reads them from the primary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeConnectionLimits {
+    /// `max_connections`.
+    pub max_connections: u32,
+    /// `superuser_reserved_connections`.
+    pub superuser_reserved_connections: u32,
+}
+
+impl NodeConnectionLimits {
+    /// The slots any role may take: what is left once the superusers' are set apart.
+    pub fn open_to_all(&self) -> u32 {
+        self.max_connections
+            .saturating_sub(self.superuser_reserved_connections)
+    }
+}
+
+/// How many server connections one router opens to a node, all pools
+/// together: never more than the node's slots open to all roles, so that
+/// `superuser_reserved_connections` stay free for the keeper and an
+/// operator's psql even though the router may log in as a superuser.
+/// `configured` is `pool.max_server_connections` (0: computed, leaving a
+/// tenth of those slots, at least one, to everything else: other routers
+/// and applications, pg_rewind from a rejoining node). Also returns
+/// whether `configured` asked for more than the node allows.
+pub fn server_connection_limit(node: NodeConnectionLimits, configured: u32) -> (u32, bool) {
+    let open = node.open_to_all().max(1);
+    if configured == 0 {
+        let margin = open.div_ceil(10).max(1);
+        return (open.saturating_sub(margin).max(1), false);
+    }
+    (configured.min(open), configured > open)
 }
 
 impl RouterConfig {
@@ -484,6 +526,12 @@ impl RouterConfig {
         if self.pool.pool_size == 0 || self.pool.pool_size > 10_000 {
             return Err(invalid("pool.pool_size", "must be between 1 and 10000"));
         }
+        if self.pool.max_server_connections > 100_000 {
+            return Err(invalid(
+                "pool.max_server_connections",
+                "must be between 0 (computed from the node) and 100000",
+            ));
+        }
         if self.pool.min_idle > self.pool.pool_size {
             return Err(invalid(
                 "pool.min_idle",
@@ -612,7 +660,8 @@ type = "trust"
         assert!(config.tls.cert.is_none());
         assert_eq!(config.pool, PoolSection::default());
         assert_eq!(config.pool.mode, PoolMode::Session);
-        assert_eq!(config.pool.pool_size, 100);
+        assert_eq!(config.pool.pool_size, 20);
+        assert_eq!(config.pool.max_server_connections, 0);
         assert_eq!(config.router.worker_threads, None);
         assert_eq!(config.router.cpu_scheduling, CpuScheduling::Normal);
     }
@@ -681,6 +730,10 @@ type = "trust"
             ("pool_size = 2\nmin_idle = 3", "pool.min_idle"),
             ("idle_timeout_ms = 100000000000", "pool.idle_timeout_ms"),
             ("lifetime_ms = 100000000000", "pool.lifetime_ms"),
+            (
+                "max_server_connections = 100001",
+                "pool.max_server_connections",
+            ),
         ] {
             let text = format!("{TUTORIAL}\n[pool]\n{body}\n");
             let err = RouterConfig::parse(Path::new("r.toml"), &text).expect_err(key);
@@ -689,6 +742,34 @@ type = "trust"
         let text = format!("{TUTORIAL}\n[pool]\nmode = \"statement\"\n");
         let err = RouterConfig::parse(Path::new("r.toml"), &text).expect_err("mode");
         assert!(err.to_string().contains("mode"), "{err}");
+    }
+
+    #[test]
+    fn the_server_connection_limit_leaves_the_reserved_slots_and_a_margin() {
+        let node = |max_connections, superuser_reserved_connections| NodeConnectionLimits {
+            max_connections,
+            superuser_reserved_connections,
+        };
+        for (max, reserved, configured, limit, too_many) in [
+            // Computed: a tenth of the slots open to all (rounded up) is left.
+            (100, 3, 0, 87, false),
+            (50, 3, 0, 42, false),
+            (10, 3, 0, 6, false),
+            (5, 3, 0, 1, false),
+            // A node whose reserved slots are all it has still gets one.
+            (3, 3, 0, 1, false),
+            // Configured: taken as it is up to the slots open to all.
+            (100, 3, 40, 40, false),
+            (100, 3, 97, 97, false),
+            (100, 3, 98, 97, true),
+            (50, 3, 1000, 47, true),
+        ] {
+            assert_eq!(
+                server_connection_limit(node(max, reserved), configured),
+                (limit, too_many),
+                "max_connections {max}, reserved {reserved}, configured {configured}"
+            );
+        }
     }
 
     #[test]

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::error::KeeperError;
+use crate::liveness::Liveness;
 use crate::paths::NodePaths;
 use crate::postgres::{LocalPostgres, Observation, Upstream};
 use crate::rejoin::{self, Failed, LocalRole, LocalWal, Lsn, Rejoin, Timeline};
@@ -263,7 +264,9 @@ impl Keeper {
     /// still counts as running until restarts have failed for a while, so a
     /// crash that a restart fixes does not cause a failover.
     fn reported_running(&self, observation: &Observation) -> bool {
-        if observation.running {
+        // A Postgres that refuses the keeper's login (every slot taken)
+        // still runs: never reported down for it.
+        if Liveness::of(observation.running, self.pg.postmaster_pid()).running() {
             return true;
         }
         let restart_budget =
@@ -905,6 +908,21 @@ impl Keeper {
         self.pg.sync_replication_slots(&[]).await
     }
 
+    /// True when the keeper could not log in but the postmaster runs
+    /// (logged once per reason): nothing to start, and nothing else to keep
+    /// until it answers again.
+    fn refusing_but_running(&mut self, observation: &Observation) -> bool {
+        match Liveness::of(observation.running, self.pg.postmaster_pid()) {
+            Liveness::Refusing { postmaster } => {
+                self.log_error(format!(
+                    "postgres runs (postmaster pid {postmaster}) but refuses the keeper's connection: not restarting it"
+                ));
+                true
+            }
+            Liveness::Serving | Liveness::Down => false,
+        }
+    }
+
     /// Keeps the current state true: Postgres up or down as the state wants,
     /// replication slots and pg_hba rules for the other nodes, and the
     /// synchronous replication settings the monitor computes.
@@ -919,6 +937,9 @@ impl Keeper {
                 Ok(())
             }
             Expectation::RunningStandby => {
+                if self.refusing_but_running(observation) {
+                    return Ok(());
+                }
                 if !observation.running {
                     tracing::warn!("postgres is not running: starting it");
                     self.ensure_running().await?;
@@ -933,6 +954,9 @@ impl Keeper {
                 Ok(())
             }
             Expectation::RunningPrimary => {
+                if self.refusing_but_running(observation) {
+                    return Ok(());
+                }
                 if !observation.running {
                     if !self.confirmed {
                         return Ok(());

@@ -4,6 +4,7 @@
 pub mod create;
 pub mod error;
 pub mod keeper;
+pub mod liveness;
 pub mod monitor_node;
 pub mod paths;
 pub mod pidfile;

@@ -7,6 +7,15 @@
 //! waits. Connections go back idle at the end of a client session (session
 //! mode, after `DISCARD ALL`) or of a transaction (transaction mode).
 //!
+//! Every pool's connections to one node also share a router-wide limit
+//! ([`NodeBudget`]): read once per primary epoch from the node's
+//! `max_connections` and `superuser_reserved_connections` on the first
+//! connection opened to it, it keeps the router off the slots Postgres keeps
+//! for superusers, and off the node's last ones (`pool.max_server_connections`).
+//! A new connection past it first closes an idle connection of any pool to
+//! that node, else waits. A node that answers `53300 too many clients` has
+//! the router's idle connections to it closed, and is tried once more.
+//!
 //! Idle connections to an older epoch's primary are closed as soon as the
 //! routing changes; idle connections past `pool.idle_timeout_ms` or
 //! `pool.lifetime_ms` are closed by the maintenance task, which also keeps
@@ -16,6 +25,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use hapg_config::router::{server_connection_limit, NodeConnectionLimits};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -116,6 +126,75 @@ pub(crate) enum CheckoutError {
     Server(ServerError),
     /// Every slot of the pool stayed in use until the deadline.
     Full { size: u32 },
+    /// The router's connections to the node reached its limit for that node
+    /// and stayed in use until the deadline.
+    NodeFull(NodeLimit),
+}
+
+/// The router's limit of server connections to one node, and where it came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeLimit {
+    /// Server connections the router opens to the node, all pools together.
+    pub limit: u32,
+    /// The node's settings it was computed from.
+    pub node: NodeConnectionLimits,
+    /// `pool.max_server_connections` when it was read (0: computed).
+    pub configured: u32,
+}
+
+/// The router-wide budget of server connections to the primary of one epoch.
+/// Its size is fixed when it is made (the epoch's first connection); a
+/// changed `pool.max_server_connections` applies from the next epoch.
+pub(crate) struct NodeBudget {
+    epoch: i64,
+    limit: NodeLimit,
+    permits: Arc<Semaphore>,
+    /// A connection to the node went idle while the budget was used up: a
+    /// waiter may close it to open its own.
+    idle: Notify,
+}
+
+/// A server connection's place in its node's [`NodeBudget`], given back when
+/// the connection is dropped.
+pub struct NodeSlot {
+    budget: Arc<NodeBudget>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl std::fmt::Debug for NodeSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeSlot")
+            .field("epoch", &self.budget.epoch)
+            .finish()
+    }
+}
+
+/// Reads the node's connection settings on a fresh connection: one query per
+/// primary epoch, never per transaction.
+async fn read_node_limits(conn: &mut ServerConn) -> Result<NodeConnectionLimits, ServerError> {
+    let rows = conn
+        .simple_query(
+            "SELECT current_setting('max_connections') || ' ' || current_setting('superuser_reserved_connections')",
+        )
+        .await?;
+    let parsed = rows.first().and_then(|row| {
+        let (max, reserved) = row.split_once(' ')?;
+        Some(NodeConnectionLimits {
+            max_connections: max.parse().ok()?,
+            superuser_reserved_connections: reserved.parse().ok()?,
+        })
+    });
+    parsed.ok_or(ServerError::Protocol(
+        crate::protocol::ProtocolError::Malformed {
+            what: "the answer to the connection settings query",
+        },
+    ))
+}
+
+/// True for Postgres' `53300 too many clients` (and the reserved-slots
+/// variant, same code): the node is up and full.
+fn node_is_full(e: &ServerError) -> bool {
+    matches!(e, ServerError::Refused(fields) if fields.code == crate::protocol::backend::sqlstate::TOO_MANY_CONNECTIONS)
 }
 
 /// `map[key]`, made with `new` first if absent; finding it allocates nothing.
@@ -133,6 +212,11 @@ fn slot<'a, V>(map: &'a mut HashMap<String, V>, key: &str, new: impl FnOnce() ->
 #[derive(Default)]
 pub(crate) struct Pools {
     pools: Mutex<PoolMap>,
+    /// The budget of the newest epoch's primary, once known.
+    budget: Mutex<Option<Arc<NodeBudget>>>,
+    /// Held while the first connection of an epoch reads the node's limits,
+    /// so that a burst of logins waits for them instead of racing past.
+    learning: tokio::sync::Mutex<()>,
 }
 
 /// Counts of one pool (for tests and logs).
@@ -191,14 +275,18 @@ impl Pools {
             let mut victims = Vec::new();
             let mut found = None;
             let mut permit = None;
+            let mut created = false;
             let (id, slots, returned, size) = {
                 let mut pools = self.lock();
-                let (id, pool) = pools.find_or_insert_with(login, hint, || Pool {
-                    slots: Arc::new(Semaphore::new(size as usize)),
-                    size,
-                    idle: Vec::new(),
-                    returned: Arc::new(Notify::new()),
-                    login: login.clone(),
+                let (id, pool) = pools.find_or_insert_with(login, hint, || {
+                    created = true;
+                    Pool {
+                        slots: Arc::new(Semaphore::new(size as usize)),
+                        size,
+                        idle: Vec::new(),
+                        returned: Arc::new(Notify::new()),
+                        login: login.clone(),
+                    }
                 });
                 if pool.login != *login {
                     pool.login = login.clone();
@@ -239,15 +327,31 @@ impl Pools {
                 }
                 (id, pool.slots.clone(), pool.returned.clone(), pool.size)
             };
+            if created {
+                if let Some(budget) = self.budget(target.epoch) {
+                    warn_if_oversubscribed(self.pool_count(), size, &budget.limit);
+                }
+            }
             let freed = !victims.is_empty();
             close_all(victims).await;
             if let Some(conn) = found {
                 return Ok(conn);
             }
             if let Some(permit) = permit {
-                return open(shared, target, login, connect_timeout, (id, permit))
-                    .await
-                    .map_err(CheckoutError::Server);
+                match self
+                    .open_counted(
+                        shared,
+                        target,
+                        login,
+                        connect_timeout,
+                        (id, permit),
+                        deadline,
+                    )
+                    .await?
+                {
+                    Some(conn) => return Ok(conn),
+                    None => continue,
+                }
             }
             if freed {
                 continue;
@@ -265,13 +369,254 @@ impl Pools {
             match got {
                 Err(_) => return Err(CheckoutError::Full { size }),
                 Ok(Some(permit)) => {
-                    return open(shared, target, login, connect_timeout, (id, permit))
-                        .await
-                        .map_err(CheckoutError::Server);
+                    match self
+                        .open_counted(
+                            shared,
+                            target,
+                            login,
+                            connect_timeout,
+                            (id, permit),
+                            Some(deadline),
+                        )
+                        .await?
+                    {
+                        Some(conn) => return Ok(conn),
+                        None => continue,
+                    }
                 }
                 Ok(None) => continue,
             }
         }
+    }
+
+    /// The budget of `epoch`'s primary, when known.
+    fn budget(&self, epoch: i64) -> Option<Arc<NodeBudget>> {
+        let budget = self.budget.lock().unwrap_or_else(|e| e.into_inner());
+        budget.as_ref().filter(|b| b.epoch == epoch).cloned()
+    }
+
+    /// Pools that exist now.
+    fn pool_count(&self) -> usize {
+        self.lock().pools.len()
+    }
+
+    /// Opens a connection to `target` in the pool slot `slot`, within the
+    /// router's budget for that node: the epoch's first connection reads the
+    /// node's limits (the others wait for it); past the budget an idle
+    /// connection of any pool to the node is closed, or the caller waits
+    /// until `deadline`. `None`: something changed while waiting (a
+    /// connection went idle, one was closed): look in the pool again.
+    async fn open_counted(
+        &self,
+        shared: &Shared,
+        target: &Target,
+        login: &Login,
+        timeout: Duration,
+        slot: (PoolId, OwnedSemaphorePermit),
+        deadline: Option<Instant>,
+    ) -> Result<Option<ServerConn>, CheckoutError> {
+        let budget = match self.budget(target.epoch) {
+            Some(budget) => budget,
+            None => return self.learn(shared, target, login, timeout, slot).await,
+        };
+        // Registered before looking, so that a connection going idle after
+        // the look still wakes this waiter.
+        let watched = budget.clone();
+        let went_idle = watched.idle.notified();
+        tokio::pin!(went_idle);
+        went_idle.as_mut().enable();
+        let node_permit = match budget.permits.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                if let Some(victim) = self.take_longest_idle(target.epoch) {
+                    drop(slot);
+                    victim.terminate().await;
+                    return Ok(None);
+                }
+                let Some(deadline) = deadline else {
+                    return Err(CheckoutError::NodeFull(budget.limit));
+                };
+                let waited = tokio::time::timeout_at(deadline, async {
+                    tokio::select! {
+                        p = budget.permits.clone().acquire_owned() => p.ok(),
+                        _ = &mut went_idle => None,
+                    }
+                })
+                .await;
+                match waited {
+                    Err(_) => return Err(CheckoutError::NodeFull(budget.limit)),
+                    Ok(None) => return Ok(None),
+                    Ok(Some(permit)) => permit,
+                }
+            }
+        };
+        let node_slot = NodeSlot {
+            budget,
+            _permit: node_permit,
+        };
+        let mut conn = self
+            .open_or_make_room(shared, target, login, timeout, slot)
+            .await
+            .map_err(CheckoutError::Server)?;
+        conn.node_slot = Some(node_slot);
+        Ok(Some(conn))
+    }
+
+    /// The first connection of an epoch: opened alone, it reads the node's
+    /// `max_connections` and `superuser_reserved_connections` and sets the
+    /// router's budget for the node from them.
+    async fn learn(
+        &self,
+        shared: &Shared,
+        target: &Target,
+        login: &Login,
+        timeout: Duration,
+        slot: (PoolId, OwnedSemaphorePermit),
+    ) -> Result<Option<ServerConn>, CheckoutError> {
+        let _alone = self.learning.lock().await;
+        if self.budget(target.epoch).is_some() {
+            // Another connection learnt them meanwhile: count this one in
+            // as any other.
+            return Ok(None);
+        }
+        let mut conn = self
+            .open_or_make_room(shared, target, login, timeout, slot)
+            .await
+            .map_err(CheckoutError::Server)?;
+        let read = tokio::time::timeout(timeout, read_node_limits(&mut conn)).await;
+        let node = match read.unwrap_or(Err(ServerError::Timeout(timeout))) {
+            Ok(node) => node,
+            Err(e) => {
+                conn.terminate().await;
+                return Err(CheckoutError::Server(e));
+            }
+        };
+        let (pool_size, configured) = {
+            let runtime = shared.runtime.load();
+            (
+                runtime.config.pool.pool_size,
+                runtime.config.pool.max_server_connections,
+            )
+        };
+        let (limit, too_many) = server_connection_limit(node, configured);
+        let limit = NodeLimit {
+            limit,
+            node,
+            configured,
+        };
+        if too_many {
+            tracing::warn!(
+                pool.max_server_connections = configured,
+                max_connections = node.max_connections,
+                superuser_reserved_connections = node.superuser_reserved_connections,
+                limit = limit.limit,
+                "pool.max_server_connections asks for more than the node's max_connections - superuser_reserved_connections: the router opens at most {}",
+                limit.limit
+            );
+        }
+        let budget = Arc::new(NodeBudget {
+            epoch: target.epoch,
+            limit,
+            permits: Arc::new(Semaphore::new(limit.limit as usize)),
+            idle: Notify::new(),
+        });
+        let permit = budget
+            .permits
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| CheckoutError::NodeFull(limit))?;
+        conn.node_slot = Some(NodeSlot {
+            budget: budget.clone(),
+            _permit: permit,
+        });
+        *self.budget.lock().unwrap_or_else(|e| e.into_inner()) = Some(budget);
+        tracing::info!(
+            epoch = target.epoch,
+            server = %format!("{}:{}", target.host, target.port),
+            max_connections = node.max_connections,
+            superuser_reserved_connections = node.superuser_reserved_connections,
+            limit = limit.limit,
+            "server connection limit for the primary"
+        );
+        warn_if_oversubscribed(self.pool_count(), pool_size, &limit);
+        Ok(Some(conn))
+    }
+
+    /// Opens a connection; when the node answers that it is full (53300),
+    /// closes the router's own idle connections to it, in every pool, and
+    /// tries once more if that freed any.
+    async fn open_or_make_room(
+        &self,
+        shared: &Shared,
+        target: &Target,
+        login: &Login,
+        timeout: Duration,
+        (id, permit): (PoolId, OwnedSemaphorePermit),
+    ) -> Result<ServerConn, ServerError> {
+        match open(shared, target, login, timeout).await {
+            Err(e) if node_is_full(&e) => {
+                let victims = self.discard_epoch(target.epoch);
+                if victims.is_empty() {
+                    return Err(e);
+                }
+                tracing::warn!(
+                    server = %format!("{}:{}", target.host, target.port),
+                    closed = victims.len(),
+                    error = %e,
+                    "the primary has no connection slot left: closing the router's idle connections to it and trying again"
+                );
+                close_all(victims).await;
+                open(shared, target, login, timeout)
+                    .await
+                    .map(|conn| in_pool(conn, id, permit))
+            }
+            result => result.map(|conn| in_pool(conn, id, permit)),
+        }
+    }
+
+    /// A `pool.min_idle` connection: opened only in room the node's budget
+    /// has free (never by closing another pool's idle connection).
+    async fn open_spare(
+        &self,
+        shared: &Shared,
+        target: &Target,
+        login: &Login,
+        timeout: Duration,
+        slot: (PoolId, OwnedSemaphorePermit),
+    ) -> Result<Option<ServerConn>, CheckoutError> {
+        let Some(budget) = self.budget(target.epoch) else {
+            return self.learn(shared, target, login, timeout, slot).await;
+        };
+        let Ok(permit) = budget.permits.clone().try_acquire_owned() else {
+            return Ok(None);
+        };
+        let (id, pool_permit) = slot;
+        let mut conn = open(shared, target, login, timeout)
+            .await
+            .map_err(CheckoutError::Server)?;
+        conn = in_pool(conn, id, pool_permit);
+        conn.node_slot = Some(NodeSlot {
+            budget,
+            _permit: permit,
+        });
+        Ok(Some(conn))
+    }
+
+    /// Takes out the idle connection to `epoch`'s primary that has been idle
+    /// longest, whatever its pool.
+    fn take_longest_idle(&self, epoch: i64) -> Option<ServerConn> {
+        let mut pools = self.lock();
+        let (pool, index) = pools
+            .pools
+            .iter()
+            .enumerate()
+            .filter_map(|(p, pool)| {
+                let i = pool.idle.iter().position(|idle| idle.conn.epoch == epoch)?;
+                Some((p, i, pool.idle[i].since))
+            })
+            .min_by_key(|(_, _, since)| *since)
+            .map(|(p, i, _)| (p, i))?;
+        Some(pools.pools[pool].idle.remove(index).conn)
     }
 
     /// The most recently returned idle connection of pool `id`, when it can
@@ -321,8 +666,18 @@ impl Pools {
         let Some(pool) = pools.pools.get_mut(id.0) else {
             return Some(conn);
         };
+        let budget_used_up = conn
+            .node_slot
+            .as_ref()
+            .filter(|slot| slot.budget.permits.available_permits() == 0)
+            .map(|slot| slot.budget.clone());
         pool.idle.push(Idle { conn, since: now });
         pool.returned.notify_one();
+        drop(pools);
+        if let Some(budget) = budget_used_up {
+            // Clients of other pools may be waiting for room on the node.
+            budget.idle.notify_waiters();
+        }
         None
     }
 
@@ -395,15 +750,13 @@ fn past(conn: &ServerConn, lifetime: Option<Duration>, now: std::time::Instant) 
     lifetime.is_some_and(|l| now.saturating_duration_since(conn.born) >= l)
 }
 
-/// Opens a connection to `target` in a slot of pool `id`, its reported
-/// parameters shared with the pool's other connections when they agree
-/// ([`Shared::shared_params`]).
+/// Opens a connection to `target`, its reported parameters shared with the
+/// pool's other connections when they agree ([`Shared::shared_params`]).
 async fn open(
     shared: &Shared,
     target: &Target,
     login: &Login,
     timeout: Duration,
-    (id, permit): (PoolId, OwnedSemaphorePermit),
 ) -> Result<ServerConn, ServerError> {
     let runtime = shared.runtime.load();
     let liveness = crate::net::Liveness::of(&runtime.config);
@@ -411,9 +764,32 @@ async fn open(
     drop(runtime);
     let mut conn = ServerConn::connect(target, login, &tls, &liveness, timeout).await?;
     conn.params = shared.shared_params(&conn.params);
+    Ok(conn)
+}
+
+/// `conn` in a slot of pool `id`.
+fn in_pool(mut conn: ServerConn, id: PoolId, permit: OwnedSemaphorePermit) -> ServerConn {
     conn.pool = Some(id);
     conn.permit = Some(permit);
-    Ok(conn)
+    conn
+}
+
+/// Warns when the pools could ask the node for more connections than the
+/// router's limit for it (then clients wait for one another, up to
+/// `router.pause_timeout_ms`, instead of taking the node's last slots).
+fn warn_if_oversubscribed(pools: usize, pool_size: u32, limit: &NodeLimit) {
+    let wanted = pools as u64 * u64::from(pool_size);
+    if wanted > u64::from(limit.limit) {
+        tracing::warn!(
+            pools,
+            pool.pool_size = pool_size,
+            pool.max_server_connections = limit.configured,
+            max_connections = limit.node.max_connections,
+            superuser_reserved_connections = limit.node.superuser_reserved_connections,
+            "pool.pool_size x pools ({wanted}) is more than the router's {} server connections to the primary (pool.max_server_connections, else max_connections - superuser_reserved_connections less a tenth): clients wait for one another beyond that",
+            limit.limit
+        );
+    }
 }
 
 /// Closes idle connections to an old primary as soon as the routing changes,
@@ -445,13 +821,18 @@ pub(crate) async fn maintain(shared: Arc<Shared>, stop: CancellationToken) {
             // One connection per pool per round: min_idle fills up over a
             // few rounds without a burst of logins.
             for (login, permit) in shared.pools.short(config.pool.min_idle) {
-                match open(&shared, &target, &login, config.connect_timeout(), permit).await {
-                    Ok(conn) => {
+                match shared
+                    .pools
+                    .open_spare(&shared, &target, &login, config.connect_timeout(), permit)
+                    .await
+                {
+                    Ok(None) => {}
+                    Ok(Some(conn)) => {
                         if let Some(conn) = shared.pools.checkin(&shared, conn) {
                             conn.terminate().await;
                         }
                     }
-                    Err(e) => tracing::debug!(error = %e, "could not open a min_idle connection"),
+                    Err(e) => tracing::debug!(error = ?e, "could not open a min_idle connection"),
                 }
             }
         }

@@ -58,6 +58,9 @@ enum AttachError {
     StateLost(String),
     /// Every connection of the pool stayed in use until the pause timeout.
     PoolFull(String),
+    /// The router's connections to the primary reached its limit for the
+    /// node and stayed in use until the pause timeout.
+    NodeFull(String),
     /// The router is stopping.
     Stopping,
 }
@@ -747,6 +750,16 @@ impl Session {
                         );
                         continue;
                     }
+                    Err(AttachError::NodeFull(message)) => {
+                        *pos += header.frame_len;
+                        self.fail_batch(
+                            tag,
+                            sqlstate::TOO_MANY_CONNECTIONS,
+                            &message,
+                            Some("The router keeps its server connections below the node's max_connections - superuser_reserved_connections; raise max_connections on the nodes, or hold server connections for less time."),
+                        );
+                        continue;
+                    }
                     Err(AttachError::StateLost(message)) => {
                         return Err(self
                             .client
@@ -1167,6 +1180,7 @@ impl Session {
         let pause = rt.config.pause_timeout();
         let mut changes = self.shared.routing.subscribe();
         let mut last_error: Option<String> = None;
+        let mut node_full: Option<ErrorFields> = None;
         let mut waited = false;
         loop {
             let routing = self.shared.routing.load();
@@ -1242,15 +1256,38 @@ impl Session {
                         {
                             return Err(AttachError::Refused(fields))
                         }
+                        Err(CheckoutError::NodeFull(limit)) => {
+                            return Err(AttachError::NodeFull(format!(
+                                "all {} server connections the router may open to the primary stayed in use for {} ms (pool.max_server_connections = {}; the node has max_connections = {}, superuser_reserved_connections = {}; router.pause_timeout_ms)",
+                                limit.limit,
+                                pause.as_millis(),
+                                limit.configured,
+                                limit.node.max_connections,
+                                limit.node.superuser_reserved_connections,
+                            )))
+                        }
                         Err(CheckoutError::Server(e)) => {
                             tracing::info!(server = %format!("{}:{}", target.host, target.port), error = %e, "cannot connect to the primary; retrying until the pause timeout");
                             last_error = Some(format!("{}:{}: {e}", target.host, target.port));
+                            // The node is up and full: if it still is at the
+                            // deadline, that is what the client is told.
+                            node_full = match e {
+                                ServerError::Refused(fields)
+                                    if fields.code == sqlstate::TOO_MANY_CONNECTIONS =>
+                                {
+                                    Some(fields)
+                                }
+                                _ => None,
+                            };
                         }
                     }
                 }
             }
             let now = Instant::now();
             if now >= deadline {
+                if let Some(fields) = node_full {
+                    return Err(AttachError::Refused(fields));
+                }
                 let rt_formation = &rt.config.router.formation;
                 let mut message = format!(
                     "no primary is available for formation \"{rt_formation}\": waited {} ms for a writable primary",

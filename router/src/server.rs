@@ -113,6 +113,9 @@ pub struct ServerConn {
     pub born: Instant,
     /// The pool slot the connection holds (none outside a pool).
     pub permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// The router-wide slot the connection holds towards its node (none
+    /// outside a pool), see [`crate::pool::NodeSlot`].
+    pub node_slot: Option<crate::pool::NodeSlot>,
     /// Named prepared statements on this connection (transaction pooling):
     /// name and Parse frame. Every statement the server has is here; an entry
     /// whose frame is empty may or may not exist on the server.
@@ -201,6 +204,7 @@ impl ServerConn {
             pool: None,
             born: Instant::now(),
             permit: None,
+            node_slot: None,
             prepared: HashMap::new(),
         };
         conn.login(login).await?;

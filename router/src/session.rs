@@ -421,6 +421,10 @@ async fn start(
                 size,
                 "the pool is full at login; deferring to the first statement"
             ),
+            Err(CheckoutError::NodeFull(limit)) => tracing::debug!(
+                limit = limit.limit,
+                "the router's connections to the primary are at their limit at login; deferring to the first statement"
+            ),
             Err(CheckoutError::Server(ServerError::Refused(fields)))
                 if !["57", "53", "08"]
                     .iter()

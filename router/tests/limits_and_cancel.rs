@@ -198,7 +198,7 @@ async fn the_router_logs_into_nodes_with_md5_and_scram() {
             ),
         )
         .expect("write config");
-        c.router.router.reload().expect("reload");
+        c.router.router.reload().await.expect("reload");
         let client = connect(&c.router.url("postgres")).await.expect("connect");
         let row = client
             .query_one("SELECT current_user::text", &[])
@@ -219,7 +219,7 @@ async fn the_router_logs_into_nodes_with_md5_and_scram() {
         ),
     )
     .expect("write config");
-    c.router.router.reload().expect("reload");
+    c.router.router.reload().await.expect("reload");
     let err = connect(&c.router.url("postgres"))
         .await
         .expect_err("the node refuses the wrong password");

@@ -570,6 +570,58 @@ async fn tls_from_the_client() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_to_a_formation_the_monitor_lacks_is_refused_and_an_unreachable_monitor_is_not() {
+    let c = Cluster::start(false, "pause_timeout_ms = 1111", "").await;
+    let good = std::fs::read_to_string(&c.router.config_path).expect("read");
+    // A formation the monitor does not have: refused, naming the key; the
+    // old configuration stays in force and clients are still served.
+    std::fs::write(
+        &c.router.config_path,
+        good.replace("formation = \"default\"", "formation = \"nosuch\"")
+            .replace("pause_timeout_ms = 1111", "pause_timeout_ms = 2222"),
+    )
+    .expect("write");
+    let err = c
+        .router
+        .router
+        .reload()
+        .await
+        .expect_err("unknown formation refused");
+    let text = err.to_string();
+    assert!(text.starts_with("router.formation"), "{text}");
+    assert!(text.contains("nosuch"), "{text}");
+    assert_eq!(c.router.router.config().router.formation, "default");
+    assert_eq!(c.router.router.config().router.pause_timeout_ms, 1111);
+    let client = connect(&c.router.url("postgres")).await.expect("connect");
+    assert_eq!(server_port(&client).await.expect("served"), c.a.port);
+    // A monitor that does not answer (nothing listens there) is no reason
+    // to refuse: the reload is accepted within a few seconds.
+    let silent = format!(
+        "postgres://autoctl_node@127.0.0.1:{}/pg_auto_failover",
+        free_port()
+    );
+    std::fs::write(
+        &c.router.config_path,
+        good.replace(&c.monitor.uri(), &silent)
+            .replace("pause_timeout_ms = 1111", "pause_timeout_ms = 3333"),
+    )
+    .expect("write");
+    let start = Instant::now();
+    c.router
+        .router
+        .reload()
+        .await
+        .expect("an unreachable monitor does not refuse the reload");
+    assert!(
+        start.elapsed() < Duration::from_secs(8),
+        "the reload took {:?}",
+        start.elapsed()
+    );
+    assert_eq!(c.router.router.config().router.pause_timeout_ms, 3333);
+    c.router.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_applies_a_changed_config_and_keeps_the_old_one_when_broken() {
     let c = Cluster::start(false, "", "").await;
     let users = c.router.dir.path().join("userlist.txt");
@@ -585,7 +637,7 @@ async fn reload_applies_a_changed_config_and_keeps_the_old_one_when_broken() {
         "pause_timeout_ms = 1234",
         "[auth]\ntype = \"md5\"\nfile = \"userlist.txt\"\n",
     );
-    c.router.router.reload().expect("reload a good file");
+    c.router.router.reload().await.expect("reload a good file");
     assert_eq!(c.router.router.config().router.pause_timeout_ms, 1234);
     let err = connect(&c.router.url("postgres"))
         .await
@@ -602,7 +654,12 @@ async fn reload_applies_a_changed_config_and_keeps_the_old_one_when_broken() {
     // Broken: unknown key. The old configuration stays in force.
     let good = std::fs::read_to_string(&c.router.config_path).expect("read");
     std::fs::write(&c.router.config_path, format!("{good}\n[router2]\nx = 1\n")).expect("write");
-    let err = c.router.router.reload().expect_err("broken file refused");
+    let err = c
+        .router
+        .router
+        .reload()
+        .await
+        .expect_err("broken file refused");
     assert!(err.to_string().contains("router2"), "{err}");
     assert_eq!(c.router.router.config().router.pause_timeout_ms, 1234);
     // Broken: a bad value.
@@ -611,11 +668,16 @@ async fn reload_applies_a_changed_config_and_keeps_the_old_one_when_broken() {
         good.replace("pause_timeout_ms = 1234", "pause_timeout_ms = -5"),
     )
     .expect("write");
-    assert!(c.router.router.reload().is_err());
+    assert!(c.router.router.reload().await.is_err());
     // Broken: the user list is missing.
     std::fs::write(&c.router.config_path, &good).expect("write");
     std::fs::remove_file(&users).expect("rm userlist");
-    let err = c.router.router.reload().expect_err("missing user list");
+    let err = c
+        .router
+        .router
+        .reload()
+        .await
+        .expect_err("missing user list");
     assert!(err.to_string().contains("auth.file"), "{err}");
     assert!(
         connect(&format!("{} password=sekret", c.router.url("postgres")))
