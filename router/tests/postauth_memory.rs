@@ -58,7 +58,10 @@ async fn big_bind(addr: std::net::SocketAddr) -> String {
     let mut sent = 0;
     while sent < PARAM {
         let n = BYTES.len().min(PARAM - sent);
-        raw.stream.write_all(&BYTES[..n]).await.expect("parameter bytes");
+        raw.stream
+            .write_all(&BYTES[..n])
+            .await
+            .expect("parameter bytes");
         sent += n;
     }
     let mut tail = vec![0, 0];
