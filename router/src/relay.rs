@@ -999,7 +999,10 @@ impl Session {
                     // Too large to keep: a named one cannot be restored
                     // elsewhere (transaction mode refused it above).
                     if let Some((name, rest)) = cstr(&frame[5..]) {
-                        if !name.is_empty() {
+                        if name.is_empty() {
+                            // Its text is no COMMIT or ROLLBACK.
+                            self.unnamed_ends = false;
+                        } else {
                             self.state.mark_untracked();
                         }
                         self.large_sql = Some(LargeSql::new(rest));
@@ -1008,7 +1011,6 @@ impl Session {
                         // Unnamed: nothing to keep, only its answer to count.
                         self.stmts.parses.push_back((self.stmts.sent, false));
                     }
-                    self.unnamed_ends = false;
                     self.open_batch = true;
                 }
                 b'Q' => {
