@@ -1292,9 +1292,19 @@ impl Session {
         // changed (only then may the FATAL say so).
         let (idle_head, primary_changed) = match loss {
             Loss::Lost(reason) => {
-                let now = self.shared.routing.load().epoch;
+                let routing = self.shared.routing.load();
+                let now = routing.epoch;
                 if now > server.epoch {
                     (format!("the primary changed (epoch {} to {now}) and the connection to the old primary was lost ({reason})", server.epoch), true)
+                } else if routing.draining() {
+                    // The old primary is being demoted: it ends its
+                    // connections before the monitor names the new one.
+                    (
+                        format!(
+                            "lost the connection to the primary during a switchover ({reason})"
+                        ),
+                        true,
+                    )
                 } else {
                     (
                         format!("lost the connection to the primary ({reason})"),
