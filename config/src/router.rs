@@ -298,8 +298,9 @@ fn default_login_timeout_ms() -> u64 {
 fn default_max_client_connections() -> u32 {
     1_000
 }
+/// Postgres' own limit for the messages it lets be large (`PQ_LARGE_MESSAGE_LIMIT`, 1 GiB).
 fn default_max_message_size() -> u32 {
-    64 * 1024 * 1024
+    1024 * 1024 * 1024
 }
 fn default_connect_timeout_ms() -> u64 {
     5_000

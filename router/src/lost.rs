@@ -214,6 +214,25 @@ fn command_complete_rollback(out: &mut BytesMut) {
     out.put_slice(TAG);
 }
 
+/// What a client is told to do when its session ended because its state
+/// could not move.
+pub(crate) const STRANDED_HINT: &str =
+    "Reconnect, and set that state up again on the new session (LISTEN again, recreate temporary tables, ...).";
+
+/// The FATAL that ends a session holding state that cannot move (`what`, as
+/// [`crate::tracking::Sticky::describe`] says it) when its server connection
+/// is gone: `head` says what happened (to the statement in flight, if there
+/// was one). Only when the primary changed does it say so: a connection
+/// ended by `pg_terminate_backend` on a primary that still is one is lost,
+/// not moved.
+pub(crate) fn stranded(head: &str, what: &str, primary_changed: bool) -> String {
+    if primary_changed {
+        format!("{head}; this session's {what} cannot move to the new primary, so the session ends")
+    } else {
+        format!("{head}; this session's {what} cannot be restored on another server connection, so the session ends")
+    }
+}
+
 /// Whether `sql` is one statement that ends a transaction block: ROLLBACK,
 /// ABORT, COMMIT or END, with optional WORK or TRANSACTION and AND NO CHAIN.
 /// (AND CHAIN would open a new transaction on a server the router does not

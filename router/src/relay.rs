@@ -25,12 +25,12 @@ use crate::protocol::backend::{
     self, parse_error, parse_parameter_status, sqlstate, ErrorFields, Severity,
 };
 use crate::protocol::{cstr, frame, ProtocolError};
-use crate::routing::{Busy, Cut, CutReason};
+use crate::routing::{Busy, Cut, CutReason, Pinned};
 use crate::server::{
     same_params, set_param, set_shared_param, Login, Params, ServerConn, ServerError,
 };
 use crate::session::{ClientConn, Ended, Ready};
-use crate::tracking::{self, SessionState};
+use crate::tracking::{self, LargeSql, SessionState};
 use crate::Shared;
 
 /// Delay between two connection attempts to a primary that does not answer.
@@ -47,6 +47,46 @@ pub(crate) const SETTABLE: &[&str] = &[
     "default_transaction_read_only",
     "search_path",
 ];
+
+/// Client messages up to this size are buffered whole before they are
+/// handled; a larger one of a type Postgres allows to be large (Query, Parse,
+/// Bind, FunctionCall, CopyData, CopyDone, CopyFail) is streamed to the server
+/// as it arrives, so that a session holds about this much memory whatever
+/// the size of its messages (`router.max_message_size` is the limit).
+const WHOLE_MAX: usize = 256 * 1024;
+/// Bytes of a streamed message the router looks at before it streams the
+/// rest: enough for a Bind's portal and statement names (Postgres truncates
+/// names to 63 bytes) and the first words of a statement.
+const PREFIX: usize = 4096;
+/// How long the answers the server still owes may take to reach a client
+/// whose session is over.
+const FINAL_FLUSH: Duration = Duration::from_secs(10);
+
+/// Whether Postgres lets messages of type `tag` be large (its
+/// `PQ_LARGE_MESSAGE_LIMIT` types): these are streamed.
+fn streamable(tag: u8) -> bool {
+    matches!(tag, b'Q' | b'P' | b'B' | b'F' | b'd' | b'c' | b'f')
+}
+
+/// The client sent all it will send: at end of file, at Terminate, or at a
+/// message the router refuses. As Postgres answers every message before it
+/// reads the next, the session ends only after the server has answered the
+/// messages that came before, and the client gets those answers first.
+struct Closing {
+    /// The FATAL that ends the session after them, if any.
+    fatal: Option<Refusal>,
+}
+
+/// A FATAL the router ends a session with.
+struct Refusal {
+    code: &'static str,
+    message: String,
+    hint: Option<&'static str>,
+    /// Read and discard what the client still sends (for a few seconds)
+    /// before closing, so that a client still writing a large message is not
+    /// reset before it reads the reason.
+    drain: bool,
+}
 
 /// Why a server connection could not be attached at a transaction boundary.
 enum AttachError {
@@ -66,6 +106,7 @@ enum AttachError {
 }
 
 /// Why a server connection is dropped while the session is on it.
+#[derive(Clone, Copy)]
 enum Loss<'a> {
     /// The connection broke or the server ended it.
     Lost(&'a str),
@@ -271,6 +312,19 @@ pub(crate) struct Session {
     cuts: watch::Receiver<(u64, Option<Cut>)>,
     /// Bytes of a server message being streamed to the client still to come.
     partial: usize,
+    /// Bytes of a large client message being streamed to the server (or
+    /// discarded, see `client_discard`) still to come.
+    client_partial: usize,
+    /// The rest of the client message in `client_partial` goes nowhere.
+    client_discard: bool,
+    /// The statement text of a large Query or Parse being streamed.
+    large_sql: Option<LargeSql>,
+    /// Set while the session holds state that cannot move on its server
+    /// (session mode): a new epoch then reaches it even while idle.
+    pinned: Option<Pinned>,
+    /// The client will send nothing more: the session ends once the server
+    /// has answered what it was sent.
+    closing: Option<Closing>,
     /// A server connection was attached once (so a new one is a move).
     had_server: bool,
     /// The pool of the last server connection attached (see
@@ -395,6 +449,11 @@ impl Session {
             busy: None,
             cuts,
             partial: 0,
+            client_partial: 0,
+            client_discard: false,
+            large_sql: None,
+            pinned: None,
+            closing: None,
             had_server,
             pool,
             tx_mode,
@@ -408,10 +467,18 @@ impl Session {
     /// Relays until the client leaves or the router stops.
     pub async fn run(mut self) {
         let _ = self.relay().await;
+        // What the client is still owed (a FATAL written last, answers
+        // taken in before its end of file) goes out before the close.
+        if !self.client.wbuf.is_empty() {
+            let _ = tokio::time::timeout(FINAL_FLUSH, self.client.flush()).await;
+            let _ = self.client.stream.shutdown().await;
+        }
+        self.pinned = None;
         if let Some(server) = self.server.take() {
             self.cancel.set_target(None);
             let reusable = self.at_boundary()
                 && self.partial == 0
+                && self.client_partial == 0
                 && self.swbuf.is_empty()
                 && !self.skip_until_sync;
             if reusable {
@@ -452,7 +519,53 @@ impl Session {
 
     fn idle(&self) -> bool {
         self.server.is_none()
-            || (self.tx == b'I' && self.outstanding == 0 && !self.open_batch && self.partial == 0)
+            || (self.tx == b'I'
+                && self.outstanding == 0
+                && !self.open_batch
+                && self.partial == 0
+                && self.client_partial == 0)
+    }
+
+    /// Nothing more is to come from the server for what it was sent.
+    fn owed_nothing(&self) -> bool {
+        self.server.is_none() || (self.outstanding == 0 && self.partial == 0)
+    }
+
+    /// The client sent all it will send (see [`Closing`]).
+    fn close_after_answers(&mut self, fatal: Option<Refusal>) {
+        self.closing = Some(Closing { fatal });
+        if self.client_partial > 0 {
+            // The server has half a message it will never get the rest of:
+            // what it owes cannot come.
+            self.client_partial = 0;
+            self.large_sql = None;
+            if let Some(server) = self.server.take() {
+                self.cancel.set_target(None);
+                self.busy = None;
+                self.pinned = None;
+                tokio::spawn(server.terminate());
+            }
+        }
+    }
+
+    /// Ends a closing session: the FATAL it ends with, if any.
+    async fn close(&mut self) -> Ended {
+        let fatal = self.closing.take().and_then(|c| c.fatal);
+        match fatal {
+            Some(r) if r.drain => self.client.refuse(r.code, &r.message, r.hint).await,
+            Some(r) => self.client.fatal(r.code, &r.message, r.hint).await,
+            None => Ended,
+        }
+    }
+
+    /// Session mode: a session holding state that cannot move is marked on
+    /// its server's epoch, so that a new epoch reaches it even while idle.
+    fn pin_if_sticky(&mut self) {
+        if self.pinned.is_none() && !self.tx_mode && self.state.sticky().is_some() {
+            if let Some(server) = &self.server {
+                self.pinned = Some(self.shared.routing.pin(server.epoch));
+            }
+        }
     }
 
     fn at_boundary(&self) -> bool {
@@ -477,7 +590,13 @@ impl Session {
         let mut cut = Gated::new(next_cut(self.cuts.clone()));
         loop {
             self.sync_busy();
-            self.on_client_bytes().await?;
+            if self.closing.is_none() {
+                self.on_client_bytes().await?;
+                if self.closing.is_some() {
+                    // What follows the end is never read.
+                    self.client.rbuf.clear();
+                }
+            }
             self.flush_server().await?;
             self.client.flush().await?;
             self.sync_busy();
@@ -485,10 +604,14 @@ impl Session {
                 && self.server.is_some()
                 && self.at_boundary()
                 && self.partial == 0
+                && self.client_partial == 0
                 && self.swbuf.is_empty()
                 && !self.skip_until_sync
             {
                 self.release();
+            }
+            if self.closing.is_some() && self.owed_nothing() {
+                return Err(self.close().await);
             }
             if self.server.is_none() {
                 self.shrink();
@@ -506,9 +629,13 @@ impl Session {
                     cut = Gated::new(next_cut(cuts));
                     self.on_cut(order)?;
                 }
-                r = read_client(&mut self.client.stream, &mut self.client.rbuf) => {
-                    if !matches!(r, Ok(n) if n > 0) {
-                        return Err(Ended);
+                r = read_client(&mut self.client.stream, &mut self.client.rbuf), if self.closing.is_none() => {
+                    match r {
+                        Ok(n) if n > 0 => {}
+                        // Half-closed (or closed): what was sent before is
+                        // still answered, as Postgres answers it.
+                        Ok(_) => self.close_after_answers(None),
+                        Err(_) => return Err(Ended),
                     }
                 }
             }
@@ -518,12 +645,26 @@ impl Session {
     /// A switchover drain ran out of time, or the primary changed: cut what
     /// this session still has open on the server the order names.
     fn on_cut(&mut self, order: Cut) -> Result<(), Ended> {
-        let Some(from) = self
+        let busy = self
             .busy
             .as_ref()
             .map(Busy::epoch)
-            .filter(|e| order.applies_to(*e))
-        else {
+            .filter(|e| order.applies_to(*e));
+        // Idle on the old primary with state that cannot move: the session
+        // ends now rather than wait there unaware (a LISTEN would never hear
+        // anything again).
+        let pinned = || {
+            let server = self.server.as_ref()?;
+            let stuck = self.pinned.is_some()
+                && self.state.sticky().is_some()
+                && matches!(order.reason, CutReason::PrimaryChanged { .. })
+                && order.applies_to(server.epoch);
+            stuck.then_some(server.epoch)
+        };
+        let Some(from) = busy.or_else(pinned) else {
+            if self.state.sticky().is_none() {
+                self.pinned = None;
+            }
             return Ok(());
         };
         match order.reason {
@@ -632,59 +773,108 @@ impl Session {
         pos: &mut usize,
     ) -> Result<(), Ended> {
         loop {
-            let header = match frame::peek_header(&self.client.rbuf[*pos..], self.client.max) {
+            if self.client_partial > 0 {
+                // The rest of a large message, as it arrives.
+                let n = self.client_partial.min(self.client.rbuf.len() - *pos);
+                if n == 0 {
+                    return Ok(());
+                }
+                let piece = &self.client.rbuf[*pos..*pos + n];
+                if !self.client_discard {
+                    if let Some(sql) = self.large_sql.as_mut() {
+                        sql.feed(piece);
+                    }
+                    forward.pass(&self.client.rbuf, &mut self.swbuf, *pos, n);
+                }
+                *pos += n;
+                self.client_partial -= n;
+                if self.client_partial == 0 {
+                    self.client_discard = false;
+                    self.end_large_sql();
+                }
+                continue;
+            }
+            let rest = &self.client.rbuf[*pos..];
+            // Postgres looks at the type before the length.
+            if let Some(&tag) = rest.first() {
+                if !matches!(
+                    tag,
+                    b'Q' | b'P'
+                        | b'B'
+                        | b'E'
+                        | b'D'
+                        | b'C'
+                        | b'S'
+                        | b'H'
+                        | b'F'
+                        | b'X'
+                        | b'd'
+                        | b'c'
+                        | b'f'
+                ) {
+                    self.close_after_answers(Some(Refusal {
+                        code: sqlstate::PROTOCOL_VIOLATION,
+                        message: format!("invalid frontend message type {tag}"),
+                        hint: None,
+                        drain: false,
+                    }));
+                    return Ok(());
+                }
+            }
+            let header = match frame::peek_header(rest, self.client.max) {
                 Ok(Some(h)) => h,
                 Ok(None) => return Ok(()),
-                Err(e @ ProtocolError::TooLarge { .. }) => {
-                    return Err(self
-                        .client
-                        .fatal(
-                            sqlstate::PROGRAM_LIMIT_EXCEEDED,
-                            &e.to_string(),
-                            Some("Raise router.max_message_size if this is intended."),
-                        )
-                        .await)
-                }
                 Err(e) => {
-                    return Err(self
-                        .client
-                        .fatal(sqlstate::PROTOCOL_VIOLATION, &e.to_string(), None)
-                        .await)
+                    let (code, hint) = match e {
+                        ProtocolError::TooLarge { .. } => (
+                            sqlstate::PROGRAM_LIMIT_EXCEEDED,
+                            Some("Raise router.max_message_size if this is intended."),
+                        ),
+                        _ => (sqlstate::PROTOCOL_VIOLATION, None),
+                    };
+                    self.close_after_answers(Some(Refusal {
+                        code,
+                        message: e.to_string(),
+                        hint,
+                        drain: true,
+                    }));
+                    return Ok(());
                 }
             };
-            if self.client.rbuf.len() - *pos < header.frame_len {
+            let tag = header.tag;
+            // Bytes of the message handled now: all of it, or, for a large
+            // one, what has arrived (at least its prefix); the rest follows
+            // through `client_partial`.
+            let available = self.client.rbuf.len() - *pos;
+            let len = if available >= header.frame_len {
+                header.frame_len
+            } else if header.frame_len <= WHOLE_MAX || available < PREFIX {
+                return Ok(());
+            } else if streamable(tag) {
+                available
+            } else {
+                self.close_after_answers(Some(Refusal {
+                    code: sqlstate::PROTOCOL_VIOLATION,
+                    message: format!(
+                        "invalid message length {} for a message of type {}",
+                        header.frame_len - 1,
+                        tag as char
+                    ),
+                    hint: None,
+                    drain: true,
+                }));
+                return Ok(());
+            };
+            let more = header.frame_len - len;
+            if tag == b'X' {
+                // Postgres has answered everything before it when it reads
+                // Terminate: so are the answers still to come delivered.
+                self.close_after_answers(None);
                 return Ok(());
             }
-            let tag = header.tag;
-            if !matches!(
-                tag,
-                b'Q' | b'P'
-                    | b'B'
-                    | b'E'
-                    | b'D'
-                    | b'C'
-                    | b'S'
-                    | b'H'
-                    | b'F'
-                    | b'X'
-                    | b'd'
-                    | b'c'
-                    | b'f'
-            ) {
-                return Err(self
-                    .client
-                    .fatal(
-                        sqlstate::PROTOCOL_VIOLATION,
-                        &format!("invalid frontend message type {}", tag),
-                        None,
-                    )
-                    .await);
-            }
-            if tag == b'X' {
-                return Err(Ended);
-            }
             if self.skip_until_sync {
-                *pos += header.frame_len;
+                *pos += len;
+                self.discard_rest(more);
                 if tag == b'S' {
                     self.skip_until_sync = false;
                     backend::ready_for_query(&mut self.client.wbuf, b'I');
@@ -692,16 +882,18 @@ impl Session {
                 continue;
             }
             if let Some(lost) = self.lost.as_mut() {
-                let frame = &self.client.rbuf[*pos..*pos + header.frame_len];
+                let frame = &self.client.rbuf[*pos..*pos + len];
                 match lost.on_message(frame, &mut self.state, &mut self.client.wbuf) {
                     Step::Answered => {
-                        *pos += header.frame_len;
+                        *pos += len;
+                        self.discard_rest(more);
                         continue;
                     }
                     Step::Ended => {
                         self.lost = None;
                         self.tx = b'I';
-                        *pos += header.frame_len;
+                        *pos += len;
+                        self.discard_rest(more);
                         continue;
                     }
                     Step::PassOn => {
@@ -720,7 +912,8 @@ impl Session {
                 match self.attach_and_begin().await {
                     Ok(()) => {}
                     Err(AttachError::NoPrimary(message)) => {
-                        *pos += header.frame_len;
+                        *pos += len;
+                        self.discard_rest(more);
                         self.fail_batch(
                             tag,
                             sqlstate::NO_PRIMARY,
@@ -732,7 +925,8 @@ impl Session {
                         continue;
                     }
                     Err(AttachError::Refused(fields)) => {
-                        *pos += header.frame_len;
+                        *pos += len;
+                        self.discard_rest(more);
                         let message = format!(
                             "the primary refused the router's connection: {}",
                             fields.message
@@ -741,7 +935,8 @@ impl Session {
                         continue;
                     }
                     Err(AttachError::PoolFull(message)) => {
-                        *pos += header.frame_len;
+                        *pos += len;
+                        self.discard_rest(more);
                         self.fail_batch(
                             tag,
                             sqlstate::TOO_MANY_CONNECTIONS,
@@ -774,7 +969,8 @@ impl Session {
                 }
             }
             if self.server.is_none() {
-                *pos += header.frame_len;
+                *pos += len;
+                self.discard_rest(more);
                 if starts_work {
                     self.fail_batch(
                         tag,
@@ -785,13 +981,51 @@ impl Session {
                 }
                 continue;
             }
-            let frame = &self.client.rbuf[*pos..*pos + header.frame_len];
+            if more > 0 && tag == b'P' && self.tx_mode {
+                let named = cstr(&self.client.rbuf[*pos + 5..*pos + len])
+                    .is_some_and(|(name, _)| !name.is_empty());
+                if named {
+                    // Its frame would have to be kept to prepare it again
+                    // on the next transaction's connection.
+                    self.close_after_answers(Some(Refusal {
+                        code: sqlstate::PROGRAM_LIMIT_EXCEEDED,
+                        message: format!("a named prepared statement of {} bytes is larger than the router keeps in transaction mode ({WHOLE_MAX} bytes)", header.frame_len),
+                        hint: Some("Use the unnamed statement for it, or session mode."),
+                        drain: true,
+                    }));
+                    return Ok(());
+                }
+            }
+            let frame = &self.client.rbuf[*pos..*pos + len];
             let pooled = if self.tx_mode {
                 self.server.as_mut()
             } else {
                 None
             };
             match tag {
+                b'Q' if more > 0 => {
+                    self.large_sql = Some(LargeSql::new(&frame[5..]));
+                    self.outstanding += 1;
+                    self.stmts.sent += 1;
+                }
+                b'P' if more > 0 => {
+                    // Too large to keep: a named one cannot be restored
+                    // elsewhere (transaction mode refused it above).
+                    if let Some((name, rest)) = cstr(&frame[5..]) {
+                        if name.is_empty() {
+                            // Its text is no COMMIT or ROLLBACK.
+                            self.unnamed_ends = false;
+                        } else {
+                            self.state.mark_untracked();
+                        }
+                        self.large_sql = Some(LargeSql::new(rest));
+                    }
+                    if pooled.is_some() {
+                        // Unnamed: nothing to keep, only its answer to count.
+                        self.stmts.parses.push_back((self.stmts.sent, false));
+                    }
+                    self.open_batch = true;
+                }
                 b'Q' => {
                     if let Some((sql, _)) = cstr(&frame[5..]) {
                         // Most statements are plain DML: the quick check
@@ -876,8 +1110,37 @@ impl Session {
                 b'E' => self.open_batch = true,
                 _ => {}
             }
-            forward.pass(&self.client.rbuf, &mut self.swbuf, *pos, header.frame_len);
-            *pos += header.frame_len;
+            if matches!(tag, b'Q' | b'P') {
+                self.pin_if_sticky();
+            }
+            forward.pass(&self.client.rbuf, &mut self.swbuf, *pos, len);
+            *pos += len;
+            if more > 0 {
+                self.client_partial = more;
+            }
+        }
+    }
+
+    /// The rest (`more` bytes) of the message being handled goes nowhere.
+    fn discard_rest(&mut self, more: usize) {
+        if more > 0 {
+            self.client_partial = more;
+            self.client_discard = true;
+        }
+    }
+
+    /// A large Query or Parse was sent whole: what it may have done to the
+    /// session's state (see [`LargeSql`]).
+    fn end_large_sql(&mut self) {
+        let Some(sql) = self.large_sql.take() else {
+            return;
+        };
+        if sql.may_change_state() {
+            self.state.mark_untracked();
+            if let Some(server) = self.server.as_mut().filter(|_| self.tx_mode) {
+                forget_all(server);
+            }
+            self.pin_if_sticky();
         }
     }
 
@@ -1017,6 +1280,11 @@ impl Session {
         self.cancel.set_target(None);
         self.busy = None;
         self.stmts.reset();
+        if self.client_partial > 0 {
+            // The rest of the client's message has nowhere to go.
+            self.client_discard = true;
+            self.large_sql = None;
+        }
         if self.partial > 0 {
             // The client holds half a message: its framing cannot be recovered.
             tracing::info!(
@@ -1032,6 +1300,39 @@ impl Session {
         let ending = self.ending.take().is_some();
         let in_tx = self.tx != b'I' && !ending;
         let statement = self.outstanding > 0 || self.open_batch;
+        // For a session that ends here (state that cannot move): what
+        // happened when no statement was in flight, and whether the primary
+        // changed (only then may the FATAL say so).
+        let (idle_head, primary_changed) = match loss {
+            Loss::Lost(reason) => {
+                let routing = self.shared.routing.load();
+                let now = routing.epoch;
+                if now > server.epoch {
+                    (format!("the primary changed (epoch {} to {now}) and the connection to the old primary was lost ({reason})", server.epoch), true)
+                } else if routing.draining() {
+                    // The old primary is being demoted: it ends its
+                    // connections before the monitor names the new one.
+                    (
+                        format!(
+                            "lost the connection to the primary during a switchover ({reason})"
+                        ),
+                        true,
+                    )
+                } else {
+                    (
+                        format!("lost the connection to the primary ({reason})"),
+                        false,
+                    )
+                }
+            }
+            Loss::Switchover => (
+                "a switchover drain ended this session's connection to the primary".to_string(),
+                true,
+            ),
+            Loss::PrimaryChanged { from, to } => {
+                (format!("the primary changed (epoch {from} to {to})"), true)
+            }
+        };
         let (code, message, hint) = match loss {
             Loss::Lost(reason) => {
                 let message = match (in_tx, statement) {
@@ -1080,6 +1381,26 @@ impl Session {
             }
         };
         drop(server);
+        self.pinned = None;
+        if !self.tx_mode {
+            if let Some(sticky) = self.state.sticky() {
+                let head = if in_tx || statement || ending {
+                    message
+                } else {
+                    idle_head
+                };
+                let message = lost::stranded(&head, sticky.describe(), primary_changed);
+                tracing::info!(%message, "a session whose state cannot move lost its server connection: ending it");
+                backend::error(
+                    &mut self.client.wbuf,
+                    Severity::Fatal,
+                    code,
+                    &message,
+                    Some(lost::STRANDED_HINT),
+                );
+                return Err(Ended);
+            }
+        }
         self.state.discard_pending();
         let out = &mut self.client.wbuf;
         if in_tx {

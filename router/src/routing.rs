@@ -97,6 +97,25 @@ impl Routing {
 #[derive(Default)]
 struct Gate {
     busy: BTreeMap<i64, usize>,
+    /// Sessions holding state that cannot move (LISTEN, temporary tables...)
+    /// on a server of each epoch, idle or not: a new epoch must reach them
+    /// at once, so that they end instead of waiting unaware on the old one.
+    pinned: BTreeMap<i64, usize>,
+}
+
+/// Takes one off `epoch`'s count in `counts`.
+fn release(counts: &mut BTreeMap<i64, usize>, epoch: i64) -> bool {
+    let last = match counts.get_mut(&epoch) {
+        Some(n) => {
+            *n = n.saturating_sub(1);
+            *n == 0
+        }
+        None => true,
+    };
+    if last {
+        counts.remove(&epoch);
+    }
+    last
 }
 
 /// Why sessions are told to cut what they have open on a server.
@@ -168,19 +187,25 @@ impl Busy {
     }
 }
 
+/// A session's mark that it holds state that cannot move (see
+/// [`crate::tracking::Sticky`]) on a server of `epoch`; dropping it ends the
+/// mark. While a session holds one, a newer epoch sends a cut order even when
+/// no session is busy, so that the session learns of the change at once.
+pub struct Pinned {
+    table: Arc<RoutingTable>,
+    epoch: i64,
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        release(&mut self.table.lock().pinned, self.epoch);
+    }
+}
+
 impl Drop for Busy {
     fn drop(&mut self) {
         let mut gate = self.table.lock();
-        let last = match gate.busy.get_mut(&self.epoch) {
-            Some(n) => {
-                *n = n.saturating_sub(1);
-                *n == 0
-            }
-            None => true,
-        };
-        if last {
-            gate.busy.remove(&self.epoch);
-        }
+        let last = release(&mut gate.busy, self.epoch);
         drop(gate);
         // A drain waits for no session busy on its epoch: only the last one
         // ending can be what it waits for (telling it every time cost a
@@ -232,7 +257,10 @@ impl RoutingTable {
         let old = self.current.load();
         // Sessions can only be busy on an epoch that was the target: in the
         // table, never one newer than the one now published.
-        if epoch > old.epoch && gate.busy.range(..epoch).next().is_some() {
+        if epoch > old.epoch
+            && (gate.busy.range(..epoch).next().is_some()
+                || gate.pinned.range(..epoch).next().is_some())
+        {
             tracing::info!(
                 from = old.epoch,
                 to = epoch,
@@ -283,6 +311,15 @@ impl RoutingTable {
             table: self.clone(),
             epoch,
         })
+    }
+
+    /// Marks a session as holding state that cannot move on a server of `epoch`.
+    pub fn pin(self: &Arc<Self>, epoch: i64) -> Pinned {
+        *self.lock().pinned.entry(epoch).or_default() += 1;
+        Pinned {
+            table: self.clone(),
+            epoch,
+        }
     }
 
     /// Sessions busy on `epoch` now.
@@ -427,11 +464,20 @@ mod tests {
         drop(on_two);
         table.publish(4, primary(NodeState::WaitPrimary, NodeState::WaitPrimary));
         assert!(!cuts.has_changed().expect("open"), "nobody was busy");
+        // An idle session pinned to an older epoch (LISTEN...) is told too.
+        let pinned = table.pin(4);
+        table.publish(5, primary(NodeState::WaitPrimary, NodeState::WaitPrimary));
+        let cut = cuts.borrow_and_update().1.expect("a cut order");
+        assert_eq!(cut.reason, CutReason::PrimaryChanged { to: 5 });
+        assert!(cut.applies_to(4));
+        drop(pinned);
+        table.publish(6, primary(NodeState::WaitPrimary, NodeState::WaitPrimary));
+        assert!(!cuts.has_changed().expect("open"), "the pin was dropped");
         // A drain's cut names its own epoch.
-        table.cut(4);
+        table.cut(6);
         let cut = cuts.borrow_and_update().1.expect("a cut order");
         assert_eq!(cut.reason, CutReason::DrainTimeout);
-        assert!(cut.applies_to(4) && cut.applies_to(3) && !cut.applies_to(5));
+        assert!(cut.applies_to(6) && cut.applies_to(5) && !cut.applies_to(7));
     }
 
     #[test]

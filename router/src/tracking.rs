@@ -51,6 +51,9 @@ pub enum Sticky {
     SqlPrepare,
     /// DECLARE ... WITH HOLD.
     HoldCursor,
+    /// Whatever a statement too large to be read whole (streamed to the
+    /// server, see [`LargeSql`]) may have set up: the router cannot tell.
+    Untracked,
 }
 
 impl Sticky {
@@ -62,6 +65,9 @@ impl Sticky {
             Sticky::Listen => "LISTEN registrations",
             Sticky::SqlPrepare => "SQL PREPAREd statements",
             Sticky::HoldCursor => "WITH HOLD cursors",
+            Sticky::Untracked => {
+                "state set up by a statement too large for the router to read whole"
+            }
         }
     }
 }
@@ -204,6 +210,113 @@ fn rarity(b: u8) -> u8 {
         table
     };
     RARITY[b as usize]
+}
+
+/// What the router can tell of a statement text too large to hold (a Query
+/// or Parse streamed to the server in pieces), reading each piece once and
+/// keeping nothing of it: whether it is one plain DML or transaction-control
+/// statement without "advisory" (see [`interesting`]), which changes no
+/// session state. Anything else may have (a SET or a LISTEN after a large
+/// INSERT), and the session is then treated as holding state that cannot
+/// move ([`Sticky::Untracked`]).
+#[derive(Debug)]
+pub(crate) struct LargeSql {
+    /// The first word is plain (the prefix starts one plain statement).
+    plain: bool,
+    /// A semicolon was seen: any text but more semicolons and white space
+    /// after it starts another statement.
+    after_semicolon: bool,
+    /// Another statement may follow, or "advisory" was seen.
+    suspicious: bool,
+    /// The last bytes of the previous piece, for a word split across pieces.
+    carry: Vec<u8>,
+    /// The text ended (its terminating NUL was seen).
+    done: bool,
+}
+
+impl LargeSql {
+    /// Starts with the first piece of the text (no NUL in it).
+    pub fn new(first: &[u8]) -> LargeSql {
+        let mut scan = LargeSql {
+            plain: !interesting(first_word(first)),
+            after_semicolon: false,
+            suspicious: false,
+            carry: Vec::new(),
+            done: false,
+        };
+        scan.feed(first);
+        scan
+    }
+
+    /// The next piece; the text ends at a NUL (what follows, a Parse's
+    /// parameter types, is not text).
+    pub fn feed(&mut self, piece: &[u8]) {
+        if self.done || self.suspicious {
+            return;
+        }
+        let piece = match memchr::memchr(0, piece) {
+            Some(nul) => {
+                self.done = true;
+                &piece[..nul]
+            }
+            None => piece,
+        };
+        const WORD: &str = "advisory";
+        const KEEP: usize = WORD.len() - 1;
+        let mut seam = std::mem::take(&mut self.carry);
+        let joined = seam.len();
+        seam.extend_from_slice(&piece[..piece.len().min(KEEP)]);
+        if contains_ci(&seam, WORD) || contains_ci(piece, WORD) {
+            self.suspicious = true;
+            return;
+        }
+        let mut rest = piece;
+        loop {
+            if self.after_semicolon {
+                match rest
+                    .iter()
+                    .position(|c| !c.is_ascii_whitespace() && *c != b';')
+                {
+                    Some(_) => {
+                        self.suspicious = true;
+                        return;
+                    }
+                    None => break,
+                }
+            }
+            match memchr::memchr(b';', rest) {
+                Some(at) => {
+                    self.after_semicolon = true;
+                    rest = &rest[at + 1..];
+                }
+                None => break,
+            }
+        }
+        // The last KEEP bytes of everything so far.
+        seam.truncate(joined);
+        seam.extend_from_slice(&piece[piece.len().saturating_sub(KEEP)..]);
+        let cut = seam.len().saturating_sub(KEEP);
+        seam.drain(..cut);
+        self.carry = seam;
+    }
+
+    /// Whether the statement may have changed session state.
+    pub fn may_change_state(&self) -> bool {
+        !self.plain || self.suspicious
+    }
+}
+
+/// The text up to the end of its first word (leading white space included).
+fn first_word(sql: &[u8]) -> &[u8] {
+    let start = sql
+        .iter()
+        .position(|c| !c.is_ascii_whitespace())
+        .unwrap_or(sql.len());
+    let end = sql[start..]
+        .iter()
+        .position(|c| !(c.is_ascii_alphanumeric() || *c == b'_'))
+        .map_or(sql.len(), |n| start + n);
+    &sql[..end]
 }
 
 /// Quick check: can this SQL possibly change tracked session state? It runs
@@ -466,6 +579,14 @@ impl SessionState {
         self.cycle_rollback = false;
     }
 
+    /// A statement too large to read whole was sent, and it may have set up
+    /// anything.
+    pub fn mark_untracked(&mut self) {
+        if !self.sticky.contains(&Sticky::Untracked) {
+            self.sticky.push(Sticky::Untracked);
+        }
+    }
+
     /// State that cannot move, if any.
     pub fn sticky(&self) -> Option<Sticky> {
         self.sticky.first().copied()
@@ -552,6 +673,39 @@ mod tests {
         assert!(interesting("select 1;set a = 1"));
         assert!(interesting("select pg_advisory_lock(1);"));
         assert!(interesting("SET a = 1;"));
+    }
+
+    #[test]
+    fn a_large_statement_read_in_pieces_is_plain_only_when_it_is_one_plain_statement() {
+        let scan = |pieces: &[&str]| {
+            let mut s = LargeSql::new(pieces[0].as_bytes());
+            for p in &pieces[1..] {
+                s.feed(p.as_bytes());
+            }
+            s.may_change_state()
+        };
+        let cases: &[(&[&str], bool)] = &[
+            (&["INSERT INTO t VALUES ('", "xxxx", "xx')\0"], false),
+            (
+                &["INSERT INTO t VALUES ('", "xxxx", "')  ;  \n", "\0"],
+                false,
+            ),
+            (&["INSERT INTO t VALUES ('", "xx');", " SET a = 1\0"], true),
+            (
+                &["INSERT INTO t VALUES ('", "xx')", ";", "  ", "LISTEN x\0"],
+                true,
+            ),
+            (&["SET a = '", "xxxx'\0"], true),
+            (&["select '", "pg_adv", "isory_lock'\0"], true),
+            (&["select '", "x ADVISORY x'\0"], true),
+            // After the text's NUL (a Parse's parameter types), nothing counts.
+            (&["select '", "x'\0;abc"], false),
+            (&["  update t set a = '", "x'\0"], false),
+            (&["with x as (select 1) ", "select 1\0"], true),
+        ];
+        for (pieces, expected) in cases {
+            assert_eq!(scan(pieces), *expected, "{pieces:?}");
+        }
     }
 
     #[test]
