@@ -199,6 +199,7 @@ mod tests {
             tli: 1,
             lsn: 0x3000148,
             upstream_streaming: false,
+            upstream_silence: None,
             report_age: None,
             health: Health::Good,
             candidate_priority: 50,

@@ -705,6 +705,7 @@ mod tests {
             tli: 1,
             lsn,
             upstream_streaming: false,
+            upstream_silence: None,
             report_age: Some(Duration::from_millis(400)),
             health: Health::Good,
             candidate_priority: 50,

@@ -55,6 +55,10 @@ pub enum Exit {
 /// does not answer is treated like one that is gone.
 const MONITOR_CALL_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The time a primary near its fence gives its last report to the monitor
+/// (a report to a monitor that is there takes milliseconds).
+const LAST_REPORT_BEFORE_FENCE: Duration = Duration::from_millis(250);
+
 /// Runs the keeper for the node at `paths` until `shutdown`.
 pub async fn run(paths: NodePaths, mode: RunMode, shutdown: Shutdown) -> Result<Exit, KeeperError> {
     let config = NodeConfig::load(&paths.config)?;
@@ -185,8 +189,30 @@ impl Keeper {
                 // Report the new state at once: the monitor is waiting for it.
                 continue;
             }
-            self.wait(interval, shutdown).await;
+            let next = self.next_round_in(&observation, interval);
+            self.wait(next, shutdown).await;
         }
+    }
+
+    /// How long to wait before the next round. A standby whose WAL receiver
+    /// has heard nothing from the primary for two keepalive periods reports
+    /// often: the monitor counts that silence from its reports, and starts a
+    /// failover as soon as it is long enough. A primary that may have to fence
+    /// itself wakes in time to try the monitor one last time before its fence
+    /// is due, rather than up to an interval late.
+    fn next_round_in(&self, observation: &Observation, interval: Duration) -> Duration {
+        let timings = &self.config.timeout;
+        let mut next = interval;
+        if observation
+            .upstream_silence
+            .is_some_and(|silence| silence > timings.wal_sender_timeout())
+        {
+            next = next.min(timings.silent_upstream_report_interval());
+        }
+        if let Some(fence) = self.time_to_fence() {
+            next = next.min(fence.saturating_sub(LAST_REPORT_BEFORE_FENCE));
+        }
+        next
     }
 
     fn log_error(&mut self, message: String) {
@@ -273,6 +299,7 @@ impl Keeper {
             lsn: self.last_lsn,
             rep_state: observation.rep_state.clone(),
             upstream_streaming: observation.upstream_streaming,
+            upstream_silence: observation.upstream_silence,
         };
         let monitor = self.monitor().await?;
         let assigned = tokio::time::timeout(MONITOR_CALL_TIMEOUT, monitor.report(&report))
@@ -300,6 +327,12 @@ impl Keeper {
         let Some(left) = self.time_to_fence() else {
             return self.report(observation).await;
         };
+        // A keeper that was itself stopped (its whole node frozen) finds the
+        // fence due or nearly due when it runs again, though nothing may be
+        // wrong with the network: it gets a short last chance to reach the
+        // monitor. A keeper cut off from the network is already in this
+        // report when the fence falls due (`next_round_in` woke it earlier).
+        let left = left.max(LAST_REPORT_BEFORE_FENCE);
         tokio::time::timeout(left, self.report(observation))
             .await
             .unwrap_or_else(|_| {
@@ -318,7 +351,7 @@ impl Keeper {
         ) {
             return None;
         }
-        let timeout = Duration::from_millis(self.config.timeout.network_partition_timeout_ms);
+        let timeout = self.config.timeout.network_partition_timeout();
         let silent = self
             .monitor_heard
             .elapsed()

@@ -254,6 +254,7 @@ mod reachability {
             tli: 1,
             lsn: 0x3000000,
             upstream_streaming: false,
+            upstream_silence: None,
             health: if alive { Health::Good } else { Health::Bad },
             report_age: Some(if alive {
                 Duration::from_millis(100)

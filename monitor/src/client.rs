@@ -44,6 +44,9 @@ pub struct NodeRow {
     pub lsn: u64,
     /// A standby still hears from its primary.
     pub upstream_streaming: bool,
+    /// How long the standby's WAL receiver had heard nothing from the
+    /// primary when it last reported (`None`: not streaming, or not said).
+    pub upstream_silence: Option<Duration>,
     /// Time since the last report.
     pub report_age: Option<Duration>,
     /// Health check verdict.
@@ -66,6 +69,7 @@ impl NodeRow {
             tli: self.tli,
             lsn: self.lsn,
             upstream_streaming: self.upstream_streaming,
+            upstream_silence: self.upstream_silence,
             health: self.health,
             report_age: self.report_age,
             candidate_priority: self.candidate_priority,
@@ -85,7 +89,7 @@ pub(crate) const NODE_COLUMNS: &str =
      n.goal_state::text, n.reported_state::text, n.reported_pg_running, n.reported_rep_state, \
      n.reported_tli, n.reported_lsn::text, n.upstream_streaming, \
      (extract(epoch FROM clock_timestamp() - n.report_time) * 1000)::float8, \
-     n.health, n.candidate_priority, n.replication_quorum";
+     n.health, n.candidate_priority, n.replication_quorum, n.upstream_silence_ms";
 
 impl NodeRow {
     pub(crate) fn from_row(row: &Row) -> Result<NodeRow, MonitorError> {
@@ -113,6 +117,9 @@ impl NodeRow {
             health: Health::from_db(row.try_get(14)?),
             candidate_priority: row.try_get(15)?,
             replication_quorum: row.try_get(16)?,
+            upstream_silence: row
+                .try_get::<_, Option<i64>>(17)?
+                .map(|ms| Duration::from_millis(u64::try_from(ms).unwrap_or(0))),
         })
     }
 }
@@ -204,6 +211,9 @@ pub struct NodeReport {
     pub rep_state: String,
     /// A standby still hears from its primary.
     pub upstream_streaming: bool,
+    /// While streaming: how long ago the standby last received a message
+    /// (WAL or keepalive) from its primary.
+    pub upstream_silence: Option<Duration>,
 }
 
 /// The monitor's answer to a report: the node's goal.
@@ -513,7 +523,8 @@ impl MonitorClient {
                            SET reported_state = $2::text::hapg.replication_state,
                                reported_pg_running = $3, reported_tli = $4,
                                reported_lsn = $5::text::pg_lsn, reported_rep_state = $6,
-                               upstream_streaming = $7, report_time = now()
+                               upstream_streaming = $7, upstream_silence_ms = $8,
+                               report_time = now()
                           FROM old WHERE n.node_id = old.node_id
                       RETURNING n.*, old.before),
                   changed AS (
@@ -546,6 +557,9 @@ impl MonitorClient {
                     &format_lsn(report.lsn),
                     &report.rep_state,
                     &report.upstream_streaming,
+                    &report
+                        .upstream_silence
+                        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
                 ],
             )
             .await?

@@ -28,7 +28,12 @@ pub const CHANNEL_REQUEST: &str = "hapg_request";
 pub const CHANNEL_DRAIN: &str = "hapg_drain";
 
 /// Ordered migrations; a version is never edited once released, only added.
-const MIGRATIONS: &[(i32, &str)] = &[(1, MIGRATION_1), (2, MIGRATION_2), (3, MIGRATION_3)];
+const MIGRATIONS: &[(i32, &str)] = &[
+    (1, MIGRATION_1),
+    (2, MIGRATION_2),
+    (3, MIGRATION_3),
+    (4, MIGRATION_4),
+];
 
 const MIGRATION_1: &str = r#"
 CREATE TYPE hapg.replication_state AS ENUM (
@@ -135,6 +140,13 @@ const MIGRATION_3: &str = r#"
 ALTER TABLE hapg.formation ADD COLUMN switchover_target bigint;
 -- The value of a settings request (candidate priority, replication quorum, ...).
 ALTER TABLE hapg.request ADD COLUMN value text;
+"#;
+
+/// How long a standby's WAL receiver had heard nothing from the primary.
+const MIGRATION_4: &str = r#"
+-- As of the keeper's last report; NULL when its WAL receiver does not stream.
+-- The monitor counts a standby silent for long enough as no longer streaming.
+ALTER TABLE hapg.node ADD COLUMN upstream_silence_ms bigint;
 "#;
 
 /// The schema version this binary expects.
