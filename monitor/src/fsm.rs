@@ -674,8 +674,10 @@ fn failover_decision(view: &GroupView, p: &NodeView, a: &NodeView) -> Decision {
     } else if view.hears_primary(a) {
         Some(format!(
             "the standby heard from the primary {} ago, so the primary is alive",
-            a.upstream_silence
-                .map_or_else(|| "recently".to_string(), |d| format!("{} ms", d.as_millis()))
+            a.upstream_silence.map_or_else(
+                || "recently".to_string(),
+                |d| format!("{} ms", d.as_millis())
+            )
         ))
     } else if !view.failover_is_lossless(p, a) {
         Some(format!(
