@@ -985,7 +985,11 @@ mod tests {
             promoted_after: s(3_300),
             ..CutTimes::default()
         };
-        assert_eq!(freeze.violation(), None, "a frozen node cannot fence itself");
+        assert_eq!(
+            freeze.violation(),
+            None,
+            "a frozen node cannot fence itself"
+        );
     }
 
     #[test]
