@@ -605,11 +605,19 @@ async fn inject(
     match fault {
         Fault::PowerOff => {
             let postmaster = drill::postmaster_pid(&bench.pgdata(primary));
+            let killed_at = SystemTime::now();
             bench.sup.kill(primary);
             if let Some(pid) = postmaster {
                 drill::kill_tree(pid);
             }
             wait_writable(monitor, standby).await?;
+            let promoted_at = assigned_at(&bench.monitor_uri, standby, "wait_primary", killed_at)
+                .await
+                .context("reading the promotion event")?;
+            bench.last_cut = Some(CutTimes {
+                promoted_after: promoted_at.and_then(|t| t.duration_since(killed_at).ok()),
+                ..CutTimes::default()
+            });
             bench.restart_node(primary)?;
             wait_converged(monitor, standby, primary).await
         }
