@@ -44,45 +44,14 @@ fn ip(args: &[&str]) {
     );
 }
 
-/// A value that differs between runs: the process id mixed with the clock.
-fn run_seed() -> u32 {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or_default();
-    std::process::id().wrapping_mul(2_654_435_761) ^ nanos
-}
-
-/// A /24 in 10.0.0.0/8 (private) that no address or route of the host
-/// touches, so that leftovers of an earlier run (or another run at the same
-/// time) cannot collide with this one.
-fn free_subnet(seed: u32) -> String {
-    let output = |args: &[&str]| {
-        let out = Command::new("ip").args(args).output().expect("run ip");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    let used = format!(
-        "{}\n{}",
-        output(&["-4", "-o", "addr", "show"]),
-        output(&["-4", "route", "show", "table", "all"])
-    );
-    (0..64u32)
-        .map(|attempt| {
-            let x = seed.wrapping_add(attempt.wrapping_mul(7919));
-            format!("10.{}.{}", 100 + (x >> 8) % 128, x % 256)
-        })
-        .find(|prefix| !used.contains(&format!("{prefix}.")))
-        .expect("a free /24 in 10.100.0.0/9")
-}
-
 impl Split {
     /// A namespace on a /24 of its own chosen for this run, named after
     /// this process and the moment, so that parallel or leftover test runs do
     /// not collide.
     fn create(tag: &str) -> Split {
-        let seed = run_seed();
+        let seed = hapg::netns::run_seed();
         let id = seed % 100_000;
-        let subnet = free_subnet(seed);
+        let subnet = hapg::netns::free_subnet(seed).expect("a free /24 in 10.100.0.0/9");
         let split = Split {
             ns: format!("hapg-{id}-{tag}"),
             host_if: format!("h{id}{tag}"),

@@ -11,7 +11,6 @@
 //! run under `flock /tmp/hapg-netns.lock` when other runs may use namespaces.
 
 use std::process::Command;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 
@@ -52,39 +51,13 @@ fn ip(args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// A value that differs between runs: the process id mixed with the clock.
-fn run_seed() -> u32 {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or_default();
-    std::process::id().wrapping_mul(2_654_435_761) ^ nanos
-}
-
-/// A /24 in 10.0.0.0/8 that no address or route of the host touches.
-fn free_subnet(seed: u32) -> Result<String> {
-    let used = format!(
-        "{}\n{}",
-        ip(&["-4", "-o", "addr", "show"])?,
-        ip(&["-4", "route", "show", "table", "all"])?
-    );
-    for attempt in 0..64u32 {
-        let x = seed.wrapping_add(attempt.wrapping_mul(7919));
-        // 10.100.0.0 to 10.227.255.0: away from the low subnets people use.
-        let prefix = format!("10.{}.{}", 100 + (x >> 8) % 128, x % 256);
-        if !used.contains(&format!("{prefix}.")) {
-            return Ok(prefix);
-        }
-    }
-    bail!("no free /24 found in 10.100.0.0/9 for the bench's network namespaces")
-}
-
 impl Net {
     /// Creates the bridge and a namespace for each of `names`, linked and up.
     pub fn create(names: &[&str]) -> Result<Net> {
-        let seed = run_seed();
+        let seed = hapg::netns::run_seed();
         let tag = format!("{:05x}", seed % 0x10_0000);
-        let prefix = free_subnet(seed)?;
+        let prefix = hapg::netns::free_subnet(seed)
+            .context("no free /24 in 10.100.0.0/9 for the bench's network namespaces")?;
         let mut net = Net {
             bridge: format!("hb{tag}br"),
             host_ip: format!("{prefix}.1"),
