@@ -210,7 +210,10 @@ impl Keeper {
             next = next.min(timings.silent_upstream_report_interval());
         }
         if let Some(fence) = self.time_to_fence() {
-            next = next.min(fence.saturating_sub(LAST_REPORT_BEFORE_FENCE));
+            // Never zero: a report refused at once must not make a busy loop
+            // of the last moments before the fence.
+            let last_report = fence.saturating_sub(LAST_REPORT_BEFORE_FENCE);
+            next = next.min(last_report.max(Duration::from_millis(10)));
         }
         next
     }
