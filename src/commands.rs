@@ -10,7 +10,7 @@ use hapg_keeper::create::{self, InstanceOptions, NodeOptions};
 use hapg_keeper::keeper::{self, Exit, RunMode, Shutdown};
 use hapg_keeper::{pidfile, postgres, NodePaths};
 use hapg_monitor::client::{NodeRow, RequestKind};
-use hapg_monitor::{MonitorClient, NodeState};
+use hapg_monitor::{MonitorClient, MonitorError, NodeState};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::show;
@@ -75,6 +75,7 @@ fn instance_options(args: &InstanceArgs) -> Result<InstanceOptions> {
     if args.hostname.trim().is_empty() {
         bail!("--hostname must not be empty");
     }
+    check_resolves(&args.hostname, args.pgport)?;
     Ok(InstanceOptions {
         pgdata: args.pgdata.clone(),
         port: args.pgport,
@@ -87,6 +88,18 @@ fn instance_options(args: &InstanceArgs) -> Result<InstanceOptions> {
         bindir: args.pgctl.clone().unwrap_or_else(postgres::default_bindir),
         username: args.username.clone(),
     })
+}
+
+/// Refuses a `--hostname` that does not resolve, before anything is created:
+/// the monitor would register it and then health-check whatever address the
+/// name later points at, or nothing.
+fn check_resolves(hostname: &str, port: u16) -> Result<()> {
+    use std::net::ToSocketAddrs;
+    match (hostname, port).to_socket_addrs().map(|mut a| a.next()) {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => bail!("--hostname {hostname:?} resolves to no address; give a name or address the other nodes and the monitor can reach"),
+        Err(e) => bail!("--hostname {hostname:?} does not resolve ({e}); give a name or address the other nodes and the monitor can reach"),
+    }
 }
 
 /// A password given on the command line or in a file (first line, trimmed).
@@ -702,7 +715,8 @@ async fn perform_switchover(args: PerformArgs, promote: Option<String>) -> Resul
         }
     };
     let mut progress = Progress::new();
-    monitor
+    let silent_after = MonitorTimings::default().unhealthy_timeout;
+    let nodes = monitor
         .wait_until(
             &t.formation,
             "the new primary and its standbys",
@@ -715,13 +729,28 @@ async fn perform_switchover(args: PerformArgs, promote: Option<String>) -> Resul
                         && wanted.is_none_or(|w| w == n.node_id)
                 });
                 new_primary.is_some()
-                    && nodes.iter().filter(|n| !n.is_converged_primary()).all(|n| {
-                        n.reported == n.goal
-                            && matches!(n.goal, NodeState::Secondary | NodeState::Maintenance)
-                    })
+                    && nodes
+                        .iter()
+                        .filter(|n| !n.is_converged_primary() && !n.is_silent(silent_after))
+                        .all(|n| {
+                            n.reported == n.goal
+                                && matches!(n.goal, NodeState::Secondary | NodeState::Maintenance)
+                        })
             },
         )
         .await?;
+    let skipped: Vec<&str> = nodes
+        .iter()
+        .filter(|n| !n.is_converged_primary() && n.is_silent(silent_after))
+        .map(|n| n.name.as_str())
+        .collect();
+    if !skipped.is_empty() {
+        println!(
+            "did not wait for {}: not reporting to the monitor and failing its health checks; \
+             they rejoin as standbys when they are back",
+            skipped.join(", ")
+        );
+    }
     Ok(())
 }
 
@@ -778,11 +807,19 @@ async fn set_command(cmd: SetCommand) -> Result<()> {
 
 trait NodeRowExt {
     fn is_converged_primary(&self) -> bool;
+    /// Down as far as the monitor can tell: no report for `after` and failing
+    /// its health checks (a powered-off node). Commands that wait for a group
+    /// to converge do not wait for such a node.
+    fn is_silent(&self, after: Duration) -> bool;
 }
 
 impl NodeRowExt for NodeRow {
     fn is_converged_primary(&self) -> bool {
         self.reported == NodeState::Primary && self.goal == NodeState::Primary
+    }
+
+    fn is_silent(&self, after: Duration) -> bool {
+        self.health == hapg_monitor::Health::Bad && self.report_age.is_none_or(|age| age > after)
     }
 }
 
@@ -916,6 +953,12 @@ fn config_command(cmd: ConfigCommand) -> Result<()> {
         }
         ConfigCommand::Set { pgdata, key, value } => {
             let (paths, _) = load_config(&pgdata)?;
+            if hapg_config::READ_ONLY_KEYS.contains(&key.as_str()) {
+                bail!(
+                    "{key} cannot be changed: it identifies this node to the monitor and the \
+                     other nodes (drop the node and create it again to change it)"
+                );
+            }
             let text = std::fs::read_to_string(&paths.config)?;
             let mut doc: toml::Value = toml::from_str(&text)?;
             let (section, name) = key
@@ -943,11 +986,47 @@ fn config_command(cmd: ConfigCommand) -> Result<()> {
             };
             table.insert(name.to_string(), new);
             let text = toml::to_string_pretty(&doc)?;
-            NodeConfig::parse(&paths.config, &text)?;
+            let config = NodeConfig::parse(&paths.config, &text)?;
+            if key == "postgresql.bindir" {
+                let pg_ctl = config.postgresql.bindir.join("pg_ctl");
+                if !pg_ctl.is_file() {
+                    bail!(
+                        "{key}: {} has no pg_ctl",
+                        config.postgresql.bindir.display()
+                    );
+                }
+            }
             hapg_keeper::paths::write_atomic(&paths.config, text.as_bytes())?;
             println!("{value}");
             Ok(())
         }
+    }
+}
+
+/// Refuses to start a router whose formation the monitor does not have: it
+/// would follow nothing and hold every client. A monitor that does not answer
+/// yet is no reason to refuse: the router starts and follows it once it does.
+async fn check_router_formation(
+    path: &Path,
+    router: &hapg_config::router::RouterSection,
+) -> Result<()> {
+    let monitor = match MonitorClient::connect_with_retry(&router.monitor, Duration::from_secs(3))
+        .await
+    {
+        Ok(monitor) => monitor,
+        Err(e) if e.is_transient() || e.is_monitor_not_ready() => {
+            tracing::warn!(error = %e, "monitor not reachable at start; the router follows it once it answers");
+            return Ok(());
+        }
+        Err(e) => bail!("{}: router.monitor: {e}", path.display()),
+    };
+    match monitor.formation(&router.formation).await {
+        Ok(_) => Ok(()),
+        Err(MonitorError::NoSuchFormation(name)) => bail!(
+            "{}: router.formation: the monitor has no formation {name:?} (`hapg show state --monitor URI` lists what it has)",
+            path.display()
+        ),
+        Err(e) => bail!("{}: router.monitor: {e}", path.display()),
     }
 }
 
@@ -957,6 +1036,7 @@ fn lookup<'a>(doc: &'a toml::Value, key: &str) -> Option<&'a toml::Value> {
 
 async fn router_run(path: PathBuf) -> Result<()> {
     let config = hapg_config::router::RouterConfig::load(&path)?;
+    check_router_formation(&path, &config.router).await?;
     let listener = hapg_router::bind(&config)
         .with_context(|| format!("cannot listen on {}", config.router.listen))?;
     let shutdown = shutdown_on_signals()?;

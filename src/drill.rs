@@ -25,6 +25,30 @@ pub struct Ack {
     pub at: f64,
 }
 
+/// A statement of a writer that failed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Failure {
+    /// The id it tried to insert (its outcome is unknown; never reused).
+    pub id: i64,
+    /// When it was sent and when it ended, in seconds since the Unix epoch on
+    /// this machine's clock (the one the servers and the monitor use).
+    pub sent_at: f64,
+    pub ended_at: f64,
+    /// The SQLSTATE of the error the server (or the router) answered with;
+    /// `None` when the connection ended or the writer's own timeout fired.
+    pub code: Option<String>,
+    /// The error as the client saw it.
+    pub message: String,
+}
+
+/// Seconds since the Unix epoch, on this machine's clock.
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_default()
+}
+
 /// A client that inserts rows with increasing ids in a loop, reconnecting on
 /// error, and records which inserts were acknowledged.
 pub struct Writer {
@@ -45,6 +69,10 @@ pub struct WriterReport {
     pub errors: u64,
     /// Longest time between two acknowledged writes.
     pub longest_gap: Duration,
+    /// Longest time one statement waited for its answer (success or error).
+    pub longest_wait: Duration,
+    /// Every statement that failed, in order (connection attempts not included).
+    pub failures: Vec<Failure>,
 }
 
 impl Writer {
@@ -77,9 +105,30 @@ impl Writer {
                 }
                 let Some(c) = client.as_ref() else { continue };
                 report.attempted = next;
+                let sent = Instant::now();
+                let sent_at = unix_now();
                 let result =
                     tokio::time::timeout(Duration::from_secs(30), c.query_one(&insert, &[&next]))
                         .await;
+                report.longest_wait = report.longest_wait.max(sent.elapsed());
+                let failure = match &result {
+                    Ok(Ok(_)) => None,
+                    Ok(Err(e)) => Some((
+                        e.code().map(|c| c.code().to_string()),
+                        e.as_db_error()
+                            .map_or_else(|| e.to_string(), ToString::to_string),
+                    )),
+                    Err(_) => Some((None, "no answer within 30 s".to_string())),
+                };
+                if let Some((code, message)) = failure {
+                    report.failures.push(Failure {
+                        id: next,
+                        sent_at,
+                        ended_at: unix_now(),
+                        code,
+                        message,
+                    });
+                }
                 match result {
                     Ok(Ok(row)) => {
                         report.acked.push(next);

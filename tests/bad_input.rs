@@ -115,6 +115,73 @@ fn wrong_commands_and_flags_are_refused_clearly() {
     ]);
     assert!(err.contains("bogus"), "{err}");
     assert!(!cluster.path().join("m").exists(), "nothing may be created");
+
+    // Postgres refusing to start: the error quotes the server log and names
+    // where it is kept, and no half-initialised data directory stays behind.
+    let err = cluster.fails(&[
+        "create",
+        "monitor",
+        "--pgdata",
+        "./m",
+        "--pgport",
+        &port,
+        "--hostname",
+        "localhost",
+        "--auth",
+        "trust",
+        "--no-ssl",
+        "--listen",
+        "999.999.999.999",
+    ]);
+    assert!(
+        err.contains("could not create any TCP/IP sockets") && err.contains("m.postgres.log"),
+        "{err}"
+    );
+    assert!(
+        !cluster.path().join("m").exists(),
+        "initdb's files are removed"
+    );
+    assert!(
+        cluster.path().join("m.postgres.log").exists(),
+        "the log is kept"
+    );
+
+    // A hostname that does not resolve is refused before anything is made or
+    // registered (the monitor here is not even asked: it does not exist).
+    let dead = format!(
+        "postgres://autoctl_node@127.0.0.1:{}/pg_auto_failover",
+        free_port()
+    );
+    let mut args = create_args("./node_x", &port, "node_x", &dead);
+    let at = args
+        .iter()
+        .position(|a| *a == "--hostname")
+        .expect("--hostname")
+        + 1;
+    args[at] = "nonexistent.invalid";
+    let err = cluster.fails(&args);
+    assert!(
+        err.contains("--hostname") && err.contains("nonexistent.invalid"),
+        "{err}"
+    );
+    assert!(!err.contains("does not answer"), "checked first: {err}");
+    assert!(
+        !cluster.path().join("node_x").exists(),
+        "nothing may be created"
+    );
+
+    // A router whose monitor is not a connection string does not start.
+    let listen = format!("127.0.0.1:{}", free_port());
+    std::fs::write(
+        cluster.path().join("router.toml"),
+        format!(
+            "[router]\nlisten = \"{listen}\"\nmonitor = \"garbage\"\n\n[auth]\ntype = \"trust\"\n"
+        ),
+    )
+    .expect("write router.toml");
+    let err = cluster.fails(&["router", "run", "--config", "router.toml"]);
+    assert!(err.contains("router.monitor"), "{err}");
+    assert_eq!(err.matches("router.monitor").count(), 1, "said once: {err}");
 }
 
 #[test]
@@ -189,9 +256,67 @@ fn conflicts_with_a_running_formation_touch_nothing() {
         "x",
     ]);
     assert!(err.contains("postgresql.port"), "{err}");
+    // Keys that identify the node are read-only; the monitor URI is checked.
+    for (key, value) in [
+        ("node.node_id", "99"),
+        ("node.name", "node_b"),
+        ("postgresql.pgdata", "/etc"),
+        ("node.monitor", "garbage"),
+        ("postgresql.bindir", "/etc"),
+    ] {
+        let err = cluster.fails(&["config", "set", "--pgdata", "./node_a", key, value]);
+        assert!(err.contains(key), "{key}: {err}");
+    }
     assert_eq!(
         cluster.ok(&["config", "get", "--pgdata", "./node_a"]),
         config_before
+    );
+    // A good value is written and read back.
+    assert_eq!(
+        cluster
+            .ok(&[
+                "config",
+                "set",
+                "--pgdata",
+                "./node_a",
+                "timeout.report_interval_ms",
+                "600"
+            ])
+            .trim(),
+        "600"
+    );
+    assert_eq!(
+        cluster
+            .ok(&[
+                "config",
+                "get",
+                "--pgdata",
+                "./node_a",
+                "timeout.report_interval_ms"
+            ])
+            .trim(),
+        "600"
+    );
+    cluster.ok(&[
+        "config",
+        "set",
+        "--pgdata",
+        "./node_a",
+        "timeout.report_interval_ms",
+        "500",
+    ]);
+
+    // A router whose formation the monitor does not have does not start.
+    let listen = format!("127.0.0.1:{}", free_port());
+    std::fs::write(
+        cluster.path().join("router.toml"),
+        format!("[router]\nlisten = \"{listen}\"\nmonitor = \"{uri}\"\nformation = \"nope\"\n\n[auth]\ntype = \"trust\"\n"),
+    )
+    .expect("write router.toml");
+    let err = cluster.fails(&["router", "run", "--config", "router.toml"]);
+    assert!(
+        err.contains("router.formation") && err.contains("nope"),
+        "{err}"
     );
 
     // The running node saw none of it.

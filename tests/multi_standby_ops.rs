@@ -1,5 +1,6 @@
 //! Three nodes, continued: on equal priority the most advanced standby wins,
-//! and maintenance of the primary moves the primary away and back.
+//! maintenance of the primary moves the primary away and back, and a
+//! switchover with a node powered off does not wait for that node.
 
 mod support;
 
@@ -98,4 +99,28 @@ async fn most_advanced_wins_and_primary_maintenance() {
         .expect("count")
         .get(0);
     assert_eq!(count, 100, "every acknowledged write is on the new primary");
+
+    // A switchover while node_a is still powered off: it succeeds once the new
+    // primary is in place and node_c follows it, and says it did not wait for
+    // node_a, which can neither report nor converge.
+    let out = cluster.ok(&[
+        "perform",
+        "switchover",
+        "--pgdata",
+        "./monitor",
+        "--wait",
+        "60",
+    ]);
+    assert!(out.contains("did not wait for node_a"), "{out}");
+    let states = cluster.states();
+    assert_eq!(
+        states["node_b"],
+        ("primary".into(), "primary".into()),
+        "{states:?}"
+    );
+    assert_eq!(
+        states["node_c"],
+        ("secondary".into(), "secondary".into()),
+        "{states:?}"
+    );
 }

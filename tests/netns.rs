@@ -5,10 +5,17 @@
 //! node directly, and the invariants are checked after each split heals.
 //!
 //! * The primary isolated: it fences itself (stops Postgres) before the
-//!   monitor promotes the standby; after the heal it rejoins.
+//!   monitor promotes the standby; the statement each writer had in flight
+//!   there is answered with a class 08 error at the promotion (the router's
+//!   socket timeouts are off in this test: only the new epoch frees them),
+//!   every writer writes on the new primary while the old one is still cut
+//!   off; after the heal it rejoins.
 //! * A standby isolated: it never promotes itself; the primary goes on alone.
 //! * The monitor isolated: nothing fails over and nothing is fenced, because
 //!   the nodes still see each other.
+//! * A lone primary cut off behind a router, with no standby to promote and
+//!   so no new epoch: the router's `TCP_USER_TIMEOUT` and keepalive end the
+//!   statement in flight there with a class 08 error within seconds.
 
 mod support;
 
@@ -20,9 +27,28 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hapg::drill::{connect, Writer, WriterReport};
 use hapg::invariants::{Drill, ProbeReport, WriteProbe};
-use support::{postmaster_pid, wait_writable, Cluster, RouterProcess};
+use support::{assigned_at, postmaster_pid, wait_writable, Cluster, RouterProcess};
 
 const STEP: Duration = Duration::from_secs(120);
+/// How long after the promotion every statement in flight on a cut-off
+/// primary must have been answered.
+const IN_FLIGHT_BOUND: Duration = Duration::from_secs(2);
+
+/// Rows in `table` at `uri`, if it answers within a few seconds.
+async fn rows(uri: &str, table: &str) -> Option<i64> {
+    let client = tokio::time::timeout(Duration::from_secs(5), connect(uri))
+        .await
+        .ok()?
+        .ok()?;
+    let row = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.query_one(&format!("SELECT count(*) FROM {table}"), &[]),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    Some(row.get(0))
+}
 
 /// A network namespace and the veth pair that joins it to the host.
 struct Split {
@@ -190,23 +216,6 @@ impl StopWatch {
     }
 }
 
-/// When the monitor first assigned `node` the state `goal` after `after`.
-async fn assigned_at(monitor_uri: &str, node: &str, goal: &str, after: f64) -> Option<f64> {
-    connect(monitor_uri)
-        .await
-        .expect("connect to the monitor")
-        .query_opt(
-            "SELECT extract(epoch FROM event_time)::float8 FROM hapg.event
-              WHERE node_name = $1 AND goal_state::text = $2
-                AND event_time > to_timestamp($3)
-              ORDER BY event_id LIMIT 1",
-            &[&node, &goal, &after],
-        )
-        .await
-        .expect("events")
-        .map(|r| r.get(0))
-}
-
 /// Writers through the router and a probe against every node.
 struct Load {
     writers: Vec<(String, Writer)>,
@@ -312,7 +321,12 @@ async fn isolated_primary_fences_itself_and_an_isolated_standby_never_promotes()
     cluster.wait_states(&[("node_a", "single")], STEP);
     cluster.start_node_at("node_b", &split.host_ip, &monitor_uri, &[]);
     cluster.wait_states(&[("node_a", "primary"), ("node_b", "secondary")], STEP);
-    let router = cluster.start_router("router", "pause_timeout_ms = 30000");
+    // No socket timeout on the router's server connections: a statement in
+    // flight on the cut-off primary can only be freed by the new epoch.
+    let router = cluster.start_router(
+        "router",
+        "pause_timeout_ms = 30000\n\n[server]\ntcp_user_timeout_ms = 0\ntcp_keepalive_idle_ms = 600000",
+    );
     wait_writable(&router.uri("appdb"), STEP).await;
 
     // The primary is cut off from the monitor and the standby.
@@ -347,17 +361,35 @@ async fn isolated_primary_fences_itself_and_an_isolated_standby_never_promotes()
         "{}",
         cluster.log("node_a")
     );
-    // Writes go on through the router on node_b while node_a is cut off.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Writes go on through the router on node_b while node_a is cut off:
+    // every writer writes there before the heal.
+    let node_b_uri = node_uri(&cluster, "node_b");
+    for (table, _) in &load.writers {
+        let before = rows(&node_b_uri, table).await.unwrap_or(0);
+        let deadline = Instant::now() + STEP;
+        while rows(&node_b_uri, table).await.unwrap_or(0) <= before {
+            assert!(
+                Instant::now() < deadline,
+                "{table}: no write on node_b within {STEP:?} of its promotion\n{}",
+                cluster.log(&router.name)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     split.heal();
     cluster.wait_states(&[("node_b", "primary"), ("node_a", "secondary")], STEP);
     let reports = load.check(&cluster, "node_b", "primary_cut").await;
-    for r in &reports {
-        assert!(
-            r.errors <= 1,
-            "at most the statement in flight fails: {r:?}"
-        );
-    }
+    let ended = support::assert_in_flight_answered(
+        &reports,
+        cut_at,
+        promoted_at,
+        IN_FLIGHT_BOUND,
+        cluster.node("node_b").port,
+        &|| format!("router log:\n{}", cluster.log(&router.name)),
+    );
+    eprintln!(
+        "primary cut off: the statements in flight were answered {ended:.3?} s from the promotion"
+    );
 
     // Now node_a, in the namespace, is the standby: cut off, it never
     // promotes itself, and the primary goes on alone.
@@ -468,4 +500,85 @@ async fn isolated_monitor_changes_nothing() {
             "the router keeps routing to the primary it knows: {r:?}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_server_ends_the_statement_in_flight_without_an_epoch_change() {
+    let split = Split::create("u");
+    let mut cluster = Cluster::new();
+    cluster.start_monitor();
+    let monitor_uri = cluster.monitor_uri();
+    let monitor_from_ns = monitor_uri.replacen("@localhost:", &format!("@{}:", split.host_ip), 1);
+    // A lone primary: once it is cut off there is nothing to promote, the
+    // epoch never moves, and only the socket can tell the router.
+    cluster.start_node_at("node_a", &split.ns_ip, &monitor_from_ns, &split.wrapper());
+    cluster.wait_states(&[("node_a", "single")], STEP);
+    // The defaults, written out: the bound below depends on them.
+    let router = cluster.start_router(
+        "router",
+        "pause_timeout_ms = 2000\n\n[server]\ntcp_user_timeout_ms = 5000\ntcp_keepalive_idle_ms = 3000\ntcp_keepalive_interval_ms = 1000",
+    );
+    let uri = router.uri("appdb");
+    wait_writable(&uri, STEP).await;
+    connect(&uri)
+        .await
+        .expect("connect through the router")
+        .batch_execute("CREATE TABLE silent (id bigint PRIMARY KEY)")
+        .await
+        .expect("create table");
+    let writer = Writer::start(uri.clone(), "silent", Duration::from_secs(120));
+    let deadline = Instant::now() + STEP;
+    while rows(&uri, "silent").await.unwrap_or(0) < 10 {
+        assert!(Instant::now() < deadline, "the writer does not write");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let cut_at = now();
+    split.cut();
+    // The first failure after the cut is the statement that was in flight.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while now() - cut_at < 40.0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if cluster.log(&router.name).contains("server connection lost") {
+            break;
+        }
+    }
+    let report = writer.finish().await;
+    split.heal();
+    let failure = report
+        .failures
+        .iter()
+        .find(|f| f.ended_at > cut_at)
+        .unwrap_or_else(|| panic!("no statement failed after the cut: {report:?}"));
+    let took = failure.ended_at - cut_at;
+    eprintln!(
+        "silent server: the statement in flight ended {took:.2} s after the cut: {} {}",
+        failure.code.as_deref().unwrap_or("-"),
+        failure.message
+    );
+    let log = cluster.log(&router.name);
+    assert!(
+        failure.sent_at < cut_at + 0.1,
+        "the first failure is not the statement in flight at the cut: {failure:?}"
+    );
+    assert_eq!(
+        failure.code.as_deref(),
+        Some("08006"),
+        "{failure:?}\nrouter log:\n{log}"
+    );
+    assert!(
+        failure
+            .message
+            .contains("lost the connection to the primary"),
+        "{failure:?}"
+    );
+    // Keepalive idle (3 s), then a probe a second until the user timeout
+    // (5 s) has passed since the server was last heard: about 5 to 6 s.
+    assert!(
+        took < 10.0,
+        "the statement in flight ended {took:.2} s after the cut\nrouter log:\n{log}"
+    );
+    assert!(
+        !log.contains("the primary changed"),
+        "the epoch moved: {log}"
+    );
 }

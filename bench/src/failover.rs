@@ -36,10 +36,10 @@ pub struct FailoverArgs {
     /// of the primary SIGKILLed together), switchover (`perform switchover`),
     /// postgres-kill (the primary's Postgres SIGKILLed, its keeper alive),
     /// short-freeze (the primary node SIGSTOPped for 1.9 s), long-freeze
-    /// (SIGSTOPped until the standby took over), network-cut (the primary's
-    /// network namespace cut off until the standby took over; every node then
-    /// runs in a namespace of its own, which needs root: run it under
-    /// `flock /tmp/hapg-netns.lock`).
+    /// (SIGSTOPped until the standby took over and every client wrote on it),
+    /// network-cut (the primary's network namespace cut off until the
+    /// standby took over; every node then runs in a namespace of its own,
+    /// which needs root: run it under `flock /tmp/hapg-netns.lock`).
     #[arg(
         long,
         value_delimiter = ',',
@@ -119,7 +119,9 @@ impl Fault {
             Fault::Switchover => "switchover under write load",
             Fault::PostgresKill => "Postgres of the primary SIGKILLed, keeper alive",
             Fault::ShortFreeze => "primary node frozen (SIGSTOP) for 1.9 s",
-            Fault::LongFreeze => "primary node frozen until the standby took over",
+            Fault::LongFreeze => {
+                "primary node frozen until every client wrote on the standby that took over"
+            }
             Fault::NetworkCut => {
                 "primary node's network cut (namespace link down) until the standby took over"
             }
@@ -154,6 +156,8 @@ struct RunResult {
     errors: u64,
     /// The most errors one client saw.
     max_client_errors: u64,
+    /// The longest one statement waited for its answer (success or error).
+    longest_wait: Duration,
     acked: usize,
     /// Acknowledged writes missing from the final primary.
     lost: usize,
@@ -206,6 +210,11 @@ impl RunResult {
                 .unwrap_or_default(),
             errors: reports.iter().map(|r| r.errors).sum(),
             max_client_errors: reports.iter().map(|r| r.errors).max().unwrap_or(0),
+            longest_wait: reports
+                .iter()
+                .map(|r| r.longest_wait)
+                .max()
+                .unwrap_or_default(),
             acked: reports.iter().map(|r| r.acked.len()).sum(),
             lost: 0,
             violations: Vec::new(),
@@ -557,7 +566,7 @@ async fn one_run(
         .collect();
     tokio::time::sleep(STEADY).await;
 
-    let injected = inject(bench, monitor, fault, &primary, &standby).await;
+    let injected = inject(bench, monitor, fault, &primary, &standby, &tables).await;
     tokio::time::sleep(STEADY).await;
     let mut reports = Vec::new();
     for writer in writers {
@@ -594,13 +603,14 @@ async fn one_run(
 }
 
 /// Injects `fault` into `primary` and waits until the group converged back,
-/// every node running.
+/// every node running (`tables`: the writers').
 async fn inject(
     bench: &mut Bench,
     monitor: &mut MonitorClient,
     fault: Fault,
     primary: &str,
     standby: &str,
+    tables: &[String],
 ) -> Result<()> {
     match fault {
         Fault::PowerOff => {
@@ -652,9 +662,16 @@ async fn inject(
             let pids = bench.node_pids(primary);
             let frozen_at = SystemTime::now();
             drill::signal_all(&pids, Signal::SIGSTOP);
-            // Thaw whatever happened: a frozen node left behind is worse
-            // than a failed run.
-            let took_over = wait_writable(monitor, standby).await;
+            // Frozen as a machine without power stays off: until every
+            // client wrote on the new primary (the statement each had in
+            // flight on the frozen one must not wait for the thaw). Thaw
+            // whatever happened: a frozen node left behind is worse than a
+            // failed run.
+            let took_over = async {
+                wait_writable(monitor, standby).await?;
+                wait_written(&bench.direct_uri(standby), tables).await
+            }
+            .await;
             drill::signal_all(&pids, Signal::SIGCONT);
             took_over?;
             let promoted_at = assigned_at(&bench.monitor_uri, standby, "wait_primary", frozen_at)
@@ -828,6 +845,32 @@ fn cut_summary(results: &[(Fault, Vec<RunResult>)]) -> String {
     out
 }
 
+/// Waits (bounded) until every one of `tables` at `uri` (a new primary, which
+/// nothing replicates to) has rows it did not have when this began.
+async fn wait_written(uri: &str, tables: &[String]) -> Result<()> {
+    let client = drill::connect(uri).await?;
+    let count = |table: &str| format!("SELECT count(*) FROM {table}");
+    let mut before = Vec::new();
+    for table in tables {
+        let n: i64 = client.query_one(&count(table), &[]).await?.get(0);
+        before.push(n);
+    }
+    let deadline = Instant::now() + STEP;
+    for (table, before) in tables.iter().zip(before) {
+        loop {
+            let n: i64 = client.query_one(&count(table), &[]).await?.get(0);
+            if n > before {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("no client wrote into {table} on the new primary within {STEP:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    Ok(())
+}
+
 /// Waits until `name` is assigned and reports a writable state.
 async fn wait_writable(monitor: &mut MonitorClient, name: &str) -> Result<()> {
     let what = format!("{name} to take over");
@@ -851,6 +894,7 @@ struct Row {
     max: Duration,
     errors: u64,
     max_client_errors: u64,
+    longest_wait: Duration,
     acked: usize,
     lost: usize,
     violations: usize,
@@ -867,24 +911,30 @@ impl Row {
             max: gaps.last().copied().unwrap_or_default(),
             errors: runs.iter().map(|r| r.errors).sum(),
             max_client_errors: runs.iter().map(|r| r.max_client_errors).max().unwrap_or(0),
+            longest_wait: runs
+                .iter()
+                .map(|r| r.longest_wait)
+                .max()
+                .unwrap_or_default(),
             acked: runs.iter().map(|r| r.acked).sum(),
             lost: runs.iter().map(|r| r.lost).sum(),
             violations: runs.iter().map(|r| r.violations.len()).sum(),
         }
     }
 
-    const HEADER: [&'static str; 8] = [
+    const HEADER: [&'static str; 9] = [
         "fault",
         "runs",
         "writes unavailable, median",
         "max",
         "client errors (all runs)",
         "most errors, one client in one run",
+        "longest wait of one statement",
         "acknowledged writes lost (of)",
         "invariants broken",
     ];
 
-    fn cells(&self) -> [String; 8] {
+    fn cells(&self) -> [String; 9] {
         [
             self.fault.describe().to_string(),
             self.runs.to_string(),
@@ -892,6 +942,7 @@ impl Row {
             format!("{:.2} s", self.max.as_secs_f64()),
             self.errors.to_string(),
             self.max_client_errors.to_string(),
+            format!("{:.2} s", self.longest_wait.as_secs_f64()),
             format!("{} (of {})", self.lost, self.acked),
             self.violations.to_string(),
         ]
@@ -908,7 +959,7 @@ fn median(sorted: &[Duration]) -> Duration {
 }
 
 fn plain(results: &[(Fault, Vec<RunResult>)], args: &FailoverArgs) -> String {
-    let rows: Vec<[String; 8]> = results
+    let rows: Vec<[String; 9]> = results
         .iter()
         .map(|(fault, runs)| Row::of(*fault, runs).cells())
         .collect();
@@ -947,14 +998,16 @@ fn markdown(results: &[(Fault, Vec<RunResult>)], args: &FailoverArgs, info: &Run
         info.machine()
     );
     let _ = writeln!(out, "| {} |", Row::HEADER.join(" | "));
-    out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|\n");
+    out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for (fault, runs) in results {
         let _ = writeln!(out, "| {} |", Row::of(*fault, runs).cells().join(" | "));
     }
     let _ = writeln!(
         out,
         "\nWrites unavailable: the longest time one client went without an \
-         acknowledged write. Versions: {}.",
+         acknowledged write. Longest wait: the longest one statement waited \
+         for its answer, success or error (a statement in flight on a lost \
+         primary waits until the router gives it up). Versions: {}.",
         info.versions.join("; ")
     );
     out.push_str(&cut_summary(results));
@@ -1014,6 +1067,7 @@ mod tests {
             unavailable: Duration::from_millis(gap_ms),
             errors,
             max_client_errors: errors,
+            longest_wait: Duration::from_millis(gap_ms / 2),
             acked: 100,
             lost,
             violations: vec![String::new(); lost],
@@ -1027,19 +1081,23 @@ mod tests {
         assert_eq!(row.max, Duration::from_millis(5000));
         assert_eq!((row.errors, row.max_client_errors), (3, 2));
         assert_eq!((row.acked, row.lost, row.violations), (300, 1, 1));
-        assert_eq!(row.cells()[6], "1 (of 300)");
+        assert_eq!(row.longest_wait, Duration::from_millis(2500));
+        assert_eq!(row.cells()[6], "2.50 s");
+        assert_eq!(row.cells()[7], "1 (of 300)");
     }
 
     #[test]
     fn a_run_takes_the_worst_client() {
         let report = |gap_ms, errors| WriterReport {
             longest_gap: Duration::from_millis(gap_ms),
+            longest_wait: Duration::from_millis(gap_ms / 10),
             errors,
             acked: vec![1, 2],
             ..WriterReport::default()
         };
         let result = RunResult::from_reports(&[report(100, 0), report(2500, 1), report(900, 3)]);
         assert_eq!(result.unavailable, Duration::from_millis(2500));
+        assert_eq!(result.longest_wait, Duration::from_millis(250));
         assert_eq!((result.errors, result.max_client_errors), (4, 3));
         assert_eq!(result.acked, 6);
     }

@@ -223,6 +223,7 @@ impl NodeConfig {
             if self.node.monitor.is_empty() {
                 return Err(invalid("node.monitor", "a keeper needs the monitor's URI"));
             }
+            validate_monitor_uri("node.monitor", &self.node.monitor)?;
         }
         if self.postgresql.port == 0 {
             return Err(invalid("postgresql.port", "must be between 1 and 65535"));
@@ -261,6 +262,38 @@ impl NodeConfig {
         // Serialising plain structs of strings, numbers and booleans cannot fail.
         toml::to_string_pretty(self).unwrap_or_default()
     }
+}
+
+/// Keys of `hapg.toml` that identify the node to the monitor and to the other
+/// nodes: the monitor registered them (or, for the data directory, hapg's own
+/// files are keyed by it), so changing them in the file alone would make the
+/// keeper act as another node or be checked at the wrong address.
+pub const READ_ONLY_KEYS: &[&str] = &[
+    "node.role",
+    "node.node_id",
+    "node.name",
+    "node.formation",
+    "node.hostname",
+    "postgresql.pgdata",
+    "postgresql.port",
+];
+
+/// A monitor URI: a Postgres connection string (URI or `key=value` form)
+/// naming at least one host.
+pub fn validate_monitor_uri(key: &str, value: &str) -> Result<(), ConfigError> {
+    let config: tokio_postgres::Config = value.parse().map_err(|e: tokio_postgres::Error| {
+        invalid(
+            key,
+            format!("is not a connection string ({e}); expected postgres://user@host:port/dbname"),
+        )
+    })?;
+    if config.get_hosts().is_empty() {
+        return Err(invalid(
+            key,
+            "names no host; expected postgres://user@host:port/dbname",
+        ));
+    }
+    Ok(())
 }
 
 /// Names of nodes, formations, databases and users: what Postgres and the CLI
@@ -525,6 +558,23 @@ mod tests {
             .expect_err("refused")
             .to_string()
             .starts_with("node.name"));
+        for monitor in ["garbage", "postgres://", "postgres://h:notaport/db"] {
+            let mut config = sample();
+            config.node.monitor = monitor.into();
+            assert!(
+                config
+                    .validate()
+                    .expect_err("refused")
+                    .to_string()
+                    .starts_with("node.monitor"),
+                "{monitor}"
+            );
+        }
+        let mut config = sample();
+        config.node.monitor = "host=localhost port=5500 dbname=pg_auto_failover".into();
+        config
+            .validate()
+            .expect("a key=value connection string is accepted");
         let mut config = sample();
         config.timeout.report_interval_ms = 1;
         assert!(config

@@ -208,6 +208,21 @@ pub struct ServerSection {
     /// socket in this directory instead of TCP; default TCP always.
     #[serde(default)]
     pub unix_socket_dir: Option<PathBuf>,
+    /// `TCP_USER_TIMEOUT` of server connections: data sent to a server (or a
+    /// keepalive probe) unacknowledged for this long ends the connection, so
+    /// that a server gone silent (powered off, cut off) fails the statement
+    /// in flight instead of holding it for TCP's own ~15 minutes. 0: the
+    /// kernel's default.
+    #[serde(default = "default_tcp_user_timeout_ms")]
+    pub tcp_user_timeout_ms: u64,
+    /// Idle time of a server connection before its first keepalive probe, in
+    /// whole seconds (Linux counts them in seconds): what notices a silent
+    /// server while a statement runs and nothing is being sent.
+    #[serde(default = "default_tcp_keepalive_idle_ms")]
+    pub tcp_keepalive_idle_ms: u64,
+    /// Time between keepalive probes on server connections, in whole seconds.
+    #[serde(default = "default_tcp_keepalive_interval_ms")]
+    pub tcp_keepalive_interval_ms: u64,
 }
 
 impl Default for ServerSection {
@@ -218,6 +233,9 @@ impl Default for ServerSection {
             sslmode: ServerSslMode::default(),
             connect_timeout_ms: default_connect_timeout_ms(),
             unix_socket_dir: None,
+            tcp_user_timeout_ms: default_tcp_user_timeout_ms(),
+            tcp_keepalive_idle_ms: default_tcp_keepalive_idle_ms(),
+            tcp_keepalive_interval_ms: default_tcp_keepalive_interval_ms(),
         }
     }
 }
@@ -245,6 +263,15 @@ fn default_max_message_size() -> u32 {
 }
 fn default_connect_timeout_ms() -> u64 {
     5_000
+}
+fn default_tcp_user_timeout_ms() -> u64 {
+    5_000
+}
+fn default_tcp_keepalive_idle_ms() -> u64 {
+    3_000
+}
+fn default_tcp_keepalive_interval_ms() -> u64 {
+    1_000
 }
 fn default_pool_size() -> u32 {
     100
@@ -301,6 +328,7 @@ impl RouterConfig {
                 "the monitor's connection string is required",
             ));
         }
+        crate::validate_monitor_uri("router.monitor", &self.router.monitor)?;
         validate_name("router.formation", &self.router.formation)?;
         if let Some(id) = &self.router.id {
             if id.is_empty() || id.len() > 200 {
@@ -339,9 +367,44 @@ impl RouterConfig {
                 86_400_000,
             ),
             ("pool.lifetime_ms", self.pool.lifetime_ms, 0, 604_800_000),
+            (
+                "server.tcp_user_timeout_ms",
+                self.server.tcp_user_timeout_ms,
+                0,
+                3_600_000,
+            ),
+            (
+                "server.tcp_keepalive_idle_ms",
+                self.server.tcp_keepalive_idle_ms,
+                1_000,
+                7_200_000,
+            ),
+            (
+                "server.tcp_keepalive_interval_ms",
+                self.server.tcp_keepalive_interval_ms,
+                1_000,
+                600_000,
+            ),
         ] {
             if value < min || value > max {
                 return Err(invalid(key, format!("must be between {min} and {max}")));
+            }
+        }
+        for (key, value) in [
+            (
+                "server.tcp_keepalive_idle_ms",
+                self.server.tcp_keepalive_idle_ms,
+            ),
+            (
+                "server.tcp_keepalive_interval_ms",
+                self.server.tcp_keepalive_interval_ms,
+            ),
+        ] {
+            if value % 1_000 != 0 {
+                return Err(invalid(
+                    key,
+                    "must be a whole number of seconds (Linux counts keepalive times in seconds)",
+                ));
             }
         }
         if self.router.max_client_connections == 0 {
@@ -459,6 +522,22 @@ impl RouterConfig {
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.server.connect_timeout_ms)
     }
+
+    /// `server.tcp_user_timeout_ms` as a duration; `None` for the kernel's default.
+    pub fn server_tcp_user_timeout(&self) -> Option<Duration> {
+        (self.server.tcp_user_timeout_ms > 0)
+            .then(|| Duration::from_millis(self.server.tcp_user_timeout_ms))
+    }
+
+    /// `server.tcp_keepalive_idle_ms` as a duration.
+    pub fn server_keepalive_idle(&self) -> Duration {
+        Duration::from_millis(self.server.tcp_keepalive_idle_ms)
+    }
+
+    /// `server.tcp_keepalive_interval_ms` as a duration.
+    pub fn server_keepalive_interval(&self) -> Duration {
+        Duration::from_millis(self.server.tcp_keepalive_interval_ms)
+    }
 }
 
 #[cfg(test)]
@@ -563,6 +642,51 @@ type = "trust"
         let text = format!("{TUTORIAL}\n[pool]\nmode = \"statement\"\n");
         let err = RouterConfig::parse(Path::new("r.toml"), &text).expect_err("mode");
         assert!(err.to_string().contains("mode"), "{err}");
+    }
+
+    #[test]
+    fn server_liveness_keys_parse_and_name_bad_values() {
+        let config = RouterConfig::parse(Path::new("r.toml"), TUTORIAL).expect("tutorial");
+        assert_eq!(
+            config.server_tcp_user_timeout(),
+            Some(Duration::from_secs(5))
+        );
+        assert_eq!(config.server_keepalive_idle(), Duration::from_secs(3));
+        assert_eq!(config.server_keepalive_interval(), Duration::from_secs(1));
+        let text = format!(
+            "{TUTORIAL}\n[server]\ntcp_user_timeout_ms = 0\ntcp_keepalive_idle_ms = 10000\ntcp_keepalive_interval_ms = 2000\n"
+        );
+        let config = RouterConfig::parse(Path::new("r.toml"), &text).expect("parses");
+        assert_eq!(config.server_tcp_user_timeout(), None);
+        assert_eq!(config.server_keepalive_idle(), Duration::from_secs(10));
+        assert_eq!(config.server_keepalive_interval(), Duration::from_secs(2));
+        for (body, key, says) in [
+            (
+                "tcp_user_timeout_ms = 4000000",
+                "server.tcp_user_timeout_ms",
+                "between",
+            ),
+            (
+                "tcp_keepalive_idle_ms = 0",
+                "server.tcp_keepalive_idle_ms",
+                "between",
+            ),
+            (
+                "tcp_keepalive_idle_ms = 2500",
+                "server.tcp_keepalive_idle_ms",
+                "whole number of seconds",
+            ),
+            (
+                "tcp_keepalive_interval_ms = 1500",
+                "server.tcp_keepalive_interval_ms",
+                "whole number of seconds",
+            ),
+        ] {
+            let text = format!("{TUTORIAL}\n[server]\n{body}\n");
+            let err = RouterConfig::parse(Path::new("r.toml"), &text).expect_err(key);
+            let err = err.to_string();
+            assert!(err.starts_with(key) && err.contains(says), "{key}: {err}");
+        }
     }
 
     #[test]

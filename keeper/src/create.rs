@@ -199,9 +199,35 @@ pub async fn create_monitor(
     config.node.monitor_password = password.clone();
     config.validate()?;
 
+    let existed = pg.pgdata.exists();
     pg.initdb().await?;
+    if let Err(e) = init_monitor(&pg, password.as_deref()).await {
+        // The data directory was missing or empty before initdb: put it back
+        // so that the same command can simply be run again.
+        return Err(match pg.remove_failed(existed).await {
+            Ok(kept) => KeeperError::Refused(format!(
+                "{e}\nwhat initdb wrote in {} was removed{}; fix the cause and run the same command again",
+                pg.pgdata.display(),
+                kept.map(|log| format!(" (the server log is kept as {})", log.display()))
+                    .unwrap_or_default()
+            )),
+            Err(cleanup) => KeeperError::Refused(format!(
+                "{e}\n{} is left half-initialised ({cleanup}); remove it before running the same command again",
+                pg.pgdata.display()
+            )),
+        });
+    }
+
+    paths.create_dirs()?;
+    crate::paths::write_atomic(&paths.config, config.to_toml().as_bytes())?;
+    Ok(paths)
+}
+
+/// Configures and starts the monitor's Postgres after initdb and creates its
+/// role, database and schema.
+async fn init_monitor(pg: &LocalPostgres, password: Option<&str>) -> Result<(), KeeperError> {
     pg.write_config(&[("cluster_name", "'hapg monitor'".to_string())])?;
-    write_monitor_hba(&pg)?;
+    write_monitor_hba(pg)?;
     pg.start().await?;
     let client = pg.connect().await?;
     client
@@ -213,7 +239,7 @@ pub async fn create_monitor(
              END $$;"
         ))
         .await?;
-    if let Some(password) = &password {
+    if let Some(password) = password {
         client
             .batch_execute(&format!(
                 "ALTER ROLE {MONITOR_ROLE} WITH PASSWORD '{}'",
@@ -238,10 +264,7 @@ pub async fn create_monitor(
     }
     let mut db = pg.connect_to(MONITOR_DBNAME).await?;
     schema::migrate(&mut db).await?;
-
-    paths.create_dirs()?;
-    crate::paths::write_atomic(&paths.config, config.to_toml().as_bytes())?;
-    Ok(paths)
+    Ok(())
 }
 
 /// pg_hba.conf of the monitor: keepers, routers and the CLI connect as

@@ -264,13 +264,15 @@ impl Keeper {
 
     async fn monitor(&mut self) -> Result<&MonitorClient, KeeperError> {
         if self.monitor.as_ref().is_none_or(MonitorClient::is_closed) {
-            let client = tokio::time::timeout(
-                MONITOR_CALL_TIMEOUT,
-                MonitorClient::connect(&self.config.node.monitor),
-            )
+            // LISTEN within the same limit: a monitor that goes silent just
+            // after the connect must not hold the keeper's loop.
+            let client = tokio::time::timeout(MONITOR_CALL_TIMEOUT, async {
+                let client = MonitorClient::connect(&self.config.node.monitor).await?;
+                client.listen_state().await?;
+                Ok::<_, KeeperError>(client)
+            })
             .await
             .map_err(|_| KeeperError::Timeout("connecting to the monitor".into()))??;
-            client.listen_state().await?;
             self.monitor = Some(client);
         }
         self.monitor

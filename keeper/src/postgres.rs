@@ -26,6 +26,17 @@ pub const STANDBY_CONF: &str = "postgresql.hapg-standby.conf";
 /// The server log pg_ctl writes to, in the data directory.
 pub const LOG_FILE: &str = "postgres.log";
 
+/// The last `lines` lines of a log file, or a note that it cannot be read.
+fn log_tail(path: &Path, lines: usize) -> String {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let tail: Vec<&str> = text.lines().rev().take(lines).collect();
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        }
+        Err(e) => format!("(cannot read it: {e})"),
+    }
+}
+
 /// The OS user that owns the data directory and runs Postgres.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OsUser {
@@ -445,20 +456,80 @@ impl LocalPostgres {
             return Ok(());
         }
         let log = self.pgdata.join(LOG_FILE);
-        self.run_tool(
-            "pg_ctl",
-            [
-                OsStr::new("start"),
-                OsStr::new("--pgdata"),
-                self.pgdata.as_os_str(),
-                OsStr::new("--wait"),
-                OsStr::new("--timeout=60"),
-                OsStr::new("--silent"),
-                OsStr::new("--log"),
-                log.as_os_str(),
-            ],
-        )
-        .await?;
+        let result = self
+            .run_tool(
+                "pg_ctl",
+                [
+                    OsStr::new("start"),
+                    OsStr::new("--pgdata"),
+                    self.pgdata.as_os_str(),
+                    OsStr::new("--wait"),
+                    OsStr::new("--timeout=60"),
+                    OsStr::new("--silent"),
+                    OsStr::new("--log"),
+                    log.as_os_str(),
+                ],
+            )
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            // pg_ctl only says "Examine the log output": name the log and quote
+            // its end, which holds Postgres's own reason.
+            Err(KeeperError::Tool {
+                tool,
+                status,
+                output,
+            }) => Err(KeeperError::Tool {
+                tool,
+                status,
+                output: format!(
+                    "{output}\nthe server log {} ends with:\n{}",
+                    log.display(),
+                    log_tail(&log, 8)
+                ),
+            }),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Undoes a `create` that failed part-way: stops the Postgres it may have
+    /// started, keeps its server log beside the data directory
+    /// (`<pgdata>.postgres.log`, returned when there was one), then removes
+    /// what initdb wrote, and the data directory itself unless it `existed`
+    /// (empty) before.
+    pub async fn remove_failed(&self, existed: bool) -> Result<Option<PathBuf>, KeeperError> {
+        if self.postmaster_pid().is_some() {
+            self.stop("immediate").await?;
+        }
+        let log = self.pgdata.join(LOG_FILE);
+        let kept = log.exists().then(|| {
+            let mut name = self.pgdata.as_os_str().to_owned();
+            name.push(".postgres.log");
+            PathBuf::from(name)
+        });
+        if let Some(kept) = &kept {
+            std::fs::rename(&log, kept).map_err(|e| KeeperError::io(kept, e))?;
+        }
+        self.empty_or_remove(existed)?;
+        Ok(kept)
+    }
+
+    fn empty_or_remove(&self, existed: bool) -> Result<(), KeeperError> {
+        if !existed {
+            return std::fs::remove_dir_all(&self.pgdata)
+                .map_err(|e| KeeperError::io(&self.pgdata, e));
+        }
+        let entries =
+            std::fs::read_dir(&self.pgdata).map_err(|e| KeeperError::io(&self.pgdata, e))?;
+        for entry in entries {
+            let path = entry.map_err(|e| KeeperError::io(&self.pgdata, e))?.path();
+            let removed = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            removed.map_err(|e| KeeperError::io(&path, e))?;
+        }
         Ok(())
     }
 

@@ -1,7 +1,7 @@
 //! Opening Postgres connections the way every hapg component does: TLS when the
 //! server offers it (encryption without certificate verification, as libpq's
-//! `sslmode=require`), keepalives, a connect timeout, and a task that drives the
-//! connection and forwards NOTIFY messages.
+//! `sslmode=require`), keepalives, `TCP_USER_TIMEOUT`, a connect timeout, and
+//! a task that drives the connection and forwards NOTIFY messages.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -82,6 +82,10 @@ pub fn tls_connector() -> MakeRustlsConnect {
     MakeRustlsConnect::new(encrypt_only_client_config())
 }
 
+/// `TCP_USER_TIMEOUT` of every hapg connection to Postgres over TCP (a Unix
+/// socket has none): past the keepalive probes' 5 + 2 s.
+pub const TCP_USER_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A connected client, with the NOTIFY messages its connection received.
 pub struct Connection {
     /// The client.
@@ -102,6 +106,16 @@ pub async fn connect(
     config.keepalives_idle(Duration::from_secs(5));
     config.keepalives_interval(Duration::from_secs(2));
     config.keepalives_retries(3);
+    // Keepalives probe only an idle connection: a statement sent to a peer
+    // that went silent (cut off, powered off) stays unacknowledged, and the
+    // kernel would retransmit it for some 15 minutes before giving up. A
+    // caller's own timeout gives up on the call but not on the connection,
+    // which then holds every later call. With a user timeout the connection
+    // ends once data goes unacknowledged this long (and, idle, at the first
+    // keepalive probe past it), and the caller opens a new one.
+    if config.get_tcp_user_timeout().is_none() {
+        config.tcp_user_timeout(TCP_USER_TIMEOUT);
+    }
     let (client, mut connection) = config.connect(tls_connector()).await?;
     let (sender, notifications) = mpsc::unbounded_channel();
     tokio::spawn(async move {

@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::BytesMut;
-use hapg_config::router::RouterConfig;
+use hapg_config::router::{AuthType, RouterConfig};
 use hapg_config::ConfigError;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -40,6 +40,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::mock::MockKey;
 use crate::auth::userlist::UserlistError;
 use crate::auth::Userlist;
 use crate::cancel::CancelRegistry;
@@ -52,17 +53,30 @@ use crate::tls::TlsError;
 #[derive(Debug, thiserror::Error)]
 pub enum RouterError {
     /// The configuration file is unreadable or invalid.
-    #[error("{0}")]
+    #[error(transparent)]
     Config(#[from] ConfigError),
-    /// The auth file is unreadable or invalid.
+    /// The auth file is unreadable or invalid. Its text is in this one's and
+    /// it is no `source()`, so that a printed chain says it once.
     #[error("auth.file: {0}")]
-    Userlist(#[from] UserlistError),
+    Userlist(UserlistError),
     /// The TLS certificate or key is unusable.
     #[error("tls: {0}")]
-    Tls(#[from] TlsError),
+    Tls(TlsError),
     /// Listening or accepting failed.
-    #[error("{0}")]
+    #[error(transparent)]
     Io(#[from] std::io::Error),
+}
+
+impl From<UserlistError> for RouterError {
+    fn from(e: UserlistError) -> Self {
+        RouterError::Userlist(e)
+    }
+}
+
+impl From<TlsError> for RouterError {
+    fn from(e: TlsError) -> Self {
+        RouterError::Tls(e)
+    }
 }
 
 /// The configuration in force and what was loaded from it.
@@ -70,20 +84,30 @@ pub(crate) struct Runtime {
     pub config: RouterConfig,
     pub users: Userlist,
     pub tls: Option<TlsAcceptor>,
+    /// The key of mock salts and secrets (the same across reloads).
+    pub mock_key: Arc<MockKey>,
 }
 
 impl Runtime {
-    fn load(path: &Path) -> Result<Runtime, RouterError> {
+    fn load(path: &Path, mock_key: Arc<MockKey>) -> Result<Runtime, RouterError> {
         let config = RouterConfig::load(path)?;
-        let users = match &config.auth.file {
+        let mut users = match &config.auth.file {
             Some(file) => Userlist::load(file)?,
             None => Userlist::default(),
         };
+        if config.auth.kind == AuthType::ScramSha256 {
+            users.prepare_scram(&mock_key);
+        }
         let tls = match (&config.tls.cert, &config.tls.key) {
             (Some(cert), Some(key)) => Some(TlsAcceptor::from(tls::server_config(cert, key)?)),
             _ => None,
         };
-        Ok(Runtime { config, users, tls })
+        Ok(Runtime {
+            config,
+            users,
+            tls,
+            mock_key,
+        })
     }
 }
 
@@ -97,6 +121,12 @@ pub(crate) struct Shared {
     /// ParameterStatus of the newest server connection, told to clients that
     /// log in while no server connection can be opened.
     pub last_params: ArcSwap<Vec<(String, String)>>,
+    /// The server's own values of the parameters a client may set in its
+    /// startup packet (`application_name`, `TimeZone`, ...), as server
+    /// connections opened without them reported them at login: what a client
+    /// that sets none is told when no server connection can be opened at its
+    /// login. Unlike `last_params`, never a previous client's session-level SET.
+    pub server_defaults: Mutex<Vec<(String, String)>>,
     /// Server connection pools.
     pub pools: pool::Pools,
     clients: AtomicUsize,
@@ -147,7 +177,7 @@ impl Drop for ClientSlot {
 impl Router {
     /// Loads the configuration file (and the auth file and TLS material it names).
     pub fn new(config_path: PathBuf) -> Result<Router, RouterError> {
-        let runtime = Runtime::load(&config_path)?;
+        let runtime = Runtime::load(&config_path, Arc::new(MockKey::generate()))?;
         Ok(Router {
             shared: Arc::new(Shared {
                 config_path,
@@ -156,6 +186,7 @@ impl Router {
                 cancels: Arc::new(CancelRegistry::default()),
                 server_tls: tls::client_config(),
                 last_params: ArcSwap::from_pointee(Vec::new()),
+                server_defaults: Mutex::new(Vec::new()),
                 pools: pool::Pools::default(),
                 clients: AtomicUsize::new(0),
                 restart_follower: Arc::new(Notify::new()),
@@ -190,7 +221,8 @@ impl Router {
     /// the follower reconnect; `router.listen`, `router.worker_threads` and
     /// `router.cpu_scheduling` need a restart.
     pub fn reload(&self) -> Result<(), RouterError> {
-        let next = match Runtime::load(&self.shared.config_path) {
+        let key = self.shared.runtime.load().mock_key.clone();
+        let next = match Runtime::load(&self.shared.config_path, key) {
             Ok(next) => next,
             Err(e) => {
                 tracing::error!(error = %e, path = %self.shared.config_path.display(), "reload refused; the previous configuration stays in force");

@@ -82,7 +82,52 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
-/// TCP_NODELAY and keepalives, on client and server sockets alike.
+/// How the router notices a server that went silent (`[server]`'s
+/// `tcp_user_timeout_ms`, `tcp_keepalive_idle_ms`, `tcp_keepalive_interval_ms`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Liveness {
+    /// `TCP_USER_TIMEOUT`; `None` leaves the kernel's default.
+    pub user_timeout: Option<Duration>,
+    /// Idle time before the first keepalive probe.
+    pub keepalive_idle: Duration,
+    /// Time between keepalive probes.
+    pub keepalive_interval: Duration,
+}
+
+impl Liveness {
+    /// The settings of the configuration in force.
+    pub fn of(config: &hapg_config::router::RouterConfig) -> Liveness {
+        Liveness {
+            user_timeout: config.server_tcp_user_timeout(),
+            keepalive_idle: config.server_keepalive_idle(),
+            keepalive_interval: config.server_keepalive_interval(),
+        }
+    }
+}
+
+/// A server socket: TCP_NODELAY, keepalives on `liveness`'s timings, and
+/// `TCP_USER_TIMEOUT`. The kernel of a frozen server still acknowledges
+/// data and probes (only an epoch change frees a statement held there); a
+/// server powered off or cut off acknowledges nothing, and then the user
+/// timeout ends the connection: after it for data sent and unacknowledged,
+/// and, while a statement runs and nothing is sent, at the first probe past
+/// it (Linux then ignores the probe count).
+pub fn tune_server(stream: &TcpStream, liveness: &Liveness) -> io::Result<()> {
+    let sock = SockRef::from(stream);
+    sock.set_nodelay(true)?;
+    sock.set_tcp_keepalive(
+        &TcpKeepalive::new()
+            .with_time(liveness.keepalive_idle)
+            .with_interval(liveness.keepalive_interval)
+            .with_retries(KEEPALIVE_RETRIES),
+    )?;
+    if let Some(timeout) = liveness.user_timeout {
+        sock.set_tcp_user_timeout(Some(timeout))?;
+    }
+    Ok(())
+}
+
+/// TCP_NODELAY and keepalives, on client sockets.
 pub fn tune(stream: &TcpStream) -> io::Result<()> {
     let sock = SockRef::from(stream);
     sock.set_nodelay(true)?;
@@ -213,6 +258,36 @@ impl AsyncWrite for Stream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn server_sockets_have_the_configured_user_timeout_and_keepalive() {
+        let listener = bind("127.0.0.1:0".parse().expect("address")).expect("bind");
+        let addr = listener.local_addr().expect("local address");
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let client = client.expect("connect");
+        drop(accepted);
+        let liveness = Liveness {
+            user_timeout: Some(Duration::from_millis(4_500)),
+            keepalive_idle: Duration::from_secs(2),
+            keepalive_interval: Duration::from_secs(1),
+        };
+        tune_server(&client, &liveness).expect("tune");
+        let sock = SockRef::from(&client);
+        assert!(sock.nodelay().expect("TCP_NODELAY"));
+        assert!(sock.keepalive().expect("SO_KEEPALIVE"));
+        assert_eq!(
+            sock.tcp_user_timeout().expect("TCP_USER_TIMEOUT"),
+            Some(Duration::from_millis(4_500))
+        );
+        assert_eq!(
+            sock.keepalive_time().expect("TCP_KEEPIDLE"),
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            sock.keepalive_interval().expect("TCP_KEEPINTVL"),
+            Duration::from_secs(1)
+        );
+    }
 
     #[tokio::test]
     async fn tuned_sockets_have_nodelay_and_keepalive_with_its_timings() {

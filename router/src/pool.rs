@@ -405,7 +405,9 @@ async fn open(
     timeout: Duration,
     (id, permit): (PoolId, OwnedSemaphorePermit),
 ) -> Result<ServerConn, ServerError> {
-    let mut conn = ServerConn::connect(target, login, &shared.server_tls, timeout).await?;
+    let liveness = crate::net::Liveness::of(&shared.runtime.load().config);
+    let mut conn =
+        ServerConn::connect(target, login, &shared.server_tls, &liveness, timeout).await?;
     conn.params = shared.shared_params(&conn.params);
     conn.pool = Some(id);
     conn.permit = Some(permit);

@@ -25,7 +25,7 @@ use crate::protocol::backend::{
     self, parse_error, parse_parameter_status, sqlstate, ErrorFields, Severity,
 };
 use crate::protocol::{cstr, frame, ProtocolError};
-use crate::routing::Busy;
+use crate::routing::{Busy, Cut, CutReason};
 use crate::server::{
     same_params, set_param, set_shared_param, Login, Params, ServerConn, ServerError,
 };
@@ -37,7 +37,7 @@ use crate::Shared;
 const RETRY_DELAY: Duration = Duration::from_millis(250);
 /// Reported parameters a client may change with SET or set_config and the
 /// router restores on a new server connection.
-const SETTABLE: &[&str] = &[
+pub(crate) const SETTABLE: &[&str] = &[
     "application_name",
     "client_encoding",
     "DateStyle",
@@ -69,6 +69,11 @@ enum Loss<'a> {
     /// A switchover drain ran out of time: the router cuts the statement or
     /// transaction still open on the primary being drained.
     Switchover,
+    /// The monitor named another primary (epoch `to`) while the session had
+    /// a statement or transaction open on the old one (epoch `from`): the
+    /// router stops waiting for it, since a primary that lost its place may
+    /// never answer (frozen, cut off, or powered off with the socket open).
+    PrimaryChanged { from: i64, to: i64 },
 }
 
 /// Named prepared statements in transaction mode: the router re-prepares a
@@ -259,8 +264,8 @@ pub(crate) struct Session {
     /// Set while the session has a statement or transaction open on its
     /// server: what a switchover drain waits for.
     busy: Option<Busy>,
-    /// Cut orders of switchover drains.
-    cuts: watch::Receiver<(u64, i64)>,
+    /// Cut orders: of switchover drains, and of new epochs.
+    cuts: watch::Receiver<(u64, Option<Cut>)>,
     /// Bytes of a server message being streamed to the client still to come.
     partial: usize,
     /// A server connection was attached once (so a new one is a move).
@@ -494,9 +499,9 @@ impl Session {
                 _ = &mut kill => return Err(self.stopping().await),
                 _ = &mut shutdown, if idle => return Err(self.stopping().await),
                 r = read_server(&mut self.server) => self.on_server_read(r)?,
-                (epoch, cuts) = &mut cut => {
+                (order, cuts) = &mut cut => {
                     cut = Gated::new(next_cut(cuts));
-                    self.on_cut(epoch)?;
+                    self.on_cut(order)?;
                 }
                 r = read_client(&mut self.client.stream, &mut self.client.rbuf) => {
                     if !matches!(r, Ok(n) if n > 0) {
@@ -507,13 +512,21 @@ impl Session {
         }
     }
 
-    /// A switchover drain ran out of time on `epoch`: cut what this session
-    /// still has open there.
-    fn on_cut(&mut self, epoch: i64) -> Result<(), Ended> {
-        if self.busy.as_ref().is_some_and(|b| b.epoch() == epoch) {
-            return self.server_gone(Loss::Switchover);
+    /// A switchover drain ran out of time, or the primary changed: cut what
+    /// this session still has open on the server the order names.
+    fn on_cut(&mut self, order: Cut) -> Result<(), Ended> {
+        let Some(from) = self
+            .busy
+            .as_ref()
+            .map(Busy::epoch)
+            .filter(|e| order.applies_to(*e))
+        else {
+            return Ok(());
+        };
+        match order.reason {
+            CutReason::DrainTimeout => self.server_gone(Loss::Switchover),
+            CutReason::PrimaryChanged { to } => self.server_gone(Loss::PrimaryChanged { from, to }),
         }
-        Ok(())
     }
 
     fn on_server_read(&mut self, read: std::io::Result<usize>) -> Result<(), Ended> {
@@ -997,6 +1010,7 @@ impl Session {
                 reason = match loss {
                     Loss::Lost(reason) => reason,
                     Loss::Switchover => "switchover drain timeout",
+                    Loss::PrimaryChanged { .. } => "the primary changed",
                 },
                 "server connection dropped in the middle of a message; closing the client"
             );
@@ -1033,6 +1047,20 @@ impl Session {
                 tracing::info!(server = %server.addr, in_tx, outstanding = self.outstanding, "switchover drain: cutting the session's transaction on the old primary");
                 (
                     sqlstate::ADMIN_SHUTDOWN,
+                    message,
+                    "The session is still usable: the next statement waits for the new primary and runs there.",
+                )
+            }
+            Loss::PrimaryChanged { from, to } => {
+                let message = match (in_tx, statement) {
+                    _ if ending => format!("the primary changed (epoch {from} to {to}) while this transaction was ending on the old primary, which did not answer; if it was a COMMIT, it may or may not have completed"),
+                    (true, false) => format!("the primary changed (epoch {from} to {to}) during this transaction; the transaction was rolled back"),
+                    (true, true) => format!("the primary changed (epoch {from} to {to}) during this transaction, while a statement was running on the old primary, which did not answer; the transaction was rolled back, unless that statement was its COMMIT, which may or may not have completed"),
+                    (false, _) => format!("the primary changed (epoch {from} to {to}) while this statement was running on the old primary, which did not answer; it may or may not have completed"),
+                };
+                tracing::info!(server = %server.addr, from, to, in_tx, outstanding = self.outstanding, "the primary changed: giving up the session's statement on the old primary");
+                (
+                    sqlstate::CONNECTION_FAILURE,
                     message,
                     "The session is still usable: the next statement waits for the new primary and runs there.",
                 )
@@ -1366,15 +1394,20 @@ async fn give_back(shared: &Shared, mut server: ServerConn, reset: bool) {
     }
 }
 
-/// The epoch of the next cut order.
 /// The next cut ordered on `cuts`, and the receiver to wait for the one after.
-async fn next_cut(mut cuts: watch::Receiver<(u64, i64)>) -> (i64, watch::Receiver<(u64, i64)>) {
-    if cuts.changed().await.is_err() {
-        // The routing table is gone: no cut will ever come.
-        std::future::pending::<()>().await;
+async fn next_cut(
+    mut cuts: watch::Receiver<(u64, Option<Cut>)>,
+) -> (Cut, watch::Receiver<(u64, Option<Cut>)>) {
+    loop {
+        if cuts.changed().await.is_err() {
+            // The routing table is gone: no cut will ever come.
+            std::future::pending::<()>().await;
+        }
+        let order = cuts.borrow_and_update().1;
+        if let Some(cut) = order {
+            return (cut, cuts);
+        }
     }
-    let epoch = cuts.borrow_and_update().1;
-    (epoch, cuts)
 }
 
 #[cfg(test)]

@@ -8,6 +8,11 @@
 //! themselves busy on an epoch while they have a statement or a transaction
 //! open on its server, and the drain waits for that count to reach zero, then
 //! asks the sessions still busy to cut their transaction.
+//!
+//! A new epoch cuts too: once the monitor names another primary, a statement
+//! still running on the old one is answered by nobody the router can wait
+//! for (that primary may be frozen, cut off, or powered off with its socket
+//! still open), so the sessions busy on an older epoch are told to give it up.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -94,6 +99,35 @@ struct Gate {
     busy: BTreeMap<i64, usize>,
 }
 
+/// Why sessions are told to cut what they have open on a server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CutReason {
+    /// A switchover drain ran out of time (`router.drain_timeout_ms`).
+    DrainTimeout,
+    /// The monitor named the primary of a newer epoch.
+    PrimaryChanged {
+        /// The new epoch.
+        to: i64,
+    },
+}
+
+/// An order to the sessions busy on `epoch` or an older one: cut the
+/// statement or transaction open there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cut {
+    /// Sessions busy on this epoch or an older one are cut.
+    pub epoch: i64,
+    /// Why.
+    pub reason: CutReason,
+}
+
+impl Cut {
+    /// Whether a session busy on `busy_epoch` has to cut.
+    pub fn applies_to(&self, busy_epoch: i64) -> bool {
+        busy_epoch <= self.epoch
+    }
+}
+
 /// The shared, hot-swapped routing table.
 pub struct RoutingTable {
     current: ArcSwap<Routing>,
@@ -102,9 +136,10 @@ pub struct RoutingTable {
     gate: Mutex<Gate>,
     /// Bumped each time a session stops being busy.
     idle: watch::Sender<u64>,
-    /// The epoch whose busy sessions must cut their transaction now, with a
-    /// generation number so that the same epoch can be cut twice.
-    cut: watch::Sender<(u64, i64)>,
+    /// The last cut order, with a generation number so that the same order
+    /// can be given twice (a watch keeps only the latest value: a later order
+    /// covers an earlier one, its epoch being at least as new).
+    cut: watch::Sender<(u64, Option<Cut>)>,
 }
 
 impl Default for RoutingTable {
@@ -114,7 +149,7 @@ impl Default for RoutingTable {
             changed: watch::Sender::new(0),
             gate: Mutex::new(Gate::default()),
             idle: watch::Sender::new(0),
-            cut: watch::Sender::new((0, 0)),
+            cut: watch::Sender::new((0, None)),
         }
     }
 }
@@ -190,10 +225,25 @@ impl RoutingTable {
     }
 
     /// Publishes what the monitor says now (epoch and primary); returns true
-    /// when that changed the table. A drain in force stays in force.
+    /// when that changed the table. A drain in force stays in force. A newer
+    /// epoch than the table's orders the sessions busy on an older one to cut.
     pub fn publish(&self, epoch: i64, primary: Option<Primary>) -> bool {
         let gate = self.lock();
         let old = self.current.load();
+        // Sessions can only be busy on an epoch that was the target: in the
+        // table, never one newer than the one now published.
+        if epoch > old.epoch && gate.busy.range(..epoch).next().is_some() {
+            tracing::info!(
+                from = old.epoch,
+                to = epoch,
+                busy = gate.busy.range(..epoch).map(|(_, n)| n).sum::<usize>(),
+                "the primary changed: cutting the statements still running on the old one"
+            );
+            self.send_cut(Cut {
+                epoch: epoch - 1,
+                reason: CutReason::PrimaryChanged { to: epoch },
+            });
+        }
         let mut next = Routing {
             epoch,
             primary,
@@ -246,15 +296,23 @@ impl RoutingTable {
     }
 
     /// A receiver of cut orders (see [`RoutingTable::cut`]).
-    pub fn subscribe_cut(&self) -> watch::Receiver<(u64, i64)> {
+    pub fn subscribe_cut(&self) -> watch::Receiver<(u64, Option<Cut>)> {
         self.cut.subscribe()
     }
 
-    /// Orders every session busy on `epoch` to cut its statement or transaction.
+    /// Orders every session busy on `epoch` (or an older one) to cut its
+    /// statement or transaction: a switchover drain ran out of time.
     pub fn cut(&self, epoch: i64) {
-        self.cut.send_modify(|(generation, e)| {
+        self.send_cut(Cut {
+            epoch,
+            reason: CutReason::DrainTimeout,
+        });
+    }
+
+    fn send_cut(&self, cut: Cut) {
+        self.cut.send_modify(|(generation, c)| {
             *generation = generation.wrapping_add(1);
-            *e = epoch;
+            *c = Some(cut);
         });
     }
 }
@@ -332,6 +390,48 @@ mod tests {
         drop(second);
         assert_eq!(table.busy(1), 0);
         assert!(idle.has_changed().expect("open"), "the last one ended");
+    }
+
+    #[test]
+    fn a_new_epoch_cuts_the_sessions_busy_on_older_ones_and_nothing_else_does() {
+        let table = Arc::new(RoutingTable::default());
+        let mut cuts = table.subscribe_cut();
+        table.publish(1, primary(NodeState::Primary, NodeState::Primary));
+        let busy = table.begin(1).expect("epoch 1 open");
+        // The primary stops taking writes, then comes back: same epoch, no cut.
+        table.publish(1, primary(NodeState::Draining, NodeState::Primary));
+        table.publish(1, primary(NodeState::Primary, NodeState::Primary));
+        assert!(!cuts.has_changed().expect("open"), "same epoch");
+        // Another node becomes the primary.
+        table.publish(
+            2,
+            primary(NodeState::WaitPrimary, NodeState::PreparePromotion),
+        );
+        assert!(cuts.has_changed().expect("open"));
+        let cut = cuts.borrow_and_update().1.expect("a cut order");
+        assert_eq!(cut.reason, CutReason::PrimaryChanged { to: 2 });
+        assert!(cut.applies_to(busy.epoch()));
+        assert!(!cut.applies_to(2));
+        drop(busy);
+        // Nobody busy on an older epoch: nobody is woken.
+        let on_two = {
+            table.publish(2, primary(NodeState::WaitPrimary, NodeState::WaitPrimary));
+            table.begin(2).expect("epoch 2 open")
+        };
+        table.publish(3, primary(NodeState::WaitPrimary, NodeState::WaitPrimary));
+        assert!(cuts.has_changed().expect("open"));
+        assert_eq!(
+            cuts.borrow_and_update().1.expect("a cut order").reason,
+            CutReason::PrimaryChanged { to: 3 }
+        );
+        drop(on_two);
+        table.publish(4, primary(NodeState::WaitPrimary, NodeState::WaitPrimary));
+        assert!(!cuts.has_changed().expect("open"), "nobody was busy");
+        // A drain's cut names its own epoch.
+        table.cut(4);
+        let cut = cuts.borrow_and_update().1.expect("a cut order");
+        assert_eq!(cut.reason, CutReason::DrainTimeout);
+        assert!(cut.applies_to(4) && cut.applies_to(3) && !cut.applies_to(5));
     }
 
     #[test]

@@ -99,6 +99,10 @@ pub struct ServerConn {
     pub secret: i32,
     /// ParameterStatus values, updated by the router's own statements.
     pub params: Params,
+    /// ParameterStatus values as the login left them: what a client with the
+    /// same startup parameters is owed when it takes the connection from the
+    /// pool (transaction mode keeps a previous client's session-level SETs).
+    pub opened: Params,
     /// The startup parameters the connection was opened with (other than
     /// user and database): a pooled connection only serves clients that sent
     /// the same ones.
@@ -151,9 +155,10 @@ impl ServerConn {
         target: &Target,
         login: &Login,
         tls: &Arc<rustls::ClientConfig>,
+        liveness: &net::Liveness,
         timeout: Duration,
     ) -> Result<ServerConn, ServerError> {
-        tokio::time::timeout(timeout, Self::connect_inner(target, login, tls))
+        tokio::time::timeout(timeout, Self::connect_inner(target, login, tls, liveness))
             .await
             .map_err(|_| ServerError::Timeout(timeout))?
     }
@@ -162,6 +167,7 @@ impl ServerConn {
         target: &Target,
         login: &Login,
         tls: &Arc<rustls::ClientConfig>,
+        liveness: &net::Liveness,
     ) -> Result<ServerConn, ServerError> {
         let addrs: Vec<SocketAddr> = tokio::net::lookup_host((&*target.host, target.port))
             .await?
@@ -174,7 +180,7 @@ impl ServerConn {
             Some(local) => local,
             None => {
                 let tcp = TcpStream::connect(&addrs[..]).await?;
-                net::tune(&tcp)?;
+                net::tune_server(&tcp, liveness)?;
                 let addr = tcp.peer_addr()?;
                 (
                     negotiate_tls(tcp, &target.host, login.sslmode, tls).await?,
@@ -190,6 +196,7 @@ impl ServerConn {
             pid: 0,
             secret: 0,
             params: Params::default(),
+            opened: Params::default(),
             startup: login.params.clone(),
             pool: None,
             born: Instant::now(),
@@ -197,6 +204,7 @@ impl ServerConn {
             prepared: HashMap::new(),
         };
         conn.login(login).await?;
+        conn.opened = conn.params.clone();
         match conn.param("in_hot_standby") {
             Some("off") => {}
             Some(_) => return Err(ServerError::InRecovery),

@@ -20,7 +20,7 @@ use crate::pool::CheckoutError;
 use crate::protocol::backend::{self, sqlstate, Severity};
 use crate::protocol::startup::{self, FirstPacket, Startup};
 use crate::protocol::{cstr, frame, ProtocolError};
-use crate::relay::Session;
+use crate::relay::{Session, SETTABLE};
 use crate::server::{set_shared_param, Login, Params, ServerConn, ServerError};
 use crate::{Runtime, Shared};
 
@@ -39,6 +39,20 @@ const FALLBACK_PARAMS: &[(&str, &str)] = &[
     ("default_transaction_read_only", "off"),
     ("in_hot_standby", "off"),
 ];
+
+/// The largest message a client may send before it has logged in (a
+/// PasswordMessage, SASLInitialResponse or SASLResponse), counted as its length
+/// field counts it: Postgres 15's `PG_MAX_AUTH_TOKEN_LENGTH`, the limit its
+/// `recv_password_packet` and SASL exchange give `pq_getmessage`. An md5 answer
+/// is 36 bytes and a SCRAM message a few hundred, so no client needs more;
+/// a client gets no more of the router's memory than this before it has
+/// proved who it is. (The startup packet has its own limit,
+/// [`startup::MAX_STARTUP_LEN`], Postgres' `MAX_STARTUP_PACKET_LENGTH`.)
+const MAX_AUTH_MESSAGE: usize = 65_535;
+
+/// How long a refused client that has not logged in may go on sending before
+/// the router closes (see [`ClientConn::refuse`]).
+const REFUSE_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Client parameters a server echoes back as ParameterStatus.
 const ECHOED: &[&str] = &[
@@ -86,15 +100,47 @@ impl ClientConn {
         Ended
     }
 
-    /// Reads one tagged message during authentication.
+    /// Refuses a client that has not logged in: sends a FATAL, then reads and
+    /// discards what the client is still sending, for at most
+    /// [`REFUSE_DRAIN`], before closing. Closing with unread bytes makes the
+    /// kernel reset the connection, and a reset can cost a client still
+    /// writing a large message the reason it was about to read (Linux over
+    /// loopback keeps it readable; other stacks and lost segments may not).
+    /// The discarding reads into a small fixed buffer, so it costs no memory.
+    pub async fn refuse(&mut self, code: &str, message: &str, hint: Option<&str>) -> Ended {
+        backend::error(&mut self.wbuf, Severity::Fatal, code, message, hint);
+        if self.flush().await.is_err() {
+            return Ended;
+        }
+        let _ = self.stream.shutdown().await;
+        self.rbuf = BytesMut::new();
+        let mut sink = vec![0u8; 8192];
+        let _ = tokio::time::timeout(REFUSE_DRAIN, async {
+            while let Ok(n) = self.stream.read(&mut sink).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        })
+        .await;
+        Ended
+    }
+
+    /// Reads one tagged message during authentication, at most
+    /// [`MAX_AUTH_MESSAGE`] bytes: the limit is checked on the header, so a
+    /// client that announces more is refused before anything is buffered.
     async fn read_frame(&mut self) -> Result<(u8, BytesMut), Ended> {
         loop {
-            match frame::split(&mut self.rbuf, self.max) {
+            match frame::split(&mut self.rbuf, MAX_AUTH_MESSAGE + 1) {
                 Ok(Some(frame)) => return Ok(frame),
                 Ok(None) => self.read_more().await?,
                 Err(e) => {
                     return Err(self
-                        .fatal(sqlstate::PROTOCOL_VIOLATION, &e.to_string(), None)
+                        .refuse(
+                            sqlstate::PROTOCOL_VIOLATION,
+                            &format!("invalid authentication message: {e}"),
+                            None,
+                        )
                         .await)
                 }
             }
@@ -115,7 +161,7 @@ pub(crate) async fn serve(
     }
     let rt = shared.runtime.load_full();
     let started = tokio::select! {
-        r = tokio::time::timeout(rt.config.login_timeout(), start(&shared, &rt, tcp)) => r,
+        r = tokio::time::timeout(rt.config.login_timeout(), start(&shared, &rt, tcp, peer)) => r,
         _ = kill.cancelled() => return,
     };
     match started {
@@ -156,12 +202,12 @@ async fn negotiate(
                 Ok(None) => client.read_more().await?,
                 Err(e @ ProtocolError::UnsupportedVersion { .. }) => {
                     return Err(client
-                        .fatal(sqlstate::FEATURE_NOT_SUPPORTED, &e.to_string(), None)
+                        .refuse(sqlstate::FEATURE_NOT_SUPPORTED, &e.to_string(), None)
                         .await)
                 }
                 Err(e) => {
                     return Err(client
-                        .fatal(
+                        .refuse(
                             sqlstate::PROTOCOL_VIOLATION,
                             &format!("invalid startup packet: {e}"),
                             None,
@@ -177,7 +223,7 @@ async fn negotiate(
                 let already_tls = !matches!(client.stream, Stream::Plain(_));
                 if negotiations > 2 || already_tls {
                     return Err(client
-                        .fatal(
+                        .refuse(
                             sqlstate::PROTOCOL_VIOLATION,
                             "repeated encryption request",
                             None,
@@ -188,7 +234,7 @@ async fn negotiate(
                     // Bytes sent before the answer could be read by an attacker
                     // in the middle; Postgres refuses them too.
                     return Err(client
-                        .fatal(
+                        .refuse(
                             sqlstate::PROTOCOL_VIOLATION,
                             "received unencrypted data after encryption request",
                             None,
@@ -239,6 +285,7 @@ async fn start(
     shared: &Arc<Shared>,
     rt: &Runtime,
     tcp: TcpStream,
+    peer: std::net::SocketAddr,
 ) -> Result<Option<(ClientConn, Ready)>, Ended> {
     let Some((mut client, startup)) = negotiate(shared, rt, tcp).await? else {
         return Ok(None);
@@ -249,7 +296,7 @@ async fn start(
         .map(str::to_string)
     else {
         return Err(client
-            .fatal(
+            .refuse(
                 sqlstate::INVALID_AUTHORIZATION,
                 "no PostgreSQL user name specified in startup packet",
                 None,
@@ -262,7 +309,7 @@ async fn start(
             "false" | "off" | "no" | "0"
         ) {
             return Err(client
-                .fatal(
+                .refuse(
                     sqlstate::FEATURE_NOT_SUPPORTED,
                     "the hapg router does not relay replication connections",
                     Some("Connect to the Postgres node directly for replication."),
@@ -289,10 +336,12 @@ async fn start(
         match e {
             AuthOutcome::Ended => return Err(Ended),
             AuthOutcome::Refused(e) => {
-                tracing::info!(user, error = %e, "client authentication failed");
+                // The audit trail: who tried, from where, and why it failed
+                // (the client itself only learns "password authentication failed").
+                tracing::warn!(client = %peer, user, reason = %e, "client authentication failed");
                 let message = format!("password authentication failed for user \"{user}\"");
                 return Err(client
-                    .fatal(sqlstate::INVALID_PASSWORD, &message, None)
+                    .refuse(sqlstate::INVALID_PASSWORD, &message, None)
                     .await);
             }
         }
@@ -309,6 +358,7 @@ async fn start(
         rt.users
             .get(&server_user)
             .and_then(Secret::plain)
+            .filter(|p| !p.is_empty())
             .map(str::to_string)
     });
     let login = Login {
@@ -339,7 +389,13 @@ async fn start(
             )
             .await
         {
-            Ok(conn) => server = Some(conn),
+            Ok(mut conn) => match reset_drifted(&mut conn).await {
+                Ok(()) => server = Some(conn),
+                Err(e) => {
+                    tracing::info!(error = %e, "could not reset a pooled connection's settings at login; deferring to the first statement");
+                    conn.terminate().await;
+                }
+            },
             Err(CheckoutError::Full { size }) => tracing::debug!(
                 size,
                 "the pool is full at login; deferring to the first statement"
@@ -363,6 +419,7 @@ async fn start(
     let known: Params = match &server {
         Some(conn) => {
             shared.remember_params(&conn.params);
+            learn_server_defaults(shared, conn);
             conn.params.clone()
         }
         None => {
@@ -377,8 +434,26 @@ async fn start(
             } else {
                 last
             };
+            // The newest connection's values may be a previous client's
+            // session-level SETs (transaction mode): a client is told what it
+            // asked for, else the server's own value when the router knows it
+            // (an empty application_name when it does not: Postgres' default).
+            let defaults = shared
+                .server_defaults
+                .lock()
+                .map(|d| d.clone())
+                .unwrap_or_default();
             for name in ECHOED {
-                if let Some(value) = startup.get(name) {
+                let value = startup
+                    .get(name)
+                    .or_else(|| {
+                        defaults
+                            .iter()
+                            .find(|(k, _)| k == name)
+                            .map(|(_, v)| v.as_str())
+                    })
+                    .or((*name == "application_name").then_some(""));
+                if let Some(value) = value {
                     set_shared_param(&mut params, name, value);
                 }
             }
@@ -405,6 +480,51 @@ async fn start(
             cancel,
         },
     )))
+}
+
+/// Keeps the values `conn` reported at its login for the startup-settable
+/// parameters its startup packet did not set: the server's own values.
+fn learn_server_defaults(shared: &Shared, conn: &ServerConn) {
+    let Ok(mut defaults) = shared.server_defaults.lock() else {
+        return;
+    };
+    for name in ECHOED {
+        if conn.startup.iter().any(|(k, _)| k == name) {
+            continue;
+        }
+        if let Some((_, value)) = conn.opened.iter().find(|(k, _)| k == name) {
+            if !defaults.iter().any(|(k, v)| k == name && v == value) {
+                crate::server::set_param(&mut defaults, name, value);
+            }
+        }
+    }
+}
+
+/// Sets back, on a pooled connection a client takes at login, the reported
+/// settings a previous client changed at session level (transaction mode
+/// leaves them on the connection): the client is owed the values the
+/// connection was opened with, since it sent the same startup parameters.
+/// Without this it would be told, and would run with, the previous client's
+/// `application_name` (or `TimeZone`, ...). Later transactions are kept in
+/// step by the relay's restore, against what the client was told.
+async fn reset_drifted(conn: &mut ServerConn) -> Result<(), ServerError> {
+    if Arc::ptr_eq(&conn.params, &conn.opened) {
+        return Ok(());
+    }
+    let mut fixes = String::new();
+    for (name, value) in conn.opened.iter() {
+        if SETTABLE.contains(&name.as_str()) && conn.param(name) != Some(value.as_str()) {
+            fixes.push_str(&format!(
+                "SELECT set_config({}, {}, false);",
+                postgres_protocol::escape::escape_literal(name),
+                postgres_protocol::escape::escape_literal(value)
+            ));
+        }
+    }
+    if !fixes.is_empty() {
+        conn.simple_query(&fixes).await?;
+    }
+    Ok(())
 }
 
 enum AuthOutcome {
@@ -435,25 +555,21 @@ async fn authenticate(
     user: &str,
 ) -> Result<(), AuthOutcome> {
     let secret = rt.users.get(user);
-    let method = match (rt.config.auth.kind, secret) {
+    let scram = match (rt.config.auth.kind, secret) {
         (AuthType::Trust, _) => return Ok(()),
-        (AuthType::Md5, Some(Secret::Scram(_))) | (AuthType::ScramSha256, _) => {
-            AuthType::ScramSha256
-        }
-        (AuthType::Md5, _) => AuthType::Md5,
+        (AuthType::ScramSha256, _) | (AuthType::Md5, Some(Secret::Scram(_))) => true,
+        (AuthType::Md5, Some(_)) => false,
+        // An unknown user is asked what a known one would be (see
+        // `Userlist::unknown_gets_scram`).
+        (AuthType::Md5, None) => rt.users.unknown_gets_scram(),
     };
-    if method == AuthType::Md5 {
+    if !scram {
         let mut salt = [0u8; 4];
         rand::thread_rng().fill_bytes(&mut salt);
         backend::authentication(&mut client.wbuf, 5, &salt);
         let body = password_message(client).await?;
         let answer = cstr(&body).map(|(a, _)| a).unwrap_or(&body[..]);
-        return match secret {
-            Some(secret) => md5::verify(user, secret, salt, answer).map_err(AuthOutcome::Refused),
-            None => Err(AuthOutcome::Refused(AuthError::UnknownUser(
-                user.to_string(),
-            ))),
-        };
+        return md5::check(user, secret, salt, answer).map_err(AuthOutcome::Refused);
     }
     backend::auth_sasl(&mut client.wbuf);
     let mut body = password_message(client).await?;
@@ -473,16 +589,12 @@ async fn authenticate(
     if len < 0 || len as usize != body.len() {
         return Err(malformed());
     }
+    let (verifier, refusal) = rt.users.scram_secret(user, &rt.mock_key);
     let (exchange, server_first) =
-        ScramServer::start(user, secret, &body).map_err(AuthOutcome::Refused)?;
+        ScramServer::start(user, verifier, refusal, &body).map_err(AuthOutcome::Refused)?;
     backend::authentication(&mut client.wbuf, 11, server_first.as_bytes());
     let body = password_message(client).await?;
     let server_final = exchange.finish(&body).map_err(AuthOutcome::Refused)?;
-    if secret.is_none() {
-        return Err(AuthOutcome::Refused(AuthError::UnknownUser(
-            user.to_string(),
-        )));
-    }
     backend::authentication(&mut client.wbuf, 12, server_final.as_bytes());
     Ok(())
 }

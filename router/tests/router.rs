@@ -148,6 +148,95 @@ async fn pause_then_resume(sections: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_running_on_the_old_primary_is_answered_when_the_epoch_moves() {
+    answered_when_the_epoch_moves("", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_running_on_the_old_primary_is_answered_when_the_epoch_moves_in_transaction_mode(
+) {
+    answered_when_the_epoch_moves("[pool]\nmode = \"transaction\"\n", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_whose_state_cannot_move_ends_after_its_statement_is_answered() {
+    answered_when_the_epoch_moves("", true).await;
+}
+
+/// A statement runs on node A (which stays up: only the new epoch can end
+/// the wait here, not the socket) when the monitor names node B: it is
+/// answered with 08006 at once, and the session goes on on B, or, with a
+/// temporary table (`sticky`), ends with FATAL at its next statement.
+async fn answered_when_the_epoch_moves(sections: &str, sticky: bool) {
+    let c = Cluster::start(true, "pause_timeout_ms = 20000", sections).await;
+    let b_port = c.b.as_ref().expect("b").port;
+    let client = connect(&c.router.url("postgres")).await.expect("connect");
+    assert_eq!(server_port(&client).await.expect("on a"), c.a.port);
+    if sticky {
+        client
+            .batch_execute("CREATE TEMP TABLE t (x int)")
+            .await
+            .expect("temp table");
+    }
+    let running = tokio::spawn(async move {
+        let result = client.simple_query("SELECT pg_sleep(60)").await;
+        (result, client)
+    });
+    let a = c.a.connect("postgres").await;
+    let start = Instant::now();
+    loop {
+        let n: i64 = a
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)' AND state = 'active'",
+                &[],
+            )
+            .await
+            .expect("pg_stat_activity")
+            .get(0);
+        if n == 1 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the statement never ran on a"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let moved_at = Instant::now();
+    c.move_primary_to_b().await;
+    let (result, client) = tokio::time::timeout(Duration::from_secs(10), running)
+        .await
+        .expect("the statement was answered")
+        .expect("task");
+    let answered = moved_at.elapsed();
+    let err = result.expect_err("the statement on the old primary cannot succeed");
+    assert_eq!(code(&err), "08006", "{err:?}");
+    let message = err.as_db_error().expect("db error").message().to_string();
+    assert!(
+        message.starts_with("the primary changed (epoch 1 to 2) while this statement was running"),
+        "{message}"
+    );
+    assert!(
+        answered < Duration::from_secs(3),
+        "answered after {answered:?}"
+    );
+    if sticky {
+        let err = client
+            .simple_query("SELECT 1")
+            .await
+            .expect_err("cannot move");
+        assert_eq!(code(&err), "08006", "{err:?}");
+        let db = err.as_db_error().expect("db error");
+        assert_eq!(db.severity(), "FATAL", "{db:?}");
+        assert!(db.message().contains("temporary tables"), "{db:?}");
+    } else {
+        // The session goes on, on the new primary.
+        assert_eq!(server_port(&client).await.expect("moved"), b_port);
+    }
+    c.router.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_client_is_rerouted_with_its_settings_and_prepared_statements() {
     let c = Cluster::start(true, "", "").await;
     let b_port = c.b.as_ref().expect("b").port;

@@ -714,3 +714,75 @@ impl Cluster {
         );
     }
 }
+
+/// When the monitor first assigned `node` the state `goal` after `after`
+/// (seconds since the Unix epoch, from the event history).
+pub async fn assigned_at(monitor_uri: &str, node: &str, goal: &str, after: f64) -> Option<f64> {
+    connect(monitor_uri)
+        .await
+        .expect("connect to the monitor")
+        .query_opt(
+            "SELECT extract(epoch FROM event_time)::float8 FROM hapg.event
+              WHERE node_name = $1 AND goal_state::text = $2
+                AND event_time > to_timestamp($3)
+              ORDER BY event_id LIMIT 1",
+            &[&node, &goal, &after],
+        )
+        .await
+        .expect("events")
+        .map(|r| r.get(0))
+}
+
+/// The statement each writer had in flight when a primary was lost at
+/// `lost_at` ended with an error of class 08 (connection exception) no later
+/// than `bound` after `promoted_at`, it was the writer's only failure, and
+/// the writer then wrote on the node at `new_port`. Returns, per writer, when
+/// the in-flight statement ended, in seconds after `promoted_at` (negative:
+/// before the promotion).
+pub fn assert_in_flight_answered(
+    reports: &[WriterReport],
+    lost_at: f64,
+    promoted_at: f64,
+    bound: Duration,
+    new_port: u16,
+    logs: &dyn Fn() -> String,
+) -> Vec<f64> {
+    let mut ended = Vec::new();
+    for (i, r) in reports.iter().enumerate() {
+        let in_flight: Vec<&hapg::drill::Failure> = r
+            .failures
+            .iter()
+            .filter(|f| f.ended_at >= lost_at)
+            .collect();
+        assert!(
+            in_flight.len() == 1 && r.errors == 1,
+            "writer {i}: expected exactly one failed statement (the one in flight), saw {} errors: {:?}\n{}",
+            r.errors,
+            r.failures,
+            logs()
+        );
+        let f = in_flight[0];
+        assert!(
+            f.code.as_deref().is_some_and(|c| c.starts_with("08")),
+            "writer {i}: the statement in flight did not end with a class 08 error: {f:?}\n{}",
+            logs()
+        );
+        let after = f.ended_at - promoted_at;
+        assert!(
+            after <= bound.as_secs_f64(),
+            "writer {i}: the statement in flight ended {after:.2} s after the promotion (bound {bound:?}): {f:?}\n{}",
+            logs()
+        );
+        let moved = r
+            .acks
+            .iter()
+            .any(|a| a.at > f.ended_at && a.port == Some(new_port));
+        assert!(
+            moved,
+            "writer {i}: no acknowledged write on the new primary (port {new_port}) after the error\n{}",
+            logs()
+        );
+        ended.push(after);
+    }
+    ended
+}

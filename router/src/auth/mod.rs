@@ -3,6 +3,7 @@
 //! exchanges here are pure (no I/O); the session drives them.
 
 pub mod md5;
+pub mod mock;
 pub mod scram;
 pub mod userlist;
 
@@ -15,6 +16,9 @@ pub enum AuthError {
     /// No such user in the auth file.
     #[error("user {0:?} is not in the auth file")]
     UnknownUser(String),
+    /// The auth file gives the user an empty password.
+    #[error("user {0:?} has an empty password in the auth file, and empty passwords are refused")]
+    EmptyPassword(String),
     /// The proof or hash does not match.
     #[error("password does not match for user {0:?}")]
     WrongPassword(String),

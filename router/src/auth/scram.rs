@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 
 use super::md5::constant_time_eq;
 use super::userlist::ScramSecret;
-use super::{AuthError, Secret};
+use super::AuthError;
 
 /// Iterations used when the auth file holds a plain password.
 pub const DEFAULT_ITERATIONS: u32 = 4096;
@@ -38,8 +38,10 @@ pub fn derive(password: &str, salt: &[u8], iterations: u32) -> ScramSecret {
 pub struct ScramServer {
     user: String,
     secret: ScramSecret,
-    /// The user is unknown: run the exchange to its end, then fail.
-    doomed: bool,
+    /// Why the client will be refused whatever it proves (unknown user, empty
+    /// password, unusable secret): the exchange runs to its end all the same,
+    /// so that it looks and costs the same as a real user's.
+    refusal: Option<AuthError>,
     client_first_bare: String,
     server_first: String,
     gs2_header: String,
@@ -47,12 +49,13 @@ pub struct ScramServer {
 }
 
 impl ScramServer {
-    /// Starts an exchange from the client's SASLInitialResponse data; returns
-    /// the exchange and the server-first message. `secret` is `None` for an
-    /// unknown user (the exchange then fails only at the end).
+    /// Starts an exchange from the client's SASLInitialResponse data against
+    /// `secret`; returns the exchange and the server-first message. With a
+    /// `refusal`, the exchange fails with it at the end.
     pub fn start(
         user: &str,
-        secret: Option<&Secret>,
+        secret: ScramSecret,
+        refusal: Option<AuthError>,
         client_first: &[u8],
     ) -> Result<(ScramServer, String), AuthError> {
         let text = std::str::from_utf8(client_first)
@@ -66,29 +69,6 @@ impl ScramServer {
         let mut random = [0u8; 18];
         rand::thread_rng().fill_bytes(&mut random);
         let nonce = format!("{client_nonce}{}", STANDARD.encode(random));
-        let (secret, doomed) = match secret {
-            Some(Secret::Scram(s)) => (s.clone(), false),
-            Some(Secret::Plain(p)) => {
-                let mut salt = [0u8; 16];
-                rand::thread_rng().fill_bytes(&mut salt);
-                (derive(p, &salt, DEFAULT_ITERATIONS), false)
-            }
-            Some(Secret::Md5(_)) => {
-                return Err(AuthError::UnusableSecret(user.to_string(), "scram-sha-256"))
-            }
-            None => {
-                let mut salt = [0u8; 16];
-                rand::thread_rng().fill_bytes(&mut salt);
-                let mut fake = ScramSecret {
-                    iterations: DEFAULT_ITERATIONS,
-                    salt: salt.to_vec(),
-                    stored_key: [0; 32],
-                    server_key: [0; 32],
-                };
-                rand::thread_rng().fill_bytes(&mut fake.stored_key);
-                (fake, true)
-            }
-        };
         let server_first = format!(
             "r={nonce},s={},i={}",
             STANDARD.encode(&secret.salt),
@@ -98,7 +78,7 @@ impl ScramServer {
             ScramServer {
                 user: user.to_string(),
                 secret,
-                doomed,
+                refusal,
                 client_first_bare: bare.to_string(),
                 server_first: server_first.clone(),
                 gs2_header: gs2_header.to_string(),
@@ -148,7 +128,11 @@ impl ScramServer {
             client_key[i] = proof[i] ^ signature[i];
         }
         let stored: [u8; 32] = Sha256::digest(client_key).into();
-        if self.doomed || !constant_time_eq(&stored, &self.secret.stored_key) {
+        let matches = constant_time_eq(&stored, &self.secret.stored_key);
+        if let Some(refusal) = self.refusal {
+            return Err(refusal);
+        }
+        if !matches {
             return Err(AuthError::WrongPassword(self.user));
         }
         let server_signature = hmac(&self.secret.server_key, auth_message.as_bytes());
@@ -175,11 +159,16 @@ fn split_gs2(text: &str) -> Result<(&str, &str), AuthError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::auth::mock::MockKey;
+    use crate::auth::{Secret, Userlist};
     use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 
-    fn exchange(stored: &Secret, password: &[u8]) -> Result<(), AuthError> {
+    /// A client with `password` against the user `bob` of `list`.
+    fn exchange(list: &Userlist, password: &[u8]) -> Result<(), AuthError> {
+        let key = MockKey::generate();
         let mut client = ScramSha256::new(password, ChannelBinding::unsupported());
-        let (server, first) = ScramServer::start("bob", Some(stored), client.message())?;
+        let (secret, refusal) = list.scram_secret("bob", &key);
+        let (server, first) = ScramServer::start("bob", secret, refusal, client.message())?;
         client
             .update(first.as_bytes())
             .expect("client accepts server-first");
@@ -190,36 +179,55 @@ mod tests {
         Ok(())
     }
 
-    #[test]
-    fn plain_and_verifier_secrets() {
-        assert!(exchange(&Secret::Plain("pw".into()), b"pw").is_ok());
-        assert!(matches!(
-            exchange(&Secret::Plain("pw".into()), b"nope"),
-            Err(AuthError::WrongPassword(_))
-        ));
-        let verifier = Secret::parse(&postgres_protocol::password::scram_sha_256(b"pw"));
-        assert!(matches!(verifier, Secret::Scram(_)));
-        assert!(exchange(&verifier, b"pw").is_ok());
-        assert!(exchange(&verifier, b"pX").is_err());
+    fn list(secret: &str) -> Userlist {
+        let mut list = Userlist::parse(&format!("\"bob\" \"{secret}\"\n")).expect("parses");
+        list.prepare_scram(&MockKey::generate());
+        list
     }
 
     #[test]
-    fn unknown_user_fails_at_the_end() {
-        let mut client = ScramSha256::new(b"pw", ChannelBinding::unsupported());
-        let (server, first) = ScramServer::start("ghost", None, client.message()).expect("start");
-        client.update(first.as_bytes()).expect("update");
+    fn plain_and_verifier_secrets() {
+        assert!(exchange(&list("pw"), b"pw").is_ok());
         assert!(matches!(
-            server.finish(client.message()),
+            exchange(&list("pw"), b"nope"),
             Err(AuthError::WrongPassword(_))
         ));
+        let verifier = postgres_protocol::password::scram_sha_256(b"pw");
+        assert!(matches!(Secret::parse(&verifier), Ok(Secret::Scram(_))));
+        assert!(exchange(&list(&verifier), b"pw").is_ok());
+        assert!(exchange(&list(&verifier), b"pX").is_err());
+    }
+
+    #[test]
+    fn refused_users_fail_at_the_end() {
+        let md5 = postgres_protocol::password::md5(b"pw", "bob");
+        for (list, password, reason) in [
+            (
+                Userlist::default(),
+                &b"pw"[..],
+                AuthError::UnknownUser("bob".into()),
+            ),
+            (list(""), b"", AuthError::EmptyPassword("bob".into())),
+            (
+                list(&md5),
+                b"pw",
+                AuthError::UnusableSecret("bob".into(), "scram-sha-256"),
+            ),
+        ] {
+            assert_eq!(exchange(&list, password), Err(reason));
+        }
     }
 
     #[test]
     fn garbage_is_refused() {
-        assert!(ScramServer::start("bob", None, b"p=tls-server-end-point,,n=,r=abc").is_err());
-        assert!(ScramServer::start("bob", None, b"n,,n=").is_err());
-        assert!(ScramServer::start("bob", None, b"\xff").is_err());
-        let (server, _) = ScramServer::start("bob", None, b"n,,n=,r=abc").expect("start");
+        let key = MockKey::generate();
+        let secret = || key.secret("bob", 4096);
+        assert!(
+            ScramServer::start("bob", secret(), None, b"p=tls-server-end-point,,n=,r=abc").is_err()
+        );
+        assert!(ScramServer::start("bob", secret(), None, b"n,,n=").is_err());
+        assert!(ScramServer::start("bob", secret(), None, b"\xff").is_err());
+        let (server, _) = ScramServer::start("bob", secret(), None, b"n,,n=,r=abc").expect("start");
         assert!(server.finish(b"c=biws,r=wrong,p=AAAA").is_err());
     }
 }

@@ -131,6 +131,33 @@ impl Pg {
             .expect("connect to postgres")
     }
 
+    /// Restarts the instance in recovery (a standby with nothing to follow:
+    /// `standby.signal` and no upstream), on the same port.
+    pub fn restart_in_recovery(&self) {
+        self.stop();
+        let signal = self.data().join("standby.signal");
+        std::fs::write(&signal, "").expect("write standby.signal");
+        if let Some((uid, gid)) = postgres_ids() {
+            std::os::unix::fs::chown(&signal, Some(uid), Some(gid)).expect("chown");
+        }
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=50",
+            self.port,
+            self.dir.path().display()
+        );
+        let out = pg_command("pg_ctl")
+            .args(["-D", self.data().to_str().expect("utf8"), "-l"])
+            .arg(self.dir.path().join("log"))
+            .args(["-w", "-t", "30", "-o", &opts, "start"])
+            .output()
+            .expect("run pg_ctl");
+        assert!(
+            out.status.success(),
+            "restart in recovery: {}",
+            std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
+        );
+    }
+
     pub fn stop(&self) {
         let _ = pg_command("pg_ctl")
             .args([
