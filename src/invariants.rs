@@ -37,6 +37,9 @@ pub struct ProbeWrite {
 #[derive(Debug, Clone, Default)]
 pub struct ProbeReport {
     pub writes: Vec<ProbeWrite>,
+    /// Probe tasks that failed (panicked): their writes are unknown, so the
+    /// checks that read this report cannot pass.
+    pub failures: Vec<String>,
 }
 
 const PROBE_PERIOD: Duration = Duration::from_millis(100);
@@ -71,11 +74,15 @@ impl WriteProbe {
     pub async fn finish(self) -> ProbeReport {
         self.stop.store(true, Ordering::Relaxed);
         let mut writes = Vec::new();
+        let mut failures = Vec::new();
         for task in self.tasks {
-            writes.extend(task.await.unwrap_or_default());
+            match task.await {
+                Ok(done) => writes.extend(done),
+                Err(e) => failures.push(format!("a probe task failed: {e}")),
+            }
         }
         writes.sort_by(|a, b| a.at.total_cmp(&b.at));
-        ProbeReport { writes }
+        ProbeReport { writes, failures }
     }
 }
 
@@ -163,6 +170,14 @@ impl Drill<'_> {
         let mut broken = Vec::new();
         let primary = connect(self.primary_uri).await?;
         if let Some(probe) = self.probe {
+            // No evidence is not evidence of no split brain.
+            broken.extend(probe.failures.iter().cloned());
+            if probe.writes.is_empty() {
+                broken.push(
+                    "the probe recorded no write on any node: a split brain cannot be ruled out"
+                        .to_string(),
+                );
+            }
             broken.extend(probe.split_brain());
             let ids: Vec<i64> = probe.writes.iter().map(|w| w.id).collect();
             broken.extend(missing(&primary, PROBE_TABLE, &ids).await?);
@@ -170,6 +185,11 @@ impl Drill<'_> {
         let history = WritableHistory::read(self.monitor_uri).await?;
         broken.extend(history.two_writable());
         for (table, report) in &self.writers {
+            if report.attempted == 0 {
+                broken.push(format!(
+                    "{table}: the writer sent nothing (did its task fail?): nothing to check"
+                ));
+            }
             broken.extend(missing(&primary, table, &report.acked).await?);
             let unsent: Vec<i64> = primary
                 .query(
@@ -331,6 +351,7 @@ mod tests {
                     at: *at,
                 })
                 .collect(),
+            ..ProbeReport::default()
         }
     }
 

@@ -3,3 +3,4 @@
 
 pub mod drill;
 pub mod invariants;
+pub mod netns;

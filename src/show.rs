@@ -225,6 +225,7 @@ mod tests {
             lsn: 0x3000148,
             upstream_streaming: false,
             in_recovery: Some(state != NodeState::Primary),
+            upstream_silence: None,
             report_age: None,
             health: Health::Good,
             candidate_priority: 50,

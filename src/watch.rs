@@ -706,6 +706,7 @@ mod tests {
             lsn,
             upstream_streaming: false,
             in_recovery: None,
+            upstream_silence: None,
             report_age: Some(Duration::from_millis(400)),
             health: Health::Good,
             candidate_priority: 50,

@@ -79,6 +79,11 @@ async fn wait_rows(cluster: &Cluster, uri: &str, table: &str, more_than: i64) ->
     );
 }
 
+/// What [`rows`] counts for the probe's writes on `node`.
+fn probe_rows_of(node: &str) -> String {
+    format!("{} WHERE node = '{node}'", hapg::invariants::PROBE_TABLE)
+}
+
 /// The monitor's newest event id.
 async fn last_event_id(monitor_uri: &str) -> i64 {
     connect(monitor_uri)
@@ -242,6 +247,15 @@ impl Phase {
         for table in &tables {
             wait_rows(cluster, &uri, table, 10).await;
         }
+        // The probe reached the primary before the fault: "no split brain"
+        // must not pass on a probe that never wrote.
+        wait_rows(
+            cluster,
+            &direct_uri(cluster, primary),
+            &probe_rows_of(primary),
+            0,
+        )
+        .await;
         Phase {
             name: name.to_string(),
             tables,
@@ -266,11 +280,29 @@ impl Phase {
             let before = rows(&uri, table).await.unwrap_or(0);
             wait_rows(cluster, &uri, table, before + 10).await;
         }
+        // ... and it reaches the final primary after it.
+        let direct = direct_uri(cluster, primary);
+        let probed = rows(&direct, &probe_rows_of(primary)).await.unwrap_or(0);
+        wait_rows(cluster, &direct, &probe_rows_of(primary), probed).await;
         let mut reports = Vec::new();
         for writer in self.writers {
             reports.push(writer.finish().await);
         }
         let probe = self.probe.finish().await;
+        // The checks below pass on empty evidence: make sure there is some.
+        for (table, report) in self.tables.iter().zip(&reports) {
+            assert!(
+                !report.acked.is_empty(),
+                "{}: the writer of {table} acknowledged nothing (its task failed?): {report:?}",
+                self.name
+            );
+        }
+        assert!(
+            probe.writes.iter().any(|w| w.node == primary),
+            "{}: the probe recorded no write on the primary {primary}: {:?}",
+            self.name,
+            probe.writes.len()
+        );
         let mut probed: Vec<(String, usize)> = cluster
             .nodes
             .iter()
@@ -356,6 +388,10 @@ async fn faults_without_failover() {
     });
     eprintln!("pg_kill: Postgres restarted after {:?}", killed.elapsed());
     cluster.wait_states(&converged, STEP);
+    // The states never left `primary` (a restart in place counts as running),
+    // so they say nothing about the new postmaster accepting connections yet:
+    // on a busy machine crash recovery takes seconds.
+    support::wait_writable(&direct_uri(&cluster, "node_a"), STEP).await;
     let result = phase
         .finish(&cluster, &router, "node_a", &monitor_uri)
         .await;

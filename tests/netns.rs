@@ -71,16 +71,19 @@ fn ip(args: &[&str]) {
 }
 
 impl Split {
-    /// A namespace on its own /24 (`subnet` picks it), named after this
-    /// process so that parallel test runs do not collide.
-    fn create(tag: &str, subnet: u8) -> Split {
-        let id = std::process::id() % 100_000;
+    /// A namespace on a /24 of its own chosen for this run, named after
+    /// this process and the moment, so that parallel or leftover test runs do
+    /// not collide.
+    fn create(tag: &str) -> Split {
+        let seed = hapg::netns::run_seed();
+        let id = seed % 100_000;
+        let subnet = hapg::netns::free_subnet(seed).expect("a free /24 in 10.100.0.0/9");
         let split = Split {
             ns: format!("hapg-{id}-{tag}"),
             host_if: format!("h{id}{tag}"),
             ns_if: format!("n{id}{tag}"),
-            host_ip: format!("10.213.{subnet}.1"),
-            ns_ip: format!("10.213.{subnet}.2"),
+            host_ip: format!("{subnet}.1"),
+            ns_ip: format!("{subnet}.2"),
         };
         ip(&["netns", "add", &split.ns]);
         ip(&[
@@ -307,7 +310,7 @@ fn events(cluster: &Cluster) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn isolated_primary_fences_itself_and_an_isolated_standby_never_promotes() {
-    let split = Split::create("a", 71);
+    let split = Split::create("a");
     let mut cluster = Cluster::new();
     cluster.start_monitor();
     let monitor_uri = cluster.monitor_uri();
@@ -422,7 +425,7 @@ async fn isolated_primary_fences_itself_and_an_isolated_standby_never_promotes()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn isolated_monitor_changes_nothing() {
-    let split = Split::create("m", 72);
+    let split = Split::create("m");
     let mut cluster = Cluster::new();
     // The monitor runs in the namespace; the nodes and the router outside.
     cluster.monitor_port = support::free_port();
@@ -501,7 +504,7 @@ async fn isolated_monitor_changes_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_server_ends_the_statement_in_flight_without_an_epoch_change() {
-    let split = Split::create("u", 73);
+    let split = Split::create("u");
     let mut cluster = Cluster::new();
     cluster.start_monitor();
     let monitor_uri = cluster.monitor_uri();

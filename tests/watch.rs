@@ -12,31 +12,14 @@ use support::{hapg_bin, Cluster};
 
 const STEP: Duration = Duration::from_secs(90);
 
-/// Makes sure tmux is there, installing it with apt-get when it is not; fails
-/// (never skips) when it cannot be had.
+/// Makes sure tmux is there; fails (never skips) when it is not. Tests do
+/// not install packages: `.ci/install` does, before the suite runs.
 fn ensure_tmux() {
-    let works = || {
-        Command::new("tmux")
-            .arg("-V")
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    if works() {
-        return;
-    }
-    let apt = |args: &[&str]| {
-        Command::new("apt-get")
-            .args(args)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .stdin(Stdio::null())
-            .output()
-    };
-    let update = apt(&["update", "-q"]);
-    let install = apt(&["install", "-y", "-q", "--no-install-recommends", "tmux"]);
+    let version = Command::new("tmux").arg("-V").output();
     assert!(
-        works(),
-        "tmux is needed to test `hapg watch` in a terminal and could not be installed \
-         (run .ci/install as root):\napt-get update: {update:?}\napt-get install: {install:?}"
+        version.as_ref().is_ok_and(|o| o.status.success()),
+        "tmux is needed to test `hapg watch` in a terminal: run .ci/install as root \
+         (or apt-get install tmux); tmux -V: {version:?}"
     );
 }
 

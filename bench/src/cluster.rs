@@ -60,6 +60,11 @@ pub fn start(hapg: &Hapg, sup: &mut Supervisor, dbname: &str) -> Result<Cluster>
 
 /// Creates and runs the monitor (`./monitor`); its URI once it answers.
 pub fn start_monitor(hapg: &Hapg, sup: &mut Supervisor) -> Result<String> {
+    start_monitor_on(hapg, sup, "127.0.0.1")
+}
+
+/// [`start_monitor`], listening on `listen` (Postgres `listen_addresses`).
+pub fn start_monitor_on(hapg: &Hapg, sup: &mut Supervisor, listen: &str) -> Result<String> {
     let monitor_port = free_port()?.to_string();
     sup.watch_data_dir(&hapg.dir.join("monitor"));
     let cmd = hapg.cmd(&[
@@ -72,7 +77,7 @@ pub fn start_monitor(hapg: &Hapg, sup: &mut Supervisor) -> Result<String> {
         "--hostname",
         "localhost",
         "--listen",
-        "127.0.0.1",
+        listen,
         "--auth",
         "trust",
         "--no-ssl",
@@ -100,6 +105,28 @@ pub fn create_node(
     monitor_uri: &str,
     dbname: &str,
 ) -> Result<u16> {
+    create_node_at(
+        hapg,
+        sup,
+        name,
+        monitor_uri,
+        dbname,
+        ("localhost", "127.0.0.1"),
+        &[],
+    )
+}
+
+/// [`create_node`] with its `--hostname` and `--listen` address, run
+/// through `wrapper` (e.g. `ip netns exec NS`; empty: directly).
+pub fn create_node_at(
+    hapg: &Hapg,
+    sup: &mut Supervisor,
+    name: &str,
+    monitor_uri: &str,
+    dbname: &str,
+    (hostname, listen): (&str, &str),
+    wrapper: &[&str],
+) -> Result<u16> {
     let node_port = free_port()?;
     let port = node_port.to_string();
     let pgdata = format!("./{name}");
@@ -112,9 +139,9 @@ pub fn create_node(
         "--pgport",
         &port,
         "--hostname",
-        "localhost",
+        hostname,
         "--listen",
-        "127.0.0.1",
+        listen,
         "--name",
         name,
         "--dbname",
@@ -126,15 +153,44 @@ pub fn create_node(
         monitor_uri,
         "--run",
     ]);
+    let cmd = wrapped(cmd, wrapper);
     sup.spawn(name, cmd, &hapg.dir.join(format!("{name}.log")), STOP)?;
     Ok(node_port)
 }
 
 /// Restarts node `name` after it was killed: `hapg run --pgdata ./name`.
 pub fn run_node(hapg: &Hapg, sup: &mut Supervisor, name: &str) -> Result<()> {
+    run_node_in(hapg, sup, name, &[])
+}
+
+/// [`run_node`] through `wrapper` (empty: directly).
+pub fn run_node_in(hapg: &Hapg, sup: &mut Supervisor, name: &str, wrapper: &[&str]) -> Result<()> {
     let pgdata = format!("./{name}");
-    let cmd = hapg.cmd(&["run", "--pgdata", &pgdata]);
+    let cmd = wrapped(hapg.cmd(&["run", "--pgdata", &pgdata]), wrapper);
     sup.spawn(name, cmd, &hapg.dir.join(format!("{name}.log")), STOP)
+}
+
+/// `cmd` run by `wrapper` (a command prefix such as `ip netns exec NS`, which
+/// execs the program: the process stays the one the supervisor signals).
+fn wrapped(cmd: Command, wrapper: &[&str]) -> Command {
+    let Some((program, args)) = wrapper.split_first() else {
+        return cmd;
+    };
+    let mut outer = Command::new(program);
+    outer
+        .args(args)
+        .arg(cmd.get_program())
+        .args(cmd.get_args())
+        .envs(cmd.get_envs().filter_map(|(k, v)| Some((k, v?))));
+    for (key, value) in cmd.get_envs() {
+        if value.is_none() {
+            outer.env_remove(key);
+        }
+    }
+    if let Some(dir) = cmd.get_current_dir() {
+        outer.current_dir(dir);
+    }
+    outer
 }
 
 /// Waits until each `(node, state)` is reported and assigned; fails with the

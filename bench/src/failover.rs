@@ -10,8 +10,10 @@
 //! restarted, lets the writers go on for a moment, and checks.
 
 use std::fmt::Write as _;
-use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -23,6 +25,7 @@ use nix::sys::signal::Signal;
 
 use crate::cluster::{self, Hapg};
 use crate::machine::RunInfo;
+use crate::netns::Net;
 use crate::procs::Supervisor;
 use crate::targets::free_port;
 
@@ -33,7 +36,10 @@ pub struct FailoverArgs {
     /// of the primary SIGKILLed together), switchover (`perform switchover`),
     /// postgres-kill (the primary's Postgres SIGKILLed, its keeper alive),
     /// short-freeze (the primary node SIGSTOPped for 1.9 s), long-freeze
-    /// (SIGSTOPped until the standby took over and every client wrote on it).
+    /// (SIGSTOPped until the standby took over and every client wrote on it),
+    /// network-cut (the primary's network namespace cut off until the
+    /// standby took over; every node then runs in a namespace of its own,
+    /// which needs root: run it under `flock /tmp/hapg-netns.lock`).
     #[arg(
         long,
         value_delimiter = ',',
@@ -68,15 +74,17 @@ enum Fault {
     PostgresKill,
     ShortFreeze,
     LongFreeze,
+    NetworkCut,
 }
 
 /// Every fault, in table order.
-const FAULTS: [Fault; 5] = [
+const FAULTS: [Fault; 6] = [
     Fault::PowerOff,
     Fault::Switchover,
     Fault::PostgresKill,
     Fault::ShortFreeze,
     Fault::LongFreeze,
+    Fault::NetworkCut,
 ];
 
 impl Fault {
@@ -87,6 +95,7 @@ impl Fault {
             Fault::PostgresKill => "postgres-kill",
             Fault::ShortFreeze => "short-freeze",
             Fault::LongFreeze => "long-freeze",
+            Fault::NetworkCut => "network-cut",
         }
     }
 
@@ -113,13 +122,16 @@ impl Fault {
             Fault::LongFreeze => {
                 "primary node frozen until every client wrote on the standby that took over"
             }
+            Fault::NetworkCut => {
+                "primary node's network cut (namespace link down) until the standby took over"
+            }
         }
     }
 
     /// Whether the standby ends up primary.
     fn moves_primary(self) -> bool {
         match self {
-            Fault::PowerOff | Fault::Switchover | Fault::LongFreeze => true,
+            Fault::PowerOff | Fault::Switchover | Fault::LongFreeze | Fault::NetworkCut => true,
             Fault::PostgresKill | Fault::ShortFreeze => false,
         }
     }
@@ -151,6 +163,41 @@ struct RunResult {
     lost: usize,
     /// Invariants the checker found broken, a sentence each.
     violations: Vec<String>,
+    /// For a network cut: when the primary fenced itself and the standby was promoted.
+    cut: Option<CutTimes>,
+}
+
+/// When, after a silent loss of the primary (a network cut, a freeze), the
+/// isolated primary began to stop Postgres (its fence) and the monitor
+/// promoted the standby.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct CutTimes {
+    /// The primary could fence itself (a network cut; a frozen node cannot).
+    fence_expected: bool,
+    /// From the cut to the first sight of the old primary's postmaster stopping.
+    fenced_after: Option<Duration>,
+    /// From the cut to the monitor's assignment of `wait_primary` to the standby.
+    promoted_after: Option<Duration>,
+}
+
+impl CutTimes {
+    /// The safety argument's order was broken: no fence, or a fence after the promotion.
+    fn violation(&self) -> Option<String> {
+        if !self.fence_expected {
+            return None;
+        }
+        match (self.fenced_after, self.promoted_after) {
+            (Some(fence), Some(promotion)) if fence < promotion => None,
+            (Some(fence), Some(promotion)) => Some(format!(
+                "the isolated primary began to stop {:.2} s after the cut, not before the \
+                 standby's promotion at {:.2} s",
+                fence.as_secs_f64(),
+                promotion.as_secs_f64()
+            )),
+            (None, _) => Some("the isolated primary never fenced itself".to_string()),
+            (Some(_), None) => Some("no promotion event found for the standby".to_string()),
+        }
+    }
 }
 
 impl RunResult {
@@ -171,6 +218,7 @@ impl RunResult {
             acked: reports.iter().map(|r| r.acked.len()).sum(),
             lost: 0,
             violations: Vec::new(),
+            cut: None,
         }
     }
 }
@@ -183,6 +231,10 @@ struct Bench {
     /// Node name and port.
     nodes: Vec<(String, u16)>,
     router_uri: String,
+    /// Every node in a network namespace of its own (for `network-cut`).
+    net: Option<Net>,
+    /// What the last network cut measured, for `one_run` to collect.
+    last_cut: Option<CutTimes>,
 }
 
 impl Bench {
@@ -192,7 +244,31 @@ impl Bench {
             .iter()
             .find(|(n, _)| n == name)
             .map_or(0, |(_, p)| *p);
-        format!("postgres://postgres@127.0.0.1:{port}/{DBNAME}?sslmode=disable")
+        let host = self
+            .net
+            .as_ref()
+            .and_then(|net| net.node(name).ok())
+            .map_or("127.0.0.1", |n| n.ip.as_str());
+        format!("postgres://postgres@{host}:{port}/{DBNAME}?sslmode=disable&connect_timeout=2")
+    }
+
+    /// The command prefix that runs a program where node `name` runs.
+    fn wrapper(&self, name: &str) -> Vec<String> {
+        self.net
+            .as_ref()
+            .and_then(|net| net.node(name).ok())
+            .map(|n| n.wrapper().iter().map(|s| s.to_string()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Runs node `name` again after it was killed, where it ran before.
+    fn restart_node(&mut self, name: &str) -> Result<()> {
+        let wrapper = self.wrapper(name);
+        if wrapper.is_empty() {
+            return cluster::run_node(&self.hapg, &mut self.sup, name);
+        }
+        let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+        cluster::run_node_in(&self.hapg, &mut self.sup, name, &wrapper)
     }
 
     fn pgdata(&self, name: &str) -> PathBuf {
@@ -240,7 +316,15 @@ pub fn run(args: FailoverArgs) -> Result<()> {
         "--version",
     ));
 
-    let mut bench = start_cluster(hapg)?;
+    let net = if faults.contains(&Fault::NetworkCut) {
+        Some(
+            Net::create(&["node1", "node2"])
+                .context("setting up network namespaces (needs root)")?,
+        )
+    } else {
+        None
+    };
+    let mut bench = start_cluster(hapg, net)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -248,6 +332,8 @@ pub fn run(args: FailoverArgs) -> Result<()> {
     let results = runtime.block_on(run_faults(&mut bench, &faults, &args));
     info.load_after = crate::machine::load_average();
     bench.sup.stop_all();
+    // The namespaces go once nothing runs in them.
+    drop(bench.net.take());
     if args.keep {
         eprintln!("kept {}", tmp.keep().display());
     }
@@ -269,14 +355,40 @@ pub fn run(args: FailoverArgs) -> Result<()> {
     Ok(())
 }
 
-/// The monitor, node1 (primary), node2 (secondary) and the router, running.
-fn start_cluster(hapg: Hapg) -> Result<Bench> {
+/// The monitor, node1 (primary), node2 (secondary) and the router, running;
+/// with `net`, each node in its namespace.
+fn start_cluster(hapg: Hapg, net: Option<Net>) -> Result<Bench> {
     let mut sup = Supervisor::default();
-    let monitor_uri = cluster::start_monitor(&hapg, &mut sup)?;
-    let port1 = cluster::create_node(&hapg, &mut sup, "node1", &monitor_uri, DBNAME)?;
+    let monitor_uri = match &net {
+        None => cluster::start_monitor(&hapg, &mut sup)?,
+        Some(net) => {
+            cluster::start_monitor_on(&hapg, &mut sup, &format!("127.0.0.1,{}", net.host_ip))?
+        }
+    };
+    let create = |sup: &mut Supervisor, name: &str| match &net {
+        None => cluster::create_node(&hapg, sup, name, &monitor_uri, DBNAME),
+        Some(net) => {
+            let node = net.node(name)?;
+            // The node reaches the monitor over its link, not the host's loopback.
+            let monitor = monitor_uri.replacen("@localhost:", &format!("@{}:", net.host_ip), 1);
+            if monitor == monitor_uri {
+                bail!("cannot point {monitor_uri} at the host's bridge address");
+            }
+            cluster::create_node_at(
+                &hapg,
+                sup,
+                name,
+                &monitor,
+                DBNAME,
+                (&node.ip, &node.ip),
+                &node.wrapper(),
+            )
+        }
+    };
+    let port1 = create(&mut sup, "node1")?;
     eprintln!("waiting for node1 (port {port1}) to be single");
     cluster::wait_states(&hapg, &mut sup, &[("node1", "single")], STEP)?;
-    let port2 = cluster::create_node(&hapg, &mut sup, "node2", &monitor_uri, DBNAME)?;
+    let port2 = create(&mut sup, "node2")?;
     eprintln!("waiting for node2 (port {port2}) to be secondary");
     cluster::wait_states(
         &hapg,
@@ -320,6 +432,8 @@ fn start_cluster(hapg: Hapg) -> Result<Bench> {
         monitor_uri,
         nodes: vec![("node1".into(), port1), ("node2".into(), port2)],
         router_uri: format!("postgres://postgres@127.0.0.1:{router_port}/{DBNAME}?sslmode=disable"),
+        net,
+        last_cut: None,
     })
 }
 
@@ -337,6 +451,9 @@ async fn run_faults(
             crate::procs::check_interrupted()?;
             eprintln!("{} run {run}/{}", fault.key(), args.runs);
             let result = one_run(bench, &mut monitor, fault, run, args.clients).await?;
+            if let Some(cut) = &result.cut {
+                eprintln!("  {}", cut_text(cut));
+            }
             eprintln!(
                 "  {:.2} s without writes, {} errors, {} acknowledged, {} lost{}",
                 result.unavailable.as_secs_f64(),
@@ -478,6 +595,10 @@ async fn one_run(
         through_router: true,
     };
     result.violations = check.violations().await?;
+    result.cut = bench.last_cut.take();
+    if let Some(broken) = result.cut.as_ref().and_then(CutTimes::violation) {
+        result.violations.push(broken);
+    }
     Ok(result)
 }
 
@@ -494,12 +615,20 @@ async fn inject(
     match fault {
         Fault::PowerOff => {
             let postmaster = drill::postmaster_pid(&bench.pgdata(primary));
+            let killed_at = SystemTime::now();
             bench.sup.kill(primary);
             if let Some(pid) = postmaster {
                 drill::kill_tree(pid);
             }
             wait_writable(monitor, standby).await?;
-            cluster::run_node(&bench.hapg, &mut bench.sup, primary)?;
+            let promoted_at = assigned_at(&bench.monitor_uri, standby, "wait_primary", killed_at)
+                .await
+                .context("reading the promotion event")?;
+            bench.last_cut = Some(CutTimes {
+                promoted_after: promoted_at.and_then(|t| t.duration_since(killed_at).ok()),
+                ..CutTimes::default()
+            });
+            bench.restart_node(primary)?;
             wait_converged(monitor, standby, primary).await
         }
         Fault::Switchover => {
@@ -531,6 +660,7 @@ async fn inject(
         }
         Fault::LongFreeze => {
             let pids = bench.node_pids(primary);
+            let frozen_at = SystemTime::now();
             drill::signal_all(&pids, Signal::SIGSTOP);
             // Frozen as a machine without power stays off: until every
             // client wrote on the new primary (the statement each had in
@@ -544,9 +674,175 @@ async fn inject(
             .await;
             drill::signal_all(&pids, Signal::SIGCONT);
             took_over?;
+            let promoted_at = assigned_at(&bench.monitor_uri, standby, "wait_primary", frozen_at)
+                .await
+                .context("reading the promotion event")?;
+            bench.last_cut = Some(CutTimes {
+                promoted_after: promoted_at.and_then(|t| t.duration_since(frozen_at).ok()),
+                ..CutTimes::default()
+            });
+            wait_converged(monitor, standby, primary).await
+        }
+        Fault::NetworkCut => {
+            let Some(node) = bench
+                .net
+                .as_ref()
+                .map(|net| net.node(primary))
+                .transpose()?
+            else {
+                bail!("network-cut needs the nodes in network namespaces");
+            };
+            let fence = StopWatch::start(&bench.pgdata(primary));
+            let cut_at = SystemTime::now();
+            let cut = node.cut();
+            // Heal whatever happened: a node left cut off is worse than a failed run.
+            let took_over = match cut {
+                Ok(()) => wait_writable(monitor, standby).await,
+                Err(e) => Err(e),
+            };
+            let fenced_at = fence.finish();
+            let healed = node.heal();
+            took_over?;
+            healed?;
+            let promoted_at = assigned_at(&bench.monitor_uri, standby, "wait_primary", cut_at)
+                .await
+                .context("reading the promotion event")?;
+            let since_cut = |at: Option<SystemTime>| at.and_then(|t| t.duration_since(cut_at).ok());
+            bench.last_cut = Some(CutTimes {
+                fence_expected: true,
+                fenced_after: since_cut(fenced_at),
+                promoted_after: since_cut(promoted_at),
+            });
             wait_converged(monitor, standby, primary).await
         }
     }
+}
+
+/// Whether the postmaster of `pgdata` is gone or shutting down: the status
+/// line of postmaster.pid says `stopping` from the moment a shutdown begins
+/// (new connections refused, sessions ended).
+fn stopping(pgdata: &Path) -> bool {
+    if drill::postmaster_pid(pgdata).is_none() {
+        return true;
+    }
+    std::fs::read_to_string(pgdata.join("postmaster.pid"))
+        .is_ok_and(|text| text.lines().nth(7).is_some_and(|l| l.trim() == "stopping"))
+}
+
+/// Watches a data directory from a thread of its own and records when its
+/// postmaster began to stop.
+struct StopWatch {
+    stop: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<Option<SystemTime>>,
+}
+
+impl StopWatch {
+    fn start(pgdata: &Path) -> StopWatch {
+        let pgdata = pgdata.to_path_buf();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let deadline = Instant::now() + STEP;
+            while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
+                if stopping(&pgdata) {
+                    return Some(SystemTime::now());
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            None
+        });
+        StopWatch { stop, handle }
+    }
+
+    /// When the postmaster began to stop, if it did.
+    fn finish(self) -> Option<SystemTime> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.join().ok().flatten()
+    }
+}
+
+/// When the monitor first assigned `node` the state `goal` after `after`
+/// (the monitor runs on this machine, so its clock is ours).
+async fn assigned_at(
+    monitor_uri: &str,
+    node: &str,
+    goal: &str,
+    after: SystemTime,
+) -> Result<Option<SystemTime>> {
+    let after = after
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_default();
+    let row = drill::connect(monitor_uri)
+        .await?
+        .query_opt(
+            "SELECT extract(epoch FROM event_time)::float8 FROM hapg.event
+              WHERE node_name = $1 AND goal_state::text = $2
+                AND event_time > to_timestamp($3)
+              ORDER BY event_id LIMIT 1",
+            &[&node, &goal, &after],
+        )
+        .await?;
+    Ok(row
+        .map(|r| r.try_get::<_, f64>(0))
+        .transpose()?
+        .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
+        .map(|d| UNIX_EPOCH + d))
+}
+
+/// One run's fence and promotion times, in words.
+fn cut_text(cut: &CutTimes) -> String {
+    let secs = |d: Option<Duration>| {
+        d.map_or("never".to_string(), |d| format!("{:.2} s", d.as_secs_f64()))
+    };
+    if !cut.fence_expected {
+        return format!(
+            "the standby was promoted {} after the fault",
+            secs(cut.promoted_after)
+        );
+    }
+    format!(
+        "the isolated primary began to stop {} after the cut, the standby was promoted {} after it",
+        secs(cut.fenced_after),
+        secs(cut.promoted_after)
+    )
+}
+
+/// Under the table: the fence and promotion times of every silent loss of the primary.
+fn cut_summary(results: &[(Fault, Vec<RunResult>)]) -> String {
+    let mut out = String::new();
+    for (fault, runs) in results {
+        let cuts: Vec<&CutTimes> = runs.iter().filter_map(|r| r.cut.as_ref()).collect();
+        if cuts.is_empty() {
+            continue;
+        }
+        let list = |pick: fn(&CutTimes) -> Option<Duration>| {
+            cuts.iter()
+                .map(|c| pick(c).map_or("-".to_string(), |d| format!("{:.2}", d.as_secs_f64())))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if cuts.iter().all(|c| !c.fence_expected) {
+            let _ = writeln!(
+                out,
+                "\n{}: the standby was promoted (assigned wait_primary) at {} s after the fault.",
+                fault.describe(),
+                list(|c| c.promoted_after),
+            );
+            continue;
+        }
+        let first = cuts.iter().filter(|c| c.violation().is_none()).count();
+        let _ = writeln!(
+            out,
+            "\n{}: the isolated primary began to stop (fence) at {} s after the cut; \
+             the standby was promoted at {} s; fence first in {first} of {} runs.",
+            fault.describe(),
+            list(|c| c.fenced_after),
+            list(|c| c.promoted_after),
+            cuts.len()
+        );
+    }
+    out
 }
 
 /// Waits (bounded) until every one of `tables` at `uri` (a new primary, which
@@ -689,6 +985,7 @@ fn plain(results: &[(Fault, Vec<RunResult>)], args: &FailoverArgs) -> String {
     for row in &rows {
         let _ = writeln!(out, "{}", line(row.iter().map(String::as_str).collect()));
     }
+    out.push_str(&cut_summary(results));
     out
 }
 
@@ -713,6 +1010,7 @@ fn markdown(results: &[(Fault, Vec<RunResult>)], args: &FailoverArgs, info: &Run
          primary waits until the router gives it up). Versions: {}.",
         info.versions.join("; ")
     );
+    out.push_str(&cut_summary(results));
     out
 }
 
@@ -734,6 +1032,28 @@ mod tests {
     }
 
     #[test]
+    fn a_network_cut_needs_the_fence_before_the_promotion() {
+        let s = |ms| Some(Duration::from_millis(ms));
+        let cut = |fence, promotion| CutTimes {
+            fence_expected: true,
+            fenced_after: fence,
+            promoted_after: promotion,
+        };
+        assert_eq!(cut(s(2_600), s(3_300)).violation(), None);
+        assert!(cut(s(3_400), s(3_300)).violation().is_some());
+        assert!(cut(None, s(3_300)).violation().is_some());
+        let freeze = CutTimes {
+            promoted_after: s(3_300),
+            ..CutTimes::default()
+        };
+        assert_eq!(
+            freeze.violation(),
+            None,
+            "a frozen node cannot fence itself"
+        );
+    }
+
+    #[test]
     fn median_of_odd_and_even_counts() {
         let ms = Duration::from_millis;
         assert_eq!(median(&[]), Duration::ZERO);
@@ -751,6 +1071,7 @@ mod tests {
             acked: 100,
             lost,
             violations: vec![String::new(); lost],
+            ..RunResult::default()
         };
         let row = Row::of(
             Fault::PowerOff,

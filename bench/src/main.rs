@@ -12,6 +12,7 @@
 mod cluster;
 mod failover;
 mod machine;
+mod netns;
 mod pgbench;
 mod procs;
 mod targets;

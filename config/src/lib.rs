@@ -409,18 +409,37 @@ pub struct KeeperTimings {
     pub postgresql_restart_failure_timeout_ms: u64,
     /// How long a standby waits for its WAL receiver to stop before promotion.
     pub walreceiver_stop_timeout_ms: u64,
+    /// `wal_sender_timeout` of this node's Postgres. When it serves as the
+    /// primary, its walsenders ping a standby that has not replied for half
+    /// of it, so a standby hears from a live primary at least that often even
+    /// when no WAL is written; a walsender whose standby stays silent for all
+    /// of it ends.
+    pub wal_sender_timeout_ms: u64,
+    /// How often a standby reports while its WAL receiver hears nothing from
+    /// the primary (for longer than `wal_sender_timeout_ms`, i.e. two missed
+    /// keepalives): the monitor counts the silence from these reports, so a
+    /// fast report lets it act as soon as the silence is long enough.
+    pub silent_upstream_report_interval_ms: u64,
 }
 
 impl Default for KeeperTimings {
     fn default() -> Self {
         KeeperTimings {
             report_interval_ms: 500,
-            // Below the earliest failover (the standby notices a silent
-            // primary after wal_receiver_timeout, 5 s), so an isolated primary
-            // is fenced before a standby could be promoted.
-            network_partition_timeout_ms: 3_000,
+            // Below the earliest failover, so that an isolated primary is
+            // fenced before a standby could be promoted: the monitor starts a
+            // failover only once the standby has heard nothing from the
+            // primary for `MonitorTimings::upstream_silence_timeout` (3 s),
+            // and the standby last heard the primary at most one keepalive
+            // period (wal_sender_timeout / 2 = 0.5 s) before the primary last
+            // heard the standby: 2.5 s + 0.5 s <= 3 s. Above the 2.4 s a
+            // node that stalled for under 2 s can have been silent (2 s plus
+            // a report interval of 0.5 s, less the time to report again).
+            network_partition_timeout_ms: 2_500,
             postgresql_restart_failure_timeout_ms: 5_000,
             walreceiver_stop_timeout_ms: 5_000,
+            wal_sender_timeout_ms: 1_000,
+            silent_upstream_report_interval_ms: 100,
         }
     }
 }
@@ -444,6 +463,18 @@ impl KeeperTimings {
                 self.walreceiver_stop_timeout_ms,
                 100,
             ),
+            // Postgres' own lower bound for a non-zero wal_sender_timeout
+            // is 1 ms; below 200 ms a busy standby is cut off for nothing.
+            (
+                "timeout.wal_sender_timeout_ms",
+                self.wal_sender_timeout_ms,
+                200,
+            ),
+            (
+                "timeout.silent_upstream_report_interval_ms",
+                self.silent_upstream_report_interval_ms,
+                20,
+            ),
         ] {
             if value < min {
                 return Err(invalid(key, format!("must be at least {min}")));
@@ -456,12 +487,27 @@ impl KeeperTimings {
     pub fn report_interval(&self) -> Duration {
         Duration::from_millis(self.report_interval_ms)
     }
+
+    /// `network_partition_timeout_ms` as a duration.
+    pub fn network_partition_timeout(&self) -> Duration {
+        Duration::from_millis(self.network_partition_timeout_ms)
+    }
+
+    /// `wal_sender_timeout_ms` as a duration.
+    pub fn wal_sender_timeout(&self) -> Duration {
+        Duration::from_millis(self.wal_sender_timeout_ms)
+    }
+
+    /// `silent_upstream_report_interval_ms` as a duration.
+    pub fn silent_upstream_report_interval(&self) -> Duration {
+        Duration::from_millis(self.silent_upstream_report_interval_ms)
+    }
 }
 
 /// Monitor timings. Chosen so that a primary that is gone is replaced in about
-/// 5 s, while a primary that stalls for under 2 s is not: keepers report every
+/// 3 s, while a primary that stalls for under 2 s is not: keepers report every
 /// 0.5 s, so after a 2 s stall the last report is at most 2.5 s old, under the
-/// 3 s `unhealthy_timeout`.
+/// 3 s `unhealthy_timeout`. docs/failover.md has the whole order of timings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MonitorTimings {
     /// Report age beyond which a node whose health check fails is unhealthy.
@@ -480,6 +526,12 @@ pub struct MonitorTimings {
     pub tick: Duration,
     /// A switchover waits this long at most for routers to drain the primary.
     pub router_drain_timeout: Duration,
+    /// A standby whose WAL receiver has heard nothing from the primary for
+    /// this long (as its keeper last reported) no longer counts as streaming:
+    /// a failover may start. Longer than the keepers'
+    /// `network_partition_timeout_ms` plus one walsender keepalive period,
+    /// so that an isolated primary fences itself first.
+    pub upstream_silence_timeout: Duration,
 }
 
 impl Default for MonitorTimings {
@@ -493,6 +545,7 @@ impl Default for MonitorTimings {
             wal_threshold_bytes: 16 * 1024 * 1024,
             tick: Duration::from_millis(200),
             router_drain_timeout: Duration::from_secs(10),
+            upstream_silence_timeout: Duration::from_millis(3_000),
         }
     }
 }
@@ -527,6 +580,31 @@ mod tests {
             replication: ReplicationSection::default(),
             timeout: KeeperTimings::default(),
         }
+    }
+
+    /// The order docs/failover.md's safety argument depends on, for the defaults.
+    #[test]
+    fn default_timings_keep_their_order() {
+        let keeper = KeeperTimings::default();
+        let monitor = MonitorTimings::default();
+        let stall = Duration::from_secs(2);
+        // A node that stalls for under 2 s reported at most one interval
+        // before: its last report is younger than the unhealthy timeout.
+        assert!(stall + keeper.report_interval() < monitor.unhealthy_timeout);
+        // ... and it has not been silent for the fence's timeout either.
+        assert!(stall + keeper.report_interval() <= keeper.network_partition_timeout());
+        // An isolated primary fences itself before a failover can start: the
+        // standby's last message from it came at most one keepalive period
+        // (half of wal_sender_timeout) before the primary's last reply from
+        // the standby.
+        assert!(
+            keeper.network_partition_timeout() + keeper.wal_sender_timeout() / 2
+                <= monitor.upstream_silence_timeout
+        );
+        assert!(keeper.network_partition_timeout() < monitor.unhealthy_timeout);
+        // A live primary's keepalives come far more often than the silence
+        // that counts as lost.
+        assert!(keeper.wal_sender_timeout() * 2 < monitor.upstream_silence_timeout);
     }
 
     #[test]

@@ -151,6 +151,8 @@ fn instance(
         skip_pg_hba: opts.skip_pg_hba,
         replication_password: password,
         hostname: opts.hostname.clone(),
+        // A new node starts with the default timings (`config_for`).
+        wal_sender_timeout: KeeperTimings::default().wal_sender_timeout(),
     })
 }
 

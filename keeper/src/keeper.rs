@@ -59,6 +59,9 @@ const MONITOR_CALL_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A node rejoining by streaming must stream within this long, or it is rewound.
 const REJOIN_STREAMING_TIMEOUT: Duration = Duration::from_secs(30);
+/// The time a primary near its fence gives its last report to the monitor
+/// (a report to a monitor that is there takes milliseconds).
+const LAST_REPORT_BEFORE_FENCE: Duration = Duration::from_millis(250);
 
 /// Runs the keeper for the node at `paths` until `shutdown`.
 pub async fn run(paths: NodePaths, mode: RunMode, shutdown: Shutdown) -> Result<Exit, KeeperError> {
@@ -194,8 +197,33 @@ impl Keeper {
                 // Report the new state at once: the monitor is waiting for it.
                 continue;
             }
-            self.wait(interval, shutdown).await;
+            let next = self.next_round_in(&observation, interval);
+            self.wait(next, shutdown).await;
         }
+    }
+
+    /// How long to wait before the next round. A standby whose WAL receiver
+    /// has heard nothing from the primary for two keepalive periods reports
+    /// often: the monitor counts that silence from its reports, and starts a
+    /// failover as soon as it is long enough. A primary that may have to fence
+    /// itself wakes in time to try the monitor one last time before its fence
+    /// is due, rather than up to an interval late.
+    fn next_round_in(&self, observation: &Observation, interval: Duration) -> Duration {
+        let timings = &self.config.timeout;
+        let mut next = interval;
+        if observation
+            .upstream_silence
+            .is_some_and(|silence| silence > timings.wal_sender_timeout())
+        {
+            next = next.min(timings.silent_upstream_report_interval());
+        }
+        if let Some(fence) = self.time_to_fence() {
+            // Never zero: a report refused at once must not make a busy loop
+            // of the last moments before the fence.
+            let last_report = fence.saturating_sub(LAST_REPORT_BEFORE_FENCE);
+            next = next.min(last_report.max(Duration::from_millis(10)));
+        }
+        next
     }
 
     fn log_error(&mut self, message: String) {
@@ -287,6 +315,7 @@ impl Keeper {
             rep_state: observation.rep_state.clone(),
             upstream_streaming: observation.upstream_streaming,
             in_recovery: observation.running.then_some(observation.in_recovery),
+            upstream_silence: observation.upstream_silence,
         };
         let monitor = self.monitor().await?;
         let assigned = tokio::time::timeout(MONITOR_CALL_TIMEOUT, monitor.report(&report))
@@ -316,6 +345,12 @@ impl Keeper {
         let Some(left) = self.time_to_fence() else {
             return self.report(observation).await;
         };
+        // A keeper that was itself stopped (its whole node frozen) finds the
+        // fence due or nearly due when it runs again, though nothing may be
+        // wrong with the network: it gets a short last chance to reach the
+        // monitor. A keeper cut off from the network is already in this
+        // report when the fence falls due (`next_round_in` woke it earlier).
+        let left = left.max(LAST_REPORT_BEFORE_FENCE);
         tokio::time::timeout(left, self.report(observation))
             .await
             .unwrap_or_else(|_| {
@@ -334,7 +369,7 @@ impl Keeper {
         ) {
             return None;
         }
-        let timeout = Duration::from_millis(self.config.timeout.network_partition_timeout_ms);
+        let timeout = self.config.timeout.network_partition_timeout();
         let silent = self
             .monitor_heard
             .elapsed()

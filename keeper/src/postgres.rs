@@ -105,6 +105,9 @@ pub struct Observation {
     pub lsn: u64,
     /// A standby's WAL receiver is streaming.
     pub upstream_streaming: bool,
+    /// While the WAL receiver streams: how long ago it last received a
+    /// message (WAL or keepalive) from the primary.
+    pub upstream_silence: Option<Duration>,
     /// Best sync_state among hapg standbys connected to a primary.
     pub rep_state: String,
     /// How long ago this primary last heard from a standby (its latest reply,
@@ -141,6 +144,8 @@ pub struct LocalPostgres {
     pub replication_password: Option<String>,
     /// Host name for the self-signed certificate.
     pub hostname: String,
+    /// `wal_sender_timeout` written into the configuration.
+    pub wal_sender_timeout: Duration,
 }
 
 impl LocalPostgres {
@@ -159,6 +164,7 @@ impl LocalPostgres {
             skip_pg_hba: config.postgresql.skip_pg_hba,
             replication_password: config.replication.password.clone(),
             hostname: config.node.hostname.clone(),
+            wal_sender_timeout: config.timeout.wal_sender_timeout(),
         })
     }
 
@@ -314,7 +320,7 @@ impl LocalPostgres {
              hot_standby = on\n\
              hot_standby_feedback = on\n\
              synchronous_commit = on\n\
-             wal_sender_timeout = '5s'\n\
+             wal_sender_timeout = '{}ms'\n\
              wal_receiver_timeout = '5s'\n\
              wal_receiver_status_interval = '1s'\n\
              wal_retrieve_retry_interval = '500ms'\n\
@@ -322,6 +328,7 @@ impl LocalPostgres {
              ssl = {}\n",
             self.listen_addresses.replace('\'', "''"),
             self.port,
+            self.wal_sender_timeout.as_millis(),
             if self.ssl.active { "on" } else { "off" },
         );
         if self.ssl.active {
@@ -652,7 +659,11 @@ impl LocalPostgres {
                         (SELECT extract(epoch FROM clock_timestamp()
                                         - max(coalesce(reply_time, backend_start)))::float8
                            FROM pg_stat_replication WHERE usename = $1),
-                        current_setting('synchronous_standby_names')",
+                        current_setting('synchronous_standby_names'),
+                        -- last_msg_receipt_time is stamped on every message from
+                        -- the walsender, keepalives included (pg_stat_wal_receiver).
+                        (SELECT extract(epoch FROM clock_timestamp() - last_msg_receipt_time)::float8
+                           FROM pg_stat_wal_receiver WHERE status = 'streaming')",
                 &[&REPLICATION_ROLE],
             )
             .await?;
@@ -671,6 +682,9 @@ impl LocalPostgres {
                 .try_get::<_, Option<f64>>(6)?
                 .map(|seconds| Duration::from_secs_f64(seconds.max(0.0))),
             synchronous_standby_names: row.try_get(7)?,
+            upstream_silence: row
+                .try_get::<_, Option<f64>>(8)?
+                .map(|seconds| Duration::from_secs_f64(seconds.max(0.0))),
         })
     }
 

@@ -256,6 +256,7 @@ mod reachability {
             lsn: 0x3000000,
             upstream_streaming: false,
             in_recovery: None,
+            upstream_silence: None,
             health: if alive { Health::Good } else { Health::Bad },
             report_age: Some(if alive {
                 Duration::from_millis(100)

@@ -46,6 +46,9 @@ pub struct NodeRow {
     pub upstream_streaming: bool,
     /// The keeper last saw Postgres in recovery (`None`: not running, or not said).
     pub in_recovery: Option<bool>,
+    /// How long the standby's WAL receiver had heard nothing from the
+    /// primary when it last reported (`None`: not streaming, or not said).
+    pub upstream_silence: Option<Duration>,
     /// Time since the last report.
     pub report_age: Option<Duration>,
     /// Health check verdict.
@@ -69,6 +72,7 @@ impl NodeRow {
             lsn: self.lsn,
             upstream_streaming: self.upstream_streaming,
             in_recovery: self.in_recovery,
+            upstream_silence: self.upstream_silence,
             health: self.health,
             report_age: self.report_age,
             candidate_priority: self.candidate_priority,
@@ -88,7 +92,8 @@ pub(crate) const NODE_COLUMNS: &str =
      n.goal_state::text, n.reported_state::text, n.reported_pg_running, n.reported_rep_state, \
      n.reported_tli, n.reported_lsn::text, n.upstream_streaming, \
      (extract(epoch FROM clock_timestamp() - n.report_time) * 1000)::float8, \
-     n.health, n.candidate_priority, n.replication_quorum, n.reported_in_recovery";
+     n.health, n.candidate_priority, n.replication_quorum, n.reported_in_recovery, \
+     n.upstream_silence_ms";
 
 impl NodeRow {
     pub(crate) fn from_row(row: &Row) -> Result<NodeRow, MonitorError> {
@@ -117,6 +122,9 @@ impl NodeRow {
             candidate_priority: row.try_get(15)?,
             replication_quorum: row.try_get(16)?,
             in_recovery: row.try_get(17)?,
+            upstream_silence: row
+                .try_get::<_, Option<i64>>(18)?
+                .map(|ms| Duration::from_millis(u64::try_from(ms).unwrap_or(0))),
         })
     }
 }
@@ -210,6 +218,9 @@ pub struct NodeReport {
     pub upstream_streaming: bool,
     /// Postgres is in recovery (`None` when it does not answer).
     pub in_recovery: Option<bool>,
+    /// While streaming: how long ago the standby last received a message
+    /// (WAL or keepalive) from its primary.
+    pub upstream_silence: Option<Duration>,
 }
 
 /// The monitor's answer to a report: the node's goal.
@@ -537,6 +548,7 @@ impl MonitorClient {
                                reported_pg_running = $3, reported_tli = $4,
                                reported_lsn = $5::text::pg_lsn, reported_rep_state = $6,
                                upstream_streaming = $7, reported_in_recovery = $8,
+                               upstream_silence_ms = $9,
                                report_time = now()
                           FROM old WHERE n.node_id = old.node_id
                       RETURNING n.*, old.before),
@@ -571,6 +583,9 @@ impl MonitorClient {
                     &report.rep_state,
                     &report.upstream_streaming,
                     &report.in_recovery,
+                    &report
+                        .upstream_silence
+                        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
                 ],
             )
             .await?

@@ -33,6 +33,9 @@ pub struct Thresholds {
     pub promote_threshold: u64,
     /// How long a switchover waits for routers to drain before going on without them.
     pub router_drain_timeout: Duration,
+    /// A standby whose WAL receiver heard nothing from the primary for this
+    /// long no longer counts as streaming from it.
+    pub upstream_silence_timeout: Duration,
 }
 
 impl Default for Thresholds {
@@ -44,6 +47,7 @@ impl Default for Thresholds {
             catchup_threshold: timings.wal_threshold_bytes,
             promote_threshold: timings.wal_threshold_bytes,
             router_drain_timeout: timings.router_drain_timeout,
+            upstream_silence_timeout: timings.upstream_silence_timeout,
         }
     }
 }
@@ -65,10 +69,14 @@ pub struct NodeView {
     pub tli: i32,
     /// LSN the keeper last reported (bytes).
     pub lsn: u64,
-    /// For a standby: its WAL receiver still hears from the primary.
+    /// For a standby: its WAL receiver is connected and streaming.
     pub upstream_streaming: bool,
     /// The keeper last saw Postgres in recovery (`None`: down, or not said).
     pub in_recovery: Option<bool>,
+    /// For a streaming standby: how long its WAL receiver had heard nothing
+    /// from the primary (no WAL, no keepalive) when it last reported; `None`
+    /// when it did not say.
+    pub upstream_silence: Option<Duration>,
     /// Last health check verdict.
     pub health: Health,
     /// Time since the keeper last reported; `None` if it never did.
@@ -292,6 +300,20 @@ impl GroupView {
             .is_none_or(|age| age > self.thresholds.unhealthy_timeout);
         (stale && node.health == Health::Bad && self.monitor_uptime > self.thresholds.startup_grace)
             || !node.pg_running
+    }
+
+    /// The standby still hears from the primary: its WAL receiver streams and,
+    /// as it last reported, received a message within
+    /// `upstream_silence_timeout`. A live primary's walsender sends at least a
+    /// keepalive every `wal_sender_timeout / 2`, so a longer silence means the
+    /// primary (or the link to it) is gone, even while the receiver process
+    /// waits out its own `wal_receiver_timeout`. A standby that does not say
+    /// how long it has been silent counts as hearing the primary.
+    pub fn hears_primary(&self, node: &NodeView) -> bool {
+        node.upstream_streaming
+            && node
+                .upstream_silence
+                .is_none_or(|silence| silence < self.thresholds.upstream_silence_timeout)
     }
 
     /// The keeper reports recently, Postgres runs, and it has not diverged.
@@ -735,8 +757,14 @@ fn failover_decision(view: &GroupView, p: &NodeView, a: &NodeView) -> Decision {
         Some("the standby itself is not healthy".to_string())
     } else if a.candidate_priority == 0 {
         Some("its candidate priority is 0".to_string())
-    } else if a.upstream_streaming {
-        Some("the standby still receives WAL from the primary, so the primary is alive".to_string())
+    } else if view.hears_primary(a) {
+        Some(format!(
+            "the standby heard from the primary {} ago, so the primary is alive",
+            a.upstream_silence.map_or_else(
+                || "recently".to_string(),
+                |d| format!("{} ms", d.as_millis())
+            )
+        ))
     } else if !view.failover_is_lossless(p, a) {
         Some(format!(
             "the primary was {} with {} replication to it: promoting could lose acknowledged writes",
@@ -811,7 +839,7 @@ fn start_election(view: &GroupView, p: &NodeView, primary_lost: bool) -> Decisio
         }
         if let Some(s) = view
             .others(p)
-            .find(|n| n.upstream_streaming && view.is_healthy(n))
+            .find(|n| view.hears_primary(n) && view.is_healthy(n))
         {
             return Decision::Hold(format!(
                 "Primary {} ({}) looks unhealthy to the monitor, but node {} ({}) still receives WAL from it: no failover",
@@ -972,7 +1000,10 @@ fn decide_promotion(view: &GroupView, p: &NodeView, a: &NodeView) -> Option<Deci
     }
     // The old primary cannot confirm. It last reported `primary` with synchronous
     // replication to `a`, and `a` no longer streams from it: the old primary can
-    // not acknowledge another commit, so promoting now loses nothing.
+    // not acknowledge another commit, so promoting now loses nothing. This
+    // needs the WAL receiver gone (`upstream_streaming` false), not only silent
+    // (`hears_primary`): a receiver that is merely waiting could still
+    // acknowledge the old primary's commits if it came back.
     let detached: Vec<&NodeView> = view
         .others(p)
         .filter(|n| DETACHED.contains(&n.reported) && !n.upstream_streaming)
@@ -1318,6 +1349,7 @@ mod tests {
             lsn: 0x3000000,
             upstream_streaming: false,
             in_recovery: None,
+            upstream_silence: None,
             health: Health::Good,
             report_age: FRESH,
             candidate_priority: 50,
@@ -1508,6 +1540,58 @@ mod tests {
                 Held,
             ),
             (
+                "standby heard the primary 2.9 s ago: hold",
+                group(vec![
+                    dead(at(1, Primary)),
+                    NodeView {
+                        upstream_streaming: true,
+                        upstream_silence: Some(Duration::from_millis(2_900)),
+                        ..at(2, Secondary)
+                    },
+                ]),
+                Held,
+            ),
+            (
+                "standby's receiver still connected but silent for 3 s: fail over",
+                group(vec![
+                    dead(at(1, Primary)),
+                    NodeView {
+                        upstream_streaming: true,
+                        upstream_silence: Some(Duration::from_millis(3_000)),
+                        ..at(2, Secondary)
+                    },
+                ]),
+                Goals(vec![(2, PreparePromotion), (1, Draining)]),
+            ),
+            (
+                "a primary stalled for 2 s (report 2.5 s old) is not failed over, even with a silent standby",
+                group(vec![
+                    NodeView {
+                        report_age: Some(Duration::from_millis(2_500)),
+                        health: Health::Bad,
+                        ..at(1, Primary)
+                    },
+                    NodeView {
+                        upstream_streaming: true,
+                        upstream_silence: Some(Duration::from_millis(3_500)),
+                        ..at(2, Secondary)
+                    },
+                ]),
+                Nothing,
+            ),
+            (
+                "candidate's receiver silent but not gone: not promoted yet",
+                group(vec![
+                    dead(node(1, Primary, Draining)),
+                    NodeView {
+                        upstream_streaming: true,
+                        upstream_silence: Some(Duration::from_secs(10)),
+                        ..at(2, PreparePromotion)
+                    },
+                ]),
+                Nothing,
+            ),
+            (
                 "primary lost before it turned synchronous: hold",
                 group(vec![dead(node(1, WaitPrimary, Primary)), at(2, Secondary)]),
                 Held,
@@ -1641,6 +1725,42 @@ mod tests {
                     ])
                 },
                 Held,
+            ),
+            (
+                "three nodes: a standby heard the primary 1 s ago",
+                GroupView {
+                    number_sync_standbys: 1,
+                    ..group(vec![
+                        dead(at(1, Primary)),
+                        at(2, Secondary),
+                        NodeView {
+                            upstream_streaming: true,
+                            upstream_silence: Some(Duration::from_secs(1)),
+                            ..at(3, Secondary)
+                        },
+                    ])
+                },
+                Held,
+            ),
+            (
+                "three nodes: every standby silent for 3 s, elect",
+                GroupView {
+                    number_sync_standbys: 1,
+                    ..group(vec![
+                        dead(at(1, Primary)),
+                        NodeView {
+                            upstream_streaming: true,
+                            upstream_silence: Some(Duration::from_millis(3_200)),
+                            ..at(2, Secondary)
+                        },
+                        NodeView {
+                            upstream_streaming: true,
+                            upstream_silence: Some(Duration::from_millis(3_000)),
+                            ..at(3, Secondary)
+                        },
+                    ])
+                },
+                Goals(vec![(2, ReportLsn), (3, ReportLsn), (1, Draining)]),
             ),
             (
                 "three nodes: switchover, the primary stopped, elect",

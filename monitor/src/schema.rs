@@ -33,6 +33,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (2, MIGRATION_2),
     (3, MIGRATION_3),
     (4, MIGRATION_4),
+    (5, MIGRATION_5),
 ];
 
 const MIGRATION_1: &str = r#"
@@ -146,6 +147,13 @@ ALTER TABLE hapg.request ADD COLUMN value text;
 const MIGRATION_4: &str = r#"
 -- pg_is_in_recovery() as the keeper last saw it; NULL while Postgres is down.
 ALTER TABLE hapg.node ADD COLUMN reported_in_recovery bool;
+"#;
+
+/// How long a standby's WAL receiver had heard nothing from the primary.
+const MIGRATION_5: &str = r#"
+-- As of the keeper's last report; NULL when its WAL receiver does not stream.
+-- The monitor counts a standby silent for long enough as no longer streaming.
+ALTER TABLE hapg.node ADD COLUMN upstream_silence_ms bigint;
 "#;
 
 /// The schema version this binary expects.

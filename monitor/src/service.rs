@@ -55,6 +55,7 @@ pub async fn run(
         catchup_threshold: timings.wal_threshold_bytes,
         promote_threshold: timings.wal_threshold_bytes,
         router_drain_timeout: timings.router_drain_timeout,
+        upstream_silence_timeout: timings.upstream_silence_timeout,
     };
     let mut decider = Decider {
         thresholds,

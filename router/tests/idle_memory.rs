@@ -31,6 +31,30 @@ fn rss_bytes() -> u64 {
     kb * 1024
 }
 
+/// Each client costs a file descriptor in the holder and one in the router
+/// (this process): raises the soft limit on open files to fit `count` and
+/// room for the rest, and the hard limit too when allowed (as root). The
+/// holder inherits the limit.
+fn raise_nofile_limit(count: usize) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let want = u64::try_from(count)
+        .unwrap_or(u64::MAX)
+        .saturating_add(1024);
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+    if soft >= want {
+        return;
+    }
+    if setrlimit(Resource::RLIMIT_NOFILE, want, hard.max(want)).is_ok() {
+        return;
+    }
+    assert!(
+        hard >= want,
+        "{count} idle clients need {want} open files, the hard limit is {hard}: \
+         raise it (ulimit -Hn, as root) or set HAPG_IDLE_CLIENTS lower"
+    );
+    setrlimit(Resource::RLIMIT_NOFILE, want, hard).expect("setrlimit");
+}
+
 /// Logs `count` clients in (in chunks) and keeps them idle until stdin closes.
 #[test]
 #[ignore = "the child process of idle_client_connections_hold_bounded_memory"]
@@ -41,6 +65,7 @@ fn idle_client_holder() {
     let (addr, count) = spec.split_once(' ').expect("addr count");
     let addr: SocketAddr = addr.parse().expect("addr");
     let count: usize = count.parse().expect("count");
+    raise_nofile_limit(count);
     let packet = startup_packet(&[("user", "app"), ("database", "postgres")]);
     let mut conns = Vec::with_capacity(count);
     let mut buf = vec![0u8; 4096];
@@ -145,6 +170,7 @@ async fn idle_client_connections_hold_bounded_memory() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(10_000);
+    raise_nofile_limit(count);
     let c = Cluster::start(
         false,
         "max_client_connections = 30000",

@@ -19,6 +19,9 @@ pub fn hapg_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_hapg"))
 }
 
+/// How many ports a start tries before giving up.
+const PORT_ATTEMPTS: usize = 5;
+
 /// A free TCP port on loopback (bind 0, read it, release it).
 pub fn free_port() -> u16 {
     static LAST: AtomicU64 = AtomicU64::new(0);
@@ -31,6 +34,71 @@ pub fn free_port() -> u16 {
         if LAST.swap(u64::from(port), Ordering::SeqCst) != u64::from(port) {
             return port;
         }
+    }
+}
+
+/// The longest a `hapg` command run by [`Cluster::run`] may take. Several
+/// times what the slowest one (a switchover that waits for the new states)
+/// needs on a busy 2-core machine.
+pub const CLI_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Runs `cmd` with its output captured, like [`Command::output`], but kills
+/// it (SIGKILL) and returns an error saying what it printed if it has not
+/// ended within `timeout`.
+pub fn output_within(mut cmd: Command, timeout: Duration) -> std::io::Result<Output> {
+    use std::io::Read;
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    // Read both pipes while waiting, so a chatty command cannot fill one and block.
+    let reader = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let stdout = reader(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let stderr = reader(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break Some(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stdout = stdout.join().unwrap_or_default();
+    let stderr = stderr.join().unwrap_or_default();
+    match status {
+        Some(status) => Ok(Output {
+            status,
+            stdout,
+            stderr,
+        }),
+        None => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "{:?} did not end within {timeout:?} and was killed\nstdout: {}\nstderr: {}",
+                cmd.get_args().collect::<Vec<_>>(),
+                String::from_utf8_lossy(&stdout),
+                String::from_utf8_lossy(&stderr)
+            ),
+        )),
     }
 }
 
@@ -93,9 +161,12 @@ impl Cluster {
         cmd
     }
 
-    /// Runs `hapg args` to completion.
+    /// Runs `hapg args` to completion, or kills it and panics after
+    /// [`CLI_TIMEOUT`]: a CLI call that hangs fails its test instead of
+    /// holding CI.
     pub fn run(&self, args: &[&str]) -> Output {
-        self.hapg(args).output().expect("run hapg")
+        output_within(self.hapg(args), CLI_TIMEOUT)
+            .unwrap_or_else(|e| panic!("hapg {args:?}: {e}\nlogs:\n{}", self.all_logs()))
     }
 
     /// Runs `hapg args`, which must succeed; returns its stdout.
@@ -153,31 +224,72 @@ impl Cluster {
         std::fs::read_to_string(self.path().join(format!("{name}.log"))).unwrap_or_default()
     }
 
-    /// Creates and runs the monitor (`create monitor ... --run`), waits until it answers.
+    /// Creates and runs the monitor (`create monitor ... --run`), waits until
+    /// it answers. A port taken between [`free_port`] and `create` is
+    /// replaced by another, as the router's test harness does.
     pub fn start_monitor(&mut self) {
-        self.monitor_port = free_port();
-        let port = self.monitor_port.to_string();
-        self.spawn(
-            "monitor",
-            &[
-                "create",
+        for _ in 0..PORT_ATTEMPTS {
+            self.monitor_port = free_port();
+            let port = self.monitor_port.to_string();
+            self.spawn(
                 "monitor",
-                "--pgdata",
-                "./monitor",
-                "--pgport",
-                &port,
-                "--hostname",
-                "localhost",
-                "--auth",
-                "trust",
-                "--ssl-self-signed",
-                "--run",
-            ],
-        );
+                &[
+                    "create",
+                    "monitor",
+                    "--pgdata",
+                    "./monitor",
+                    "--pgport",
+                    &port,
+                    "--hostname",
+                    "localhost",
+                    "--auth",
+                    "trust",
+                    "--ssl-self-signed",
+                    "--run",
+                ],
+            );
+            if !self.refused_its_port("monitor") {
+                break;
+            }
+        }
         self.eventually("the monitor to answer", Duration::from_secs(60), || {
             let out = self.run(&["show", "state", "--pgdata", "./monitor"]);
             out.status.success()
         });
+    }
+
+    /// Whether the `create` just spawned as `name` (data directory
+    /// `./name`) ended at once because its port was taken: hapg checks
+    /// before it writes anything, so trying again with another port is
+    /// clean. Waits (bounded) until the process is past that check: it
+    /// ended, or it created its data directory (initdb) or registered with
+    /// the monitor.
+    fn refused_its_port(&self, name: &str) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let pgdata = self.path().join(name);
+        while Instant::now() < deadline {
+            let ended = self
+                .children
+                .lock()
+                .expect("children")
+                .get_mut(name)
+                .is_none_or(|child| child.try_wait().ok().flatten().is_some());
+            let log = self.log(name);
+            if ended {
+                if !log.contains("is already in use") {
+                    return false;
+                }
+                eprintln!("{name}: its port was taken meanwhile, trying another");
+                self.children.lock().expect("children").remove(name);
+                let _ = std::fs::remove_file(self.path().join(format!("{name}.log")));
+                return true;
+            }
+            if pgdata.exists() || log.contains("registered with the monitor") {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
     }
 
     /// The monitor's URI, as `show uri --monitor-uri` prints it.
@@ -197,6 +309,22 @@ impl Cluster {
     /// reaches the monitor at `monitor_uri`, its `hapg` command run under
     /// `wrapper` (such as `ip netns exec NS`) when given.
     pub fn start_node_at(
+        &mut self,
+        name: &str,
+        hostname: &str,
+        monitor_uri: &str,
+        wrapper: &[&str],
+    ) -> Node {
+        for _ in 1..PORT_ATTEMPTS {
+            let node = self.spawn_node_at(name, hostname, monitor_uri, wrapper);
+            if !self.refused_its_port(name) {
+                return node;
+            }
+        }
+        self.spawn_node_at(name, hostname, monitor_uri, wrapper)
+    }
+
+    fn spawn_node_at(
         &mut self,
         name: &str,
         hostname: &str,
