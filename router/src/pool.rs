@@ -357,7 +357,7 @@ impl Pools {
                 continue;
             }
             let Some(deadline) = deadline else {
-                return Err(CheckoutError::Full { size });
+                return Err(self.full(target.epoch, size));
             };
             let got = tokio::time::timeout_at(deadline, async {
                 tokio::select! {
@@ -367,7 +367,7 @@ impl Pools {
             })
             .await;
             match got {
-                Err(_) => return Err(CheckoutError::Full { size }),
+                Err(_) => return Err(self.full(target.epoch, size)),
                 Ok(Some(permit)) => {
                     match self
                         .open_counted(
@@ -386,6 +386,19 @@ impl Pools {
                 }
                 Ok(None) => continue,
             }
+        }
+    }
+
+    /// Why a pool whose slots all stayed in use is full: when the router's
+    /// budget for the node is used up too, the node's limit is what holds
+    /// the pool's slots (their holders wait for it), and the client is told
+    /// that rather than the pool size.
+    fn full(&self, epoch: i64, size: u32) -> CheckoutError {
+        match self.budget(epoch) {
+            Some(budget) if budget.permits.available_permits() == 0 => {
+                CheckoutError::NodeFull(budget.limit)
+            }
+            _ => CheckoutError::Full { size },
         }
     }
 
