@@ -16,7 +16,7 @@ use bytes::{BufMut, BytesMut};
 use hapg_router::protocol::{frame, startup};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use support::{connect, startup_packet, Cluster};
+use support::{connect, rss_bytes, startup_packet, Cluster};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const SEED: u64 = 0x6861_7067;
@@ -155,17 +155,6 @@ fn framing_and_startup_parsing_take_any_bytes() {
     }
 }
 
-/// Resident memory of this process (the router runs in it), in KiB.
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
 /// Sends `bytes` on a new connection and reads what comes back until the
 /// router closes or stays silent for a moment; then hangs up.
 async fn hit(addr: std::net::SocketAddr, bytes: Vec<u8>) {
@@ -191,7 +180,7 @@ async fn a_running_router_survives_thousands_of_mutated_streams() {
     let mut rng = StdRng::seed_from_u64(SEED);
     let seeds = seeds();
     let started = Instant::now();
-    let rss_before = rss_kib();
+    let rss_before = rss_bytes() / 1024;
     let mut rss_peak = rss_before;
     let mut sent = 0;
     for batch in 0..30 {
@@ -210,7 +199,7 @@ async fn a_running_router_survives_thousands_of_mutated_streams() {
             sent += 1;
         }
         while tasks.join_next().await.is_some() {}
-        rss_peak = rss_peak.max(rss_kib());
+        rss_peak = rss_peak.max(rss_bytes() / 1024);
         // A normal client is still served.
         let client =
             tokio::time::timeout(Duration::from_secs(10), connect(&c.router.url("postgres")))

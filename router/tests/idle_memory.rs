@@ -20,17 +20,6 @@ use support::*;
 const CHILD_ENV: &str = "HAPG_IDLE_HOLDER";
 const READY_ENV: &str = "HAPG_IDLE_READY";
 
-fn rss_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
-    let kb: u64 = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .expect("VmRSS line");
-    kb * 1024
-}
-
 /// Each client costs a file descriptor in the holder and one in the router
 /// (this process): raises the soft limit on open files to fit `count` and
 /// room for the rest, and the hard limit too when allowed (as root). The
