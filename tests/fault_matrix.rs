@@ -24,59 +24,18 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use hapg::drill::{connect, signal_all, Writer, WriterReport};
 use hapg::invariants::{Drill, WriteProbe};
 use nix::sys::signal::Signal;
-use support::{postmaster_pid, wait_writable, Cluster, RouterProcess};
+use support::{direct_uri, postmaster_pid, rows, wait_rows, wait_writable, Cluster, RouterProcess};
 
 const STEP: Duration = Duration::from_secs(90);
 const ROUTER_CONFIG: &str = "pause_timeout_ms = 30000";
 /// Writers per phase, each on its own table.
 const WRITERS: usize = 2;
 
-/// A node, directly (not through the router).
-fn direct_uri(cluster: &Cluster, name: &str) -> String {
-    format!(
-        "postgres://postgres@127.0.0.1:{}/appdb",
-        cluster.node(name).port
-    )
-}
-
 fn now_epoch() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
         .unwrap_or_default()
-}
-
-/// Rows in `table` at `uri`, if it answers.
-async fn rows(uri: &str, table: &str) -> Option<i64> {
-    let client = tokio::time::timeout(Duration::from_secs(5), connect(uri))
-        .await
-        .ok()?
-        .ok()?;
-    let row = tokio::time::timeout(
-        Duration::from_secs(5),
-        client.query_one(&format!("SELECT count(*) FROM {table}"), &[]),
-    )
-    .await
-    .ok()?
-    .ok()?;
-    Some(row.get(0))
-}
-
-/// Waits (bounded) until `table` at `uri` holds more than `more_than` rows.
-async fn wait_rows(cluster: &Cluster, uri: &str, table: &str, more_than: i64) -> i64 {
-    let deadline = Instant::now() + STEP;
-    let mut last = None;
-    while Instant::now() < deadline {
-        last = rows(uri, table).await;
-        if let Some(n) = last.filter(|n| *n > more_than) {
-            return n;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!(
-        "{table} at {uri}: no more than {more_than} rows within {STEP:?} (last {last:?})\n{}",
-        cluster.all_logs()
-    );
 }
 
 /// What [`rows`] counts for the probe's writes on `node`.

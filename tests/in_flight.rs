@@ -12,12 +12,15 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hapg::drill::{connect, signal_all, unix_now, Writer};
 use hapg::invariants::{Drill, WriteProbe};
 use nix::sys::signal::Signal;
-use support::{assert_in_flight_answered, assigned_at, postmaster_pid, wait_writable, Cluster};
+use support::{
+    assert_in_flight_answered, assigned_at, direct_uri, postmaster_pid, rows, wait_rows,
+    wait_writable, Cluster,
+};
 
 const STEP: Duration = Duration::from_secs(90);
 const WRITERS: usize = 3;
@@ -25,46 +28,6 @@ const WRITERS: usize = 3;
 /// `wait_primary`, which moves the epoch) every statement in flight on the
 /// frozen primary must have been answered.
 const BOUND: Duration = Duration::from_secs(2);
-
-/// Rows in `table` at `uri`, if it answers.
-async fn rows(uri: &str, table: &str) -> Option<i64> {
-    let client = tokio::time::timeout(Duration::from_secs(5), connect(uri))
-        .await
-        .ok()?
-        .ok()?;
-    let row = tokio::time::timeout(
-        Duration::from_secs(5),
-        client.query_one(&format!("SELECT count(*) FROM {table}"), &[]),
-    )
-    .await
-    .ok()?
-    .ok()?;
-    Some(row.get(0))
-}
-
-/// Waits (bounded) until `table` at `uri` holds more than `more_than` rows.
-async fn wait_rows(cluster: &Cluster, uri: &str, table: &str, more_than: i64) {
-    let deadline = Instant::now() + STEP;
-    let mut last = None;
-    while Instant::now() < deadline {
-        last = rows(uri, table).await;
-        if last.is_some_and(|n| n > more_than) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!(
-        "{table} at {uri}: no more than {more_than} rows within {STEP:?} (last {last:?})\n{}",
-        cluster.all_logs()
-    );
-}
-
-fn direct_uri(cluster: &Cluster, name: &str) -> String {
-    format!(
-        "postgres://postgres@127.0.0.1:{}/appdb",
-        cluster.node(name).port
-    )
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn statements_in_flight_on_a_frozen_primary_are_answered_at_the_promotion() {

@@ -27,28 +27,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hapg::drill::{connect, Writer, WriterReport};
 use hapg::invariants::{Drill, ProbeReport, WriteProbe};
-use support::{assigned_at, postmaster_pid, wait_writable, Cluster, RouterProcess};
+use support::{assigned_at, postmaster_pid, rows, wait_writable, Cluster, RouterProcess};
 
 const STEP: Duration = Duration::from_secs(120);
 /// How long after the promotion every statement in flight on a cut-off
 /// primary must have been answered.
 const IN_FLIGHT_BOUND: Duration = Duration::from_secs(2);
-
-/// Rows in `table` at `uri`, if it answers within a few seconds.
-async fn rows(uri: &str, table: &str) -> Option<i64> {
-    let client = tokio::time::timeout(Duration::from_secs(5), connect(uri))
-        .await
-        .ok()?
-        .ok()?;
-    let row = tokio::time::timeout(
-        Duration::from_secs(5),
-        client.query_one(&format!("SELECT count(*) FROM {table}"), &[]),
-    )
-    .await
-    .ok()?
-    .ok()?;
-    Some(row.get(0))
-}
 
 /// A network namespace and the veth pair that joins it to the host.
 struct Split {

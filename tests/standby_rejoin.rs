@@ -21,16 +21,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use hapg::drill::{connect, Writer};
-use support::{wait_writable, Cluster};
+use support::{direct_uri, rows, wait_writable, Cluster};
 
 const STEP: Duration = Duration::from_secs(90);
-
-fn direct_uri(cluster: &Cluster, name: &str) -> String {
-    format!(
-        "postgres://postgres@127.0.0.1:{}/appdb",
-        cluster.node(name).port
-    )
-}
 
 /// The monitor's newest event id.
 async fn last_event_id(monitor_uri: &str) -> i64 {
@@ -59,22 +52,6 @@ async fn events_since(monitor_uri: &str, after: i64) -> Vec<String> {
         .collect()
 }
 
-/// Rows of `table` at `uri`, if it answers.
-async fn count(uri: &str, table: &str) -> Option<i64> {
-    let client = tokio::time::timeout(Duration::from_secs(5), connect(uri))
-        .await
-        .ok()?
-        .ok()?;
-    let row = tokio::time::timeout(
-        Duration::from_secs(5),
-        client.query_one(&format!("SELECT count(*) FROM {table}"), &[]),
-    )
-    .await
-    .ok()?
-    .ok()?;
-    Some(row.get(0))
-}
-
 /// A file hapg and Postgres never write: pg_basebackup (a new data directory)
 /// and pg_rewind (which removes what the source lacks) both take it away.
 fn mark(pgdata: &Path) {
@@ -87,13 +64,13 @@ fn marked(pgdata: &Path) -> bool {
 
 /// Waits until the standby holds as many rows of `table` as the primary.
 async fn wait_caught_up(cluster: &Cluster, primary: &str, standby: &str, table: &str) {
-    let want = count(&direct_uri(cluster, primary), table)
+    let want = rows(&direct_uri(cluster, primary), table)
         .await
         .expect("count on the primary");
     let deadline = Instant::now() + STEP;
     let mut last = None;
     while Instant::now() < deadline {
-        last = count(&direct_uri(cluster, standby), table).await;
+        last = rows(&direct_uri(cluster, standby), table).await;
         if last == Some(want) {
             return;
         }
@@ -119,14 +96,14 @@ async fn stop_and_rejoin(
     let first = last_event_id(monitor_uri).await;
     let writer = Writer::start(router_uri.to_string(), what, Duration::from_secs(300));
     let deadline = Instant::now() + STEP;
-    while count(router_uri, what).await.unwrap_or(0) < 20 && Instant::now() < deadline {
+    while rows(router_uri, what).await.unwrap_or(0) < 20 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     stop();
     cluster.wait_states(&[("node_a", "wait_primary")], STEP);
-    let before = count(router_uri, what).await.unwrap_or(0);
+    let before = rows(router_uri, what).await.unwrap_or(0);
     cluster.eventually("writes to go on without the standby", STEP, || {
-        futures_block(count(router_uri, what)).unwrap_or(0) > before + 20
+        futures_block(rows(router_uri, what)).unwrap_or(0) > before + 20
     });
     let restarted = Instant::now();
     cluster.spawn("node_b", &["run", "--pgdata", "./node_b"]);
@@ -383,7 +360,7 @@ async fn old_primary_with_lost_writes_is_rewound() {
     cluster.power_off("node_a");
     cluster.wait_states(&[("node_b", "wait_primary")], STEP);
     assert_eq!(
-        count(&direct_uri(&cluster, "node_b"), "lost WHERE id = 42").await,
+        rows(&direct_uri(&cluster, "node_b"), "lost WHERE id = 42").await,
         Some(0),
         "node_b received the commit: the test cannot show a rewind"
     );
@@ -417,7 +394,7 @@ async fn old_primary_with_lost_writes_is_rewound() {
         .expect("write on the new primary");
     wait_caught_up(&cluster, "node_b", "node_a", "lost").await;
     assert_eq!(
-        count(&direct_uri(&cluster, "node_a"), "lost WHERE id = 42").await,
+        rows(&direct_uri(&cluster, "node_a"), "lost WHERE id = 42").await,
         Some(0),
         "node_a kept the commit the new primary never had"
     );

@@ -786,3 +786,47 @@ pub fn assert_in_flight_answered(
     }
     ended
 }
+
+/// A direct connection string to node `name`'s application database.
+pub fn direct_uri(cluster: &Cluster, name: &str) -> String {
+    format!(
+        "postgres://postgres@127.0.0.1:{}/appdb",
+        cluster.node(name).port
+    )
+}
+
+/// Rows in `table` (or a `table WHERE ...`) at `uri`, if it answers within a
+/// few seconds.
+pub async fn rows(uri: &str, table: &str) -> Option<i64> {
+    let client = tokio::time::timeout(Duration::from_secs(5), connect(uri))
+        .await
+        .ok()?
+        .ok()?;
+    let row = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.query_one(&format!("SELECT count(*) FROM {table}"), &[]),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    Some(row.get(0))
+}
+
+/// Waits (at most 90 s) until `table` at `uri` holds more than `more_than`
+/// rows, and returns how many it holds; panics with the cluster's logs.
+pub async fn wait_rows(cluster: &Cluster, uri: &str, table: &str, more_than: i64) -> i64 {
+    let within = Duration::from_secs(90);
+    let deadline = Instant::now() + within;
+    let mut last = None;
+    while Instant::now() < deadline {
+        last = rows(uri, table).await;
+        if let Some(n) = last.filter(|n| *n > more_than) {
+            return n;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "{table} at {uri}: no more than {more_than} rows within {within:?} (last {last:?})\n{}",
+        cluster.all_logs()
+    );
+}
