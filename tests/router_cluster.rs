@@ -11,7 +11,7 @@ mod support;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use support::{connect, wait_writable, Cluster, Writer, WriterReport};
+use support::{connect, wait_writable, Cluster, RouterProcess, Writer, WriterReport};
 
 const STEP: Duration = Duration::from_secs(90);
 
@@ -304,5 +304,72 @@ async fn router_in_front_of_a_cluster_switchover_and_power_off() {
         .get(0);
     assert_eq!(port as u16, node_a.port);
     assert_reached_through_unix_socket(&uri, "node A, primary after the power-off").await;
+
+    // SIGHUP to the router process: a good file takes effect for new logins,
+    // a bad one is refused and the last good one stays in force.
+    sighup_reloads_and_a_bad_file_keeps_the_old_one(&cluster, &router).await;
     cluster.terminate(&router.name);
+}
+
+/// Logs in through the router as `postgres`, with `password` if given.
+async fn logs_in(router: &RouterProcess, password: Option<&str>) -> bool {
+    let uri = match password {
+        Some(p) => format!("postgres://postgres:{p}@127.0.0.1:{}/appdb", router.port),
+        None => router.uri("appdb"),
+    };
+    match connect(&uri).await {
+        Ok(client) => client.simple_query("SELECT 1").await.is_ok(),
+        Err(_) => false,
+    }
+}
+
+async fn sighup_reloads_and_a_bad_file_keeps_the_old_one(
+    cluster: &Cluster,
+    router: &RouterProcess,
+) {
+    let pid = nix::unistd::Pid::from_raw(cluster.keeper_pid(&router.name).expect("router pid"));
+    let hangup = || nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
+    let trusting = std::fs::read_to_string(&router.config).expect("read router config");
+    assert!(logs_in(router, None).await, "trust before the reload");
+    std::fs::write(
+        cluster.path().join("users.txt"),
+        "\"postgres\" \"s3cret\"\n",
+    )
+    .expect("write the user list");
+    let md5 = trusting.replace(
+        "[auth]\ntype = \"trust\"\n",
+        "[auth]\ntype = \"md5\"\nfile = \"users.txt\"\n",
+    );
+    assert_ne!(md5, trusting, "the [auth] section was found");
+    std::fs::write(&router.config, &md5).expect("write router config");
+    hangup();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while logs_in(router, None).await && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!logs_in(router, None).await, "md5 in force after SIGHUP");
+    assert!(
+        logs_in(router, Some("s3cret")).await,
+        "the password logs in"
+    );
+
+    // A bad value: refused, logged, and md5 stays in force.
+    std::fs::write(
+        &router.config,
+        md5.replace("[auth]", "[pool]\npool_size = 0\n\n[auth]"),
+    )
+    .expect("write router config");
+    hangup();
+    cluster.eventually("the router to refuse the bad file", STEP, || {
+        cluster.log(&router.name).contains("reload refused")
+    });
+    assert!(
+        cluster.log(&router.name).contains("pool.pool_size"),
+        "the refusal names the key"
+    );
+    assert!(!logs_in(router, None).await, "still md5 after the bad file");
+    assert!(
+        logs_in(router, Some("s3cret")).await,
+        "still the same users"
+    );
 }
