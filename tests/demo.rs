@@ -81,3 +81,66 @@ fn demo_drill_loses_nothing_and_removes_its_directory() {
         "the demo left {left:?} in its TMPDIR\n{output}"
     );
 }
+
+/// Runs `hapg demo` with `args` and a Postgres directory that has no
+/// programs, so that it fails at its first step; returns its output.
+fn failing_demo(tmp: &std::path::Path, args: &[&str]) -> (std::process::ExitStatus, String) {
+    let out = Command::new(hapg_bin())
+        .arg("demo")
+        .args(args)
+        .current_dir(tmp)
+        .env("TMPDIR", tmp)
+        .env("HAPG_PG_BINDIR", tmp.join("no-postgres-here"))
+        .env_remove("PGDATA")
+        .env_remove("PG_AUTOCTL_MONITOR")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run hapg demo");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status, text)
+}
+
+#[test]
+fn a_failed_demo_keeps_its_directory_and_dir_is_always_kept() {
+    let tmp = tempfile::Builder::new()
+        .prefix("hapg-test-")
+        .tempdir_in("/tmp")
+        .expect("temp dir");
+
+    // Its own temporary directory, kept after the failure and named.
+    let (status, output) = failing_demo(tmp.path(), &[]);
+    assert!(!status.success(), "{output}");
+    let made: Vec<_> = std::fs::read_dir(tmp.path())
+        .expect("read TMPDIR")
+        .map(|e| e.expect("dir entry").path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("hapg-demo-"))
+        })
+        .collect();
+    assert_eq!(
+        made.len(),
+        1,
+        "one demo directory, kept: {made:?}\n{output}"
+    );
+    assert!(
+        output.contains(&format!("stay in {}", made[0].display())),
+        "the kept directory is named\n{output}"
+    );
+
+    // --dir: used as given and kept.
+    let (status, output) = failing_demo(tmp.path(), &["--dir", "./mine"]);
+    assert!(!status.success(), "{output}");
+    assert!(tmp.path().join("mine").is_dir(), "{output}");
+    assert!(output.contains("mine"), "{output}");
+    // A --dir that is not empty is refused before anything is made in it.
+    std::fs::create_dir_all(tmp.path().join("full")).expect("mkdir");
+    std::fs::write(tmp.path().join("full").join("x"), "x").expect("a file in it");
+    let (status, output) = failing_demo(tmp.path(), &["--dir", "./full"]);
+    assert!(!status.success(), "{output}");
+    assert!(output.contains("is not empty"), "{output}");
+}
