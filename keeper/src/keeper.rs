@@ -438,10 +438,30 @@ impl Keeper {
         }
     }
 
+    /// The group as the monitor has it. Bounded like a report and never past
+    /// a primary's fence: a monitor that goes silent in the middle of this
+    /// query (a cut network sends nothing back) must not hold the loop that
+    /// fences, or the fence would come after the standby's promotion.
     async fn group(&mut self) -> Result<(Vec<NodeRow>, GroupView), KeeperError> {
         let formation = self.config.node.formation.clone();
         let group = self.state.group_id;
-        Ok(self.monitor().await?.group(&formation, group).await?)
+        let limit = self
+            .time_to_fence()
+            .map_or(MONITOR_CALL_TIMEOUT, |left| left.min(MONITOR_CALL_TIMEOUT));
+        let read = tokio::time::timeout(limit, async {
+            Ok::<_, KeeperError>(self.monitor().await?.group(&formation, group).await?)
+        })
+        .await;
+        match read {
+            Ok(result) => result,
+            Err(_) => {
+                // The connection may be stuck in the middle of the query.
+                self.monitor = None;
+                Err(KeeperError::Timeout(
+                    "reading the group from the monitor".into(),
+                ))
+            }
+        }
     }
 
     /// The node this one should stream from: the one assigned a writable state.
