@@ -25,6 +25,16 @@ pub enum LogFormat {
     Json,
 }
 
+impl LogFormat {
+    /// The name `--log-format` and `HAPG_LOG_FORMAT` take.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
 /// The event formatter of `--log-format json`.
 pub struct JsonLines;
 
