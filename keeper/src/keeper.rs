@@ -331,7 +331,9 @@ impl Keeper {
         let Some(status) = &self.status else {
             return;
         };
-        let running = self.reported_running(observation);
+        // What runs, not what is reported: a primary being restarted in
+        // place is reported running for a while, but is not up.
+        let running = Liveness::of(observation.running, self.pg.postmaster_pid()).running();
         let fresh = NodeStatus {
             node_id: self.state.node_id,
             name: self.config.node.name.clone(),
