@@ -43,7 +43,7 @@ pub enum RunMode {
 }
 
 /// Why the keeper loop ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Exit {
     /// Shut down on request.
     Stopped,
@@ -51,7 +51,17 @@ pub enum Exit {
     Initialized,
     /// The monitor dropped this node.
     Dropped,
+    /// The node's initialisation kept failing for [`INIT_GIVE_UP`]
+    /// (RunMode::UntilInitialized): `hapg create` undoes it and says why.
+    InitFailed(String),
 }
+
+/// How long `hapg create` (without `--run`) retries a failing
+/// initialisation (initdb, pg_basebackup, the first start) before giving up:
+/// long enough for what passes by itself (a primary restarting to apply the
+/// new standby's pg_hba entry), short enough that a wrong password or an
+/// unreachable host is reported rather than retried forever.
+pub const INIT_GIVE_UP: Duration = Duration::from_secs(15);
 
 /// Monitor calls from the keeper's loop give up after this long: a monitor that
 /// does not answer is treated like one that is gone.
@@ -82,6 +92,8 @@ pub async fn run(paths: NodePaths, mode: RunMode, shutdown: Shutdown) -> Result<
         monitor_heard: Instant::now(),
         standby_heard: Instant::now(),
         rejoin_failed: Failed::Nothing,
+        init_failing_since: None,
+        transition_error: None,
     };
     let span = tracing::info_span!("keeper", node = keeper.state.node_id);
     let exit = keeper.main_loop(mode, &shutdown).instrument(span).await?;
@@ -120,9 +132,27 @@ struct Keeper {
     /// What failed in the current attempt to rejoin the primary: the next try
     /// escalates (streaming, then pg_rewind, then pg_basebackup).
     rejoin_failed: Failed,
+    /// Since when the initialisation has been failing (`hapg create`).
+    init_failing_since: Option<Instant>,
+    /// The last transition's error, if it failed.
+    transition_error: Option<String>,
 }
 
 impl Keeper {
+    /// After a transition of a node being created: the error to give up
+    /// with once its initialisation has failed for [`INIT_GIVE_UP`].
+    fn init_gave_up(&mut self, moved: bool) -> Option<String> {
+        let failed = match &self.transition_error {
+            Some(error) if !moved => error.clone(),
+            _ => {
+                self.init_failing_since = None;
+                return None;
+            }
+        };
+        let since = *self.init_failing_since.get_or_insert_with(Instant::now);
+        (since.elapsed() >= INIT_GIVE_UP).then_some(failed)
+    }
+
     async fn main_loop(&mut self, mode: RunMode, shutdown: &Shutdown) -> Result<Exit, KeeperError> {
         let interval = self.config.timeout.report_interval();
         tracing::info!(state = %self.state.current, "keeper started");
@@ -172,6 +202,11 @@ impl Keeper {
             if let Some(goal) = goal {
                 if goal != self.state.current {
                     moved = self.transition_to(goal).await;
+                    if mode == RunMode::UntilInitialized {
+                        if let Some(error) = self.init_gave_up(moved) {
+                            return Ok(Exit::InitFailed(error));
+                        }
+                    }
                 } else if let Err(e) = self.ensure_current_state(&observation).await {
                     self.log_error(format!("keeping {} failed: {e}", self.state.current));
                 }
@@ -407,7 +442,9 @@ impl Keeper {
     async fn transition_to(&mut self, goal: NodeState) -> bool {
         let from = self.state.current;
         let Some(action) = transition(from, goal) else {
-            self.log_error(format!("{}", KeeperError::NoTransition { from, to: goal }));
+            let error = KeeperError::NoTransition { from, to: goal }.to_string();
+            self.log_error(error.clone());
+            self.transition_error = Some(error);
             return false;
         };
         let span = tracing::info_span!("transition", %from, to = %goal, ?action);
@@ -422,6 +459,7 @@ impl Keeper {
                 );
                 self.state.current = goal;
                 self.last_error = None;
+                self.transition_error = None;
                 self.rejoin_failed = Failed::Nothing;
                 if let Err(e) = self.state.save(&self.paths.state) {
                     tracing::error!(error = %e, "cannot write the state file");
@@ -433,6 +471,7 @@ impl Keeper {
                 self.log_error(format!(
                     "transition {from} -> {goal} failed, will retry: {e}"
                 ));
+                self.transition_error = Some(format!("{from} -> {goal}: {e}"));
                 false
             }
         }
