@@ -16,7 +16,8 @@ use crate::procs::{self, Supervisor};
 /// The router's `[pool]` section. `Default` writes none (the router's own
 /// defaults: session pooling, or one server connection per client for a
 /// router older than pooling); `Session` and `Transaction` write the mode and
-/// `pool_size` equal to the client count, as PgBouncer's `default_pool_size`.
+/// `pool_size` (the client count unless `--pool-size`), as PgBouncer's
+/// `default_pool_size`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RouterPool {
     Default,
@@ -36,13 +37,13 @@ impl RouterPool {
     }
 
     /// The `[pool]` section for router.toml, if any.
-    fn toml(self, clients: u32) -> String {
+    fn toml(self, pool_size: u32) -> String {
         let mode = match self {
             RouterPool::Default => return String::new(),
             RouterPool::Session => "session",
             RouterPool::Transaction => "transaction",
         };
-        format!("\n[pool]\nmode = \"{mode}\"\npool_size = {clients}\n")
+        format!("\n[pool]\nmode = \"{mode}\"\npool_size = {pool_size}\n")
     }
 }
 
@@ -99,6 +100,8 @@ pub struct Env {
     pub node_port: u16,
     pub dbname: String,
     pub clients: u32,
+    /// Server connections per pool (router `pool_size`, PgBouncer `default_pool_size`).
+    pub pool_size: u32,
     /// Lines added to router.toml's `[router]` section (worker threads, CPU scheduling).
     pub router_settings: String,
     /// The node's Unix socket directory, when the proxies reach the node
@@ -296,7 +299,7 @@ fn router_toml(env: &Env, port: u16, pool: RouterPool) -> String {
          {pool}",
         monitor = env.monitor_uri.replace('\\', "\\\\").replace('"', "\\\""),
         max = (env.clients * 4).max(1000),
-        pool = pool.toml(env.clients),
+        pool = pool.toml(env.pool_size),
         settings = env.router_settings,
         socket = match &env.node_socket_dir {
             Some(dir) => format!("unix_socket_dir = \"{}\"\n", dir.display()),
@@ -305,7 +308,7 @@ fn router_toml(env: &Env, port: u16, pool: RouterPool) -> String {
     )
 }
 
-/// pgbouncer.ini: one database, trust auth, a pool as large as the client count.
+/// pgbouncer.ini: one database, trust auth, a pool of `pool_size`.
 fn pgbouncer_ini(env: &Env, port: u16, mode: BouncerMode, userlist: &Path) -> String {
     let mode = match mode {
         BouncerMode::Session => "session",
@@ -336,7 +339,7 @@ fn pgbouncer_ini(env: &Env, port: u16, mode: BouncerMode, userlist: &Path) -> St
         },
         node = env.node_port,
         userlist = userlist.display(),
-        pool = env.clients,
+        pool = env.pool_size,
         max = (env.clients * 4).max(1000),
     )
 }
@@ -385,6 +388,7 @@ mod tests {
             node_port: 5433,
             dbname: "bench".into(),
             clients: 16,
+            pool_size: 16,
             router_settings: String::new(),
             node_socket_dir: node_socket_dir.map(PathBuf::from),
             proxy_own_session: true,

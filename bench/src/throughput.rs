@@ -42,6 +42,14 @@ pub struct ThroughputArgs {
     /// pgbench threads (-j), at most the client count.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub threads: u32,
+    /// Server connections per pool: the router's `pool_size` and PgBouncer's
+    /// `default_pool_size` (default: the client count). Fewer than the
+    /// clients shows pooling at work: 256 clients over a pool of 16 is a row
+    /// of docs/performance.md (direct then needs `max_connections` above the
+    /// client count, which the bench node does not have: compare with
+    /// PgBouncer there).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10000))]
+    pub pool_size: Option<u32>,
     /// pgbench query mode (-M).
     #[arg(long, default_value = "simple", value_parser = ["simple", "extended", "prepared"])]
     pub query_mode: String,
@@ -273,6 +281,7 @@ fn measure(
         node_port: cluster.node_port,
         dbname: DBNAME.into(),
         clients: args.clients,
+        pool_size: args.pool_size.unwrap_or(args.clients),
         router_settings: router_settings(args),
         node_socket_dir: (args.proxy_to_node == "unix")
             .then(|| PathBuf::from(hapg_keeper::postgres::SOCKET_DIR)),
