@@ -2,5 +2,6 @@
 //! the benchmarks share beyond the four library crates.
 
 pub mod drill;
+pub mod etcd;
 pub mod invariants;
 pub mod netns;
