@@ -360,9 +360,10 @@ fn a_create_that_cannot_initialise_is_undone() {
         "node_a",
         &args_a.iter().map(String::as_str).collect::<Vec<_>>(),
     );
+    let pgdata = cluster.path().join("node_a");
     cluster.nodes.push(support::Node {
         name: "node_a".to_string(),
-        pgdata: cluster.path().join("node_a"),
+        pgdata,
         port: port_a.parse().expect("port"),
     });
     cluster.wait_states(&[("node_a", "single")], STEP);
@@ -397,9 +398,10 @@ fn a_create_that_cannot_initialise_is_undone() {
     );
     cluster.ok(&right.iter().map(String::as_str).collect::<Vec<_>>());
     cluster.spawn("node_b", &["run", "--pgdata", "./node_b"]);
+    let pgdata = cluster.path().join("node_b");
     cluster.nodes.push(support::Node {
         name: "node_b".to_string(),
-        pgdata: cluster.path().join("node_b"),
+        pgdata,
         port: port_b.parse().expect("port"),
     });
     cluster.wait_states(&[("node_a", "primary"), ("node_b", "secondary")], STEP);

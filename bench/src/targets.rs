@@ -3,7 +3,6 @@
 //! in the run directory and listens on a free loopback port.
 
 use std::fmt;
-use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -11,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::procs::{self, Supervisor};
+use hapg::cluster::Cluster;
+
+use crate::procs;
 
 /// The router's `[pool]` section. `Default` writes none (the router's own
 /// defaults: session pooling, or one server connection per client for a
@@ -80,9 +81,9 @@ impl fmt::Display for Target {
     }
 }
 
-/// A free TCP port on loopback (bind 0, read it, release it).
+/// A free TCP port on loopback.
 pub fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(hapg::cluster::free_port()?)
 }
 
 /// Fixed facts of the run every target needs.
@@ -142,7 +143,7 @@ impl Env {
     /// Waits (bounded) until `SELECT 1` works through `port`.
     pub fn wait_ready(
         &self,
-        sup: &mut Supervisor,
+        cluster: &Cluster,
         service: Option<&str>,
         port: u16,
         timeout: Duration,
@@ -151,7 +152,7 @@ impl Env {
         let mut last = String::new();
         while Instant::now() < deadline {
             if let Some(name) = service {
-                sup.check_alive(name)?;
+                cluster.check_alive(name)?;
             }
             let out = procs::run_capture(self.psql(port, &["SELECT 1"]), Duration::from_secs(10))?;
             if out.status.success() && out.stdout.trim() == "1" {
@@ -176,9 +177,9 @@ pub struct Running {
 }
 
 impl Running {
-    pub fn stop(self, sup: &mut Supervisor) {
+    pub fn stop(self, cluster: &Cluster) {
         if let Some(name) = self.service {
-            sup.stop(&name);
+            cluster.terminate(&name);
         }
     }
 }
@@ -199,7 +200,7 @@ pub fn unavailable(target: Target, env: &Env) -> Option<String> {
 }
 
 /// Starts what `target` needs and waits until it answers.
-pub fn start(target: Target, env: &Env, sup: &mut Supervisor) -> Result<Running> {
+pub fn start(target: Target, env: &Env, cluster: &Cluster) -> Result<Running> {
     let (kind, port, cmd, stop_timeout) = match target {
         Target::Direct => {
             return Ok(Running {
@@ -252,8 +253,8 @@ pub fn start(target: Target, env: &Env, sup: &mut Supervisor) -> Result<Running>
     } else {
         procs::Session::Shared
     };
-    sup.spawn_in(&service, cmd, &log, stop_timeout, session)?;
-    if let Err(e) = env.wait_ready(sup, Some(&service), port, Duration::from_secs(30)) {
+    cluster.spawn_service(&service, cmd, stop_timeout, session)?;
+    if let Err(e) = env.wait_ready(cluster, Some(&service), port, Duration::from_secs(30)) {
         let e = format!("{e:#}");
         if matches!(
             target,
@@ -266,7 +267,7 @@ pub fn start(target: Target, env: &Env, sup: &mut Supervisor) -> Result<Running>
     }
     Ok(Running {
         port,
-        pid: sup.pid(&service),
+        pid: cluster.pid(&service),
         service: Some(service),
     })
 }
