@@ -951,7 +951,7 @@ async fn drop_node(
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let pg = postgres::LocalPostgres::from_config(&config)?;
-        pg.stop("fast").await?;
+        pg.stop(hapg_keeper::postgres::StopMode::Fast).await?;
         std::fs::remove_dir_all(&paths.pgdata)
             .with_context(|| format!("removing {}", paths.pgdata.display()))?;
         paths.remove_all();
