@@ -504,25 +504,15 @@ async fn show_uri(args: MonitorArgs, monitor_only: bool) -> Result<()> {
             formation_uri(&nodes, &f.dbname, &t.sslmode),
         ));
     }
-    let routers = monitor
-        .inner()
-        .query(
-            "SELECT router_id, formation_id, address FROM hapg.router
-              WHERE last_seen > now() - interval '30 seconds' ORDER BY router_id",
-            &[],
-        )
-        .await?;
-    for r in routers {
-        let formation: String = r.try_get(1)?;
-        let address: String = r.try_get(2)?;
+    for r in monitor.routers(Duration::from_secs(30)).await? {
         let dbname = formations
             .iter()
-            .find(|f| f.formation == formation)
+            .find(|f| f.formation == r.formation)
             .map_or("postgres".to_string(), |f| f.dbname.clone());
         rows.push((
             "router".into(),
-            r.try_get(0)?,
-            format!("postgres://{address}/{dbname}"),
+            r.router_id,
+            format!("postgres://{}/{dbname}", r.address),
         ));
     }
     if let Some(only) = &args.formation {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hapg_config::NodeConfig;
-use hapg_monitor::client::{NodeReport, NodeRow, StateNotification};
+use hapg_monitor::client::{NodeReport, NodeRow};
 use hapg_monitor::fsm::{self, GroupView};
 use hapg_monitor::{MonitorClient, MonitorError, NodeState};
 use tokio_util::sync::CancellationToken;
@@ -250,20 +250,19 @@ impl Keeper {
             }
             let notification = tokio::select! {
                 _ = shutdown.token.cancelled() => return,
-                n = monitor.next_notification(remaining) => n,
+                n = monitor.next_change(remaining) => n,
             };
             let Some(notification) = notification else {
                 return;
             };
-            let ours =
-                serde_json::from_str::<StateNotification>(notification.payload()).is_ok_and(|n| {
-                    n.formation == self.config.node.formation && n.group_id == self.state.group_id
-                });
+            let ours = notification.state().is_some_and(|n| {
+                n.formation == self.config.node.formation && n.group_id == self.state.group_id
+            });
             if ours {
                 // Let the monitor's burst of assignments land before we look.
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 if let Some(monitor) = self.monitor.as_mut() {
-                    while monitor.try_notification().is_some() {}
+                    while monitor.try_change().is_some() {}
                 }
                 return;
             }
