@@ -534,25 +534,15 @@ async fn show_uri(args: MonitorArgs, monitor_only: bool) -> Result<()> {
             formation_uri(&nodes, &f.dbname, &t.sslmode),
         ));
     }
-    let routers = monitor
-        .inner()
-        .query(
-            "SELECT router_id, formation_id, address FROM hapg.router
-              WHERE last_seen > now() - interval '30 seconds' ORDER BY router_id",
-            &[],
-        )
-        .await?;
-    for r in routers {
-        let formation: String = r.try_get(1)?;
-        let address: String = r.try_get(2)?;
+    for r in monitor.routers(Duration::from_secs(30)).await? {
         let dbname = formations
             .iter()
-            .find(|f| f.formation == formation)
+            .find(|f| f.formation == r.formation)
             .map_or("postgres".to_string(), |f| f.dbname.clone());
         rows.push((
             "router".into(),
-            r.try_get(0)?,
-            format!("postgres://{address}/{dbname}"),
+            r.router_id,
+            format!("postgres://{}/{dbname}", r.address),
         ));
     }
     if let Some(only) = &args.formation {
@@ -981,7 +971,7 @@ async fn drop_node(
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let pg = postgres::LocalPostgres::from_config(&config)?;
-        pg.stop("fast").await?;
+        pg.stop(hapg_keeper::postgres::StopMode::Fast).await?;
         std::fs::remove_dir_all(&paths.pgdata)
             .with_context(|| format!("removing {}", paths.pgdata.display()))?;
         paths.remove_all();

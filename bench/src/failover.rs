@@ -733,20 +733,14 @@ async fn assigned_at(
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
         .unwrap_or_default();
-    let row = drill::connect(monitor_uri)
+    let history = MonitorClient::connect(monitor_uri)
         .await?
-        .query_opt(
-            "SELECT extract(epoch FROM event_time)::float8 FROM hapg.event
-              WHERE node_name = $1 AND goal_state::text = $2
-                AND event_time > to_timestamp($3)
-              ORDER BY event_id LIMIT 1",
-            &[&node, &goal, &after],
-        )
+        .goal_history()
         .await?;
-    Ok(row
-        .map(|r| r.try_get::<_, f64>(0))
-        .transpose()?
-        .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
+    Ok(history
+        .iter()
+        .find(|e| e.node_name.as_deref() == Some(node) && e.goal.as_str() == goal && e.time > after)
+        .and_then(|e| Duration::try_from_secs_f64(e.time).ok())
         .map(|d| UNIX_EPOCH + d))
 }
 

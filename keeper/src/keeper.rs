@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hapg_config::NodeConfig;
-use hapg_monitor::client::{NodeReport, NodeRow, StateNotification};
+use hapg_monitor::client::{NodeReport, NodeRow};
 use hapg_monitor::fsm::{self, GroupView};
 use hapg_monitor::{MonitorClient, MonitorError, NodeState};
 use tokio_util::sync::CancellationToken;
@@ -17,7 +17,7 @@ use tracing::Instrument;
 use crate::error::KeeperError;
 use crate::liveness::Liveness;
 use crate::paths::NodePaths;
-use crate::postgres::{LocalPostgres, Observation, Upstream};
+use crate::postgres::{LocalPostgres, Observation, StopMode, Upstream};
 use crate::rejoin::{self, Failed, LocalRole, LocalWal, Lsn, Rejoin, Timeline};
 use crate::state_file::{unix_now, KeeperState};
 use crate::transitions::{expectation, transition, Action, Expectation};
@@ -99,12 +99,12 @@ pub async fn run(paths: NodePaths, mode: RunMode, shutdown: Shutdown) -> Result<
     let exit = keeper.main_loop(mode, &shutdown).instrument(span).await?;
     if exit != Exit::Initialized && !shutdown.keep_postgres.load(Ordering::Relaxed) {
         let how = if shutdown.immediate.load(Ordering::Relaxed) {
-            "immediate"
+            StopMode::Immediate
         } else {
-            "fast"
+            StopMode::Fast
         };
         if keeper.pg.postmaster_pid().is_some() {
-            tracing::info!(mode = how, "stopping postgres");
+            tracing::info!(mode = how.as_str(), "stopping postgres");
             keeper.pg.stop(how).await?;
         }
     }
@@ -285,20 +285,19 @@ impl Keeper {
             }
             let notification = tokio::select! {
                 _ = shutdown.token.cancelled() => return,
-                n = monitor.next_notification(remaining) => n,
+                n = monitor.next_change(remaining) => n,
             };
             let Some(notification) = notification else {
                 return;
             };
-            let ours =
-                serde_json::from_str::<StateNotification>(notification.payload()).is_ok_and(|n| {
-                    n.formation == self.config.node.formation && n.group_id == self.state.group_id
-                });
+            let ours = notification.state().is_some_and(|n| {
+                n.formation == self.config.node.formation && n.group_id == self.state.group_id
+            });
             if ours {
                 // Let the monitor's burst of assignments land before we look.
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 if let Some(monitor) = self.monitor.as_mut() {
-                    while monitor.try_notification().is_some() {}
+                    while monitor.try_change().is_some() {}
                 }
                 return;
             }
@@ -431,7 +430,7 @@ impl Keeper {
                 "cannot reach the monitor nor any standby for timeout.network_partition_timeout_ms ({} ms): fencing this primary (demote_timeout)",
                 timeout.as_millis()
             );
-            self.pg.stop("fast").await?;
+            self.pg.stop(StopMode::Fast).await?;
             self.state.current = NodeState::DemoteTimeout;
             self.state.save(&self.paths.state)?;
         }
@@ -583,10 +582,8 @@ impl Keeper {
                     self.promote().await?;
                 }
                 self.pg.create_roles_and_database().await?;
-                self.pg.set_system("synchronous_standby_names", "").await?;
-                self.pg
-                    .set_system("default_transaction_read_only", "off")
-                    .await
+                self.pg.set_synchronous_standby_names("").await?;
+                self.pg.set_default_read_only(false).await
             }
             Action::InitStandby => {
                 let upstream = self.upstream().await?;
@@ -594,7 +591,7 @@ impl Keeper {
                 let already_copied =
                     self.pg.is_initialized() && self.pg.pgdata.join("standby.signal").exists();
                 if !already_copied {
-                    self.pg.stop("fast").await?;
+                    self.pg.stop(StopMode::Fast).await?;
                     tracing::info!(host = %upstream.host, port = upstream.port, "pg_basebackup");
                     self.pg.basebackup(&upstream, &slot).await?;
                 }
@@ -607,57 +604,45 @@ impl Keeper {
             Action::FastForward => self.fast_forward().await,
             Action::Promote { read_only } => {
                 self.ensure_running().await?;
-                self.pg.set_system("synchronous_standby_names", "").await?;
+                self.pg.set_synchronous_standby_names("").await?;
                 if read_only {
-                    self.pg
-                        .set_system("default_transaction_read_only", "on")
-                        .await?;
+                    self.pg.set_default_read_only(true).await?;
                 }
                 self.promote().await?;
                 if !read_only {
-                    self.pg
-                        .set_system("default_transaction_read_only", "off")
-                        .await?;
+                    self.pg.set_default_read_only(false).await?;
                 }
                 Ok(())
             }
             Action::BecomeSingle => {
                 self.ensure_running().await?;
                 if self.pg.observe().await.in_recovery {
-                    self.pg.set_system("synchronous_standby_names", "").await?;
+                    self.pg.set_synchronous_standby_names("").await?;
                     self.promote().await?;
                 }
-                self.pg.set_system("synchronous_standby_names", "").await?;
-                self.pg
-                    .set_system("default_transaction_read_only", "off")
-                    .await
+                self.pg.set_synchronous_standby_names("").await?;
+                self.pg.set_default_read_only(false).await
             }
-            Action::SetReadWrite => {
-                self.pg
-                    .set_system("default_transaction_read_only", "off")
-                    .await
-            }
+            Action::SetReadWrite => self.pg.set_default_read_only(false).await,
             Action::EnableSyncRep => self.enable_sync_rep().await,
             Action::DisableSyncRep => {
                 self.ensure_running().await?;
                 self.sync_slots().await?;
-                self.pg.set_system("synchronous_standby_names", "").await
+                self.pg.set_synchronous_standby_names("").await
             }
             Action::ApplySettings => {
                 let names = self.wanted_synchronous_standby_names().await?;
-                self.pg
-                    .set_system("synchronous_standby_names", &names)
-                    .await
+                self.pg.set_synchronous_standby_names(&names).await
             }
-            Action::StopPostgres => self.pg.stop("fast").await,
+            Action::StopPostgres => self.pg.stop(StopMode::Fast).await,
             Action::CheckpointAndStop => {
                 if let Ok(client) = self.pg.connect().await {
                     client.batch_execute("CHECKPOINT").await?;
                 }
-                self.pg.stop("fast").await
+                self.pg.stop(StopMode::Fast).await
             }
             Action::StopAsStandby => {
-                self.pg.stop("fast").await?;
+                self.pg.stop(StopMode::Fast).await?;
                 self.pg.write_standby_config(None, &self.slot_name(), false)
             }
             Action::StartAsPrimary => {
@@ -668,9 +653,7 @@ impl Keeper {
                 } else {
                     String::new()
                 };
-                self.pg
-                    .set_system("synchronous_standby_names", &names)
-                    .await
+                self.pg.set_synchronous_standby_names(&names).await
             }
         }
     }
@@ -776,9 +759,7 @@ impl Keeper {
         self.ensure_running().await?;
         self.sync_slots().await?;
         let names = self.wanted_synchronous_standby_names().await?;
-        self.pg
-            .set_system("synchronous_standby_names", &names)
-            .await?;
+        self.pg.set_synchronous_standby_names(&names).await?;
         if names.is_empty() {
             return Ok(());
         }
@@ -918,7 +899,7 @@ impl Keeper {
         }
         // A postmaster that does not answer (still recovering, or stuck)
         // would change the control file under us.
-        if let Err(e) = self.pg.stop("fast").await {
+        if let Err(e) = self.pg.stop(StopMode::Fast).await {
             tracing::warn!(error = %e, "cannot stop postgres to read its control file");
             return None;
         }
@@ -955,7 +936,7 @@ impl Keeper {
         if observation.running && observation.in_recovery {
             self.pg.reload().await?;
         } else {
-            self.pg.stop("fast").await?;
+            self.pg.stop(StopMode::Fast).await?;
             self.pg.start().await?;
         }
         let deadline = Instant::now() + REJOIN_STREAMING_TIMEOUT;
@@ -987,7 +968,7 @@ impl Keeper {
 
     /// Replaces the data directory by a fresh base backup of `upstream`.
     async fn rejoin_by_basebackup(&mut self, upstream: &Upstream) -> Result<(), KeeperError> {
-        self.pg.stop("fast").await?;
+        self.pg.stop(StopMode::Fast).await?;
         self.pg.basebackup(upstream, &self.slot_name()).await?;
         self.start_streaming_copy(upstream).await
     }
@@ -1026,7 +1007,7 @@ impl Keeper {
             Expectation::Stopped => {
                 if observation.running || self.pg.postmaster_pid().is_some() {
                     tracing::warn!(state = %self.state.current, "postgres runs in a fenced state: stopping it");
-                    self.pg.stop("fast").await?;
+                    self.pg.stop(StopMode::Fast).await?;
                 }
                 Ok(())
             }
@@ -1082,9 +1063,7 @@ impl Keeper {
                 };
                 if names != observation.synchronous_standby_names {
                     tracing::info!(%names, "applying synchronous_standby_names");
-                    self.pg
-                        .set_system("synchronous_standby_names", &names)
-                        .await?;
+                    self.pg.set_synchronous_standby_names(&names).await?;
                 }
                 Ok(())
             }

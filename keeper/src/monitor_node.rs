@@ -10,7 +10,7 @@ use crate::create::monitor_local_conninfo;
 use crate::error::KeeperError;
 use crate::keeper::Shutdown;
 use crate::paths::NodePaths;
-use crate::postgres::LocalPostgres;
+use crate::postgres::{LocalPostgres, StopMode};
 
 /// Runs the monitor node at `paths` until `shutdown`.
 pub async fn run(
@@ -50,9 +50,9 @@ pub async fn run(
     let _ = supervisor.await;
     if !shutdown.keep_postgres.load(Ordering::Relaxed) {
         let mode = if shutdown.immediate.load(Ordering::Relaxed) {
-            "immediate"
+            StopMode::Immediate
         } else {
-            "fast"
+            StopMode::Fast
         };
         pg.stop(mode).await?;
     }

@@ -9,7 +9,9 @@ pub mod pgconn;
 pub mod schema;
 pub mod service;
 pub mod state;
+pub mod store;
 
 pub use client::MonitorClient;
 pub use error::MonitorError;
 pub use state::{Health, NodeState};
+pub use store::MonitorStore;
