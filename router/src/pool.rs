@@ -25,21 +25,22 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use hapg_config::router::{server_connection_limit, NodeConnectionLimits};
+use hapg_config::router::{server_connection_limit, NodeConnectionLimits, RouterConfig};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
+use crate::params::LastParams;
 use crate::server::{Login, ServerConn, ServerError, Target};
-use crate::Shared;
+use crate::slots::{NodeBudget, NodeLimit, NodeSlot, PoolId};
 
-/// How often the maintenance task looks at idle connections.
-const MAINTAIN_EVERY: Duration = Duration::from_secs(1);
-
-/// A pool's place in the [`PoolMap`]. Pools are never removed, so a
-/// connection or a session can keep it and skip the lookup by name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PoolId(usize);
+/// What opening a server connection takes: the configuration in force (pool
+/// sizes, lifetimes, socket liveness), TLS toward servers, and the router's
+/// last-seen parameter list that new connections share when they agree.
+pub(crate) struct Opener<'a> {
+    pub config: &'a RouterConfig,
+    pub tls: &'a Arc<rustls::ClientConfig>,
+    pub params: &'a LastParams,
+}
 
 /// The pools, and their places by server user, then database. Looked up
 /// with the login's own strings (a `String` key answers to a `&str`), so
@@ -131,44 +132,6 @@ pub(crate) enum CheckoutError {
     NodeFull(NodeLimit),
 }
 
-/// The router's limit of server connections to one node, and where it came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct NodeLimit {
-    /// Server connections the router opens to the node, all pools together.
-    pub limit: u32,
-    /// The node's settings it was computed from.
-    pub node: NodeConnectionLimits,
-    /// `pool.max_server_connections` when it was read (0: computed).
-    pub configured: u32,
-}
-
-/// The router-wide budget of server connections to the primary of one epoch.
-/// Its size is fixed when it is made (the epoch's first connection); a
-/// changed `pool.max_server_connections` applies from the next epoch.
-pub(crate) struct NodeBudget {
-    epoch: i64,
-    limit: NodeLimit,
-    permits: Arc<Semaphore>,
-    /// A connection to the node went idle while the budget was used up: a
-    /// waiter may close it to open its own.
-    idle: Notify,
-}
-
-/// A server connection's place in its node's [`NodeBudget`], given back when
-/// the connection is dropped.
-pub struct NodeSlot {
-    budget: Arc<NodeBudget>,
-    _permit: OwnedSemaphorePermit,
-}
-
-impl std::fmt::Debug for NodeSlot {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NodeSlot")
-            .field("epoch", &self.budget.epoch)
-            .finish()
-    }
-}
-
 /// Reads the node's connection settings on a fresh connection: one query per
 /// primary epoch, never per transaction.
 async fn read_node_limits(conn: &mut ServerConn) -> Result<NodeConnectionLimits, ServerError> {
@@ -228,7 +191,7 @@ pub struct PoolStats {
     pub open: usize,
 }
 
-async fn close_all(conns: Vec<ServerConn>) {
+pub(crate) async fn close_all(conns: Vec<ServerConn>) {
     for conn in conns {
         conn.terminate().await;
     }
@@ -257,20 +220,14 @@ impl Pools {
     /// last time (a connection's [`ServerConn::pool`]), if known.
     pub async fn checkout(
         &self,
-        shared: &Shared,
+        opener: &Opener<'_>,
         target: &Target,
         login: &Login,
         hint: Option<PoolId>,
         connect_timeout: Duration,
         deadline: Option<Instant>,
     ) -> Result<ServerConn, CheckoutError> {
-        let (size, lifetime) = {
-            let runtime = shared.runtime.load();
-            (
-                runtime.config.pool.pool_size,
-                runtime.config.pool_lifetime(),
-            )
-        };
+        let (size, lifetime) = (opener.config.pool.pool_size, opener.config.pool_lifetime());
         loop {
             let mut victims = Vec::new();
             let mut found = None;
@@ -340,7 +297,7 @@ impl Pools {
             if let Some(permit) = permit {
                 match self
                     .open_counted(
-                        shared,
+                        opener,
                         target,
                         login,
                         connect_timeout,
@@ -371,7 +328,7 @@ impl Pools {
                 Ok(Some(permit)) => {
                     match self
                         .open_counted(
-                            shared,
+                            opener,
                             target,
                             login,
                             connect_timeout,
@@ -421,7 +378,7 @@ impl Pools {
     /// connection went idle, one was closed): look in the pool again.
     async fn open_counted(
         &self,
-        shared: &Shared,
+        opener: &Opener<'_>,
         target: &Target,
         login: &Login,
         timeout: Duration,
@@ -430,7 +387,7 @@ impl Pools {
     ) -> Result<Option<ServerConn>, CheckoutError> {
         let budget = match self.budget(target.epoch) {
             Some(budget) => budget,
-            None => return self.learn(shared, target, login, timeout, slot).await,
+            None => return self.learn(opener, target, login, timeout, slot).await,
         };
         // Registered before looking, so that a connection going idle after
         // the look still wakes this waiter.
@@ -468,7 +425,7 @@ impl Pools {
             _permit: node_permit,
         };
         let mut conn = self
-            .open_or_make_room(shared, target, login, timeout, slot)
+            .open_or_make_room(opener, target, login, timeout, slot)
             .await
             .map_err(CheckoutError::Server)?;
         conn.node_slot = Some(node_slot);
@@ -480,7 +437,7 @@ impl Pools {
     /// router's budget for the node from them.
     async fn learn(
         &self,
-        shared: &Shared,
+        opener: &Opener<'_>,
         target: &Target,
         login: &Login,
         timeout: Duration,
@@ -493,7 +450,7 @@ impl Pools {
             return Ok(None);
         }
         let mut conn = self
-            .open_or_make_room(shared, target, login, timeout, slot)
+            .open_or_make_room(opener, target, login, timeout, slot)
             .await
             .map_err(CheckoutError::Server)?;
         let read = tokio::time::timeout(timeout, read_node_limits(&mut conn)).await;
@@ -504,13 +461,10 @@ impl Pools {
                 return Err(CheckoutError::Server(e));
             }
         };
-        let (pool_size, configured) = {
-            let runtime = shared.runtime.load();
-            (
-                runtime.config.pool.pool_size,
-                runtime.config.pool.max_server_connections,
-            )
-        };
+        let (pool_size, configured) = (
+            opener.config.pool.pool_size,
+            opener.config.pool.max_server_connections,
+        );
         let (limit, too_many) = server_connection_limit(node, configured);
         let limit = NodeLimit {
             limit,
@@ -560,13 +514,13 @@ impl Pools {
     /// tries once more if that freed any.
     async fn open_or_make_room(
         &self,
-        shared: &Shared,
+        opener: &Opener<'_>,
         target: &Target,
         login: &Login,
         timeout: Duration,
         (id, permit): (PoolId, OwnedSemaphorePermit),
     ) -> Result<ServerConn, ServerError> {
-        match open(shared, target, login, timeout).await {
+        match open(opener, target, login, timeout).await {
             Err(e) if node_is_full(&e) => {
                 let victims = self.discard_epoch(target.epoch);
                 if victims.is_empty() {
@@ -579,7 +533,7 @@ impl Pools {
                     "the primary has no connection slot left: closing the router's idle connections to it and trying again"
                 );
                 close_all(victims).await;
-                open(shared, target, login, timeout)
+                open(opener, target, login, timeout)
                     .await
                     .map(|conn| in_pool(conn, id, permit))
             }
@@ -589,22 +543,22 @@ impl Pools {
 
     /// A `pool.min_idle` connection: opened only in room the node's budget
     /// has free (never by closing another pool's idle connection).
-    async fn open_spare(
+    pub async fn open_spare(
         &self,
-        shared: &Shared,
+        opener: &Opener<'_>,
         target: &Target,
         login: &Login,
         timeout: Duration,
         slot: (PoolId, OwnedSemaphorePermit),
     ) -> Result<Option<ServerConn>, CheckoutError> {
         let Some(budget) = self.budget(target.epoch) else {
-            return self.learn(shared, target, login, timeout, slot).await;
+            return self.learn(opener, target, login, timeout, slot).await;
         };
         let Ok(permit) = budget.permits.clone().try_acquire_owned() else {
             return Ok(None);
         };
         let (id, pool_permit) = slot;
-        let mut conn = open(shared, target, login, timeout)
+        let mut conn = open(opener, target, login, timeout)
             .await
             .map_err(CheckoutError::Server)?;
         conn = in_pool(conn, id, pool_permit);
@@ -638,8 +592,12 @@ impl Pools {
     /// transaction-mode session between two transactions (the caller checks
     /// the connection's epoch); anything less goes through
     /// [`Pools::checkout`].
-    pub fn take_ready(&self, shared: &Shared, id: PoolId, login: &Login) -> Option<ServerConn> {
-        let lifetime = shared.runtime.load().config.pool_lifetime();
+    pub fn take_ready(
+        &self,
+        id: PoolId,
+        login: &Login,
+        lifetime: Option<Duration>,
+    ) -> Option<ServerConn> {
         let mut pools = self.lock();
         let pool = pools.pools.get_mut(id.0)?;
         let conn = &pool.idle.last()?.conn;
@@ -655,21 +613,22 @@ impl Pools {
     }
 
     /// Puts a connection back idle, or returns it to be closed (its pool is
-    /// gone, it belongs to an older epoch, or it is past `pool.lifetime_ms`).
-    pub fn checkin(&self, shared: &Shared, conn: ServerConn) -> Option<ServerConn> {
+    /// gone, it belongs to another epoch than `epoch`, the routing's when
+    /// known, or it is past `lifetime`, `pool.lifetime_ms`).
+    pub fn checkin(
+        &self,
+        conn: ServerConn,
+        epoch: Option<i64>,
+        lifetime: Option<Duration>,
+    ) -> Option<ServerConn> {
         if conn.permit.is_none() {
             return Some(conn);
         }
-        let routing = shared.routing.load();
-        if routing.known && conn.epoch != routing.epoch {
+        if epoch.is_some_and(|epoch| conn.epoch != epoch) {
             return Some(conn);
         }
         let now = Instant::now();
-        if past(
-            &conn,
-            shared.runtime.load().config.pool_lifetime(),
-            now.into_std(),
-        ) {
+        if past(&conn, lifetime, now.into_std()) {
             return Some(conn);
         }
         let Some(id) = conn.pool else {
@@ -712,7 +671,7 @@ impl Pools {
     /// take a pool below `min_idle` (as PgBouncer's `server_idle_timeout`
     /// stops at `min_pool_size`): closing those only to open them again a
     /// second later would churn backends for nothing.
-    fn expired(
+    pub fn expired(
         &self,
         epoch: Option<i64>,
         idle_timeout: Option<Duration>,
@@ -741,7 +700,7 @@ impl Pools {
 
     /// Free slots of pools short of `min_idle` idle connections, with the
     /// login to open a connection with.
-    fn short(&self, min_idle: u32) -> Vec<(Login, (PoolId, OwnedSemaphorePermit))> {
+    pub fn short(&self, min_idle: u32) -> Vec<(Login, (PoolId, OwnedSemaphorePermit))> {
         if min_idle == 0 {
             return Vec::new();
         }
@@ -764,19 +723,16 @@ fn past(conn: &ServerConn, lifetime: Option<Duration>, now: std::time::Instant) 
 }
 
 /// Opens a connection to `target`, its reported parameters shared with the
-/// pool's other connections when they agree ([`Shared::shared_params`]).
+/// pool's other connections when they agree ([`LastParams::share`]).
 async fn open(
-    shared: &Shared,
+    opener: &Opener<'_>,
     target: &Target,
     login: &Login,
     timeout: Duration,
 ) -> Result<ServerConn, ServerError> {
-    let runtime = shared.runtime.load();
-    let liveness = crate::net::Liveness::of(&runtime.config);
-    let tls = runtime.server_tls.clone();
-    drop(runtime);
-    let mut conn = ServerConn::connect(target, login, &tls, &liveness, timeout).await?;
-    conn.params = shared.shared_params(&conn.params);
+    let liveness = crate::net::Liveness::of(opener.config);
+    let mut conn = ServerConn::connect(target, login, opener.tls, &liveness, timeout).await?;
+    conn.params = opener.params.share(&conn.params);
     Ok(conn)
 }
 
@@ -803,60 +759,6 @@ fn warn_if_oversubscribed(pools: usize, pool_size: u32, limit: &NodeLimit) {
             limit.limit
         );
     }
-}
-
-/// Closes idle connections to an old primary as soon as the routing changes,
-/// expires idle connections, and keeps `pool.min_idle` open, until `stop`.
-pub(crate) async fn maintain(shared: Arc<Shared>, stop: CancellationToken) {
-    let mut changes = shared.routing.subscribe();
-    loop {
-        let routing = shared.routing.load();
-        // The whole configuration in force, shared (cloning it every second
-        // would copy each of its strings).
-        let runtime = shared.runtime.load_full();
-        let config = &runtime.config;
-        let epoch = routing.known.then_some(routing.epoch);
-        let victims = shared.pools.expired(
-            epoch,
-            config.pool_idle_timeout(),
-            config.pool_lifetime(),
-            config.pool.min_idle,
-        );
-        if !victims.is_empty() {
-            tracing::info!(
-                closed = victims.len(),
-                epoch = routing.epoch,
-                "closing idle pooled server connections"
-            );
-            close_all(victims).await;
-        }
-        if let Some(target) = routing.target() {
-            // One connection per pool per round: min_idle fills up over a
-            // few rounds without a burst of logins.
-            for (login, permit) in shared.pools.short(config.pool.min_idle) {
-                match shared
-                    .pools
-                    .open_spare(&shared, &target, &login, config.connect_timeout(), permit)
-                    .await
-                {
-                    Ok(None) => {}
-                    Ok(Some(conn)) => {
-                        if let Some(conn) = shared.pools.checkin(&shared, conn) {
-                            conn.terminate().await;
-                        }
-                    }
-                    Err(e) => tracing::debug!(error = ?e, "could not open a min_idle connection"),
-                }
-            }
-        }
-        tokio::select! {
-            _ = stop.cancelled() => break,
-            _ = changes.changed() => {}
-            _ = tokio::time::sleep(MAINTAIN_EVERY) => {}
-        }
-    }
-    let victims = shared.pools.expired(None, Some(Duration::ZERO), None, 0);
-    close_all(victims).await;
 }
 
 #[cfg(test)]

@@ -18,10 +18,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 
 use crate::net::{self, Stream};
-use crate::pool::PoolId;
+use crate::params::{set_shared_param, Params};
 use crate::protocol::backend::{parse_error, parse_parameter_status, ErrorFields};
 use crate::protocol::frame;
 use crate::protocol::ProtocolError;
+use crate::slots::{NodeSlot, PoolId};
 
 /// Largest message the router accepts from a server outside the relay.
 const MAX_SERVER_MESSAGE: usize = 1 << 30;
@@ -114,42 +115,12 @@ pub struct ServerConn {
     /// The pool slot the connection holds (none outside a pool).
     pub permit: Option<tokio::sync::OwnedSemaphorePermit>,
     /// The router-wide slot the connection holds towards its node (none
-    /// outside a pool), see [`crate::pool::NodeSlot`].
-    pub node_slot: Option<crate::pool::NodeSlot>,
+    /// outside a pool), see [`NodeSlot`].
+    pub node_slot: Option<NodeSlot>,
     /// Named prepared statements on this connection (transaction pooling):
     /// name and Parse frame. Every statement the server has is here; an entry
     /// whose frame is empty may or may not exist on the server.
     pub prepared: HashMap<Box<[u8]>, Bytes>,
-}
-
-/// Reported parameters (ParameterStatus), shared: a session, its server
-/// connection and the router's last-seen copy point at one list until one of
-/// them changes, so a login does not copy it.
-pub type Params = Arc<Vec<(String, String)>>;
-
-/// Sets `name` to `value` in `params` (added when missing).
-pub fn set_param(params: &mut Vec<(String, String)>, name: &str, value: &str) {
-    match params.iter_mut().find(|(k, _)| k == name) {
-        Some(slot) => {
-            if slot.1 != value {
-                slot.1 = value.to_string();
-            }
-        }
-        None => params.push((name.to_string(), value.to_string())),
-    }
-}
-
-/// True when `a` and `b` hold the same settings, in any order (a list names
-/// each setting once).
-pub fn same_params(a: &[(String, String)], b: &[(String, String)]) -> bool {
-    a.len() == b.len() && a.iter().all(|pair| b.contains(pair))
-}
-
-/// [`set_param`] on a shared list, copied first only when it changes.
-pub fn set_shared_param(params: &mut Params, name: &str, value: &str) {
-    if !params.iter().any(|(k, v)| k == name && v == value) {
-        set_param(Arc::make_mut(params), name, value);
-    }
 }
 
 impl ServerConn {
@@ -553,26 +524,6 @@ pub async fn send_cancel(addr: SocketAddr, pid: i32, secret: i32) -> std::io::Re
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn list(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
-
-    #[test]
-    fn the_same_settings_in_another_order_are_the_same_params() {
-        let zone_first = list(&[("TimeZone", "UTC"), ("DateStyle", "ISO, MDY")]);
-        let style_first = list(&[("DateStyle", "ISO, MDY"), ("TimeZone", "UTC")]);
-        assert!(same_params(&zone_first, &style_first));
-        let other_zone = list(&[("DateStyle", "ISO, MDY"), ("TimeZone", "Etc/UTC")]);
-        assert!(!same_params(&zone_first, &other_zone));
-        // One list holding the other and more is not the same.
-        let more = list(&[("DateStyle", "ISO, MDY"), ("TimeZone", "UTC"), ("a", "b")]);
-        assert!(!same_params(&zone_first, &more));
-        assert!(!same_params(&more, &zone_first));
-    }
 
     #[test]
     fn this_machine_is_loopback_and_the_addresses_bound_here() {

@@ -6,6 +6,7 @@
 
 use bytes::Bytes;
 
+use crate::protocol::backend::TxStatus;
 use crate::protocol::cstr;
 
 /// What one statement does to session state.
@@ -535,7 +536,7 @@ impl SessionState {
     }
 
     /// ReadyForQuery with this status: commits or discards what is pending.
-    pub fn on_ready(&mut self, status: u8) {
+    pub fn on_ready(&mut self, status: TxStatus) {
         for name in self.pending_closes.drain(..) {
             if name.is_empty() {
                 self.prepared.clear();
@@ -550,7 +551,7 @@ impl SessionState {
             }
         }
         self.pending_parses.clear();
-        if status == b'I' {
+        if status == TxStatus::Idle {
             if !self.cycle_error && !self.cycle_rollback {
                 for effect in std::mem::take(&mut self.pending) {
                     match effect {
@@ -749,23 +750,23 @@ mod tests {
     fn sets_commit_only_when_the_transaction_does() {
         let mut s = SessionState::default();
         s.on_query("SET a = 1");
-        s.on_ready(b'I');
+        s.on_ready(TxStatus::Idle);
         assert_eq!(s.sets().collect::<Vec<_>>(), vec!["SET a = 1"]);
         s.on_query("BEGIN; SET b = 2");
-        s.on_ready(b'T');
+        s.on_ready(TxStatus::InTransaction);
         s.on_query("ROLLBACK");
         s.on_command_complete(b"ROLLBACK");
-        s.on_ready(b'I');
+        s.on_ready(TxStatus::Idle);
         assert_eq!(s.sets().collect::<Vec<_>>(), vec!["SET a = 1"]);
         s.on_query("SET bogus = 1");
         s.on_error();
-        s.on_ready(b'I');
+        s.on_ready(TxStatus::Idle);
         assert_eq!(s.sets().count(), 1);
         s.on_query("SET a = 3");
-        s.on_ready(b'I');
+        s.on_ready(TxStatus::Idle);
         assert_eq!(s.sets().collect::<Vec<_>>(), vec!["SET a = 3"]);
         s.on_query("RESET a");
-        s.on_ready(b'I');
+        s.on_ready(TxStatus::Idle);
         assert_eq!(s.sets().count(), 0);
         s.on_query("LISTEN x");
         assert_eq!(s.sticky(), Some(Sticky::Listen));

@@ -1,4 +1,5 @@
-//! A client connection from its first byte to the start of the relay:
+//! The startup handshake: a client connection from its first byte to the
+//! start of its session:
 //! encryption negotiation (TLS or 'N'), cancel requests, the StartupMessage,
 //! authentication at the router, the first server connection (or a deferred
 //! one while paused), and the client's BackendKeyData, ParameterStatus and
@@ -9,20 +10,21 @@ use std::sync::Arc;
 use bytes::{Buf, BytesMut};
 use hapg_config::router::{AuthType, ClientTlsMode};
 use rand::RngCore;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
 
 use crate::auth::scram::ScramServer;
 use crate::auth::{md5, AuthError, Secret};
+use crate::client::{ClientConn, Ended};
+use crate::client_error::ClientError;
 use crate::net::{self, Stream};
+use crate::params::{set_shared_param, Params, SETTABLE};
 use crate::pool::CheckoutError;
-use crate::protocol::backend::{self, sqlstate, Severity};
+use crate::protocol::backend::{self, sqlstate, TxStatus};
 use crate::protocol::startup::{self, FirstPacket, Startup};
-use crate::protocol::{cstr, frame, ProtocolError};
-use crate::relay::{Session, SETTABLE};
-use crate::server::{set_shared_param, Login, Params, ServerConn, ServerError};
-use crate::{Runtime, Shared};
+use crate::protocol::{cstr, tag, ProtocolError};
+use crate::server::{Login, ServerConn, ServerError};
+use crate::shared::{Runtime, Shared};
 
 /// Parameters a client is told about when no server connection could be
 /// opened yet and none was ever opened: what Postgres 15 reports by default.
@@ -40,20 +42,6 @@ const FALLBACK_PARAMS: &[(&str, &str)] = &[
     ("in_hot_standby", "off"),
 ];
 
-/// The largest message a client may send before it has logged in (a
-/// PasswordMessage, SASLInitialResponse or SASLResponse), counted as its length
-/// field counts it: Postgres 15's `PG_MAX_AUTH_TOKEN_LENGTH`, the limit its
-/// `recv_password_packet` and SASL exchange give `pq_getmessage`. An md5 answer
-/// is 36 bytes and a SCRAM message a few hundred, so no client needs more;
-/// a client gets no more of the router's memory than this before it has
-/// proved who it is. (The startup packet has its own limit,
-/// [`startup::MAX_STARTUP_LEN`], Postgres' `MAX_STARTUP_PACKET_LENGTH`.)
-const MAX_AUTH_MESSAGE: usize = 65_535;
-
-/// How long a refused client that has not logged in may go on sending before
-/// the router closes (see [`ClientConn::refuse`]).
-const REFUSE_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
-
 /// Client parameters a server echoes back as ParameterStatus.
 const ECHOED: &[&str] = &[
     "application_name",
@@ -62,118 +50,6 @@ const ECHOED: &[&str] = &[
     "IntervalStyle",
     "TimeZone",
 ];
-
-/// The client side of a connection: stream, read buffer and write buffer.
-pub(crate) struct ClientConn {
-    pub stream: Stream,
-    pub rbuf: BytesMut,
-    pub wbuf: BytesMut,
-    pub max: usize,
-}
-
-/// The session ended (already reported to the client when it could be).
-pub(crate) struct Ended;
-
-impl ClientConn {
-    pub async fn read_more(&mut self) -> Result<(), Ended> {
-        net::read_room(&mut self.rbuf);
-        match self.stream.read_buf(&mut self.rbuf).await {
-            Ok(0) | Err(_) => Err(Ended),
-            Ok(_) => Ok(()),
-        }
-    }
-
-    pub async fn flush(&mut self) -> Result<(), Ended> {
-        if self.wbuf.is_empty() {
-            return Ok(());
-        }
-        let result = self.stream.write_all(&self.wbuf).await;
-        self.wbuf.clear();
-        result.map_err(|_| Ended)
-    }
-
-    /// Sends a FATAL error; the caller then closes.
-    pub async fn fatal(&mut self, code: &str, message: &str, hint: Option<&str>) -> Ended {
-        backend::error(&mut self.wbuf, Severity::Fatal, code, message, hint);
-        let _ = self.flush().await;
-        let _ = self.stream.shutdown().await;
-        Ended
-    }
-
-    /// Refuses a client that has not logged in: sends a FATAL, then reads and
-    /// discards what the client is still sending, for at most
-    /// [`REFUSE_DRAIN`], before closing. Closing with unread bytes makes the
-    /// kernel reset the connection, and a reset can cost a client still
-    /// writing a large message the reason it was about to read (Linux over
-    /// loopback keeps it readable; other stacks and lost segments may not).
-    /// The discarding reads into a small fixed buffer, so it costs no memory.
-    pub async fn refuse(&mut self, code: &str, message: &str, hint: Option<&str>) -> Ended {
-        backend::error(&mut self.wbuf, Severity::Fatal, code, message, hint);
-        if self.flush().await.is_err() {
-            return Ended;
-        }
-        let _ = self.stream.shutdown().await;
-        self.rbuf = BytesMut::new();
-        let mut sink = vec![0u8; 8192];
-        let _ = tokio::time::timeout(REFUSE_DRAIN, async {
-            while let Ok(n) = self.stream.read(&mut sink).await {
-                if n == 0 {
-                    break;
-                }
-            }
-        })
-        .await;
-        Ended
-    }
-
-    /// Reads one tagged message during authentication, at most
-    /// [`MAX_AUTH_MESSAGE`] bytes: the limit is checked on the header, so a
-    /// client that announces more is refused before anything is buffered.
-    async fn read_frame(&mut self) -> Result<(u8, BytesMut), Ended> {
-        loop {
-            match frame::split(&mut self.rbuf, MAX_AUTH_MESSAGE + 1) {
-                Ok(Some(frame)) => return Ok(frame),
-                Ok(None) => self.read_more().await?,
-                Err(e) => {
-                    return Err(self
-                        .refuse(
-                            sqlstate::PROTOCOL_VIOLATION,
-                            &format!("invalid authentication message: {e}"),
-                            None,
-                        )
-                        .await)
-                }
-            }
-        }
-    }
-}
-
-/// Serves one accepted connection to its end.
-pub(crate) async fn serve(
-    shared: Arc<Shared>,
-    tcp: TcpStream,
-    peer: std::net::SocketAddr,
-    shutdown: CancellationToken,
-    kill: CancellationToken,
-) {
-    if let Err(e) = net::tune(&tcp) {
-        tracing::debug!(error = %e, "could not tune client socket");
-    }
-    let rt = shared.runtime.load_full();
-    let started = tokio::select! {
-        r = tokio::time::timeout(rt.config.login_timeout(), start(&shared, &rt, tcp, peer)) => r,
-        _ = kill.cancelled() => return,
-    };
-    match started {
-        Err(_) => tracing::info!(%peer, "client did not complete its startup in time"),
-        Ok(Err(Ended)) | Ok(Ok(None)) => {}
-        Ok(Ok(Some((client, ready)))) => {
-            Session::new(shared, client, ready, shutdown, kill)
-                .run()
-                .await;
-        }
-    }
-}
 
 /// What the relay starts from.
 pub(crate) struct Ready {
@@ -202,16 +78,20 @@ async fn negotiate(
                 Ok(None) => client.read_more().await?,
                 Err(e @ ProtocolError::UnsupportedVersion { .. }) => {
                     return Err(client
-                        .refuse(sqlstate::FEATURE_NOT_SUPPORTED, &e.to_string(), None)
+                        .refuse(ClientError::fatal(
+                            sqlstate::FEATURE_NOT_SUPPORTED,
+                            e.to_string(),
+                            None,
+                        ))
                         .await)
                 }
                 Err(e) => {
                     return Err(client
-                        .refuse(
+                        .refuse(ClientError::fatal(
                             sqlstate::PROTOCOL_VIOLATION,
-                            &format!("invalid startup packet: {e}"),
+                            format!("invalid startup packet: {e}"),
                             None,
-                        )
+                        ))
                         .await)
                 }
             }
@@ -223,22 +103,22 @@ async fn negotiate(
                 let already_tls = !matches!(client.stream, Stream::Plain(_));
                 if negotiations > 2 || already_tls {
                     return Err(client
-                        .refuse(
+                        .refuse(ClientError::fatal(
                             sqlstate::PROTOCOL_VIOLATION,
                             "repeated encryption request",
                             None,
-                        )
+                        ))
                         .await);
                 }
                 if !client.rbuf.is_empty() {
                     // Bytes sent before the answer could be read by an attacker
                     // in the middle; Postgres refuses them too.
                     return Err(client
-                        .refuse(
+                        .refuse(ClientError::fatal(
                             sqlstate::PROTOCOL_VIOLATION,
                             "received unencrypted data after encryption request",
                             None,
-                        )
+                        ))
                         .await);
                 }
                 match (&rt.tls, is_ssl) {
@@ -289,11 +169,11 @@ async fn negotiate(
                         "client refused: it did not ask for TLS and tls.client_mode is require"
                     );
                     return Err(client
-                        .refuse(
+                        .refuse(ClientError::fatal(
                             sqlstate::INVALID_AUTHORIZATION,
                             "this router accepts only TLS connections (tls.client_mode = require), and this connection is not encrypted",
                             Some("Connect with sslmode=require (or verify-ca, verify-full)."),
-                        )
+                        ))
                         .await);
                 }
                 return Ok(Some((client, s)));
@@ -302,7 +182,7 @@ async fn negotiate(
     }
 }
 
-async fn start(
+pub(crate) async fn start(
     shared: &Arc<Shared>,
     rt: &Runtime,
     tcp: TcpStream,
@@ -317,11 +197,11 @@ async fn start(
         .map(str::to_string)
     else {
         return Err(client
-            .refuse(
+            .refuse(ClientError::fatal(
                 sqlstate::INVALID_AUTHORIZATION,
                 "no PostgreSQL user name specified in startup packet",
                 None,
-            )
+            ))
             .await);
     };
     if let Some(r) = startup.get("replication") {
@@ -330,11 +210,11 @@ async fn start(
             "false" | "off" | "no" | "0"
         ) {
             return Err(client
-                .refuse(
+                .refuse(ClientError::fatal(
                     sqlstate::FEATURE_NOT_SUPPORTED,
                     "the hapg router does not relay replication connections",
                     Some("Connect to the Postgres node directly for replication."),
-                )
+                ))
                 .await);
         }
     }
@@ -362,7 +242,11 @@ async fn start(
                 tracing::warn!(client = %peer, user, reason = %e, "client authentication failed");
                 let message = format!("password authentication failed for user \"{user}\"");
                 return Err(client
-                    .refuse(sqlstate::INVALID_PASSWORD, &message, None)
+                    .refuse(ClientError::fatal(
+                        sqlstate::INVALID_PASSWORD,
+                        message,
+                        None,
+                    ))
                     .await);
             }
         }
@@ -401,7 +285,7 @@ async fn start(
         match shared
             .pools
             .checkout(
-                shared,
+                &shared.opener(rt),
                 &target,
                 &login,
                 None,
@@ -425,13 +309,11 @@ async fn start(
                 limit = limit.limit,
                 "the router's connections to the primary are at their limit at login; deferring to the first statement"
             ),
-            Err(CheckoutError::Server(ServerError::Refused(fields)))
-                if !["57", "53", "08"]
-                    .iter()
-                    .any(|c| fields.code.starts_with(c)) =>
-            {
+            Err(CheckoutError::Server(ServerError::Refused(fields))) if !fields.is_transient() => {
                 // The primary's definitive answer (no such database, role, ...).
-                return Err(client.fatal(&fields.code, &fields.message, None).await);
+                return Err(client
+                    .end_with(ClientError::fatal(fields.code, fields.message, None))
+                    .await);
             }
             Err(CheckoutError::Server(e)) => tracing::info!(
                 server = %format!("{}:{}", target.host, target.port),
@@ -443,7 +325,7 @@ async fn start(
 
     let known: Params = match &server {
         Some(conn) => {
-            shared.remember_params(&conn.params);
+            shared.last_params.remember(&conn.params);
             learn_server_defaults(shared, conn);
             conn.params.clone()
         }
@@ -494,7 +376,7 @@ async fn start(
         cancel.set_target(Some(conn.cancel_target()));
     }
     backend::backend_key_data(&mut client.wbuf, cancel.pid, cancel.secret());
-    backend::ready_for_query(&mut client.wbuf, b'I');
+    backend::ready_for_query(&mut client.wbuf, TxStatus::Idle);
     client.flush().await?;
     Ok(Some((
         client,
@@ -519,7 +401,7 @@ fn learn_server_defaults(shared: &Shared, conn: &ServerConn) {
         }
         if let Some((_, value)) = conn.opened.iter().find(|(k, _)| k == name) {
             if !defaults.iter().any(|(k, v)| k == name && v == value) {
-                crate::server::set_param(&mut defaults, name, value);
+                crate::params::set_param(&mut defaults, name, value);
             }
         }
     }
@@ -566,7 +448,7 @@ impl From<Ended> for AuthOutcome {
 async fn password_message(client: &mut ClientConn) -> Result<BytesMut, AuthOutcome> {
     client.flush().await?;
     let (tag, body) = client.read_frame().await?;
-    if tag != b'p' {
+    if tag != tag::frontend::PASSWORD {
         return Err(AuthOutcome::Refused(AuthError::Malformed(
             "expected a password message",
         )));
