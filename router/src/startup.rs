@@ -18,7 +18,7 @@ use crate::auth::{md5, AuthError, Secret};
 use crate::client::{ClientConn, Ended};
 use crate::client_error::ClientError;
 use crate::net::{self, Stream};
-use crate::params::{set_shared_param, Params, SETTABLE};
+use crate::params::{set_config_sql, set_shared_param, Params, SETTABLE};
 use crate::pool::CheckoutError;
 use crate::protocol::backend::{self, sqlstate, TxStatus};
 use crate::protocol::startup::{self, FirstPacket, Startup};
@@ -472,16 +472,9 @@ async fn reset_drifted(conn: &mut ServerConn) -> Result<(), ServerError> {
     if Arc::ptr_eq(&conn.params, &conn.opened) {
         return Ok(());
     }
-    let mut fixes = String::new();
-    for (name, value) in conn.opened.iter() {
-        if SETTABLE.contains(&name.as_str()) && conn.param(name) != Some(value.as_str()) {
-            fixes.push_str(&format!(
-                "SELECT set_config({}, {}, false);",
-                postgres_protocol::escape::escape_literal(name),
-                postgres_protocol::escape::escape_literal(value)
-            ));
-        }
-    }
+    let fixes = set_config_sql(conn.opened.iter().filter(|(name, value)| {
+        SETTABLE.contains(&name.as_str()) && conn.param(name) != Some(value.as_str())
+    }));
     if !fixes.is_empty() {
         conn.simple_query(&fixes).await?;
     }
