@@ -133,6 +133,7 @@ impl Session {
 
     /// The rest of a large message, as it arrives. False when nothing more
     /// has arrived.
+    #[inline]
     fn stream_client_rest(&mut self, forward: &mut Forward, pos: &mut usize) -> bool {
         let n = self.proto.client_rest().min(self.client.rbuf.len() - *pos);
         if n == 0 {
@@ -157,6 +158,7 @@ impl Session {
     /// the router refuses, and Terminate, close the session (after the
     /// answers to what came before) and give `None`, as does a message not
     /// complete yet.
+    #[inline]
     fn next_message(&mut self, pos: usize) -> Option<Incoming> {
         let rest = &self.client.rbuf[pos..];
         // Postgres looks at the type before the length.
@@ -205,6 +207,7 @@ impl Session {
 
     /// A message the router deals with itself: dropped while skipping the
     /// rest of a failed batch, or answered in a lost transaction.
+    #[inline]
     fn answered_here(&mut self, m: Incoming, pos: &mut usize) -> Handled {
         if self.proto.skipping() {
             *pos += m.len;
@@ -380,6 +383,7 @@ impl Session {
 /// A Query (body given) about to be forwarded whole: what it may do to the
 /// session's state (and, in transaction mode, to the statements its server
 /// connection has), and whether it ends the transaction it is sent in.
+#[inline]
 fn track_query(
     state: &mut SessionState,
     pooled: Option<&mut ServerConn>,
