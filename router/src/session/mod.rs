@@ -69,7 +69,7 @@ struct Closing {
 pub(crate) struct Session {
     shared: Arc<Shared>,
     client: ClientConn,
-    server: Option<ServerConn>,
+    server: Option<Box<ServerConn>>,
     /// Bytes to send to the server.
     swbuf: BytesMut,
     login: Login,
@@ -113,7 +113,7 @@ pub(crate) struct Session {
     kill: CancellationToken,
 }
 
-async fn read_server(server: &mut Option<ServerConn>) -> std::io::Result<usize> {
+async fn read_server(server: &mut Option<Box<ServerConn>>) -> std::io::Result<usize> {
     match server {
         Some(s) => {
             net::read_room(&mut s.buf);
