@@ -282,6 +282,44 @@ pub async fn wait_writable(uri: &str, timeout: Duration) {
     panic!("{uri} did not accept writes within {timeout:?}");
 }
 
+/// The monitor's unhealthy timeout (the default of `timeout.unhealthy_timeout_ms`):
+/// a node whose keeper has not reported for longer, and whose Postgres the
+/// health check does not reach, is unhealthy.
+pub const UNHEALTHY_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Waits (at most `within`) until the monitor at `monitor_uri` checked
+/// `node`'s Postgres more than `silent` after that node's keeper last
+/// reported: the monitor has seen the keeper silent that long, and decided
+/// with it (its decisions run every 200 ms and on every report). Returns the
+/// node's health then (1 good, 0 bad).
+pub async fn wait_monitor_saw_silence(
+    monitor_uri: &str,
+    node: &str,
+    silent: Duration,
+    within: Duration,
+) -> i16 {
+    let monitor = connect(monitor_uri).await.expect("connect to the monitor");
+    let deadline = Instant::now() + within;
+    loop {
+        let row = monitor
+            .query_one(
+                "SELECT health_check_time > report_time + make_interval(secs => $2), health
+                   FROM hapg.node WHERE node_name = $1",
+                &[&node, &silent.as_secs_f64()],
+            )
+            .await
+            .expect("read the node's report and health check times");
+        if row.get::<_, Option<bool>>(0) == Some(true) {
+            return row.get(1);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the monitor did not see {node}'s keeper silent for {silent:?} within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// When the monitor first assigned `node` the state `goal` after `after`
 /// (seconds since the Unix epoch, from the event history).
 pub async fn assigned_at(monitor_uri: &str, node: &str, goal: &str, after: f64) -> Option<f64> {
