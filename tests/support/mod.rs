@@ -61,7 +61,8 @@ impl Drop for Cluster {
 
 impl Cluster {
     /// An empty cluster directory in /tmp (no monitor yet). Processes are
-    /// killed at the end (tests need them gone, not stopped politely), and a
+    /// killed at the end (tests need them gone, not stopped politely) and
+    /// stay in the test's process group (CI's timeout kills them with it); a
     /// wait does not give up when a process exits: tests stop nodes on
     /// purpose and wait for the monitor to notice.
     pub fn new() -> Cluster {
@@ -73,6 +74,8 @@ impl Cluster {
             },
         );
         options.stop = Stop::Kill;
+        // Killed with the test binary's process group (CI's timeout).
+        options.own_process_groups = false;
         options.exits_fail_waits = false;
         options.command_timeout = CLI_TIMEOUT;
         options.start_timeout = Duration::from_secs(60);
