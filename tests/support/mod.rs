@@ -272,13 +272,16 @@ pub use hapg::drill::{connect, kill_tree, postmaster_pid, Writer, WriterReport};
 pub async fn wait_writable(uri: &str, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
-        if let Ok(c) = connect(uri).await {
-            if c.batch_execute("CREATE TEMP TABLE probe (x int)")
+        // Each try bounded too: a server that accepts and then hangs must
+        // not hold the loop past its deadline.
+        let attempt = async {
+            let c = connect(uri).await.ok()?;
+            c.batch_execute("CREATE TEMP TABLE probe (x int)")
                 .await
-                .is_ok()
-            {
-                return;
-            }
+                .ok()
+        };
+        if let Ok(Some(())) = tokio::time::timeout(Duration::from_secs(10), attempt).await {
+            return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
