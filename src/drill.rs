@@ -2,7 +2,7 @@
 //! tests and the benchmarks: a live writer that records which writes were
 //! acknowledged, and a power-off that kills a process tree at once.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -53,6 +53,8 @@ pub fn unix_now() -> f64 {
 /// error, and records which inserts were acknowledged.
 pub struct Writer {
     stop: Arc<AtomicBool>,
+    /// [`WriterReport::errors`] so far, for a test to wait on.
+    errors: Arc<AtomicU64>,
     handle: tokio::task::JoinHandle<WriterReport>,
 }
 
@@ -80,6 +82,8 @@ impl Writer {
     pub fn start(uri: String, table: &str, limit: Duration) -> Writer {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
+        let errors = Arc::new(AtomicU64::new(0));
+        let error_count = errors.clone();
         // The server says which node ran the write and when, so the drill can
         // check it against the monitor's history (see `invariants`).
         let insert = format!(
@@ -98,6 +102,7 @@ impl Writer {
                         Ok(c) => client = Some(c),
                         Err(_) => {
                             report.errors += 1;
+                            error_count.store(report.errors, Ordering::Relaxed);
                             tokio::time::sleep(Duration::from_millis(50)).await;
                             continue;
                         }
@@ -153,13 +158,23 @@ impl Writer {
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
                 }
+                error_count.store(report.errors, Ordering::Relaxed);
                 // An id whose outcome is unknown is never reused.
                 next += 1;
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             report
         });
-        Writer { stop, handle }
+        Writer {
+            stop,
+            errors,
+            handle,
+        }
+    }
+
+    /// How many statements and connection attempts have failed so far.
+    pub fn errors(&self) -> u64 {
+        self.errors.load(Ordering::Relaxed)
     }
 
     /// Stops the writer and returns what it saw.

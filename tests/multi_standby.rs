@@ -221,7 +221,17 @@ async fn elections_priorities_and_sync_standbys() {
     let uri = cluster.app_uri();
     assert!(try_write(&uri, 2_000_000, Duration::from_secs(10)).await);
     cluster.power_off("node_a");
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // The monitor has seen node_a gone (keeper silent past the unhealthy
+    // timeout, Postgres unreachable) and decided since: had it made the
+    // primary asynchronous, the write below would go through.
+    let health = support::wait_monitor_saw_silence(
+        &cluster.monitor_uri(),
+        "node_a",
+        support::UNHEALTHY_TIMEOUT + Duration::from_secs(1),
+        STEP,
+    )
+    .await;
+    assert_eq!(health, 0, "node_a is unhealthy for the monitor");
     assert!(
         !try_write(&uri, 2_000_001, Duration::from_secs(3)).await,
         "with number_sync_standbys 1 and no standby a write must wait"

@@ -456,9 +456,23 @@ async fn isolated_monitor_changes_nothing() {
     let node_a = cluster.node("node_a");
     let fence = StopWatch::start(&node_a.pgdata);
     split.cut();
-    // Longer than every timeout involved: the monitor's unhealthy timeout,
-    // the keepers' network_partition_timeout, wal_receiver_timeout.
-    tokio::time::sleep(Duration::from_secs(10)).await;
+    // Longer than every timeout involved (the monitor's unhealthy timeout,
+    // 3 s; the keepers' network_partition_timeout, 2.5 s;
+    // wal_receiver_timeout, 5 s): the monitor checked each node more than 6 s
+    // after its keeper's last report. Read through the monitor's Unix
+    // socket, which the cut does not reach.
+    let monitor_local = format!(
+        "host={} port={} user=postgres dbname=pg_auto_failover",
+        hapg_keeper::postgres::SOCKET_DIR,
+        cluster.monitor_port
+    );
+    for node in ["node_a", "node_b"] {
+        let health =
+            support::wait_monitor_saw_silence(&monitor_local, node, Duration::from_secs(6), STEP)
+                .await;
+        assert_eq!(health, 0, "the cut monitor cannot reach {node}");
+    }
+    let healed_at = now();
     split.heal();
     cluster.eventually("the monitor to answer again", STEP, || {
         cluster
@@ -466,8 +480,32 @@ async fn isolated_monitor_changes_nothing() {
             .status
             .success()
     });
-    // The monitor sees the nodes again and everything is where it was.
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // The monitor hears the nodes again (each reported and was checked
+    // healthy since the heal) and everything is where it was.
+    let monitor = connect(&monitor_local)
+        .await
+        .expect("connect to the monitor");
+    let deadline = Instant::now() + STEP;
+    loop {
+        let heard: bool = monitor
+            .query_one(
+                "SELECT bool_and(report_time > to_timestamp($1)
+                                 AND health_check_time > to_timestamp($1) AND health = 1)
+                   FROM hapg.node",
+                &[&healed_at],
+            )
+            .await
+            .expect("read the nodes' reports")
+            .get(0);
+        if heard {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the monitor did not hear from both nodes after the heal"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     cluster.wait_states(&[("node_a", "primary"), ("node_b", "secondary")], STEP);
     assert_eq!(
         fence.finish(),

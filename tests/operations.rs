@@ -74,7 +74,16 @@ async fn maintenance_supervision_drop_and_readd() {
     // A keeper killed with its Postgres alive: no failover; restarted, it resumes.
     let standby_postmaster = postmaster_pid(&cluster.node("node_a").pgdata).expect("running");
     cluster.power_off_keeper_only("node_a");
-    std::thread::sleep(Duration::from_secs(5));
+    // The monitor has seen the keeper silent past its unhealthy timeout (and
+    // decided since), its health check reaching the running Postgres.
+    let health = support::wait_monitor_saw_silence(
+        &cluster.monitor_uri(),
+        "node_a",
+        support::UNHEALTHY_TIMEOUT + Duration::from_secs(1),
+        STEP,
+    )
+    .await;
+    assert_eq!(health, 1, "the health check reaches node_a's Postgres");
     assert_eq!(
         cluster.states()["node_b"],
         ("primary".into(), "primary".into())

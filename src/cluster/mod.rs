@@ -105,6 +105,11 @@ pub struct Options {
     pub node_listen: Option<String>,
     /// How what still runs is ended when the cluster is dropped.
     pub stop: Stop,
+    /// Each process in a process group of its own, so that a terminal's
+    /// Ctrl-C reaches only the program, which stops them in order (the demo,
+    /// the benchmarks). Without, they stay in the program's group and die
+    /// with it when a supervisor (CI's `timeout`) kills that group (tests).
+    pub own_process_groups: bool,
     /// Whether a wait fails at once when a process it waits on has exited
     /// (the tests stop nodes on purpose and wait for the monitor to notice).
     pub exits_fail_waits: bool,
@@ -131,6 +136,7 @@ impl Options {
             monitor_listen: None,
             node_listen: None,
             stop: Stop::Graceful,
+            own_process_groups: true,
             exits_fail_waits: true,
             command_timeout: Duration::from_secs(180),
             start_timeout: Duration::from_secs(180),
@@ -275,7 +281,7 @@ impl Cluster {
             .map_err(io("chmod", &path))?;
         Ok(Cluster {
             kept: AtomicBool::new(temp.is_none()),
-            procs: Mutex::new(Supervisor::new(options.verbose)),
+            procs: Mutex::new(Supervisor::new(options.own_process_groups, options.verbose)),
             options,
             path,
             temp,
@@ -326,7 +332,11 @@ impl Cluster {
     /// Runs `hapg args` to completion within [`Options::command_timeout`]
     /// (killed after it: a hung command fails its caller instead of holding it).
     pub fn run(&self, args: &[&str]) -> Result<Output, ClusterError> {
-        output_within(self.hapg(args), self.options.command_timeout).map_err(|error| {
+        let (timeout, own_group) = (
+            self.options.command_timeout,
+            self.options.own_process_groups,
+        );
+        process::run_within(self.hapg(args), timeout, own_group).map_err(|error| {
             if error.kind() == std::io::ErrorKind::Interrupted {
                 return ClusterError::Interrupted;
             }
@@ -781,7 +791,7 @@ impl Cluster {
     }
 
     /// Power-off of a node: SIGKILL of its `hapg` process (with its process
-    /// group) and its Postgres together.
+    /// group, if it has one) and its Postgres together.
     pub fn power_off(&self, name: &str) {
         let postmaster = crate::drill::postmaster_pid(&self.path.join(name));
         self.procs().kill_group(name);

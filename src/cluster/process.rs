@@ -20,7 +20,8 @@ use super::ClusterError;
 /// scheduling group with an equal share of the CPUs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Session {
-    /// The starting program's session, in a process group of its own.
+    /// The starting program's session, in a process group of its own (or in
+    /// the program's own group, see [`super::Options::own_process_groups`]).
     Shared,
     /// A session of its own (`setsid`), as a daemon runs.
     Own,
@@ -94,7 +95,8 @@ fn wait_bounded(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
     }
 }
 
-/// SIGKILLs the process group led by `child` and reaps the leader (bounded).
+/// SIGKILLs the process group led by `child` (if it leads one) and the child,
+/// and reaps it (bounded).
 fn kill_group(child: &mut Child) {
     let _ = killpg(pid_of(child), Signal::SIGKILL);
     let _ = child.kill();
@@ -106,11 +108,23 @@ fn kill_group(child: &mut Child) {
 /// within `timeout` it is killed with its process group and the error
 /// (kind [`std::io::ErrorKind::TimedOut`]) says what it printed; if the work
 /// is interrupted meanwhile, the kind is `Interrupted`.
-pub fn output_within(mut cmd: Command, timeout: Duration) -> std::io::Result<Output> {
+pub fn output_within(cmd: Command, timeout: Duration) -> std::io::Result<Output> {
+    run_within(cmd, timeout, true)
+}
+
+/// [`output_within`], in a process group of its own only with `own_group`
+/// (otherwise only the command itself is killed at the timeout).
+pub(crate) fn run_within(
+    mut cmd: Command,
+    timeout: Duration,
+    own_group: bool,
+) -> std::io::Result<Output> {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
+        .stderr(Stdio::piped());
+    if own_group {
+        cmd.process_group(0);
+    }
     let mut child = cmd.spawn()?;
     // Read both pipes while waiting, so a chatty command cannot fill one and block.
     let stdout = child.stdout.take().map(reader);
@@ -194,14 +208,17 @@ pub(crate) struct Supervisor {
     services: Vec<Service>,
     /// A running process whose name was taken by a newer one: still ours to stop.
     replaced: usize,
+    /// Start [`Session::Shared`] services in a process group of their own.
+    own_groups: bool,
     verbose: bool,
 }
 
 impl Supervisor {
-    pub(crate) fn new(verbose: bool) -> Supervisor {
+    pub(crate) fn new(own_groups: bool, verbose: bool) -> Supervisor {
         Supervisor {
             services: Vec::new(),
             replaced: 0,
+            own_groups,
             verbose,
         }
     }
@@ -229,9 +246,10 @@ impl Supervisor {
             .stdout(file.try_clone().map_err(io)?)
             .stderr(file);
         match session {
-            Session::Shared => {
+            Session::Shared if self.own_groups => {
                 cmd.process_group(0);
             }
+            Session::Shared => {}
             Session::Own => in_new_session(&mut cmd),
         }
         let child = cmd.spawn().map_err(|source| ClusterError::Io {
@@ -411,7 +429,7 @@ mod tests {
     fn a_service_runs_in_the_session_asked_for() {
         let dir = tempfile::tempdir().expect("temporary directory");
         let log = dir.path().join("sleep.log");
-        let mut sup = Supervisor::new(false);
+        let mut sup = Supervisor::new(true, false);
         let sleep = || {
             let mut cmd = Command::new("sleep");
             cmd.arg("30");
@@ -446,7 +464,7 @@ mod tests {
     fn a_name_started_again_keeps_the_old_process_in_care() {
         let dir = tempfile::tempdir().expect("temporary directory");
         let log = dir.path().join("sleep.log");
-        let mut sup = Supervisor::new(false);
+        let mut sup = Supervisor::new(true, false);
         let sleep = || {
             let mut cmd = Command::new("sleep");
             cmd.arg("30");

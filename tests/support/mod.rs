@@ -61,7 +61,8 @@ impl Drop for Cluster {
 
 impl Cluster {
     /// An empty cluster directory in /tmp (no monitor yet). Processes are
-    /// killed at the end (tests need them gone, not stopped politely), and a
+    /// killed at the end (tests need them gone, not stopped politely) and
+    /// stay in the test's process group (CI's timeout kills them with it); a
     /// wait does not give up when a process exits: tests stop nodes on
     /// purpose and wait for the monitor to notice.
     pub fn new() -> Cluster {
@@ -73,6 +74,8 @@ impl Cluster {
             },
         );
         options.stop = Stop::Kill;
+        // Killed with the test binary's process group (CI's timeout).
+        options.own_process_groups = false;
         options.exits_fail_waits = false;
         options.command_timeout = CLI_TIMEOUT;
         options.start_timeout = Duration::from_secs(60);
@@ -269,17 +272,58 @@ pub use hapg::drill::{connect, kill_tree, postmaster_pid, Writer, WriterReport};
 pub async fn wait_writable(uri: &str, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
-        if let Ok(c) = connect(uri).await {
-            if c.batch_execute("CREATE TEMP TABLE probe (x int)")
+        // Each try bounded too: a server that accepts and then hangs must
+        // not hold the loop past its deadline.
+        let attempt = async {
+            let c = connect(uri).await.ok()?;
+            c.batch_execute("CREATE TEMP TABLE probe (x int)")
                 .await
-                .is_ok()
-            {
-                return;
-            }
+                .ok()
+        };
+        if let Ok(Some(())) = tokio::time::timeout(Duration::from_secs(10), attempt).await {
+            return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!("{uri} did not accept writes within {timeout:?}");
+}
+
+/// The monitor's unhealthy timeout (the default of `timeout.unhealthy_timeout_ms`):
+/// a node whose keeper has not reported for longer, and whose Postgres the
+/// health check does not reach, is unhealthy.
+pub const UNHEALTHY_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Waits (at most `within`) until the monitor at `monitor_uri` checked
+/// `node`'s Postgres more than `silent` after that node's keeper last
+/// reported: the monitor has seen the keeper silent that long, and decided
+/// with it (its decisions run every 200 ms and on every report). Returns the
+/// node's health then (1 good, 0 bad).
+pub async fn wait_monitor_saw_silence(
+    monitor_uri: &str,
+    node: &str,
+    silent: Duration,
+    within: Duration,
+) -> i16 {
+    let monitor = connect(monitor_uri).await.expect("connect to the monitor");
+    let deadline = Instant::now() + within;
+    loop {
+        let row = monitor
+            .query_one(
+                "SELECT health_check_time > report_time + make_interval(secs => $2), health
+                   FROM hapg.node WHERE node_name = $1",
+                &[&node, &silent.as_secs_f64()],
+            )
+            .await
+            .expect("read the node's report and health check times");
+        if row.get::<_, Option<bool>>(0) == Some(true) {
+            return row.get(1);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the monitor did not see {node}'s keeper silent for {silent:?} within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// When the monitor first assigned `node` the state `goal` after `after`
