@@ -530,11 +530,16 @@ impl LocalPostgres {
     /// place into a failover. The postmaster is gone, so the lock is stale;
     /// Postgres still refuses to start while any of its old backends holds
     /// the shared memory.
+    ///
+    /// The same holds for the lock file of its Unix socket
+    /// (`/tmp/.s.PGSQL.<port>.lock`), which names the same pid.
     fn remove_stale_lock(&self) -> Result<(), KeeperError> {
-        let lock = self.pgdata.join("postmaster.pid");
-        if let Some(pid) = zombie_lock(&lock) {
-            tracing::warn!(pid, "the previous postmaster exited but is not reaped yet: removing its stale postmaster.pid");
-            std::fs::remove_file(&lock).map_err(|e| KeeperError::io(&lock, e))?;
+        let socket_lock = Path::new(SOCKET_DIR).join(format!(".s.PGSQL.{}.lock", self.port));
+        for lock in [self.pgdata.join("postmaster.pid"), socket_lock] {
+            if let Some(pid) = zombie_lock(&lock) {
+                tracing::warn!(pid, lock = %lock.display(), "the previous postmaster exited but is not reaped yet: removing its stale lock file");
+                std::fs::remove_file(&lock).map_err(|e| KeeperError::io(&lock, e))?;
+            }
         }
         Ok(())
     }
