@@ -99,6 +99,10 @@ fn instance_options(args: &InstanceArgs) -> Result<InstanceOptions> {
         os_user: args.os_user.clone(),
         bindir: args.pgctl.clone().unwrap_or_else(postgres::default_bindir),
         username: args.username.clone(),
+        http_listen: args
+            .http_listen
+            .map(|addr| addr.to_string())
+            .unwrap_or_default(),
     })
 }
 
@@ -963,14 +967,17 @@ async fn drop_node(
 fn config_command(cmd: ConfigCommand) -> Result<()> {
     match cmd {
         ConfigCommand::Get { pgdata, key } => {
-            let (paths, _) = load_config(&pgdata)?;
+            let (paths, config) = load_config(&pgdata)?;
             let text = std::fs::read_to_string(&paths.config)?;
             let Some(key) = key else {
                 print!("{text}");
                 return Ok(());
             };
             let doc: toml::Value = toml::from_str(&text)?;
+            // A key the file does not spell out has its default.
+            let defaults = toml::Value::try_from(&config)?;
             let value = lookup(&doc, &key)
+                .or_else(|| lookup(&defaults, &key))
                 .ok_or_else(|| anyhow!("{key}: no such setting in {}", paths.config.display()))?;
             match value {
                 toml::Value::String(s) => println!("{s}"),
@@ -979,7 +986,7 @@ fn config_command(cmd: ConfigCommand) -> Result<()> {
             Ok(())
         }
         ConfigCommand::Set { pgdata, key, value } => {
-            let (paths, _) = load_config(&pgdata)?;
+            let (paths, config) = load_config(&pgdata)?;
             if hapg_config::READ_ONLY_KEYS.contains(&key.as_str()) {
                 bail!(
                     "{key} cannot be changed: it identifies this node to the monitor and the \
@@ -991,13 +998,21 @@ fn config_command(cmd: ConfigCommand) -> Result<()> {
             let (section, name) = key
                 .split_once('.')
                 .ok_or_else(|| anyhow!("{key}: settings are named section.key"))?;
-            let table = doc
-                .get_mut(section)
-                .and_then(toml::Value::as_table_mut)
-                .ok_or_else(|| anyhow!("{key}: no section [{section}]"))?;
-            let old = table
-                .get(name)
+            // A section or key the file does not spell out (written before
+            // it existed, or left at its default) takes the type of its default.
+            let defaults = toml::Value::try_from(&config)?;
+            let old = lookup(&doc, &key)
+                .or_else(|| lookup(&defaults, &key))
+                .cloned()
                 .ok_or_else(|| anyhow!("{key}: no such setting"))?;
+            let table = match doc.as_table_mut() {
+                Some(root) => root
+                    .entry(section)
+                    .or_insert_with(|| toml::Value::Table(Default::default()))
+                    .as_table_mut()
+                    .ok_or_else(|| anyhow!("{key}: no section [{section}]"))?,
+                None => bail!("{}: not a TOML table", paths.config.display()),
+            };
             let new = match old {
                 toml::Value::Integer(_) => toml::Value::Integer(
                     value

@@ -104,6 +104,11 @@ struct InstanceArgs {
     /// Postgres superuser name.
     #[arg(long, default_value = "postgres")]
     username: String,
+    /// Serve health checks (/primary, /replica, /read-only, /health,
+    /// /liveness, /state) and /metrics over HTTP on this ip:port while
+    /// `hapg run` runs (http.listen in hapg.toml; docs/operations.md).
+    #[arg(long, value_name = "ADDR")]
+    http_listen: Option<std::net::SocketAddr>,
     /// Keep running after creation (as `hapg run` would).
     #[arg(long)]
     run: bool,

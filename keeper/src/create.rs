@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use hapg_config::{
-    KeeperTimings, NodeConfig, NodeSection, PostgresSection, ReplicationSection, Role, SslConfig,
+    HttpSection, KeeperTimings, NodeConfig, NodeSection, PostgresSection, ReplicationSection, Role,
+    SslConfig,
 };
 use hapg_monitor::client::Registration;
 use hapg_monitor::schema::{self, MONITOR_DBNAME, MONITOR_ROLE};
@@ -40,6 +41,9 @@ pub struct InstanceOptions {
     pub bindir: PathBuf,
     /// Superuser name.
     pub username: String,
+    /// `http.listen`: where `hapg run` serves health checks and metrics
+    /// (empty: nowhere).
+    pub http_listen: String,
 }
 
 /// The node-specific part of `create postgres`.
@@ -181,6 +185,9 @@ fn config_for(opts: &InstanceOptions, role: Role) -> NodeConfig {
         ssl: opts.ssl.clone(),
         replication: ReplicationSection::default(),
         timeout: KeeperTimings::default(),
+        http: HttpSection {
+            listen: opts.http_listen.clone(),
+        },
     }
 }
 

@@ -11,11 +11,13 @@ use hapg_config::NodeConfig;
 use hapg_monitor::client::{NodeReport, NodeRow, StateNotification};
 use hapg_monitor::fsm::{self, GroupView};
 use hapg_monitor::{MonitorClient, MonitorError, NodeState};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::error::KeeperError;
 use crate::liveness::Liveness;
+use crate::node_status::NodeStatus;
 use crate::paths::NodePaths;
 use crate::postgres::{LocalPostgres, Observation, Upstream};
 use crate::rejoin::{self, Failed, LocalRole, LocalWal, Lsn, Rejoin, Timeline};
@@ -68,7 +70,39 @@ pub async fn run(paths: NodePaths, mode: RunMode, shutdown: Shutdown) -> Result<
     let config = NodeConfig::load(&paths.config)?;
     let pg = LocalPostgres::from_config(&config)?;
     let state = KeeperState::load(&paths.state)?;
+    // The HTTP server runs with `hapg run` only, and fails its start when
+    // its address is taken: a health check that never answers would look
+    // like a node that is down.
+    let http_listen = match mode {
+        RunMode::Forever => config.http.listen_addr()?,
+        RunMode::UntilInitialized => None,
+    };
+    let status = match http_listen {
+        Some(addr) => {
+            let listener = crate::http::bind(addr).await?;
+            let (sender, receiver) = watch::channel(NodeStatus::starting(
+                config.timeout.network_partition_timeout(),
+                liveness_deadline(&config),
+            ));
+            tokio::spawn(crate::http::serve(
+                listener,
+                crate::http::Endpoints::Node(receiver),
+                shutdown.token.clone(),
+            ));
+            tokio::spawn(poll_monitor_health(
+                config.node.monitor.clone(),
+                state.node_id,
+                sender.clone(),
+                shutdown.token.clone(),
+            ));
+            Some(sender)
+        }
+        None => None,
+    };
     let mut keeper = Keeper {
+        status,
+        last_report: None,
+        observed_at: Instant::now(),
         config,
         paths,
         pg,
@@ -99,7 +133,58 @@ pub async fn run(paths: NodePaths, mode: RunMode, shutdown: Shutdown) -> Result<
     Ok(exit)
 }
 
+/// `/liveness` fails when the keeper's loop has not observed Postgres for
+/// this long: several report intervals, and never under 10 s (a transition
+/// such as a rewind holds the loop for a while).
+fn liveness_deadline(config: &NodeConfig) -> Duration {
+    (config.timeout.report_interval() * 4).max(Duration::from_secs(10))
+}
+
+/// How often the HTTP server asks the monitor for this node's health.
+const MONITOR_HEALTH_POLL: Duration = Duration::from_secs(1);
+
+/// Reads this node's health as the monitor last concluded, for `/metrics`
+/// and `/state`, on a connection of its own: never on the keeper's loop.
+async fn poll_monitor_health(
+    uri: String,
+    node_id: i64,
+    status: watch::Sender<NodeStatus>,
+    token: CancellationToken,
+) {
+    let mut client: Option<MonitorClient> = None;
+    while !token.is_cancelled() {
+        let read = tokio::time::timeout(MONITOR_CALL_TIMEOUT, async {
+            if client.as_ref().is_none_or(MonitorClient::is_closed) {
+                client = Some(MonitorClient::connect(&uri).await?);
+            }
+            match &client {
+                Some(c) => c.node(node_id).await.map(|row| row.health),
+                None => Err(MonitorError::NoSuchNode(node_id)),
+            }
+        })
+        .await;
+        let health = match read {
+            Ok(Ok(health)) => Some(health),
+            _ => {
+                client = None;
+                None
+            }
+        };
+        status.send_modify(|s| s.monitor_health = health);
+        tokio::select! {
+            _ = token.cancelled() => {}
+            _ = tokio::time::sleep(MONITOR_HEALTH_POLL) => {}
+        }
+    }
+}
+
 struct Keeper {
+    /// Where the HTTP endpoints read the latest observation (`http.listen`).
+    status: Option<watch::Sender<NodeStatus>>,
+    /// When the monitor last answered a report.
+    last_report: Option<Instant>,
+    /// When the latest observation of Postgres was made.
+    observed_at: Instant,
     config: NodeConfig,
     paths: NodePaths,
     pg: LocalPostgres,
@@ -131,6 +216,7 @@ impl Keeper {
                 return Ok(Exit::Stopped);
             }
             let observation = self.pg.observe().await;
+            self.observed_at = Instant::now();
             if observation.running {
                 // A detached standby keeps the timeline it last streamed on:
                 // its checkpoint's timeline can lag behind.
@@ -152,6 +238,7 @@ impl Keeper {
                     }
                 }
             }
+            self.publish(&observation);
             let goal = match self.report_until_fence(&observation).await {
                 Ok(goal) => Some(goal),
                 Err(KeeperError::Monitor(MonitorError::NoSuchNode(_)))
@@ -168,6 +255,9 @@ impl Keeper {
                 }
             };
 
+            // The goal just received: a primary told to stop taking writes
+            // fails /primary now, before the transition runs.
+            self.publish(&observation);
             let mut moved = false;
             if let Some(goal) = goal {
                 if goal != self.state.current {
@@ -182,6 +272,7 @@ impl Keeper {
                 }
             }
             self.state.save(&self.paths.state)?;
+            self.publish(&observation);
 
             if mode == RunMode::UntilInitialized
                 && !matches!(self.state.current, NodeState::Init | NodeState::WaitStandby)
@@ -224,6 +315,45 @@ impl Keeper {
             next = next.min(last_report.max(Duration::from_millis(10)));
         }
         next
+    }
+
+    /// Hands the HTTP endpoints what the keeper knows now. A state the
+    /// keeper reached since `observation` was made (a fence, a demotion)
+    /// counts as Postgres no longer trusted writable: `/primary` needs the
+    /// observation and the current state to agree.
+    fn publish(&self, observation: &Observation) {
+        let Some(status) = &self.status else {
+            return;
+        };
+        let running = self.reported_running(observation);
+        let fresh = NodeStatus {
+            node_id: self.state.node_id,
+            name: self.config.node.name.clone(),
+            formation: self.config.node.formation.clone(),
+            reported: self.state.current,
+            assigned: self.state.assigned,
+            postgres_running: running,
+            in_recovery: observation.running.then_some(observation.in_recovery),
+            streaming: observation.upstream_streaming,
+            lsn: self.last_lsn,
+            timeline: self.last_tli,
+            lag_bytes: observation.replay_lag_bytes,
+            lag: observation
+                .replay_delay
+                .map(|delay| delay.max(observation.upstream_silence.unwrap_or_default())),
+            observed_at: self.observed_at,
+            last_report: self.last_report,
+            monitor_health: None,
+            fence_timeout: self.config.timeout.network_partition_timeout(),
+            liveness_deadline: liveness_deadline(&self.config),
+        };
+        status.send_modify(|s| {
+            let health = s.monitor_health;
+            *s = NodeStatus {
+                monitor_health: health,
+                ..fresh
+            };
+        });
     }
 
     fn log_error(&mut self, message: String) {
@@ -322,6 +452,7 @@ impl Keeper {
             .await
             .map_err(|_| KeeperError::Timeout("reporting to the monitor".into()))??;
         self.confirmed = true;
+        self.last_report = Some(Instant::now());
         self.state.last_monitor_contact = unix_now();
         self.monitor_heard = Instant::now();
         self.state.group_id = assigned.group_id;
@@ -396,6 +527,11 @@ impl Keeper {
                 "cannot reach the monitor nor any standby for timeout.network_partition_timeout_ms ({} ms): fencing this primary (demote_timeout)",
                 timeout.as_millis()
             );
+            // The health checks stop naming this node the primary before
+            // Postgres stops, not after.
+            if let Some(status) = &self.status {
+                status.send_modify(|s| s.reported = NodeState::DemoteTimeout);
+            }
             self.pg.stop("fast").await?;
             self.state.current = NodeState::DemoteTimeout;
             self.state.save(&self.paths.state)?;

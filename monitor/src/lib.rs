@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod error;
+pub mod failover_history;
 pub mod fsm;
 pub mod pgconn;
 pub mod schema;
