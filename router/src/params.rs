@@ -49,6 +49,20 @@ pub(crate) const SETTABLE: &[&str] = &[
     "search_path",
 ];
 
+/// SQL that sets each of `pairs` (name, value) at session level, as SET
+/// would: one `set_config` per parameter, empty for none.
+pub(crate) fn set_config_sql<'a>(pairs: impl IntoIterator<Item = &'a (String, String)>) -> String {
+    let mut sql = String::new();
+    for (name, value) in pairs {
+        sql.push_str(&format!(
+            "SELECT set_config({}, {}, false);",
+            postgres_protocol::escape::escape_literal(name),
+            postgres_protocol::escape::escape_literal(value)
+        ));
+    }
+    sql
+}
+
 /// The server parameters of the newest server connection, told to clients
 /// that log in while no server connection can be opened; and the one list
 /// the connections of a pool share with the sessions told it, so that "in

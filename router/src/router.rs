@@ -18,12 +18,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::mock::MockKey;
+use crate::client_error::ClientError;
 use crate::error::RouterError;
 use crate::follower::{self, FollowerSettings};
 use crate::maintenance;
 use crate::net;
 use crate::pool::PoolStats;
-use crate::protocol::backend::{self, sqlstate, Severity};
+use crate::protocol::backend::sqlstate;
 use crate::routing::Routing;
 use crate::session::Session;
 use crate::shared::{Runtime, Shared};
@@ -334,13 +335,12 @@ impl Router {
 
 async fn refuse(mut tcp: TcpStream, max: usize, slot: ClientSlot) {
     let mut buf = BytesMut::new();
-    backend::error(
-        &mut buf,
-        Severity::Fatal,
+    ClientError::fatal(
         sqlstate::TOO_MANY_CONNECTIONS,
-        &format!("sorry, too many clients already (router.max_client_connections = {max})"),
+        format!("sorry, too many clients already (router.max_client_connections = {max})"),
         None,
-    );
+    )
+    .write(&mut buf);
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
         let _ = tcp.write_all(&buf).await;
         let _ = tcp.shutdown().await;

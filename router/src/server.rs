@@ -21,6 +21,7 @@ use crate::net::{self, Stream};
 use crate::params::{set_shared_param, Params};
 use crate::protocol::backend::{parse_error, parse_parameter_status, ErrorFields};
 use crate::protocol::frame;
+use crate::protocol::tag::backend as tag;
 use crate::protocol::ProtocolError;
 use crate::slots::{NodeSlot, PoolId};
 
@@ -227,91 +228,18 @@ impl ServerConn {
         loop {
             let (tag, body) = self.read_message().await?;
             match tag {
-                b'R' => {
-                    let mut body = body;
-                    if body.len() < 4 {
-                        return Err(ProtocolError::Malformed {
-                            what: "Authentication",
-                        }
-                        .into());
-                    }
-                    let code = body.get_i32();
+                tag::AUTHENTICATION => {
                     out.clear();
-                    let password = || {
-                        login.password.as_deref().ok_or_else(|| {
-                            ServerError::Auth(format!(
-                                "the server asks a password for user {:?}; set server.password or give the user a plain-text password in the auth file",
-                                login.user
-                            ))
-                        })
-                    };
-                    match code {
-                        0 => continue,
-                        3 => frontend::password_message(password()?.as_bytes(), &mut out)?,
-                        5 => {
-                            let salt: [u8; 4] =
-                                body[..].try_into().map_err(|_| ProtocolError::Malformed {
-                                    what: "AuthenticationMD5Password",
-                                })?;
-                            let hash = postgres_protocol::authentication::md5_hash(
-                                login.user.as_bytes(),
-                                password()?.as_bytes(),
-                                salt,
-                            );
-                            frontend::password_message(hash.as_bytes(), &mut out)?;
-                        }
-                        10 => {
-                            if !body[..].split(|&b| b == 0).any(|m| m == b"SCRAM-SHA-256") {
-                                return Err(ServerError::Auth(
-                                    "the server offers no SASL mechanism the router supports"
-                                        .into(),
-                                ));
-                            }
-                            let client = ScramSha256::new(
-                                password()?.as_bytes(),
-                                ChannelBinding::unsupported(),
-                            );
-                            frontend::sasl_initial_response(
-                                "SCRAM-SHA-256",
-                                client.message(),
-                                &mut out,
-                            )?;
-                            scram = Some(client);
-                        }
-                        11 => {
-                            let client = scram.as_mut().ok_or(ProtocolError::Unexpected {
-                                tag: 'R',
-                                during: "login (SASL continue without SASL)",
-                            })?;
-                            client
-                                .update(&body)
-                                .map_err(|e| ServerError::Auth(format!("SCRAM: {e}")))?;
-                            frontend::sasl_response(client.message(), &mut out)?;
-                        }
-                        12 => {
-                            let mut client = scram.take().ok_or(ProtocolError::Unexpected {
-                                tag: 'R',
-                                during: "login (SASL final without SASL)",
-                            })?;
-                            client
-                                .finish(&body)
-                                .map_err(|e| ServerError::Auth(format!("SCRAM: {e}")))?;
-                            continue;
-                        }
-                        other => {
-                            return Err(ServerError::Auth(format!(
-                                "unsupported authentication request {other}"
-                            )))
-                        }
+                    if answer_auth(login, body, &mut scram, &mut out)? {
+                        self.stream.write_all(&out).await?;
                     }
-                    self.stream.write_all(&out).await?;
                 }
-                b'S' => {
+                tag::PARAMETER_STATUS => {
                     if let Some((name, value)) = parse_parameter_status(&body) {
                         set_shared_param(&mut self.params, name, value);
                     }
                 }
-                b'K' => {
+                tag::BACKEND_KEY_DATA => {
                     let mut body = body;
                     if body.len() < 8 {
                         return Err(ProtocolError::Malformed {
@@ -322,9 +250,9 @@ impl ServerConn {
                     self.pid = body.get_i32();
                     self.secret = body.get_i32();
                 }
-                b'E' => return Err(ServerError::Refused(parse_error(&body))),
-                b'N' => {}
-                b'Z' => return Ok(()),
+                tag::ERROR_RESPONSE => return Err(ServerError::Refused(parse_error(&body))),
+                tag::NOTICE_RESPONSE => {}
+                tag::READY_FOR_QUERY => return Ok(()),
                 other => {
                     return Err(ProtocolError::Unexpected {
                         tag: other as char,
@@ -374,7 +302,7 @@ impl ServerConn {
         loop {
             let (tag, body) = self.read_message().await?;
             match tag {
-                b'D' => {
+                tag::DATA_ROW => {
                     let mut body = body;
                     if body.len() >= 6 && body.get_i16() >= 1 {
                         let len = body.get_i32();
@@ -383,19 +311,19 @@ impl ServerConn {
                         }
                     }
                 }
-                b'S' => {
+                tag::PARAMETER_STATUS => {
                     if let Some((name, value)) = parse_parameter_status(&body) {
                         set_shared_param(&mut self.params, name, value);
                     }
                 }
-                b'E' => {
+                tag::ERROR_RESPONSE => {
                     let fields = parse_error(&body);
                     if fields.is_fatal() {
                         return Err(ServerError::Refused(fields));
                     }
                     failure.get_or_insert(fields);
                 }
-                b'Z' => {
+                tag::READY_FOR_QUERY => {
                     return match failure {
                         Some(fields) => Err(ServerError::Refused(fields)),
                         None => Ok(rows),
@@ -437,6 +365,83 @@ impl ServerConn {
         })
         .await;
     }
+}
+
+/// Answers one Authentication request of the server's (`body` after the
+/// tag) into `out`: true when there is an answer to send, false when the
+/// request needs none (AuthenticationOk, SASL final).
+fn answer_auth(
+    login: &Login,
+    mut body: BytesMut,
+    scram: &mut Option<ScramSha256>,
+    out: &mut BytesMut,
+) -> Result<bool, ServerError> {
+    if body.len() < 4 {
+        return Err(ProtocolError::Malformed {
+            what: "Authentication",
+        }
+        .into());
+    }
+    let code = body.get_i32();
+    let password = || {
+        login.password.as_deref().ok_or_else(|| {
+            ServerError::Auth(format!(
+                "the server asks a password for user {:?}; set server.password or give the user a plain-text password in the auth file",
+                login.user
+            ))
+        })
+    };
+    match code {
+        0 => return Ok(false),
+        3 => frontend::password_message(password()?.as_bytes(), out)?,
+        5 => {
+            let salt: [u8; 4] = body[..].try_into().map_err(|_| ProtocolError::Malformed {
+                what: "AuthenticationMD5Password",
+            })?;
+            let hash = postgres_protocol::authentication::md5_hash(
+                login.user.as_bytes(),
+                password()?.as_bytes(),
+                salt,
+            );
+            frontend::password_message(hash.as_bytes(), out)?;
+        }
+        10 => {
+            if !body[..].split(|&b| b == 0).any(|m| m == b"SCRAM-SHA-256") {
+                return Err(ServerError::Auth(
+                    "the server offers no SASL mechanism the router supports".into(),
+                ));
+            }
+            let client = ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported());
+            frontend::sasl_initial_response("SCRAM-SHA-256", client.message(), out)?;
+            *scram = Some(client);
+        }
+        11 => {
+            let client = scram.as_mut().ok_or(ProtocolError::Unexpected {
+                tag: 'R',
+                during: "login (SASL continue without SASL)",
+            })?;
+            client
+                .update(&body)
+                .map_err(|e| ServerError::Auth(format!("SCRAM: {e}")))?;
+            frontend::sasl_response(client.message(), out)?;
+        }
+        12 => {
+            let mut client = scram.take().ok_or(ProtocolError::Unexpected {
+                tag: 'R',
+                during: "login (SASL final without SASL)",
+            })?;
+            client
+                .finish(&body)
+                .map_err(|e| ServerError::Auth(format!("SCRAM: {e}")))?;
+            return Ok(false);
+        }
+        other => {
+            return Err(ServerError::Auth(format!(
+                "unsupported authentication request {other}"
+            )))
+        }
+    }
+    Ok(true)
 }
 
 /// Connects to the Unix socket in `dir` of the server at `addrs` when that

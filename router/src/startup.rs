@@ -18,7 +18,7 @@ use crate::auth::{md5, AuthError, Secret};
 use crate::client::{ClientConn, Ended};
 use crate::client_error::ClientError;
 use crate::net::{self, Stream};
-use crate::params::{set_shared_param, Params, SETTABLE};
+use crate::params::{set_config_sql, set_shared_param, Params, SETTABLE};
 use crate::pool::CheckoutError;
 use crate::protocol::backend::{self, sqlstate, TxStatus};
 use crate::protocol::startup::{self, FirstPacket, Startup};
@@ -91,88 +91,14 @@ async fn negotiate(
     };
     let mut negotiations = 0;
     loop {
-        let packet = loop {
-            match startup::parse(&mut client.rbuf) {
-                Ok(Some(packet)) => break packet,
-                Ok(None) => client.read_more().await?,
-                Err(e @ ProtocolError::UnsupportedVersion { .. }) => {
-                    return Err(client
-                        .refuse(ClientError::fatal(
-                            sqlstate::FEATURE_NOT_SUPPORTED,
-                            e.to_string(),
-                            None,
-                        ))
-                        .await)
-                }
-                Err(e) => {
-                    return Err(client
-                        .refuse(ClientError::fatal(
-                            sqlstate::PROTOCOL_VIOLATION,
-                            format!("invalid startup packet: {e}"),
-                            None,
-                        ))
-                        .await)
-                }
-            }
-        };
-        match packet {
-            FirstPacket::SslRequest | FirstPacket::GssEncRequest => {
+        match first_packet(&mut client).await? {
+            packet @ (FirstPacket::SslRequest | FirstPacket::GssEncRequest) => {
                 negotiations += 1;
-                let is_ssl = packet == FirstPacket::SslRequest;
-                let already_tls = !matches!(client.stream, Stream::Plain(_));
-                if negotiations > 2 || already_tls {
-                    return Err(client
-                        .refuse(ClientError::fatal(
-                            sqlstate::PROTOCOL_VIOLATION,
-                            "repeated encryption request",
-                            None,
-                        ))
-                        .await);
-                }
-                if !client.rbuf.is_empty() {
-                    // Bytes sent before the answer could be read by an attacker
-                    // in the middle; Postgres refuses them too.
-                    return Err(client
-                        .refuse(ClientError::fatal(
-                            sqlstate::PROTOCOL_VIOLATION,
-                            "received unencrypted data after encryption request",
-                            None,
-                        ))
-                        .await);
-                }
-                match (&rt.tls, is_ssl) {
-                    (Some(acceptor), true) => {
-                        let Stream::Plain(mut tcp) = client.stream else {
-                            return Err(Ended);
-                        };
-                        tcp.write_all(b"S").await.map_err(|_| Ended)?;
-                        let tls = acceptor.accept(tcp).await.map_err(|e| {
-                            tracing::info!(error = %e, "client TLS handshake failed");
-                            Ended
-                        })?;
-                        client.stream = Stream::ClientTls(Box::new(tls));
-                    }
-                    _ => {
-                        client.wbuf.extend_from_slice(b"N");
-                        client.flush().await?;
-                    }
-                }
+                client =
+                    encrypt(client, rt, packet == FirstPacket::SslRequest, negotiations).await?;
             }
             FirstPacket::Cancel { pid, secret } => {
-                match shared.cancels.lookup(pid, &secret) {
-                    Some(target) => {
-                        tracing::info!(pid, server = %target.addr, "forwarding cancel request");
-                        let sent = tokio::time::timeout(
-                            std::time::Duration::from_secs(5),
-                            crate::server::send_cancel(target.addr, target.pid, target.secret),
-                        )
-                        .await;
-                        if !matches!(sent, Ok(Ok(()))) {
-                            tracing::info!(pid, "could not forward cancel request");
-                        }
-                    }
-                    None => tracing::debug!(pid, "cancel request for no known session"),
-                }
+                forward_cancel(shared, pid, &secret).await;
                 return Ok(None);
             }
             FirstPacket::Startup(s) => {
@@ -201,6 +127,91 @@ async fn negotiate(
     }
 }
 
+/// The next unauthenticated packet (SSLRequest, GSSENCRequest,
+/// CancelRequest or StartupMessage).
+async fn first_packet(client: &mut ClientConn) -> Result<FirstPacket, Ended> {
+    loop {
+        let refusal = match startup::parse(&mut client.rbuf) {
+            Ok(Some(packet)) => return Ok(packet),
+            Ok(None) => {
+                client.read_more().await?;
+                continue;
+            }
+            Err(e @ ProtocolError::UnsupportedVersion { .. }) => {
+                ClientError::fatal(sqlstate::FEATURE_NOT_SUPPORTED, e.to_string(), None)
+            }
+            Err(e) => ClientError::fatal(
+                sqlstate::PROTOCOL_VIOLATION,
+                format!("invalid startup packet: {e}"),
+                None,
+            ),
+        };
+        return Err(client.refuse(refusal).await);
+    }
+}
+
+/// Answers an encryption request (the `negotiations`th): TLS when it is an
+/// SSLRequest and the router has a certificate, else `N`.
+async fn encrypt(
+    mut client: ClientConn,
+    rt: &Runtime,
+    is_ssl: bool,
+    negotiations: u32,
+) -> Result<ClientConn, Ended> {
+    let already_tls = !matches!(client.stream, Stream::Plain(_));
+    let refusal = if negotiations > 2 || already_tls {
+        Some("repeated encryption request")
+    } else if !client.rbuf.is_empty() {
+        // Bytes sent before the answer could be read by an attacker in the
+        // middle; Postgres refuses them too.
+        Some("received unencrypted data after encryption request")
+    } else {
+        None
+    };
+    if let Some(message) = refusal {
+        return Err(client
+            .refuse(ClientError::fatal(
+                sqlstate::PROTOCOL_VIOLATION,
+                message,
+                None,
+            ))
+            .await);
+    }
+    let Some(acceptor) = rt.tls.as_ref().filter(|_| is_ssl) else {
+        client.wbuf.extend_from_slice(b"N");
+        client.flush().await?;
+        return Ok(client);
+    };
+    let Stream::Plain(mut tcp) = client.stream else {
+        return Err(Ended);
+    };
+    tcp.write_all(b"S").await.map_err(|_| Ended)?;
+    let tls = acceptor.accept(tcp).await.map_err(|e| {
+        tracing::info!(error = %e, "client TLS handshake failed");
+        Ended
+    })?;
+    client.stream = Stream::ClientTls(Box::new(tls));
+    Ok(client)
+}
+
+/// Forwards a CancelRequest to the server of the session it names, if any.
+async fn forward_cancel(shared: &Shared, pid: i32, secret: &[u8]) {
+    match shared.cancels.lookup(pid, secret) {
+        Some(target) => {
+            tracing::info!(pid, server = %target.addr, "forwarding cancel request");
+            let sent = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                crate::server::send_cancel(target.addr, target.pid, target.secret),
+            )
+            .await;
+            if !matches!(sent, Ok(Ok(()))) {
+                tracing::info!(pid, "could not forward cancel request");
+            }
+        }
+        None => tracing::debug!(pid, "cancel request for no known session"),
+    }
+}
+
 pub(crate) async fn start(
     shared: &Arc<Shared>,
     rt: &Runtime,
@@ -210,6 +221,52 @@ pub(crate) async fn start(
     let Some((mut client, startup)) = negotiate(shared, rt, tcp).await? else {
         return Ok(None);
     };
+    let (user, database) = check_startup(&mut client, &startup).await?;
+    log_in(&mut client, rt, &user, peer).await?;
+    if crate::console::is_console_database(&database) {
+        return console_login(client, rt, shared, &startup, user, database, peer)
+            .await
+            .map(|(client, login)| Some((client, Started::Console(login))));
+    }
+    let login = server_login(rt, &user, database, &startup);
+    let server = first_server(shared, rt, &login, &mut client).await?;
+    let known = match &server {
+        Some(conn) => {
+            shared.last_params.remember(&conn.params);
+            learn_server_defaults(shared, conn);
+            conn.params.clone()
+        }
+        None => params_without_server(shared, &startup, &user),
+    };
+    for (name, value) in known.iter() {
+        backend::parameter_status(&mut client.wbuf, name, value);
+    }
+    let cancel = shared.cancels.register();
+    if let Some(conn) = &server {
+        cancel.set_target(Some(conn.cancel_target()));
+    }
+    backend::backend_key_data(&mut client.wbuf, cancel.pid, cancel.secret());
+    backend::ready_for_query(&mut client.wbuf, TxStatus::Idle);
+    client.flush().await?;
+    Ok(Some((
+        client,
+        Started::Session(Ready {
+            login,
+            server,
+            known,
+            cancel,
+            client_user: user,
+        }),
+    )))
+}
+
+/// The user and database the StartupMessage names; refuses one without a
+/// user, and replication connections. Asks for protocol 3.0 when the client
+/// asked for a later minor version or for protocol options.
+async fn check_startup(
+    client: &mut ClientConn,
+    startup: &Startup,
+) -> Result<(String, String), Ended> {
     let Some(user) = startup
         .get("user")
         .filter(|u| !u.is_empty())
@@ -251,38 +308,47 @@ pub(crate) async fn start(
     if startup.minor > 0 || !unrecognised.is_empty() {
         backend::negotiate_protocol_version(&mut client.wbuf, 0, &unrecognised);
     }
+    Ok((user, database))
+}
 
-    if let Err(e) = authenticate(&mut client, rt, &user).await {
-        match e {
-            AuthOutcome::Ended => return Err(Ended),
-            AuthOutcome::Refused(e) => {
-                // The audit trail: who tried, from where, and why it failed
-                // (the client itself only learns "password authentication failed").
-                tracing::warn!(client = %peer, user, reason = %e, "client authentication failed");
-                let message = format!("password authentication failed for user \"{user}\"");
-                return Err(client
-                    .refuse(ClientError::fatal(
-                        sqlstate::INVALID_PASSWORD,
-                        message,
-                        None,
-                    ))
-                    .await);
-            }
+/// Authenticates the client at the router (AuthenticationOk written), or
+/// refuses it.
+async fn log_in(
+    client: &mut ClientConn,
+    rt: &Runtime,
+    user: &str,
+    peer: std::net::SocketAddr,
+) -> Result<(), Ended> {
+    match authenticate(client, rt, user).await {
+        Ok(()) => {
+            backend::auth_ok(&mut client.wbuf);
+            Ok(())
+        }
+        Err(AuthOutcome::Ended) => Err(Ended),
+        Err(AuthOutcome::Refused(e)) => {
+            // The audit trail: who tried, from where, and why it failed
+            // (the client itself only learns "password authentication failed").
+            tracing::warn!(client = %peer, user, reason = %e, "client authentication failed");
+            let message = format!("password authentication failed for user \"{user}\"");
+            Err(client
+                .refuse(ClientError::fatal(
+                    sqlstate::INVALID_PASSWORD,
+                    message,
+                    None,
+                ))
+                .await)
         }
     }
-    backend::auth_ok(&mut client.wbuf);
-    if crate::console::is_console_database(&database) {
-        return console_login(client, rt, shared, &startup, user, database, peer)
-            .await
-            .map(|(client, login)| Some((client, Started::Console(login))));
-    }
+}
 
+/// How the router logs in to servers for this client.
+fn server_login(rt: &Runtime, user: &str, database: String, startup: &Startup) -> Login {
     let server_user = rt
         .config
         .server
         .user
         .clone()
-        .unwrap_or_else(|| user.clone());
+        .unwrap_or_else(|| user.to_string());
     let password = rt.config.server.password.clone().or_else(|| {
         rt.users
             .get(&server_user)
@@ -290,7 +356,7 @@ pub(crate) async fn start(
             .filter(|p| !p.is_empty())
             .map(str::to_string)
     });
-    let login = Login {
+    Login {
         user: server_user,
         password,
         database,
@@ -302,116 +368,104 @@ pub(crate) async fn start(
             .collect(),
         sslmode: rt.config.server.sslmode,
         unix_socket_dir: rt.config.server.unix_socket_dir.clone(),
-    };
+    }
+}
 
-    let mut server = None;
-    if let Some(target) = shared.routing.load().target() {
-        match shared
-            .pools
-            .checkout(
-                &shared.opener(rt),
-                &target,
-                &login,
-                None,
-                rt.config.connect_timeout(),
-                None,
-            )
-            .await
-        {
-            Ok(mut conn) => match reset_drifted(&mut conn).await {
-                Ok(()) => server = Some(conn),
-                Err(e) => {
-                    tracing::info!(error = %e, "could not reset a pooled connection's settings at login; deferring to the first statement");
-                    conn.terminate().await;
-                }
-            },
-            Err(CheckoutError::Full { size }) => tracing::debug!(
-                size,
-                "the pool is full at login; deferring to the first statement"
-            ),
-            Err(CheckoutError::NodeFull(limit)) => tracing::debug!(
-                limit = limit.limit,
-                "the router's connections to the primary are at their limit at login; deferring to the first statement"
-            ),
-            Err(CheckoutError::Server(ServerError::Refused(fields))) if !fields.is_transient() => {
-                // The primary's definitive answer (no such database, role, ...).
-                return Err(client
-                    .end_with(ClientError::fatal(fields.code, fields.message, None))
-                    .await);
-            }
-            Err(CheckoutError::Server(e)) => tracing::info!(
-                server = %format!("{}:{}", target.host, target.port),
-                error = %e,
-                "no server connection at login; deferring to the first statement"
-            ),
-        }
-    }
-
-    let known: Params = match &server {
-        Some(conn) => {
-            shared.last_params.remember(&conn.params);
-            learn_server_defaults(shared, conn);
-            conn.params.clone()
-        }
-        None => {
-            let last = shared.last_params.load_full();
-            let mut params: Params = if last.is_empty() {
-                Arc::new(
-                    FALLBACK_PARAMS
-                        .iter()
-                        .map(|(k, v)| (k.to_string(), v.to_string()))
-                        .collect(),
-                )
-            } else {
-                last
-            };
-            // The newest connection's values may be a previous client's
-            // session-level SETs (transaction mode): a client is told what it
-            // asked for, else the server's own value when the router knows it
-            // (an empty application_name when it does not: Postgres' default).
-            let defaults = shared
-                .server_defaults
-                .lock()
-                .map(|d| d.clone())
-                .unwrap_or_default();
-            for name in ECHOED {
-                let value = startup
-                    .get(name)
-                    .or_else(|| {
-                        defaults
-                            .iter()
-                            .find(|(k, _)| k == name)
-                            .map(|(_, v)| v.as_str())
-                    })
-                    .or((*name == "application_name").then_some(""));
-                if let Some(value) = value {
-                    set_shared_param(&mut params, name, value);
-                }
-            }
-            set_shared_param(&mut params, "session_authorization", &user);
-            params
-        }
+/// The session's first server connection, when one can be had without
+/// waiting; none defers it to the first statement. The primary's
+/// definitive refusal (no such database, role, ...) ends the client.
+async fn first_server(
+    shared: &Shared,
+    rt: &Runtime,
+    login: &Login,
+    client: &mut ClientConn,
+) -> Result<Option<ServerConn>, Ended> {
+    let Some(target) = shared.routing.load().target() else {
+        return Ok(None);
     };
-    for (name, value) in known.iter() {
-        backend::parameter_status(&mut client.wbuf, name, value);
-    }
-    let cancel = shared.cancels.register();
-    if let Some(conn) = &server {
-        cancel.set_target(Some(conn.cancel_target()));
-    }
-    backend::backend_key_data(&mut client.wbuf, cancel.pid, cancel.secret());
-    backend::ready_for_query(&mut client.wbuf, TxStatus::Idle);
-    client.flush().await?;
-    Ok(Some((
-        client,
-        Started::Session(Ready {
+    let checkout = shared
+        .pools
+        .checkout(
+            &shared.opener(rt),
+            &target,
             login,
-            server,
-            known,
-            cancel,
-            client_user: user,
-        }),
-    )))
+            None,
+            rt.config.connect_timeout(),
+            None,
+        )
+        .await;
+    match checkout {
+        Ok(mut conn) => match reset_drifted(&mut conn).await {
+            Ok(()) => return Ok(Some(conn)),
+            Err(e) => {
+                tracing::info!(error = %e, "could not reset a pooled connection's settings at login; deferring to the first statement");
+                conn.terminate().await;
+            }
+        },
+        Err(CheckoutError::Full { size }) => tracing::debug!(
+            size,
+            "the pool is full at login; deferring to the first statement"
+        ),
+        Err(CheckoutError::NodeFull(limit)) => tracing::debug!(
+            limit = limit.limit,
+            "the router's connections to the primary are at their limit at login; deferring to the first statement"
+        ),
+        Err(CheckoutError::Server(ServerError::Refused(fields))) if !fields.is_transient() => {
+            // The primary's definitive answer (no such database, role, ...).
+            return Err(client
+                .end_with(ClientError::fatal(fields.code, fields.message, None))
+                .await);
+        }
+        Err(CheckoutError::Server(e)) => tracing::info!(
+            server = %format!("{}:{}", target.host, target.port),
+            error = %e,
+            "no server connection at login; deferring to the first statement"
+        ),
+    }
+    Ok(None)
+}
+
+/// What a client logging in without a server connection is told: the
+/// newest connection's parameters (Postgres' defaults when there was none),
+/// with what the client asked for in its startup packet, else the server's
+/// own values when the router knows them.
+fn params_without_server(shared: &Shared, startup: &Startup, user: &str) -> Params {
+    let last = shared.last_params.load_full();
+    let mut params: Params = if last.is_empty() {
+        Arc::new(
+            FALLBACK_PARAMS
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    } else {
+        last
+    };
+    // The newest connection's values may be a previous client's
+    // session-level SETs (transaction mode): a client is told what it
+    // asked for, else the server's own value when the router knows it
+    // (an empty application_name when it does not: Postgres' default).
+    let defaults = shared
+        .server_defaults
+        .lock()
+        .map(|d| d.clone())
+        .unwrap_or_default();
+    for name in ECHOED {
+        let value = startup
+            .get(name)
+            .or_else(|| {
+                defaults
+                    .iter()
+                    .find(|(k, _)| k == name)
+                    .map(|(_, v)| v.as_str())
+            })
+            .or((*name == "application_name").then_some(""));
+        if let Some(value) = value {
+            set_shared_param(&mut params, name, value);
+        }
+    }
+    set_shared_param(&mut params, "session_authorization", user);
+    params
 }
 
 /// An authenticated client of the admin console: refused unless its user is
@@ -490,16 +544,9 @@ async fn reset_drifted(conn: &mut ServerConn) -> Result<(), ServerError> {
     if Arc::ptr_eq(&conn.params, &conn.opened) {
         return Ok(());
     }
-    let mut fixes = String::new();
-    for (name, value) in conn.opened.iter() {
-        if SETTABLE.contains(&name.as_str()) && conn.param(name) != Some(value.as_str()) {
-            fixes.push_str(&format!(
-                "SELECT set_config({}, {}, false);",
-                postgres_protocol::escape::escape_literal(name),
-                postgres_protocol::escape::escape_literal(value)
-            ));
-        }
-    }
+    let fixes = set_config_sql(conn.opened.iter().filter(|(name, value)| {
+        SETTABLE.contains(&name.as_str()) && conn.param(name) != Some(value.as_str())
+    }));
     if !fixes.is_empty() {
         conn.simple_query(&fixes).await?;
     }

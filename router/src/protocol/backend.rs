@@ -50,6 +50,7 @@ pub enum TxStatus {
 
 impl TxStatus {
     /// The status of a ReadyForQuery's byte; `None` for a byte Postgres never sends.
+    #[inline]
     pub fn from_byte(status: u8) -> Option<TxStatus> {
         match status {
             b'I' => Some(TxStatus::Idle),
@@ -60,6 +61,7 @@ impl TxStatus {
     }
 
     /// The byte ReadyForQuery carries.
+    #[inline]
     pub fn as_byte(self) -> u8 {
         match self {
             TxStatus::Idle => b'I',

@@ -40,8 +40,12 @@ pub mod backend {
     pub const READY_FOR_QUERY: u8 = b'Z';
     /// ErrorResponse.
     pub const ERROR_RESPONSE: u8 = b'E';
+    /// NoticeResponse.
+    pub const NOTICE_RESPONSE: u8 = b'N';
     /// ParameterStatus: a reported setting changed.
     pub const PARAMETER_STATUS: u8 = b'S';
+    /// DataRow.
+    pub const DATA_ROW: u8 = b'D';
     /// CommandComplete, with the command tag.
     pub const COMMAND_COMPLETE: u8 = b'C';
     /// ParseComplete.

@@ -12,7 +12,7 @@ use hapg_config::router::RouterConfig;
 use tokio::time::Instant;
 
 use crate::client_error::ClientError;
-use crate::params::{same_params, set_shared_param, SETTABLE};
+use crate::params::{same_params, set_config_sql, set_shared_param, SETTABLE};
 use crate::pool::CheckoutError;
 use crate::protocol::backend::{self, sqlstate, ErrorFields};
 use crate::routing::Routing;
@@ -429,18 +429,9 @@ impl Session {
         if self.tx_mode && !Arc::ptr_eq(&self.known, &server.params) {
             // Reported settings the client has and this connection does not
             // (another client changed them here): set them as the client has them.
-            let mut fixes = String::new();
-            for (name, value) in self.known.iter() {
-                if SETTABLE.contains(&name.as_str())
-                    && server.param(name).is_some_and(|v| v != value)
-                {
-                    fixes.push_str(&format!(
-                        "SELECT set_config({}, {}, false);",
-                        postgres_protocol::escape::escape_literal(name),
-                        postgres_protocol::escape::escape_literal(value)
-                    ));
-                }
-            }
+            let fixes = set_config_sql(self.known.iter().filter(|(name, value)| {
+                SETTABLE.contains(&name.as_str()) && server.param(name).is_some_and(|v| v != value)
+            }));
             if !fixes.is_empty() {
                 server
                     .simple_query(&fixes)
@@ -455,16 +446,11 @@ impl Session {
                     .await
                     .map_err(|e| lost("settings", e))?;
             }
-            let mut fixes = String::new();
-            for (name, value) in &self.changed {
-                if server.param(name) != Some(value.as_str()) {
-                    fixes.push_str(&format!(
-                        "SELECT set_config({}, {}, false);",
-                        postgres_protocol::escape::escape_literal(name),
-                        postgres_protocol::escape::escape_literal(value)
-                    ));
-                }
-            }
+            let fixes = set_config_sql(
+                self.changed
+                    .iter()
+                    .filter(|(name, value)| server.param(name) != Some(value.as_str())),
+            );
             if !fixes.is_empty() {
                 server
                     .simple_query(&fixes)

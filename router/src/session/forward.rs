@@ -19,6 +19,7 @@ pub(crate) struct Forward {
 
 impl Forward {
     /// Forwards `buf[at..at + n]`.
+    #[inline]
     pub fn pass(&mut self, buf: &BytesMut, out: &mut BytesMut, at: usize, n: usize) {
         if self.run > 0 && at == self.start + self.run {
             self.run += n;
@@ -33,6 +34,7 @@ impl Forward {
 
     /// Copies the stretch so far to `out`: call before writing anything else
     /// to `out`, so that it stays in order.
+    #[inline]
     pub fn spill(&mut self, buf: &BytesMut, out: &mut BytesMut) {
         if self.run > 0 {
             out.extend_from_slice(&buf[self.start..self.start + self.run]);

@@ -7,7 +7,8 @@ use crate::client_error::{ClientError, Refusal};
 use crate::protocol::backend::{self, sqlstate, TxStatus};
 use crate::protocol::tag::frontend;
 use crate::protocol::{cstr, frame};
-use crate::tracking::{self, LargeSql};
+use crate::server::ServerConn;
+use crate::tracking::{self, LargeSql, SessionState};
 
 use super::failed::{ends_transaction, Step};
 use super::forward::Forward;
@@ -132,6 +133,7 @@ impl Session {
 
     /// The rest of a large message, as it arrives. False when nothing more
     /// has arrived.
+    #[inline]
     fn stream_client_rest(&mut self, forward: &mut Forward, pos: &mut usize) -> bool {
         let n = self.proto.client_rest().min(self.client.rbuf.len() - *pos);
         if n == 0 {
@@ -156,6 +158,7 @@ impl Session {
     /// the router refuses, and Terminate, close the session (after the
     /// answers to what came before) and give `None`, as does a message not
     /// complete yet.
+    #[inline]
     fn next_message(&mut self, pos: usize) -> Option<Incoming> {
         let rest = &self.client.rbuf[pos..];
         // Postgres looks at the type before the length.
@@ -204,6 +207,7 @@ impl Session {
 
     /// A message the router deals with itself: dropped while skipping the
     /// rest of a failed batch, or answered in a lost transaction.
+    #[inline]
     fn answered_here(&mut self, m: Incoming, pos: &mut usize) -> Handled {
         if self.proto.skipping() {
             *pos += m.len;
@@ -294,25 +298,8 @@ impl Session {
                 ClientMsg::Parse { unnamed_ends }
             }
             ClientMsg::Query { .. } => {
-                let mut ends = false;
-                if let Some((sql, _)) = cstr(body) {
-                    // Most statements are plain DML: the quick check
-                    // spares them the scans for DEALLOCATE and DISCARD,
-                    // the UTF-8 check and the parser.
-                    let interesting = tracking::interesting(sql);
-                    if interesting {
-                        if let Some(server) = pooled {
-                            if mentions_deallocation(sql) {
-                                forget_all(server);
-                            }
-                        }
-                        if let Ok(sql) = std::str::from_utf8(sql) {
-                            self.state.on_query(sql);
-                        }
-                    }
-                    ends = self.proto.in_transaction() && ends_transaction(sql);
-                }
-                ClientMsg::Query { ends }
+                let in_tx = self.proto.in_transaction();
+                track_query(&mut self.state, pooled, in_tx, body)
             }
             ClientMsg::Parse { .. } => {
                 self.state.on_parse(frame);
@@ -390,5 +377,35 @@ impl Session {
             }
             self.pin_if_sticky();
         }
+    }
+}
+
+/// A Query (body given) about to be forwarded whole: what it may do to the
+/// session's state (and, in transaction mode, to the statements its server
+/// connection has), and whether it ends the transaction it is sent in.
+#[inline]
+fn track_query(
+    state: &mut SessionState,
+    pooled: Option<&mut ServerConn>,
+    in_tx: bool,
+    body: &[u8],
+) -> ClientMsg {
+    let Some((sql, _)) = cstr(body) else {
+        return ClientMsg::Query { ends: false };
+    };
+    // Most statements are plain DML: the quick check spares them the scans
+    // for DEALLOCATE and DISCARD, the UTF-8 check and the parser.
+    if tracking::interesting(sql) {
+        if let Some(server) = pooled {
+            if mentions_deallocation(sql) {
+                forget_all(server);
+            }
+        }
+        if let Ok(sql) = std::str::from_utf8(sql) {
+            state.on_query(sql);
+        }
+    }
+    ClientMsg::Query {
+        ends: in_tx && ends_transaction(sql),
     }
 }

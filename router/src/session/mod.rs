@@ -286,11 +286,13 @@ impl Session {
     }
 
     /// No server connection, or one with nothing open or half-relayed on it.
+    #[inline]
     fn idle(&self) -> bool {
         self.server.is_none() || self.proto.idle()
     }
 
     /// Nothing more is to come from the server for what it was sent.
+    #[inline]
     fn owed_nothing(&self) -> bool {
         self.server.is_none() || self.proto.owed_nothing()
     }
@@ -352,6 +354,7 @@ impl Session {
 
     /// Ends the busy mark once the session is back at a transaction boundary
     /// (or has no server any more).
+    #[inline]
     fn sync_busy(&mut self) {
         if self.busy.is_some() && (self.server.is_none() || self.proto.at_boundary()) {
             self.busy = None;

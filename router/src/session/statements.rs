@@ -35,6 +35,7 @@ pub(crate) struct Statements {
 }
 
 impl Statements {
+    #[inline]
     pub fn reset(&mut self) {
         self.parses.clear();
         self.closes.clear();
@@ -42,6 +43,7 @@ impl Statements {
         self.parsed.clear();
     }
 
+    #[inline]
     pub fn on_ready(&mut self, idle: bool) {
         self.seen += 1;
         while self.parses.front().is_some_and(|(seg, _)| *seg < self.seen) {
