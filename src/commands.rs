@@ -12,6 +12,7 @@ use hapg_keeper::{pidfile, postgres, NodePaths};
 use hapg_monitor::client::{NodeRow, RequestKind};
 use hapg_monitor::{MonitorClient, NodeState};
 use tokio::signal::unix::{signal, SignalKind};
+use tracing::Instrument;
 
 use crate::show;
 use crate::{
@@ -24,8 +25,20 @@ use crate::{
 pub async fn dispatch(command: Command) -> Result<()> {
     match command {
         Command::Create(create) => match *create {
-            CreateCommand::Monitor(args) => create_monitor(args).await,
-            CreateCommand::Postgres(args) => create_postgres(args).await,
+            CreateCommand::Monitor(args) => {
+                create_monitor(args)
+                    .instrument(tracing::info_span!("hapg", component = "monitor"))
+                    .await
+            }
+            CreateCommand::Postgres(args) => {
+                let span = tracing::info_span!(
+                    "hapg",
+                    component = "keeper",
+                    formation = %args.formation,
+                    node = %args.name
+                );
+                create_postgres(args).instrument(span).await
+            }
         },
         Command::Run(args) => run(&args.pgdata).await,
         Command::Stop(args) => stop(&args.pgdata, args.fast, args.immediate).await,
@@ -46,8 +59,12 @@ pub async fn dispatch(command: Command) -> Result<()> {
             wait,
         }) => drop_node(monitor, name, destroy, wait).await,
         Command::Config(cmd) => config_command(cmd),
-        Command::Router(RouterCommand::Run { config }) => router_run(config).await,
-        Command::Demo(args) => crate::demo::run(args).await,
+        Command::Router(RouterCommand::Run { config, .. }) => router_run(config).await,
+        Command::Demo(args) => {
+            crate::demo::run(args)
+                .instrument(tracing::info_span!("hapg", component = "demo"))
+                .await
+        }
         Command::Watch(args) => {
             let t = target(&args)?;
             crate::watch::run(&t.conninfo, &t.formation, args.json).await
@@ -308,6 +325,21 @@ fn load_config(pgdata: &Path) -> Result<(NodePaths, NodeConfig)> {
 }
 
 async fn run(pgdata: &Path) -> Result<()> {
+    let (_, config) = load_config(pgdata)?;
+    // Every line this process logs names what it is (`--log-format json`).
+    let span = match config.node.role {
+        Role::Monitor => tracing::info_span!("hapg", component = "monitor"),
+        Role::Keeper => tracing::info_span!(
+            "hapg",
+            component = "keeper",
+            formation = %config.node.formation,
+            node = %config.node.name
+        ),
+    };
+    run_node(pgdata).instrument(span).await
+}
+
+async fn run_node(pgdata: &Path) -> Result<()> {
     let (paths, config) = load_config(pgdata)?;
     let _pid = pidfile::PidFile::acquire(&paths.pid)?;
     let shutdown = shutdown_on_signals()?;
@@ -1051,6 +1083,15 @@ fn lookup<'a>(doc: &'a toml::Value, key: &str) -> Option<&'a toml::Value> {
 
 async fn router_run(path: PathBuf) -> Result<()> {
     let config = hapg_config::router::RouterConfig::load(&path)?;
+    let span = tracing::info_span!(
+        "hapg",
+        component = "router",
+        formation = %config.router.formation
+    );
+    router_serve(path, config).instrument(span).await
+}
+
+async fn router_serve(path: PathBuf, config: hapg_config::router::RouterConfig) -> Result<()> {
     hapg_router::check_formation(&config.router, Duration::from_secs(3))
         .await
         .map_err(|e| anyhow!("{}: {e}", path.display()))?;

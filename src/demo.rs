@@ -29,6 +29,8 @@ fn free_port() -> Result<u16> {
 struct Demo {
     dir: PathBuf,
     os_user: String,
+    /// `--log-format` of the demo, handed to every process it starts.
+    log_format: crate::log_format::LogFormat,
     children: BTreeMap<String, Child>,
 }
 
@@ -40,6 +42,7 @@ impl Demo {
             .env("XDG_CONFIG_HOME", self.dir.join("xdg/config"))
             .env("XDG_DATA_HOME", self.dir.join("xdg/data"))
             .env_remove("PGDATA")
+            .env("HAPG_LOG_FORMAT", self.log_format.as_str())
             .stdin(Stdio::null());
         Ok(cmd)
     }
@@ -194,6 +197,7 @@ async fn run_in(args: &DemoArgs, dir: &std::path::Path) -> Result<()> {
     let mut demo = Demo {
         dir: dir.clone(),
         os_user: args.os_user.clone(),
+        log_format: args.log.log_format,
         children: BTreeMap::new(),
     };
     println!("hapg demo in {}", dir.display());

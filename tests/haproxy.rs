@@ -193,10 +193,19 @@ async fn haproxy_follows_the_primary_through_switchover_and_power_off() {
         "{} acknowledged writes lost through HAProxy: {lost:?}",
         lost.len()
     );
+    let first_after = |port: u16, from: f64| {
+        report
+            .acks
+            .iter()
+            .find(|a| a.port == Some(port) && a.at > from)
+            .map_or(f64::NAN, |a| a.at - from)
+    };
     eprintln!(
-        "haproxy: {} writes acknowledged, {} errors, longest gap {:?}",
+        "haproxy: {} writes acknowledged, {} errors, longest gap {:?}; first write on the new primary {:.2} s after perform switchover began, {:.2} s after the power-off",
         report.acked.len(),
         report.errors,
-        report.longest_gap
+        report.longest_gap,
+        first_after(port_b, switched),
+        first_after(port_a, powered_off)
     );
 }

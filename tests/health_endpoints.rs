@@ -269,6 +269,42 @@ async fn endpoints_follow_the_primary_and_metrics_pass_promtool() {
     assert!(last > 0.0 && last < 60.0, "{m}");
     check_metrics(&f, "node_a");
     check_metrics(&f, "node_b");
+
+    // A hapg.toml written before [http] existed: config get shows the
+    // default and config set adds the key (for the next hapg run).
+    let file = c.path().join("xdg/config/hapg").join(
+        c.path()
+            .join("node_a")
+            .strip_prefix("/")
+            .expect("absolute")
+            .join("hapg.toml"),
+    );
+    let text = std::fs::read_to_string(&file).expect("hapg.toml");
+    let old = text
+        .split("\n[")
+        .filter(|section| !section.starts_with("http]"))
+        .collect::<Vec<_>>()
+        .join("\n[");
+    assert!(!old.contains("[http]"), "{old}");
+    std::fs::write(&file, &old).expect("write the old file");
+    assert_eq!(
+        c.ok(&["config", "get", "--pgdata", "./node_a", "http.listen"])
+            .trim(),
+        ""
+    );
+    c.ok(&[
+        "config",
+        "set",
+        "--pgdata",
+        "./node_a",
+        "http.listen",
+        "127.0.0.1:18008",
+    ]);
+    assert_eq!(
+        c.ok(&["config", "get", "--pgdata", "./node_a", "http.listen"])
+            .trim(),
+        "127.0.0.1:18008"
+    );
 }
 
 /// A hostile client: the server closes a connection that never sends its

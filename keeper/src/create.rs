@@ -393,6 +393,6 @@ pub async fn create_node(
     paths.create_dirs()?;
     crate::paths::write_atomic(&paths.config, config.to_toml().as_bytes())?;
     KeeperState::new(registered.node_id, registered.group_id).save(&paths.state)?;
-    tracing::info!(node = registered.node_id, name = %registered.name, "registered with the monitor");
+    tracing::info!(node_id = registered.node_id, name = %registered.name, "registered with the monitor");
     Ok(paths)
 }

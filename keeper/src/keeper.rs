@@ -84,17 +84,23 @@ pub async fn run(paths: NodePaths, mode: RunMode, shutdown: Shutdown) -> Result<
                 config.timeout.network_partition_timeout(),
                 liveness_deadline(&config),
             ));
-            tokio::spawn(crate::http::serve(
-                listener,
-                crate::http::Endpoints::Node(receiver),
-                shutdown.token.clone(),
-            ));
-            tokio::spawn(poll_monitor_health(
-                config.node.monitor.clone(),
-                state.node_id,
-                sender.clone(),
-                shutdown.token.clone(),
-            ));
+            tokio::spawn(
+                crate::http::serve(
+                    listener,
+                    crate::http::Endpoints::Node(receiver),
+                    shutdown.token.clone(),
+                )
+                .in_current_span(),
+            );
+            tokio::spawn(
+                poll_monitor_health(
+                    config.node.monitor.clone(),
+                    state.node_id,
+                    sender.clone(),
+                    shutdown.token.clone(),
+                )
+                .in_current_span(),
+            );
             Some(sender)
         }
         None => None,
@@ -117,7 +123,7 @@ pub async fn run(paths: NodePaths, mode: RunMode, shutdown: Shutdown) -> Result<
         standby_heard: Instant::now(),
         rejoin_failed: Failed::Nothing,
     };
-    let span = tracing::info_span!("keeper", node = keeper.state.node_id);
+    let span = tracing::info_span!("keeper", node_id = keeper.state.node_id);
     let exit = keeper.main_loop(mode, &shutdown).instrument(span).await?;
     if exit != Exit::Initialized && !shutdown.keep_postgres.load(Ordering::Relaxed) {
         let how = if shutdown.immediate.load(Ordering::Relaxed) {
@@ -325,7 +331,9 @@ impl Keeper {
         let Some(status) = &self.status else {
             return;
         };
-        let running = self.reported_running(observation);
+        // What runs, not what is reported: a primary being restarted in
+        // place is reported running for a while, but is not up.
+        let running = Liveness::of(observation.running, self.pg.postmaster_pid()).running();
         let fresh = NodeStatus {
             node_id: self.state.node_id,
             name: self.config.node.name.clone(),

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use hapg_config::{MonitorTimings, NodeConfig};
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::create::monitor_local_conninfo;
 use crate::error::KeeperError;
@@ -49,16 +50,22 @@ pub async fn run(
     };
     if let Some(listener) = http {
         let (sender, receiver) = watch::channel(MonitorStatus::starting());
-        tokio::spawn(crate::monitor_status::poll(
-            monitor_local_conninfo(&config),
-            sender,
-            shutdown.token.clone(),
-        ));
-        tokio::spawn(crate::http::serve(
-            listener,
-            crate::http::Endpoints::Monitor(receiver),
-            shutdown.token.clone(),
-        ));
+        tokio::spawn(
+            crate::monitor_status::poll(
+                monitor_local_conninfo(&config),
+                sender,
+                shutdown.token.clone(),
+            )
+            .in_current_span(),
+        );
+        tokio::spawn(
+            crate::http::serve(
+                listener,
+                crate::http::Endpoints::Monitor(receiver),
+                shutdown.token.clone(),
+            )
+            .in_current_span(),
+        );
     }
     let result = hapg_monitor::service::run(
         &monitor_local_conninfo(&config),

@@ -450,7 +450,7 @@ fn parse_operation(
 /// Writes one goal: the node's row, the formation's epoch when a different node
 /// becomes writable, an event with the reason, and the state notification.
 async fn apply_assignment(tx: &Transaction<'_>, a: &Assignment) -> Result<(), MonitorError> {
-    tracing::info!(node = a.node_id, goal = %a.goal, "{}", a.reason);
+    tracing::info!(node_id = a.node_id, goal = %a.goal, "{}", a.reason);
     let row = tx
         .query_one(
             "UPDATE hapg.node SET goal_state = $2::text::hapg.replication_state,
@@ -500,7 +500,7 @@ async fn notify_state(tx: &Transaction<'_>, node_id: i64) -> Result<(), MonitorE
 }
 
 async fn remove_node(tx: &Transaction<'_>, node_id: i64, reason: &str) -> Result<(), MonitorError> {
-    tracing::info!(node = node_id, "{reason}");
+    tracing::info!(node_id, "{reason}");
     tx.execute(
         "INSERT INTO hapg.event (formation_id, group_id, node_id, node_name, node_host, node_port,
                                  reported_state, goal_state, description)
