@@ -398,6 +398,47 @@ async fn pause_resume_reconnect_and_kill_client_are_seen_from_a_client() {
         .await
         .expect_err("gone");
     assert_eq!(code(&e), "42704");
+
+    // RELOAD: a changed file is in force; a bad one is refused and the
+    // configuration in force stays.
+    let path = &cluster.router.config_path;
+    let text = std::fs::read_to_string(path).expect("config");
+    std::fs::write(
+        path,
+        text.replace("mode = \"transaction\"", "mode = \"session\""),
+    )
+    .expect("write");
+    admin.simple_query("RELOAD").await.expect("RELOAD");
+    let mode = |rows: &[Vec<Option<String>>], c: &[String]| {
+        rows.iter()
+            .find(|r| cell(c, r, "key") == Some("pool.mode"))
+            .and_then(|r| cell(c, r, "value").map(str::to_string))
+    };
+    let (c, rows) = show(&admin, "SHOW CONFIG").await;
+    assert_eq!(mode(&rows, &c).as_deref(), Some("session"));
+    std::fs::write(path, "[router]\nbogus = 1\n").expect("write");
+    let e = admin.simple_query("RELOAD").await.expect_err("a bad file");
+    let said = e
+        .as_db_error()
+        .map(|d| d.message().to_string())
+        .unwrap_or_default();
+    assert!(
+        said.contains("reload refused") && said.contains("bogus"),
+        "{said}"
+    );
+    let (c, rows) = show(&admin, "SHOW CONFIG").await;
+    assert_eq!(mode(&rows, &c).as_deref(), Some("session"));
+
+    // SHUTDOWN: the router stops serving.
+    admin.simple_query("SHUTDOWN").await.expect("SHUTDOWN");
+    let start = Instant::now();
+    while !cluster.router.task.is_finished() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the router did not stop"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     cluster.router.stop().await;
 }
 
