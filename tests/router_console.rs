@@ -49,12 +49,18 @@ fn scrape(addr: SocketAddr) -> String {
     let (status, body) = get(addr, "/metrics");
     assert_eq!(status, 200, "router /metrics: {body}");
     let (ok, said) = promtool(&body);
-    assert!(ok, "promtool check metrics on the router's /metrics: {said}\n{body}");
+    assert!(
+        ok,
+        "promtool check metrics on the router's /metrics: {said}\n{body}"
+    );
     body
 }
 
 /// A SHOW's rows as column name to value.
-async fn show(client: &tokio_postgres::Client, command: &str) -> Vec<Vec<(String, Option<String>)>> {
+async fn show(
+    client: &tokio_postgres::Client,
+    command: &str,
+) -> Vec<Vec<(String, Option<String>)>> {
     let mut rows = Vec::new();
     for m in client.simple_query(command).await.expect(command) {
         if let SimpleQueryMessage::Row(row) = m {
@@ -97,14 +103,24 @@ async fn a_switchover_shows_in_the_routers_console_and_metrics() {
         .await
         .expect("create table");
     let before = scrape(metrics);
-    assert_eq!(sample(&before, "hapg_router_primary_changes_total", &[]), Some(0.0));
-    assert_eq!(sample(&before, "hapg_router_monitor_reachable", &[]), Some(1.0));
+    assert_eq!(
+        sample(&before, "hapg_router_primary_changes_total", &[]),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(&before, "hapg_router_monitor_reachable", &[]),
+        Some(1.0)
+    );
     let epoch_before = sample(&before, "hapg_router_epoch", &[]).expect("epoch");
 
     let writer = Writer::start(uri.clone(), "writes", Duration::from_secs(300));
     cluster.eventually("writes through the router", STEP, || {
-        sample(&scrape(metrics), "pgbouncer_stats_sql_transactions_pooled_total", &[])
-            .is_some_and(|n| n > 20.0)
+        sample(
+            &scrape(metrics),
+            "pgbouncer_stats_sql_transactions_pooled_total",
+            &[],
+        )
+        .is_some_and(|n| n > 20.0)
     });
     cluster.ok(&["perform", "switchover", "--pgdata", "./monitor"]);
     cluster.wait_states(&[("node_a", "secondary"), ("node_b", "primary")], STEP);
@@ -127,19 +143,39 @@ async fn a_switchover_shows_in_the_routers_console_and_metrics() {
     let ends = |column: &str, port: u16| {
         value(f, column).is_some_and(|v| v.ends_with(&format!(":{port}")))
     };
-    assert!(ends("from_address", a.port) && ends("to_address", b.port), "{f:?}");
-    let held: f64 = value(f, "held_seconds").and_then(|v| v.parse().ok()).expect("held");
-    assert!(held > 0.0 && held < 30.0, "new work was held a while: {held} s");
+    assert!(
+        ends("from_address", a.port) && ends("to_address", b.port),
+        "{f:?}"
+    );
+    let held: f64 = value(f, "held_seconds")
+        .and_then(|v| v.parse().ok())
+        .expect("held");
+    assert!(
+        held > 0.0 && held < 30.0,
+        "new work was held a while: {held} s"
+    );
     let routing = show(&admin, "SHOW ROUTING").await;
     assert_eq!(value(&routing[0], "paused"), Some("false"));
-    assert!(value(&routing[0], "last_drain_epoch").is_some(), "{routing:?}");
+    assert!(
+        value(&routing[0], "last_drain_epoch").is_some(),
+        "{routing:?}"
+    );
 
     let after = scrape(metrics);
-    assert_eq!(sample(&after, "hapg_router_primary_changes_total", &[]), Some(1.0));
+    assert_eq!(
+        sample(&after, "hapg_router_primary_changes_total", &[]),
+        Some(1.0)
+    );
     assert!(sample(&after, "hapg_router_epoch", &[]).expect("epoch") > epoch_before);
-    assert_eq!(sample(&after, "hapg_router_failover_pause_seconds_count", &[]), Some(1.0));
+    assert_eq!(
+        sample(&after, "hapg_router_failover_pause_seconds_count", &[]),
+        Some(1.0)
+    );
     let sum = sample(&after, "hapg_router_failover_pause_seconds_sum", &[]).expect("sum");
-    assert!((sum - held).abs() < 0.01, "the metric and the console agree: {sum} vs {held}");
+    assert!(
+        (sum - held).abs() < 0.01,
+        "the metric and the console agree: {sum} vs {held}"
+    );
     println!(
         "switchover seen by the router: new work held {held:.3} s, writer: {} acked, {} errors, longest wait {:?}",
         report.acked.len(),
