@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Instructions the router executes per transaction, [metrics] off and on:
 # a release `hapg router run` (one worker, transaction pooling) under
-# valgrind's callgrind, collecting only while `pgbench -S -n -c 1 -t N` runs
-# through it, for two values of N; the difference over the difference of N
-# removes what does not grow with the transactions (connection setup, the
-# follower's ticks are small over a run). Instruction counts, not time, so a
-# machine loaded by other work gives the same answer.
+# valgrind's callgrind while `pgbench -S -n -c 1 -t N` runs through it, for
+# two values of N; the difference over the difference of N removes what does
+# not grow with the transactions (start, login, shutdown). What grows with
+# time instead (the follower's ticks, about one a second) stays in, and is
+# small next to thousands of transactions. Instruction counts, not time, so
+# a machine loaded by other work gives about the same answer.
 #
 #   bench/scripts/router_instructions.sh [path/to/release/hapg]
 #
@@ -54,7 +55,7 @@ wait_for "the node to take writes" "$BIN/psql" -X -h 127.0.0.1 -p "$nport" -U po
     -c "CREATE TABLE IF NOT EXISTS ready (x int)"
 "$BIN/pgbench" -q -i -s 1 -h 127.0.0.1 -p "$nport" -U postgres bench >/dev/null 2>&1
 
-instructions() { # metrics(on|off) transactions -> total Ir while pgbench ran
+instructions() { # metrics(on|off) transactions -> total Ir of the router's run
     local metrics=$1 n=$2 rport
     rport=$(free_port)
     {
@@ -63,13 +64,11 @@ instructions() { # metrics(on|off) transactions -> total Ir while pgbench ran
         printf '[pool]\nmode = "transaction"\npool_size = 4\n'
         if [ "$metrics" = on ]; then printf '\n[metrics]\nlisten = "127.0.0.1:%s"\n' "$(free_port)"; fi
     } >router-$metrics-$n.toml
-    valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$dir/cg-$metrics-$n.out" \
+    valgrind --tool=callgrind --callgrind-out-file="$dir/cg-$metrics-$n.out" \
         "$HAPG" router run --config router-$metrics-$n.toml >router-$metrics-$n.log 2>&1 &
     local vg=$!
     wait_for "the router" "$BIN/psql" -X -h 127.0.0.1 -p "$rport" -U postgres -d bench -c "SELECT 1"
-    callgrind_control -i on "$vg" >/dev/null
     "$BIN/pgbench" -n -S -c 1 -t "$n" -h 127.0.0.1 -p "$rport" -U postgres bench >pgbench-$metrics-$n.log 2>&1
-    callgrind_control -i off "$vg" >/dev/null
     kill -TERM "$vg"
     wait "$vg" || true
     # The summary line of every dump (one per thread) added up.

@@ -19,6 +19,9 @@ pub(crate) struct Tally {
     query_time_us: u64,
     xact_started: Option<Instant>,
     query_started: Option<Instant>,
+    /// The clock as read at the last ReadyForQuery: the end of a
+    /// transaction that ends there (one clock read less per transaction).
+    ready_at: Option<Instant>,
 }
 
 fn micros(since: Instant, now: Instant) -> u64 {
@@ -51,7 +54,10 @@ impl Tally {
         if busy == started && (!owing || self.query_started.is_some()) {
             return;
         }
-        let now = Instant::now();
+        let now = match self.ready_at.take() {
+            Some(at) if !busy => at,
+            _ => Instant::now(),
+        };
         if owing && self.query_started.is_none() {
             self.query_started = Some(now);
         }
@@ -72,7 +78,9 @@ impl Tally {
     /// The server said ReadyForQuery: one query answered.
     pub fn on_ready(&mut self, stats: &Stats) {
         if let Some(since) = self.query_started.take() {
-            let us = micros(since, Instant::now());
+            let now = Instant::now();
+            self.ready_at = Some(now);
+            let us = micros(since, now);
             self.queries += 1;
             self.query_time_us += us;
             stats.query_time.observe_us(us);
