@@ -132,7 +132,7 @@ impl ServerConn {
         tls: &Arc<rustls::ClientConfig>,
         liveness: &net::Liveness,
         timeout: Duration,
-    ) -> Result<ServerConn, ServerError> {
+    ) -> Result<Box<ServerConn>, ServerError> {
         tokio::time::timeout(timeout, Self::connect_inner(target, login, tls, liveness))
             .await
             .map_err(|_| ServerError::Timeout(timeout))?
@@ -143,7 +143,7 @@ impl ServerConn {
         login: &Login,
         tls: &Arc<rustls::ClientConfig>,
         liveness: &net::Liveness,
-    ) -> Result<ServerConn, ServerError> {
+    ) -> Result<Box<ServerConn>, ServerError> {
         let addrs: Vec<SocketAddr> = tokio::net::lookup_host((&*target.host, target.port))
             .await?
             .collect();
@@ -163,7 +163,10 @@ impl ServerConn {
                 )
             }
         };
-        let mut conn = ServerConn {
+        // Boxed: a connection moves between a session and its pool at
+        // every transaction boundary in transaction mode, and a pointer
+        // moves without a copy of the struct.
+        let mut conn = Box::new(ServerConn {
             stream,
             buf: BytesMut::with_capacity(net::READ_CHUNK),
             epoch: target.epoch,
@@ -178,7 +181,7 @@ impl ServerConn {
             permit: None,
             node_slot: None,
             prepared: HashMap::new(),
-        };
+        });
         conn.login(login).await?;
         conn.opened = conn.params.clone();
         match conn.param("in_hot_standby") {
@@ -356,7 +359,7 @@ impl ServerConn {
     }
 
     /// Says goodbye (Terminate) without waiting.
-    pub async fn terminate(mut self) {
+    pub async fn terminate(mut self: Box<Self>) {
         let mut out = BytesMut::new();
         frontend::terminate(&mut out);
         let _ = tokio::time::timeout(Duration::from_millis(100), async {

@@ -147,7 +147,7 @@ impl Shared {
     /// Puts a connection back in its pool, under the routing and the
     /// configuration in force; returns it when it is to be closed instead.
     #[inline]
-    pub fn checkin(&self, conn: ServerConn) -> Option<ServerConn> {
+    pub fn checkin(&self, conn: Box<ServerConn>) -> Option<Box<ServerConn>> {
         let routing = self.routing.load();
         let epoch = routing.known.then_some(routing.epoch);
         let lifetime = self.runtime.load().config.pool_lifetime();

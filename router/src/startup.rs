@@ -54,7 +54,7 @@ const ECHOED: &[&str] = &[
 /// What the relay starts from.
 pub(crate) struct Ready {
     pub login: Login,
-    pub server: Option<ServerConn>,
+    pub server: Option<Box<ServerConn>>,
     pub known: Params,
     pub cancel: crate::cancel::CancelKey,
     /// The user the client logged in as (`login.user` is the server's).
@@ -381,7 +381,7 @@ async fn first_server(
     rt: &Runtime,
     login: &Login,
     client: &mut ClientConn,
-) -> Result<Option<ServerConn>, Ended> {
+) -> Result<Option<Box<ServerConn>>, Ended> {
     let Some(target) = shared.routing.load().target() else {
         return Ok(None);
     };

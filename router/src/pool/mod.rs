@@ -21,6 +21,10 @@
 //! `pool.lifetime_ms` are closed by the maintenance task, which also keeps
 //! `pool.min_idle` connections open.
 
+// Connections are boxed (see `ServerConn::connect`): handing one between a
+// session and its pool moves a pointer, not the struct.
+#![allow(clippy::vec_box)]
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -96,7 +100,7 @@ impl PoolMap {
 }
 
 struct Idle {
-    conn: ServerConn,
+    conn: Box<ServerConn>,
     since: Instant,
 }
 
@@ -116,7 +120,7 @@ impl Pool {
     /// others in their order.
     fn take_idle_where(
         &mut self,
-        victims: &mut Vec<ServerConn>,
+        victims: &mut Vec<Box<ServerConn>>,
         mut doomed: impl FnMut(&ServerConn) -> bool,
     ) {
         let (gone, kept): (Vec<Idle>, Vec<Idle>) = std::mem::take(&mut self.idle)
@@ -154,11 +158,11 @@ fn slot<'a, V>(map: &'a mut HashMap<String, V>, key: &str, new: impl FnOnce() ->
 struct Look {
     id: PoolId,
     /// An idle connection to hand out.
-    found: Option<ServerConn>,
+    found: Option<Box<ServerConn>>,
     /// Else a free slot to open one in.
     permit: Option<OwnedSemaphorePermit>,
     /// Idle connections to close.
-    victims: Vec<ServerConn>,
+    victims: Vec<Box<ServerConn>>,
     slots: Arc<Semaphore>,
     returned: Arc<Notify>,
     size: u32,
@@ -186,7 +190,7 @@ pub struct PoolStats {
     pub open: usize,
 }
 
-pub(crate) async fn close_all(conns: Vec<ServerConn>) {
+pub(crate) async fn close_all(conns: Vec<Box<ServerConn>>) {
     for conn in conns {
         conn.terminate().await;
     }
@@ -221,7 +225,7 @@ impl Pools {
         hint: Option<PoolId>,
         connect_timeout: Duration,
         deadline: Option<Instant>,
-    ) -> Result<ServerConn, CheckoutError> {
+    ) -> Result<Box<ServerConn>, CheckoutError> {
         let (size, lifetime) = (opener.config.pool.pool_size, opener.config.pool_lifetime());
         loop {
             let Look {
@@ -383,7 +387,7 @@ impl Pools {
         id: PoolId,
         login: &Login,
         lifetime: Option<Duration>,
-    ) -> Option<ServerConn> {
+    ) -> Option<Box<ServerConn>> {
         let mut pools = self.lock();
         let pool = pools.pools.get_mut(id.0)?;
         let conn = &pool.idle.last()?.conn;
@@ -403,10 +407,10 @@ impl Pools {
     /// known, or it is past `lifetime`, `pool.lifetime_ms`).
     pub fn checkin(
         &self,
-        conn: ServerConn,
+        conn: Box<ServerConn>,
         epoch: Option<i64>,
         lifetime: Option<Duration>,
-    ) -> Option<ServerConn> {
+    ) -> Option<Box<ServerConn>> {
         if conn.permit.is_none() {
             return Some(conn);
         }
@@ -446,7 +450,7 @@ impl Pools {
     /// lost, and the others, to the same server, most likely went the same
     /// way (over TLS an idle connection does not show it until it is read),
     /// so a session must not be given one.
-    pub fn discard_epoch(&self, epoch: i64) -> Vec<ServerConn> {
+    pub fn discard_epoch(&self, epoch: i64) -> Vec<Box<ServerConn>> {
         let mut victims = Vec::new();
         let mut pools = self.lock();
         for pool in pools.pools.iter_mut() {
@@ -466,7 +470,7 @@ impl Pools {
         idle_timeout: Option<Duration>,
         lifetime: Option<Duration>,
         min_idle: u32,
-    ) -> Vec<ServerConn> {
+    ) -> Vec<Box<ServerConn>> {
         let mut victims = Vec::new();
         let mut pools = self.lock();
         for pool in pools.pools.iter_mut() {

@@ -5,6 +5,10 @@
 //! any pool to the node is closed, or the caller waits; a node that answers
 //! `53300 too many clients` has the router's idle connections to it closed.
 
+// Connections are boxed (see `ServerConn::connect`): handing one between a
+// session and its pool moves a pointer, not the struct.
+#![allow(clippy::vec_box)]
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -78,7 +82,7 @@ impl Pools {
         timeout: Duration,
         slot: (PoolId, OwnedSemaphorePermit),
         deadline: Option<Instant>,
-    ) -> Result<Option<ServerConn>, CheckoutError> {
+    ) -> Result<Option<Box<ServerConn>>, CheckoutError> {
         let budget = match self.budget(target.epoch) {
             Some(budget) => budget,
             None => return self.learn(opener, target, login, timeout, slot).await,
@@ -136,7 +140,7 @@ impl Pools {
         login: &Login,
         timeout: Duration,
         slot: (PoolId, OwnedSemaphorePermit),
-    ) -> Result<Option<ServerConn>, CheckoutError> {
+    ) -> Result<Option<Box<ServerConn>>, CheckoutError> {
         let _alone = self.learning.lock().await;
         if self.budget(target.epoch).is_some() {
             // Another connection learnt them meanwhile: count this one in
@@ -213,7 +217,7 @@ impl Pools {
         login: &Login,
         timeout: Duration,
         (id, permit): (PoolId, OwnedSemaphorePermit),
-    ) -> Result<ServerConn, ServerError> {
+    ) -> Result<Box<ServerConn>, ServerError> {
         match open(opener, target, login, timeout).await {
             Err(e) if node_is_full(&e) => {
                 let victims = self.discard_epoch(target.epoch);
@@ -244,7 +248,7 @@ impl Pools {
         login: &Login,
         timeout: Duration,
         slot: (PoolId, OwnedSemaphorePermit),
-    ) -> Result<Option<ServerConn>, CheckoutError> {
+    ) -> Result<Option<Box<ServerConn>>, CheckoutError> {
         let Some(budget) = self.budget(target.epoch) else {
             return self.learn(opener, target, login, timeout, slot).await;
         };
@@ -265,7 +269,7 @@ impl Pools {
 
     /// Takes out the idle connection to `epoch`'s primary that has been idle
     /// longest, whatever its pool.
-    pub(super) fn take_longest_idle(&self, epoch: i64) -> Option<ServerConn> {
+    pub(super) fn take_longest_idle(&self, epoch: i64) -> Option<Box<ServerConn>> {
         let mut pools = self.lock();
         let (pool, index) = pools
             .pools
@@ -288,7 +292,7 @@ async fn open(
     target: &Target,
     login: &Login,
     timeout: Duration,
-) -> Result<ServerConn, ServerError> {
+) -> Result<Box<ServerConn>, ServerError> {
     let liveness = crate::net::Liveness::of(opener.config);
     let mut conn = ServerConn::connect(target, login, opener.tls, &liveness, timeout).await?;
     conn.params = opener.params.share(&conn.params);
@@ -296,7 +300,7 @@ async fn open(
 }
 
 /// `conn` in a slot of pool `id`.
-fn in_pool(mut conn: ServerConn, id: PoolId, permit: OwnedSemaphorePermit) -> ServerConn {
+fn in_pool(mut conn: Box<ServerConn>, id: PoolId, permit: OwnedSemaphorePermit) -> Box<ServerConn> {
     conn.pool = Some(id);
     conn.permit = Some(permit);
     conn

@@ -494,7 +494,7 @@ impl Session {
 /// Gives a server connection back to the pool at the end of a client
 /// session; with `reset`, after `DISCARD ALL`. A connection that cannot be
 /// reset or kept is closed.
-pub(super) async fn give_back(shared: &Shared, mut server: ServerConn, reset: bool) {
+pub(super) async fn give_back(shared: &Shared, mut server: Box<ServerConn>, reset: bool) {
     if reset {
         let timeout = shared.runtime.load().config.connect_timeout();
         match tokio::time::timeout(timeout, server.simple_query("DISCARD ALL")).await {

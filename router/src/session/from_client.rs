@@ -269,7 +269,7 @@ impl Session {
         let frame = &self.client.rbuf[at..at + m.len];
         let body = &frame[5..];
         let pooled = if self.tx_mode {
-            self.server.as_mut()
+            self.server.as_deref_mut()
         } else {
             None
         };

@@ -71,7 +71,7 @@ struct Closing {
 pub(crate) struct Session {
     shared: Arc<Shared>,
     client: ClientConn,
-    server: Option<ServerConn>,
+    server: Option<Box<ServerConn>>,
     /// Bytes to send to the server.
     swbuf: BytesMut,
     login: Login,
@@ -119,7 +119,7 @@ pub(crate) struct Session {
     tally: Tally,
 }
 
-async fn read_server(server: &mut Option<ServerConn>) -> std::io::Result<usize> {
+async fn read_server(server: &mut Option<Box<ServerConn>>) -> std::io::Result<usize> {
     match server {
         Some(s) => {
             net::read_room(&mut s.buf);
