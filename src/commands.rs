@@ -208,6 +208,7 @@ async fn create_postgres(args: CreatePostgresArgs) -> Result<()> {
         replication_password,
         monitor_timeout: Duration::from_secs(args.monitor_timeout),
     };
+    let existed = opts.pgdata.exists();
     let paths = create::create_node(opts, node).await?;
     if args.instance.run {
         run(&paths.pgdata).await
@@ -216,7 +217,7 @@ async fn create_postgres(args: CreatePostgresArgs) -> Result<()> {
         // Once initialised, the keeper leaves Postgres running for `hapg run`
         // to take over; interrupted before that, it stops it.
         let shutdown = shutdown_on_signals()?;
-        match keeper::run(paths, RunMode::UntilInitialized, shutdown).await? {
+        match keeper::run(paths.clone(), RunMode::UntilInitialized, shutdown).await? {
             Exit::Initialized => Ok(()),
             Exit::Stopped => bail!(
                 "interrupted while initialising the node in {pgdata}; its Postgres is stopped. \
@@ -227,7 +228,35 @@ async fn create_postgres(args: CreatePostgresArgs) -> Result<()> {
                 "the node in {} was dropped from the formation while it was being created",
                 args.instance.pgdata.display()
             ),
+            Exit::InitFailed(error) => Err(undo_failed_create(&paths, existed, &error).await),
         }
+    }
+}
+
+/// The error of a `create postgres` whose initialisation kept failing, after
+/// undoing it: what failed, and either that nothing is left (run the same
+/// command again) or exactly what is left and how to finish or remove it.
+async fn undo_failed_create(paths: &NodePaths, existed: bool, error: &str) -> anyhow::Error {
+    let pgdata = paths.pgdata.display();
+    let failed = format!(
+        "could not initialise the node in {pgdata} within {} s: {error}",
+        keeper::INIT_GIVE_UP.as_secs()
+    );
+    match create::undo_node(paths, existed).await {
+        Ok(kept) => anyhow!(
+            "{failed}\nthe monitor dropped the node and what this command wrote was removed{}; \
+             fix the cause and run the same command again",
+            kept.map(|log| format!(" (the server log is kept as {})", log.display()))
+                .unwrap_or_default()
+        ),
+        Err(undo) => anyhow!(
+            "{failed}\nundoing it failed too: {undo}\nleft behind: the node's registration on \
+             the monitor, its configuration {config}, its state {state} and the data directory \
+             {pgdata}. Finish it with `hapg run --pgdata {pgdata}` once the cause is fixed, or \
+             remove it with `hapg drop node --pgdata {pgdata} --destroy` while that runs",
+            config = paths.config.display(),
+            state = paths.state.display(),
+        ),
     }
 }
 
@@ -349,7 +378,8 @@ async fn run_node(pgdata: &Path) -> Result<()> {
         }
         Role::Keeper => match keeper::run(paths, RunMode::Forever, shutdown).await? {
             Exit::Dropped => println!("node {} was dropped from the formation", config.node.name),
-            Exit::Stopped | Exit::Initialized => {}
+            // Only `RunMode::UntilInitialized` gives up on an initialisation.
+            Exit::Stopped | Exit::Initialized | Exit::InitFailed(_) => {}
         },
     }
     Ok(())
@@ -540,25 +570,15 @@ async fn show_uri(args: MonitorArgs, monitor_only: bool) -> Result<()> {
             formation_uri(&nodes, &f.dbname, &t.sslmode),
         ));
     }
-    let routers = monitor
-        .inner()
-        .query(
-            "SELECT router_id, formation_id, address FROM hapg.router
-              WHERE last_seen > now() - interval '30 seconds' ORDER BY router_id",
-            &[],
-        )
-        .await?;
-    for r in routers {
-        let formation: String = r.try_get(1)?;
-        let address: String = r.try_get(2)?;
+    for r in monitor.routers(Duration::from_secs(30)).await? {
         let dbname = formations
             .iter()
-            .find(|f| f.formation == formation)
+            .find(|f| f.formation == r.formation)
             .map_or("postgres".to_string(), |f| f.dbname.clone());
         rows.push((
             "router".into(),
-            r.try_get(0)?,
-            format!("postgres://{address}/{dbname}"),
+            r.router_id,
+            format!("postgres://{}/{dbname}", r.address),
         ));
     }
     if let Some(only) = &args.formation {
@@ -987,7 +1007,7 @@ async fn drop_node(
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let pg = postgres::LocalPostgres::from_config(&config)?;
-        pg.stop("fast").await?;
+        pg.stop(hapg_keeper::postgres::StopMode::Fast).await?;
         std::fs::remove_dir_all(&paths.pgdata)
             .with_context(|| format!("removing {}", paths.pgdata.display()))?;
         paths.remove_all();

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hapg_monitor::state::NodeState;
+use hapg_monitor::{MonitorClient, MonitorError};
 
 use crate::drill::{connect, WriterReport};
 
@@ -166,7 +167,7 @@ pub struct Drill<'a> {
 
 impl Drill<'_> {
     /// Every invariant broken, said in a sentence each; empty when all hold.
-    pub async fn violations(&self) -> Result<Vec<String>, tokio_postgres::Error> {
+    pub async fn violations(&self) -> anyhow::Result<Vec<String>> {
         let mut broken = Vec::new();
         let primary = connect(self.primary_uri).await?;
         if let Some(probe) = self.probe {
@@ -261,24 +262,13 @@ pub struct WritableHistory {
 }
 
 impl WritableHistory {
-    pub async fn read(monitor_uri: &str) -> Result<WritableHistory, tokio_postgres::Error> {
-        let rows = connect(monitor_uri)
+    pub async fn read(monitor_uri: &str) -> Result<WritableHistory, MonitorError> {
+        let assignments = MonitorClient::connect(monitor_uri)
             .await?
-            .query(
-                "SELECT extract(epoch FROM event_time)::float8, node_port, goal_state::text
-                   FROM hapg.event
-                  WHERE node_port IS NOT NULL AND goal_state IS NOT NULL
-                  ORDER BY event_id",
-                &[],
-            )
-            .await?;
-        let assignments = rows
-            .iter()
-            .filter_map(|r| {
-                let port = u16::try_from(r.get::<_, i32>(1)).ok()?;
-                let state = r.get::<_, String>(2).parse().ok()?;
-                Some((r.get(0), port, state))
-            })
+            .goal_history()
+            .await?
+            .into_iter()
+            .map(|e| (e.time, e.node_port, e.goal))
             .collect();
         Ok(WritableHistory { assignments })
     }

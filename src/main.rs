@@ -477,6 +477,11 @@ fn main() -> std::process::ExitCode {
         _ => log_format::LogFormat::Text,
     };
     init_tracing(if verbose { "info" } else { "warn" }, format);
+    if matches!(cli.command, Command::Demo(_)) {
+        // The demo's processes log as the demo does: they inherit this.
+        // Set before the async runtime starts, while this is the only thread.
+        std::env::set_var("HAPG_LOG_FORMAT", format.as_str());
+    }
     match run(cli.command) {
         Ok(Ok(())) => std::process::ExitCode::SUCCESS,
         Ok(Err(e)) => {

@@ -92,11 +92,7 @@ pub async fn run(conninfo: &str, formation: &str, json: bool) -> Result<()> {
 
 /// One snapshot: three queries on the same connection.
 async fn fetch(monitor: &MonitorClient, formation: &str, events: i64) -> Result<Snapshot> {
-    let time: String = monitor
-        .inner()
-        .query_one("SELECT to_char(now(), 'YYYY-MM-DD HH24:MI:SS')", &[])
-        .await?
-        .try_get(0)?;
+    let time = monitor.clock().await?;
     let f = monitor.formation(formation).await?;
     let nodes = monitor.nodes(formation, None).await?;
     let events = monitor.events(formation, events).await?;
@@ -667,13 +663,13 @@ async fn wait_for_change(client: &mut Option<MonitorClient>, kick: &Notify) -> b
     };
     let started = Instant::now();
     let notified = tokio::select! {
-        n = c.next_notification(TICK) => n.is_some(),
+        n = c.next_change(TICK) => n.is_some(),
         _ = kick.notified() => return true,
     };
     if notified {
         // Several nodes change state together: one refresh for the burst.
         tokio::time::sleep(Duration::from_millis(30)).await;
-        while c.try_notification().is_some() {}
+        while c.try_change().is_some() {}
         true
     } else {
         // A timeout takes TICK; an earlier None means the stream ended.

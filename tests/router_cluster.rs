@@ -35,11 +35,9 @@ async fn lost(uri: &str, table: &str, acked: &[i64]) -> Vec<i64> {
 /// Seconds between the newest event whose description contains `from` and the
 /// first later one that contains `to`, read from the monitor database.
 async fn event_gap(monitor_uri: &str, from: &str, to: &str) -> Option<f64> {
-    let monitor = hapg_monitor::MonitorClient::connect(monitor_uri)
+    connect(monitor_uri)
         .await
-        .expect("connect to the monitor");
-    monitor
-        .inner()
+        .expect("connect to the monitor")
         .query_one(
             "WITH a AS (SELECT max(event_id) AS id, max(event_time) AS t FROM hapg.event
                          WHERE description LIKE '%' || $1 || '%')

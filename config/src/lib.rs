@@ -3,6 +3,7 @@
 //! and nowhere else), and validation that names the offending key.
 
 pub mod conninfo;
+pub mod monitor_uri;
 pub mod router;
 
 use std::path::{Path, PathBuf};

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hapg_config::NodeConfig;
-use hapg_monitor::client::{NodeReport, NodeRow, StateNotification};
+use hapg_monitor::client::{NodeReport, NodeRow};
 use hapg_monitor::fsm::{self, GroupView};
 use hapg_monitor::{MonitorClient, MonitorError, NodeState};
 use tokio::sync::watch;
@@ -19,7 +19,7 @@ use crate::error::KeeperError;
 use crate::liveness::Liveness;
 use crate::node_status::NodeStatus;
 use crate::paths::NodePaths;
-use crate::postgres::{LocalPostgres, Observation, Upstream};
+use crate::postgres::{LocalPostgres, Observation, StopMode, Upstream};
 use crate::rejoin::{self, Failed, LocalRole, LocalWal, Lsn, Rejoin, Timeline};
 use crate::state_file::{unix_now, KeeperState};
 use crate::transitions::{expectation, transition, Action, Expectation};
@@ -45,7 +45,7 @@ pub enum RunMode {
 }
 
 /// Why the keeper loop ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Exit {
     /// Shut down on request.
     Stopped,
@@ -53,7 +53,17 @@ pub enum Exit {
     Initialized,
     /// The monitor dropped this node.
     Dropped,
+    /// The node's initialisation kept failing for [`INIT_GIVE_UP`]
+    /// (RunMode::UntilInitialized): `hapg create` undoes it and says why.
+    InitFailed(String),
 }
+
+/// How long `hapg create` (without `--run`) retries a failing
+/// initialisation (initdb, pg_basebackup, the first start) before giving up:
+/// long enough for what passes by itself (a primary restarting to apply the
+/// new standby's pg_hba entry), short enough that a wrong password or an
+/// unreachable host is reported rather than retried forever.
+pub const INIT_GIVE_UP: Duration = Duration::from_secs(15);
 
 /// Monitor calls from the keeper's loop give up after this long: a monitor that
 /// does not answer is treated like one that is gone.
@@ -122,17 +132,19 @@ pub async fn run(paths: NodePaths, mode: RunMode, shutdown: Shutdown) -> Result<
         monitor_heard: Instant::now(),
         standby_heard: Instant::now(),
         rejoin_failed: Failed::Nothing,
+        init_failing_since: None,
+        transition_error: None,
     };
     let span = tracing::info_span!("keeper", node_id = keeper.state.node_id);
     let exit = keeper.main_loop(mode, &shutdown).instrument(span).await?;
     if exit != Exit::Initialized && !shutdown.keep_postgres.load(Ordering::Relaxed) {
         let how = if shutdown.immediate.load(Ordering::Relaxed) {
-            "immediate"
+            StopMode::Immediate
         } else {
-            "fast"
+            StopMode::Fast
         };
         if keeper.pg.postmaster_pid().is_some() {
-            tracing::info!(mode = how, "stopping postgres");
+            tracing::info!(mode = how.as_str(), "stopping postgres");
             keeper.pg.stop(how).await?;
         }
     }
@@ -211,9 +223,27 @@ struct Keeper {
     /// What failed in the current attempt to rejoin the primary: the next try
     /// escalates (streaming, then pg_rewind, then pg_basebackup).
     rejoin_failed: Failed,
+    /// Since when the initialisation has been failing (`hapg create`).
+    init_failing_since: Option<Instant>,
+    /// The last transition's error, if it failed.
+    transition_error: Option<String>,
 }
 
 impl Keeper {
+    /// After a transition of a node being created: the error to give up
+    /// with once its initialisation has failed for [`INIT_GIVE_UP`].
+    fn init_gave_up(&mut self, moved: bool) -> Option<String> {
+        let failed = match &self.transition_error {
+            Some(error) if !moved => error.clone(),
+            _ => {
+                self.init_failing_since = None;
+                return None;
+            }
+        };
+        let since = *self.init_failing_since.get_or_insert_with(Instant::now);
+        (since.elapsed() >= INIT_GIVE_UP).then_some(failed)
+    }
+
     async fn main_loop(&mut self, mode: RunMode, shutdown: &Shutdown) -> Result<Exit, KeeperError> {
         let interval = self.config.timeout.report_interval();
         tracing::info!(state = %self.state.current, "keeper started");
@@ -268,6 +298,11 @@ impl Keeper {
             if let Some(goal) = goal {
                 if goal != self.state.current {
                     moved = self.transition_to(goal).await;
+                    if mode == RunMode::UntilInitialized {
+                        if let Some(error) = self.init_gave_up(moved) {
+                            return Ok(Exit::InitFailed(error));
+                        }
+                    }
                 } else if let Err(e) = self.ensure_current_state(&observation).await {
                     self.log_error(format!("keeping {} failed: {e}", self.state.current));
                 }
@@ -388,20 +423,19 @@ impl Keeper {
             }
             let notification = tokio::select! {
                 _ = shutdown.token.cancelled() => return,
-                n = monitor.next_notification(remaining) => n,
+                n = monitor.next_change(remaining) => n,
             };
             let Some(notification) = notification else {
                 return;
             };
-            let ours =
-                serde_json::from_str::<StateNotification>(notification.payload()).is_ok_and(|n| {
-                    n.formation == self.config.node.formation && n.group_id == self.state.group_id
-                });
+            let ours = notification.state().is_some_and(|n| {
+                n.formation == self.config.node.formation && n.group_id == self.state.group_id
+            });
             if ours {
                 // Let the monitor's burst of assignments land before we look.
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 if let Some(monitor) = self.monitor.as_mut() {
-                    while monitor.try_notification().is_some() {}
+                    while monitor.try_change().is_some() {}
                 }
                 return;
             }
@@ -540,7 +574,7 @@ impl Keeper {
             if let Some(status) = &self.status {
                 status.send_modify(|s| s.reported = NodeState::DemoteTimeout);
             }
-            self.pg.stop("fast").await?;
+            self.pg.stop(StopMode::Fast).await?;
             self.state.current = NodeState::DemoteTimeout;
             self.state.save(&self.paths.state)?;
         }
@@ -551,7 +585,9 @@ impl Keeper {
     async fn transition_to(&mut self, goal: NodeState) -> bool {
         let from = self.state.current;
         let Some(action) = transition(from, goal) else {
-            self.log_error(format!("{}", KeeperError::NoTransition { from, to: goal }));
+            let error = KeeperError::NoTransition { from, to: goal }.to_string();
+            self.log_error(error.clone());
+            self.transition_error = Some(error);
             return false;
         };
         let span = tracing::info_span!("transition", %from, to = %goal, ?action);
@@ -566,6 +602,7 @@ impl Keeper {
                 );
                 self.state.current = goal;
                 self.last_error = None;
+                self.transition_error = None;
                 self.rejoin_failed = Failed::Nothing;
                 if let Err(e) = self.state.save(&self.paths.state) {
                     tracing::error!(error = %e, "cannot write the state file");
@@ -577,6 +614,7 @@ impl Keeper {
                 self.log_error(format!(
                     "transition {from} -> {goal} failed, will retry: {e}"
                 ));
+                self.transition_error = Some(format!("{from} -> {goal}: {e}"));
                 false
             }
         }
@@ -688,10 +726,8 @@ impl Keeper {
                     self.promote().await?;
                 }
                 self.pg.create_roles_and_database().await?;
-                self.pg.set_system("synchronous_standby_names", "").await?;
-                self.pg
-                    .set_system("default_transaction_read_only", "off")
-                    .await
+                self.pg.set_synchronous_standby_names("").await?;
+                self.pg.set_default_read_only(false).await
             }
             Action::InitStandby => {
                 let upstream = self.upstream().await?;
@@ -699,7 +735,7 @@ impl Keeper {
                 let already_copied =
                     self.pg.is_initialized() && self.pg.pgdata.join("standby.signal").exists();
                 if !already_copied {
-                    self.pg.stop("fast").await?;
+                    self.pg.stop(StopMode::Fast).await?;
                     tracing::info!(host = %upstream.host, port = upstream.port, "pg_basebackup");
                     self.pg.basebackup(&upstream, &slot).await?;
                 }
@@ -712,57 +748,45 @@ impl Keeper {
             Action::FastForward => self.fast_forward().await,
             Action::Promote { read_only } => {
                 self.ensure_running().await?;
-                self.pg.set_system("synchronous_standby_names", "").await?;
+                self.pg.set_synchronous_standby_names("").await?;
                 if read_only {
-                    self.pg
-                        .set_system("default_transaction_read_only", "on")
-                        .await?;
+                    self.pg.set_default_read_only(true).await?;
                 }
                 self.promote().await?;
                 if !read_only {
-                    self.pg
-                        .set_system("default_transaction_read_only", "off")
-                        .await?;
+                    self.pg.set_default_read_only(false).await?;
                 }
                 Ok(())
             }
             Action::BecomeSingle => {
                 self.ensure_running().await?;
                 if self.pg.observe().await.in_recovery {
-                    self.pg.set_system("synchronous_standby_names", "").await?;
+                    self.pg.set_synchronous_standby_names("").await?;
                     self.promote().await?;
                 }
-                self.pg.set_system("synchronous_standby_names", "").await?;
-                self.pg
-                    .set_system("default_transaction_read_only", "off")
-                    .await
+                self.pg.set_synchronous_standby_names("").await?;
+                self.pg.set_default_read_only(false).await
             }
-            Action::SetReadWrite => {
-                self.pg
-                    .set_system("default_transaction_read_only", "off")
-                    .await
-            }
+            Action::SetReadWrite => self.pg.set_default_read_only(false).await,
             Action::EnableSyncRep => self.enable_sync_rep().await,
             Action::DisableSyncRep => {
                 self.ensure_running().await?;
                 self.sync_slots().await?;
-                self.pg.set_system("synchronous_standby_names", "").await
+                self.pg.set_synchronous_standby_names("").await
             }
             Action::ApplySettings => {
                 let names = self.wanted_synchronous_standby_names().await?;
-                self.pg
-                    .set_system("synchronous_standby_names", &names)
-                    .await
+                self.pg.set_synchronous_standby_names(&names).await
             }
-            Action::StopPostgres => self.pg.stop("fast").await,
+            Action::StopPostgres => self.pg.stop(StopMode::Fast).await,
             Action::CheckpointAndStop => {
                 if let Ok(client) = self.pg.connect().await {
                     client.batch_execute("CHECKPOINT").await?;
                 }
-                self.pg.stop("fast").await
+                self.pg.stop(StopMode::Fast).await
             }
             Action::StopAsStandby => {
-                self.pg.stop("fast").await?;
+                self.pg.stop(StopMode::Fast).await?;
                 self.pg.write_standby_config(None, &self.slot_name(), false)
             }
             Action::StartAsPrimary => {
@@ -773,9 +797,7 @@ impl Keeper {
                 } else {
                     String::new()
                 };
-                self.pg
-                    .set_system("synchronous_standby_names", &names)
-                    .await
+                self.pg.set_synchronous_standby_names(&names).await
             }
         }
     }
@@ -881,9 +903,7 @@ impl Keeper {
         self.ensure_running().await?;
         self.sync_slots().await?;
         let names = self.wanted_synchronous_standby_names().await?;
-        self.pg
-            .set_system("synchronous_standby_names", &names)
-            .await?;
+        self.pg.set_synchronous_standby_names(&names).await?;
         if names.is_empty() {
             return Ok(());
         }
@@ -1023,7 +1043,7 @@ impl Keeper {
         }
         // A postmaster that does not answer (still recovering, or stuck)
         // would change the control file under us.
-        if let Err(e) = self.pg.stop("fast").await {
+        if let Err(e) = self.pg.stop(StopMode::Fast).await {
             tracing::warn!(error = %e, "cannot stop postgres to read its control file");
             return None;
         }
@@ -1060,7 +1080,7 @@ impl Keeper {
         if observation.running && observation.in_recovery {
             self.pg.reload().await?;
         } else {
-            self.pg.stop("fast").await?;
+            self.pg.stop(StopMode::Fast).await?;
             self.pg.start().await?;
         }
         let deadline = Instant::now() + REJOIN_STREAMING_TIMEOUT;
@@ -1092,7 +1112,7 @@ impl Keeper {
 
     /// Replaces the data directory by a fresh base backup of `upstream`.
     async fn rejoin_by_basebackup(&mut self, upstream: &Upstream) -> Result<(), KeeperError> {
-        self.pg.stop("fast").await?;
+        self.pg.stop(StopMode::Fast).await?;
         self.pg.basebackup(upstream, &self.slot_name()).await?;
         self.start_streaming_copy(upstream).await
     }
@@ -1131,7 +1151,7 @@ impl Keeper {
             Expectation::Stopped => {
                 if observation.running || self.pg.postmaster_pid().is_some() {
                     tracing::warn!(state = %self.state.current, "postgres runs in a fenced state: stopping it");
-                    self.pg.stop("fast").await?;
+                    self.pg.stop(StopMode::Fast).await?;
                 }
                 Ok(())
             }
@@ -1187,9 +1207,7 @@ impl Keeper {
                 };
                 if names != observation.synchronous_standby_names {
                     tracing::info!(%names, "applying synchronous_standby_names");
-                    self.pg
-                        .set_system("synchronous_standby_names", &names)
-                        .await?;
+                    self.pg.set_synchronous_standby_names(&names).await?;
                 }
                 Ok(())
             }

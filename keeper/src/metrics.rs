@@ -308,7 +308,7 @@ pub fn prometheus_text(openmetrics: &str) -> String {
 mod tests {
     use std::time::Duration;
 
-    use hapg_monitor::failover_history::PrimaryChange;
+    use hapg_monitor::store::PrimaryChange;
 
     use super::*;
 

@@ -13,7 +13,7 @@ use crate::error::KeeperError;
 use crate::keeper::Shutdown;
 use crate::monitor_status::MonitorStatus;
 use crate::paths::NodePaths;
-use crate::postgres::LocalPostgres;
+use crate::postgres::{LocalPostgres, StopMode};
 
 /// Runs the monitor node at `paths` until `shutdown`.
 pub async fn run(
@@ -77,9 +77,9 @@ pub async fn run(
     let _ = supervisor.await;
     if !shutdown.keep_postgres.load(Ordering::Relaxed) {
         let mode = if shutdown.immediate.load(Ordering::Relaxed) {
-            "immediate"
+            StopMode::Immediate
         } else {
-            "fast"
+            StopMode::Fast
         };
         pg.stop(mode).await?;
     }

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use hapg_monitor::client::NodeRow;
-use hapg_monitor::failover_history::{self, PrimaryChange};
+use hapg_monitor::store::PrimaryChange;
 use hapg_monitor::MonitorClient;
 use serde::Serialize;
 use tokio::sync::watch;
@@ -112,7 +112,7 @@ async fn read(
     for formation in client.formations().await? {
         nodes.extend(client.nodes(&formation.formation, None).await?);
     }
-    let changes = failover_history::primary_changes(client.inner()).await?;
+    let changes = client.primary_changes().await?;
     Ok((nodes, changes))
 }
 

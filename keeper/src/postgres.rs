@@ -27,6 +27,47 @@ pub const STANDBY_CONF: &str = "postgresql.hapg-standby.conf";
 /// The server log pg_ctl writes to, in the data directory.
 pub const LOG_FILE: &str = "postgres.log";
 
+/// How `pg_ctl stop` shuts Postgres down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopMode {
+    /// Sessions are ended, a shutdown checkpoint is written: the normal stop.
+    Fast,
+    /// No checkpoint: the next start runs crash recovery. For a shutdown
+    /// that must not wait (`hapg stop --immediate`, a failed create).
+    Immediate,
+}
+
+impl StopMode {
+    /// `pg_ctl stop --mode` argument.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StopMode::Fast => "fast",
+            StopMode::Immediate => "immediate",
+        }
+    }
+}
+
+/// The server settings the keeper changes at run time with `ALTER SYSTEM`
+/// (everything else it needs is in [`HAPG_CONF`], written before a start).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SystemSetting {
+    /// `synchronous_standby_names`: which standbys a commit waits for.
+    SynchronousStandbyNames,
+    /// `default_transaction_read_only`: `on` while a promoted node must not
+    /// take writes yet.
+    DefaultTransactionReadOnly,
+}
+
+impl SystemSetting {
+    /// The GUC's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            SystemSetting::SynchronousStandbyNames => "synchronous_standby_names",
+            SystemSetting::DefaultTransactionReadOnly => "default_transaction_read_only",
+        }
+    }
+}
+
 /// The pid a `postmaster.pid` names, when that process has exited and waits
 /// to be reaped (a zombie).
 fn zombie_lock(lock: &Path) -> Option<i32> {
@@ -548,7 +589,7 @@ impl LocalPostgres {
     /// (empty) before.
     pub async fn remove_failed(&self, existed: bool) -> Result<Option<PathBuf>, KeeperError> {
         if self.postmaster_pid().is_some() {
-            self.stop("immediate").await?;
+            self.stop(StopMode::Immediate).await?;
         }
         let log = self.pgdata.join(LOG_FILE);
         let kept = log.exists().then(|| {
@@ -582,8 +623,8 @@ impl LocalPostgres {
         Ok(())
     }
 
-    /// Stops Postgres (`fast` or `immediate`) and waits until it is down.
-    pub async fn stop(&self, mode: &str) -> Result<(), KeeperError> {
+    /// Stops Postgres and waits until it is down.
+    pub async fn stop(&self, mode: StopMode) -> Result<(), KeeperError> {
         if self.postmaster_pid().is_none() {
             return Ok(());
         }
@@ -598,7 +639,7 @@ impl LocalPostgres {
                     OsStr::new("--timeout=60"),
                     OsStr::new("--silent"),
                     OsStr::new("--mode"),
-                    OsStr::new(mode),
+                    OsStr::new(mode.as_str()),
                 ],
             )
             .await;
@@ -708,8 +749,22 @@ impl LocalPostgres {
         })
     }
 
-    /// `ALTER SYSTEM SET key = value` and reload.
-    pub async fn set_system(&self, key: &str, value: &str) -> Result<(), KeeperError> {
+    /// `synchronous_standby_names` (empty: commits wait for no standby).
+    pub async fn set_synchronous_standby_names(&self, names: &str) -> Result<(), KeeperError> {
+        self.set_system(SystemSetting::SynchronousStandbyNames, names)
+            .await
+    }
+
+    /// `default_transaction_read_only`.
+    pub async fn set_default_read_only(&self, read_only: bool) -> Result<(), KeeperError> {
+        let value = if read_only { "on" } else { "off" };
+        self.set_system(SystemSetting::DefaultTransactionReadOnly, value)
+            .await
+    }
+
+    /// `ALTER SYSTEM SET setting = value` and reload.
+    async fn set_system(&self, setting: SystemSetting, value: &str) -> Result<(), KeeperError> {
+        let key = setting.name();
         let client = self.connect().await?;
         let current: String = client
             .query_one("SELECT current_setting($1)", &[&key])
@@ -941,7 +996,7 @@ impl LocalPostgres {
     /// of its own is written); a crashed primary is crash-recovered by
     /// pg_rewind itself, as a primary, so a standby.signal left by hapg goes.
     pub async fn prepare_for_rewind(&self, application_name: &str) -> Result<(), KeeperError> {
-        self.stop("fast").await?;
+        self.stop(StopMode::Fast).await?;
         let control = self.control_data().await?;
         if control.shut_down_cleanly() {
             return Ok(());
@@ -950,7 +1005,7 @@ impl LocalPostgres {
             tracing::info!(state = %control.state, "finishing crash recovery as a standby before pg_rewind");
             self.write_standby_config(None, application_name, false)?;
             self.start().await?;
-            return self.stop("fast").await;
+            return self.stop(StopMode::Fast).await;
         }
         let signal = self.pgdata.join("standby.signal");
         if signal.exists() {

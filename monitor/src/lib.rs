@@ -4,13 +4,14 @@
 
 pub mod client;
 pub mod error;
-pub mod failover_history;
 pub mod fsm;
 pub mod pgconn;
 pub mod schema;
 pub mod service;
 pub mod state;
+pub mod store;
 
 pub use client::MonitorClient;
 pub use error::MonitorError;
 pub use state::{Health, NodeState};
+pub use store::MonitorStore;

@@ -7,18 +7,20 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use hapg_config::MonitorTimings;
-use tokio_postgres::{Client, Config, Transaction};
+use tokio_postgres::Config;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::client::{NodeRow, RequestKind, NODE_COLUMNS, STATE_PAYLOAD_SQL};
 use crate::error::MonitorError;
-use crate::fsm::{
-    self, Assignment, Decision, GroupView, Request, Setting, SwitchoverDrain, Thresholds,
-};
+use crate::fsm::{self, Decision, GroupView, Request, Setting, Thresholds};
 use crate::pgconn;
-use crate::schema::{self, CHANNEL_DRAIN, CHANNEL_REPORT, CHANNEL_REQUEST, CHANNEL_STATE};
+use crate::schema;
 use crate::state::{Health, NodeState};
+use crate::store::postgres::PgStore;
+use crate::store::{
+    Channel, GroupSnapshot, GroupWrite, MonitorStore, PendingRequest, RequestAnswer, RequestKind,
+    Written,
+};
 
 /// Requests not answered within this long are refused as expired: the CLI that
 /// filed them has given up, and acting late would surprise the operator.
@@ -41,8 +43,8 @@ pub async fn run(
                 reason: e.to_string(),
             })?;
     let started = Instant::now();
-    let mut connection = connect_until(&config, &shutdown).await?;
-    schema::migrate(&mut connection.client).await?;
+    let (mut store, mut feed) = PgStore::from_connection(connect_until(&config, &shutdown).await?);
+    store.migrate().await?;
 
     let health = tokio::spawn(
         health_checks(config.clone(), timings.clone(), shutdown.clone())
@@ -64,28 +66,22 @@ pub async fn run(
     };
     tracing::info!("monitor service running");
     while !shutdown.is_cancelled() {
-        if connection.client.is_closed() {
+        if store.is_closed() {
             tracing::warn!("lost the monitor database connection, reconnecting");
-            connection = connect_until(&config, &shutdown).await?;
+            (store, feed) = PgStore::from_connection(connect_until(&config, &shutdown).await?);
         }
         let round = async {
-            connection
-                .client
-                .batch_execute(&format!(
-                    "LISTEN {CHANNEL_REPORT}; LISTEN {CHANNEL_REQUEST}"
-                ))
-                .await?;
-            decider.round(&mut connection.client).await
+            store.listen(&[Channel::Report, Channel::Request]).await?;
+            decider.round(&mut store).await
         };
         if let Err(e) = round.await {
             tracing::warn!(error = %e, "monitor round failed");
         }
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(timings.tick) => {}
-            _ = connection.notifications.recv() => {}
+            _ = feed.next(timings.tick) => {}
         }
-        while connection.notifications.try_recv().is_ok() {}
+        while feed.try_next().is_some() {}
     }
     health.abort();
     tracing::info!("monitor service stopped");
@@ -121,19 +117,18 @@ struct Decider {
 }
 
 impl Decider {
-    async fn round(&mut self, client: &mut Client) -> Result<(), MonitorError> {
-        self.answer_requests(client).await?;
-        let groups = client
-            .query(
-                "SELECT DISTINCT formation_id, group_id FROM hapg.node ORDER BY 1, 2",
-                &[],
-            )
-            .await?;
-        for row in groups {
-            let formation: String = row.try_get(0)?;
-            let group: i32 = row.try_get(1)?;
+    async fn round(&mut self, store: &mut dyn MonitorStore) -> Result<(), MonitorError> {
+        self.answer_requests(store).await?;
+        let mut groups: Vec<(String, i32)> = store
+            .all_nodes()
+            .await?
+            .into_iter()
+            .map(|n| (n.formation, n.group_id))
+            .collect();
+        groups.dedup();
+        for (formation, group) in groups {
             for _ in 0..MAX_DECISIONS_PER_ROUND {
-                if !self.decide_once(client, &formation, group).await? {
+                if !self.decide_once(store, &formation, group).await? {
                     break;
                 }
             }
@@ -141,263 +136,187 @@ impl Decider {
         Ok(())
     }
 
-    /// Runs the state machine once for a group; true when it changed something.
+    /// Runs the state machine once for a group; true when it changed
+    /// something, or when another writer did first (read again).
     async fn decide_once(
         &mut self,
-        client: &mut Client,
+        store: &mut dyn MonitorStore,
         formation: &str,
         group: i32,
     ) -> Result<bool, MonitorError> {
-        let tx = client.transaction().await?;
-        let view = self.load_group(&tx, formation, group).await?;
-        let decision = fsm::decide(&view);
-        let view = &view;
-        let changed = match decision {
-            None => false,
+        let snapshot = store.group_snapshot(formation, group).await?;
+        let view = self.view(&snapshot);
+        let expected = &snapshot.version;
+        let (write, changed) = match fsm::decide(&view) {
+            None => (None, false),
             Some(Decision::Assign(assignments)) => {
-                for a in &assignments {
-                    apply_assignment(&tx, a).await?;
-                }
-                if view.switchover.is_some()
-                    && assignments.iter().any(|a| a.goal == NodeState::Draining)
-                {
-                    // The primary is told to stop: the switchover left the drain phase.
-                    tx.execute(
-                        "UPDATE hapg.formation SET switchover_requested_at = NULL WHERE formation_id = $1",
-                        &[&formation],
-                    )
-                    .await?;
-                }
-                self.holds.remove(&(formation.to_string(), group));
-                true
+                // The primary is told to stop: the switchover left the drain phase.
+                let end_drain = view.switchover.is_some()
+                    && assignments.iter().any(|a| a.goal == NodeState::Draining);
+                (
+                    Some(GroupWrite::Assign {
+                        assignments,
+                        end_drain,
+                    }),
+                    true,
+                )
             }
             Some(Decision::Remove { node_id, reason }) => {
-                remove_node(&tx, node_id, &reason).await?;
-                true
+                (Some(GroupWrite::Remove { node_id, reason }), true)
             }
-            Some(Decision::SetNumberSyncStandbys { value, reason }) => {
-                tracing::info!(formation, "{reason}");
-                tx.execute(
-                    "UPDATE hapg.formation SET number_sync_standbys = $2 WHERE formation_id = $1",
-                    &[&formation, &value],
-                )
-                .await?;
-                write_event(&tx, formation, group, None, &reason).await?;
-                true
-            }
+            Some(Decision::SetNumberSyncStandbys { value, reason }) => (
+                Some(GroupWrite::SetNumberSyncStandbys { value, reason }),
+                true,
+            ),
             Some(Decision::Hold(reason)) => {
                 let key = (formation.to_string(), group);
                 if self.holds.get(&key) != Some(&reason) {
                     tracing::warn!(formation, group, "{reason}");
-                    write_event(&tx, formation, group, None, &reason).await?;
+                    store.group_event(formation, group, &reason).await?;
                     self.holds.insert(key, reason);
                 }
-                false
+                (None, false)
             }
         };
+        if let Some(write) = write {
+            let log = write.clone();
+            if store.apply(formation, group, expected, write).await? == Written::Stale {
+                tracing::debug!(
+                    formation,
+                    group,
+                    "the group changed under the decision; reading it again"
+                );
+                return Ok(true);
+            }
+            self.log_applied(formation, group, &log);
+        }
         if let Some(drain) = &view.switchover {
             let stale = drain.age > self.thresholds.router_drain_timeout * 3;
             if !changed && stale {
                 let reason =
                     "Switchover abandoned: the primary did not become ready to stop in time";
-                tx.execute(
-                    "UPDATE hapg.formation SET switchover_requested_at = NULL WHERE formation_id = $1",
-                    &[&formation],
-                )
-                .await?;
-                // Routers holding transactions for the drain resume at once.
-                tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL_DRAIN, &formation])
-                    .await?;
-                write_event(&tx, formation, group, None, reason).await?;
+                let abandon = GroupWrite::AbandonSwitchover {
+                    reason: reason.to_string(),
+                };
+                if store.apply(formation, group, expected, abandon).await? == Written::Applied {
+                    tracing::info!(formation, group, "{reason}");
+                }
             }
         }
-        tx.commit().await?;
         Ok(changed)
     }
 
-    async fn load_group(
-        &self,
-        tx: &Transaction<'_>,
-        formation: &str,
-        group: i32,
-    ) -> Result<GroupView, MonitorError> {
-        // Serialise deciders (a second monitor service, a request) per formation.
-        let f = tx
-            .query_one(
-                "SELECT f.number_sync_standbys,
-                        (extract(epoch FROM now() - f.switchover_requested_at) * 1000)::float8,
-                        f.switchover_target,
-                        (SELECT count(*) FROM hapg.router r
-                          WHERE r.formation_id = f.formation_id
-                            AND r.last_seen > now() - interval '3 seconds'
-                            AND (r.drained_at IS NULL OR r.drained_at < f.switchover_requested_at))
-                   FROM hapg.formation f WHERE f.formation_id = $1 FOR UPDATE",
-                &[&formation],
-            )
-            .await?;
-        let nss: i32 = f.try_get(0)?;
-        let drain_age: Option<f64> = f.try_get(1)?;
-        let preferred_candidate: Option<i64> = f.try_get(2)?;
-        let routers_pending: i64 = f.try_get(3)?;
-        let switchover = drain_age.map(|ms| SwitchoverDrain {
-            age: Duration::from_millis(ms.max(0.0) as u64),
-            routers_pending: usize::try_from(routers_pending).unwrap_or(usize::MAX),
-        });
-        let rows = tx
-            .query(
-                &format!(
-                    "SELECT {NODE_COLUMNS} FROM hapg.node n
-                      WHERE n.formation_id = $1 AND n.group_id = $2 ORDER BY n.node_id"
-                ),
-                &[&formation, &group],
-            )
-            .await?;
-        let nodes: Vec<NodeRow> = rows
-            .iter()
-            .map(NodeRow::from_row)
-            .collect::<Result<_, _>>()?;
-        Ok(GroupView {
-            nodes: nodes.iter().map(NodeRow::view).collect(),
-            number_sync_standbys: nss,
+    fn log_applied(&mut self, formation: &str, group: i32, write: &GroupWrite) {
+        match write {
+            GroupWrite::Assign { assignments, .. } => {
+                for a in assignments {
+                    tracing::info!(node_id = a.node_id, goal = %a.goal, "{}", a.reason);
+                }
+                self.holds.remove(&(formation.to_string(), group));
+            }
+            GroupWrite::Remove { node_id, reason } => tracing::info!(node_id, "{reason}"),
+            GroupWrite::SetNumberSyncStandbys { reason, .. } => {
+                tracing::info!(formation, "{reason}")
+            }
+            GroupWrite::AbandonSwitchover { reason } => tracing::info!(formation, "{reason}"),
+        }
+    }
+
+    /// The group as the state machine sees it.
+    fn view(&self, snapshot: &GroupSnapshot) -> GroupView {
+        GroupView {
+            nodes: snapshot.nodes.iter().map(|n| n.view()).collect(),
+            number_sync_standbys: snapshot.number_sync_standbys,
             monitor_uptime: self.started.elapsed(),
             thresholds: self.thresholds.clone(),
-            switchover,
-            preferred_candidate,
-        })
+            switchover: snapshot.switchover.clone(),
+            preferred_candidate: snapshot.preferred_candidate,
+        }
     }
 
-    async fn answer_requests(&mut self, client: &mut Client) -> Result<(), MonitorError> {
-        let tx = client.transaction().await?;
-        let pending = tx
-            .query(
-                "SELECT request_id, formation_id, group_id, node_id, kind, value,
-                        extract(epoch FROM now() - created_at)::float8
-                   FROM hapg.request WHERE status = 'pending'
-                  ORDER BY request_id FOR UPDATE SKIP LOCKED",
-                &[],
-            )
-            .await?;
-        for row in pending {
-            let id: i64 = row.try_get(0)?;
-            let formation: String = row.try_get(1)?;
-            let group: i32 = row.try_get(2)?;
-            let node_id: Option<i64> = row.try_get(3)?;
-            let kind: String = row.try_get(4)?;
-            let value: Option<String> = row.try_get(5)?;
-            let age: f64 = row.try_get(6)?;
-            let answer = if age > REQUEST_EXPIRY_SECS {
-                Err(format!(
-                    "the request expired after {REQUEST_EXPIRY_SECS} s without an answer"
-                ))
+    async fn answer_requests(&mut self, store: &mut dyn MonitorStore) -> Result<(), MonitorError> {
+        for request in store.pending_requests().await? {
+            let (answer, expected) = if request.age.as_secs_f64() > REQUEST_EXPIRY_SECS {
+                (
+                    RequestAnswer::Refuse(format!(
+                        "the request expired after {REQUEST_EXPIRY_SECS} s without an answer"
+                    )),
+                    None,
+                )
             } else {
-                match parse_operation(&kind, node_id, value.as_deref()) {
-                    Err(reason) => Err(reason),
+                match parse_operation(&request.kind, request.node_id, request.value.as_deref()) {
+                    Err(reason) => (RequestAnswer::Refuse(reason), None),
                     Ok(operation) => {
-                        let view = self.load_group(&tx, &formation, group).await?;
-                        self.carry_out(&tx, &formation, group, &view, operation)
-                            .await?
+                        let snapshot = store
+                            .group_snapshot(&request.formation, request.group_id)
+                            .await?;
+                        let view = self.view(&snapshot);
+                        (carry_out(&view, operation), Some(snapshot.version))
                     }
                 }
             };
-            let (status, reply) = match answer {
-                Ok(reply) => ("accepted", reply),
-                Err(reason) => {
-                    tracing::info!(request = id, kind, "refused: {reason}");
-                    ("refused", reason)
-                }
-            };
-            tx.execute(
-                "UPDATE hapg.request SET status = $2, reply = $3, answered_at = now()
-                  WHERE request_id = $1",
-                &[&id, &status, &reply],
-            )
-            .await?;
-            tx.execute(
-                "SELECT pg_notify($1, $2)",
-                &[&CHANNEL_REQUEST, &id.to_string()],
-            )
-            .await?;
+            let log = answer.clone();
+            match store
+                .answer_request(&request, expected.as_ref(), answer)
+                .await?
+            {
+                Written::Applied => log_answer(&request, &log),
+                Written::Stale => tracing::debug!(
+                    request = request.id,
+                    "the request was answered elsewhere, or its group changed: next round"
+                ),
+            }
         }
-        tx.commit().await?;
         Ok(())
     }
+}
 
-    /// Decides on one operation and writes its effect; the inner error is a
-    /// refusal for the operator, the outer one a database failure.
-    async fn carry_out(
-        &mut self,
-        tx: &Transaction<'_>,
-        formation: &str,
-        group: i32,
-        view: &GroupView,
-        operation: Operation,
-    ) -> Result<Result<String, String>, MonitorError> {
-        match operation {
-            Operation::Setting(setting) => {
-                let reply = match fsm::check_setting(view, setting) {
-                    Ok(reply) => reply,
-                    Err(reason) => return Ok(Err(reason)),
-                };
-                match setting {
-                    Setting::CandidatePriority(node, value) => {
-                        tx.execute(
-                            "UPDATE hapg.node SET candidate_priority = $2 WHERE node_id = $1",
-                            &[&node, &value],
-                        )
-                        .await?;
-                    }
-                    Setting::ReplicationQuorum(node, value) => {
-                        tx.execute(
-                            "UPDATE hapg.node SET replication_quorum = $2 WHERE node_id = $1",
-                            &[&node, &value],
-                        )
-                        .await?;
-                    }
-                    Setting::NumberSyncStandbys(value) => {
-                        tx.execute(
-                            "UPDATE hapg.formation SET number_sync_standbys = $2 WHERE formation_id = $1",
-                            &[&formation, &value],
-                        )
-                        .await?;
-                    }
-                }
-                write_event(tx, formation, group, None, &reply).await?;
-                // Keepers re-read synchronous_standby_names from the new settings.
-                tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL_REPORT, &formation])
-                    .await?;
-                Ok(Ok(reply))
+fn log_answer(request: &PendingRequest, answer: &RequestAnswer) {
+    match answer {
+        RequestAnswer::Refuse(reason) => {
+            tracing::info!(
+                request = request.id,
+                kind = request.kind,
+                "refused: {reason}"
+            )
+        }
+        RequestAnswer::Assign { assignments, .. } => {
+            for a in assignments {
+                tracing::info!(node_id = a.node_id, goal = %a.goal, "{}", a.reason);
             }
-            Operation::Request(request) => {
-                let assignments = match fsm::on_request(view, request) {
-                    Ok(assignments) => assignments,
-                    Err(reason) => return Ok(Err(reason)),
+        }
+        RequestAnswer::Setting { .. } | RequestAnswer::StartSwitchover { .. } => {}
+    }
+}
+
+/// Decides on one operation: its effect, or the reason it is refused.
+fn carry_out(view: &GroupView, operation: Operation) -> RequestAnswer {
+    match operation {
+        Operation::Setting(setting) => match fsm::check_setting(view, setting) {
+            Ok(reply) => RequestAnswer::Setting { setting, reply },
+            Err(reason) => RequestAnswer::Refuse(reason),
+        },
+        Operation::Request(request) => {
+            let assignments = match fsm::on_request(view, request) {
+                Ok(assignments) => assignments,
+                Err(reason) => return RequestAnswer::Refuse(reason),
+            };
+            if let Request::Switchover | Request::Promote(_) = request {
+                let target = match request {
+                    Request::Promote(node) => Some(node),
+                    _ => None,
                 };
-                if let Request::Switchover | Request::Promote(_) = request {
-                    let target = match request {
-                        Request::Promote(node) => Some(node),
-                        _ => None,
-                    };
-                    tx.execute(
-                        "UPDATE hapg.formation SET switchover_requested_at = now(), switchover_target = $2
-                          WHERE formation_id = $1",
-                        &[&formation, &target],
-                    )
-                    .await?;
-                    tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL_DRAIN, &formation])
-                        .await?;
-                    let reason = "Switchover requested: routers drain the primary, then it stops and a standby takes over";
-                    write_event(tx, formation, group, None, reason).await?;
-                    return Ok(Ok(reason.to_string()));
-                }
-                for a in &assignments {
-                    apply_assignment(tx, a).await?;
-                }
-                Ok(Ok(assignments
-                    .iter()
-                    .map(|a| a.reason.as_str())
-                    .collect::<Vec<_>>()
-                    .join("; ")))
+                return RequestAnswer::StartSwitchover {
+                    target,
+                    reason: "Switchover requested: routers drain the primary, then it stops and a standby takes over".to_string(),
+                };
             }
+            let reply = assignments
+                .iter()
+                .map(|a| a.reason.as_str())
+                .collect::<Vec<_>>()
+                .join("; ");
+            RequestAnswer::Assign { assignments, reply }
         }
     }
 }
@@ -447,109 +366,22 @@ fn parse_operation(
     })
 }
 
-/// Writes one goal: the node's row, the formation's epoch when a different node
-/// becomes writable, an event with the reason, and the state notification.
-async fn apply_assignment(tx: &Transaction<'_>, a: &Assignment) -> Result<(), MonitorError> {
-    tracing::info!(node_id = a.node_id, goal = %a.goal, "{}", a.reason);
-    let row = tx
-        .query_one(
-            "UPDATE hapg.node SET goal_state = $2::text::hapg.replication_state,
-                                  state_change_time = now()
-              WHERE node_id = $1 RETURNING formation_id",
-            &[&a.node_id, &a.goal.as_str()],
-        )
-        .await?;
-    let formation: String = row.try_get(0)?;
-    if a.goal.can_take_writes() {
-        // A different node becomes writable: a new epoch, and a promotion
-        // target, if any, has been served.
-        tx.execute(
-            "UPDATE hapg.formation SET primary_epoch = primary_epoch + 1, primary_node_id = $2,
-                                      switchover_target = NULL, switchover_requested_at = NULL
-              WHERE formation_id = $1 AND primary_node_id IS DISTINCT FROM $2",
-            &[&formation, &a.node_id],
-        )
-        .await?;
-    }
-    tx.execute(
-        "INSERT INTO hapg.event (formation_id, group_id, node_id, node_name, node_host, node_port,
-                                 reported_state, goal_state, reported_tli, reported_lsn, health,
-                                 primary_epoch, description)
-         SELECT n.formation_id, n.group_id, n.node_id, n.node_name, n.node_host, n.node_port,
-                n.reported_state, n.goal_state, n.reported_tli, n.reported_lsn, n.health,
-                f.primary_epoch, $2
-           FROM hapg.node n JOIN hapg.formation f USING (formation_id)
-          WHERE n.node_id = $1",
-        &[&a.node_id, &a.reason],
-    )
-    .await?;
-    notify_state(tx, a.node_id).await
-}
-
-async fn notify_state(tx: &Transaction<'_>, node_id: i64) -> Result<(), MonitorError> {
-    tx.execute(
-        &format!(
-            "SELECT pg_notify('{CHANNEL_STATE}', {STATE_PAYLOAD_SQL})
-               FROM hapg.node n JOIN hapg.formation f USING (formation_id)
-              WHERE n.node_id = $1"
-        ),
-        &[&node_id],
-    )
-    .await?;
-    Ok(())
-}
-
-async fn remove_node(tx: &Transaction<'_>, node_id: i64, reason: &str) -> Result<(), MonitorError> {
-    tracing::info!(node_id, "{reason}");
-    tx.execute(
-        "INSERT INTO hapg.event (formation_id, group_id, node_id, node_name, node_host, node_port,
-                                 reported_state, goal_state, description)
-         SELECT formation_id, group_id, node_id, node_name, node_host, node_port,
-                reported_state, goal_state, $2
-           FROM hapg.node WHERE node_id = $1",
-        &[&node_id, &reason],
-    )
-    .await?;
-    tx.execute(
-        "UPDATE hapg.formation SET primary_node_id = NULL WHERE primary_node_id = $1",
-        &[&node_id],
-    )
-    .await?;
-    tx.execute("DELETE FROM hapg.node WHERE node_id = $1", &[&node_id])
-        .await?;
-    Ok(())
-}
-
-async fn write_event(
-    tx: &Transaction<'_>,
-    formation: &str,
-    group: i32,
-    node_id: Option<i64>,
-    description: &str,
-) -> Result<(), MonitorError> {
-    tx.execute(
-        "INSERT INTO hapg.event (formation_id, group_id, node_id, primary_epoch, description)
-         SELECT $1, $2, $3, primary_epoch, $4 FROM hapg.formation WHERE formation_id = $1",
-        &[&formation, &group, &node_id, &description],
-    )
-    .await?;
-    Ok(())
-}
-
 /// Health checks: connect to every node each period; a node is `bad` after
 /// `health_check_failures` consecutive failures and `good` after one success.
 async fn health_checks(config: Config, timings: MonitorTimings, shutdown: CancellationToken) {
     let mut failures: HashMap<i64, u32> = HashMap::new();
-    let mut connection: Option<pgconn::Connection> = None;
+    let mut store: Option<PgStore> = None;
     while !shutdown.is_cancelled() {
         let round_start = Instant::now();
-        if connection.as_ref().is_none_or(|c| c.client.is_closed()) {
-            connection = pgconn::connect(config.clone(), Duration::from_secs(2))
+        if store.as_ref().is_none_or(|s| s.is_closed()) {
+            // This connection listens to nothing: its feed is dropped.
+            store = pgconn::connect(config.clone(), Duration::from_secs(2))
                 .await
-                .ok();
+                .ok()
+                .map(|c| PgStore::from_connection(c).0);
         }
-        if let Some(c) = &connection {
-            if let Err(e) = health_round(&c.client, &timings, &mut failures).await {
+        if let Some(s) = &store {
+            if let Err(e) = health_round(s, &timings, &mut failures).await {
                 tracing::warn!(error = %e, "health check round failed");
             }
         }
@@ -564,22 +396,15 @@ async fn health_checks(config: Config, timings: MonitorTimings, shutdown: Cancel
 }
 
 async fn health_round(
-    client: &Client,
+    store: &dyn MonitorStore,
     timings: &MonitorTimings,
     failures: &mut HashMap<i64, u32>,
 ) -> Result<(), MonitorError> {
-    let nodes = client
-        .query(
-            "SELECT node_id, node_host, node_port, health FROM hapg.node",
-            &[],
-        )
-        .await?;
+    let nodes = store.all_nodes().await?;
     let mut checks = Vec::with_capacity(nodes.len());
-    for row in &nodes {
-        let node_id: i64 = row.try_get(0)?;
-        let host: String = row.try_get(1)?;
-        let port: i32 = row.try_get(2)?;
-        let health = Health::from_db(row.try_get(3)?);
+    for node in &nodes {
+        let (node_id, health, host, port) =
+            (node.node_id, node.health, node.host.clone(), node.port);
         let timeout = timings.health_check_timeout;
         checks.push(tokio::spawn(async move {
             (node_id, health, check_node(&host, port, timeout).await)
@@ -601,52 +426,24 @@ async fn health_round(
                 before
             }
         };
-        client
-            .execute(
-                "UPDATE hapg.node SET health = $2, health_check_time = now() WHERE node_id = $1",
-                &[&node_id, &after.to_db()],
-            )
-            .await?;
-        if after != before {
-            let description = match after {
-                Health::Good => format!("Node {node_id} is marked as healthy by the monitor"),
-                _ => format!("Node {node_id} is marked as unhealthy by the monitor"),
-            };
+        let changed = (after != before).then(|| match after {
+            Health::Good => format!("Node {node_id} is marked as healthy by the monitor"),
+            _ => format!("Node {node_id} is marked as unhealthy by the monitor"),
+        });
+        if let Some(description) = &changed {
             tracing::info!("{description}");
-            client
-                .execute(
-                    &format!(
-                        "WITH e AS (INSERT INTO hapg.event (formation_id, group_id, node_id, node_name,
-                                         node_host, node_port, reported_state, goal_state, health,
-                                         primary_epoch, description)
-                                    SELECT n.formation_id, n.group_id, n.node_id, n.node_name,
-                                           n.node_host, n.node_port, n.reported_state, n.goal_state,
-                                           n.health, f.primary_epoch, $2
-                                      FROM hapg.node n JOIN hapg.formation f USING (formation_id)
-                                     WHERE n.node_id = $1 RETURNING 1)
-                         SELECT pg_notify('{CHANNEL_STATE}', {STATE_PAYLOAD_SQL}), (SELECT count(*) FROM e)
-                           FROM hapg.node n JOIN hapg.formation f USING (formation_id)
-                          WHERE n.node_id = $1"
-                    ),
-                    &[&node_id, &description],
-                )
-                .await?;
         }
+        store
+            .record_health(node_id, after, changed.as_deref())
+            .await?;
     }
-    failures.retain(|id, _| {
-        nodes
-            .iter()
-            .any(|row| row.try_get::<_, i64>(0).is_ok_and(|n| n == *id))
-    });
+    failures.retain(|id, _| nodes.iter().any(|n| n.node_id == *id));
     Ok(())
 }
 
 /// One health check: the node's Postgres completes a connection handshake, or
 /// answers with an error, which also proves it is up and serving.
-async fn check_node(host: &str, port: i32, timeout: Duration) -> bool {
-    let Ok(port) = u16::try_from(port) else {
-        return false;
-    };
+async fn check_node(host: &str, port: u16, timeout: Duration) -> bool {
     let mut config = Config::new();
     config
         .host(host)

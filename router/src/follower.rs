@@ -14,8 +14,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hapg_monitor::schema::{CHANNEL_DRAIN, CHANNEL_STATE};
-use hapg_monitor::{MonitorClient, MonitorError, NodeState};
+use hapg_monitor::store::{Channel, RouterRegistration};
+use hapg_monitor::{MonitorClient, MonitorError};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -64,102 +64,34 @@ pub struct MonitorView {
     pub switchover_requested: Option<String>,
 }
 
-/// Reads the routing of `formation`, and its pending switchover request, in
-/// one statement.
+/// Reads the routing of `formation`, and its pending switchover request, at
+/// once.
 pub async fn read_routing(
     client: &MonitorClient,
     formation: &str,
 ) -> Result<MonitorView, MonitorError> {
-    let row = client
-        .inner()
-        .query_opt(
-            "SELECT f.primary_epoch, n.node_id, n.node_host, n.node_port,
-                    n.goal_state::text, n.reported_state::text,
-                    f.switchover_requested_at::text
-               FROM hapg.formation f
-               LEFT JOIN hapg.node n ON n.node_id = f.primary_node_id
-              WHERE f.formation_id = $1",
-            &[&formation],
-        )
-        .await?
-        .ok_or_else(|| MonitorError::NoSuchFormation(formation.to_string()))?;
-    let epoch: i64 = row.try_get(0)?;
-    let node_id: Option<i64> = row.try_get(1)?;
-    let primary = match node_id {
-        None => None,
-        Some(node_id) => {
-            let port: i32 = row.try_get(3)?;
-            let goal: String = row.try_get(4)?;
-            let reported: String = row.try_get(5)?;
-            Some(Primary {
-                node_id,
-                host: row.try_get::<_, String>(2)?.into(),
-                port: u16::try_from(port)
-                    .map_err(|_| MonitorError::Corrupt(format!("node port {port}")))?,
-                goal: goal.parse::<NodeState>()?,
-                reported: reported.parse::<NodeState>()?,
-            })
-        }
-    };
+    let routing = client.routing(formation).await?;
     Ok(MonitorView {
-        epoch,
-        primary,
-        switchover_requested: row.try_get(6)?,
+        epoch: routing.epoch,
+        primary: routing.primary.map(|p| Primary {
+            node_id: p.node_id,
+            host: p.host.into(),
+            port: p.port,
+            goal: p.goal,
+            reported: p.reported,
+        }),
+        switchover_requested: routing.switchover_requested,
     })
 }
 
-const UPSERT: &str =
-    "INSERT INTO hapg.router (router_id, formation_id, address, last_seen, routed_epoch)
-     VALUES ($1, $2, $3, now(), $4)
-     ON CONFLICT (router_id) DO UPDATE
-        SET formation_id = excluded.formation_id, address = excluded.address,
-            last_seen = now(), routed_epoch = excluded.routed_epoch";
-
-async fn register(
-    client: &MonitorClient,
-    settings: &FollowerSettings,
-    routed_epoch: i64,
-) -> Result<(), MonitorError> {
-    client
-        .inner()
-        .execute(
-            UPSERT,
-            &[
-                &settings.router_id,
-                &settings.formation,
-                &settings.address,
-                &routed_epoch,
-            ],
-        )
-        .await?;
-    Ok(())
-}
-
-/// Registers the router and acknowledges a drain (`drained_at = now()`) in one
-/// statement.
-async fn acknowledge(
-    client: &MonitorClient,
-    settings: &FollowerSettings,
-    routed_epoch: i64,
-) -> Result<(), MonitorError> {
-    client
-        .inner()
-        .execute(
-            "INSERT INTO hapg.router (router_id, formation_id, address, last_seen, routed_epoch, drained_at)
-             VALUES ($1, $2, $3, now(), $4, now())
-             ON CONFLICT (router_id) DO UPDATE
-                SET formation_id = excluded.formation_id, address = excluded.address,
-                    last_seen = now(), routed_epoch = excluded.routed_epoch,
-                    drained_at = now()",
-            &[
-                &settings.router_id,
-                &settings.formation,
-                &settings.address,
-                &routed_epoch,
-            ],
-        )
-        .await?;
-    Ok(())
+/// What the router registers with the monitor.
+fn registration(settings: &FollowerSettings, routed_epoch: i64) -> RouterRegistration {
+    RouterRegistration {
+        router_id: settings.router_id.clone(),
+        formation: settings.formation.clone(),
+        address: settings.address.clone(),
+        routed_epoch,
+    }
 }
 
 async fn timed<T>(
@@ -390,14 +322,7 @@ async fn follow_once(
         _ = shutdown.cancelled() => return Ok(()),
         c = MonitorClient::connect_with_retry(&settings.monitor, CONNECT_BUDGET) => c.map_err(|e| e.to_string())?,
     };
-    timed("LISTEN", async {
-        client
-            .inner()
-            .batch_execute(&format!("LISTEN {CHANNEL_STATE}; LISTEN {CHANNEL_DRAIN}"))
-            .await
-            .map_err(MonitorError::from)
-    })
-    .await?;
+    timed("LISTEN", client.listen(&[Channel::State, Channel::Drain])).await?;
     tracing::info!(monitor = client.uri(), formation = %settings.formation, "following the monitor");
     let mut last_register: Option<(Instant, i64)> = None;
     loop {
@@ -412,7 +337,7 @@ async fn follow_once(
         if let Some(d) = drain.current.as_mut().filter(|d| d.done && !d.acked) {
             timed(
                 "acknowledging the drain",
-                acknowledge(&client, &settings, routed),
+                client.acknowledge_drain(&registration(&settings, routed)),
             )
             .await?;
             d.acked = true;
@@ -425,7 +350,7 @@ async fn follow_once(
         if last_register.is_none_or(|(t, epoch)| t.elapsed() >= TICK || epoch != routed) {
             timed(
                 "registering the router",
-                register(&client, &settings, routed),
+                client.register_router(&registration(&settings, routed)),
             )
             .await?;
             last_register = Some((Instant::now(), routed));
@@ -433,7 +358,7 @@ async fn follow_once(
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             _ = restart.notified() => return Ok(()),
-            _ = client.next_notification(TICK) => {}
+            _ = client.next_change(TICK) => {}
             outcome = drain_finished(&mut drain.current) => {
                 if let Some(d) = drain.current.as_mut() {
                     d.task = None;
@@ -446,7 +371,7 @@ async fn follow_once(
                 }
             }
         }
-        while client.try_notification().is_some() {}
+        while client.try_change().is_some() {}
         if client.is_closed() {
             return Err("the monitor connection closed".into());
         }

@@ -90,9 +90,10 @@ impl HttpFormation {
             ];
             args.extend_from_slice(extra);
             cluster.spawn(name, &args);
+            let pgdata = cluster.path().join(name);
             cluster.nodes.push(Node {
                 name: name.to_string(),
-                pgdata: cluster.path().join(name),
+                pgdata,
                 port,
             });
             http.insert(name.to_string(), addr);

@@ -1,0 +1,325 @@
+//! The store boundary against a real monitor database: conditioned writes
+//! (two writers racing on the same decision: exactly one applies), requests
+//! answered once, reports and the change feed. The suite takes
+//! `&mut dyn MonitorStore` connections so that every backend runs it.
+
+mod support;
+
+use std::time::Duration;
+
+use hapg_monitor::client::{NodeReport, Registration, RequestKind};
+use hapg_monitor::fsm::{Assignment, Setting};
+use hapg_monitor::store::{
+    ChangeFeed, Channel, GroupWrite, NewRequest, RequestAnswer, RequestStatus, Written,
+};
+use hapg_monitor::{MonitorStore, NodeState};
+use support::PgMonitor;
+
+const FORMATION: &str = "default";
+
+async fn register(store: &dyn MonitorStore, name: &str, port: u16) -> (i64, i32) {
+    let registered = store
+        .register(&Registration {
+            formation: FORMATION.to_string(),
+            name: name.to_string(),
+            host: "127.0.0.1".to_string(),
+            port,
+            dbname: "postgres".to_string(),
+            candidate_priority: 50,
+            replication_quorum: true,
+        })
+        .await
+        .expect("register");
+    (registered.node_id, registered.group_id)
+}
+
+fn goal(node_id: i64, goal: NodeState, reason: String) -> Assignment {
+    Assignment {
+        node_id,
+        goal,
+        reason,
+    }
+}
+
+/// How many of the formation's events contain `marker`.
+async fn events_with(store: &dyn MonitorStore, marker: &str) -> usize {
+    store
+        .events(FORMATION, 10_000)
+        .await
+        .expect("events")
+        .iter()
+        .filter(|e| e.description.contains(marker))
+        .count()
+}
+
+/// Two writers read the same group and decide differently (each makes a
+/// different node the one writable node); both write at once, conditioned on
+/// what they read. Exactly one decision applies, whole: its goals, its events
+/// and at most one new epoch; the other writer is told its read is stale.
+async fn racing_writers_apply_one_decision(a: &mut dyn MonitorStore, b: &mut dyn MonitorStore) {
+    let (n1, group) = register(a, "race_1", 15001).await;
+    let (n2, _) = register(a, "race_2", 15002).await;
+    for round in 0..10 {
+        let read_a = a.group_snapshot(FORMATION, group).await.expect("read a");
+        let read_b = b.group_snapshot(FORMATION, group).await.expect("read b");
+        assert_eq!(read_a.version, read_b.version, "both read the same group");
+        let epoch_before = read_a.version.primary_epoch;
+        let decision = |winner: i64, loser: i64, who: &str| GroupWrite::Assign {
+            assignments: vec![
+                goal(
+                    winner,
+                    NodeState::Single,
+                    format!("round {round}: {who} promotes"),
+                ),
+                goal(
+                    loser,
+                    NodeState::Demoted,
+                    format!("round {round}: {who} demotes"),
+                ),
+            ],
+            end_drain: false,
+        };
+        let (wa, wb) = tokio::join!(
+            a.apply(
+                FORMATION,
+                group,
+                &read_a.version,
+                decision(n1, n2, "writer a")
+            ),
+            b.apply(
+                FORMATION,
+                group,
+                &read_b.version,
+                decision(n2, n1, "writer b")
+            ),
+        );
+        let (wa, wb) = (wa.expect("writer a"), wb.expect("writer b"));
+        let applied = [wa, wb].iter().filter(|w| **w == Written::Applied).count();
+        assert_eq!(
+            applied, 1,
+            "round {round}: exactly one writer applies ({wa:?}, {wb:?})"
+        );
+        let (winner, who) = if wa == Written::Applied {
+            (n1, "writer a")
+        } else {
+            (n2, "writer b")
+        };
+        let after = a
+            .group_snapshot(FORMATION, group)
+            .await
+            .expect("read after");
+        let writable: Vec<i64> = after
+            .nodes
+            .iter()
+            .filter(|n| n.goal.can_take_writes())
+            .map(|n| n.node_id)
+            .collect();
+        assert_eq!(
+            writable,
+            vec![winner],
+            "round {round}: one writable node, the winner's"
+        );
+        assert_eq!(after.version.primary_node_id, Some(winner));
+        let new_epochs = after.version.primary_epoch - epoch_before;
+        let changed_primary = read_a.version.primary_node_id != Some(winner);
+        assert_eq!(
+            new_epochs,
+            i64::from(changed_primary),
+            "round {round}: one epoch per new primary"
+        );
+        assert_eq!(
+            events_with(a, &format!("round {round}: ")).await,
+            2,
+            "round {round}: the winner's two events only"
+        );
+        assert_eq!(events_with(a, &format!("round {round}: {who}")).await, 2);
+    }
+}
+
+/// A request is answered once, by one of two services answering at once;
+/// a decision read before a setting changed is refused.
+async fn requests_are_answered_once(a: &mut dyn MonitorStore, b: &mut dyn MonitorStore) {
+    let (n1, group) = register(a, "req_1", 15011).await;
+    let id = a
+        .file_request(&NewRequest {
+            formation: FORMATION.to_string(),
+            group_id: group,
+            node_id: Some(n1),
+            kind: RequestKind::SetCandidatePriority,
+            value: Some("10".to_string()),
+        })
+        .await
+        .expect("file");
+    assert_eq!(
+        a.request_status(id).await.expect("status"),
+        RequestStatus::Pending
+    );
+    let pending_a = a.pending_requests().await.expect("pending a");
+    let pending_b = b.pending_requests().await.expect("pending b");
+    let request_a = pending_a
+        .iter()
+        .find(|r| r.id == id)
+        .expect("a sees it")
+        .clone();
+    let request_b = pending_b
+        .iter()
+        .find(|r| r.id == id)
+        .expect("b sees it")
+        .clone();
+    let read = a.group_snapshot(FORMATION, group).await.expect("read");
+    let (wa, wb) = tokio::join!(
+        a.answer_request(
+            &request_a,
+            Some(&read.version),
+            RequestAnswer::Setting {
+                setting: Setting::CandidatePriority(n1, 10),
+                reply: "priority set by a".to_string(),
+            },
+        ),
+        b.answer_request(
+            &request_b,
+            None,
+            RequestAnswer::Refuse("refused by b".to_string())
+        ),
+    );
+    let (wa, wb) = (wa.expect("a answers"), wb.expect("b answers"));
+    assert_eq!(
+        [wa, wb].iter().filter(|w| **w == Written::Applied).count(),
+        1,
+        "one answer ({wa:?}, {wb:?})"
+    );
+    let status = a.request_status(id).await.expect("status");
+    let priority = a.node(n1).await.expect("node").candidate_priority;
+    if wa == Written::Applied {
+        assert_eq!(
+            status,
+            RequestStatus::Accepted("priority set by a".to_string())
+        );
+        assert_eq!(priority, 10);
+        // The setting changed the group: a decision read before it is stale.
+        let late = a
+            .apply(
+                FORMATION,
+                group,
+                &read.version,
+                GroupWrite::SetNumberSyncStandbys {
+                    value: 0,
+                    reason: "late".to_string(),
+                },
+            )
+            .await
+            .expect("late write");
+        assert_eq!(late, Written::Stale);
+    } else {
+        assert_eq!(status, RequestStatus::Refused("refused by b".to_string()));
+        assert_eq!(priority, 50);
+    }
+    assert!(
+        a.pending_requests()
+            .await
+            .expect("pending")
+            .iter()
+            .all(|r| r.id != id),
+        "answered requests are not pending"
+    );
+}
+
+/// A report returns the node's goal; a changed reported state is published
+/// on the state channel with the node's state, and wakes the service.
+async fn reports_are_published(
+    store: &dyn MonitorStore,
+    listener: &dyn MonitorStore,
+    feed: &mut ChangeFeed,
+) {
+    let (node_id, group) = register(store, "feed_1", 15021).await;
+    listener
+        .listen(&[Channel::State, Channel::Report])
+        .await
+        .expect("listen");
+    let report = NodeReport {
+        node_id,
+        state: NodeState::Single,
+        pg_running: true,
+        tli: 1,
+        lsn: 0x0300_0000,
+        rep_state: String::new(),
+        upstream_streaming: false,
+        in_recovery: Some(false),
+        upstream_silence: None,
+    };
+    let assigned = store.report(&report).await.expect("report");
+    assert_eq!(assigned.goal, NodeState::Init, "no goal assigned yet");
+    assert_eq!(assigned.group_id, group);
+    let mut state = None;
+    let mut woke = false;
+    for _ in 0..20 {
+        let Some(change) = feed.next(Duration::from_secs(5)).await else {
+            break;
+        };
+        match change.channel {
+            Channel::Report => woke = true,
+            Channel::State => state = change.state(),
+            _ => {}
+        }
+        if woke && state.is_some() {
+            break;
+        }
+    }
+    assert!(woke, "the report wakes the service");
+    let state = state.expect("the new reported state is published");
+    assert_eq!(
+        (state.node_id, state.reported_state),
+        (node_id, NodeState::Single)
+    );
+    let row = store.node(node_id).await.expect("node");
+    assert_eq!(
+        (row.reported, row.lsn, row.pg_running),
+        (NodeState::Single, 0x0300_0000, true)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_racing_writers_apply_one_decision() {
+    let monitor = PgMonitor::start().await;
+    let (mut a, _) = monitor.store().await;
+    let (mut b, _) = monitor.store().await;
+    racing_writers_apply_one_decision(&mut a, &mut b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_requests_are_answered_once() {
+    let monitor = PgMonitor::start().await;
+    for _ in 0..5 {
+        let (mut a, _) = monitor.store().await;
+        let (mut b, _) = monitor.store().await;
+        requests_are_answered_once(&mut a, &mut b).await;
+        // Each round registers a node of its own name: drop it for the next.
+        let (mut c, _) = monitor.store().await;
+        let node = c.node_by_name(FORMATION, "req_1").await.expect("node");
+        let read = c
+            .group_snapshot(FORMATION, node.group_id)
+            .await
+            .expect("read");
+        let removed = c
+            .apply(
+                FORMATION,
+                node.group_id,
+                &read.version,
+                GroupWrite::Remove {
+                    node_id: node.node_id,
+                    reason: "next round".to_string(),
+                },
+            )
+            .await
+            .expect("remove");
+        assert_eq!(removed, Written::Applied);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_reports_are_published() {
+    let monitor = PgMonitor::start().await;
+    let (store, _) = monitor.store().await;
+    let (listener, mut feed) = monitor.store().await;
+    reports_are_published(&store, &listener, &mut feed).await;
+}
