@@ -576,7 +576,7 @@ impl Pools {
 
     /// `RECONNECT`: takes out every idle connection, and makes the ones in
     /// use close when they come back.
-    pub fn reconnect(&self) -> Vec<ServerConn> {
+    pub fn reconnect(&self) -> Vec<Box<ServerConn>> {
         let mut victims = Vec::new();
         let mut pools = self.lock();
         pools.reconnect_before = Some(std::time::Instant::now());
