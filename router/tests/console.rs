@@ -269,7 +269,7 @@ async fn every_show_command_answers_with_pgbouncers_columns() {
     // An unknown command: an error with a SQLSTATE naming what is accepted.
     let e = admin.simple_query("SHOW MEM").await.expect_err("unknown");
     assert_eq!(code(&e), "42601");
-    let said = format!("{:?}", e.as_db_error().map(|d| d.hint()));
+    let said = format!("{:?}", e.as_db_error().map(|d| d.message()));
     assert!(
         said.contains("SHOW POOLS") && said.contains("KILL_CLIENT"),
         "{said}"

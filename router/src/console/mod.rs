@@ -106,8 +106,8 @@ async fn run(shared: &Arc<Shared>, client: &mut ClientConn, user: &str, admin: b
             wire::error(
                 out,
                 sqlstate::SYNTAX_ERROR,
-                &e.to_string(),
-                Some(&format!("The console accepts: {}", command::accepted())),
+                &format!("{e}; the console accepts: {}", command::accepted()),
+                None,
             );
             return;
         }
