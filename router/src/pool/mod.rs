@@ -248,54 +248,39 @@ impl Pools {
             if let Some(conn) = found {
                 return Ok(conn);
             }
-            if let Some(permit) = permit {
-                match self
-                    .open_counted(
-                        opener,
-                        target,
-                        login,
-                        connect_timeout,
-                        (id, permit),
-                        deadline,
-                    )
-                    .await?
-                {
-                    Some(conn) => return Ok(conn),
-                    None => continue,
-                }
-            }
-            if freed {
-                continue;
-            }
-            let Some(deadline) = deadline else {
-                return Err(self.full(target.epoch, size));
-            };
-            let got = tokio::time::timeout_at(deadline, async {
-                tokio::select! {
-                    p = slots.acquire_owned() => p.ok(),
-                    _ = returned.notified() => None,
-                }
-            })
-            .await;
-            match got {
-                Err(_) => return Err(self.full(target.epoch, size)),
-                Ok(Some(permit)) => {
-                    match self
-                        .open_counted(
-                            opener,
-                            target,
-                            login,
-                            connect_timeout,
-                            (id, permit),
-                            Some(deadline),
-                        )
-                        .await?
-                    {
-                        Some(conn) => return Ok(conn),
-                        None => continue,
+            let permit = match permit {
+                Some(permit) => permit,
+                None if freed => continue,
+                None => {
+                    let Some(deadline) = deadline else {
+                        return Err(self.full(target.epoch, size));
+                    };
+                    let got = tokio::time::timeout_at(deadline, async {
+                        tokio::select! {
+                            p = slots.acquire_owned() => p.ok(),
+                            _ = returned.notified() => None,
+                        }
+                    })
+                    .await;
+                    match got {
+                        Err(_) => return Err(self.full(target.epoch, size)),
+                        Ok(Some(permit)) => permit,
+                        Ok(None) => continue,
                     }
                 }
-                Ok(None) => continue,
+            };
+            let opened = self
+                .open_counted(
+                    opener,
+                    target,
+                    login,
+                    connect_timeout,
+                    (id, permit),
+                    deadline,
+                )
+                .await?;
+            if let Some(conn) = opened {
+                return Ok(conn);
             }
         }
     }
