@@ -113,6 +113,9 @@ pub struct Env {
     /// group: in pgbench's session a proxy would share pgbench's CPU share,
     /// which no deployment does and which moved select-only by 20%.
     pub proxy_own_session: bool,
+    /// The router rows serve `/metrics` (`[metrics] listen` on a free
+    /// port), so that the cost of the router's counting can be measured.
+    pub router_metrics: bool,
 }
 
 impl Env {
@@ -212,7 +215,12 @@ pub fn start(target: Target, env: &Env, cluster: &Cluster) -> Result<Running> {
         Target::Router(pool) => {
             let port = free_port()?;
             let path = env.dir.join(format!("router-{port}.toml"));
-            write(&path, &router_toml(env, port, pool))?;
+            let metrics = if env.router_metrics {
+                Some(free_port()?)
+            } else {
+                None
+            };
+            write(&path, &router_toml(env, port, pool, metrics))?;
             let mut cmd = Command::new(&env.hapg);
             cmd.args(["router", "run", "--config"])
                 .arg(&path)
@@ -278,7 +286,11 @@ fn write(path: &Path, text: &str) -> Result<()> {
 
 /// router.toml: trust auth, plain TCP to the node (as pgbench direct) or its
 /// Unix socket, limits high enough.
-fn router_toml(env: &Env, port: u16, pool: RouterPool) -> String {
+fn router_toml(env: &Env, port: u16, pool: RouterPool, metrics: Option<u16>) -> String {
+    let metrics = match metrics {
+        Some(port) => format!("\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
+        None => String::new(),
+    };
     format!(
         "# Written by hapg-bench.\n\
          [router]\n\
@@ -297,7 +309,8 @@ fn router_toml(env: &Env, port: u16, pool: RouterPool) -> String {
          [server]\n\
          sslmode = \"disable\"\n\
          {socket}\
-         {pool}",
+         {pool}\
+         {metrics}",
         monitor = env.monitor_uri.replace('\\', "\\\\").replace('"', "\\\""),
         max = (env.clients * 4).max(1000),
         pool = pool.toml(env.pool_size),
@@ -393,6 +406,7 @@ mod tests {
             router_settings: String::new(),
             node_socket_dir: node_socket_dir.map(PathBuf::from),
             proxy_own_session: true,
+            router_metrics: false,
         }
     }
 
@@ -400,13 +414,16 @@ mod tests {
     fn every_proxy_reaches_the_node_the_same_way() {
         let userlist = Path::new("/tmp/run/userlist.txt");
         let tcp = env(None);
-        assert!(!router_toml(&tcp, 6432, RouterPool::Session).contains("unix_socket_dir"));
+        assert!(!router_toml(&tcp, 6432, RouterPool::Session, None).contains("unix_socket_dir"));
+        assert!(!router_toml(&tcp, 6432, RouterPool::Session, None).contains("[metrics]"));
+        assert!(router_toml(&tcp, 6432, RouterPool::Transaction, Some(9127))
+            .ends_with("\n[metrics]\nlisten = \"127.0.0.1:9127\"\n"));
         assert!(pgbouncer_ini(&tcp, 6433, BouncerMode::Session, userlist)
             .contains("bench = host=127.0.0.1 port=5433 dbname=bench"));
         assert!(haproxy_cfg(&tcp, 6434).contains("server node 127.0.0.1:5433"));
 
         let unix = env(Some("/tmp"));
-        assert!(router_toml(&unix, 6432, RouterPool::Session)
+        assert!(router_toml(&unix, 6432, RouterPool::Session, None)
             .contains("[server]\nsslmode = \"disable\"\nunix_socket_dir = \"/tmp\"\n"));
         assert!(pgbouncer_ini(&unix, 6433, BouncerMode::Session, userlist)
             .contains("bench = host=/tmp port=5433 dbname=bench"));

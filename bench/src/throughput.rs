@@ -77,6 +77,11 @@ pub struct ThroughputArgs {
     /// default) or batch.
     #[arg(long, default_value = "batch", value_parser = ["normal", "batch"])]
     pub router_cpu_scheduling: String,
+    /// Whether the router rows serve `/metrics` (`[metrics] listen` in
+    /// router.toml): on makes every session count its transactions, queries
+    /// and bytes; run once with each to see what the counting costs.
+    #[arg(long, default_value = "off", value_parser = ["on", "off"])]
+    pub router_metrics: String,
     /// How the proxies reach the node: tcp (127.0.0.1, as pgbench's direct
     /// runs) or unix (the node's Unix socket: the router's
     /// `server.unix_socket_dir`, PgBouncer's `host=<dir>`, HAProxy's socket
@@ -277,6 +282,7 @@ fn measure(
         node_socket_dir: (args.proxy_to_node == "unix")
             .then(|| PathBuf::from(hapg_keeper::postgres::SOCKET_DIR)),
         proxy_own_session: args.proxy_session == "own",
+        router_metrics: args.router_metrics == "on",
     };
     if args.warmup > 0 {
         eprintln!("warm-up: {} s select-only on the node", args.warmup);

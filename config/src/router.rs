@@ -31,6 +31,48 @@ pub struct RouterConfig {
     /// Server connection pooling.
     #[serde(default)]
     pub pool: PoolSection,
+    /// The admin console (the virtual databases `pgbouncer` and `hapg`).
+    #[serde(default)]
+    pub admin: AdminSection,
+    /// The Prometheus endpoint.
+    #[serde(default)]
+    pub metrics: MetricsSection,
+}
+
+/// Who reaches the admin console: a client that logs in to the virtual
+/// database `pgbouncer` (or `hapg`), authenticated as any client is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    /// Users allowed every console command (PgBouncer's `admin_users`).
+    #[serde(default)]
+    pub admin_users: Vec<String>,
+    /// Users allowed the SHOW commands only (PgBouncer's `stats_users`).
+    #[serde(default)]
+    pub stats_users: Vec<String>,
+    /// How many primary changes `SHOW FAILOVERS` keeps.
+    #[serde(default = "default_failovers_kept")]
+    pub failovers_kept: u32,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        AdminSection {
+            admin_users: Vec::new(),
+            stats_users: Vec::new(),
+            failovers_kept: default_failovers_kept(),
+        }
+    }
+}
+
+/// The router's Prometheus endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    /// Address of the HTTP listener serving `GET /metrics` (none: no endpoint,
+    /// and the hot path counts nothing).
+    #[serde(default)]
+    pub listen: Option<String>,
 }
 
 /// When a server connection goes back to the pool.
@@ -316,6 +358,9 @@ fn default_tcp_keepalive_interval_ms() -> u64 {
 }
 /// As PgBouncer's `default_pool_size`: a pool is for concurrency, not one
 /// server connection per client.
+fn default_failovers_kept() -> u32 {
+    50
+}
 fn default_pool_size() -> u32 {
     20
 }
@@ -572,7 +617,46 @@ impl RouterConfig {
                 return Err(invalid("server.user", "must be a non-empty user name"));
             }
         }
+        for (key, users) in [
+            ("admin.admin_users", &self.admin.admin_users),
+            ("admin.stats_users", &self.admin.stats_users),
+        ] {
+            if let Some(bad) = users.iter().find(|u| u.is_empty() || u.contains('\0')) {
+                return Err(invalid(key, format!("{bad:?} is not a user name")));
+            }
+        }
+        if !(1..=10_000).contains(&self.admin.failovers_kept) {
+            return Err(invalid(
+                "admin.failovers_kept",
+                "must be between 1 and 10000",
+            ));
+        }
+        self.metrics_addr()?;
         Ok(())
+    }
+
+    /// `metrics.listen` as a socket address, when set.
+    pub fn metrics_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        match &self.metrics.listen {
+            None => Ok(None),
+            Some(listen) => listen.parse().map(Some).map_err(|_| {
+                invalid(
+                    "metrics.listen",
+                    format!("\"{listen}\" is not an address and port such as 127.0.0.1:9127"),
+                )
+            }),
+        }
+    }
+
+    /// Whether `user` may run every console command (`admin.admin_users`).
+    pub fn is_admin(&self, user: &str) -> bool {
+        self.admin.admin_users.iter().any(|u| u == user)
+    }
+
+    /// Whether `user` may run the console's SHOW commands (`admin.admin_users`
+    /// or `admin.stats_users`).
+    pub fn may_show(&self, user: &str) -> bool {
+        self.is_admin(user) || self.admin.stats_users.iter().any(|u| u == user)
     }
 
     /// `router.listen` as a socket address.
@@ -714,6 +798,38 @@ type = "trust"
             assert!(err.starts_with("server.unix_socket_dir"), "{err}");
             assert!(err.contains(says), "{err}");
         }
+    }
+
+    #[test]
+    fn admin_and_metrics_sections_parse_and_name_bad_values() {
+        let config = RouterConfig::parse(Path::new("r.toml"), TUTORIAL).expect("tutorial");
+        assert_eq!(config.admin, AdminSection::default());
+        assert_eq!(config.admin.failovers_kept, 50);
+        assert_eq!(config.metrics_addr().expect("none"), None);
+        let text = format!(
+            "{TUTORIAL}\n[admin]\nadmin_users = [\"ops\"]\nstats_users = [\"grafana\"]\n\n[metrics]\nlisten = \"127.0.0.1:9127\"\n"
+        );
+        let config = RouterConfig::parse(Path::new("r.toml"), &text).expect("parses");
+        assert!(config.is_admin("ops") && config.may_show("ops"));
+        assert!(!config.is_admin("grafana") && config.may_show("grafana"));
+        assert!(!config.may_show("app"));
+        assert_eq!(
+            config.metrics_addr().expect("addr").map(|a| a.port()),
+            Some(9127)
+        );
+        for (section, key) in [
+            ("[admin]\nadmin_users = [\"\"]", "admin.admin_users"),
+            ("[admin]\nstats_users = [\"\"]", "admin.stats_users"),
+            ("[admin]\nfailovers_kept = 0", "admin.failovers_kept"),
+            ("[metrics]\nlisten = \"localhost\"", "metrics.listen"),
+        ] {
+            let text = format!("{TUTORIAL}\n{section}\n");
+            let e = RouterConfig::parse(Path::new("r.toml"), &text).expect_err(section);
+            assert!(e.to_string().contains(key), "{section}: {e}");
+        }
+        let text = format!("{TUTORIAL}\n[admin]\nadmins = [\"ops\"]\n");
+        let e = RouterConfig::parse(Path::new("r.toml"), &text).expect_err("unknown key");
+        assert!(e.to_string().contains("admins"), "{e}");
     }
 
     #[test]

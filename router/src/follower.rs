@@ -282,6 +282,7 @@ pub async fn follow(
         match session.await {
             Ok(()) => failures = 0,
             Err(e) => {
+                table.set_monitor_reachable(false);
                 failures += 1;
                 if failures == 1 || failures.is_multiple_of(30) {
                     tracing::warn!(error = %e, "monitor unreachable; routing to the last known primary");
@@ -330,6 +331,7 @@ async fn follow_once(
             read_routing(&client, &settings.formation),
         )
         .await?;
+        table.set_monitor_reachable(true);
         drain.on_view(table, view, || settings_fn().drain_timeout);
         let routed = table.load().routed_epoch;
         if let Some(d) = drain.current.as_mut().filter(|d| d.done && !d.acked) {

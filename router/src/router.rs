@@ -28,7 +28,9 @@ use crate::protocol::backend::sqlstate;
 use crate::routing::Routing;
 use crate::session::Session;
 use crate::shared::{Runtime, Shared};
-use crate::startup;
+use crate::startup::{self, Started};
+use crate::stats::ClientEntry;
+use crate::{console, metrics, stats};
 
 /// How long a reload may spend asking the monitor whether it has the new
 /// formation (SIGHUP waits for it, so it stays short).
@@ -93,6 +95,11 @@ impl Drop for ClientSlot {
 }
 
 impl Router {
+    /// The router whose state `shared` is (the console's RELOAD).
+    pub(crate) fn of(shared: Arc<Shared>) -> Router {
+        Router { shared }
+    }
+
     /// Loads the configuration file (and the auth file and TLS material it names).
     pub fn new(config_path: PathBuf) -> Result<Router, RouterError> {
         let runtime = Runtime::load(&config_path, Arc::new(MockKey::generate()))?;
@@ -243,6 +250,21 @@ impl Router {
             self.shared.clone(),
             follower_stop.clone(),
         ));
+        let events = tokio::spawn(stats::events::watch(
+            self.shared.clone(),
+            follower_stop.clone(),
+        ));
+        let metrics = match self.shared.runtime.load().config.metrics_addr()? {
+            Some(addr) => Some(tokio::spawn(metrics::serve(
+                metrics::bind(addr).await?,
+                self.shared.clone(),
+                follower_stop.clone(),
+            ))),
+            None => None,
+        };
+        if let Ok(mut stop) = self.shared.stop.lock() {
+            *stop = Some(shutdown.clone());
+        }
         tracing::info!(listen = %local, "router accepting connections");
         let mut backoff = Duration::from_millis(5);
         loop {
@@ -303,6 +325,10 @@ impl Router {
         follower_stop.cancel();
         let _ = follower.await;
         let _ = maintenance.await;
+        let _ = events.await;
+        if let Some(metrics) = metrics {
+            let _ = metrics.await;
+        }
         Ok(())
     }
 }
@@ -353,6 +379,8 @@ async fn serve_client(
     if let Err(e) = net::tune(&tcp) {
         tracing::debug!(error = %e, "could not tune client socket");
     }
+    let local = tcp.local_addr().ok();
+    let connect_time = std::time::SystemTime::now();
     let rt = shared.runtime.load_full();
     let started = tokio::select! {
         r = tokio::time::timeout(rt.config.login_timeout(), startup::start(&shared, &rt, tcp, peer)) => r,
@@ -362,10 +390,58 @@ async fn serve_client(
     match started {
         Err(_) => tracing::info!(%peer, "client did not complete its startup in time"),
         Ok(Err(crate::client::Ended)) | Ok(Ok(None)) => {}
-        Ok(Ok(Some((client, ready)))) => {
-            Session::new(shared, client, ready, shutdown, kill)
-                .run()
-                .await;
+        Ok(Ok(Some((client, started)))) => {
+            // KILL_CLIENT ends this client alone; the router's own kill
+            // (end of the shutdown drain) still reaches it.
+            let kill = kill.child_token();
+            let tls = client.stream.is_tls();
+            match started {
+                Started::Session(ready) => {
+                    let registered = shared.registry.register(ClientEntry {
+                        id: ready.cancel.pid,
+                        user: ready.client_user.clone(),
+                        pool_user: ready.login.user.clone(),
+                        database: ready.login.database.clone(),
+                        peer,
+                        local,
+                        connect_time,
+                        tls,
+                        application_name: application_name(&ready.login.params),
+                        console: false,
+                        waiting_since: Default::default(),
+                        kill: kill.clone(),
+                    });
+                    Session::new(shared, client, ready, registered, shutdown, kill)
+                        .run()
+                        .await;
+                }
+                Started::Console(login) => {
+                    let registered = shared.registry.register(ClientEntry {
+                        id: login.cancel.pid,
+                        user: login.user.clone(),
+                        pool_user: login.user.clone(),
+                        database: login.database.clone(),
+                        peer,
+                        local,
+                        connect_time,
+                        tls,
+                        application_name: login.application_name.clone(),
+                        console: true,
+                        waiting_since: Default::default(),
+                        kill: kill.clone(),
+                    });
+                    console::serve(shared, client, login, shutdown, kill).await;
+                    drop(registered);
+                }
+            }
         }
     }
+}
+
+fn application_name(params: &[(String, String)]) -> String {
+    params
+        .iter()
+        .find(|(k, _)| k == "application_name")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default()
 }

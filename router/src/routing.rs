@@ -15,6 +15,7 @@
 //! still open), so the sessions busy on an older epoch are told to give it up.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use arc_swap::ArcSwap;
@@ -60,6 +61,9 @@ pub struct Routing {
     /// A switchover drain holds new transactions back on the primary of this
     /// epoch (and of any older one).
     pub drain: Option<i64>,
+    /// An operator's `PAUSE` on the admin console holds every new
+    /// transaction until `RESUME`.
+    pub held: bool,
 }
 
 impl Routing {
@@ -78,7 +82,7 @@ impl Routing {
     /// transaction asks, and the host name is a String to copy).
     pub fn target_epoch(&self) -> Option<i64> {
         let writable = self.primary.as_ref().is_some_and(|p| p.writable());
-        (writable && !self.draining()).then_some(self.epoch)
+        (writable && !self.draining() && !self.held).then_some(self.epoch)
     }
 
     /// True while new transactions have to wait (the primary is moving,
@@ -159,6 +163,10 @@ pub struct RoutingTable {
     /// can be given twice (a watch keeps only the latest value: a later order
     /// covers an earlier one, its epoch being at least as new).
     cut: watch::Sender<(u64, Option<Cut>)>,
+    /// Sessions ordered to cut since start (busy when the order was given).
+    cut_total: AtomicU64,
+    /// The follower's last exchange with the monitor succeeded.
+    monitor_reachable: AtomicBool,
 }
 
 impl Default for RoutingTable {
@@ -169,6 +177,8 @@ impl Default for RoutingTable {
             gate: Mutex::new(Gate::default()),
             idle: watch::Sender::new(0),
             cut: watch::Sender::new((0, None)),
+            cut_total: AtomicU64::new(0),
+            monitor_reachable: AtomicBool::new(false),
         }
     }
 }
@@ -267,6 +277,8 @@ impl RoutingTable {
                 busy = gate.busy.range(..epoch).map(|(_, n)| n).sum::<usize>(),
                 "the primary changed: cutting the statements still running on the old one"
             );
+            let busy: usize = gate.busy.range(..epoch).map(|(_, n)| n).sum();
+            self.cut_total.fetch_add(busy as u64, Ordering::Relaxed);
             self.send_cut(Cut {
                 epoch: epoch - 1,
                 reason: CutReason::PrimaryChanged { to: epoch },
@@ -278,6 +290,7 @@ impl RoutingTable {
             routed_epoch: old.routed_epoch,
             known: true,
             drain: old.drain,
+            held: old.held,
         };
         if next.target().is_some() {
             next.routed_epoch = next.routed_epoch.max(epoch);
@@ -295,6 +308,35 @@ impl RoutingTable {
             next.routed_epoch = next.routed_epoch.max(next.epoch);
         }
         self.store(&gate, next)
+    }
+
+    /// Holds every new transaction (`PAUSE` on the admin console), or with
+    /// `false` lets them go again (`RESUME`); true when that changed the table.
+    pub fn set_held(&self, held: bool) -> bool {
+        let gate = self.lock();
+        let mut next = Routing::clone(&self.current.load());
+        next.held = held;
+        self.store(&gate, next)
+    }
+
+    /// Sessions busy on any epoch now.
+    pub fn busy_total(&self) -> usize {
+        self.lock().busy.values().sum()
+    }
+
+    /// Sessions ordered to cut their statement since start.
+    pub fn cut_total(&self) -> u64 {
+        self.cut_total.load(Ordering::Relaxed)
+    }
+
+    /// Tells whether the follower's last exchange with the monitor succeeded.
+    pub fn set_monitor_reachable(&self, reachable: bool) {
+        self.monitor_reachable.store(reachable, Ordering::Relaxed);
+    }
+
+    /// Whether the follower's last exchange with the monitor succeeded.
+    pub fn monitor_reachable(&self) -> bool {
+        self.monitor_reachable.load(Ordering::Relaxed)
     }
 
     /// Marks a session busy on `epoch` if a new transaction may start there
@@ -340,6 +382,8 @@ impl RoutingTable {
     /// Orders every session busy on `epoch` (or an older one) to cut its
     /// statement or transaction: a switchover drain ran out of time.
     pub fn cut(&self, epoch: i64) {
+        let busy: usize = self.lock().busy.range(..=epoch).map(|(_, n)| n).sum();
+        self.cut_total.fetch_add(busy as u64, Ordering::Relaxed);
         self.send_cut(Cut {
             epoch,
             reason: CutReason::DrainTimeout,
@@ -381,6 +425,14 @@ mod tests {
         };
         agree(&r, Some(3));
         r.drain = Some(2);
+        agree(&r, Some(3));
+        r.drain = Some(3);
+        agree(&r, None);
+        // An operator's PAUSE holds the writable primary too.
+        r.drain = None;
+        r.held = true;
+        agree(&r, None);
+        r.held = false;
         agree(&r, Some(3));
         r.drain = Some(3);
         agree(&r, None);

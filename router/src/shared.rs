@@ -20,6 +20,8 @@ use crate::params::LastParams;
 use crate::pool::{Opener, Pools};
 use crate::routing::RoutingTable;
 use crate::server::ServerConn;
+use crate::stats::events::Events;
+use crate::stats::{ClientRegistry, Stats};
 use crate::tls;
 
 /// The configuration in force and what was loaded from it.
@@ -31,6 +33,9 @@ pub(crate) struct Runtime {
     pub server_tls: Arc<rustls::ClientConfig>,
     /// The key of mock salts and secrets (the same across reloads).
     pub mock_key: Arc<MockKey>,
+    /// Sessions count their transactions, queries and bytes: `[metrics]`
+    /// or console users are configured.
+    pub counting: bool,
 }
 
 impl Runtime {
@@ -49,12 +54,31 @@ impl Runtime {
         };
         let server_tls =
             tls::client_config(config.server.sslmode, config.server.sslrootcert.as_deref())?;
+        // A console user must be one the router can authenticate: with a
+        // user list, one that is in it.
+        if config.auth.file.is_some() {
+            for (key, list) in [
+                ("admin.admin_users", &config.admin.admin_users),
+                ("admin.stats_users", &config.admin.stats_users),
+            ] {
+                if let Some(unknown) = list.iter().find(|u| users.get(u).is_none()) {
+                    return Err(RouterError::Config(hapg_config::ConfigError::Invalid {
+                        key: key.to_string(),
+                        message: format!("{unknown:?} is not in auth.file"),
+                    }));
+                }
+            }
+        }
+        let counting = config.metrics.listen.is_some()
+            || !config.admin.admin_users.is_empty()
+            || !config.admin.stats_users.is_empty();
         Ok(Runtime {
             config,
             users,
             tls,
             server_tls,
             mock_key,
+            counting,
         })
     }
 }
@@ -80,10 +104,19 @@ pub(crate) struct Shared {
     pub restart_follower: Arc<Notify>,
     /// `router.address` as registered: set when serving starts.
     pub registered_address: Mutex<String>,
+    /// Totals and histograms (`SHOW STATS`, `/metrics`).
+    pub stats: Stats,
+    /// The clients logged in now (`SHOW CLIENTS`, `KILL_CLIENT`).
+    pub registry: Arc<ClientRegistry>,
+    /// The primary changes and pauses the router lived through.
+    pub events: Events,
+    /// Ends the accept loop (`SHUTDOWN` on the console); set when serving starts.
+    pub stop: Mutex<Option<tokio_util::sync::CancellationToken>>,
 }
 
 impl Shared {
     pub fn new(config_path: PathBuf, runtime: Runtime) -> Shared {
+        let runtime_keep = runtime.config.admin.failovers_kept as usize;
         Shared {
             config_path,
             runtime: ArcSwap::from_pointee(runtime),
@@ -95,6 +128,10 @@ impl Shared {
             clients: AtomicUsize::new(0),
             restart_follower: Arc::new(Notify::new()),
             registered_address: Mutex::new(String::new()),
+            events: Events::new(runtime_keep),
+            stats: Stats::default(),
+            registry: Arc::new(ClientRegistry::default()),
+            stop: Mutex::new(None),
         }
     }
 

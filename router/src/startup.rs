@@ -57,6 +57,27 @@ pub(crate) struct Ready {
     pub server: Option<Box<ServerConn>>,
     pub known: Params,
     pub cancel: crate::cancel::CancelKey,
+    /// The user the client logged in as (`login.user` is the server's).
+    pub client_user: String,
+}
+
+/// A client of the admin console (the virtual database `pgbouncer` or
+/// `hapg`), logged in.
+pub(crate) struct ConsoleLogin {
+    pub user: String,
+    pub database: String,
+    /// In `admin.admin_users` (else in `admin.stats_users`: SHOW only).
+    pub admin: bool,
+    pub cancel: crate::cancel::CancelKey,
+    pub application_name: String,
+}
+
+/// Where a client goes after the handshake. Moved once per login: boxing
+/// the session's side would cost every login an allocation for nothing.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Started {
+    Session(Ready),
+    Console(ConsoleLogin),
 }
 
 async fn negotiate(
@@ -198,12 +219,17 @@ pub(crate) async fn start(
     rt: &Runtime,
     tcp: TcpStream,
     peer: std::net::SocketAddr,
-) -> Result<Option<(ClientConn, Ready)>, Ended> {
+) -> Result<Option<(ClientConn, Started)>, Ended> {
     let Some((mut client, startup)) = negotiate(shared, rt, tcp).await? else {
         return Ok(None);
     };
     let (user, database) = check_startup(&mut client, &startup).await?;
     log_in(&mut client, rt, &user, peer).await?;
+    if crate::console::is_console_database(&database) {
+        return console_login(client, rt, shared, &startup, user, database, peer)
+            .await
+            .map(|(client, login)| Some((client, Started::Console(login))));
+    }
     let login = server_login(rt, &user, database, &startup);
     let server = first_server(shared, rt, &login, &mut client).await?;
     let known = match &server {
@@ -226,12 +252,13 @@ pub(crate) async fn start(
     client.flush().await?;
     Ok(Some((
         client,
-        Ready {
+        Started::Session(Ready {
             login,
             server,
             known,
             cancel,
-        },
+            client_user: user,
+        }),
     )))
 }
 
@@ -441,6 +468,53 @@ fn params_without_server(shared: &Shared, startup: &Startup, user: &str) -> Para
     }
     set_shared_param(&mut params, "session_authorization", user);
     params
+}
+
+/// An authenticated client of the admin console: refused unless its user is
+/// in `admin.admin_users` or `admin.stats_users`; else told the parameters
+/// a Postgres 15 would tell it, a cancel key, and ReadyForQuery.
+async fn console_login(
+    mut client: ClientConn,
+    rt: &Runtime,
+    shared: &Arc<Shared>,
+    startup: &Startup,
+    user: String,
+    database: String,
+    peer: std::net::SocketAddr,
+) -> Result<(ClientConn, ConsoleLogin), Ended> {
+    if !rt.config.may_show(&user) {
+        tracing::warn!(client = %peer, user, "admin console refused: the user is in neither admin.admin_users nor admin.stats_users");
+        return Err(client
+            .refuse(ClientError::fatal(
+                sqlstate::INVALID_AUTHORIZATION,
+                format!("user \"{user}\" may not use the admin console"),
+                Some("List the user in [admin] admin_users or stats_users in router.toml."),
+            ))
+            .await);
+    }
+    let application_name = startup
+        .get("application_name")
+        .unwrap_or_default()
+        .to_string();
+    for (name, value) in FALLBACK_PARAMS {
+        backend::parameter_status(&mut client.wbuf, name, value);
+    }
+    backend::parameter_status(&mut client.wbuf, "application_name", &application_name);
+    let cancel = shared.cancels.register();
+    backend::backend_key_data(&mut client.wbuf, cancel.pid, cancel.secret());
+    backend::ready_for_query(&mut client.wbuf, TxStatus::Idle);
+    client.flush().await?;
+    tracing::info!(client = %peer, user, "admin console login");
+    Ok((
+        client,
+        ConsoleLogin {
+            admin: rt.config.is_admin(&user),
+            user,
+            database,
+            cancel,
+            application_name,
+        },
+    ))
 }
 
 /// Keeps the values `conn` reported at its login for the startup-settable

@@ -58,6 +58,9 @@ pub(crate) struct Opener<'a> {
 struct PoolMap {
     ids: HashMap<String, HashMap<String, PoolId>>,
     pools: Vec<Pool>,
+    /// `RECONNECT` on the admin console: connections opened before this
+    /// close when they come back instead of going idle.
+    reconnect_before: Option<std::time::Instant>,
 }
 
 impl PoolMap {
@@ -245,54 +248,39 @@ impl Pools {
             if let Some(conn) = found {
                 return Ok(conn);
             }
-            if let Some(permit) = permit {
-                match self
-                    .open_counted(
-                        opener,
-                        target,
-                        login,
-                        connect_timeout,
-                        (id, permit),
-                        deadline,
-                    )
-                    .await?
-                {
-                    Some(conn) => return Ok(conn),
-                    None => continue,
-                }
-            }
-            if freed {
-                continue;
-            }
-            let Some(deadline) = deadline else {
-                return Err(self.full(target.epoch, size));
-            };
-            let got = tokio::time::timeout_at(deadline, async {
-                tokio::select! {
-                    p = slots.acquire_owned() => p.ok(),
-                    _ = returned.notified() => None,
-                }
-            })
-            .await;
-            match got {
-                Err(_) => return Err(self.full(target.epoch, size)),
-                Ok(Some(permit)) => {
-                    match self
-                        .open_counted(
-                            opener,
-                            target,
-                            login,
-                            connect_timeout,
-                            (id, permit),
-                            Some(deadline),
-                        )
-                        .await?
-                    {
-                        Some(conn) => return Ok(conn),
-                        None => continue,
+            let permit = match permit {
+                Some(permit) => permit,
+                None if freed => continue,
+                None => {
+                    let Some(deadline) = deadline else {
+                        return Err(self.full(target.epoch, size));
+                    };
+                    let got = tokio::time::timeout_at(deadline, async {
+                        tokio::select! {
+                            p = slots.acquire_owned() => p.ok(),
+                            _ = returned.notified() => None,
+                        }
+                    })
+                    .await;
+                    match got {
+                        Err(_) => return Err(self.full(target.epoch, size)),
+                        Ok(Some(permit)) => permit,
+                        Ok(None) => continue,
                     }
                 }
-                Ok(None) => continue,
+            };
+            let opened = self
+                .open_counted(
+                    opener,
+                    target,
+                    login,
+                    connect_timeout,
+                    (id, permit),
+                    deadline,
+                )
+                .await?;
+            if let Some(conn) = opened {
+                return Ok(conn);
             }
         }
     }
@@ -422,6 +410,9 @@ impl Pools {
             return Some(conn);
         };
         let mut pools = self.lock();
+        if pools.reconnect_before.is_some_and(|t| conn.born < t) {
+            return Some(conn);
+        }
         let Some(pool) = pools.pools.get_mut(id.0) else {
             return Some(conn);
         };
@@ -501,6 +492,83 @@ impl Pools {
                 Some((p.login.clone(), (PoolId(i), permit)))
             })
             .collect()
+    }
+}
+
+/// One pool as the admin console shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PoolRow {
+    pub user: String,
+    pub database: String,
+    pub size: u32,
+    pub idle: usize,
+    pub open: usize,
+}
+
+/// An idle server connection as the admin console shows it.
+#[derive(Debug, Clone)]
+pub(crate) struct IdleRow {
+    pub user: String,
+    pub database: String,
+    pub addr: std::net::SocketAddr,
+    pub pid: i32,
+    pub epoch: i64,
+    pub born: std::time::Instant,
+    pub since: Instant,
+}
+
+/// What the admin console reads and does (cold: one lock per command).
+impl Pools {
+    /// Every pool's counts.
+    pub fn rows(&self) -> Vec<PoolRow> {
+        self.lock()
+            .pools
+            .iter()
+            .map(|p| PoolRow {
+                user: p.login.user.clone(),
+                database: p.login.database.clone(),
+                size: p.size,
+                idle: p.idle.len(),
+                open: p.size as usize - p.slots.available_permits(),
+            })
+            .collect()
+    }
+
+    /// Every idle connection.
+    pub fn idle_rows(&self) -> Vec<IdleRow> {
+        self.lock()
+            .pools
+            .iter()
+            .flat_map(|p| {
+                p.idle.iter().map(|idle| IdleRow {
+                    user: p.login.user.clone(),
+                    database: p.login.database.clone(),
+                    addr: idle.conn.addr,
+                    pid: idle.conn.pid,
+                    epoch: idle.conn.epoch,
+                    born: idle.conn.born,
+                    since: idle.since,
+                })
+            })
+            .collect()
+    }
+
+    /// The router's connections to the primary, all pools together, and its
+    /// limit for that node when known.
+    pub fn node_limit(&self, epoch: i64) -> Option<u32> {
+        self.budget(epoch).map(|b| b.limit.limit)
+    }
+
+    /// `RECONNECT`: takes out every idle connection, and makes the ones in
+    /// use close when they come back.
+    pub fn reconnect(&self) -> Vec<Box<ServerConn>> {
+        let mut victims = Vec::new();
+        let mut pools = self.lock();
+        pools.reconnect_before = Some(std::time::Instant::now());
+        for pool in pools.pools.iter_mut() {
+            pool.take_idle_where(&mut victims, |_| true);
+        }
+        victims
     }
 }
 

@@ -28,6 +28,13 @@ pub mod sqlstate {
     pub const PROGRAM_LIMIT_EXCEEDED: &str = "54000";
     /// Something the router does not support (replication connections, ...).
     pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
+    /// A console command the user's list does not allow (a `stats_users`
+    /// user's PAUSE).
+    pub const INSUFFICIENT_PRIVILEGE: &str = "42501";
+    /// A console command the console does not know.
+    pub const SYNTAX_ERROR: &str = "42601";
+    /// `KILL_CLIENT` of no such client.
+    pub const UNDEFINED_OBJECT: &str = "42704";
 }
 
 /// The transaction status ReadyForQuery carries.

@@ -19,8 +19,46 @@ use crate::routing::Routing;
 use crate::server::{ServerConn, ServerError, Target};
 use crate::shared::{Runtime, Shared};
 use crate::slots::NodeLimit;
+use crate::stats::ClientEntry;
+use std::sync::atomic::Ordering;
 
 use super::Session;
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// A session held by a pause, from its first wait to the end of its
+/// attach: marked waiting in the registry and the totals, and its hold
+/// timed, whatever way the attach ends.
+struct Held {
+    shared: Arc<Shared>,
+    entry: Arc<ClientEntry>,
+    started: Instant,
+}
+
+impl Held {
+    fn start(shared: &Arc<Shared>, entry: &Arc<ClientEntry>) -> Held {
+        let stats = &shared.stats;
+        stats.waiting.fetch_add(1, Ordering::Relaxed);
+        stats.held_total.fetch_add(1, Ordering::Relaxed);
+        entry.set_waiting(Some(micros(stats.started.elapsed())));
+        Held {
+            shared: shared.clone(),
+            entry: entry.clone(),
+            started: Instant::now(),
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let stats = &self.shared.stats;
+        stats.waiting.fetch_sub(1, Ordering::Relaxed);
+        self.entry.set_waiting(None);
+        stats.record_hold(micros(self.started.elapsed()));
+    }
+}
 
 /// Delay between two connection attempts to a primary that does not answer.
 const RETRY_DELAY: Duration = Duration::from_millis(250);
@@ -182,7 +220,16 @@ impl Session {
         } else if self.tx_mode && self.take_ready() {
             return Ok(());
         }
-        let deadline = Instant::now() + self.shared.runtime.load().config.pause_timeout();
+        let started = Instant::now();
+        let deadline = started + self.shared.runtime.load().config.pause_timeout();
+        let result = self.attach_waiting(deadline).await;
+        if self.tally.on {
+            self.shared.stats.record_wait(micros(started.elapsed()));
+        }
+        result
+    }
+
+    async fn attach_waiting(&mut self, deadline: Instant) -> Result<(), AttachError> {
         loop {
             self.attach(deadline).await?;
             let Some(server) = &self.server else {
@@ -236,6 +283,8 @@ impl Session {
         let mut changes = self.shared.routing.subscribe();
         let mut attempts = Attempts::default();
         let mut waited = false;
+        // Set while this session is held by a pause: counted, shown.
+        let mut _held: Option<Held> = None;
         loop {
             let routing = self.shared.routing.load();
             if self.on_current_primary(&routing, waited).await {
@@ -253,6 +302,7 @@ impl Session {
             }
             if !waited {
                 waited = true;
+                _held = Some(Held::start(&self.shared, &self.registered.entry));
                 tracing::info!(
                     epoch = routing.epoch,
                     "paused: waiting for a writable primary"

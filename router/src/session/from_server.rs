@@ -82,6 +82,9 @@ impl Session {
                         break;
                     };
                     let idle = self.proto.on_ready(status);
+                    if self.tally.on {
+                        self.tally.on_ready(&self.shared.stats);
+                    }
                     self.state.on_ready(status);
                     self.stmts.on_ready(idle);
                 }

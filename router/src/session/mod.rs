@@ -50,6 +50,8 @@ use crate::server::{Login, ServerConn};
 use crate::shared::Shared;
 use crate::slots::PoolId;
 use crate::startup::Ready;
+use crate::stats::clients::Registered;
+use crate::stats::Tally;
 use crate::tracking::{LargeSql, SessionState};
 
 /// How long the answers the server still owes may take to reach a client
@@ -111,6 +113,10 @@ pub(crate) struct Session {
     cancel: CancelKey,
     shutdown: CancellationToken,
     kill: CancellationToken,
+    /// This client in the registry (`SHOW CLIENTS`, `KILL_CLIENT`).
+    registered: Registered,
+    /// Counts not yet added to the router's totals.
+    tally: Tally,
 }
 
 async fn read_server(server: &mut Option<Box<ServerConn>>) -> std::io::Result<usize> {
@@ -155,9 +161,11 @@ impl Session {
         shared: Arc<Shared>,
         client: ClientConn,
         ready: Ready,
+        registered: Registered,
         shutdown: CancellationToken,
         kill: CancellationToken,
     ) -> Session {
+        let tally = Tally::new(shared.runtime.load().counting);
         let had_server = ready.server.is_some();
         let pool = ready.server.as_ref().and_then(|server| server.pool);
         let tx_mode = shared.runtime.load().config.pool.mode == PoolMode::Transaction;
@@ -187,12 +195,15 @@ impl Session {
             cancel: ready.cancel,
             shutdown,
             kill,
+            registered,
+            tally,
         }
     }
 
     /// Relays until the client leaves or the router stops.
     pub async fn run(mut self) {
         let _ = self.relay().await;
+        self.tally.flush(&self.shared.stats);
         // What the client is still owed (a FATAL written last, answers
         // taken in before its end of file) goes out before the close.
         if !self.client.wbuf.is_empty() {
@@ -251,14 +262,19 @@ impl Session {
                 biased;
                 _ = &mut kill => return Err(self.stopping().await),
                 _ = &mut shutdown, if idle => return Err(self.stopping().await),
-                r = read_server(&mut self.server) => self.on_server_read(r)?,
+                r = read_server(&mut self.server) => {
+                    if let Ok(n) = r {
+                        self.tally.sent(n);
+                    }
+                    self.on_server_read(r)?
+                }
                 (order, cuts) = &mut cut => {
                     cut = Gated::new(next_cut(cuts));
                     self.on_cut(order)?;
                 }
                 r = read_client(&mut self.client.stream, &mut self.client.rbuf), if self.closing.is_none() => {
                     match r {
-                        Ok(n) if n > 0 => {}
+                        Ok(n) if n > 0 => self.tally.received(n),
                         // Half-closed (or closed): what was sent before is
                         // still answered, as Postgres answers it.
                         Ok(_) => self.close_after_answers(None),
@@ -342,6 +358,11 @@ impl Session {
     fn sync_busy(&mut self) {
         if self.busy.is_some() && (self.server.is_none() || self.proto.at_boundary()) {
             self.busy = None;
+        }
+        if self.tally.on {
+            let owing = self.server.is_some() && !self.proto.owed_nothing();
+            self.tally
+                .step(&self.shared.stats, self.busy.is_some(), owing);
         }
     }
 

@@ -1,0 +1,372 @@
+//! The router's `/metrics` on `metrics.listen`: Prometheus text (or
+//! OpenMetrics when asked) through `prometheus-client`, rendered at each
+//! scrape from the router's atomics, pools, client registry and recorded
+//! primary changes (a fresh registry each time, as the nodes' endpoints do).
+//! Names follow the PgBouncer exporter's where they overlap; every name is
+//! documented in docs/operations.md. Served like the nodes' endpoints
+//! (keeper/src/http.rs): hyper, bounded connections, header size and time.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::RouterError;
+use crate::shared::Shared;
+
+const MAX_CONNECTIONS: usize = 16;
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
+const MAX_HEADER_BYTES: usize = 8 * 1024;
+
+type Labels = Vec<(String, String)>;
+type FloatGauge = Gauge<f64, AtomicU64>;
+type FloatCounter = Counter<f64, AtomicU64>;
+
+fn gauge(registry: &mut Registry, name: &str, help: &str, value: f64) {
+    let g = FloatGauge::default();
+    g.set(value);
+    registry.register(name, help, g);
+}
+
+fn counter(registry: &mut Registry, name: &str, help: &str, value: u64) {
+    let c: Counter = Counter::default();
+    c.inc_by(value);
+    registry.register(name, help, c);
+}
+
+fn seconds_counter(registry: &mut Registry, name: &str, help: &str, us: u64) {
+    let c = FloatCounter::default();
+    c.inc_by(us as f64 / 1e6);
+    registry.register(name, help, c);
+}
+
+/// Counters under the PgBouncer exporter's names, labelled `database` as
+/// its are (hapg counts for the whole router: `database="*"`).
+fn pgbouncer_counter(registry: &mut Registry, name: &str, help: &str, value: f64) {
+    let family = Family::<Labels, FloatCounter>::default();
+    family
+        .get_or_create(&vec![("database".to_string(), "*".to_string())])
+        .inc_by(value);
+    registry.register(name, help, family);
+}
+
+/// The text of `/metrics` (OpenMetrics).
+pub(crate) fn render(shared: &Shared) -> String {
+    let mut registry = Registry::default();
+    gauge(
+        &mut registry,
+        "pgbouncer_up",
+        "1: the router answers (the PgBouncer exporter's name)",
+        1.0,
+    );
+    // Pools, by server user and database, with their clients.
+    let pool_gauges = [
+        (
+            "pgbouncer_pools_client_active_connections",
+            "Clients linked to a pool and not waiting",
+        ),
+        (
+            "pgbouncer_pools_client_waiting_connections",
+            "Clients waiting for a server connection or for a pause to end",
+        ),
+        (
+            "pgbouncer_pools_server_active_connections",
+            "Server connections in use by a client",
+        ),
+        (
+            "pgbouncer_pools_server_idle_connections",
+            "Server connections idle in the pool",
+        ),
+        (
+            "pgbouncer_pools_client_maxwait_seconds",
+            "How long the client waiting longest has waited",
+        ),
+    ];
+    let families: Vec<Family<Labels, FloatGauge>> = pool_gauges
+        .iter()
+        .map(|(name, help)| {
+            let family = Family::<Labels, FloatGauge>::default();
+            registry.register(*name, *help, family.clone());
+            family
+        })
+        .collect();
+    let pools = crate::console::pool_rows(shared);
+    for row in &pools {
+        let labels = vec![
+            ("database".to_string(), row.database.clone()),
+            ("user".to_string(), row.user.clone()),
+        ];
+        let values = [
+            row.cl_active as f64,
+            row.cl_waiting as f64,
+            row.sv_active as f64,
+            row.sv_idle as f64,
+            row.maxwait_us as f64 / 1e6,
+        ];
+        for (family, value) in families.iter().zip(values) {
+            family.get_or_create(&labels).set(value);
+        }
+    }
+    let t = shared.stats.totals();
+    for (name, help, value) in [
+        (
+            "pgbouncer_stats_sql_transactions_pooled",
+            "Transactions relayed",
+            t.xact_count as f64,
+        ),
+        (
+            "pgbouncer_stats_queries_pooled",
+            "Queries relayed (each answered by a ReadyForQuery)",
+            t.query_count as f64,
+        ),
+        (
+            "pgbouncer_stats_received_bytes",
+            "Bytes received from clients",
+            t.received as f64,
+        ),
+        (
+            "pgbouncer_stats_sent_bytes",
+            "Bytes sent to clients",
+            t.sent as f64,
+        ),
+        (
+            "pgbouncer_stats_sql_transactions_duration_seconds",
+            "Time spent in transactions",
+            t.xact_time_us as f64 / 1e6,
+        ),
+        (
+            "pgbouncer_stats_queries_duration_seconds",
+            "Time spent in queries",
+            t.query_time_us as f64 / 1e6,
+        ),
+        (
+            "pgbouncer_stats_client_wait_seconds",
+            "Time clients waited for a server connection",
+            t.wait_time_us as f64 / 1e6,
+        ),
+    ] {
+        pgbouncer_counter(&mut registry, name, help, value);
+    }
+    let stats = &shared.stats;
+    gauge(
+        &mut registry,
+        "hapg_router_clients",
+        "Clients logged in now (console clients included)",
+        shared.registry.list().len() as f64,
+    );
+    gauge(
+        &mut registry,
+        "hapg_router_clients_waiting",
+        "Sessions held now by a pause (switchover, failover, PAUSE)",
+        stats.waiting.load(Ordering::Relaxed) as f64,
+    );
+    for (name, help, histogram) in [
+        (
+            "hapg_router_transaction_duration_seconds",
+            "Time from a transaction's first statement to its end",
+            &stats.xact_time,
+        ),
+        (
+            "hapg_router_query_duration_seconds",
+            "Time from a query sent to its ReadyForQuery",
+            &stats.query_time,
+        ),
+        (
+            "hapg_router_client_wait_seconds",
+            "Time a session waited for a server connection (slow attaches only)",
+            &stats.wait_time,
+        ),
+        (
+            "hapg_router_pause_hold_seconds",
+            "Time a session was held by a pause before its transaction could start",
+            &stats.pause_hold,
+        ),
+    ] {
+        registry.register(name, help, histogram.snapshot());
+    }
+    let routing = shared.routing.load();
+    gauge(
+        &mut registry,
+        "hapg_router_epoch",
+        "The formation's primary epoch as the router last read it",
+        routing.epoch as f64,
+    );
+    gauge(
+        &mut registry,
+        "hapg_router_paused",
+        "1 while new transactions are held (no writable primary, a drain, PAUSE)",
+        if routing.paused() { 1.0 } else { 0.0 },
+    );
+    gauge(
+        &mut registry,
+        "hapg_router_monitor_reachable",
+        "1 when the router's last exchange with the monitor succeeded",
+        if shared.routing.monitor_reachable() {
+            1.0
+        } else {
+            0.0
+        },
+    );
+    counter(
+        &mut registry,
+        "hapg_router_statements_cut",
+        "Statements or transactions the router cut on an old primary (new epoch, drain timeout)",
+        shared.routing.cut_total(),
+    );
+    seconds_counter(
+        &mut registry,
+        "hapg_router_uptime_seconds",
+        "Time since the router started",
+        u64::try_from(stats.started.elapsed().as_micros()).unwrap_or(u64::MAX),
+    );
+    {
+        let recorder = shared.events.lock();
+        counter(
+            &mut registry,
+            "hapg_router_primary_changes",
+            "Primary changes the router lived through (new work went to a new epoch's primary)",
+            recorder.changes,
+        );
+        registry.register(
+            "hapg_router_failover_pause_seconds",
+            "How long new work was held, per primary change",
+            recorder.held_histogram.snapshot(),
+        );
+        registry.register(
+            "hapg_router_failover_clients_cut",
+            "Statements or transactions cut, per primary change",
+            recorder.cut_histogram.snapshot(),
+        );
+        registry.register(
+            "hapg_router_failover_clients_waited",
+            "Sessions that waited during the pause, per primary change",
+            recorder.waited_histogram.snapshot(),
+        );
+    }
+    let mut text = String::new();
+    // Writing into a String cannot fail.
+    let _ = encode(&mut text, &registry);
+    text
+}
+
+/// Binds `metrics.listen` (an address in use is reported naming the key).
+pub(crate) async fn bind(addr: SocketAddr) -> Result<TcpListener, RouterError> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        RouterError::Config(hapg_config::ConfigError::Invalid {
+            key: "metrics.listen".to_string(),
+            message: format!("cannot listen on {addr}: {e}"),
+        })
+    })
+}
+
+/// Serves `/metrics` until `stop`.
+pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "serving router metrics over HTTP");
+    }
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, _) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            continue;
+        };
+        let shared = shared.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let answer = respond(&shared, &request);
+                async move { Ok::<_, Infallible>(answer) }
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .max_buf_size(MAX_HEADER_BYTES)
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = tokio::time::timeout(CONNECTION_LIFETIME, connection) => {}
+            }
+            drop(slot);
+        });
+    }
+}
+
+fn respond(shared: &Shared, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let (status, content_type, body) =
+        if request.method() != Method::GET && request.method() != Method::HEAD {
+            (
+                405,
+                "text/plain; charset=utf-8",
+                "only GET and HEAD\n".to_string(),
+            )
+        } else if request.uri().path() != "/metrics" {
+            (
+                404,
+                "text/plain; charset=utf-8",
+                "only /metrics\n".to_string(),
+            )
+        } else {
+            let openmetrics = request
+                .headers()
+                .get_all(hyper::header::ACCEPT)
+                .iter()
+                .any(|v| {
+                    v.to_str()
+                        .is_ok_and(|v| v.contains("application/openmetrics-text"))
+                });
+            let text = render(shared);
+            if openmetrics {
+                (
+                    200,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    text,
+                )
+            } else {
+                (
+                    200,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    hapg_keeper::metrics::prometheus_text(&text),
+                )
+            }
+        };
+    let body = if request.method() == Method::HEAD {
+        Bytes::new()
+    } else {
+        Bytes::from(body)
+    };
+    let mut response = Response::new(Full::new(body));
+    *response.status_mut() =
+        hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+    if let Ok(value) = hyper::header::HeaderValue::from_str(content_type) {
+        response
+            .headers_mut()
+            .insert(hyper::header::CONTENT_TYPE, value);
+    }
+    response
+}
