@@ -5,9 +5,9 @@
 //! (`promtool query instant`), so that no panel of the dashboard shows a
 //! metric that does not exist or is spelled wrong.
 //!
-//! With `HAPG_DASHBOARD_SCREENSHOT=FILE.png` (and Debian's chromium
-//! installed) the test also renders the panels' queries in Prometheus' own
-//! graph view, headless, into that file (docs/operations.md shows it).
+//! With `HAPG_DASHBOARD_SCREENSHOT=DIR` (and Debian's chromium installed)
+//! the test also renders each panel's queries in Prometheus' own graph view,
+//! headless, one PNG per panel in DIR (docs/operations.md shows them).
 
 mod http_support;
 mod support;
@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use hapg::cluster::RouterSpec;
 use hapg::drill::Writer;
 use http_support::HttpFormation;
-use support::{free_port, output_within};
+use support::{connect, free_port, output_within};
 
 const STEP: Duration = Duration::from_secs(90);
 
@@ -140,6 +140,12 @@ async fn every_dashboard_query_returns_data_from_a_real_formation() {
         "postgres://postgres@127.0.0.1:{}/appdb?connect_timeout=5",
         router.port
     );
+    connect(&uri)
+        .await
+        .expect("connect through the router")
+        .batch_execute("CREATE TABLE dash (id bigint PRIMARY KEY)")
+        .await
+        .expect("create the writer's table");
     let writer = Writer::start(uri, "dash", Duration::from_secs(120));
     tokio::time::sleep(Duration::from_secs(3)).await;
     f.cluster
@@ -183,48 +189,60 @@ async fn every_dashboard_query_returns_data_from_a_real_formation() {
         empty.join("\n")
     );
 
-    if let Ok(png) = std::env::var("HAPG_DASHBOARD_SCREENSHOT") {
-        screenshot(&prometheus.url, &queries, Path::new(&png));
+    if let Ok(dir) = std::env::var("HAPG_DASHBOARD_SCREENSHOT") {
+        screenshot(&prometheus.url, &queries, Path::new(&dir));
     }
 }
 
-/// Renders the panels' queries in Prometheus' graph view with headless
-/// Chromium into `png`.
-fn screenshot(url: &str, queries: &[(String, String)], png: &Path) {
-    let mut page = format!("{url}/graph?");
-    for (i, (_, expr)) in queries.iter().enumerate() {
-        let encoded: String = expr
-            .bytes()
-            .map(|b| match b {
-                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                    (b as char).to_string()
-                }
-                _ => format!("%{b:02X}"),
-            })
-            .collect();
-        page.push_str(&format!(
-            "g{i}.expr={encoded}&g{i}.tab=0&g{i}.range_input=5m&g{i}.stacked=0&"
-        ));
+/// Renders each panel's queries in Prometheus' graph view with headless
+/// Chromium, one PNG per panel in the directory `dir` (named by panel order).
+fn screenshot(url: &str, queries: &[(String, String)], dir: &Path) {
+    std::fs::create_dir_all(dir).expect("screenshot directory");
+    let mut panels: Vec<(String, Vec<String>)> = Vec::new();
+    for (title, expr) in queries {
+        match panels.last_mut() {
+            Some((last, exprs)) if last == title => exprs.push(expr.clone()),
+            _ => panels.push((title.clone(), vec![expr.clone()])),
+        }
     }
-    let profile = tempfile::tempdir().expect("chromium profile");
-    let status = Command::new("/usr/bin/chromium")
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--hide-scrollbars",
-            "--virtual-time-budget=15000",
-            "--window-size=1400,9000",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .arg(format!("--screenshot={}", png.display()))
-        .arg(page)
-        .status()
-        .expect("chromium (Debian's chromium package)");
-    assert!(status.success(), "chromium failed");
+    for (n, (_, exprs)) in panels.iter().enumerate() {
+        let mut page = format!("{url}/graph?");
+        for (i, expr) in exprs.iter().enumerate() {
+            let encoded: String = expr
+                .bytes()
+                .map(|b| match b {
+                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                        (b as char).to_string()
+                    }
+                    _ => format!("%{b:02X}"),
+                })
+                .collect();
+            page.push_str(&format!(
+                "g{i}.expr={encoded}&g{i}.tab=0&g{i}.range_input=5m&g{i}.stacked=0&"
+            ));
+        }
+        let profile = tempfile::tempdir().expect("chromium profile");
+        let png = dir.join(format!("panel-{n:02}.png"));
+        let status = Command::new("/usr/bin/chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--hide-scrollbars",
+                "--virtual-time-budget=10000",
+                "--window-size=1200,1100",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg(format!("--screenshot={}", png.display()))
+            .arg(page)
+            .stderr(Stdio::null())
+            .status()
+            .expect("chromium (Debian's chromium package)");
+        assert!(status.success(), "chromium failed");
+    }
 }
