@@ -13,7 +13,7 @@ use hapg_monitor::store::{
     ChangeFeed, Channel, GroupWrite, NewRequest, RequestAnswer, RequestStatus, Written,
 };
 use hapg_monitor::{MonitorStore, NodeState};
-use support::PgMonitor;
+use support::{Etcd, PgMonitor};
 
 const FORMATION: &str = "default";
 
@@ -286,6 +286,32 @@ async fn postgres_racing_writers_apply_one_decision() {
     racing_writers_apply_one_decision(&mut a, &mut b).await;
 }
 
+/// Drops the node `name` (so that the next round can register it again).
+async fn remove(store: &mut dyn MonitorStore, name: &str) {
+    let node = store.node_by_name(FORMATION, name).await.expect("node");
+    let read = store
+        .group_snapshot(FORMATION, node.group_id)
+        .await
+        .expect("read");
+    let removed = store
+        .apply(
+            FORMATION,
+            node.group_id,
+            &read.version,
+            GroupWrite::Remove {
+                node_id: node.node_id,
+                reason: "next round".to_string(),
+            },
+        )
+        .await
+        .expect("remove");
+    assert_eq!(removed, Written::Applied);
+    assert!(
+        store.node_by_name(FORMATION, name).await.is_err(),
+        "removed"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_requests_are_answered_once() {
     let monitor = PgMonitor::start().await;
@@ -293,27 +319,35 @@ async fn postgres_requests_are_answered_once() {
         let (mut a, _) = monitor.store().await;
         let (mut b, _) = monitor.store().await;
         requests_are_answered_once(&mut a, &mut b).await;
-        // Each round registers a node of its own name: drop it for the next.
-        let (mut c, _) = monitor.store().await;
-        let node = c.node_by_name(FORMATION, "req_1").await.expect("node");
-        let read = c
-            .group_snapshot(FORMATION, node.group_id)
-            .await
-            .expect("read");
-        let removed = c
-            .apply(
-                FORMATION,
-                node.group_id,
-                &read.version,
-                GroupWrite::Remove {
-                    node_id: node.node_id,
-                    reason: "next round".to_string(),
-                },
-            )
-            .await
-            .expect("remove");
-        assert_eq!(removed, Written::Applied);
+        remove(&mut a, "req_1").await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_racing_writers_apply_one_decision() {
+    let etcd = Etcd::start().await;
+    let (mut a, _) = etcd.store().await;
+    let (mut b, _) = etcd.store().await;
+    racing_writers_apply_one_decision(&mut a, &mut b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_requests_are_answered_once() {
+    let etcd = Etcd::start().await;
+    for _ in 0..5 {
+        let (mut a, _) = etcd.store().await;
+        let (mut b, _) = etcd.store().await;
+        requests_are_answered_once(&mut a, &mut b).await;
+        remove(&mut a, "req_1").await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_reports_are_published() {
+    let etcd = Etcd::start().await;
+    let (store, _) = etcd.store().await;
+    let (listener, mut feed) = etcd.store().await;
+    reports_are_published(&store, &listener, &mut feed).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
