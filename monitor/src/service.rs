@@ -16,10 +16,11 @@ use crate::fsm::{self, Decision, GroupView, Request, Setting, Thresholds};
 use crate::pgconn;
 use crate::schema;
 use crate::state::{Health, NodeState};
+use crate::store::etcd::EtcdStore;
 use crate::store::postgres::PgStore;
 use crate::store::{
-    Channel, GroupSnapshot, GroupWrite, MonitorStore, PendingRequest, RequestAnswer, RequestKind,
-    Written,
+    ChangeFeed, Channel, GroupSnapshot, GroupWrite, MonitorStore, PendingRequest, RequestAnswer,
+    RequestKind, Written,
 };
 
 /// Requests not answered within this long are refused as expired: the CLI that
@@ -28,26 +29,57 @@ const REQUEST_EXPIRY_SECS: f64 = 30.0;
 /// Decisions applied per group per wake-up at most (a guard against a rule loop).
 const MAX_DECISIONS_PER_ROUND: usize = 16;
 
-/// Runs the monitor service against the monitor database at `conninfo` (a
-/// superuser connection on the monitor host) until `shutdown` is cancelled.
+/// Where the service keeps the monitor's state.
+#[derive(Clone)]
+enum Backend {
+    /// The monitor database (a superuser connection on the monitor host).
+    Postgres(Box<Config>),
+    /// An etcd cluster (`etcd://host:port[,...]/prefix`).
+    Etcd(String),
+}
+
+impl Backend {
+    async fn open(&self) -> Result<(Box<dyn MonitorStore>, ChangeFeed), MonitorError> {
+        match self {
+            Backend::Postgres(config) => {
+                let connection =
+                    pgconn::connect(config.as_ref().clone(), Duration::from_secs(2)).await?;
+                let (store, feed) = PgStore::from_connection(connection);
+                Ok((Box::new(store), feed))
+            }
+            Backend::Etcd(uri) => {
+                let (store, feed) = EtcdStore::open(uri).await?;
+                Ok((Box::new(store), feed))
+            }
+        }
+    }
+}
+
+/// Runs the monitor service until `shutdown` is cancelled, against the
+/// monitor database at `conninfo` (a superuser connection on the monitor
+/// host), or against the etcd cluster an `etcd://` URI names.
 pub async fn run(
     conninfo: &str,
     timings: MonitorTimings,
     shutdown: CancellationToken,
 ) -> Result<(), MonitorError> {
-    let config: Config =
-        conninfo
-            .parse()
-            .map_err(|e: tokio_postgres::Error| MonitorError::BadUri {
+    let backend = if conninfo.starts_with("etcd://") {
+        crate::store::etcd::parse_uri(conninfo)?;
+        Backend::Etcd(conninfo.to_string())
+    } else {
+        Backend::Postgres(Box::new(conninfo.parse().map_err(
+            |e: tokio_postgres::Error| MonitorError::BadUri {
                 uri: pgconn::redact_uri(conninfo),
                 reason: e.to_string(),
-            })?;
+            },
+        )?))
+    };
     let started = Instant::now();
-    let (mut store, mut feed) = PgStore::from_connection(connect_until(&config, &shutdown).await?);
+    let (mut store, mut feed) = connect_until(&backend, &shutdown).await?;
     store.migrate().await?;
 
     let health = tokio::spawn(
-        health_checks(config.clone(), timings.clone(), shutdown.clone())
+        health_checks(backend.clone(), timings.clone(), shutdown.clone())
             .instrument(tracing::info_span!("health_checks")),
     );
 
@@ -68,11 +100,11 @@ pub async fn run(
     while !shutdown.is_cancelled() {
         if store.is_closed() {
             tracing::warn!("lost the monitor database connection, reconnecting");
-            (store, feed) = PgStore::from_connection(connect_until(&config, &shutdown).await?);
+            (store, feed) = connect_until(&backend, &shutdown).await?;
         }
         let round = async {
             store.listen(&[Channel::Report, Channel::Request]).await?;
-            decider.round(&mut store).await
+            decider.round(store.as_mut()).await
         };
         if let Err(e) = round.await {
             tracing::warn!(error = %e, "monitor round failed");
@@ -89,17 +121,17 @@ pub async fn run(
 }
 
 async fn connect_until(
-    config: &Config,
+    backend: &Backend,
     shutdown: &CancellationToken,
-) -> Result<pgconn::Connection, MonitorError> {
+) -> Result<(Box<dyn MonitorStore>, ChangeFeed), MonitorError> {
     let mut delay = Duration::from_millis(100);
     loop {
-        match pgconn::connect(config.clone(), Duration::from_secs(2)).await {
+        match backend.open().await {
             Ok(c) => return Ok(c),
             Err(e) => {
                 tracing::debug!(error = %e, "monitor database not reachable yet");
                 tokio::select! {
-                    _ = shutdown.cancelled() => return Err(e.into()),
+                    _ = shutdown.cancelled() => return Err(e),
                     _ = tokio::time::sleep(delay) => {}
                 }
                 delay = (delay * 2).min(Duration::from_secs(1));
@@ -368,20 +400,17 @@ fn parse_operation(
 
 /// Health checks: connect to every node each period; a node is `bad` after
 /// `health_check_failures` consecutive failures and `good` after one success.
-async fn health_checks(config: Config, timings: MonitorTimings, shutdown: CancellationToken) {
+async fn health_checks(backend: Backend, timings: MonitorTimings, shutdown: CancellationToken) {
     let mut failures: HashMap<i64, u32> = HashMap::new();
-    let mut store: Option<PgStore> = None;
+    let mut store: Option<Box<dyn MonitorStore>> = None;
     while !shutdown.is_cancelled() {
         let round_start = Instant::now();
         if store.as_ref().is_none_or(|s| s.is_closed()) {
             // This connection listens to nothing: its feed is dropped.
-            store = pgconn::connect(config.clone(), Duration::from_secs(2))
-                .await
-                .ok()
-                .map(|c| PgStore::from_connection(c).0);
+            store = backend.open().await.ok().map(|(store, _)| store);
         }
         if let Some(s) = &store {
-            if let Err(e) = health_round(s, &timings, &mut failures).await {
+            if let Err(e) = health_round(s.as_ref(), &timings, &mut failures).await {
                 tracing::warn!(error = %e, "health check round failed");
             }
         }
