@@ -357,3 +357,43 @@ async fn postgres_reports_are_published() {
     let (listener, mut feed) = monitor.store().await;
     reports_are_published(&store, &listener, &mut feed).await;
 }
+
+/// The etcd store keeps its event log bounded: the oldest events go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_events_are_bounded() {
+    use hapg_monitor::store::etcd::MAX_EVENTS;
+    let etcd = Etcd::start().await;
+    let (store, _) = etcd.store().await;
+    let total = MAX_EVENTS + 120;
+    for i in 0..total {
+        store
+            .group_event(FORMATION, 0, &format!("event number {i:05}"))
+            .await
+            .expect("event");
+    }
+    let events = store
+        .events(FORMATION, i64::try_from(total).expect("count"))
+        .await
+        .expect("events");
+    assert!(
+        events.len() <= MAX_EVENTS + 50,
+        "{} events kept, bound {MAX_EVENTS}",
+        events.len()
+    );
+    assert!(
+        events.len() >= MAX_EVENTS,
+        "no more than the excess trimmed"
+    );
+    let first = events.first().expect("events").description.clone();
+    let last = events.last().expect("events").description.clone();
+    assert_eq!(
+        last,
+        format!("event number {:05}", total - 1),
+        "the newest stays"
+    );
+    assert_ne!(first, "event number 00000", "the oldest went");
+    assert!(
+        events.windows(2).all(|w| w[0].event_id < w[1].event_id),
+        "in order"
+    );
+}
