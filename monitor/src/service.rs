@@ -4,6 +4,7 @@
 //! writes each decision as one transaction: goals, events and NOTIFY together.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hapg_config::MonitorTimings;
@@ -34,8 +35,9 @@ const MAX_DECISIONS_PER_ROUND: usize = 16;
 enum Backend {
     /// The monitor database (a superuser connection on the monitor host).
     Postgres(Box<Config>),
-    /// An etcd cluster (`etcd://host:port[,...]/prefix`).
-    Etcd(String),
+    /// The leading service's own etcd connection (its writes are fenced on
+    /// its leadership), shared with its health checks.
+    EtcdLeader(Arc<EtcdStore>),
 }
 
 impl Backend {
@@ -47,9 +49,9 @@ impl Backend {
                 let (store, feed) = PgStore::from_connection(connection);
                 Ok((Box::new(store), feed))
             }
-            Backend::Etcd(uri) => {
-                let (store, feed) = EtcdStore::open(uri).await?;
-                Ok((Box::new(store), feed))
+            Backend::EtcdLeader(store) => {
+                let (_, nothing) = tokio::sync::mpsc::unbounded_channel();
+                Ok((Box::new(store.share()), ChangeFeed::new(nothing)))
             }
         }
     }
@@ -65,7 +67,7 @@ pub async fn run(
 ) -> Result<(), MonitorError> {
     let backend = if conninfo.starts_with("etcd://") {
         crate::store::etcd::parse_uri(conninfo)?;
-        Backend::Etcd(conninfo.to_string())
+        return run_etcd(conninfo, timings, shutdown).await;
     } else {
         Backend::Postgres(Box::new(conninfo.parse().map_err(
             |e: tokio_postgres::Error| MonitorError::BadUri {
@@ -83,16 +85,8 @@ pub async fn run(
             .instrument(tracing::info_span!("health_checks")),
     );
 
-    let thresholds = Thresholds {
-        unhealthy_timeout: timings.unhealthy_timeout,
-        startup_grace: timings.startup_grace,
-        catchup_threshold: timings.wal_threshold_bytes,
-        promote_threshold: timings.wal_threshold_bytes,
-        router_drain_timeout: timings.router_drain_timeout,
-        upstream_silence_timeout: timings.upstream_silence_timeout,
-    };
     let mut decider = Decider {
-        thresholds,
+        thresholds: thresholds(&timings),
         started,
         holds: HashMap::new(),
     };
@@ -116,6 +110,100 @@ pub async fn run(
         while feed.try_next().is_some() {}
     }
     health.abort();
+    tracing::info!("monitor service stopped");
+    Ok(())
+}
+
+fn thresholds(timings: &MonitorTimings) -> Thresholds {
+    Thresholds {
+        unhealthy_timeout: timings.unhealthy_timeout,
+        startup_grace: timings.startup_grace,
+        catchup_threshold: timings.wal_threshold_bytes,
+        promote_threshold: timings.wal_threshold_bytes,
+        router_drain_timeout: timings.router_drain_timeout,
+        upstream_silence_timeout: timings.upstream_silence_timeout,
+    }
+}
+
+/// How long the leading service's lease lasts without renewal: a service
+/// that stops (killed, paused, cut off) is replaced about this long after.
+pub const LEADER_TTL: Duration = Duration::from_secs(2);
+
+/// The monitor service on etcd: services on the same prefix elect a leader
+/// (a lease-held key); only the leader decides and health-checks, and each
+/// of its writes holds only while it still leads, so a paused old leader
+/// that wakes up writes nothing. A new leader starts from the stored state
+/// and gives nodes the startup grace, as a restarted monitor does.
+async fn run_etcd(
+    uri: &str,
+    timings: MonitorTimings,
+    shutdown: CancellationToken,
+) -> Result<(), MonitorError> {
+    let name = format!("monitor service pid {}", std::process::id());
+    let mut decider = Decider {
+        thresholds: thresholds(&timings),
+        started: Instant::now(),
+        holds: HashMap::new(),
+    };
+    while !shutdown.is_cancelled() {
+        let opened = async {
+            let (mut store, feed) = EtcdStore::open(uri).await?;
+            store.migrate().await?;
+            Ok::<_, MonitorError>((store, feed))
+        };
+        let (store, mut feed) = match opened.await {
+            Ok(opened) => opened,
+            Err(e) => {
+                tracing::warn!(error = %e, "etcd not reachable");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                continue;
+            }
+        };
+        let leadership = match store.campaign(&name, LEADER_TTL, &shutdown).await {
+            Ok(Some(leadership)) => leadership,
+            Ok(None) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, "campaign failed");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        decider.started = Instant::now();
+        decider.holds.clear();
+        let store = Arc::new(store);
+        let health = tokio::spawn(
+            health_checks(
+                Backend::EtcdLeader(store.clone()),
+                timings.clone(),
+                shutdown.clone(),
+            )
+            .instrument(tracing::info_span!("health_checks")),
+        );
+        let mut writer: Box<dyn MonitorStore> = Box::new(store.share());
+        tracing::info!("monitor service running on etcd, leading");
+        while !shutdown.is_cancelled() && !leadership.lost() && !writer.is_closed() {
+            let round = async {
+                // The feed is the leader connection's: listen there.
+                store.listen(&[Channel::Report, Channel::Request]).await?;
+                decider.round(writer.as_mut()).await
+            };
+            if let Err(e) = round.await {
+                tracing::warn!(error = %e, "monitor round failed");
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = feed.next(timings.tick) => {}
+            }
+            while feed.try_next().is_some() {}
+        }
+        health.abort();
+        if leadership.lost() {
+            tracing::warn!("no longer leading the monitor services: campaigning again");
+        }
+    }
     tracing::info!("monitor service stopped");
     Ok(())
 }

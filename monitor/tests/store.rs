@@ -397,3 +397,82 @@ async fn etcd_events_are_bounded() {
         "in order"
     );
 }
+
+/// Monitor services on etcd elect a leader with a lease; a leader whose
+/// lease lapsed (paused, cut off) and that wakes up writes nothing, even on
+/// what it reads afresh; the next leader takes over within the lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_a_leader_whose_lease_lapsed_writes_nothing() {
+    let etcd = Etcd::start().await;
+    let (mut a, _) = etcd.store().await;
+    let (mut b, _) = etcd.store().await;
+    let (n1, group) = register(&a, "fence_1", 15031).await;
+    let ttl = Duration::from_secs(2);
+    let token = tokio_util::sync::CancellationToken::new();
+    let lead_a = a
+        .campaign("a", ttl, &token)
+        .await
+        .expect("campaign a")
+        .expect("a leads");
+    assert!(
+        tokio::time::timeout(ttl * 2, b.campaign("b", ttl, &token))
+            .await
+            .is_err(),
+        "b does not lead while a's lease is kept alive"
+    );
+    let decide = |goal_state: NodeState, reason: &str| GroupWrite::Assign {
+        assignments: vec![goal(n1, goal_state, reason.to_string())],
+        end_drain: false,
+    };
+    let read = a.group_snapshot(FORMATION, group).await.expect("read");
+    let written = a
+        .apply(
+            FORMATION,
+            group,
+            &read.version,
+            decide(NodeState::Single, "a leading"),
+        )
+        .await
+        .expect("a writes");
+    assert_eq!(written, Written::Applied);
+
+    // a stops renewing its lease, as a paused process does.
+    let paused = std::time::Instant::now();
+    drop(lead_a);
+    let lead_b = tokio::time::timeout(ttl * 3, b.campaign("b", ttl, &token))
+        .await
+        .expect("b takes over within the lease and its polling")
+        .expect("campaign b")
+        .expect("b leads");
+    let takeover = paused.elapsed();
+    eprintln!("b leads {takeover:?} after a stopped renewing (ttl {ttl:?})");
+
+    // a wakes up and decides on a fresh read: refused, nothing written.
+    let read = a.group_snapshot(FORMATION, group).await.expect("read");
+    let late = a
+        .apply(
+            FORMATION,
+            group,
+            &read.version,
+            decide(NodeState::Demoted, "a after waking"),
+        )
+        .await;
+    assert!(
+        matches!(late, Err(_) | Ok(Written::Stale)),
+        "the old leader's write is refused: {late:?}"
+    );
+    assert_eq!(events_with(&a, "a after waking").await, 0);
+    assert_eq!(a.node(n1).await.expect("node").goal, NodeState::Single);
+    let read = b.group_snapshot(FORMATION, group).await.expect("read");
+    let written = b
+        .apply(
+            FORMATION,
+            group,
+            &read.version,
+            decide(NodeState::Demoted, "b leading"),
+        )
+        .await
+        .expect("b writes");
+    assert_eq!(written, Written::Applied);
+    assert!(!lead_b.lost());
+}

@@ -383,7 +383,40 @@ pub struct EtcdStore {
     listening: Arc<Mutex<HashSet<Channel>>>,
     closed: Arc<AtomicBool>,
     writer: u32,
-    events_written: AtomicU32,
+    events_written: Arc<AtomicU32>,
+    /// Set while this connection writes as the leading monitor service.
+    fence: Arc<Mutex<Option<Fence>>>,
+}
+
+/// The leader key as this service created it: every decision it writes
+/// holds only while the key is still that one (its lease not expired, no
+/// other service elected since).
+#[derive(Debug, Clone)]
+struct Fence {
+    key: String,
+    create_revision: i64,
+    lost: Arc<AtomicBool>,
+}
+
+/// The leadership of the monitor services on one prefix, held by a lease
+/// kept alive in the background; [`Leadership::lost`] once it lapsed.
+pub struct Leadership {
+    lost: Arc<AtomicBool>,
+    keeper: tokio::task::JoinHandle<()>,
+}
+
+impl Leadership {
+    /// True once the lease lapsed or a write found another leader: stop
+    /// deciding, and campaign again.
+    pub fn lost(&self) -> bool {
+        self.lost.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Leadership {
+    fn drop(&mut self) {
+        self.keeper.abort();
+    }
 }
 
 /// Parses `etcd://host:port[,host:port...]/prefix` into endpoints and the
@@ -446,10 +479,116 @@ impl EtcdStore {
             listening: Arc::new(Mutex::new(HashSet::new())),
             closed: Arc::new(AtomicBool::new(false)),
             writer: std::process::id() ^ (now().fract() * 1e9) as u32,
-            events_written: AtomicU32::new(0),
+            events_written: Arc::new(AtomicU32::new(0)),
+            fence: Arc::new(Mutex::new(None)),
         };
         let feed = store.start_feed().await?;
         Ok((store, feed))
+    }
+
+    /// Another handle on the same connection and leadership (for the
+    /// health checks, which run beside the decisions).
+    pub fn share(&self) -> EtcdStore {
+        EtcdStore {
+            client: self.client.clone(),
+            prefix: self.prefix.clone(),
+            listening: Arc::new(Mutex::new(HashSet::new())),
+            closed: self.closed.clone(),
+            writer: self.writer,
+            events_written: self.events_written.clone(),
+            fence: self.fence.clone(),
+        }
+    }
+
+    /// Waits until this service holds the leader key `P/leader` (created
+    /// with a lease of `ttl`, kept alive in the background), then fences
+    /// every decision this connection writes on it. Returns `None` when
+    /// `shutdown` is cancelled first.
+    pub async fn campaign(
+        &self,
+        name: &str,
+        ttl: Duration,
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) -> Result<Option<Leadership>, MonitorError> {
+        let key = self.key("leader");
+        let ttl_secs = i64::try_from(ttl.as_secs()).unwrap_or(2).max(1);
+        let mut client = self.client.clone();
+        loop {
+            let lease = client.lease_grant(ttl_secs, None).await?.id();
+            let put = TxnOp::put(
+                key.clone(),
+                name.as_bytes().to_vec(),
+                Some(etcd_client::PutOptions::new().with_lease(lease)),
+            );
+            let response = client
+                .txn(
+                    Txn::new()
+                        .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+                        .and_then([put]),
+                )
+                .await?;
+            if response.succeeded() {
+                let create_revision = response
+                    .header()
+                    .map(|h| h.revision())
+                    .ok_or_else(|| MonitorError::Corrupt("txn without header".to_string()))?;
+                let lost = Arc::new(AtomicBool::new(false));
+                if let Ok(mut fence) = self.fence.lock() {
+                    *fence = Some(Fence {
+                        key: key.clone(),
+                        create_revision,
+                        lost: lost.clone(),
+                    });
+                }
+                let keeper = tokio::spawn(keep_lease(client.clone(), lease, ttl, lost.clone()));
+                tracing::info!(name, "leading the monitor services");
+                return Ok(Some(Leadership { lost, keeper }));
+            }
+            // Another service leads: the lease we took goes unused (it expires).
+            let _ = client.lease_revoke(lease).await;
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(None),
+                _ = tokio::time::sleep(ttl / 4) => {}
+            }
+        }
+    }
+
+    /// The fence's compare, when this connection writes as the leader.
+    fn fence_compare(&self) -> Option<(Compare, Fence)> {
+        let fence = self.fence.lock().ok()?.clone()?;
+        Some((
+            Compare::create_revision(fence.key.clone(), CompareOp::Equal, fence.create_revision),
+            fence,
+        ))
+    }
+
+    /// [`EtcdStore::commit`] of a decision: also conditioned on still
+    /// leading, when this connection leads. A write refused because another
+    /// service leads now marks the leadership lost.
+    async fn commit_fenced(
+        &self,
+        mut compares: Vec<Compare>,
+        batch: Batch,
+    ) -> Result<bool, MonitorError> {
+        let fence = self.fence_compare();
+        if let Some((compare, _)) = &fence {
+            compares.push(compare.clone());
+        }
+        let done = self.commit(compares, batch).await?;
+        if let (false, Some((_, fence))) = (done, fence) {
+            let current = self.client.clone().get(fence.key.clone(), None).await?;
+            let still = current
+                .kvs()
+                .first()
+                .is_some_and(|kv| kv.create_revision() == fence.create_revision);
+            if !still {
+                fence.lost.store(true, Ordering::SeqCst);
+                return Err(MonitorError::Corrupt(
+                    "this monitor service no longer leads: its write was refused".to_string(),
+                ));
+            }
+        }
+        Ok(done)
     }
 
     fn key(&self, suffix: &str) -> String {
@@ -721,6 +860,40 @@ impl EtcdStore {
             None => (0, Compare::version(key.clone(), CompareOp::Equal, 0)),
         };
         Ok((current + 1, compare, key))
+    }
+}
+
+/// Keeps `lease` alive every third of `ttl`; marks `lost` when etcd says it
+/// expired, or when no renewal got through for a whole `ttl` (the lease may
+/// have expired on the servers meanwhile).
+async fn keep_lease(mut client: Client, lease: i64, ttl: Duration, lost: Arc<AtomicBool>) {
+    let mut renewed = tokio::time::Instant::now();
+    let mut channel = None;
+    while !lost.load(Ordering::SeqCst) {
+        if channel.is_none() {
+            channel = client.lease_keep_alive(lease).await.ok();
+        }
+        if let Some((keeper, stream)) = channel.as_mut() {
+            let renewal = async {
+                keeper.keep_alive().await?;
+                stream.message().await
+            };
+            match tokio::time::timeout(ttl / 3, renewal).await {
+                Ok(Ok(Some(response))) if response.ttl() > 0 => {
+                    renewed = tokio::time::Instant::now();
+                }
+                Ok(Ok(Some(_))) => {
+                    tracing::warn!("the leader lease expired");
+                    lost.store(true, Ordering::SeqCst);
+                }
+                _ => channel = None,
+            }
+        }
+        if renewed.elapsed() >= ttl {
+            tracing::warn!("the leader lease could not be renewed within its ttl");
+            lost.store(true, Ordering::SeqCst);
+        }
+        tokio::time::sleep(ttl / 3).await;
     }
 }
 
@@ -1164,7 +1337,7 @@ impl MonitorStore for EtcdStore {
         self.put_formation(&state, formation, &mut batch)?;
         let formation_key = self.key(&format!("formation/{formation}"));
         let compare = Compare::mod_revision(formation_key, CompareOp::Equal, expected.revision);
-        Ok(if self.commit(vec![compare], batch).await? {
+        Ok(if self.commit_fenced(vec![compare], batch).await? {
             Written::Applied
         } else {
             Written::Stale
@@ -1182,7 +1355,7 @@ impl MonitorStore for EtcdStore {
         batch
             .events
             .push(group_event(formation, group, epoch, description));
-        self.commit(Vec::new(), batch).await?;
+        self.commit_fenced(Vec::new(), batch).await?;
         Ok(())
     }
 
@@ -1212,7 +1385,7 @@ impl MonitorStore for EtcdStore {
             batch.state(&n)?;
         }
         let exists = Compare::version(self.node_key("node", node_id), CompareOp::Greater, 0);
-        self.commit(vec![exists], batch).await?;
+        self.commit_fenced(vec![exists], batch).await?;
         Ok(())
     }
 
@@ -1340,7 +1513,7 @@ impl MonitorStore for EtcdStore {
         doc.answered_at = Some(now());
         batch.put(key, &doc)?;
         batch.notify(Channel::Request, request.id.to_string());
-        Ok(if self.commit(compares, batch).await? {
+        Ok(if self.commit_fenced(compares, batch).await? {
             Written::Applied
         } else {
             Written::Stale
