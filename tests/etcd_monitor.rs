@@ -175,3 +175,68 @@ async fn a_group_forms_and_switches_over_with_its_state_in_etcd() {
         "the switchover is in the event log: {events:?}"
     );
 }
+
+/// Waits (bounded) until `name`'s log says it leads; the time it took.
+fn wait_leading(cluster: &Cluster, name: &str, limit: Duration) -> Duration {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if cluster.log(name).contains("leading the monitor services") {
+            return start.elapsed();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!(
+        "{name} did not take the lead within {limit:?}\n{}",
+        cluster.all_logs()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_other_monitor_service_takes_over_when_the_leader_is_killed() {
+    let mut cluster = Cluster::new();
+    let etcd = Etcd::start(&cluster);
+    cluster.spawn("monitor_1", &["monitor", "run", "--monitor", &etcd.uri]);
+    wait_leading(&cluster, "monitor_1", STEP);
+    cluster.spawn("monitor_2", &["monitor", "run", "--monitor", &etcd.uri]);
+    let mut monitor = MonitorClient::connect(&etcd.uri)
+        .await
+        .expect("the store is set up");
+    cluster.start_node_at("node_a", "localhost", &etcd.uri, &[]);
+    monitor
+        .wait_until("default", "node_a single", STEP, |n| {
+            settled(n, &[("node_a", "single")])
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.all_logs()));
+    cluster.start_node_at("node_b", "localhost", &etcd.uri, &[]);
+    monitor
+        .wait_until("default", "primary and secondary", STEP, |n| {
+            settled(n, &[("node_a", "primary"), ("node_b", "secondary")])
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.all_logs()));
+    assert!(
+        !cluster
+            .log("monitor_2")
+            .contains("leading the monitor services"),
+        "one leader at a time"
+    );
+
+    // kill -9 the leading service: the other leads within the lease.
+    cluster.power_off_keeper_only("monitor_1");
+    let takeover = wait_leading(&cluster, "monitor_2", Duration::from_secs(30));
+    eprintln!("monitor_2 leads {takeover:?} after monitor_1 was killed (lease 2 s)");
+    assert!(
+        takeover < Duration::from_secs(4),
+        "takeover took {takeover:?}"
+    );
+
+    // The new leader decides: a switchover goes through.
+    cluster.ok(&["perform", "switchover", "--monitor", &etcd.uri]);
+    monitor
+        .wait_until("default", "roles swapped", STEP, |n| {
+            settled(n, &[("node_a", "secondary"), ("node_b", "primary")])
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.all_logs()));
+}
