@@ -87,6 +87,10 @@ pub enum MonitorError {
     /// A value read from the monitor is not what this binary expects.
     #[error("unexpected value in monitor database: {0}")]
     Corrupt(String),
+    /// This monitor service's write was refused because another one leads
+    /// now (its lease lapsed): it stops deciding and campaigns again.
+    #[error("this monitor service no longer leads: its write was refused")]
+    NotLeader,
     /// The etcd store answered with an error, or could not be reached.
     #[error("etcd: {0}")]
     Etcd(#[from] etcd_client::Error),

@@ -583,9 +583,7 @@ impl EtcdStore {
                 .is_some_and(|kv| kv.create_revision() == fence.create_revision);
             if !still {
                 fence.lost.store(true, Ordering::SeqCst);
-                return Err(MonitorError::Corrupt(
-                    "this monitor service no longer leads: its write was refused".to_string(),
-                ));
+                return Err(MonitorError::NotLeader);
             }
         }
         Ok(done)
