@@ -12,6 +12,7 @@ use hapg_keeper::{pidfile, postgres, NodePaths};
 use hapg_monitor::client::{NodeRow, RequestKind};
 use hapg_monitor::{MonitorClient, NodeState};
 use tokio::signal::unix::{signal, SignalKind};
+use tracing::Instrument;
 
 use crate::show;
 use crate::{
@@ -25,8 +26,20 @@ use crate::{
 pub async fn dispatch(command: Command) -> Result<()> {
     match command {
         Command::Create(create) => match *create {
-            CreateCommand::Monitor(args) => create_monitor(args).await,
-            CreateCommand::Postgres(args) => create_postgres(args).await,
+            CreateCommand::Monitor(args) => {
+                create_monitor(args)
+                    .instrument(tracing::info_span!("hapg", component = "monitor"))
+                    .await
+            }
+            CreateCommand::Postgres(args) => {
+                let span = tracing::info_span!(
+                    "hapg",
+                    component = "keeper",
+                    formation = %args.formation,
+                    node = %args.name
+                );
+                create_postgres(args).instrument(span).await
+            }
         },
         Command::Run(args) => run(&args.pgdata).await,
         Command::Stop(args) => stop(&args.pgdata, args.fast, args.immediate).await,
@@ -47,8 +60,12 @@ pub async fn dispatch(command: Command) -> Result<()> {
             wait,
         }) => drop_node(monitor, name, destroy, wait).await,
         Command::Config(cmd) => config_command(cmd),
-        Command::Router(RouterCommand::Run { config }) => router_run(config).await,
-        Command::Demo(args) => crate::demo::run(args).await,
+        Command::Router(RouterCommand::Run { config, .. }) => router_run(config).await,
+        Command::Demo(args) => {
+            crate::demo::run(args)
+                .instrument(tracing::info_span!("hapg", component = "demo"))
+                .await
+        }
         Command::Monitor(MonitorCommand::Run { monitor }) => monitor_run(&monitor).await,
         Command::Watch(args) => {
             let t = target(&args)?;
@@ -101,6 +118,10 @@ fn instance_options(args: &InstanceArgs) -> Result<InstanceOptions> {
         os_user: args.os_user.clone(),
         bindir: args.pgctl.clone().unwrap_or_else(postgres::default_bindir),
         username: args.username.clone(),
+        http_listen: args
+            .http_listen
+            .map(|addr| addr.to_string())
+            .unwrap_or_default(),
     })
 }
 
@@ -189,6 +210,7 @@ async fn create_postgres(args: CreatePostgresArgs) -> Result<()> {
         replication_password,
         monitor_timeout: Duration::from_secs(args.monitor_timeout),
     };
+    let existed = opts.pgdata.exists();
     let paths = create::create_node(opts, node).await?;
     if args.instance.run {
         run(&paths.pgdata).await
@@ -197,7 +219,7 @@ async fn create_postgres(args: CreatePostgresArgs) -> Result<()> {
         // Once initialised, the keeper leaves Postgres running for `hapg run`
         // to take over; interrupted before that, it stops it.
         let shutdown = shutdown_on_signals()?;
-        match keeper::run(paths, RunMode::UntilInitialized, shutdown).await? {
+        match keeper::run(paths.clone(), RunMode::UntilInitialized, shutdown).await? {
             Exit::Initialized => Ok(()),
             Exit::Stopped => bail!(
                 "interrupted while initialising the node in {pgdata}; its Postgres is stopped. \
@@ -208,7 +230,35 @@ async fn create_postgres(args: CreatePostgresArgs) -> Result<()> {
                 "the node in {} was dropped from the formation while it was being created",
                 args.instance.pgdata.display()
             ),
+            Exit::InitFailed(error) => Err(undo_failed_create(&paths, existed, &error).await),
         }
+    }
+}
+
+/// The error of a `create postgres` whose initialisation kept failing, after
+/// undoing it: what failed, and either that nothing is left (run the same
+/// command again) or exactly what is left and how to finish or remove it.
+async fn undo_failed_create(paths: &NodePaths, existed: bool, error: &str) -> anyhow::Error {
+    let pgdata = paths.pgdata.display();
+    let failed = format!(
+        "could not initialise the node in {pgdata} within {} s: {error}",
+        keeper::INIT_GIVE_UP.as_secs()
+    );
+    match create::undo_node(paths, existed).await {
+        Ok(kept) => anyhow!(
+            "{failed}\nthe monitor dropped the node and what this command wrote was removed{}; \
+             fix the cause and run the same command again",
+            kept.map(|log| format!(" (the server log is kept as {})", log.display()))
+                .unwrap_or_default()
+        ),
+        Err(undo) => anyhow!(
+            "{failed}\nundoing it failed too: {undo}\nleft behind: the node's registration on \
+             the monitor, its configuration {config}, its state {state} and the data directory \
+             {pgdata}. Finish it with `hapg run --pgdata {pgdata}` once the cause is fixed, or \
+             remove it with `hapg drop node --pgdata {pgdata} --destroy` while that runs",
+            config = paths.config.display(),
+            state = paths.state.display(),
+        ),
     }
 }
 
@@ -306,6 +356,21 @@ fn load_config(pgdata: &Path) -> Result<(NodePaths, NodeConfig)> {
 }
 
 async fn run(pgdata: &Path) -> Result<()> {
+    let (_, config) = load_config(pgdata)?;
+    // Every line this process logs names what it is (`--log-format json`).
+    let span = match config.node.role {
+        Role::Monitor => tracing::info_span!("hapg", component = "monitor"),
+        Role::Keeper => tracing::info_span!(
+            "hapg",
+            component = "keeper",
+            formation = %config.node.formation,
+            node = %config.node.name
+        ),
+    };
+    run_node(pgdata).instrument(span).await
+}
+
+async fn run_node(pgdata: &Path) -> Result<()> {
     let (paths, config) = load_config(pgdata)?;
     let _pid = pidfile::PidFile::acquire(&paths.pid)?;
     let shutdown = shutdown_on_signals()?;
@@ -315,7 +380,8 @@ async fn run(pgdata: &Path) -> Result<()> {
         }
         Role::Keeper => match keeper::run(paths, RunMode::Forever, shutdown).await? {
             Exit::Dropped => println!("node {} was dropped from the formation", config.node.name),
-            Exit::Stopped | Exit::Initialized => {}
+            // Only `RunMode::UntilInitialized` gives up on an initialisation.
+            Exit::Stopped | Exit::Initialized | Exit::InitFailed(_) => {}
         },
     }
     Ok(())
@@ -955,14 +1021,17 @@ async fn drop_node(
 fn config_command(cmd: ConfigCommand) -> Result<()> {
     match cmd {
         ConfigCommand::Get { pgdata, key } => {
-            let (paths, _) = load_config(&pgdata)?;
+            let (paths, config) = load_config(&pgdata)?;
             let text = std::fs::read_to_string(&paths.config)?;
             let Some(key) = key else {
                 print!("{text}");
                 return Ok(());
             };
             let doc: toml::Value = toml::from_str(&text)?;
+            // A key the file does not spell out has its default.
+            let defaults = toml::Value::try_from(&config)?;
             let value = lookup(&doc, &key)
+                .or_else(|| lookup(&defaults, &key))
                 .ok_or_else(|| anyhow!("{key}: no such setting in {}", paths.config.display()))?;
             match value {
                 toml::Value::String(s) => println!("{s}"),
@@ -971,7 +1040,7 @@ fn config_command(cmd: ConfigCommand) -> Result<()> {
             Ok(())
         }
         ConfigCommand::Set { pgdata, key, value } => {
-            let (paths, _) = load_config(&pgdata)?;
+            let (paths, config) = load_config(&pgdata)?;
             if hapg_config::READ_ONLY_KEYS.contains(&key.as_str()) {
                 bail!(
                     "{key} cannot be changed: it identifies this node to the monitor and the \
@@ -983,13 +1052,21 @@ fn config_command(cmd: ConfigCommand) -> Result<()> {
             let (section, name) = key
                 .split_once('.')
                 .ok_or_else(|| anyhow!("{key}: settings are named section.key"))?;
-            let table = doc
-                .get_mut(section)
-                .and_then(toml::Value::as_table_mut)
-                .ok_or_else(|| anyhow!("{key}: no section [{section}]"))?;
-            let old = table
-                .get(name)
+            // A section or key the file does not spell out (written before
+            // it existed, or left at its default) takes the type of its default.
+            let defaults = toml::Value::try_from(&config)?;
+            let old = lookup(&doc, &key)
+                .or_else(|| lookup(&defaults, &key))
+                .cloned()
                 .ok_or_else(|| anyhow!("{key}: no such setting"))?;
+            let table = match doc.as_table_mut() {
+                Some(root) => root
+                    .entry(section)
+                    .or_insert_with(|| toml::Value::Table(Default::default()))
+                    .as_table_mut()
+                    .ok_or_else(|| anyhow!("{key}: no section [{section}]"))?,
+                None => bail!("{}: not a TOML table", paths.config.display()),
+            };
             let new = match old {
                 toml::Value::Integer(_) => toml::Value::Integer(
                     value
@@ -1039,6 +1116,15 @@ async fn monitor_run(uri: &str) -> Result<()> {
 
 async fn router_run(path: PathBuf) -> Result<()> {
     let config = hapg_config::router::RouterConfig::load(&path)?;
+    let span = tracing::info_span!(
+        "hapg",
+        component = "router",
+        formation = %config.router.formation
+    );
+    router_serve(path, config).instrument(span).await
+}
+
+async fn router_serve(path: PathBuf, config: hapg_config::router::RouterConfig) -> Result<()> {
     hapg_router::check_formation(&config.router, Duration::from_secs(3))
         .await
         .map_err(|e| anyhow!("{}: {e}", path.display()))?;

@@ -3,6 +3,7 @@
 
 mod commands;
 mod demo;
+mod log_format;
 mod show;
 mod watch;
 
@@ -23,7 +24,7 @@ enum Command {
     #[command(subcommand)]
     Create(Box<CreateCommand>),
     /// Run the monitor or the keeper of a data directory (supervises Postgres).
-    Run(PgdataArg),
+    Run(RunArgs),
     /// Stop a running `hapg run` (and its Postgres).
     Stop(StopArgs),
     /// Show the formation's state, events, URIs, settings, or a systemd unit.
@@ -107,9 +108,16 @@ struct InstanceArgs {
     /// Postgres superuser name.
     #[arg(long, default_value = "postgres")]
     username: String,
+    /// Serve health checks (/primary, /replica, /read-only, /health,
+    /// /liveness, /state) and /metrics over HTTP on this ip:port while
+    /// `hapg run` runs (http.listen in hapg.toml; docs/operations.md).
+    #[arg(long, value_name = "ADDR")]
+    http_listen: Option<std::net::SocketAddr>,
     /// Keep running after creation (as `hapg run` would).
     #[arg(long)]
     run: bool,
+    #[command(flatten)]
+    log: LogArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -172,6 +180,24 @@ struct CreatePostgresArgs {
     /// How long to keep trying to reach the monitor, in seconds.
     #[arg(long, default_value_t = 15)]
     monitor_timeout: u64,
+}
+
+/// How a long-running command writes its log (stderr).
+#[derive(Args, Debug, Clone, Default)]
+struct LogArgs {
+    /// text (for people) or json (one object per line: time, level,
+    /// component, formation, node, message, ...; docs/operations.md).
+    #[arg(long, value_enum, env = "HAPG_LOG_FORMAT", default_value = "text")]
+    log_format: log_format::LogFormat,
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// Data directory of the node or monitor.
+    #[arg(long, env = "PGDATA")]
+    pgdata: PathBuf,
+    #[command(flatten)]
+    log: LogArgs,
 }
 
 #[derive(Args, Debug)]
@@ -382,6 +408,8 @@ enum RouterCommand {
         /// Path of router.toml.
         #[arg(long)]
         config: PathBuf,
+        #[command(flatten)]
+        log: LogArgs,
     },
 }
 
@@ -408,24 +436,34 @@ struct DemoArgs {
     /// OS user that runs Postgres when hapg runs as root.
     #[arg(long, default_value = "postgres")]
     os_user: String,
+    #[command(flatten)]
+    log: LogArgs,
 }
 
-fn init_tracing(default: &str) {
+fn init_tracing(default: &str, format: log_format::LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("HAPG_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        log_format::LogFormat::Text => builder
+            .with_target(false)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
+        log_format::LogFormat::Json => builder
+            .with_ansi(false)
+            .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
+            .event_format(log_format::JsonLines)
+            .try_init(),
+    };
 }
 
 /// Runs `command` on its async runtime: `router run` on the threads its
 /// configuration file asks for (a file that does not load is reported by the
 /// command itself), everything else on tokio's default.
 fn run(command: Command) -> std::io::Result<anyhow::Result<()>> {
-    if let Command::Router(RouterCommand::Run { config }) = &command {
+    if let Command::Router(RouterCommand::Run { config, .. }) = &command {
         if let Ok(config) = hapg_config::router::RouterConfig::load(config) {
             return hapg_router::threads::block_on(&config.router, || commands::dispatch(command));
         }
@@ -446,7 +484,22 @@ fn main() -> std::process::ExitCode {
             | Command::Demo(_)
             | Command::Monitor(_)
     );
-    init_tracing(if verbose { "info" } else { "warn" });
+    let format = match &cli.command {
+        Command::Run(args) => args.log.log_format,
+        Command::Create(create) => match create.as_ref() {
+            CreateCommand::Monitor(args) => args.instance.log.log_format,
+            CreateCommand::Postgres(args) => args.instance.log.log_format,
+        },
+        Command::Router(RouterCommand::Run { log, .. }) => log.log_format,
+        Command::Demo(args) => args.log.log_format,
+        _ => log_format::LogFormat::Text,
+    };
+    init_tracing(if verbose { "info" } else { "warn" }, format);
+    if matches!(cli.command, Command::Demo(_)) {
+        // The demo's processes log as the demo does: they inherit this.
+        // Set before the async runtime starts, while this is the only thread.
+        std::env::set_var("HAPG_LOG_FORMAT", format.as_str());
+    }
     match run(cli.command) {
         Ok(Ok(())) => std::process::ExitCode::SUCCESS,
         Ok(Err(e)) => {

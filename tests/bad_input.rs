@@ -327,3 +327,82 @@ fn conflicts_with_a_running_formation_touch_nothing() {
     );
     assert_eq!(cluster.states().len(), 1, "no node was registered");
 }
+
+/// A `create postgres` whose initialisation keeps failing (here pg_basebackup,
+/// refused for a wrong replication password) gives up with the cause, and
+/// undoes itself: the monitor drops the node, its primary goes back to
+/// `single`, its files are gone, and the same command with the right password
+/// then succeeds.
+#[test]
+fn a_create_that_cannot_initialise_is_undone() {
+    let mut cluster = Cluster::new();
+    cluster.start_monitor();
+    let uri = cluster.monitor_uri();
+    std::fs::write(cluster.path().join("replication.pass"), "right-s3cret\n")
+        .expect("write password");
+    let scram = |name: &'static str, port: &str, password: &[&'static str]| {
+        let mut args = create_args(name, port, &name[2..], &uri)
+            .into_iter()
+            .map(str::to_string)
+            .collect::<Vec<_>>();
+        let auth = args.iter().position(|a| a == "trust").expect("--auth");
+        args[auth] = "scram-sha-256".to_string();
+        args.extend(password.iter().map(|a| a.to_string()));
+        args
+    };
+    let port_a = free_port().to_string();
+    let args_a = scram(
+        "./node_a",
+        &port_a,
+        &["--replication-password-file", "replication.pass", "--run"],
+    );
+    cluster.spawn(
+        "node_a",
+        &args_a.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let pgdata = cluster.path().join("node_a");
+    cluster.nodes.push(support::Node {
+        name: "node_a".to_string(),
+        pgdata,
+        port: port_a.parse().expect("port"),
+    });
+    cluster.wait_states(&[("node_a", "single")], STEP);
+
+    let port_b = free_port().to_string();
+    let wrong = scram("./node_b", &port_b, &["--replication-password", "wrong"]);
+    let started = Instant::now();
+    let err = cluster.fails(&wrong.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(err.contains("could not initialise the node"), "{err}");
+    assert!(err.contains("pg_basebackup"), "{err}");
+    assert!(err.contains("password authentication failed"), "{err}");
+    assert!(err.contains("run the same command again"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(80),
+        "gave up after {:?}",
+        started.elapsed()
+    );
+    // Nothing left: no registration, no data directory, no configuration.
+    let states = cluster.states();
+    assert!(!states.contains_key("node_b"), "{states:?}");
+    assert!(!cluster.path().join("node_b").exists());
+    assert!(!cluster.path().join("node_b.hapg-basebackup").exists());
+    let err = cluster.fails(&["config", "get", "--pgdata", "./node_b"]);
+    assert!(err.contains("not a hapg node"), "{err}");
+    cluster.wait_states(&[("node_a", "single")], STEP);
+
+    // The same command with the right password now succeeds.
+    let right = scram(
+        "./node_b",
+        &port_b,
+        &["--replication-password-file", "replication.pass"],
+    );
+    cluster.ok(&right.iter().map(String::as_str).collect::<Vec<_>>());
+    cluster.spawn("node_b", &["run", "--pgdata", "./node_b"]);
+    let pgdata = cluster.path().join("node_b");
+    cluster.nodes.push(support::Node {
+        name: "node_b".to_string(),
+        pgdata,
+        port: port_b.parse().expect("port"),
+    });
+    cluster.wait_states(&[("node_a", "primary"), ("node_b", "secondary")], STEP);
+}

@@ -167,6 +167,14 @@ async fn a_group_forms_and_switches_over_with_its_state_in_etcd() {
         rows, 2,
         "the write before the switchover is on the new primary"
     );
+    let changes = monitor.primary_changes().await.expect("primary changes");
+    eprintln!("primary changes: {changes:?}");
+    assert!(
+        changes
+            .iter()
+            .any(|c| c.epoch == formation.primary_epoch && c.duration < STEP),
+        "the switchover is measured as a change of primary: {changes:?}"
+    );
     let events = monitor.events("default", 200).await.expect("events");
     assert!(
         events

@@ -325,9 +325,10 @@ fn an_interrupted_create_leaves_no_postgres_behind() {
     );
     // And what it says works: `hapg run` finishes the node.
     cluster.spawn("node_a", &["run", "--pgdata", "./node_a"]);
+    let pgdata = cluster.path().join("node_a");
     cluster.nodes.push(support::Node {
         name: "node_a".to_string(),
-        pgdata: cluster.path().join("node_a"),
+        pgdata,
         port: port.parse().expect("port"),
     });
     cluster.wait_states(&[("node_a", "single")], STEP);

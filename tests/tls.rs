@@ -144,9 +144,10 @@ fn a_formation_with_a_ca_verifies_every_connection() {
             "--run",
         ]);
         cluster.spawn(name, &args);
+        let pgdata = cluster.path().join(name);
         cluster.nodes.push(Node {
             name: name.to_string(),
-            pgdata: cluster.path().join(name),
+            pgdata,
             port,
         });
         if name == "node_a" {

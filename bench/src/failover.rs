@@ -23,11 +23,11 @@ use hapg_monitor::client::{NodeRow, RequestKind};
 use hapg_monitor::{MonitorClient, NodeState};
 use nix::sys::signal::Signal;
 
-use crate::cluster::{self, Hapg};
+use hapg::cluster::{Cluster, NodeSpec, RouterSpec};
+
+use crate::cluster::{self, DBNAME};
 use crate::machine::RunInfo;
 use crate::netns::Net;
-use crate::procs::Supervisor;
-use crate::targets::free_port;
 
 /// Options of `hapg-bench failover`.
 #[derive(Args, Debug)]
@@ -137,7 +137,6 @@ impl Fault {
     }
 }
 
-const DBNAME: &str = "bench";
 /// Time allowed for one step: a failover, a rejoin, a start.
 const STEP: Duration = Duration::from_secs(120);
 /// Writes before the fault and after the group converged again.
@@ -225,8 +224,7 @@ impl RunResult {
 
 /// The running cluster: monitor, two nodes, router.
 struct Bench {
-    hapg: Hapg,
-    sup: Supervisor,
+    cluster: Cluster,
     monitor_uri: String,
     /// Node name and port.
     nodes: Vec<(String, u16)>,
@@ -264,21 +262,18 @@ impl Bench {
     /// Runs node `name` again after it was killed, where it ran before.
     fn restart_node(&mut self, name: &str) -> Result<()> {
         let wrapper = self.wrapper(name);
-        if wrapper.is_empty() {
-            return cluster::run_node(&self.hapg, &mut self.sup, name);
-        }
         let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
-        cluster::run_node_in(&self.hapg, &mut self.sup, name, &wrapper)
+        Ok(self.cluster.run_node(name, &wrapper)?)
     }
 
     fn pgdata(&self, name: &str) -> PathBuf {
-        self.hapg.dir.join(name)
+        self.cluster.path().join(name)
     }
 
     /// The node's keeper, its postmaster and the postmaster's children.
     fn node_pids(&self, name: &str) -> Vec<i32> {
         let mut pids: Vec<i32> = self
-            .sup
+            .cluster
             .pid(name)
             .and_then(|p| i32::try_from(p).ok())
             .into_iter()
@@ -302,15 +297,9 @@ pub fn run(args: FailoverArgs) -> Result<()> {
     }
     crate::machine::check_pg_bindir(&args.pg_bindir, &["initdb", "pg_ctl", "pg_basebackup"])?;
     let hapg_bin = crate::machine::hapg_binary(&args.hapg)?;
-    let tmp = crate::machine::run_directory()?;
-    let dir = tmp.path().to_path_buf();
     let mut info = RunInfo::now();
-    let hapg = Hapg {
-        bin: hapg_bin,
-        dir: dir.clone(),
-    };
     info.versions
-        .push(crate::machine::version(&hapg.bin, "--version"));
+        .push(crate::machine::version(&hapg_bin, "--version"));
     info.versions.push(crate::machine::version(
         &args.pg_bindir.join("postgres"),
         "--version",
@@ -324,19 +313,21 @@ pub fn run(args: FailoverArgs) -> Result<()> {
     } else {
         None
     };
-    let mut bench = start_cluster(hapg, net)?;
+    let mut bench = start_cluster(&hapg_bin, net)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     let results = runtime.block_on(run_faults(&mut bench, &faults, &args));
     info.load_after = crate::machine::load_average();
-    bench.sup.stop_all();
+    bench.cluster.stop_all();
     // The namespaces go once nothing runs in them.
     drop(bench.net.take());
     if args.keep {
-        eprintln!("kept {}", tmp.keep().display());
+        bench.cluster.keep();
+        eprintln!("kept {}", bench.cluster.path().display());
     }
+    drop(bench);
     let results = results?;
     let text = if args.markdown {
         markdown(&results, &args, &info)
@@ -357,81 +348,54 @@ pub fn run(args: FailoverArgs) -> Result<()> {
 
 /// The monitor, node1 (primary), node2 (secondary) and the router, running;
 /// with `net`, each node in its namespace.
-fn start_cluster(hapg: Hapg, net: Option<Net>) -> Result<Bench> {
-    let mut sup = Supervisor::default();
-    let monitor_uri = match &net {
-        None => cluster::start_monitor(&hapg, &mut sup)?,
-        Some(net) => {
-            cluster::start_monitor_on(&hapg, &mut sup, &format!("127.0.0.1,{}", net.host_ip))?
-        }
+fn start_cluster(hapg: &Path, net: Option<Net>) -> Result<Bench> {
+    let monitor_listen = match &net {
+        None => "127.0.0.1".to_string(),
+        Some(net) => format!("127.0.0.1,{}", net.host_ip),
     };
-    let create = |sup: &mut Supervisor, name: &str| match &net {
-        None => cluster::create_node(&hapg, sup, name, &monitor_uri, DBNAME),
-        Some(net) => {
-            let node = net.node(name)?;
-            // The node reaches the monitor over its link, not the host's loopback.
-            let monitor = monitor_uri.replacen("@localhost:", &format!("@{}:", net.host_ip), 1);
-            if monitor == monitor_uri {
-                bail!("cannot point {monitor_uri} at the host's bridge address");
+    let mut cluster = cluster::create(hapg, &monitor_listen)?;
+    eprintln!("starting the monitor");
+    cluster.start_monitor()?;
+    let monitor_uri = cluster.monitor_uri()?;
+    let create = |cluster: &mut Cluster, name: &str| -> Result<u16> {
+        let node = match &net {
+            None => cluster.start_node(name)?,
+            Some(net) => {
+                let node = net.node(name)?;
+                // The node reaches the monitor over its link, not the host's loopback.
+                let monitor = monitor_uri.replacen("@localhost:", &format!("@{}:", net.host_ip), 1);
+                if monitor == monitor_uri {
+                    bail!("cannot point {monitor_uri} at the host's bridge address");
+                }
+                let wrapper = node.wrapper();
+                cluster.start_node_with(&NodeSpec {
+                    hostname: &node.ip,
+                    listen: Some(&node.ip),
+                    monitor_uri: Some(&monitor),
+                    wrapper: &wrapper,
+                    ..NodeSpec::new(name)
+                })?
             }
-            cluster::create_node_at(
-                &hapg,
-                sup,
-                name,
-                &monitor,
-                DBNAME,
-                (&node.ip, &node.ip),
-                &node.wrapper(),
-            )
-        }
+        };
+        Ok(node.port)
     };
-    let port1 = create(&mut sup, "node1")?;
+    let port1 = create(&mut cluster, "node1")?;
     eprintln!("waiting for node1 (port {port1}) to be single");
-    cluster::wait_states(&hapg, &mut sup, &[("node1", "single")], STEP)?;
-    let port2 = create(&mut sup, "node2")?;
+    cluster.wait_states(&[("node1", "single")], STEP)?;
+    let port2 = create(&mut cluster, "node2")?;
     eprintln!("waiting for node2 (port {port2}) to be secondary");
-    cluster::wait_states(
-        &hapg,
-        &mut sup,
-        &[("node1", "primary"), ("node2", "secondary")],
-        STEP,
-    )?;
-    let router_port = free_port()?;
-    let config = hapg.dir.join("router.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "# Written by hapg-bench failover.\n\
-             [router]\n\
-             listen = \"127.0.0.1:{router_port}\"\n\
-             monitor = \"{monitor}\"\n\
-             formation = \"default\"\n\
-             id = \"hapg-bench-failover\"\n\
-             pause_timeout_ms = {PAUSE_TIMEOUT_MS}\n\
-             \n\
-             [auth]\n\
-             type = \"trust\"\n\
-             \n\
-             [server]\n\
-             sslmode = \"disable\"\n",
-            monitor = monitor_uri.replace('\\', "\\\\").replace('"', "\\\""),
-        ),
-    )
-    .context("writing router.toml")?;
-    let config = config.display().to_string();
-    let cmd = hapg.cmd(&["router", "run", "--config", &config]);
-    sup.spawn(
-        "router",
-        cmd,
-        &hapg.dir.join("router.log"),
-        Duration::from_secs(15),
-    )?;
+    cluster.wait_states(&[("node1", "primary"), ("node2", "secondary")], STEP)?;
+    let router = cluster.start_router(&RouterSpec {
+        id: Some("hapg-bench-failover".into()),
+        router_lines: format!("pause_timeout_ms = {PAUSE_TIMEOUT_MS}"),
+        sections: "\n[server]\nsslmode = \"disable\"\n".into(),
+        ..RouterSpec::new("router")
+    })?;
     Ok(Bench {
-        hapg,
-        sup,
+        cluster,
         monitor_uri,
         nodes: vec![("node1".into(), port1), ("node2".into(), port2)],
-        router_uri: format!("postgres://postgres@127.0.0.1:{router_port}/{DBNAME}?sslmode=disable"),
+        router_uri: format!("{}?sslmode=disable", router.uri(DBNAME)),
         net,
         last_cut: None,
     })
@@ -614,12 +578,8 @@ async fn inject(
 ) -> Result<()> {
     match fault {
         Fault::PowerOff => {
-            let postmaster = drill::postmaster_pid(&bench.pgdata(primary));
             let killed_at = SystemTime::now();
-            bench.sup.kill(primary);
-            if let Some(pid) = postmaster {
-                drill::kill_tree(pid);
-            }
+            bench.cluster.power_off(primary);
             wait_writable(monitor, standby).await?;
             let promoted_at = assigned_at(&bench.monitor_uri, standby, "wait_primary", killed_at)
                 .await

@@ -86,19 +86,6 @@ pub fn check_pg_bindir(pg_bindir: &Path, tools: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// A new run directory under /tmp, removed when dropped unless kept; 0755
-/// because Postgres and the proxies run as `postgres` when we are root.
-pub fn run_directory() -> Result<tempfile::TempDir> {
-    use std::os::unix::fs::PermissionsExt;
-    let tmp = tempfile::Builder::new()
-        .prefix("hapg-bench-")
-        .tempdir_in("/tmp")
-        .context("creating the run directory")?;
-    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755))?;
-    eprintln!("run directory {}", tmp.path().display());
-    Ok(tmp)
-}
-
 fn read_trim(path: &str) -> String {
     std::fs::read_to_string(path)
         .map(|s| s.trim().to_string())

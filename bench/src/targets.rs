@@ -3,7 +3,6 @@
 //! in the run directory and listens on a free loopback port.
 
 use std::fmt;
-use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -11,12 +10,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::procs::{self, Supervisor};
+use hapg::cluster::Cluster;
+
+use crate::procs;
 
 /// The router's `[pool]` section. `Default` writes none (the router's own
 /// defaults: session pooling, or one server connection per client for a
 /// router older than pooling); `Session` and `Transaction` write the mode and
-/// `pool_size` equal to the client count, as PgBouncer's `default_pool_size`.
+/// `pool_size` (the client count unless `--pool-size`), as PgBouncer's
+/// `default_pool_size`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RouterPool {
     Default,
@@ -36,13 +38,13 @@ impl RouterPool {
     }
 
     /// The `[pool]` section for router.toml, if any.
-    fn toml(self, clients: u32) -> String {
+    fn toml(self, pool_size: u32) -> String {
         let mode = match self {
             RouterPool::Default => return String::new(),
             RouterPool::Session => "session",
             RouterPool::Transaction => "transaction",
         };
-        format!("\n[pool]\nmode = \"{mode}\"\npool_size = {clients}\n")
+        format!("\n[pool]\nmode = \"{mode}\"\npool_size = {pool_size}\n")
     }
 }
 
@@ -79,9 +81,9 @@ impl fmt::Display for Target {
     }
 }
 
-/// A free TCP port on loopback (bind 0, read it, release it).
+/// A free TCP port on loopback.
 pub fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(hapg::cluster::free_port()?)
 }
 
 /// Fixed facts of the run every target needs.
@@ -99,6 +101,8 @@ pub struct Env {
     pub node_port: u16,
     pub dbname: String,
     pub clients: u32,
+    /// Server connections per pool (router `pool_size`, PgBouncer `default_pool_size`).
+    pub pool_size: u32,
     /// Lines added to router.toml's `[router]` section (worker threads, CPU scheduling).
     pub router_settings: String,
     /// The node's Unix socket directory, when the proxies reach the node
@@ -139,7 +143,7 @@ impl Env {
     /// Waits (bounded) until `SELECT 1` works through `port`.
     pub fn wait_ready(
         &self,
-        sup: &mut Supervisor,
+        cluster: &Cluster,
         service: Option<&str>,
         port: u16,
         timeout: Duration,
@@ -148,7 +152,7 @@ impl Env {
         let mut last = String::new();
         while Instant::now() < deadline {
             if let Some(name) = service {
-                sup.check_alive(name)?;
+                cluster.check_alive(name)?;
             }
             let out = procs::run_capture(self.psql(port, &["SELECT 1"]), Duration::from_secs(10))?;
             if out.status.success() && out.stdout.trim() == "1" {
@@ -173,9 +177,9 @@ pub struct Running {
 }
 
 impl Running {
-    pub fn stop(self, sup: &mut Supervisor) {
+    pub fn stop(self, cluster: &Cluster) {
         if let Some(name) = self.service {
-            sup.stop(&name);
+            cluster.terminate(&name);
         }
     }
 }
@@ -196,7 +200,7 @@ pub fn unavailable(target: Target, env: &Env) -> Option<String> {
 }
 
 /// Starts what `target` needs and waits until it answers.
-pub fn start(target: Target, env: &Env, sup: &mut Supervisor) -> Result<Running> {
+pub fn start(target: Target, env: &Env, cluster: &Cluster) -> Result<Running> {
     let (kind, port, cmd, stop_timeout) = match target {
         Target::Direct => {
             return Ok(Running {
@@ -249,8 +253,8 @@ pub fn start(target: Target, env: &Env, sup: &mut Supervisor) -> Result<Running>
     } else {
         procs::Session::Shared
     };
-    sup.spawn_in(&service, cmd, &log, stop_timeout, session)?;
-    if let Err(e) = env.wait_ready(sup, Some(&service), port, Duration::from_secs(30)) {
+    cluster.spawn_service(&service, cmd, stop_timeout, session)?;
+    if let Err(e) = env.wait_ready(cluster, Some(&service), port, Duration::from_secs(30)) {
         let e = format!("{e:#}");
         if matches!(
             target,
@@ -263,7 +267,7 @@ pub fn start(target: Target, env: &Env, sup: &mut Supervisor) -> Result<Running>
     }
     Ok(Running {
         port,
-        pid: sup.pid(&service),
+        pid: cluster.pid(&service),
         service: Some(service),
     })
 }
@@ -296,7 +300,7 @@ fn router_toml(env: &Env, port: u16, pool: RouterPool) -> String {
          {pool}",
         monitor = env.monitor_uri.replace('\\', "\\\\").replace('"', "\\\""),
         max = (env.clients * 4).max(1000),
-        pool = pool.toml(env.clients),
+        pool = pool.toml(env.pool_size),
         settings = env.router_settings,
         socket = match &env.node_socket_dir {
             Some(dir) => format!("unix_socket_dir = \"{}\"\n", dir.display()),
@@ -305,7 +309,7 @@ fn router_toml(env: &Env, port: u16, pool: RouterPool) -> String {
     )
 }
 
-/// pgbouncer.ini: one database, trust auth, a pool as large as the client count.
+/// pgbouncer.ini: one database, trust auth, a pool of `pool_size`.
 fn pgbouncer_ini(env: &Env, port: u16, mode: BouncerMode, userlist: &Path) -> String {
     let mode = match mode {
         BouncerMode::Session => "session",
@@ -336,7 +340,7 @@ fn pgbouncer_ini(env: &Env, port: u16, mode: BouncerMode, userlist: &Path) -> St
         },
         node = env.node_port,
         userlist = userlist.display(),
-        pool = env.clients,
+        pool = env.pool_size,
         max = (env.clients * 4).max(1000),
     )
 }
@@ -385,6 +389,7 @@ mod tests {
             node_port: 5433,
             dbname: "bench".into(),
             clients: 16,
+            pool_size: 16,
             router_settings: String::new(),
             node_socket_dir: node_socket_dir.map(PathBuf::from),
             proxy_own_session: true,

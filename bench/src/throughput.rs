@@ -21,10 +21,12 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use clap::Args;
 
-use crate::cluster::{self, Hapg};
+use hapg::cluster::Cluster;
+
+use crate::cluster::{self, DBNAME};
 use crate::machine::{self, RunInfo};
 use crate::pgbench::{self, Measured, Shape, Test};
-use crate::procs::{self, Supervisor};
+use crate::procs;
 use crate::targets::{self, BouncerMode, Env, RouterPool, Target, NO_POOL};
 
 /// Options of `hapg-bench throughput`.
@@ -42,6 +44,14 @@ pub struct ThroughputArgs {
     /// pgbench threads (-j), at most the client count.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub threads: u32,
+    /// Server connections per pool: the router's `pool_size` and PgBouncer's
+    /// `default_pool_size` (default: the client count). Fewer than the
+    /// clients shows pooling at work: 256 clients over a pool of 16 is a row
+    /// of docs/performance.md (direct then needs `max_connections` above the
+    /// client count, which the bench node does not have: compare with
+    /// PgBouncer there).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10000))]
+    pub pool_size: Option<u32>,
     /// pgbench query mode (-M).
     #[arg(long, default_value = "simple", value_parser = ["simple", "extended", "prepared"])]
     pub query_mode: String,
@@ -106,8 +116,6 @@ pub struct ThroughputArgs {
     pub haproxy: Option<PathBuf>,
 }
 
-const DBNAME: &str = "bench";
-
 /// One pgbench run's outcome.
 struct Sample {
     target: Target,
@@ -171,9 +179,6 @@ pub fn run(args: ThroughputArgs) -> Result<()> {
     }
     let run_as = postgres_ids()?;
 
-    let tmp = machine::run_directory()?;
-    let dir = tmp.path().to_path_buf();
-
     let mut context = RunInfo::now();
     context
         .versions
@@ -188,28 +193,23 @@ pub fn run(args: ThroughputArgs) -> Result<()> {
         context.versions.push(machine::version(p, "-v"));
     }
 
-    // Everything started from here is stopped when `sup` drops, whatever happens.
-    let result = {
-        let mut sup = Supervisor::default();
-        let tools = Tools {
-            hapg: Hapg {
-                bin: hapg_bin.clone(),
-                dir: dir.clone(),
-            },
-            pgbouncer,
-            haproxy,
-            run_as,
-        };
-        let r = measure(&mut sup, &tools, &args, &shape, &tests, order);
-        sup.stop_all();
-        r
+    // Everything started from here is stopped when `cluster` drops, whatever happens.
+    let mut cluster = cluster::create(&hapg_bin, "127.0.0.1")?;
+    let tools = Tools {
+        pgbouncer,
+        haproxy,
+        run_as,
     };
+    let result = measure(&mut cluster, &tools, &args, &shape, &tests, order);
+    cluster.stop_all();
     context.load_after = machine::load_average();
     if args.keep {
-        eprintln!("keeping {}", tmp.keep().display());
+        cluster.keep();
+        eprintln!("keeping {}", cluster.path().display());
     } else if result.is_err() {
         eprintln!("(run with --keep to look at the logs in the run directory)");
     }
+    drop(cluster);
     let Outcomes {
         samples,
         skipped,
@@ -234,7 +234,6 @@ pub fn run(args: ThroughputArgs) -> Result<()> {
 
 /// The programs a run uses besides pgbench and psql.
 struct Tools {
-    hapg: Hapg,
     pgbouncer: Option<PathBuf>,
     haproxy: Option<PathBuf>,
     /// uid/gid of the `postgres` OS user when running as root.
@@ -251,28 +250,29 @@ struct Outcomes {
 }
 
 fn measure(
-    sup: &mut Supervisor,
+    cluster: &mut Cluster,
     tools: &Tools,
     args: &ThroughputArgs,
     shape: &Shape,
     tests: &[Test],
     mut order: Vec<Target>,
 ) -> Result<Outcomes> {
-    let hapg = &tools.hapg;
-    let cluster = cluster::start(hapg, sup, DBNAME)?;
+    let (monitor_uri, node_port) = cluster::start_single(cluster)?;
     eprintln!("pgbench -i -s {}", args.scale);
-    cluster::initialize(&args.pg_bindir, cluster.node_port, DBNAME, args.scale)?;
+    cluster::initialize(&args.pg_bindir, node_port, DBNAME, args.scale)?;
+    let cluster: &Cluster = cluster;
     let env = Env {
-        dir: hapg.dir.clone(),
+        dir: cluster.path().to_path_buf(),
         pg_bindir: args.pg_bindir.clone(),
-        hapg: hapg.bin.clone(),
+        hapg: cluster.options().bin.clone(),
         pgbouncer: tools.pgbouncer.clone(),
         haproxy: tools.haproxy.clone(),
         run_as: tools.run_as,
-        monitor_uri: cluster.monitor_uri.clone(),
-        node_port: cluster.node_port,
+        monitor_uri,
+        node_port,
         dbname: DBNAME.into(),
         clients: args.clients,
+        pool_size: args.pool_size.unwrap_or(args.clients),
         router_settings: router_settings(args),
         node_socket_dir: (args.proxy_to_node == "unix")
             .then(|| PathBuf::from(hapg_keeper::postgres::SOCKET_DIR)),
@@ -315,7 +315,7 @@ fn measure(
             }
         ));
     }
-    if args.router_pool_mode.is_empty() && !router_pools(&env, sup)? {
+    if args.router_pool_mode.is_empty() && !router_pools(&env, cluster)? {
         notes.push(format!(
             "{NO_POOL}: one router row, without a [pool] section"
         ));
@@ -342,7 +342,7 @@ fn measure(
             continue;
         }
         eprintln!("starting {target}");
-        let running = match targets::start(target, &env, sup) {
+        let running = match targets::start(target, &env, cluster) {
             Ok(r) => r,
             Err(e) => {
                 procs::check_interrupted()?;
@@ -387,7 +387,7 @@ fn measure(
                 machine_cpu,
             });
         }
-        running.stop(sup);
+        running.stop(cluster);
     }
     Ok(Outcomes {
         samples,
@@ -399,11 +399,11 @@ fn measure(
 
 /// Whether the router accepts a `[pool]` section (started once and stopped).
 /// Other start failures count as yes: the router rows then report them.
-fn router_pools(env: &Env, sup: &mut Supervisor) -> Result<bool> {
+fn router_pools(env: &Env, cluster: &Cluster) -> Result<bool> {
     eprintln!("checking whether the router pools connections");
-    match targets::start(Target::Router(RouterPool::Session), env, sup) {
+    match targets::start(Target::Router(RouterPool::Session), env, cluster) {
         Ok(running) => {
-            running.stop(sup);
+            running.stop(cluster);
             Ok(true)
         }
         Err(e) => {
@@ -500,7 +500,7 @@ fn prepare(env: &Env, test: Test) -> Result<()> {
     if !out.status.success() {
         bail!("preparing the node failed: {}", out.both().trim());
     }
-    procs::sleep(Duration::from_secs(1))
+    Ok(procs::sleep(Duration::from_secs(1))?)
 }
 
 /// Runs pgbench; `Err` only for an interrupt or a failure to start it. A

@@ -3,6 +3,7 @@
 //! and nowhere else), and validation that names the offending key.
 
 pub mod conninfo;
+pub mod monitor_uri;
 pub mod router;
 
 use std::path::{Path, PathBuf};
@@ -225,6 +226,36 @@ pub struct NodeConfig {
     /// Timings (keepers).
     #[serde(default)]
     pub timeout: KeeperTimings,
+    /// The HTTP server of health checks and metrics (`hapg run`).
+    #[serde(default)]
+    pub http: HttpSection,
+}
+
+/// The `[http]` section: where `hapg run` serves its health endpoints and
+/// `/metrics` (docs/operations.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSection {
+    /// `ip:port` to listen on; empty (the default): no HTTP server. A
+    /// string rather than an address so that `config set http.listen ""`
+    /// turns the server off and the file always shows the key.
+    pub listen: String,
+}
+
+impl HttpSection {
+    /// The address to serve on, `None` when the server is off.
+    pub fn listen_addr(&self) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+        let text = self.listen.trim();
+        if text.is_empty() {
+            return Ok(None);
+        }
+        text.parse().map(Some).map_err(|_| {
+            invalid(
+                "http.listen",
+                format!("{text:?} is not an ip:port address (for instance 127.0.0.1:8008 or [::1]:8008), or empty for no HTTP server"),
+            )
+        })
+    }
 }
 
 fn default_formation() -> String {
@@ -332,6 +363,7 @@ impl NodeConfig {
                 }
             }
         }
+        self.http.listen_addr()?;
         self.timeout.validate()
     }
 
@@ -589,6 +621,7 @@ mod tests {
             ssl: SslConfig::self_signed(),
             replication: ReplicationSection::default(),
             timeout: KeeperTimings::default(),
+            http: HttpSection::default(),
         }
     }
 
@@ -655,6 +688,28 @@ mod tests {
         config.ssl.cert_file = None;
         let err = config.validate().expect_err("key alone");
         assert!(err.to_string().starts_with("ssl.cert_file"), "{err}");
+    }
+
+    #[test]
+    fn http_listen_is_optional_checked_and_named() {
+        let mut config = sample();
+        assert_eq!(config.http.listen_addr().expect("empty is off"), None);
+        config.http.listen = "127.0.0.1:8008".into();
+        let back = NodeConfig::parse(Path::new("hapg.toml"), &config.to_toml()).expect("parses");
+        assert_eq!(
+            back.http.listen_addr().expect("valid"),
+            Some("127.0.0.1:8008".parse().expect("address"))
+        );
+        for bad in ["localhost", "127.0.0.1", "1.2.3.4:99999"] {
+            config.http.listen = bad.into();
+            let err = config.validate().expect_err(bad);
+            assert!(err.to_string().starts_with("http.listen"), "{err}");
+        }
+        // A file written before [http] existed still loads, with the server off.
+        let old = sample().to_toml().replace("[http]\nlisten = \"\"\n", "");
+        assert!(!old.contains("[http]"), "{old}");
+        let back = NodeConfig::parse(Path::new("hapg.toml"), &old).expect("old file");
+        assert_eq!(back.http, HttpSection::default());
     }
 
     #[test]

@@ -6,13 +6,15 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use hapg_config::{
-    KeeperTimings, NodeConfig, NodeSection, PostgresSection, ReplicationSection, Role, SslConfig,
+    HttpSection, KeeperTimings, NodeConfig, NodeSection, PostgresSection, ReplicationSection, Role,
+    SslConfig,
 };
-use hapg_monitor::client::Registration;
+use hapg_monitor::client::{Registration, RequestKind};
 use hapg_monitor::schema::{self, MONITOR_DBNAME, MONITOR_ROLE};
 use hapg_monitor::MonitorClient;
 
 use crate::error::KeeperError;
+use crate::keeper::{self, Exit, RunMode, Shutdown};
 use crate::paths::NodePaths;
 use crate::postgres::{postgres_escape_identifier, LocalPostgres, OsUser};
 use crate::state_file::KeeperState;
@@ -40,6 +42,9 @@ pub struct InstanceOptions {
     pub bindir: PathBuf,
     /// Superuser name.
     pub username: String,
+    /// `http.listen`: where `hapg run` serves health checks and metrics
+    /// (empty: nowhere).
+    pub http_listen: String,
 }
 
 /// The node-specific part of `create postgres`.
@@ -181,6 +186,9 @@ fn config_for(opts: &InstanceOptions, role: Role) -> NodeConfig {
         ssl: opts.ssl.clone(),
         replication: ReplicationSection::default(),
         timeout: KeeperTimings::default(),
+        http: HttpSection {
+            listen: opts.http_listen.clone(),
+        },
     }
 }
 
@@ -386,6 +394,67 @@ pub async fn create_node(
     paths.create_dirs()?;
     crate::paths::write_atomic(&paths.config, config.to_toml().as_bytes())?;
     KeeperState::new(registered.node_id, registered.group_id).save(&paths.state)?;
-    tracing::info!(node = registered.node_id, name = %registered.name, "registered with the monitor");
+    tracing::info!(node_id = registered.node_id, name = %registered.name, "registered with the monitor");
     Ok(paths)
+}
+
+/// How long each step of undoing a failed `create postgres` may take.
+const UNDO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Undoes a `create postgres` whose initialisation failed ([`Exit::InitFailed`]):
+/// the monitor drops the node through the same request and keeper transition
+/// as `hapg drop node`, so the rest of the group is put back as after any
+/// drop (a primary waiting for this standby returns to `single`); then what
+/// the create wrote goes: the data directory (emptied if it `existed` before,
+/// its server log kept as `<pgdata>.postgres.log`), pg_basebackup's staging
+/// directory, and the node's configuration and state files. Returns the kept
+/// log, if there was one.
+pub async fn undo_node(paths: &NodePaths, existed: bool) -> Result<Option<PathBuf>, KeeperError> {
+    let config = NodeConfig::load(&paths.config)?;
+    let mut monitor = MonitorClient::connect_with_retry(&config.node.monitor, UNDO_TIMEOUT).await?;
+    let node = monitor.node(config.node.node_id).await?;
+    monitor
+        .request(
+            &node.formation,
+            node.group_id,
+            Some(node.node_id),
+            RequestKind::Drop,
+            UNDO_TIMEOUT,
+        )
+        .await?;
+    let shutdown = Shutdown::default();
+    let run = keeper::run(paths.clone(), RunMode::Forever, shutdown.clone());
+    tokio::pin!(run);
+    let exit = tokio::select! {
+        exit = &mut run => exit?,
+        () = tokio::time::sleep(UNDO_TIMEOUT) => {
+            shutdown.token.cancel();
+            run.await?;
+            return Err(KeeperError::Refused(format!(
+                "the monitor did not drop node {} within {} s",
+                node.name,
+                UNDO_TIMEOUT.as_secs()
+            )));
+        }
+    };
+    if exit != Exit::Dropped {
+        return Err(KeeperError::Refused(format!(
+            "the keeper stopped ({exit:?}) before the monitor dropped node {}",
+            node.name
+        )));
+    }
+    let pg = LocalPostgres::from_config(&config)?;
+    let kept = if pg.pgdata.exists() {
+        pg.remove_failed(existed).await?
+    } else {
+        None
+    };
+    for leftover in ["hapg-basebackup", "hapg-old"] {
+        let dir = pg.pgdata.with_extension(leftover);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(|e| KeeperError::io(&dir, e))?;
+        }
+    }
+    paths.remove_all();
+    Ok(kept)
 }

@@ -11,11 +11,13 @@ use hapg_config::NodeConfig;
 use hapg_monitor::client::{NodeReport, NodeRow};
 use hapg_monitor::fsm::{self, GroupView};
 use hapg_monitor::{MonitorClient, MonitorError, NodeState};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::error::KeeperError;
 use crate::liveness::Liveness;
+use crate::node_status::NodeStatus;
 use crate::paths::NodePaths;
 use crate::postgres::{LocalPostgres, Observation, StopMode, Upstream};
 use crate::rejoin::{self, Failed, LocalRole, LocalWal, Lsn, Rejoin, Timeline};
@@ -43,7 +45,7 @@ pub enum RunMode {
 }
 
 /// Why the keeper loop ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Exit {
     /// Shut down on request.
     Stopped,
@@ -51,7 +53,17 @@ pub enum Exit {
     Initialized,
     /// The monitor dropped this node.
     Dropped,
+    /// The node's initialisation kept failing for [`INIT_GIVE_UP`]
+    /// (RunMode::UntilInitialized): `hapg create` undoes it and says why.
+    InitFailed(String),
 }
+
+/// How long `hapg create` (without `--run`) retries a failing
+/// initialisation (initdb, pg_basebackup, the first start) before giving up:
+/// long enough for what passes by itself (a primary restarting to apply the
+/// new standby's pg_hba entry), short enough that a wrong password or an
+/// unreachable host is reported rather than retried forever.
+pub const INIT_GIVE_UP: Duration = Duration::from_secs(15);
 
 /// Monitor calls from the keeper's loop give up after this long: a monitor that
 /// does not answer is treated like one that is gone.
@@ -68,7 +80,45 @@ pub async fn run(paths: NodePaths, mode: RunMode, shutdown: Shutdown) -> Result<
     let config = NodeConfig::load(&paths.config)?;
     let pg = LocalPostgres::from_config(&config)?;
     let state = KeeperState::load(&paths.state)?;
+    // The HTTP server runs with `hapg run` only, and fails its start when
+    // its address is taken: a health check that never answers would look
+    // like a node that is down.
+    let http_listen = match mode {
+        RunMode::Forever => config.http.listen_addr()?,
+        RunMode::UntilInitialized => None,
+    };
+    let status = match http_listen {
+        Some(addr) => {
+            let listener = crate::http::bind(addr).await?;
+            let (sender, receiver) = watch::channel(NodeStatus::starting(
+                config.timeout.network_partition_timeout(),
+                liveness_deadline(&config),
+            ));
+            tokio::spawn(
+                crate::http::serve(
+                    listener,
+                    crate::http::Endpoints::Node(receiver),
+                    shutdown.token.clone(),
+                )
+                .in_current_span(),
+            );
+            tokio::spawn(
+                poll_monitor_health(
+                    config.node.monitor.clone(),
+                    state.node_id,
+                    sender.clone(),
+                    shutdown.token.clone(),
+                )
+                .in_current_span(),
+            );
+            Some(sender)
+        }
+        None => None,
+    };
     let mut keeper = Keeper {
+        status,
+        last_report: None,
+        observed_at: Instant::now(),
         config,
         paths,
         pg,
@@ -82,8 +132,10 @@ pub async fn run(paths: NodePaths, mode: RunMode, shutdown: Shutdown) -> Result<
         monitor_heard: Instant::now(),
         standby_heard: Instant::now(),
         rejoin_failed: Failed::Nothing,
+        init_failing_since: None,
+        transition_error: None,
     };
-    let span = tracing::info_span!("keeper", node = keeper.state.node_id);
+    let span = tracing::info_span!("keeper", node_id = keeper.state.node_id);
     let exit = keeper.main_loop(mode, &shutdown).instrument(span).await?;
     if exit != Exit::Initialized && !shutdown.keep_postgres.load(Ordering::Relaxed) {
         let how = if shutdown.immediate.load(Ordering::Relaxed) {
@@ -99,7 +151,58 @@ pub async fn run(paths: NodePaths, mode: RunMode, shutdown: Shutdown) -> Result<
     Ok(exit)
 }
 
+/// `/liveness` fails when the keeper's loop has not observed Postgres for
+/// this long: several report intervals, and never under 10 s (a transition
+/// such as a rewind holds the loop for a while).
+fn liveness_deadline(config: &NodeConfig) -> Duration {
+    (config.timeout.report_interval() * 4).max(Duration::from_secs(10))
+}
+
+/// How often the HTTP server asks the monitor for this node's health.
+const MONITOR_HEALTH_POLL: Duration = Duration::from_secs(1);
+
+/// Reads this node's health as the monitor last concluded, for `/metrics`
+/// and `/state`, on a connection of its own: never on the keeper's loop.
+async fn poll_monitor_health(
+    uri: String,
+    node_id: i64,
+    status: watch::Sender<NodeStatus>,
+    token: CancellationToken,
+) {
+    let mut client: Option<MonitorClient> = None;
+    while !token.is_cancelled() {
+        let read = tokio::time::timeout(MONITOR_CALL_TIMEOUT, async {
+            if client.as_ref().is_none_or(MonitorClient::is_closed) {
+                client = Some(MonitorClient::connect(&uri).await?);
+            }
+            match &client {
+                Some(c) => c.node(node_id).await.map(|row| row.health),
+                None => Err(MonitorError::NoSuchNode(node_id)),
+            }
+        })
+        .await;
+        let health = match read {
+            Ok(Ok(health)) => Some(health),
+            _ => {
+                client = None;
+                None
+            }
+        };
+        status.send_modify(|s| s.monitor_health = health);
+        tokio::select! {
+            _ = token.cancelled() => {}
+            _ = tokio::time::sleep(MONITOR_HEALTH_POLL) => {}
+        }
+    }
+}
+
 struct Keeper {
+    /// Where the HTTP endpoints read the latest observation (`http.listen`).
+    status: Option<watch::Sender<NodeStatus>>,
+    /// When the monitor last answered a report.
+    last_report: Option<Instant>,
+    /// When the latest observation of Postgres was made.
+    observed_at: Instant,
     config: NodeConfig,
     paths: NodePaths,
     pg: LocalPostgres,
@@ -120,9 +223,27 @@ struct Keeper {
     /// What failed in the current attempt to rejoin the primary: the next try
     /// escalates (streaming, then pg_rewind, then pg_basebackup).
     rejoin_failed: Failed,
+    /// Since when the initialisation has been failing (`hapg create`).
+    init_failing_since: Option<Instant>,
+    /// The last transition's error, if it failed.
+    transition_error: Option<String>,
 }
 
 impl Keeper {
+    /// After a transition of a node being created: the error to give up
+    /// with once its initialisation has failed for [`INIT_GIVE_UP`].
+    fn init_gave_up(&mut self, moved: bool) -> Option<String> {
+        let failed = match &self.transition_error {
+            Some(error) if !moved => error.clone(),
+            _ => {
+                self.init_failing_since = None;
+                return None;
+            }
+        };
+        let since = *self.init_failing_since.get_or_insert_with(Instant::now);
+        (since.elapsed() >= INIT_GIVE_UP).then_some(failed)
+    }
+
     async fn main_loop(&mut self, mode: RunMode, shutdown: &Shutdown) -> Result<Exit, KeeperError> {
         let interval = self.config.timeout.report_interval();
         tracing::info!(state = %self.state.current, "keeper started");
@@ -131,6 +252,7 @@ impl Keeper {
                 return Ok(Exit::Stopped);
             }
             let observation = self.pg.observe().await;
+            self.observed_at = Instant::now();
             if observation.running {
                 // A detached standby keeps the timeline it last streamed on:
                 // its checkpoint's timeline can lag behind.
@@ -152,6 +274,7 @@ impl Keeper {
                     }
                 }
             }
+            self.publish(&observation);
             let goal = match self.report_until_fence(&observation).await {
                 Ok(goal) => Some(goal),
                 Err(KeeperError::Monitor(MonitorError::NoSuchNode(_)))
@@ -168,10 +291,18 @@ impl Keeper {
                 }
             };
 
+            // The goal just received: a primary told to stop taking writes
+            // fails /primary now, before the transition runs.
+            self.publish(&observation);
             let mut moved = false;
             if let Some(goal) = goal {
                 if goal != self.state.current {
                     moved = self.transition_to(goal).await;
+                    if mode == RunMode::UntilInitialized {
+                        if let Some(error) = self.init_gave_up(moved) {
+                            return Ok(Exit::InitFailed(error));
+                        }
+                    }
                 } else if let Err(e) = self.ensure_current_state(&observation).await {
                     self.log_error(format!("keeping {} failed: {e}", self.state.current));
                 }
@@ -182,6 +313,7 @@ impl Keeper {
                 }
             }
             self.state.save(&self.paths.state)?;
+            self.publish(&observation);
 
             if mode == RunMode::UntilInitialized
                 && !matches!(self.state.current, NodeState::Init | NodeState::WaitStandby)
@@ -224,6 +356,47 @@ impl Keeper {
             next = next.min(last_report.max(Duration::from_millis(10)));
         }
         next
+    }
+
+    /// Hands the HTTP endpoints what the keeper knows now. A state the
+    /// keeper reached since `observation` was made (a fence, a demotion)
+    /// counts as Postgres no longer trusted writable: `/primary` needs the
+    /// observation and the current state to agree.
+    fn publish(&self, observation: &Observation) {
+        let Some(status) = &self.status else {
+            return;
+        };
+        // What runs, not what is reported: a primary being restarted in
+        // place is reported running for a while, but is not up.
+        let running = Liveness::of(observation.running, self.pg.postmaster_pid()).running();
+        let fresh = NodeStatus {
+            node_id: self.state.node_id,
+            name: self.config.node.name.clone(),
+            formation: self.config.node.formation.clone(),
+            reported: self.state.current,
+            assigned: self.state.assigned,
+            postgres_running: running,
+            in_recovery: observation.running.then_some(observation.in_recovery),
+            streaming: observation.upstream_streaming,
+            lsn: self.last_lsn,
+            timeline: self.last_tli,
+            lag_bytes: observation.replay_lag_bytes,
+            lag: observation
+                .replay_delay
+                .map(|delay| delay.max(observation.upstream_silence.unwrap_or_default())),
+            observed_at: self.observed_at,
+            last_report: self.last_report,
+            monitor_health: None,
+            fence_timeout: self.config.timeout.network_partition_timeout(),
+            liveness_deadline: liveness_deadline(&self.config),
+        };
+        status.send_modify(|s| {
+            let health = s.monitor_health;
+            *s = NodeStatus {
+                monitor_health: health,
+                ..fresh
+            };
+        });
     }
 
     fn log_error(&mut self, message: String) {
@@ -321,6 +494,7 @@ impl Keeper {
             .await
             .map_err(|_| KeeperError::Timeout("reporting to the monitor".into()))??;
         self.confirmed = true;
+        self.last_report = Some(Instant::now());
         self.state.last_monitor_contact = unix_now();
         self.monitor_heard = Instant::now();
         self.state.group_id = assigned.group_id;
@@ -395,6 +569,11 @@ impl Keeper {
                 "cannot reach the monitor nor any standby for timeout.network_partition_timeout_ms ({} ms): fencing this primary (demote_timeout)",
                 timeout.as_millis()
             );
+            // The health checks stop naming this node the primary before
+            // Postgres stops, not after.
+            if let Some(status) = &self.status {
+                status.send_modify(|s| s.reported = NodeState::DemoteTimeout);
+            }
             self.pg.stop(StopMode::Fast).await?;
             self.state.current = NodeState::DemoteTimeout;
             self.state.save(&self.paths.state)?;
@@ -406,7 +585,9 @@ impl Keeper {
     async fn transition_to(&mut self, goal: NodeState) -> bool {
         let from = self.state.current;
         let Some(action) = transition(from, goal) else {
-            self.log_error(format!("{}", KeeperError::NoTransition { from, to: goal }));
+            let error = KeeperError::NoTransition { from, to: goal }.to_string();
+            self.log_error(error.clone());
+            self.transition_error = Some(error);
             return false;
         };
         let span = tracing::info_span!("transition", %from, to = %goal, ?action);
@@ -421,6 +602,7 @@ impl Keeper {
                 );
                 self.state.current = goal;
                 self.last_error = None;
+                self.transition_error = None;
                 self.rejoin_failed = Failed::Nothing;
                 if let Err(e) = self.state.save(&self.paths.state) {
                     tracing::error!(error = %e, "cannot write the state file");
@@ -432,6 +614,7 @@ impl Keeper {
                 self.log_error(format!(
                     "transition {from} -> {goal} failed, will retry: {e}"
                 ));
+                self.transition_error = Some(format!("{from} -> {goal}: {e}"));
                 false
             }
         }

@@ -3,9 +3,13 @@
 
 pub mod create;
 pub mod error;
+pub mod http;
 pub mod keeper;
 pub mod liveness;
+pub mod metrics;
 pub mod monitor_node;
+pub mod monitor_status;
+pub mod node_status;
 pub mod paths;
 pub mod pidfile;
 pub mod postgres;

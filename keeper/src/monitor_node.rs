@@ -5,10 +5,13 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use hapg_config::{MonitorTimings, NodeConfig};
+use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::create::monitor_local_conninfo;
 use crate::error::KeeperError;
 use crate::keeper::Shutdown;
+use crate::monitor_status::MonitorStatus;
 use crate::paths::NodePaths;
 use crate::postgres::{LocalPostgres, StopMode};
 
@@ -19,6 +22,11 @@ pub async fn run(
     shutdown: Shutdown,
 ) -> Result<(), KeeperError> {
     let config = NodeConfig::load(&paths.config)?;
+    // Bound before anything starts: an address in use fails `hapg run` at once.
+    let http = match config.http.listen_addr()? {
+        Some(addr) => Some(crate::http::bind(addr).await?),
+        None => None,
+    };
     let pg = LocalPostgres::from_config(&config)?;
     pg.write_config(&[("cluster_name", "'hapg monitor'".to_string())])?;
     pg.start().await?;
@@ -40,6 +48,25 @@ pub async fn run(
             }
         })
     };
+    if let Some(listener) = http {
+        let (sender, receiver) = watch::channel(MonitorStatus::starting());
+        tokio::spawn(
+            crate::monitor_status::poll(
+                monitor_local_conninfo(&config),
+                sender,
+                shutdown.token.clone(),
+            )
+            .in_current_span(),
+        );
+        tokio::spawn(
+            crate::http::serve(
+                listener,
+                crate::http::Endpoints::Monitor(receiver),
+                shutdown.token.clone(),
+            )
+            .in_current_span(),
+        );
+    }
     let result = hapg_monitor::service::run(
         &monitor_local_conninfo(&config),
         timings,

@@ -156,6 +156,12 @@ pub struct Observation {
     pub standby_reply_age: Option<Duration>,
     /// `synchronous_standby_names` in force.
     pub synchronous_standby_names: String,
+    /// A standby's replay distance behind the end of the primary's WAL as
+    /// its walsender last told it (`latest_end_lsn`), in bytes.
+    pub replay_lag_bytes: Option<u64>,
+    /// A standby's replay delay: none when it has replayed all it received,
+    /// else the age of the last transaction it replayed.
+    pub replay_delay: Option<Duration>,
 }
 
 /// The local instance and how to drive it.
@@ -704,7 +710,15 @@ impl LocalPostgres {
                         -- last_msg_receipt_time is stamped on every message from
                         -- the walsender, keepalives included (pg_stat_wal_receiver).
                         (SELECT extract(epoch FROM clock_timestamp() - last_msg_receipt_time)::float8
-                           FROM pg_stat_wal_receiver WHERE status = 'streaming')",
+                           FROM pg_stat_wal_receiver WHERE status = 'streaming'),
+                        -- For the health endpoints' ?lag= (docs/operations.md).
+                        (SELECT greatest(latest_end_lsn - pg_last_wal_replay_lsn(), 0)::float8
+                           FROM pg_stat_wal_receiver WHERE status = 'streaming'),
+                        CASE WHEN pg_is_in_recovery() THEN
+                             CASE WHEN pg_last_wal_receive_lsn() <= pg_last_wal_replay_lsn() THEN 0
+                                  ELSE extract(epoch FROM clock_timestamp()
+                                               - pg_last_xact_replay_timestamp())::float8 END
+                        END",
                 &[&REPLICATION_ROLE],
             )
             .await?;
@@ -725,6 +739,12 @@ impl LocalPostgres {
             synchronous_standby_names: row.try_get(7)?,
             upstream_silence: row
                 .try_get::<_, Option<f64>>(8)?
+                .map(|seconds| Duration::from_secs_f64(seconds.max(0.0))),
+            replay_lag_bytes: row
+                .try_get::<_, Option<f64>>(9)?
+                .map(|bytes| bytes.max(0.0) as u64),
+            replay_delay: row
+                .try_get::<_, Option<f64>>(10)?
                 .map(|seconds| Duration::from_secs_f64(seconds.max(0.0))),
         })
     }

@@ -12,7 +12,7 @@ use crate::pgconn::redact_uri;
 use crate::store::etcd::EtcdStore;
 use crate::store::postgres::PgStore;
 use crate::store::{
-    Change, ChangeFeed, Channel, GoalEvent, MonitorStore, NewRequest, RequestStatus,
+    Change, ChangeFeed, Channel, GoalEvent, MonitorStore, NewRequest, PrimaryChange, RequestStatus,
     RouterRegistration, RouterRow, Routing,
 };
 
@@ -205,6 +205,12 @@ impl MonitorClient {
     /// oldest first (for the invariant checker).
     pub async fn goal_history(&self) -> Result<Vec<GoalEvent>, MonitorError> {
         self.store.goal_history().await
+    }
+
+    /// Every completed change of primary with its duration, oldest first
+    /// (the monitor's `/metrics`).
+    pub async fn primary_changes(&self) -> Result<Vec<PrimaryChange>, MonitorError> {
+        self.store.primary_changes().await
     }
 
     /// The monitor's clock, `YYYY-MM-DD HH:MM:SS`.

@@ -330,11 +330,11 @@ impl Decider {
         match write {
             GroupWrite::Assign { assignments, .. } => {
                 for a in assignments {
-                    tracing::info!(node = a.node_id, goal = %a.goal, "{}", a.reason);
+                    tracing::info!(node_id = a.node_id, goal = %a.goal, "{}", a.reason);
                 }
                 self.holds.remove(&(formation.to_string(), group));
             }
-            GroupWrite::Remove { node_id, reason } => tracing::info!(node = node_id, "{reason}"),
+            GroupWrite::Remove { node_id, reason } => tracing::info!(node_id, "{reason}"),
             GroupWrite::SetNumberSyncStandbys { reason, .. } => {
                 tracing::info!(formation, "{reason}")
             }
@@ -402,7 +402,7 @@ fn log_answer(request: &PendingRequest, answer: &RequestAnswer) {
         }
         RequestAnswer::Assign { assignments, .. } => {
             for a in assignments {
-                tracing::info!(node = a.node_id, goal = %a.goal, "{}", a.reason);
+                tracing::info!(node_id = a.node_id, goal = %a.goal, "{}", a.reason);
             }
         }
         RequestAnswer::Setting { .. } | RequestAnswer::StartSwitchover { .. } => {}

@@ -18,10 +18,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 
 use crate::net::{self, Stream};
-use crate::pool::PoolId;
+use crate::params::{set_shared_param, Params};
 use crate::protocol::backend::{parse_error, parse_parameter_status, ErrorFields};
 use crate::protocol::frame;
+use crate::protocol::tag::backend as tag;
 use crate::protocol::ProtocolError;
+use crate::slots::{NodeSlot, PoolId};
 
 /// Largest message the router accepts from a server outside the relay.
 const MAX_SERVER_MESSAGE: usize = 1 << 30;
@@ -114,42 +116,12 @@ pub struct ServerConn {
     /// The pool slot the connection holds (none outside a pool).
     pub permit: Option<tokio::sync::OwnedSemaphorePermit>,
     /// The router-wide slot the connection holds towards its node (none
-    /// outside a pool), see [`crate::pool::NodeSlot`].
-    pub node_slot: Option<crate::pool::NodeSlot>,
+    /// outside a pool), see [`NodeSlot`].
+    pub node_slot: Option<NodeSlot>,
     /// Named prepared statements on this connection (transaction pooling):
     /// name and Parse frame. Every statement the server has is here; an entry
     /// whose frame is empty may or may not exist on the server.
     pub prepared: HashMap<Box<[u8]>, Bytes>,
-}
-
-/// Reported parameters (ParameterStatus), shared: a session, its server
-/// connection and the router's last-seen copy point at one list until one of
-/// them changes, so a login does not copy it.
-pub type Params = Arc<Vec<(String, String)>>;
-
-/// Sets `name` to `value` in `params` (added when missing).
-pub fn set_param(params: &mut Vec<(String, String)>, name: &str, value: &str) {
-    match params.iter_mut().find(|(k, _)| k == name) {
-        Some(slot) => {
-            if slot.1 != value {
-                slot.1 = value.to_string();
-            }
-        }
-        None => params.push((name.to_string(), value.to_string())),
-    }
-}
-
-/// True when `a` and `b` hold the same settings, in any order (a list names
-/// each setting once).
-pub fn same_params(a: &[(String, String)], b: &[(String, String)]) -> bool {
-    a.len() == b.len() && a.iter().all(|pair| b.contains(pair))
-}
-
-/// [`set_param`] on a shared list, copied first only when it changes.
-pub fn set_shared_param(params: &mut Params, name: &str, value: &str) {
-    if !params.iter().any(|(k, v)| k == name && v == value) {
-        set_param(Arc::make_mut(params), name, value);
-    }
 }
 
 impl ServerConn {
@@ -160,7 +132,7 @@ impl ServerConn {
         tls: &Arc<rustls::ClientConfig>,
         liveness: &net::Liveness,
         timeout: Duration,
-    ) -> Result<ServerConn, ServerError> {
+    ) -> Result<Box<ServerConn>, ServerError> {
         tokio::time::timeout(timeout, Self::connect_inner(target, login, tls, liveness))
             .await
             .map_err(|_| ServerError::Timeout(timeout))?
@@ -171,7 +143,7 @@ impl ServerConn {
         login: &Login,
         tls: &Arc<rustls::ClientConfig>,
         liveness: &net::Liveness,
-    ) -> Result<ServerConn, ServerError> {
+    ) -> Result<Box<ServerConn>, ServerError> {
         let addrs: Vec<SocketAddr> = tokio::net::lookup_host((&*target.host, target.port))
             .await?
             .collect();
@@ -191,7 +163,10 @@ impl ServerConn {
                 )
             }
         };
-        let mut conn = ServerConn {
+        // Boxed: a connection moves between a session and its pool at
+        // every transaction boundary in transaction mode, and a pointer
+        // moves without a copy of the struct.
+        let mut conn = Box::new(ServerConn {
             stream,
             buf: BytesMut::with_capacity(net::READ_CHUNK),
             epoch: target.epoch,
@@ -206,7 +181,7 @@ impl ServerConn {
             permit: None,
             node_slot: None,
             prepared: HashMap::new(),
-        };
+        });
         conn.login(login).await?;
         conn.opened = conn.params.clone();
         match conn.param("in_hot_standby") {
@@ -256,91 +231,18 @@ impl ServerConn {
         loop {
             let (tag, body) = self.read_message().await?;
             match tag {
-                b'R' => {
-                    let mut body = body;
-                    if body.len() < 4 {
-                        return Err(ProtocolError::Malformed {
-                            what: "Authentication",
-                        }
-                        .into());
-                    }
-                    let code = body.get_i32();
+                tag::AUTHENTICATION => {
                     out.clear();
-                    let password = || {
-                        login.password.as_deref().ok_or_else(|| {
-                            ServerError::Auth(format!(
-                                "the server asks a password for user {:?}; set server.password or give the user a plain-text password in the auth file",
-                                login.user
-                            ))
-                        })
-                    };
-                    match code {
-                        0 => continue,
-                        3 => frontend::password_message(password()?.as_bytes(), &mut out)?,
-                        5 => {
-                            let salt: [u8; 4] =
-                                body[..].try_into().map_err(|_| ProtocolError::Malformed {
-                                    what: "AuthenticationMD5Password",
-                                })?;
-                            let hash = postgres_protocol::authentication::md5_hash(
-                                login.user.as_bytes(),
-                                password()?.as_bytes(),
-                                salt,
-                            );
-                            frontend::password_message(hash.as_bytes(), &mut out)?;
-                        }
-                        10 => {
-                            if !body[..].split(|&b| b == 0).any(|m| m == b"SCRAM-SHA-256") {
-                                return Err(ServerError::Auth(
-                                    "the server offers no SASL mechanism the router supports"
-                                        .into(),
-                                ));
-                            }
-                            let client = ScramSha256::new(
-                                password()?.as_bytes(),
-                                ChannelBinding::unsupported(),
-                            );
-                            frontend::sasl_initial_response(
-                                "SCRAM-SHA-256",
-                                client.message(),
-                                &mut out,
-                            )?;
-                            scram = Some(client);
-                        }
-                        11 => {
-                            let client = scram.as_mut().ok_or(ProtocolError::Unexpected {
-                                tag: 'R',
-                                during: "login (SASL continue without SASL)",
-                            })?;
-                            client
-                                .update(&body)
-                                .map_err(|e| ServerError::Auth(format!("SCRAM: {e}")))?;
-                            frontend::sasl_response(client.message(), &mut out)?;
-                        }
-                        12 => {
-                            let mut client = scram.take().ok_or(ProtocolError::Unexpected {
-                                tag: 'R',
-                                during: "login (SASL final without SASL)",
-                            })?;
-                            client
-                                .finish(&body)
-                                .map_err(|e| ServerError::Auth(format!("SCRAM: {e}")))?;
-                            continue;
-                        }
-                        other => {
-                            return Err(ServerError::Auth(format!(
-                                "unsupported authentication request {other}"
-                            )))
-                        }
+                    if answer_auth(login, body, &mut scram, &mut out)? {
+                        self.stream.write_all(&out).await?;
                     }
-                    self.stream.write_all(&out).await?;
                 }
-                b'S' => {
+                tag::PARAMETER_STATUS => {
                     if let Some((name, value)) = parse_parameter_status(&body) {
                         set_shared_param(&mut self.params, name, value);
                     }
                 }
-                b'K' => {
+                tag::BACKEND_KEY_DATA => {
                     let mut body = body;
                     if body.len() < 8 {
                         return Err(ProtocolError::Malformed {
@@ -351,9 +253,9 @@ impl ServerConn {
                     self.pid = body.get_i32();
                     self.secret = body.get_i32();
                 }
-                b'E' => return Err(ServerError::Refused(parse_error(&body))),
-                b'N' => {}
-                b'Z' => return Ok(()),
+                tag::ERROR_RESPONSE => return Err(ServerError::Refused(parse_error(&body))),
+                tag::NOTICE_RESPONSE => {}
+                tag::READY_FOR_QUERY => return Ok(()),
                 other => {
                     return Err(ProtocolError::Unexpected {
                         tag: other as char,
@@ -403,7 +305,7 @@ impl ServerConn {
         loop {
             let (tag, body) = self.read_message().await?;
             match tag {
-                b'D' => {
+                tag::DATA_ROW => {
                     let mut body = body;
                     if body.len() >= 6 && body.get_i16() >= 1 {
                         let len = body.get_i32();
@@ -412,19 +314,19 @@ impl ServerConn {
                         }
                     }
                 }
-                b'S' => {
+                tag::PARAMETER_STATUS => {
                     if let Some((name, value)) = parse_parameter_status(&body) {
                         set_shared_param(&mut self.params, name, value);
                     }
                 }
-                b'E' => {
+                tag::ERROR_RESPONSE => {
                     let fields = parse_error(&body);
                     if fields.is_fatal() {
                         return Err(ServerError::Refused(fields));
                     }
                     failure.get_or_insert(fields);
                 }
-                b'Z' => {
+                tag::READY_FOR_QUERY => {
                     return match failure {
                         Some(fields) => Err(ServerError::Refused(fields)),
                         None => Ok(rows),
@@ -457,7 +359,7 @@ impl ServerConn {
     }
 
     /// Says goodbye (Terminate) without waiting.
-    pub async fn terminate(mut self) {
+    pub async fn terminate(mut self: Box<Self>) {
         let mut out = BytesMut::new();
         frontend::terminate(&mut out);
         let _ = tokio::time::timeout(Duration::from_millis(100), async {
@@ -466,6 +368,83 @@ impl ServerConn {
         })
         .await;
     }
+}
+
+/// Answers one Authentication request of the server's (`body` after the
+/// tag) into `out`: true when there is an answer to send, false when the
+/// request needs none (AuthenticationOk, SASL final).
+fn answer_auth(
+    login: &Login,
+    mut body: BytesMut,
+    scram: &mut Option<ScramSha256>,
+    out: &mut BytesMut,
+) -> Result<bool, ServerError> {
+    if body.len() < 4 {
+        return Err(ProtocolError::Malformed {
+            what: "Authentication",
+        }
+        .into());
+    }
+    let code = body.get_i32();
+    let password = || {
+        login.password.as_deref().ok_or_else(|| {
+            ServerError::Auth(format!(
+                "the server asks a password for user {:?}; set server.password or give the user a plain-text password in the auth file",
+                login.user
+            ))
+        })
+    };
+    match code {
+        0 => return Ok(false),
+        3 => frontend::password_message(password()?.as_bytes(), out)?,
+        5 => {
+            let salt: [u8; 4] = body[..].try_into().map_err(|_| ProtocolError::Malformed {
+                what: "AuthenticationMD5Password",
+            })?;
+            let hash = postgres_protocol::authentication::md5_hash(
+                login.user.as_bytes(),
+                password()?.as_bytes(),
+                salt,
+            );
+            frontend::password_message(hash.as_bytes(), out)?;
+        }
+        10 => {
+            if !body[..].split(|&b| b == 0).any(|m| m == b"SCRAM-SHA-256") {
+                return Err(ServerError::Auth(
+                    "the server offers no SASL mechanism the router supports".into(),
+                ));
+            }
+            let client = ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported());
+            frontend::sasl_initial_response("SCRAM-SHA-256", client.message(), out)?;
+            *scram = Some(client);
+        }
+        11 => {
+            let client = scram.as_mut().ok_or(ProtocolError::Unexpected {
+                tag: 'R',
+                during: "login (SASL continue without SASL)",
+            })?;
+            client
+                .update(&body)
+                .map_err(|e| ServerError::Auth(format!("SCRAM: {e}")))?;
+            frontend::sasl_response(client.message(), out)?;
+        }
+        12 => {
+            let mut client = scram.take().ok_or(ProtocolError::Unexpected {
+                tag: 'R',
+                during: "login (SASL final without SASL)",
+            })?;
+            client
+                .finish(&body)
+                .map_err(|e| ServerError::Auth(format!("SCRAM: {e}")))?;
+            return Ok(false);
+        }
+        other => {
+            return Err(ServerError::Auth(format!(
+                "unsupported authentication request {other}"
+            )))
+        }
+    }
+    Ok(true)
 }
 
 /// Connects to the Unix socket in `dir` of the server at `addrs` when that
@@ -553,26 +532,6 @@ pub async fn send_cancel(addr: SocketAddr, pid: i32, secret: i32) -> std::io::Re
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn list(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
-
-    #[test]
-    fn the_same_settings_in_another_order_are_the_same_params() {
-        let zone_first = list(&[("TimeZone", "UTC"), ("DateStyle", "ISO, MDY")]);
-        let style_first = list(&[("DateStyle", "ISO, MDY"), ("TimeZone", "UTC")]);
-        assert!(same_params(&zone_first, &style_first));
-        let other_zone = list(&[("DateStyle", "ISO, MDY"), ("TimeZone", "Etc/UTC")]);
-        assert!(!same_params(&zone_first, &other_zone));
-        // One list holding the other and more is not the same.
-        let more = list(&[("DateStyle", "ISO, MDY"), ("TimeZone", "UTC"), ("a", "b")]);
-        assert!(!same_params(&zone_first, &more));
-        assert!(!same_params(&more, &zone_first));
-    }
 
     #[test]
     fn this_machine_is_loopback_and_the_addresses_bound_here() {

@@ -10,6 +10,11 @@ use std::time::{Duration, Instant};
 
 use support::*;
 
+/// How long an acknowledgement may take when nothing holds the drain: far
+/// more than a busy machine needs, far less than the drain timeout (120 s)
+/// the tests that use it set, so that an ack within it is not the timeout's.
+const ACK_BOUND: Duration = Duration::from_secs(30);
+
 fn code(e: &tokio_postgres::Error) -> String {
     e.code()
         .map(|c| c.code().to_string())
@@ -76,7 +81,14 @@ async fn wait_routed_epoch(monitor: &Monitor, epoch: i64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_waits_for_an_open_transaction_to_commit_before_acknowledging() {
-    let c = Cluster::start(true, "pause_timeout_ms = 20000", "").await;
+    // A drain timeout far beyond the bound below: an ack within the bound
+    // comes from the commit, never from the timeout's cut.
+    let c = Cluster::start(
+        true,
+        "pause_timeout_ms = 60000\ndrain_timeout_ms = 120000",
+        "",
+    )
+    .await;
     let b_port = c.b.as_ref().expect("b").port;
     let admin = c.a.connect("postgres").await;
     admin
@@ -111,12 +123,8 @@ async fn drain_waits_for_an_open_transaction_to_commit_before_acknowledging() {
     open.batch_execute("COMMIT")
         .await
         .expect("commit during the drain");
-    let acked_after = c.monitor.wait_drain_acked(Duration::from_secs(5)).await;
+    let acked_after = c.monitor.wait_drain_acked(ACK_BOUND).await;
     eprintln!("drain acknowledged {acked_after:?} after the commit");
-    assert!(
-        acked_after < Duration::from_secs(3),
-        "ack took {acked_after:?}"
-    );
     let count: i64 = admin
         .query_one("SELECT count(*) FROM drained", &[])
         .await
@@ -143,7 +151,13 @@ async fn drain_waits_for_an_open_transaction_to_commit_before_acknowledging() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_transactions_wait_during_the_drain_and_resume_on_the_new_primary() {
-    let c = Cluster::start(true, "pause_timeout_ms = 20000", "").await;
+    // As above: an ack within ACK_BOUND is not the drain timeout's.
+    let c = Cluster::start(
+        true,
+        "pause_timeout_ms = 60000\ndrain_timeout_ms = 120000",
+        "",
+    )
+    .await;
     let b_port = c.b.as_ref().expect("b").port;
     let simple = connect(&c.router.url("postgres")).await.expect("connect");
     let extended = connect(&c.router.url("postgres")).await.expect("connect");
@@ -151,13 +165,9 @@ async fn new_transactions_wait_during_the_drain_and_resume_on_the_new_primary() 
     assert_eq!(server_port(&extended).await.expect("query"), c.a.port);
 
     c.monitor.request_switchover().await;
-    // Nothing is open: the router acknowledges at once.
-    let acked_after = c.monitor.wait_drain_acked(Duration::from_secs(5)).await;
+    // Nothing is open: the router acknowledges without waiting for anything.
+    let acked_after = c.monitor.wait_drain_acked(ACK_BOUND).await;
     eprintln!("idle router acknowledged the drain in {acked_after:?}");
-    assert!(
-        acked_after < Duration::from_secs(3),
-        "ack took {acked_after:?}"
-    );
     assert!(c.router.router.routing().draining());
 
     let simple_wait = tokio::spawn(async move {
@@ -190,13 +200,19 @@ async fn new_transactions_wait_during_the_drain_and_resume_on_the_new_primary() 
     // last_seen goes on while paused, and routed_epoch stays the drained one.
     let (seen, epoch) = c.monitor.router_row().await.expect("registered");
     assert_eq!(epoch, 1);
-    tokio::time::sleep(Duration::from_millis(2200)).await;
-    let (seen_later, epoch_later) = c.monitor.router_row().await.expect("registered");
-    assert!(
-        seen_later > seen + 0.5,
-        "last_seen did not advance while paused ({seen} -> {seen_later})"
-    );
-    assert_eq!(epoch_later, 1);
+    let start = Instant::now();
+    loop {
+        let (seen_later, epoch_later) = c.monitor.router_row().await.expect("registered");
+        assert_eq!(epoch_later, 1);
+        if seen_later > seen + 0.5 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "last_seen did not advance while paused ({seen} -> {seen_later})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     for (what, done) in [
         ("simple", simple_wait.is_finished()),
         ("extended", extended_wait.is_finished()),
@@ -373,19 +389,18 @@ async fn abandoned_switchover_resumes_on_the_old_primary() {
         // router's periodic re-read notices.
         let abandoned = Instant::now();
         c.monitor.abandon_switchover().await;
-        let (r, back) = tokio::time::timeout(Duration::from_secs(5), waiting)
+        // Resumed, not failed: a statement still waiting at pause_timeout_ms
+        // (20 s) would end with 57P03. The timeout only bounds a hang.
+        let (r, back) = tokio::time::timeout(Duration::from_secs(60), waiting)
             .await
             .expect("resumes")
             .expect("task");
         let resumed = abandoned.elapsed();
+        eprintln!("round {round}: resumed {resumed:?} after the switchover was abandoned");
         assert_eq!(
             r.expect("resumed on the old primary"),
             (c.a.port, backend),
             "round {round}: same server connection"
-        );
-        assert!(
-            resumed < Duration::from_secs(3),
-            "round {round}: resumed after {resumed:?}"
         );
         assert!(!c.router.router.routing().draining());
         client = back;

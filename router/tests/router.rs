@@ -121,20 +121,16 @@ async fn pause_then_resume(sections: &str) {
         .await;
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert!(!waiting.is_finished(), "not writable yet: must still wait");
-    let resumed_at = Instant::now();
     c.monitor
         .set_states(b, "wait_primary", "wait_primary")
         .await;
-    let (port, client) = tokio::time::timeout(Duration::from_secs(10), waiting)
+    // Resumed, not failed: a statement still waiting at pause_timeout_ms
+    // (20 s) would end with 57P03. The timeout only bounds a hang.
+    let (port, client) = tokio::time::timeout(Duration::from_secs(60), waiting)
         .await
         .expect("resumes")
         .expect("task");
     assert_eq!(port.expect("statement succeeded after the pause"), b_port);
-    assert!(
-        resumed_at.elapsed() < Duration::from_secs(3),
-        "resume took {:?}",
-        resumed_at.elapsed()
-    );
     assert_eq!(server_port(&client).await.expect("next"), b_port);
     let start = Instant::now();
     while c.monitor.routed_epoch().await != Some(2) {
@@ -204,7 +200,7 @@ async fn answered_when_the_epoch_moves(sections: &str, sticky: bool) {
     }
     let moved_at = Instant::now();
     c.move_primary_to_b().await;
-    let (result, client) = tokio::time::timeout(Duration::from_secs(10), running)
+    let (result, client) = tokio::time::timeout(Duration::from_secs(60), running)
         .await
         .expect("the statement was answered")
         .expect("task");
@@ -216,8 +212,11 @@ async fn answered_when_the_epoch_moves(sections: &str, sticky: bool) {
         message.starts_with("the primary changed (epoch 1 to 2) while this statement was running"),
         "{message}"
     );
+    // Answered because the epoch moved, not because the statement ended
+    // (pg_sleep(60) on a, which stays up): the bound is the behaviour, with
+    // room for a busy machine.
     assert!(
-        answered < Duration::from_secs(3),
+        answered < Duration::from_secs(20),
         "answered after {answered:?}"
     );
     if sticky {
@@ -350,6 +349,29 @@ async fn backend_pid(client: &tokio_postgres::Client) -> i32 {
 }
 
 /// Terminates `pid` once it runs a statement containing `marker`.
+/// Waits (bounded) until `query` is running on the server of `admin`.
+async fn wait_running(admin: &tokio_postgres::Client, query: &str) {
+    let start = Instant::now();
+    loop {
+        let running: bool = admin
+            .query_one(
+                "SELECT count(*) > 0 FROM pg_stat_activity WHERE state = 'active' AND query = $1",
+                &[&query],
+            )
+            .await
+            .expect("pg_stat_activity")
+            .get(0);
+        if running {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{query} never started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn terminate_when_running(
     admin: tokio_postgres::Client,
     pid: i32,
@@ -523,8 +545,11 @@ async fn cancel_reaches_only_the_right_query() {
     let slow_one =
         tokio::spawn(async move { one.simple_query("SELECT pg_sleep(20)").await.map(|_| ()) });
     let slow_two =
-        tokio::spawn(async move { two.simple_query("SELECT pg_sleep(2)").await.map(|_| ()) });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::spawn(async move { two.simple_query("SELECT pg_sleep(4)").await.map(|_| ()) });
+    // Both statements run on the server before any cancel is sent.
+    let admin = c.a.connect("postgres").await;
+    wait_running(&admin, "SELECT pg_sleep(20)").await;
+    wait_running(&admin, "SELECT pg_sleep(4)").await;
     // A CancelRequest with a made-up key cancels nothing.
     let mut raw = Raw::connect(c.router.addr).await;
     let mut packet = vec![0, 0, 0, 16, 0x04, 0xd2, 0x16, 0x2e];
@@ -536,19 +561,20 @@ async fn cancel_reaches_only_the_right_query() {
         .cancel_query(tokio_postgres::NoTls)
         .await
         .expect("send cancel");
-    let err = tokio::time::timeout(Duration::from_secs(5), slow_one)
+    // Cancelled, not finished: pg_sleep(20) would end without an error. The
+    // timeout only bounds a hang.
+    let err = tokio::time::timeout(Duration::from_secs(60), slow_one)
         .await
         .expect("cancelled in time")
         .expect("task")
         .expect_err("cancelled");
     assert_eq!(err.code(), Some(&SqlState::QUERY_CANCELED), "{err:?}");
-    assert!(start.elapsed() < Duration::from_secs(5));
-    tokio::time::timeout(Duration::from_secs(10), slow_two)
+    tokio::time::timeout(Duration::from_secs(60), slow_two)
         .await
         .expect("finishes")
         .expect("task")
         .expect("the other client's query was not cancelled");
-    assert!(start.elapsed() >= Duration::from_secs(2));
+    assert!(start.elapsed() >= Duration::from_secs(4));
     c.router.stop().await;
 }
 

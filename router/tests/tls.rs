@@ -285,3 +285,39 @@ async fn the_monitor_connection_verifies_the_monitor_certificate() {
     }
     router.stop().await;
 }
+
+/// `server.sslmode = require` (issue 27, part 2 item 3): the server
+/// connection is encrypted without checking whose certificate it is, and a
+/// node that does not offer TLS is refused, with the reason, rather than
+/// used in the clear.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn require_encrypts_without_checking_and_refuses_a_node_without_tls() {
+    let (monitor, a) = one_node().await;
+    let sections = "[server]\nsslmode = \"require\"\n";
+    let router = RouterHandle::start(&monitor.uri(), "pause_timeout_ms = 1500", sections).await;
+    router.wait_epoch(1).await;
+    let client = connect(&router.url("postgres")).await.expect("login");
+    let err = server_side_ssl(&client)
+        .await
+        .expect_err("a node without TLS is not used in the clear");
+    let message = err.as_db_error().expect("the router's error").message();
+    assert!(
+        message.contains("does not accept TLS") && message.contains("server.sslmode is require"),
+        "{message}"
+    );
+    router.stop().await;
+
+    // A certificate no one vouches for: require does not check it.
+    let stranger = Ca::new("nobody's CA");
+    serve_tls(&a, &stranger.issue(&["elsewhere.example"])).await;
+    let router = RouterHandle::start(&monitor.uri(), "pause_timeout_ms = 1500", sections).await;
+    router.wait_epoch(1).await;
+    let client = connect(&router.url("postgres")).await.expect("login");
+    assert!(
+        server_side_ssl(&client)
+            .await
+            .expect("query through the router"),
+        "the router's server connection is encrypted"
+    );
+    router.stop().await;
+}

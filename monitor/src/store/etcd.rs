@@ -35,8 +35,8 @@ use tokio::sync::mpsc;
 use super::{
     Assigned, Change, ChangeFeed, Channel, EventRow, FormationRow, GoalEvent, GroupSnapshot,
     GroupVersion, GroupWrite, MonitorStore, NewRequest, NodeReport, NodeRow, NodeVersion,
-    PendingRequest, Registered, Registration, RequestAnswer, RequestStatus, RoutedNode,
-    RouterRegistration, RouterRow, Routing, StateNotification, Written,
+    PendingRequest, PrimaryChange, Registered, Registration, RequestAnswer, RequestStatus,
+    RoutedNode, RouterRegistration, RouterRow, Routing, StateNotification, Written,
 };
 use crate::error::MonitorError;
 use crate::fsm::{Assignment, Setting, SwitchoverDrain};
@@ -1077,6 +1077,55 @@ impl MonitorStore for EtcdStore {
                     node_name: e.node_name,
                     node_port: e.node_port?,
                     goal: e.goal_state?,
+                })
+            })
+            .collect())
+    }
+
+    async fn primary_changes(&self) -> Result<Vec<PrimaryChange>, MonitorError> {
+        // As the Postgres store computes it: from the first step away from
+        // the old primary (an event of the old epoch assigning one of these
+        // goals) to the new primary's first report of a writable state in
+        // the new epoch.
+        const AWAY: [NodeState; 5] = [
+            NodeState::Draining,
+            NodeState::DemoteTimeout,
+            NodeState::PreparePromotion,
+            NodeState::StopReplication,
+            NodeState::ReportLsn,
+        ];
+        const WRITABLE: [NodeState; 3] = [
+            NodeState::Single,
+            NodeState::WaitPrimary,
+            NodeState::Primary,
+        ];
+        let mut started: BTreeMap<(String, i64), f64> = BTreeMap::new();
+        let mut ended: BTreeMap<(String, i64), f64> = BTreeMap::new();
+        for (_, e) in self.events_all().await? {
+            let Some(epoch) = e.primary_epoch else {
+                continue;
+            };
+            if e.goal_state.is_some_and(|g| AWAY.contains(&g)) {
+                let t = started
+                    .entry((e.formation.clone(), epoch + 1))
+                    .or_insert(e.time);
+                *t = t.min(e.time);
+            }
+            if e.reported_state.is_some_and(|r| WRITABLE.contains(&r))
+                && e.description.starts_with("New state is reported by node ")
+            {
+                let t = ended.entry((e.formation.clone(), epoch)).or_insert(e.time);
+                *t = t.min(e.time);
+            }
+        }
+        Ok(started
+            .into_iter()
+            .filter_map(|((formation, epoch), start)| {
+                let end = *ended.get(&(formation.clone(), epoch))?;
+                (end >= start).then(|| PrimaryChange {
+                    formation,
+                    epoch,
+                    duration: Duration::from_secs_f64(end - start),
                 })
             })
             .collect())

@@ -357,6 +357,20 @@ pub struct GoalEvent {
     pub goal: NodeState,
 }
 
+/// One completed change of primary, for the monitor's metrics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PrimaryChange {
+    /// Formation.
+    pub formation: String,
+    /// The formation's primary epoch the change started.
+    pub epoch: i64,
+    /// From the monitor's first step away from the old primary (an old-epoch
+    /// event assigning draining, demote_timeout, prepare_promotion,
+    /// stop_replication or report_lsn) to the new primary's first report of
+    /// a writable state (single, wait_primary or primary) in the new epoch.
+    pub duration: Duration,
+}
+
 /// The monitor's state, wherever it is kept. Every method is one atomic step
 /// of the backend; the conditioned writes ([`MonitorStore::apply`],
 /// [`MonitorStore::answer_request`]) are refused when what they were decided on
@@ -400,6 +414,8 @@ pub trait MonitorStore: Send + Sync {
     async fn events(&self, formation: &str, count: i64) -> Result<Vec<EventRow>, MonitorError>;
     /// Every goal assignment ever logged that names a node's address, oldest first.
     async fn goal_history(&self) -> Result<Vec<GoalEvent>, MonitorError>;
+    /// Every completed change of primary with its duration, oldest first.
+    async fn primary_changes(&self) -> Result<Vec<PrimaryChange>, MonitorError>;
     /// The store's clock, `YYYY-MM-DD HH:MM:SS`.
     async fn clock(&self) -> Result<String, MonitorError>;
     /// A formation's routing.

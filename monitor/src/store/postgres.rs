@@ -14,8 +14,8 @@ use tokio_postgres::{Client, GenericClient, Row, Transaction};
 use super::{
     Assigned, Change, ChangeFeed, Channel, EventRow, FormationRow, GoalEvent, GroupSnapshot,
     GroupVersion, GroupWrite, MonitorStore, NewRequest, NodeReport, NodeRow, NodeVersion,
-    PendingRequest, Registered, Registration, RequestAnswer, RequestStatus, RoutedNode,
-    RouterRegistration, RouterRow, Routing, Written,
+    PendingRequest, PrimaryChange, Registered, Registration, RequestAnswer, RequestStatus,
+    RoutedNode, RouterRegistration, RouterRow, Routing, Written,
 };
 use crate::error::MonitorError;
 use crate::fsm::{Assignment, Setting, SwitchoverDrain};
@@ -633,6 +633,39 @@ impl MonitorStore for PgStore {
             });
         }
         Ok(out)
+    }
+
+    async fn primary_changes(&self) -> Result<Vec<PrimaryChange>, MonitorError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT s.formation_id, s.epoch,
+                        extract(epoch FROM e.ended - s.started)::float8
+                   FROM (SELECT formation_id, primary_epoch + 1 AS epoch,
+                                min(event_time) AS started
+                           FROM hapg.event
+                          WHERE goal_state IN ('draining', 'demote_timeout', 'prepare_promotion',
+                                               'stop_replication', 'report_lsn')
+                          GROUP BY formation_id, primary_epoch) s
+                   JOIN (SELECT formation_id, primary_epoch AS epoch, min(event_time) AS ended
+                           FROM hapg.event
+                          WHERE reported_state IN ('single', 'wait_primary', 'primary')
+                            AND description LIKE 'New state is reported by node %'
+                          GROUP BY formation_id, primary_epoch) e USING (formation_id, epoch)
+                  WHERE e.ended >= s.started
+                  ORDER BY s.formation_id, s.epoch",
+                &[],
+            )
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(PrimaryChange {
+                    formation: row.try_get(0)?,
+                    epoch: row.try_get(1)?,
+                    duration: Duration::from_secs_f64(row.try_get::<_, f64>(2)?.max(0.0)),
+                })
+            })
+            .collect()
     }
 
     async fn clock(&self) -> Result<String, MonitorError> {

@@ -8,7 +8,7 @@ use hmac::{Hmac, Mac};
 use rand::RngCore;
 use sha2::Sha256;
 
-use super::userlist::ScramSecret;
+use super::scram::ScramSecret;
 
 /// Bytes of a mock salt: what Postgres uses (`SCRAM_DEFAULT_SALT_LEN`).
 pub const SALT_LEN: usize = 16;

@@ -9,11 +9,29 @@ use rand::RngCore;
 use sha2::{Digest, Sha256};
 
 use super::md5::constant_time_eq;
-use super::userlist::ScramSecret;
 use super::AuthError;
 
 /// Iterations used when the auth file holds a plain password.
 pub const DEFAULT_ITERATIONS: u32 = 4096;
+
+/// The parts of a SCRAM-SHA-256 verifier.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ScramSecret {
+    /// PBKDF2 iteration count.
+    pub iterations: u32,
+    /// Salt.
+    pub salt: Vec<u8>,
+    /// SHA-256(ClientKey).
+    pub stored_key: [u8; 32],
+    /// HMAC(SaltedPassword, "Server Key").
+    pub server_key: [u8; 32],
+}
+
+impl std::fmt::Debug for ScramSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ScramSecret(i={}, ****)", self.iterations)
+    }
+}
 
 fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
     let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC accepts keys of any length");

@@ -9,7 +9,7 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 
 use super::mock::MockKey;
-use super::scram::{derive, DEFAULT_ITERATIONS};
+use super::scram::{derive, ScramSecret, DEFAULT_ITERATIONS};
 use super::AuthError;
 
 /// A stored secret.
@@ -30,25 +30,6 @@ impl std::fmt::Debug for Secret {
             Secret::Md5(_) => "Md5(****)",
             Secret::Scram(_) => "Scram(****)",
         })
-    }
-}
-
-/// The parts of a SCRAM-SHA-256 verifier.
-#[derive(Clone, PartialEq, Eq)]
-pub struct ScramSecret {
-    /// PBKDF2 iteration count.
-    pub iterations: u32,
-    /// Salt.
-    pub salt: Vec<u8>,
-    /// SHA-256(ClientKey).
-    pub stored_key: [u8; 32],
-    /// HMAC(SaltedPassword, "Server Key").
-    pub server_key: [u8; 32],
-}
-
-impl std::fmt::Debug for ScramSecret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ScramSecret(i={}, ****)", self.iterations)
     }
 }
 
@@ -295,6 +276,7 @@ impl Userlist {
 
     /// The iteration count shown to users without a verifier of their own:
     /// the one most of the file's verifiers have, else Postgres' default.
+    #[cfg(test)]
     pub fn mock_iterations(&self) -> u32 {
         self.mock_iterations
     }
@@ -339,19 +321,10 @@ impl Userlist {
         self.users.get(user)
     }
 
-    /// Every user and secret.
-    pub fn iter(&self) -> impl Iterator<Item = (&str, &Secret)> {
-        self.users.iter().map(|(u, s)| (u.as_str(), s))
-    }
-
     /// Number of users.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.users.len()
-    }
-
-    /// No users at all.
-    pub fn is_empty(&self) -> bool {
-        self.users.is_empty()
     }
 }
 

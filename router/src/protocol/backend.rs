@@ -6,6 +6,7 @@
 use bytes::{BufMut, BytesMut};
 
 use super::cstr;
+use super::tag::backend as tag;
 
 /// SQLSTATE codes the router itself reports (docs/router.md lists them).
 pub mod sqlstate {
@@ -27,6 +28,40 @@ pub mod sqlstate {
     pub const PROGRAM_LIMIT_EXCEEDED: &str = "54000";
     /// Something the router does not support (replication connections, ...).
     pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
+}
+
+/// The transaction status ReadyForQuery carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxStatus {
+    /// `I`: not in a transaction block.
+    Idle,
+    /// `T`: in a transaction block.
+    InTransaction,
+    /// `E`: in a failed transaction block (statements refused until it ends).
+    Failed,
+}
+
+impl TxStatus {
+    /// The status of a ReadyForQuery's byte; `None` for a byte Postgres never sends.
+    #[inline]
+    pub fn from_byte(status: u8) -> Option<TxStatus> {
+        match status {
+            b'I' => Some(TxStatus::Idle),
+            b'T' => Some(TxStatus::InTransaction),
+            b'E' => Some(TxStatus::Failed),
+            _ => None,
+        }
+    }
+
+    /// The byte ReadyForQuery carries.
+    #[inline]
+    pub fn as_byte(self) -> u8 {
+        match self {
+            TxStatus::Idle => b'I',
+            TxStatus::InTransaction => b'T',
+            TxStatus::Failed => b'E',
+        }
+    }
 }
 
 /// Severity of an ErrorResponse the router writes.
@@ -72,7 +107,7 @@ pub fn error(
     message: &str,
     hint: Option<&str>,
 ) {
-    let at = begin(buf, b'E');
+    let at = begin(buf, tag::ERROR_RESPONSE);
     for (field, value) in [
         (b'S', severity.as_str()),
         (b'V', severity.as_str()),
@@ -90,14 +125,14 @@ pub fn error(
     finish(buf, at);
 }
 
-/// ReadyForQuery with a transaction status (`I`, `T` or `E`).
-pub fn ready_for_query(buf: &mut BytesMut, status: u8) {
-    buf.put_slice(&[b'Z', 0, 0, 0, 5, status]);
+/// ReadyForQuery with a transaction status.
+pub fn ready_for_query(buf: &mut BytesMut, status: TxStatus) {
+    buf.put_slice(&[tag::READY_FOR_QUERY, 0, 0, 0, 5, status.as_byte()]);
 }
 
 /// An Authentication message: `code` then `extra` bytes.
 pub fn authentication(buf: &mut BytesMut, code: i32, extra: &[u8]) {
-    let at = begin(buf, b'R');
+    let at = begin(buf, tag::AUTHENTICATION);
     buf.put_i32(code);
     buf.put_slice(extra);
     finish(buf, at);
@@ -115,7 +150,7 @@ pub fn auth_sasl(buf: &mut BytesMut) {
 
 /// ParameterStatus.
 pub fn parameter_status(buf: &mut BytesMut, name: &str, value: &str) {
-    let at = begin(buf, b'S');
+    let at = begin(buf, tag::PARAMETER_STATUS);
     put_cstr(buf, name);
     put_cstr(buf, value);
     finish(buf, at);
@@ -123,7 +158,7 @@ pub fn parameter_status(buf: &mut BytesMut, name: &str, value: &str) {
 
 /// BackendKeyData (protocol 3.0: four-byte secret).
 pub fn backend_key_data(buf: &mut BytesMut, pid: i32, secret: i32) {
-    buf.put_slice(&[b'K', 0, 0, 0, 12]);
+    buf.put_slice(&[tag::BACKEND_KEY_DATA, 0, 0, 0, 12]);
     buf.put_i32(pid);
     buf.put_i32(secret);
 }
@@ -131,7 +166,7 @@ pub fn backend_key_data(buf: &mut BytesMut, pid: i32, secret: i32) {
 /// NegotiateProtocolVersion: the newest minor version the router speaks and
 /// the `_pq_.` options it did not recognise.
 pub fn negotiate_protocol_version(buf: &mut BytesMut, minor: i32, unrecognised: &[&str]) {
-    let at = begin(buf, b'v');
+    let at = begin(buf, tag::NEGOTIATE_PROTOCOL_VERSION);
     buf.put_i32(minor);
     buf.put_i32(unrecognised.len() as i32);
     for option in unrecognised {
@@ -156,6 +191,14 @@ impl ErrorFields {
     /// The server is about to close the connection.
     pub fn is_fatal(&self) -> bool {
         self.severity == "FATAL" || self.severity == "PANIC"
+    }
+
+    /// A refusal that may pass: operator intervention (class 57: shutting
+    /// down, starting up), insufficient resources (53: too many clients) or a
+    /// connection exception (08). Any other refusal of a login (no such
+    /// database, role, ...) is the server's definitive answer.
+    pub fn is_transient(&self) -> bool {
+        ["57", "53", "08"].iter().any(|c| self.code.starts_with(c))
     }
 }
 

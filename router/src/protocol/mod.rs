@@ -6,6 +6,7 @@
 pub mod backend;
 pub mod frame;
 pub mod startup;
+pub mod tag;
 
 /// A client or server broke the protocol.
 #[derive(Debug, thiserror::Error)]

@@ -13,8 +13,10 @@
 
 use bytes::{BufMut, BytesMut};
 
-use crate::protocol::backend::{self, Severity};
+use crate::client_error::ClientError;
+use crate::protocol::backend::{ready_for_query, TxStatus};
 use crate::protocol::cstr;
+use crate::protocol::tag::{backend, frontend};
 use crate::tracking::SessionState;
 
 /// What the client's message did to the lost transaction.
@@ -32,8 +34,8 @@ pub(crate) enum Step {
 /// The failed transaction of a session whose server connection is gone.
 #[derive(Debug)]
 pub(crate) struct LostTransaction {
-    code: &'static str,
-    message: String,
+    /// The loss's error, which every refused statement gets.
+    error: ClientError,
     /// Statement names the client parsed here that end the transaction.
     exit_statements: Vec<Box<[u8]>>,
     /// Portals bound here to such statements.
@@ -48,12 +50,14 @@ const HINT: &str =
     "The transaction was rolled back: end it with ROLLBACK, then run it again from the start.";
 
 impl LostTransaction {
-    /// `message` says why the transaction was lost; every refused statement
-    /// gets it with SQLSTATE `code`.
-    pub fn new(code: &'static str, message: String) -> LostTransaction {
+    /// `error` says why the transaction was lost; every refused statement
+    /// gets it, with a hint of its own (how to end the transaction).
+    pub fn new(error: ClientError) -> LostTransaction {
         LostTransaction {
-            code,
-            message,
+            error: ClientError {
+                hint: Some(HINT),
+                ..error
+            },
             exit_statements: Vec::new(),
             exit_portals: Vec::new(),
             skipping: false,
@@ -69,7 +73,7 @@ impl LostTransaction {
 
     /// The error of the failed transaction.
     pub fn error(&self, out: &mut BytesMut) {
-        backend::error(out, Severity::Error, self.code, &self.message, Some(HINT));
+        self.error.write(out);
     }
 
     /// Answers one client message (`frame`: the whole message, tag first) into
@@ -82,7 +86,7 @@ impl LostTransaction {
     ) -> Step {
         let tag = frame[0];
         let body = &frame[5..];
-        if tag == b'S' {
+        if tag == frontend::SYNC {
             self.skipping = false;
             return self.ready(state, out);
         }
@@ -93,7 +97,7 @@ impl LostTransaction {
             return Step::Answered;
         }
         match tag {
-            b'Q' => {
+            frontend::QUERY => {
                 let sql = cstr(body).map(|(sql, _)| sql).unwrap_or_default();
                 if ends_transaction(sql) {
                     command_complete_rollback(out);
@@ -103,46 +107,46 @@ impl LostTransaction {
                 }
                 self.ready(state, out)
             }
-            b'P' => {
+            frontend::PARSE => {
                 let parsed = cstr(body).and_then(|(name, rest)| Some((name, cstr(rest)?.0)));
                 match parsed {
                     Some((name, sql)) if ends_transaction(sql) => {
                         self.exit_statements.retain(|n| **n != *name);
                         self.exit_statements.push(name.into());
                         state.on_parse(frame);
-                        out.put_slice(&[b'1', 0, 0, 0, 4]);
+                        out.put_slice(&[backend::PARSE_COMPLETE, 0, 0, 0, 4]);
                     }
                     _ => self.fail(out),
                 }
                 Step::Answered
             }
-            b'B' => {
+            frontend::BIND => {
                 let bound = cstr(body).and_then(|(portal, rest)| Some((portal, cstr(rest)?.0)));
                 match bound {
                     Some((portal, statement)) if self.is_exit_statement(statement) => {
                         self.exit_portals.retain(|p| **p != *portal);
                         self.exit_portals.push(portal.into());
-                        out.put_slice(&[b'2', 0, 0, 0, 4]);
+                        out.put_slice(&[backend::BIND_COMPLETE, 0, 0, 0, 4]);
                     }
                     _ => self.fail(out),
                 }
                 Step::Answered
             }
-            b'D' => {
+            frontend::DESCRIBE => {
                 match body.split_first() {
                     Some((b'S', rest)) if self.is_exit_statement(name_of(rest)) => {
                         // ParameterDescription with no parameters, then NoData.
-                        out.put_slice(&[b't', 0, 0, 0, 6, 0, 0]);
-                        out.put_slice(&[b'n', 0, 0, 0, 4]);
+                        out.put_slice(&[backend::PARAMETER_DESCRIPTION, 0, 0, 0, 6, 0, 0]);
+                        out.put_slice(&[backend::NO_DATA, 0, 0, 0, 4]);
                     }
                     Some((b'P', rest)) if self.is_exit_portal(name_of(rest)) => {
-                        out.put_slice(&[b'n', 0, 0, 0, 4]);
+                        out.put_slice(&[backend::NO_DATA, 0, 0, 0, 4]);
                     }
                     _ => self.fail(out),
                 }
                 Step::Answered
             }
-            b'E' => {
+            frontend::EXECUTE => {
                 let portal = name_of(body);
                 if self.is_exit_portal(portal) {
                     command_complete_rollback(out);
@@ -152,7 +156,7 @@ impl LostTransaction {
                 }
                 Step::Answered
             }
-            b'C' => {
+            frontend::CLOSE => {
                 // Postgres closes statements and portals in a failed transaction.
                 state.on_close(body);
                 if let Some((kind, rest)) = body.split_first() {
@@ -164,11 +168,11 @@ impl LostTransaction {
                     };
                     names.retain(|n| **n != *name);
                 }
-                out.put_slice(&[b'3', 0, 0, 0, 4]);
+                out.put_slice(&[backend::CLOSE_COMPLETE, 0, 0, 0, 4]);
                 Step::Answered
             }
             // Flush: everything is answered already.
-            b'H' => Step::Answered,
+            frontend::FLUSH => Step::Answered,
             // Function calls and anything else a failed transaction refuses.
             _ => {
                 self.error(out);
@@ -192,8 +196,12 @@ impl LostTransaction {
     }
 
     fn ready(&mut self, state: &mut SessionState, out: &mut BytesMut) -> Step {
-        let status = if self.ended { b'I' } else { b'E' };
-        backend::ready_for_query(out, status);
+        let status = if self.ended {
+            TxStatus::Idle
+        } else {
+            TxStatus::Failed
+        };
+        ready_for_query(out, status);
         state.on_ready(status);
         if self.ended {
             Step::Ended
@@ -209,28 +217,9 @@ fn name_of(rest: &[u8]) -> &[u8] {
 
 fn command_complete_rollback(out: &mut BytesMut) {
     const TAG: &[u8] = b"ROLLBACK\0";
-    out.put_u8(b'C');
+    out.put_u8(backend::COMMAND_COMPLETE);
     out.put_u32((4 + TAG.len()) as u32);
     out.put_slice(TAG);
-}
-
-/// What a client is told to do when its session ended because its state
-/// could not move.
-pub(crate) const STRANDED_HINT: &str =
-    "Reconnect, and set that state up again on the new session (LISTEN again, recreate temporary tables, ...).";
-
-/// The FATAL that ends a session holding state that cannot move (`what`, as
-/// [`crate::tracking::Sticky::describe`] says it) when its server connection
-/// is gone: `head` says what happened (to the statement in flight, if there
-/// was one). Only when the primary changed does it say so: a connection
-/// ended by `pg_terminate_backend` on a primary that still is one is lost,
-/// not moved.
-pub(crate) fn stranded(head: &str, what: &str, primary_changed: bool) -> String {
-    if primary_changed {
-        format!("{head}; this session's {what} cannot move to the new primary, so the session ends")
-    } else {
-        format!("{head}; this session's {what} cannot be restored on another server connection, so the session ends")
-    }
 }
 
 /// Whether `sql` is one statement that ends a transaction block: ROLLBACK,
@@ -299,7 +288,7 @@ mod tests {
     }
 
     fn run(messages: &[Vec<u8>]) -> (String, Vec<Step>) {
-        let mut lost = LostTransaction::new("08006", "lost".into());
+        let mut lost = LostTransaction::new(ClientError::error("08006", "lost", None));
         let mut state = SessionState::default();
         let mut out = BytesMut::new();
         let steps = messages
@@ -386,7 +375,7 @@ mod tests {
 
     #[test]
     fn ready_for_query_says_failed_until_the_end() {
-        let mut lost = LostTransaction::new("08006", "lost".into());
+        let mut lost = LostTransaction::new(ClientError::error("08006", "lost", None));
         let mut state = SessionState::default();
         let mut out = BytesMut::new();
         lost.on_message(&query("SELECT 1"), &mut state, &mut out);
@@ -466,7 +455,7 @@ mod tests {
 
     #[test]
     fn an_exit_statement_parsed_here_is_kept_for_later_servers() {
-        let mut lost = LostTransaction::new("08006", "lost".into());
+        let mut lost = LostTransaction::new(ClientError::error("08006", "lost", None));
         let mut state = SessionState::default();
         let mut out = BytesMut::new();
         for m in [
