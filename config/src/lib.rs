@@ -391,15 +391,8 @@ pub const READ_ONLY_KEYS: &[&str] = &[
 /// A monitor URI: a Postgres connection string (URI or `key=value` form)
 /// naming at least one host, or `etcd://host:port[,host:port...]/prefix`.
 pub fn validate_monitor_uri(key: &str, value: &str) -> Result<(), ConfigError> {
-    if let Some(rest) = value.strip_prefix("etcd://") {
-        let hosts = rest.split(['/', '?']).next().unwrap_or_default();
-        if hosts.split(',').all(|h| h.trim().is_empty()) {
-            return Err(invalid(
-                key,
-                "names no etcd endpoint; expected etcd://host:port[,host:port...]/prefix",
-            ));
-        }
-        return Ok(());
+    if value.starts_with("etcd://") {
+        return monitor_uri::parse(key, value).map(|_| ());
     }
     let config = conninfo::parse(value)
         .map_err(|e| {

@@ -429,7 +429,13 @@ pub fn parse_uri(uri: &str) -> Result<(Vec<String>, String), MonitorError> {
     let rest = uri
         .strip_prefix("etcd://")
         .ok_or_else(|| bad("an etcd URI starts with etcd://"))?;
-    let rest = rest.split('?').next().unwrap_or_default();
+    let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
+    if !query.is_empty() {
+        // Never fall back to plaintext when TLS was asked for.
+        return Err(bad(
+            "options (TLS to etcd) are not supported by this store yet",
+        ));
+    }
     let (hosts, path) = rest.split_once('/').unwrap_or((rest, "hapg"));
     let endpoints: Vec<String> = hosts
         .split(',')
@@ -1663,6 +1669,7 @@ mod tests {
         assert_eq!(prefix, "/hapg/");
         assert!(parse_uri("postgres://x/y").is_err());
         assert!(parse_uri("etcd:///p").is_err());
+        assert!(parse_uri("etcd://127.0.0.1:2379/p?tls=on").is_err());
     }
 
     #[test]
