@@ -17,8 +17,9 @@ use tracing::Instrument;
 use crate::show;
 use crate::{
     Command, ConfigCommand, CreateCommand, CreateMonitorArgs, CreatePostgresArgs, DisableCommand,
-    DropCommand, EnableCommand, InstanceArgs, MaintenanceArgs, MonitorArgs, PerformArgs,
-    PerformCommand, RouterCommand, SetCommand, SetFormationCommand, SetNodeCommand, ShowCommand,
+    DropCommand, EnableCommand, InstanceArgs, MaintenanceArgs, MonitorArgs, MonitorCommand,
+    PerformArgs, PerformCommand, RouterCommand, SetCommand, SetFormationCommand, SetNodeCommand,
+    ShowCommand,
 };
 
 /// Runs one command.
@@ -65,6 +66,7 @@ pub async fn dispatch(command: Command) -> Result<()> {
                 .instrument(tracing::info_span!("hapg", component = "demo"))
                 .await
         }
+        Command::Monitor(MonitorCommand::Run { monitor }) => monitor_run(&monitor).await,
         Command::Watch(args) => {
             let t = target(&args)?;
             crate::watch::run(&t.conninfo, &t.formation, args.json).await
@@ -1099,6 +1101,17 @@ fn config_command(cmd: ConfigCommand) -> Result<()> {
 
 fn lookup<'a>(doc: &'a toml::Value, key: &str) -> Option<&'a toml::Value> {
     key.split('.').try_fold(doc, |v, part| v.get(part))
+}
+
+/// `hapg monitor run --monitor etcd://...`: the monitor service on a store
+/// that is not the monitor node's own Postgres.
+async fn monitor_run(uri: &str) -> Result<()> {
+    if !uri.starts_with("etcd://") {
+        bail!("hapg monitor run takes an etcd:// URI; a Postgres monitor runs with `hapg run --pgdata`");
+    }
+    let shutdown = shutdown_on_signals()?;
+    hapg_monitor::service::run(uri, hapg_config::MonitorTimings::default(), shutdown.token).await?;
+    Ok(())
 }
 
 async fn router_run(path: PathBuf) -> Result<()> {

@@ -53,6 +53,9 @@ enum Command {
     Router(RouterCommand),
     /// Create a monitor and two nodes on free ports, and keep them running.
     Demo(DemoArgs),
+    /// The monitor service alone, on a store it does not run itself (etcd).
+    #[command(subcommand)]
+    Monitor(MonitorCommand),
     /// A live view of the formation, like top: nodes, lag, latest events (q quits).
     Watch(MonitorArgs),
 }
@@ -410,6 +413,17 @@ enum RouterCommand {
     },
 }
 
+#[derive(Subcommand, Debug)]
+enum MonitorCommand {
+    /// Run the monitor service (decisions and health checks) on the store
+    /// `--monitor` names: `etcd://host:port[,host:port...]/prefix`.
+    Run {
+        /// The store's URI.
+        #[arg(long)]
+        monitor: String,
+    },
+}
+
 #[derive(Args, Debug)]
 struct DemoArgs {
     /// Directory for the demo's data, kept afterwards (default: a new temporary
@@ -464,7 +478,11 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let verbose = matches!(
         cli.command,
-        Command::Run(_) | Command::Create(_) | Command::Router(_) | Command::Demo(_)
+        Command::Run(_)
+            | Command::Create(_)
+            | Command::Router(_)
+            | Command::Demo(_)
+            | Command::Monitor(_)
     );
     let format = match &cli.command {
         Command::Run(args) => args.log.log_format,

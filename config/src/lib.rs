@@ -389,8 +389,11 @@ pub const READ_ONLY_KEYS: &[&str] = &[
 ];
 
 /// A monitor URI: a Postgres connection string (URI or `key=value` form)
-/// naming at least one host.
+/// naming at least one host, or `etcd://host:port[,host:port...]/prefix`.
 pub fn validate_monitor_uri(key: &str, value: &str) -> Result<(), ConfigError> {
+    if value.starts_with("etcd://") {
+        return monitor_uri::parse(key, value).map(|_| ());
+    }
     let config = conninfo::parse(value)
         .map_err(|e| {
             invalid(

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use crate::error::MonitorError;
 use crate::fsm::{GroupView, Thresholds};
 use crate::pgconn::redact_uri;
+use crate::store::etcd::EtcdStore;
 use crate::store::postgres::PgStore;
 use crate::store::{
     Change, ChangeFeed, Channel, GoalEvent, MonitorStore, NewRequest, PrimaryChange, RequestStatus,
@@ -28,8 +29,17 @@ pub struct MonitorClient {
 }
 
 impl MonitorClient {
-    /// Connects once, and checks the store's layout version.
+    /// Connects once, and checks the store's layout version: `etcd://...`
+    /// selects the etcd store, anything else is a Postgres connection string.
     pub async fn connect(uri: &str) -> Result<MonitorClient, MonitorError> {
+        if uri.starts_with("etcd://") {
+            let (store, feed) = EtcdStore::connect(uri).await?;
+            return Ok(MonitorClient::with_store(
+                Box::new(store),
+                feed,
+                uri.to_string(),
+            ));
+        }
         let (store, feed) = PgStore::connect(uri).await?;
         Ok(MonitorClient::with_store(
             Box::new(store),

@@ -87,6 +87,13 @@ pub enum MonitorError {
     /// A value read from the monitor is not what this binary expects.
     #[error("unexpected value in monitor database: {0}")]
     Corrupt(String),
+    /// This monitor service's write was refused because another one leads
+    /// now (its lease lapsed): it stops deciding and campaigns again.
+    #[error("this monitor service no longer leads: its write was refused")]
+    NotLeader,
+    /// The etcd store answered with an error, or could not be reached.
+    #[error("etcd: {0}")]
+    Etcd(#[from] etcd_client::Error),
     /// A state read from the database that this binary does not know.
     #[error("unknown state in monitor database: {0}")]
     UnknownState(#[from] crate::state::UnknownState),
@@ -98,6 +105,12 @@ impl MonitorError {
         match self {
             MonitorError::Db(e) => e.as_db_error().is_none(),
             MonitorError::Unreachable { .. } => true,
+            MonitorError::Etcd(e) => matches!(
+                e,
+                etcd_client::Error::TransportError(_)
+                    | etcd_client::Error::IoError(_)
+                    | etcd_client::Error::GRpcStatus(_)
+            ),
             _ => false,
         }
     }

@@ -4,6 +4,7 @@
 //! writes each decision as one transaction: goals, events and NOTIFY together.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hapg_config::MonitorTimings;
@@ -16,10 +17,11 @@ use crate::fsm::{self, Decision, GroupView, Request, Setting, Thresholds};
 use crate::pgconn;
 use crate::schema;
 use crate::state::{Health, NodeState};
+use crate::store::etcd::EtcdStore;
 use crate::store::postgres::PgStore;
 use crate::store::{
-    Channel, GroupSnapshot, GroupWrite, MonitorStore, PendingRequest, RequestAnswer, RequestKind,
-    Written,
+    ChangeFeed, Channel, GroupSnapshot, GroupWrite, MonitorStore, PendingRequest, RequestAnswer,
+    RequestKind, Written,
 };
 
 /// Requests not answered within this long are refused as expired: the CLI that
@@ -28,39 +30,63 @@ const REQUEST_EXPIRY_SECS: f64 = 30.0;
 /// Decisions applied per group per wake-up at most (a guard against a rule loop).
 const MAX_DECISIONS_PER_ROUND: usize = 16;
 
-/// Runs the monitor service against the monitor database at `conninfo` (a
-/// superuser connection on the monitor host) until `shutdown` is cancelled.
+/// Where the service keeps the monitor's state.
+#[derive(Clone)]
+enum Backend {
+    /// The monitor database (a superuser connection on the monitor host).
+    Postgres(Box<Config>),
+    /// The leading service's own etcd connection (its writes are fenced on
+    /// its leadership), shared with its health checks.
+    EtcdLeader(Arc<EtcdStore>),
+}
+
+impl Backend {
+    async fn open(&self) -> Result<(Box<dyn MonitorStore>, ChangeFeed), MonitorError> {
+        match self {
+            Backend::Postgres(config) => {
+                let connection =
+                    pgconn::connect(config.as_ref().clone(), Duration::from_secs(2)).await?;
+                let (store, feed) = PgStore::from_connection(connection);
+                Ok((Box::new(store), feed))
+            }
+            Backend::EtcdLeader(store) => {
+                let (_, nothing) = tokio::sync::mpsc::unbounded_channel();
+                Ok((Box::new(store.share()), ChangeFeed::new(nothing)))
+            }
+        }
+    }
+}
+
+/// Runs the monitor service until `shutdown` is cancelled, against the
+/// monitor database at `conninfo` (a superuser connection on the monitor
+/// host), or against the etcd cluster an `etcd://` URI names.
 pub async fn run(
     conninfo: &str,
     timings: MonitorTimings,
     shutdown: CancellationToken,
 ) -> Result<(), MonitorError> {
-    let config: Config =
-        conninfo
-            .parse()
-            .map_err(|e: tokio_postgres::Error| MonitorError::BadUri {
+    let backend = if conninfo.starts_with("etcd://") {
+        crate::store::etcd::parse_uri(conninfo)?;
+        return run_etcd(conninfo, timings, shutdown).await;
+    } else {
+        Backend::Postgres(Box::new(conninfo.parse().map_err(
+            |e: tokio_postgres::Error| MonitorError::BadUri {
                 uri: pgconn::redact_uri(conninfo),
                 reason: e.to_string(),
-            })?;
+            },
+        )?))
+    };
     let started = Instant::now();
-    let (mut store, mut feed) = PgStore::from_connection(connect_until(&config, &shutdown).await?);
+    let (mut store, mut feed) = connect_until(&backend, &shutdown).await?;
     store.migrate().await?;
 
     let health = tokio::spawn(
-        health_checks(config.clone(), timings.clone(), shutdown.clone())
+        health_checks(backend.clone(), timings.clone(), shutdown.clone())
             .instrument(tracing::info_span!("health_checks")),
     );
 
-    let thresholds = Thresholds {
-        unhealthy_timeout: timings.unhealthy_timeout,
-        startup_grace: timings.startup_grace,
-        catchup_threshold: timings.wal_threshold_bytes,
-        promote_threshold: timings.wal_threshold_bytes,
-        router_drain_timeout: timings.router_drain_timeout,
-        upstream_silence_timeout: timings.upstream_silence_timeout,
-    };
     let mut decider = Decider {
-        thresholds,
+        thresholds: thresholds(&timings),
         started,
         holds: HashMap::new(),
     };
@@ -68,11 +94,11 @@ pub async fn run(
     while !shutdown.is_cancelled() {
         if store.is_closed() {
             tracing::warn!("lost the monitor database connection, reconnecting");
-            (store, feed) = PgStore::from_connection(connect_until(&config, &shutdown).await?);
+            (store, feed) = connect_until(&backend, &shutdown).await?;
         }
         let round = async {
             store.listen(&[Channel::Report, Channel::Request]).await?;
-            decider.round(&mut store).await
+            decider.round(store.as_mut()).await
         };
         if let Err(e) = round.await {
             tracing::warn!(error = %e, "monitor round failed");
@@ -88,18 +114,112 @@ pub async fn run(
     Ok(())
 }
 
+fn thresholds(timings: &MonitorTimings) -> Thresholds {
+    Thresholds {
+        unhealthy_timeout: timings.unhealthy_timeout,
+        startup_grace: timings.startup_grace,
+        catchup_threshold: timings.wal_threshold_bytes,
+        promote_threshold: timings.wal_threshold_bytes,
+        router_drain_timeout: timings.router_drain_timeout,
+        upstream_silence_timeout: timings.upstream_silence_timeout,
+    }
+}
+
+/// How long the leading service's lease lasts without renewal: a service
+/// that stops (killed, paused, cut off) is replaced about this long after.
+pub const LEADER_TTL: Duration = Duration::from_secs(2);
+
+/// The monitor service on etcd: services on the same prefix elect a leader
+/// (a lease-held key); only the leader decides and health-checks, and each
+/// of its writes holds only while it still leads, so a paused old leader
+/// that wakes up writes nothing. A new leader starts from the stored state
+/// and gives nodes the startup grace, as a restarted monitor does.
+async fn run_etcd(
+    uri: &str,
+    timings: MonitorTimings,
+    shutdown: CancellationToken,
+) -> Result<(), MonitorError> {
+    let name = format!("monitor service pid {}", std::process::id());
+    let mut decider = Decider {
+        thresholds: thresholds(&timings),
+        started: Instant::now(),
+        holds: HashMap::new(),
+    };
+    while !shutdown.is_cancelled() {
+        let opened = async {
+            let (mut store, feed) = EtcdStore::open(uri).await?;
+            store.migrate().await?;
+            Ok::<_, MonitorError>((store, feed))
+        };
+        let (store, mut feed) = match opened.await {
+            Ok(opened) => opened,
+            Err(e) => {
+                tracing::warn!(error = %e, "etcd not reachable");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                continue;
+            }
+        };
+        let leadership = match store.campaign(&name, LEADER_TTL, &shutdown).await {
+            Ok(Some(leadership)) => leadership,
+            Ok(None) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, "campaign failed");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        decider.started = Instant::now();
+        decider.holds.clear();
+        let store = Arc::new(store);
+        let health = tokio::spawn(
+            health_checks(
+                Backend::EtcdLeader(store.clone()),
+                timings.clone(),
+                shutdown.clone(),
+            )
+            .instrument(tracing::info_span!("health_checks")),
+        );
+        let mut writer: Box<dyn MonitorStore> = Box::new(store.share());
+        tracing::info!("monitor service running on etcd, leading");
+        while !shutdown.is_cancelled() && !leadership.lost() && !writer.is_closed() {
+            let round = async {
+                // The feed is the leader connection's: listen there.
+                store.listen(&[Channel::Report, Channel::Request]).await?;
+                decider.round(writer.as_mut()).await
+            };
+            if let Err(e) = round.await {
+                tracing::warn!(error = %e, "monitor round failed");
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = feed.next(timings.tick) => {}
+            }
+            while feed.try_next().is_some() {}
+        }
+        health.abort();
+        if leadership.lost() {
+            tracing::warn!("no longer leading the monitor services: campaigning again");
+        }
+    }
+    tracing::info!("monitor service stopped");
+    Ok(())
+}
+
 async fn connect_until(
-    config: &Config,
+    backend: &Backend,
     shutdown: &CancellationToken,
-) -> Result<pgconn::Connection, MonitorError> {
+) -> Result<(Box<dyn MonitorStore>, ChangeFeed), MonitorError> {
     let mut delay = Duration::from_millis(100);
     loop {
-        match pgconn::connect(config.clone(), Duration::from_secs(2)).await {
+        match backend.open().await {
             Ok(c) => return Ok(c),
             Err(e) => {
                 tracing::debug!(error = %e, "monitor database not reachable yet");
                 tokio::select! {
-                    _ = shutdown.cancelled() => return Err(e.into()),
+                    _ = shutdown.cancelled() => return Err(e),
                     _ = tokio::time::sleep(delay) => {}
                 }
                 delay = (delay * 2).min(Duration::from_secs(1));
@@ -368,20 +488,17 @@ fn parse_operation(
 
 /// Health checks: connect to every node each period; a node is `bad` after
 /// `health_check_failures` consecutive failures and `good` after one success.
-async fn health_checks(config: Config, timings: MonitorTimings, shutdown: CancellationToken) {
+async fn health_checks(backend: Backend, timings: MonitorTimings, shutdown: CancellationToken) {
     let mut failures: HashMap<i64, u32> = HashMap::new();
-    let mut store: Option<PgStore> = None;
+    let mut store: Option<Box<dyn MonitorStore>> = None;
     while !shutdown.is_cancelled() {
         let round_start = Instant::now();
         if store.as_ref().is_none_or(|s| s.is_closed()) {
             // This connection listens to nothing: its feed is dropped.
-            store = pgconn::connect(config.clone(), Duration::from_secs(2))
-                .await
-                .ok()
-                .map(|c| PgStore::from_connection(c).0);
+            store = backend.open().await.ok().map(|(store, _)| store);
         }
         if let Some(s) = &store {
-            if let Err(e) = health_round(s, &timings, &mut failures).await {
+            if let Err(e) = health_round(s.as_ref(), &timings, &mut failures).await {
                 tracing::warn!(error = %e, "health check round failed");
             }
         }

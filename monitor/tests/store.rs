@@ -13,7 +13,7 @@ use hapg_monitor::store::{
     ChangeFeed, Channel, GroupWrite, NewRequest, RequestAnswer, RequestStatus, Written,
 };
 use hapg_monitor::{MonitorStore, NodeState};
-use support::PgMonitor;
+use support::{Etcd, PgMonitor};
 
 const FORMATION: &str = "default";
 
@@ -286,6 +286,32 @@ async fn postgres_racing_writers_apply_one_decision() {
     racing_writers_apply_one_decision(&mut a, &mut b).await;
 }
 
+/// Drops the node `name` (so that the next round can register it again).
+async fn remove(store: &mut dyn MonitorStore, name: &str) {
+    let node = store.node_by_name(FORMATION, name).await.expect("node");
+    let read = store
+        .group_snapshot(FORMATION, node.group_id)
+        .await
+        .expect("read");
+    let removed = store
+        .apply(
+            FORMATION,
+            node.group_id,
+            &read.version,
+            GroupWrite::Remove {
+                node_id: node.node_id,
+                reason: "next round".to_string(),
+            },
+        )
+        .await
+        .expect("remove");
+    assert_eq!(removed, Written::Applied);
+    assert!(
+        store.node_by_name(FORMATION, name).await.is_err(),
+        "removed"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_requests_are_answered_once() {
     let monitor = PgMonitor::start().await;
@@ -293,27 +319,35 @@ async fn postgres_requests_are_answered_once() {
         let (mut a, _) = monitor.store().await;
         let (mut b, _) = monitor.store().await;
         requests_are_answered_once(&mut a, &mut b).await;
-        // Each round registers a node of its own name: drop it for the next.
-        let (mut c, _) = monitor.store().await;
-        let node = c.node_by_name(FORMATION, "req_1").await.expect("node");
-        let read = c
-            .group_snapshot(FORMATION, node.group_id)
-            .await
-            .expect("read");
-        let removed = c
-            .apply(
-                FORMATION,
-                node.group_id,
-                &read.version,
-                GroupWrite::Remove {
-                    node_id: node.node_id,
-                    reason: "next round".to_string(),
-                },
-            )
-            .await
-            .expect("remove");
-        assert_eq!(removed, Written::Applied);
+        remove(&mut a, "req_1").await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_racing_writers_apply_one_decision() {
+    let etcd = Etcd::start().await;
+    let (mut a, _) = etcd.store().await;
+    let (mut b, _) = etcd.store().await;
+    racing_writers_apply_one_decision(&mut a, &mut b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_requests_are_answered_once() {
+    let etcd = Etcd::start().await;
+    for _ in 0..5 {
+        let (mut a, _) = etcd.store().await;
+        let (mut b, _) = etcd.store().await;
+        requests_are_answered_once(&mut a, &mut b).await;
+        remove(&mut a, "req_1").await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_reports_are_published() {
+    let etcd = Etcd::start().await;
+    let (store, _) = etcd.store().await;
+    let (listener, mut feed) = etcd.store().await;
+    reports_are_published(&store, &listener, &mut feed).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -322,4 +356,123 @@ async fn postgres_reports_are_published() {
     let (store, _) = monitor.store().await;
     let (listener, mut feed) = monitor.store().await;
     reports_are_published(&store, &listener, &mut feed).await;
+}
+
+/// The etcd store keeps its event log bounded: the oldest events go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_events_are_bounded() {
+    use hapg_monitor::store::etcd::MAX_EVENTS;
+    let etcd = Etcd::start().await;
+    let (store, _) = etcd.store().await;
+    let total = MAX_EVENTS + 120;
+    for i in 0..total {
+        store
+            .group_event(FORMATION, 0, &format!("event number {i:05}"))
+            .await
+            .expect("event");
+    }
+    let events = store
+        .events(FORMATION, i64::try_from(total).expect("count"))
+        .await
+        .expect("events");
+    assert!(
+        events.len() <= MAX_EVENTS + 50,
+        "{} events kept, bound {MAX_EVENTS}",
+        events.len()
+    );
+    assert!(
+        events.len() >= MAX_EVENTS,
+        "no more than the excess trimmed"
+    );
+    let first = events.first().expect("events").description.clone();
+    let last = events.last().expect("events").description.clone();
+    assert_eq!(
+        last,
+        format!("event number {:05}", total - 1),
+        "the newest stays"
+    );
+    assert_ne!(first, "event number 00000", "the oldest went");
+    assert!(
+        events.windows(2).all(|w| w[0].event_id < w[1].event_id),
+        "in order"
+    );
+}
+
+/// Monitor services on etcd elect a leader with a lease; a leader whose
+/// lease lapsed (paused, cut off) and that wakes up writes nothing, even on
+/// what it reads afresh; the next leader takes over within the lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_a_leader_whose_lease_lapsed_writes_nothing() {
+    let etcd = Etcd::start().await;
+    let (mut a, _) = etcd.store().await;
+    let (mut b, _) = etcd.store().await;
+    let (n1, group) = register(&a, "fence_1", 15031).await;
+    let ttl = Duration::from_secs(2);
+    let token = tokio_util::sync::CancellationToken::new();
+    let lead_a = a
+        .campaign("a", ttl, &token)
+        .await
+        .expect("campaign a")
+        .expect("a leads");
+    assert!(
+        tokio::time::timeout(ttl * 2, b.campaign("b", ttl, &token))
+            .await
+            .is_err(),
+        "b does not lead while a's lease is kept alive"
+    );
+    let decide = |goal_state: NodeState, reason: &str| GroupWrite::Assign {
+        assignments: vec![goal(n1, goal_state, reason.to_string())],
+        end_drain: false,
+    };
+    let read = a.group_snapshot(FORMATION, group).await.expect("read");
+    let written = a
+        .apply(
+            FORMATION,
+            group,
+            &read.version,
+            decide(NodeState::Single, "a leading"),
+        )
+        .await
+        .expect("a writes");
+    assert_eq!(written, Written::Applied);
+
+    // a stops renewing its lease, as a paused process does.
+    let paused = std::time::Instant::now();
+    drop(lead_a);
+    let lead_b = tokio::time::timeout(ttl * 3, b.campaign("b", ttl, &token))
+        .await
+        .expect("b takes over within the lease and its polling")
+        .expect("campaign b")
+        .expect("b leads");
+    let takeover = paused.elapsed();
+    eprintln!("b leads {takeover:?} after a stopped renewing (ttl {ttl:?})");
+
+    // a wakes up and decides on a fresh read: refused, nothing written.
+    let read = a.group_snapshot(FORMATION, group).await.expect("read");
+    let late = a
+        .apply(
+            FORMATION,
+            group,
+            &read.version,
+            decide(NodeState::Demoted, "a after waking"),
+        )
+        .await;
+    assert!(
+        matches!(late, Err(_) | Ok(Written::Stale)),
+        "the old leader's write is refused: {late:?}"
+    );
+    assert_eq!(events_with(&a, "a after waking").await, 0);
+    assert_eq!(a.node(n1).await.expect("node").goal, NodeState::Single);
+    let read = b.group_snapshot(FORMATION, group).await.expect("read");
+    let written = b
+        .apply(
+            FORMATION,
+            group,
+            &read.version,
+            decide(NodeState::Demoted, "b leading"),
+        )
+        .await
+        .expect("b writes");
+    assert_eq!(written, Written::Applied);
+    assert!(!lead_b.lost());
 }

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument;
 
 use bytes::BytesMut;
 use hapg_config::router::RouterConfig;
@@ -383,7 +384,14 @@ async fn serve_client(
     let connect_time = std::time::SystemTime::now();
     let rt = shared.runtime.load_full();
     let started = tokio::select! {
-        r = tokio::time::timeout(rt.config.login_timeout(), startup::start(&shared, &rt, tcp, peer)) => r,
+        // The handshake's log lines name the client (`client` in JSON
+        // logs); the relay after it is not instrumented, to keep span
+        // enter and exit off the per-message path.
+        r = tokio::time::timeout(
+            rt.config.login_timeout(),
+            startup::start(&shared, &rt, tcp, peer)
+                .instrument(tracing::info_span!("client", client = %peer)),
+        ) => r,
         _ = kill.cancelled() => return,
     };
     drop(rt);

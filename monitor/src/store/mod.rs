@@ -11,6 +11,7 @@
 //! meanwhile the store refuses with [`Written::Stale`], and the writer reads
 //! again. Two writers can never both apply a decision.
 
+pub mod etcd;
 pub mod postgres;
 pub mod rows;
 

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
+use hapg_monitor::store::etcd::EtcdStore;
 use hapg_monitor::store::postgres::PgStore;
 use hapg_monitor::store::ChangeFeed;
 use hapg_monitor::MonitorStore;
@@ -170,5 +171,77 @@ impl Drop for PgMonitor {
             .arg(self.dir.path().join("data"))
             .args(["-m", "immediate", "-w", "stop"])
             .output();
+    }
+}
+
+/// A one-member etcd cluster on free loopback ports in a temporary
+/// directory; killed on drop.
+pub struct Etcd {
+    _dir: tempfile::TempDir,
+    child: std::process::Child,
+    client_port: u16,
+}
+
+impl Etcd {
+    pub async fn start() -> Etcd {
+        let mut last = String::new();
+        for _ in 0..5 {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let (client_port, peer_port) = (free_port(), free_port());
+            let client = format!("http://127.0.0.1:{client_port}");
+            let peer = format!("http://127.0.0.1:{peer_port}");
+            let log = std::fs::File::create(dir.path().join("etcd.log")).expect("log file");
+            let child = Command::new("etcd")
+                .arg("--name=store-test")
+                .arg(format!("--data-dir={}", dir.path().join("data").display()))
+                .arg(format!("--listen-client-urls={client}"))
+                .arg(format!("--advertise-client-urls={client}"))
+                .arg(format!("--listen-peer-urls={peer}"))
+                .arg(format!("--initial-advertise-peer-urls={peer}"))
+                .arg(format!("--initial-cluster=store-test={peer}"))
+                .stdout(log.try_clone().expect("log file"))
+                .stderr(log)
+                .spawn()
+                .expect("run etcd (Debian package etcd-server)");
+            let mut etcd = Etcd {
+                _dir: dir,
+                child,
+                client_port,
+            };
+            // Ready when a store can open it: bounded wait.
+            for _ in 0..100 {
+                if let Ok(Ok(_)) =
+                    tokio::time::timeout(Duration::from_secs(2), EtcdStore::open(&etcd.uri())).await
+                {
+                    let (mut store, _) = EtcdStore::open(&etcd.uri()).await.expect("open");
+                    store.migrate().await.expect("migrate");
+                    return etcd;
+                }
+                if etcd.child.try_wait().ok().flatten().is_some() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            last = std::fs::read_to_string(etcd._dir.path().join("etcd.log")).unwrap_or_default();
+        }
+        panic!("etcd did not start: {last}");
+    }
+
+    pub fn uri(&self) -> String {
+        format!("etcd://127.0.0.1:{}/hapg-test", self.client_port)
+    }
+
+    /// A new store connection, as a client makes one.
+    pub async fn store(&self) -> (EtcdStore, ChangeFeed) {
+        EtcdStore::connect(&self.uri())
+            .await
+            .expect("connect the store")
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
