@@ -84,7 +84,7 @@ pub struct Router {
 }
 
 /// Counts a live client; decrements on drop.
-struct ClientSlot(Arc<Shared>);
+pub(crate) struct ClientSlot(pub(crate) Arc<Shared>);
 
 impl Drop for ClientSlot {
     fn drop(&mut self) {
@@ -109,6 +109,12 @@ impl Router {
     /// The routing table as last read from the monitor.
     pub fn routing(&self) -> Arc<Routing> {
         self.shared.routing.load()
+    }
+
+    /// The read-only port's eligible standbys, with this router's read
+    /// sessions on each (node id, sessions).
+    pub fn read_pool(&self) -> Vec<(i64, usize)> {
+        self.shared.read_pool.sessions()
     }
 
     /// Client connections open now.
@@ -243,6 +249,8 @@ impl Router {
             self.shared.clone(),
             follower_stop.clone(),
         ));
+        let read_port =
+            crate::read_port::start(&self.shared, &tasks, &shutdown, &kill, &follower_stop)?;
         tracing::info!(listen = %local, "router accepting connections");
         let mut backoff = Duration::from_millis(5);
         loop {
@@ -280,7 +288,7 @@ impl Router {
             // Boxed: the session's future is several KB, and the task
             // machinery would otherwise copy it a few times per connection.
             tasks.spawn(Box::pin(async move {
-                serve_client(shared, tcp, peer, s, k).await;
+                serve_client(shared, tcp, peer, s, k, false).await;
                 drop(slot);
             }));
         }
@@ -303,11 +311,14 @@ impl Router {
         follower_stop.cancel();
         let _ = follower.await;
         let _ = maintenance.await;
+        for task in read_port {
+            let _ = task.await;
+        }
         Ok(())
     }
 }
 
-async fn refuse(mut tcp: TcpStream, max: usize, slot: ClientSlot) {
+pub(crate) async fn refuse(mut tcp: TcpStream, max: usize, slot: ClientSlot) {
     let mut buf = BytesMut::new();
     ClientError::fatal(
         sqlstate::TOO_MANY_CONNECTIONS,
@@ -343,19 +354,20 @@ fn advertised(local: SocketAddr) -> String {
 
 /// Serves one accepted connection to its end: the startup handshake, then
 /// the session.
-async fn serve_client(
+pub(crate) async fn serve_client(
     shared: Arc<Shared>,
     tcp: TcpStream,
     peer: SocketAddr,
     shutdown: CancellationToken,
     kill: CancellationToken,
+    read_only: bool,
 ) {
     if let Err(e) = net::tune(&tcp) {
         tracing::debug!(error = %e, "could not tune client socket");
     }
     let rt = shared.runtime.load_full();
     let started = tokio::select! {
-        r = tokio::time::timeout(rt.config.login_timeout(), startup::start(&shared, &rt, tcp, peer)) => r,
+        r = tokio::time::timeout(rt.config.login_timeout(), startup::start(&shared, &rt, tcp, peer, read_only)) => r,
         _ = kill.cancelled() => return,
     };
     drop(rt);
@@ -363,9 +375,12 @@ async fn serve_client(
         Err(_) => tracing::info!(%peer, "client did not complete its startup in time"),
         Ok(Err(crate::client::Ended)) | Ok(Ok(None)) => {}
         Ok(Ok(Some((client, ready)))) => {
-            Session::new(shared, client, ready, shutdown, kill)
-                .run()
-                .await;
+            let session = Session::new(shared, client, ready, shutdown, kill);
+            if read_only {
+                session.read_only().run().await;
+            } else {
+                session.run().await;
+            }
         }
     }
 }

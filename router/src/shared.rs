@@ -18,6 +18,7 @@ use crate::cancel::CancelRegistry;
 use crate::error::RouterError;
 use crate::params::LastParams;
 use crate::pool::{Opener, Pools};
+use crate::read_pool::ReadPool;
 use crate::routing::RoutingTable;
 use crate::server::ServerConn;
 use crate::tls;
@@ -80,6 +81,8 @@ pub(crate) struct Shared {
     pub restart_follower: Arc<Notify>,
     /// `router.address` as registered: set when serving starts.
     pub registered_address: Mutex<String>,
+    /// The standbys the read-only port may use (empty while it is off).
+    pub read_pool: ReadPool,
 }
 
 impl Shared {
@@ -95,6 +98,7 @@ impl Shared {
             clients: AtomicUsize::new(0),
             restart_follower: Arc::new(Notify::new()),
             registered_address: Mutex::new(String::new()),
+            read_pool: ReadPool::default(),
         }
     }
 

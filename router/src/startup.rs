@@ -198,6 +198,7 @@ pub(crate) async fn start(
     rt: &Runtime,
     tcp: TcpStream,
     peer: std::net::SocketAddr,
+    read_only: bool,
 ) -> Result<Option<(ClientConn, Ready)>, Ended> {
     let Some((mut client, startup)) = negotiate(shared, rt, tcp).await? else {
         return Ok(None);
@@ -205,7 +206,12 @@ pub(crate) async fn start(
     let (user, database) = check_startup(&mut client, &startup).await?;
     log_in(&mut client, rt, &user, peer).await?;
     let login = server_login(rt, &user, database, &startup);
-    let server = first_server(shared, rt, &login, &mut client).await?;
+    // A read-only session picks its standby at its first statement.
+    let server = if read_only {
+        None
+    } else {
+        first_server(shared, rt, &login, &mut client).await?
+    };
     let known = match &server {
         Some(conn) => {
             shared.last_params.remember(&conn.params);
