@@ -27,10 +27,7 @@ use tokio::sync::watch;
 
 use crate::pool::Pools;
 use crate::routing::{Primary, RoutingTable};
-use crate::server::ServerConn;
-
-/// The first epoch of a read route (see the module comment).
-pub(crate) const READ_EPOCH_BASE: i64 = 1 << 48;
+use crate::server::{ServerConn, READ_EPOCH_BASE};
 
 /// The lag bounds of `[read_only]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
