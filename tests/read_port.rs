@@ -38,7 +38,7 @@ async fn new_read(uri: &str) -> (tokio_postgres::Client, (bool, i32)) {
 }
 
 /// Waits (bounded) until new read sessions land on every one of `ports`.
-async fn wait_pool(uri: &str, ports: &[i32], what: &str) {
+async fn wait_pool(uri: &str, ports: &[i32], what: &str) -> Result<(), String> {
     let deadline = Instant::now() + STEP;
     loop {
         let mut seen = Vec::new();
@@ -51,12 +51,13 @@ async fn wait_pool(uri: &str, ports: &[i32], what: &str) {
             held.push(c);
         }
         if ports.iter().all(|p| seen.contains(p)) {
-            return;
+            return Ok(());
         }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: new read sessions went to {seen:?}, not to all of {ports:?}"
-        );
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "{what}: new read sessions went to {seen:?}, not to all of {ports:?}"
+            ));
+        }
         drop(held);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -94,7 +95,8 @@ async fn read_port_balances_follows_lag_falls_back_and_survives_a_switchover() {
         "router",
         &format!(
             "pause_timeout_ms = 5000\nlisten_read_only = \"127.0.0.1:{read_port}\"\n\n\
-             [read_only]\nmax_lag_bytes = 1048576\nlag_check_interval_ms = 200\nfallback = \"primary\"\n"
+             [read_only]\nmax_lag_bytes = 1048576\nlag_check_interval_ms = 200\nfallback = \"primary\"\n\n\
+             [pool]\npool_size = 80\n"
         ),
     );
     let uri = router.uri("appdb");
@@ -106,7 +108,9 @@ async fn read_port_balances_follows_lag_falls_back_and_survives_a_switchover() {
         cluster.node("node_c").port as i32,
     );
     let on_a = direct_uri(&cluster, "node_a");
-    wait_pool(&read_uri, &[b, c], "both standbys in the read pool").await;
+    wait_pool(&read_uri, &[b, c], "both standbys in the read pool")
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.log(&router.name)));
 
     // 40 read sessions, held open, spread over the two standbys.
     let mut sessions = Vec::new();
@@ -167,7 +171,8 @@ async fn read_port_balances_follows_lag_falls_back_and_survives_a_switchover() {
         &[b, c],
         "node_b back in the read pool after resume",
     )
-    .await;
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", cluster.log(&router.name)));
     drop(sessions);
 
     // Both standbys out of the read pool: each fallback.
@@ -263,7 +268,9 @@ async fn read_port_balances_follows_lag_falls_back_and_survives_a_switchover() {
     on_b.batch_execute("SELECT pg_wal_replay_resume()")
         .await
         .expect("resume node_b");
-    wait_pool(&read_uri, &[b, c], "both standbys back").await;
+    wait_pool(&read_uri, &[b, c], "both standbys back")
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.log(&router.name)));
 
     // Reads during a switchover: never on a node out of the read pool,
     // never an error.

@@ -44,6 +44,8 @@ pub(crate) struct ReplayCheck {
     pub in_recovery: bool,
     /// `pg_last_wal_replay_lsn()` on the standby.
     pub replay_lsn: u64,
+    /// `pg_last_wal_receive_lsn()` on the standby.
+    pub receive_lsn: Option<u64>,
     /// Time since `pg_last_xact_replay_timestamp()` on the standby.
     pub since_last_replay: Option<Duration>,
     /// `pg_current_wal_lsn()` on the primary, read in the same round.
@@ -135,9 +137,12 @@ pub(crate) fn eligibility(
             max: limits.max_bytes,
         });
     }
-    // A standby that has replayed everything is current however old its
-    // last transaction is (the primary may just be idle).
-    if behind > 0 {
+    // The age of the last replayed transaction is the lag only while the
+    // standby has received WAL it has not replayed: one that replayed all
+    // it received is current however old that transaction is (the primary
+    // may just be idle; the bytes bound covers what it has not received).
+    let replay_behind = check.is_some_and(|c| c.receive_lsn.is_some_and(|r| r > c.replay_lsn));
+    if replay_behind {
         if let Some(age) = check.and_then(|c| c.since_last_replay) {
             if age > limits.max_time {
                 return Err(Ineligible::LagTime {
@@ -248,8 +253,13 @@ impl ReadPool {
     }
 
     /// Publishes the eligible standbys (node id, host, port); the routes of
-    /// the others close. Returns the idle connections to close.
-    pub fn publish(&self, eligible: &[(i64, Arc<str>, u16)]) -> Vec<Box<ServerConn>> {
+    /// the others close (`left`: why each is out, for the log). Returns the
+    /// idle connections to close.
+    pub fn publish(
+        &self,
+        eligible: &[(i64, Arc<str>, u16)],
+        left: &[(i64, String)],
+    ) -> Vec<Box<ServerConn>> {
         let mut routes = self.lock();
         let mut victims = Vec::new();
         let mut now = Vec::with_capacity(eligible.len());
@@ -274,7 +284,7 @@ impl ReadPool {
         let new: Vec<i64> = now.iter().map(|r| r.node_id).collect();
         self.eligible.store(Arc::new(now));
         if old != new {
-            tracing::info!(standbys = ?new, "read pool changed");
+            tracing::info!(standbys = ?new, out = ?left, "read pool changed");
             self.changed.send_modify(|v| *v = v.wrapping_add(1));
         }
         victims
@@ -352,6 +362,7 @@ mod tests {
         ReplayCheck {
             in_recovery,
             replay_lsn: replay,
+            receive_lsn: Some(primary),
             since_last_replay: Some(Duration::from_secs(age_s)),
             primary_lsn: Some(primary),
         }
@@ -465,7 +476,7 @@ mod tests {
     fn sessions_balance_and_a_closed_route_gets_none() {
         let pool = ReadPool::default();
         let a: Arc<str> = "127.0.0.1".into();
-        pool.publish(&[(2, a.clone(), 5433), (3, a.clone(), 5434)]);
+        pool.publish(&[(2, a.clone(), 5433), (3, a.clone(), 5434)], &[]);
         let leases: Vec<Lease> = (0..40).filter_map(|_| pool.pick()).collect();
         assert_eq!(pool.sessions(), vec![(2, 20), (3, 20)]);
         let on_2 = leases
@@ -474,19 +485,19 @@ mod tests {
             .map(|l| l.route.clone());
         let on_2 = on_2.expect("some on node 2");
         assert!(on_2.open_now());
-        pool.publish(&[(3, a.clone(), 5434)]);
+        pool.publish(&[(3, a.clone(), 5434)], &[]);
         assert!(!on_2.open_now(), "node 2 left the pool");
         assert!((0..10)
             .filter_map(|_| pool.pick())
             .all(|l| l.route.node_id == 3));
         drop(leases);
-        pool.publish(&[(2, a.clone(), 5433), (3, a, 5434)]);
+        pool.publish(&[(2, a.clone(), 5433), (3, a, 5434)], &[]);
         assert!(on_2.open_now());
         assert!(
             on_2.table.load().epoch > READ_EPOCH_BASE + 1,
             "a new epoch on return"
         );
-        pool.publish(&[]);
+        pool.publish(&[], &[]);
         assert!(pool.pick().is_none());
     }
 }

@@ -84,6 +84,7 @@ async fn watch_once(
             max_time: config.read_max_lag(),
         };
         let mut eligible = Vec::new();
+        let mut left = Vec::new();
         if let Some(primary) = primary {
             let primary_lsn = check_primary(config, checkers, primary).await;
             for node in nodes
@@ -100,13 +101,11 @@ async fn watch_once(
                         Arc::<str>::from(node.host.as_str()),
                         node.port,
                     )),
-                    Err(why) => {
-                        tracing::debug!(node_id = node.node_id, %why, "standby not in the read pool")
-                    }
+                    Err(why) => left.push((node.node_id, why.to_string())),
                 }
             }
         }
-        let victims = shared.read_pool.publish(&eligible);
+        let victims = shared.read_pool.publish(&eligible, &left);
         if !victims.is_empty() {
             tokio::spawn(crate::pool::close_all(victims));
         }
@@ -179,6 +178,7 @@ async fn check_standby(
     let client = checker(config, checkers, node).await?;
     let sql = "SELECT pg_is_in_recovery(), \
                (pg_last_wal_replay_lsn() - '0/0')::bigint, \
+               (pg_last_wal_receive_lsn() - '0/0')::bigint, \
                extract(epoch from clock_timestamp() - pg_last_xact_replay_timestamp())::float8";
     let row = match tokio::time::timeout(CHECK_TIMEOUT, client.query_one(sql, &[])).await {
         Ok(Ok(row)) => row,
@@ -189,10 +189,12 @@ async fn check_standby(
     };
     let in_recovery: bool = row.get(0);
     let replay: Option<i64> = row.get(1);
-    let age: Option<f64> = row.get(2);
+    let receive: Option<i64> = row.get(2);
+    let age: Option<f64> = row.get(3);
     Some(ReplayCheck {
         in_recovery,
         replay_lsn: replay.and_then(|l| u64::try_from(l).ok()).unwrap_or(0),
+        receive_lsn: receive.and_then(|l| u64::try_from(l).ok()),
         since_last_replay: age.map(|s| Duration::from_secs_f64(s.max(0.0))),
         primary_lsn: None,
     })
