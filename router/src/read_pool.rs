@@ -14,6 +14,9 @@
 //! primary's cut orders (which cut every epoch up to theirs) never reach a
 //! session busy on a standby.
 
+// Connections stay boxed as the pools hold them (see pool/mod.rs).
+#![allow(clippy::vec_box)]
+
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -368,6 +371,9 @@ mod tests {
         }
     }
 
+    /// (name, node, primary's reported LSN, the router's check, expected: Ok or a word of the reason).
+    type Case = (&'static str, NodeRow, u64, Option<ReplayCheck>, Result<(), &'static str>);
+
     #[test]
     fn eligibility_table() {
         use NodeState::*;
@@ -376,7 +382,7 @@ mod tests {
         unhealthy.health = Health::Bad;
         let mut not_streaming = ok.clone();
         not_streaming.upstream_streaming = false;
-        let cases: Vec<(&str, NodeRow, u64, Option<ReplayCheck>, Result<(), &str>)> = vec![
+        let cases: Vec<Case> = vec![
             ("current by the reports", ok.clone(), 5500, None, Ok(())),
             ("priority 0 is eligible", ok.clone(), 5000, None, Ok(())),
             ("unhealthy", unhealthy, 5000, None, Err("unhealthy")),
