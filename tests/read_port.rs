@@ -163,6 +163,9 @@ async fn read_port_balances_follows_lag_falls_back_and_survives_a_switchover() {
             .expect("an idle session on node_b moves without error");
         assert_eq!(at, (true, c), "a session of node_b (was {port})");
     }
+    // The 40 sessions are all on node C now: new ones would all go to node
+    // B (the fewest) and not show node C; without them both get some.
+    drop(sessions);
     on_b.batch_execute("SELECT pg_wal_replay_resume()")
         .await
         .expect("resume node_b");
@@ -173,7 +176,6 @@ async fn read_port_balances_follows_lag_falls_back_and_survives_a_switchover() {
     )
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", cluster.log(&router.name)));
-    drop(sessions);
 
     // Both standbys out of the read pool: each fallback.
     let on_c = connect(&direct_uri(&cluster, "node_c"))

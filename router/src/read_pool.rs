@@ -47,10 +47,10 @@ pub(crate) struct ReplayCheck {
     pub in_recovery: bool,
     /// `pg_last_wal_replay_lsn()` on the standby.
     pub replay_lsn: u64,
-    /// `pg_last_wal_receive_lsn()` on the standby.
-    pub receive_lsn: Option<u64>,
-    /// Time since `pg_last_xact_replay_timestamp()` on the standby.
-    pub since_last_replay: Option<Duration>,
+    /// How long the standby has been behind: since the router's earliest
+    /// reading of the primary's LSN that it has not replayed yet (see
+    /// [`PrimaryHistory`]).
+    pub behind_for: Option<Duration>,
     /// `pg_current_wal_lsn()` on the primary, read in the same round.
     pub primary_lsn: Option<u64>,
 }
@@ -140,22 +140,55 @@ pub(crate) fn eligibility(
             max: limits.max_bytes,
         });
     }
-    // The age of the last replayed transaction is the lag only while the
-    // standby has received WAL it has not replayed: one that replayed all
-    // it received is current however old that transaction is (the primary
-    // may just be idle; the bytes bound covers what it has not received).
-    let replay_behind = check.is_some_and(|c| c.receive_lsn.is_some_and(|r| r > c.replay_lsn));
-    if replay_behind {
-        if let Some(age) = check.and_then(|c| c.since_last_replay) {
-            if age > limits.max_time {
-                return Err(Ineligible::LagTime {
-                    behind: age,
-                    max: limits.max_time,
-                });
-            }
+    // Not the age of `pg_last_xact_replay_timestamp()`: that is the
+    // primary's commit time, which ages on an idle primary while the
+    // standby is current.
+    if let Some(age) = check.and_then(|c| c.behind_for) {
+        if age > limits.max_time {
+            return Err(Ineligible::LagTime {
+                behind: age,
+                max: limits.max_time,
+            });
         }
     }
     Ok(())
+}
+
+/// The router's recent readings of the primary's `pg_current_wal_lsn()`:
+/// a standby that has not replayed up to a reading taken at `t` has been
+/// behind since `t` at least.
+#[derive(Debug, Default)]
+pub(crate) struct PrimaryHistory {
+    /// (when, LSN), oldest first.
+    samples: std::collections::VecDeque<(std::time::Instant, u64)>,
+}
+
+impl PrimaryHistory {
+    /// Notes a reading; readings older than `keep` go (the newest stays).
+    pub fn record(&mut self, now: std::time::Instant, lsn: u64, keep: Duration) {
+        if self.samples.back().is_some_and(|(_, l)| *l == lsn) {
+            // Unchanged: the older reading tells since when.
+        } else {
+            self.samples.push_back((now, lsn));
+        }
+        while self.samples.len() > 1
+            && self
+                .samples
+                .front()
+                .is_some_and(|(t, _)| now.saturating_duration_since(*t) > keep)
+        {
+            self.samples.pop_front();
+        }
+    }
+
+    /// How long a standby that replayed up to `replay` has been behind;
+    /// none when it has replayed the newest reading.
+    pub fn behind_for(&self, now: std::time::Instant, replay: u64) -> Option<Duration> {
+        self.samples
+            .iter()
+            .find(|(_, lsn)| *lsn > replay)
+            .map(|(t, _)| now.saturating_duration_since(*t))
+    }
 }
 
 /// One standby's route: its routing table, its pools, and the read
@@ -365,14 +398,19 @@ mod tests {
         ReplayCheck {
             in_recovery,
             replay_lsn: replay,
-            receive_lsn: Some(primary),
-            since_last_replay: Some(Duration::from_secs(age_s)),
+            behind_for: (replay < primary).then_some(Duration::from_secs(age_s)),
             primary_lsn: Some(primary),
         }
     }
 
     /// (name, node, primary's reported LSN, the router's check, expected: Ok or a word of the reason).
-    type Case = (&'static str, NodeRow, u64, Option<ReplayCheck>, Result<(), &'static str>);
+    type Case = (
+        &'static str,
+        NodeRow,
+        u64,
+        Option<ReplayCheck>,
+        Result<(), &'static str>,
+    );
 
     #[test]
     fn eligibility_table() {
@@ -462,6 +500,31 @@ mod tests {
                 (got, want) => panic!("{name}: got {got:?}, want {want:?}"),
             }
         }
+    }
+
+    #[test]
+    fn the_time_behind_counts_from_the_first_reading_not_replayed() {
+        let t0 = std::time::Instant::now();
+        let s = Duration::from_secs;
+        let mut h = PrimaryHistory::default();
+        h.record(t0, 100, s(60));
+        h.record(t0 + s(1), 100, s(60));
+        assert_eq!(
+            h.behind_for(t0 + s(30), 100),
+            None,
+            "idle primary, current standby"
+        );
+        h.record(t0 + s(31), 200, s(60));
+        h.record(t0 + s(32), 300, s(60));
+        assert_eq!(h.behind_for(t0 + s(33), 150), Some(s(2)));
+        assert_eq!(h.behind_for(t0 + s(33), 250), Some(s(1)));
+        assert_eq!(h.behind_for(t0 + s(33), 300), None);
+        h.record(t0 + s(200), 300, s(60));
+        assert_eq!(
+            h.behind_for(t0 + s(200), 250),
+            Some(s(168)),
+            "the newest reading stays"
+        );
     }
 
     #[test]

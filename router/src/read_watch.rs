@@ -2,8 +2,9 @@
 //! port is on: every `[read_only] lag_check_interval_ms`, and at once on a
 //! state change the monitor announces, it reads the formation's nodes from
 //! the monitor, checks the candidate standbys itself (`pg_is_in_recovery()`,
-//! `pg_last_wal_replay_lsn()`, `pg_last_xact_replay_timestamp()`) against
-//! the primary's `pg_current_wal_lsn()`, and publishes the eligible set. A
+//! `pg_last_wal_replay_lsn()`) against the primary's `pg_current_wal_lsn()`
+//! (its lag in time: since the earliest reading of the primary's LSN it has
+//! not replayed, see `PrimaryHistory`), and publishes the eligible set. A
 //! standby whose replay is paused is so noticed between the keepers'
 //! reports, and one promoted under the router leaves the pool as soon as
 //! either the monitor or the node itself says so.
@@ -20,7 +21,7 @@ use hapg_monitor::store::{Channel, NodeRow};
 use hapg_monitor::MonitorClient;
 use tokio_util::sync::CancellationToken;
 
-use crate::read_pool::{eligibility, LagLimits, ReplayCheck};
+use crate::read_pool::{eligibility, LagLimits, PrimaryHistory, ReplayCheck};
 use crate::shared::Shared;
 
 /// Budget of one connection attempt round to the monitor.
@@ -34,9 +35,10 @@ type Checkers = HashMap<i64, tokio_postgres::Client>;
 /// Follows the standbys until `stop`.
 pub(crate) async fn watch_standbys(shared: Arc<Shared>, stop: CancellationToken) {
     let mut checkers = Checkers::new();
+    let mut history = PrimaryHistory::default();
     let mut failures = 0u32;
     while !stop.is_cancelled() {
-        match watch_once(&shared, &mut checkers, &stop).await {
+        match watch_once(&shared, &mut checkers, &mut history, &stop).await {
             Ok(()) => return,
             Err(e) => {
                 failures += 1;
@@ -55,6 +57,7 @@ pub(crate) async fn watch_standbys(shared: Arc<Shared>, stop: CancellationToken)
 async fn watch_once(
     shared: &Shared,
     checkers: &mut Checkers,
+    history: &mut PrimaryHistory,
     stop: &CancellationToken,
 ) -> Result<(), String> {
     let monitor = shared.runtime.load().config.router.monitor.clone();
@@ -87,12 +90,21 @@ async fn watch_once(
         let mut left = Vec::new();
         if let Some(primary) = primary {
             let primary_lsn = check_primary(config, checkers, primary).await;
+            let now = std::time::Instant::now();
+            if let Some(lsn) = primary_lsn {
+                history.record(
+                    now,
+                    lsn,
+                    config.read_max_lag() * 2 + Duration::from_secs(10),
+                );
+            }
             for node in nodes
                 .iter()
                 .filter(|n| n.group_id == primary.group_id && n.node_id != primary.node_id)
             {
                 let check = check_standby(config, checkers, node).await.map(|mut c| {
                     c.primary_lsn = primary_lsn;
+                    c.behind_for = history.behind_for(now, c.replay_lsn);
                     c
                 });
                 match eligibility(node, primary.lsn, check.as_ref(), limits) {
@@ -176,10 +188,7 @@ async fn check_standby(
     node: &NodeRow,
 ) -> Option<ReplayCheck> {
     let client = checker(config, checkers, node).await?;
-    let sql = "SELECT pg_is_in_recovery(), \
-               (pg_last_wal_replay_lsn() - '0/0')::bigint, \
-               (pg_last_wal_receive_lsn() - '0/0')::bigint, \
-               extract(epoch from clock_timestamp() - pg_last_xact_replay_timestamp())::float8";
+    let sql = "SELECT pg_is_in_recovery(), (pg_last_wal_replay_lsn() - '0/0')::bigint";
     let row = match tokio::time::timeout(CHECK_TIMEOUT, client.query_one(sql, &[])).await {
         Ok(Ok(row)) => row,
         _ => {
@@ -189,13 +198,10 @@ async fn check_standby(
     };
     let in_recovery: bool = row.get(0);
     let replay: Option<i64> = row.get(1);
-    let receive: Option<i64> = row.get(2);
-    let age: Option<f64> = row.get(3);
     Some(ReplayCheck {
         in_recovery,
         replay_lsn: replay.and_then(|l| u64::try_from(l).ok()).unwrap_or(0),
-        receive_lsn: receive.and_then(|l| u64::try_from(l).ok()),
-        since_last_replay: age.map(|s| Duration::from_secs_f64(s.max(0.0))),
+        behind_for: None,
         primary_lsn: None,
     })
 }
