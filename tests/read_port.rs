@@ -329,3 +329,46 @@ async fn read_port_balances_follows_lag_falls_back_and_survives_a_switchover() {
     eprintln!("switchover: {total} reads through the read port, none on a primary, no error");
     assert!(total > 100, "{total} reads");
 }
+
+/// Transaction mode: each transaction of one read session picks its standby
+/// again (the two are tied at no other session: at random), so one client's
+/// transactions reach both standbys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_port_in_transaction_mode_picks_a_standby_per_transaction() {
+    let cluster = Cluster::formation(&["node_a", "node_b", "node_c"], STEP);
+    let read_port = free_port();
+    let router = cluster.start_router(
+        "router",
+        &format!(
+            "listen_read_only = \"127.0.0.1:{read_port}\"\n\n\
+             [read_only]\nlag_check_interval_ms = 200\n\n[pool]\nmode = \"transaction\"\n"
+        ),
+    );
+    wait_writable(&router.uri("appdb"), STEP).await;
+    let read_uri = format!("postgres://postgres@127.0.0.1:{read_port}/appdb");
+    let (b, c) = (
+        cluster.node("node_b").port as i32,
+        cluster.node("node_c").port as i32,
+    );
+    let deadline = Instant::now() + STEP;
+    let client = connect(&read_uri).await.expect("connect to the read port");
+    let mut seen: BTreeMap<i32, usize> = BTreeMap::new();
+    loop {
+        seen.clear();
+        for _ in 0..30 {
+            let (rec, port) = where_served(&client).await.expect("read");
+            if rec {
+                *seen.entry(port).or_default() += 1;
+            }
+        }
+        if seen.contains_key(&b) && seen.contains_key(&c) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "one session's transactions went to {seen:?}, not to both standbys"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!("transaction mode, one session, 30 transactions: {seen:?}");
+}
