@@ -37,6 +37,54 @@ pub struct RouterConfig {
     /// The Prometheus endpoint.
     #[serde(default)]
     pub metrics: MetricsSection,
+    /// The read-only port's standbys: lag bounds and fallback.
+    #[serde(default)]
+    pub read_only: ReadOnlySection,
+}
+
+/// What a read-only session gets when no standby is eligible.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReadFallback {
+    /// The primary serves it (reads stay available, at the primary's cost).
+    #[default]
+    Primary,
+    /// It waits for an eligible standby, up to `router.pause_timeout_ms`.
+    Wait,
+    /// It fails at once.
+    Error,
+}
+
+/// The `[read_only]` section: which standbys the read-only port
+/// (`router.listen_read_only`) may use.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReadOnlySection {
+    /// A standby further behind the primary than this many bytes of WAL
+    /// gets no read session.
+    #[serde(default = "default_max_lag_bytes")]
+    pub max_lag_bytes: u64,
+    /// A standby whose last replayed transaction is older than this (while
+    /// the primary has written since) gets no read session.
+    #[serde(default = "default_max_lag_ms")]
+    pub max_lag_ms: u64,
+    /// How often, at most, the router checks each standby's replay itself.
+    #[serde(default = "default_lag_check_interval_ms")]
+    pub lag_check_interval_ms: u64,
+    /// `primary`, `wait` or `error`.
+    #[serde(default)]
+    pub fallback: ReadFallback,
+}
+
+impl Default for ReadOnlySection {
+    fn default() -> Self {
+        ReadOnlySection {
+            max_lag_bytes: default_max_lag_bytes(),
+            max_lag_ms: default_max_lag_ms(),
+            lag_check_interval_ms: default_lag_check_interval_ms(),
+            fallback: ReadFallback::default(),
+        }
+    }
 }
 
 /// Who reaches the admin console: a client that logs in to the virtual
@@ -144,6 +192,9 @@ pub struct RouterSection {
     /// Address the router registers with the monitor; default the listen address.
     #[serde(default)]
     pub address: Option<String>,
+    /// Address of the read-only port, `host:port` (none: no read-only port).
+    #[serde(default)]
+    pub listen_read_only: Option<String>,
     /// How long a new transaction waits for a writable primary before it fails.
     #[serde(default = "default_pause_timeout_ms")]
     pub pause_timeout_ms: u64,
@@ -370,6 +421,16 @@ fn default_idle_timeout_ms() -> u64 {
 fn default_lifetime_ms() -> u64 {
     3_600_000
 }
+/// 16 MiB: one WAL segment.
+fn default_max_lag_bytes() -> u64 {
+    16 * 1024 * 1024
+}
+fn default_max_lag_ms() -> u64 {
+    5_000
+}
+fn default_lag_check_interval_ms() -> u64 {
+    500
+}
 
 /// A node's connection settings, as the router reads them from the primary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -445,6 +506,7 @@ impl RouterConfig {
     /// Checks every value, naming the first key that is wrong.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.listen_addr()?;
+        self.read_only_addr()?;
         if self.router.monitor.trim().is_empty() {
             return Err(invalid(
                 "router.monitor",
@@ -506,6 +568,24 @@ impl RouterConfig {
                 "server.tcp_keepalive_interval_ms",
                 self.server.tcp_keepalive_interval_ms,
                 1_000,
+                600_000,
+            ),
+            (
+                "read_only.max_lag_bytes",
+                self.read_only.max_lag_bytes,
+                0,
+                1 << 40,
+            ),
+            (
+                "read_only.max_lag_ms",
+                self.read_only.max_lag_ms,
+                0,
+                86_400_000,
+            ),
+            (
+                "read_only.lag_check_interval_ms",
+                self.read_only.lag_check_interval_ms,
+                10,
                 600_000,
             ),
         ] {
@@ -670,6 +750,36 @@ impl RouterConfig {
                 ),
             )
         })
+    }
+
+    /// `router.listen_read_only` as a socket address, if set.
+    pub fn read_only_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        let Some(addr) = &self.router.listen_read_only else {
+            return Ok(None);
+        };
+        let parsed: SocketAddr = addr.parse().map_err(|_| {
+            invalid(
+                "router.listen_read_only",
+                format!("{addr:?} is not an address:port such as 127.0.0.1:6433"),
+            )
+        })?;
+        if self.listen_addr().is_ok_and(|main| main == parsed) {
+            return Err(invalid(
+                "router.listen_read_only",
+                "must differ from router.listen",
+            ));
+        }
+        Ok(Some(parsed))
+    }
+
+    /// `read_only.max_lag_ms` as a duration.
+    pub fn read_max_lag(&self) -> Duration {
+        Duration::from_millis(self.read_only.max_lag_ms)
+    }
+
+    /// `read_only.lag_check_interval_ms` as a duration.
+    pub fn lag_check_interval(&self) -> Duration {
+        Duration::from_millis(self.read_only.lag_check_interval_ms)
     }
 
     /// `router.pause_timeout_ms` as a duration.
@@ -942,6 +1052,45 @@ type = "trust"
         )
         .expect("parses");
         assert_eq!(config.listen_addr().expect("addr").port(), DEFAULT_PORT);
+    }
+
+    #[test]
+    fn read_only_settings_parse_default_and_name_bad_values() {
+        let config = RouterConfig::parse(Path::new("r.toml"), TUTORIAL).expect("parses");
+        assert_eq!(config.router.listen_read_only, None);
+        assert_eq!(config.read_only_addr().expect("ok"), None);
+        assert_eq!(config.read_only.max_lag_bytes, 16 * 1024 * 1024);
+        assert_eq!(config.read_only.max_lag_ms, 5_000);
+        assert_eq!(config.read_only.fallback, ReadFallback::Primary);
+        let text = TUTORIAL.replace(
+            "formation =",
+            "listen_read_only = \"127.0.0.1:6433\"\nformation =",
+        ) + "\n[read_only]\nmax_lag_bytes = 1024\nfallback = \"wait\"\n";
+        let config = RouterConfig::parse(Path::new("r.toml"), &text).expect("parses");
+        assert_eq!(
+            config.read_only_addr().expect("ok").map(|a| a.port()),
+            Some(6433)
+        );
+        assert_eq!(config.read_only.max_lag_bytes, 1024);
+        assert_eq!(config.read_only.fallback, ReadFallback::Wait);
+        for (bad, key) in [
+            ("[read_only]\nfallback = \"nowhere\"\n", "fallback"),
+            ("[read_only]\nmax_lag = 1\n", "max_lag"),
+            (
+                "[read_only]\nlag_check_interval_ms = 0\n",
+                "read_only.lag_check_interval_ms",
+            ),
+        ] {
+            let text = format!("{TUTORIAL}\n{bad}");
+            let err = RouterConfig::parse(Path::new("r.toml"), &text).expect_err("refused");
+            assert!(err.to_string().contains(key), "{bad}: {err}");
+        }
+        let text = TUTORIAL.replace(
+            "formation =",
+            "listen_read_only = \"127.0.0.1:6432\"\nformation =",
+        );
+        let err = RouterConfig::parse(Path::new("r.toml"), &text).expect_err("refused");
+        assert!(err.to_string().contains("router.listen_read_only"), "{err}");
     }
 
     #[test]

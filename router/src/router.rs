@@ -87,7 +87,7 @@ pub struct Router {
 }
 
 /// Counts a live client; decrements on drop.
-struct ClientSlot(Arc<Shared>);
+pub(crate) struct ClientSlot(pub(crate) Arc<Shared>);
 
 impl Drop for ClientSlot {
     fn drop(&mut self) {
@@ -117,6 +117,12 @@ impl Router {
     /// The routing table as last read from the monitor.
     pub fn routing(&self) -> Arc<Routing> {
         self.shared.routing.load()
+    }
+
+    /// The read-only port's eligible standbys, with this router's read
+    /// sessions on each (node id, sessions).
+    pub fn read_pool(&self) -> Vec<(i64, usize)> {
+        self.shared.read_pool.sessions()
     }
 
     /// Client connections open now.
@@ -266,6 +272,8 @@ impl Router {
         if let Ok(mut stop) = self.shared.stop.lock() {
             *stop = Some(shutdown.clone());
         }
+        let read_port =
+            crate::read_port::start(&self.shared, &tasks, &shutdown, &kill, &follower_stop)?;
         tracing::info!(listen = %local, "router accepting connections");
         let mut backoff = Duration::from_millis(5);
         loop {
@@ -303,7 +311,7 @@ impl Router {
             // Boxed: the session's future is several KB, and the task
             // machinery would otherwise copy it a few times per connection.
             tasks.spawn(Box::pin(async move {
-                serve_client(shared, tcp, peer, s, k).await;
+                serve_client(shared, tcp, peer, s, k, false).await;
                 drop(slot);
             }));
         }
@@ -330,11 +338,14 @@ impl Router {
         if let Some(metrics) = metrics {
             let _ = metrics.await;
         }
+        for task in read_port {
+            let _ = task.await;
+        }
         Ok(())
     }
 }
 
-async fn refuse(mut tcp: TcpStream, max: usize, slot: ClientSlot) {
+pub(crate) async fn refuse(mut tcp: TcpStream, max: usize, slot: ClientSlot) {
     let mut buf = BytesMut::new();
     ClientError::fatal(
         sqlstate::TOO_MANY_CONNECTIONS,
@@ -370,12 +381,13 @@ fn advertised(local: SocketAddr) -> String {
 
 /// Serves one accepted connection to its end: the startup handshake, then
 /// the session.
-async fn serve_client(
+pub(crate) async fn serve_client(
     shared: Arc<Shared>,
     tcp: TcpStream,
     peer: SocketAddr,
     shutdown: CancellationToken,
     kill: CancellationToken,
+    read_only: bool,
 ) {
     if let Err(e) = net::tune(&tcp) {
         tracing::debug!(error = %e, "could not tune client socket");
@@ -389,7 +401,7 @@ async fn serve_client(
         // enter and exit off the per-message path.
         r = tokio::time::timeout(
             rt.config.login_timeout(),
-            startup::start(&shared, &rt, tcp, peer)
+            startup::start(&shared, &rt, tcp, peer, read_only)
                 .instrument(tracing::info_span!("client", client = %peer)),
         ) => r,
         _ = kill.cancelled() => return,
@@ -419,9 +431,12 @@ async fn serve_client(
                         waiting_since: Default::default(),
                         kill: kill.clone(),
                     });
-                    Session::new(shared, client, ready, registered, shutdown, kill)
-                        .run()
-                        .await;
+                    let session = Session::new(shared, client, ready, registered, shutdown, kill);
+                    if read_only {
+                        session.read_only().run().await;
+                    } else {
+                        session.run().await;
+                    }
                 }
                 Started::Console(login) => {
                     let registered = shared.registry.register(ClientEntry {

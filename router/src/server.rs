@@ -39,6 +39,11 @@ pub struct Target {
     pub epoch: i64,
 }
 
+/// The first epoch of a read-only route's target (`read_pool.rs`): far
+/// above any primary epoch. A target of such an epoch is a standby, and a
+/// server connection to it must be in recovery.
+pub(crate) const READ_EPOCH_BASE: i64 = 1 << 48;
+
 /// How the router logs into servers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Login {
@@ -71,6 +76,9 @@ pub enum ServerError {
     /// The server is a standby.
     #[error("the server is in recovery (a standby), not a writable primary")]
     InRecovery,
+    /// A read-only route's standby is no longer in recovery (promoted).
+    #[error("the server is not in recovery: it is no longer a standby")]
+    NotInRecovery,
     /// The server wants something the router cannot give.
     #[error("cannot log in: {0}")]
     Auth(String),
@@ -184,17 +192,19 @@ impl ServerConn {
         });
         conn.login(login).await?;
         conn.opened = conn.params.clone();
-        match conn.param("in_hot_standby") {
-            Some("off") => {}
-            Some(_) => return Err(ServerError::InRecovery),
+        let in_recovery = match conn.param("in_hot_standby") {
+            Some("off") => false,
+            Some(_) => true,
             None => {
                 let rows = conn.simple_query("SELECT pg_is_in_recovery()").await?;
-                if rows.first().map(String::as_str) != Some("f") {
-                    return Err(ServerError::InRecovery);
-                }
+                rows.first().map(String::as_str) != Some("f")
             }
+        };
+        match (in_recovery, target.epoch >= READ_EPOCH_BASE) {
+            (true, false) => Err(ServerError::InRecovery),
+            (false, true) => Err(ServerError::NotInRecovery),
+            _ => Ok(conn),
         }
-        Ok(conn)
     }
 
     /// Where a cancel request for this connection goes.

@@ -18,6 +18,7 @@ use crate::cancel::CancelRegistry;
 use crate::error::RouterError;
 use crate::params::LastParams;
 use crate::pool::{Opener, Pools};
+use crate::read_pool::ReadPool;
 use crate::routing::RoutingTable;
 use crate::server::ServerConn;
 use crate::stats::events::Events;
@@ -112,6 +113,8 @@ pub(crate) struct Shared {
     pub events: Events,
     /// Ends the accept loop (`SHUTDOWN` on the console); set when serving starts.
     pub stop: Mutex<Option<tokio_util::sync::CancellationToken>>,
+    /// The standbys the read-only port may use (empty while it is off).
+    pub read_pool: ReadPool,
 }
 
 impl Shared {
@@ -132,6 +135,7 @@ impl Shared {
             stats: Stats::default(),
             registry: Arc::new(ClientRegistry::default()),
             stop: Mutex::new(None),
+            read_pool: ReadPool::default(),
         }
     }
 

@@ -219,6 +219,7 @@ pub(crate) async fn start(
     rt: &Runtime,
     tcp: TcpStream,
     peer: std::net::SocketAddr,
+    read_only: bool,
 ) -> Result<Option<(ClientConn, Started)>, Ended> {
     let Some((mut client, startup)) = negotiate(shared, rt, tcp).await? else {
         return Ok(None);
@@ -231,7 +232,12 @@ pub(crate) async fn start(
             .map(|(client, login)| Some((client, Started::Console(login))));
     }
     let login = server_login(rt, &user, database, &startup);
-    let server = first_server(shared, rt, &login, &mut client).await?;
+    // A read-only session picks its standby at its first statement.
+    let server = if read_only {
+        None
+    } else {
+        first_server(shared, rt, &login, &mut client).await?
+    };
     let known = match &server {
         Some(conn) => {
             shared.last_params.remember(&conn.params);

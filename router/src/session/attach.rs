@@ -87,6 +87,9 @@ pub(crate) enum AttachError {
     /// The router's connections to the primary reached its limit for the
     /// node and stayed in use until the pause timeout.
     NodeFull { limit: NodeLimit, waited: Duration },
+    /// A read-only port session found no eligible standby, and
+    /// `[read_only] fallback = "error"`.
+    NoStandby,
     /// The router is stopping.
     Stopping,
 }
@@ -150,6 +153,11 @@ impl From<AttachError> for ClientError {
                 message,
                 Some("Reconnect to start a new session on the new primary."),
             ),
+            AttachError::NoStandby => ClientError::error(
+                sqlstate::NO_PRIMARY,
+                "no standby is eligible for read-only sessions (read_only.fallback = error)",
+                Some("Every standby is unhealthy, not in the secondary state, or further behind the primary than read_only.max_lag_bytes or read_only.max_lag_ms; retry later, or use the read-write port."),
+            ),
             AttachError::Stopping => ClientError::stopping(),
         }
     }
@@ -200,7 +208,7 @@ impl Session {
         self.cancel.set_target(None);
         self.busy = None;
         self.stmts.reset();
-        if let Some(conn) = self.shared.checkin(server) {
+        if let Some(conn) = self.checkin(server) {
             tokio::spawn(conn.terminate());
         }
     }
@@ -212,8 +220,11 @@ impl Session {
         // The common case, attached to the current primary and nothing
         // paused, needs neither a deadline nor the slow path's subscriptions
         // (`begin` allows only the current epoch of a writable primary).
+        if self.read.is_some() {
+            self.pick_for_transaction();
+        }
         if let Some(server) = &self.server {
-            if let Some(busy) = self.shared.routing.begin(server.epoch) {
+            if let Some(busy) = self.routing().begin(server.epoch) {
                 self.busy = Some(busy);
                 return Ok(());
             }
@@ -235,7 +246,7 @@ impl Session {
             let Some(server) = &self.server else {
                 return Ok(());
             };
-            if let Some(busy) = self.shared.routing.begin(server.epoch) {
+            if let Some(busy) = self.routing().begin(server.epoch) {
                 self.busy = Some(busy);
                 return Ok(());
             }
@@ -252,16 +263,16 @@ impl Session {
             return false;
         };
         let lifetime = self.shared.runtime.load().config.pool_lifetime();
-        let Some(conn) = self.shared.pools.take_ready(id, &self.login, lifetime) else {
+        let Some(conn) = self.pools().take_ready(id, &self.login, lifetime) else {
             return false;
         };
         let busy = if Arc::ptr_eq(&self.known, &conn.params) {
-            self.shared.routing.begin(conn.epoch)
+            self.routing().begin(conn.epoch)
         } else {
             None
         };
         let Some(busy) = busy else {
-            if let Some(conn) = self.shared.checkin(conn) {
+            if let Some(conn) = self.checkin(conn) {
                 tokio::spawn(conn.terminate());
             }
             return false;
@@ -280,17 +291,26 @@ impl Session {
     /// the session when the primary changed, and restores it.
     async fn attach(&mut self, deadline: Instant) -> Result<(), AttachError> {
         let rt = self.shared.runtime.load_full();
-        let mut changes = self.shared.routing.subscribe();
+        let mut changes = self.routing().subscribe();
+        let mut read_changes = self.shared.read_pool.subscribe();
         let mut attempts = Attempts::default();
         let mut waited = false;
         // Set while this session is held by a pause: counted, shown.
         let mut _held: Option<Held> = None;
         loop {
-            let routing = self.shared.routing.load();
-            if self.on_current_primary(&routing, waited).await {
+            let routing = self.routing().load();
+            let standby_wait = self.waits_for_standby();
+            if !standby_wait && self.on_current_primary(&routing, waited).await {
                 return Ok(());
             }
-            let target = routing.target();
+            let target = if standby_wait { None } else { routing.target() };
+            if self.read.is_some() && target.is_none() {
+                read_changes.mark_unchanged();
+                if let super::read::Repicked::Moved = self.repick().await? {
+                    changes = self.routing().subscribe();
+                    continue;
+                }
+            }
             if let (None, Some(target)) = (&self.server, &target) {
                 if self.connect(&rt, target, deadline, &mut attempts).await? {
                     return Ok(());
@@ -316,6 +336,7 @@ impl Session {
             tokio::select! {
                 _ = self.kill.cancelled() => return Err(AttachError::Stopping),
                 _ = changes.changed() => {}
+                _ = read_changes.changed(), if self.read.is_some() => {}
                 _ = tokio::time::sleep_until(wake) => {}
             }
         }
@@ -358,8 +379,13 @@ impl Session {
     ) -> Result<bool, AttachError> {
         if self.had_server && !self.tx_mode {
             if let Some(sticky) = self.state.sticky() {
+                let why = if self.read.is_some() {
+                    "the session's standby left the read pool (promoted, lagging, unhealthy, or in another state)"
+                } else {
+                    "the primary changed"
+                };
                 return Err(AttachError::StateLost(format!(
-                    "the primary changed and this session's {} cannot move to the new primary",
+                    "{why} and this session's {} cannot move to another node",
                     sticky.describe()
                 )));
             }
@@ -370,8 +396,7 @@ impl Session {
                 .max(Duration::from_millis(100)),
         );
         let checkout = self
-            .shared
-            .pools
+            .pools()
             .checkout(
                 &self.shared.opener(rt),
                 target,
@@ -491,21 +516,23 @@ impl Session {
     }
 }
 
-/// Gives a server connection back to the pool at the end of a client
-/// session; with `reset`, after `DISCARD ALL`. A connection that cannot be
-/// reset or kept is closed.
-pub(super) async fn give_back(shared: &Shared, mut server: Box<ServerConn>, reset: bool) {
+/// Readies a server connection to go back to its pool at the end of a
+/// client session; with `reset`, after `DISCARD ALL`. A connection that
+/// cannot be reset is closed (none returned).
+pub(super) async fn give_back(
+    shared: &Shared,
+    mut server: Box<ServerConn>,
+    reset: bool,
+) -> Option<Box<ServerConn>> {
     if reset {
         let timeout = shared.runtime.load().config.connect_timeout();
         match tokio::time::timeout(timeout, server.simple_query("DISCARD ALL")).await {
             Ok(Ok(_)) => server.prepared.clear(),
             _ => {
                 server.terminate().await;
-                return;
+                return None;
             }
         }
     }
-    if let Some(conn) = shared.checkin(server) {
-        conn.terminate().await;
-    }
+    Some(server)
 }

@@ -170,7 +170,7 @@ impl Session {
             Loss::Lost(reason) => {
                 tracing::info!(server = %server.addr, reason, in_tx, outstanding, "server connection lost");
                 // The idle connections to the same server are likely gone too.
-                drop(self.shared.pools.discard_epoch(server.epoch));
+                drop(self.pools().discard_epoch(server.epoch));
             }
             Loss::Switchover { .. } => {
                 tracing::info!(server = %server.addr, in_tx, outstanding, "switchover drain: cutting the session's transaction on the old primary");
@@ -185,7 +185,7 @@ impl Session {
         self.pinned = None;
         if !self.tx_mode {
             if let Some(sticky) = self.state.sticky() {
-                let routing = self.shared.routing.load();
+                let routing = self.routing().load();
                 let (idle, primary_changed) =
                     idle_head(loss, server_epoch, routing.epoch, routing.draining());
                 let head = if in_tx || in_flight.statement || in_flight.ending {

@@ -22,6 +22,7 @@ mod forward;
 mod from_client;
 mod from_server;
 mod loss;
+mod read;
 mod statements;
 mod tracker;
 
@@ -117,6 +118,8 @@ pub(crate) struct Session {
     registered: Registered,
     /// Counts not yet added to the router's totals.
     tally: Tally,
+    /// Set on the read-only port: the standby the session is on.
+    read: Option<read::ReadState>,
 }
 
 async fn read_server(server: &mut Option<Box<ServerConn>>) -> std::io::Result<usize> {
@@ -197,6 +200,7 @@ impl Session {
             kill,
             registered,
             tally,
+            read: None,
         }
     }
 
@@ -214,7 +218,11 @@ impl Session {
         if let Some(server) = self.server.take() {
             self.cancel.set_target(None);
             if self.proto.reusable() && self.swbuf.is_empty() {
-                give_back(&self.shared, server, !self.tx_mode).await;
+                if let Some(server) = give_back(&self.shared, server, !self.tx_mode).await {
+                    if let Some(conn) = self.checkin(server) {
+                        conn.terminate().await;
+                    }
+                }
             } else {
                 server.terminate().await;
             }
@@ -347,7 +355,7 @@ impl Session {
     fn pin_if_sticky(&mut self) {
         if self.pinned.is_none() && !self.tx_mode && self.state.sticky().is_some() {
             if let Some(server) = &self.server {
-                self.pinned = Some(self.shared.routing.pin(server.epoch));
+                self.pinned = Some(self.routing().pin(server.epoch));
             }
         }
     }

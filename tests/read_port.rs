@@ -1,0 +1,374 @@
+//! The router's read-only port in front of a real three-node formation (real
+//! hapg monitor, keepers and PostgreSQL 15): 40 read sessions spread over the
+//! two standbys; a standby whose replay is paused while writes go on leaves
+//! the read pool past `max_lag_bytes` (its idle sessions move, new ones go
+//! elsewhere) and comes back after `pg_wal_replay_resume()`; with both
+//! standbys out, each `[read_only] fallback` does what it says; and reads
+//! during a switchover are never served by a node outside the read pool and
+//! never fail.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use support::{connect, direct_uri, free_port, wait_writable, Cluster};
+
+const STEP: Duration = Duration::from_secs(90);
+
+/// Where a read session's statement ran: (in recovery, the node's port).
+async fn where_served(
+    client: &tokio_postgres::Client,
+) -> Result<(bool, i32), tokio_postgres::Error> {
+    let row = client
+        .query_one("SELECT pg_is_in_recovery(), inet_server_port()", &[])
+        .await?;
+    Ok((row.get(0), row.get(1)))
+}
+
+/// A new read session and where its first statement ran.
+async fn new_read(uri: &str) -> (tokio_postgres::Client, (bool, i32)) {
+    let client = connect(uri).await.expect("connect to the read port");
+    let at = where_served(&client)
+        .await
+        .expect("read through the read port");
+    (client, at)
+}
+
+/// Waits (bounded) until new read sessions land on every one of `ports`.
+async fn wait_pool(uri: &str, ports: &[i32], what: &str) -> Result<(), String> {
+    let deadline = Instant::now() + STEP;
+    loop {
+        let mut seen = Vec::new();
+        let mut held = Vec::new();
+        for _ in 0..ports.len() * 2 {
+            let (c, (rec, port)) = new_read(uri).await;
+            if rec {
+                seen.push(port);
+            }
+            held.push(c);
+        }
+        if ports.iter().all(|p| seen.contains(p)) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "{what}: new read sessions went to {seen:?}, not to all of {ports:?}"
+            ));
+        }
+        drop(held);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Writes about `mb` MB of WAL on the primary.
+async fn write_wal(primary_uri: &str, table: &str, mb: i64) {
+    let c = connect(primary_uri).await.expect("connect to the primary");
+    c.batch_execute(&format!(
+        "CREATE TABLE IF NOT EXISTS {table} (g int, pad text);
+         INSERT INTO {table} SELECT g, repeat('x', 1000) FROM generate_series(1, {}) g;",
+        mb * 900
+    ))
+    .await
+    .expect("write on the primary");
+}
+
+fn reload_with(cluster: &Cluster, router: &support::RouterProcess, from: &str, to: &str) {
+    let text = std::fs::read_to_string(&router.config).expect("read the router config");
+    assert!(text.contains(from), "{text}");
+    std::fs::write(&router.config, text.replace(from, to)).expect("write the router config");
+    let pid = cluster.keeper_pid(&router.name).expect("router pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .expect("SIGHUP the router");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_port_balances_follows_lag_falls_back_and_survives_a_switchover() {
+    let cluster = Cluster::formation(&["node_a", "node_b", "node_c"], STEP);
+    let read_port = free_port();
+    let router = cluster.start_router(
+        "router",
+        &format!(
+            "pause_timeout_ms = 5000\nlisten_read_only = \"127.0.0.1:{read_port}\"\n\n\
+             [read_only]\nmax_lag_bytes = 1048576\nlag_check_interval_ms = 200\nfallback = \"primary\"\n\n\
+             [pool]\npool_size = 80\n"
+        ),
+    );
+    let uri = router.uri("appdb");
+    wait_writable(&uri, STEP).await;
+    let read_uri = format!("postgres://postgres@127.0.0.1:{read_port}/appdb");
+    let (a, b, c) = (
+        cluster.node("node_a").port as i32,
+        cluster.node("node_b").port as i32,
+        cluster.node("node_c").port as i32,
+    );
+    let on_a = direct_uri(&cluster, "node_a");
+    wait_pool(&read_uri, &[b, c], "both standbys in the read pool")
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.log(&router.name)));
+
+    // 40 read sessions, held open, spread over the two standbys.
+    let mut sessions = Vec::new();
+    let mut per_node: BTreeMap<i32, usize> = BTreeMap::new();
+    for _ in 0..40 {
+        let (client, (rec, port)) = new_read(&read_uri).await;
+        assert!(rec, "a read session went to the primary (port {port})");
+        *per_node.entry(port).or_default() += 1;
+        sessions.push((client, port));
+    }
+    eprintln!("40 read sessions: {per_node:?}");
+    let mut want = vec![b, c];
+    want.sort();
+    assert_eq!(per_node.keys().copied().collect::<Vec<_>>(), want);
+    assert!(
+        per_node.values().all(|n| *n >= 14),
+        "unbalanced: {per_node:?}"
+    );
+
+    // Node B's replay paused while the primary writes past max_lag_bytes.
+    let on_b = connect(&direct_uri(&cluster, "node_b"))
+        .await
+        .expect("connect to node_b");
+    on_b.batch_execute("SELECT pg_wal_replay_pause()")
+        .await
+        .expect("pause node_b");
+    write_wal(&on_a, "lag_1", 4).await;
+    let deadline = Instant::now() + STEP;
+    loop {
+        let mut ports = Vec::new();
+        let mut held = Vec::new();
+        for _ in 0..6 {
+            let (cl, (_, port)) = new_read(&read_uri).await;
+            ports.push(port);
+            held.push(cl);
+        }
+        if ports.iter().all(|p| *p == c) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node_b, paused and behind, still gets new sessions: {ports:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Its idle sessions moved: their next statement runs on node C.
+    for (client, port) in sessions.iter().filter(|(_, p)| *p == b) {
+        let at = where_served(client)
+            .await
+            .expect("an idle session on node_b moves without error");
+        assert_eq!(at, (true, c), "a session of node_b (was {port})");
+    }
+    // The 40 sessions are all on node C now: new ones would all go to node
+    // B (the fewest) and not show node C; without them both get some.
+    drop(sessions);
+    on_b.batch_execute("SELECT pg_wal_replay_resume()")
+        .await
+        .expect("resume node_b");
+    wait_pool(
+        &read_uri,
+        &[b, c],
+        "node_b back in the read pool after resume",
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", cluster.log(&router.name)));
+
+    // Both standbys out of the read pool: each fallback.
+    let on_c = connect(&direct_uri(&cluster, "node_c"))
+        .await
+        .expect("connect to node_c");
+    on_b.batch_execute("SELECT pg_wal_replay_pause()")
+        .await
+        .expect("pause node_b");
+    on_c.batch_execute("SELECT pg_wal_replay_pause()")
+        .await
+        .expect("pause node_c");
+    write_wal(&on_a, "lag_2", 4).await;
+    let deadline = Instant::now() + STEP;
+    loop {
+        let (_cl, at) = new_read(&read_uri).await;
+        if at == (false, a) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "fallback = primary: reads still go to {at:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    reload_with(
+        &cluster,
+        &router,
+        "fallback = \"primary\"",
+        "fallback = \"error\"",
+    );
+    let deadline = Instant::now() + STEP;
+    loop {
+        let client = connect(&read_uri).await.expect("connect to the read port");
+        match where_served(&client).await {
+            Err(e) => {
+                let db = e.as_db_error().expect("the router's own error");
+                assert_eq!(db.code().code(), "57P03", "{db:?}");
+                assert!(db.message().contains("no standby is eligible"), "{db:?}");
+                break;
+            }
+            Ok(at) => assert!(
+                Instant::now() < deadline,
+                "fallback = error: still served at {at:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    reload_with(
+        &cluster,
+        &router,
+        "fallback = \"error\"",
+        "fallback = \"wait\"",
+    );
+    // A read session waits (pause_timeout_ms 5000) and gets node C once it
+    // has caught up.
+    let deadline = Instant::now() + STEP;
+    let waited = loop {
+        let client = connect(&read_uri).await.expect("connect to the read port");
+        let started = Instant::now();
+        let resumer = {
+            let on_c = connect(&direct_uri(&cluster, "node_c"))
+                .await
+                .expect("connect to node_c");
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                on_c.batch_execute("SELECT pg_wal_replay_resume()")
+                    .await
+                    .expect("resume node_c");
+            })
+        };
+        match where_served(&client).await {
+            Ok(at) => {
+                assert_eq!(at, (true, c), "fallback = wait: served by the wrong node");
+                resumer.await.expect("resumer");
+                break started.elapsed();
+            }
+            Err(e) => {
+                // The reload may not have been applied yet (error mode).
+                assert!(Instant::now() < deadline, "fallback = wait: {e}");
+                resumer.await.expect("resumer");
+                on_c.batch_execute("SELECT pg_wal_replay_pause()")
+                    .await
+                    .expect("pause node_c");
+                write_wal(&on_a, "lag_2", 4).await;
+            }
+        }
+    };
+    assert!(
+        waited >= Duration::from_millis(1000),
+        "fallback = wait did not wait: {waited:?}"
+    );
+    on_b.batch_execute("SELECT pg_wal_replay_resume()")
+        .await
+        .expect("resume node_b");
+    wait_pool(&read_uri, &[b, c], "both standbys back")
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.log(&router.name)));
+
+    // Reads during a switchover: never on a node out of the read pool,
+    // never an error.
+    let stop = Arc::new(AtomicBool::new(false));
+    let readers: Vec<_> = (0..8)
+        .map(|_| {
+            let (read_uri, stop) = (read_uri.clone(), stop.clone());
+            tokio::spawn(async move {
+                let client = connect(&read_uri).await.expect("connect to the read port");
+                let mut served = Vec::new();
+                let mut errors = Vec::new();
+                while !stop.load(Ordering::Relaxed) && served.len() + errors.len() < 100_000 {
+                    match where_served(&client).await {
+                        Ok(at) => served.push(at),
+                        Err(e) => errors.push(e.to_string()),
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                (served, errors)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    cluster.ok(&["perform", "switchover", "--pgdata", "./monitor"]);
+    cluster.eventually("a new primary", STEP, || {
+        cluster
+            .states()
+            .values()
+            .filter(|(r, g)| r == "primary" && g == "primary")
+            .count()
+            == 1
+            && cluster
+                .states()
+                .get("node_a")
+                .is_some_and(|(r, _)| r == "secondary")
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0;
+    for r in readers {
+        let (served, errors) = r.await.expect("reader");
+        assert!(
+            errors.is_empty(),
+            "read errors during the switchover: {errors:?}\n{}",
+            cluster.log(&router.name)
+        );
+        let outside: Vec<_> = served.iter().filter(|(rec, _)| !rec).collect();
+        assert!(
+            outside.is_empty(),
+            "reads served by a node out of recovery: {outside:?}"
+        );
+        total += served.len();
+    }
+    eprintln!("switchover: {total} reads through the read port, none on a primary, no error");
+    assert!(total > 100, "{total} reads");
+}
+
+/// Transaction mode: each transaction of one read session picks its standby
+/// again (the two are tied at no other session: at random), so one client's
+/// transactions reach both standbys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_port_in_transaction_mode_picks_a_standby_per_transaction() {
+    let cluster = Cluster::formation(&["node_a", "node_b", "node_c"], STEP);
+    let read_port = free_port();
+    let router = cluster.start_router(
+        "router",
+        &format!(
+            "listen_read_only = \"127.0.0.1:{read_port}\"\n\n\
+             [read_only]\nlag_check_interval_ms = 200\n\n[pool]\nmode = \"transaction\"\n"
+        ),
+    );
+    wait_writable(&router.uri("appdb"), STEP).await;
+    let read_uri = format!("postgres://postgres@127.0.0.1:{read_port}/appdb");
+    let (b, c) = (
+        cluster.node("node_b").port as i32,
+        cluster.node("node_c").port as i32,
+    );
+    let deadline = Instant::now() + STEP;
+    let client = connect(&read_uri).await.expect("connect to the read port");
+    let mut seen: BTreeMap<i32, usize> = BTreeMap::new();
+    loop {
+        seen.clear();
+        for _ in 0..30 {
+            let (rec, port) = where_served(&client).await.expect("read");
+            if rec {
+                *seen.entry(port).or_default() += 1;
+            }
+        }
+        if seen.contains_key(&b) && seen.contains_key(&c) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "one session's transactions went to {seen:?}, not to both standbys"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!("transaction mode, one session, 30 transactions: {seen:?}");
+}
