@@ -66,7 +66,10 @@ pub async fn dispatch(command: Command) -> Result<()> {
                 .instrument(tracing::info_span!("hapg", component = "demo"))
                 .await
         }
-        Command::Monitor(MonitorCommand::Run { monitor }) => monitor_run(&monitor).await,
+        Command::Monitor(MonitorCommand::Run {
+            monitor,
+            http_listen,
+        }) => monitor_run(&monitor, http_listen).await,
         Command::Watch(args) => {
             let t = target(&args)?;
             crate::watch::run(&t.conninfo, &t.formation, args.json).await
@@ -1105,11 +1108,32 @@ fn lookup<'a>(doc: &'a toml::Value, key: &str) -> Option<&'a toml::Value> {
 
 /// `hapg monitor run --monitor etcd://...`: the monitor service on a store
 /// that is not the monitor node's own Postgres.
-async fn monitor_run(uri: &str) -> Result<()> {
+async fn monitor_run(uri: &str, http_listen: Option<std::net::SocketAddr>) -> Result<()> {
     if !uri.starts_with("etcd://") {
         bail!("hapg monitor run takes an etcd:// URI; a Postgres monitor runs with `hapg run --pgdata`");
     }
+    // Bound before anything runs, so an address in use is the first error.
+    let http = match http_listen {
+        Some(addr) => Some(hapg_keeper::http::bind(addr).await?),
+        None => None,
+    };
     let shutdown = shutdown_on_signals()?;
+    if let Some(listener) = http {
+        // The same endpoints as a Postgres monitor's, read from the store
+        // this service runs on.
+        let (sender, receiver) =
+            tokio::sync::watch::channel(hapg_keeper::monitor_status::MonitorStatus::starting());
+        tokio::spawn(hapg_keeper::monitor_status::poll(
+            uri.to_string(),
+            sender,
+            shutdown.token.clone(),
+        ));
+        tokio::spawn(hapg_keeper::http::serve(
+            listener,
+            hapg_keeper::http::Endpoints::Monitor(receiver),
+            shutdown.token.clone(),
+        ));
+    }
     hapg_monitor::service::run(uri, hapg_config::MonitorTimings::default(), shutdown.token).await?;
     Ok(())
 }

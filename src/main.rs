@@ -421,6 +421,11 @@ enum MonitorCommand {
         /// The store's URI.
         #[arg(long)]
         monitor: String,
+        /// Serve /health, /liveness, /state and /metrics (every node's
+        /// state and health, the failovers) over HTTP on this ip:port, as
+        /// `hapg create monitor --http-listen` does (docs/operations.md).
+        #[arg(long, value_name = "ADDR")]
+        http_listen: Option<std::net::SocketAddr>,
     },
 }
 
