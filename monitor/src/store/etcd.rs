@@ -19,15 +19,17 @@
 //! * `P/notify/<channel>`: the payloads the last write published.
 
 use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use etcd_client::{
-    Client, Compare, CompareOp, DeleteOptions, GetOptions, KeyValue, Txn, TxnOp, TxnOpResponse,
-    WatchOptions,
+    Certificate, Client, Compare, CompareOp, DeleteOptions, GetOptions, Identity, KeyValue,
+    TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
+use hapg_config::monitor_uri::{self, EtcdLocation, EtcdTls, MonitorLocation};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -419,35 +421,96 @@ impl Drop for Leadership {
     }
 }
 
-/// Parses `etcd://host:port[,host:port...]/prefix` into endpoints and the
-/// key prefix (ending in `/`).
-pub fn parse_uri(uri: &str) -> Result<(Vec<String>, String), MonitorError> {
-    let bad = |reason: &str| MonitorError::BadUri {
-        uri: uri.to_string(),
-        reason: reason.to_string(),
+/// Reads an `etcd://host:port[,host:port...]/prefix[?options]` URI (the
+/// syntax and its options are `hapg_config::monitor_uri`'s, so the store
+/// takes exactly what the configuration checks accept).
+pub fn parse_uri(uri: &str) -> Result<EtcdLocation, MonitorError> {
+    match monitor_uri::parse("monitor URI", uri) {
+        Ok(MonitorLocation::Etcd(location)) => Ok(location),
+        Ok(MonitorLocation::Postgres(_)) => Err(MonitorError::BadUri {
+            uri: uri.to_string(),
+            reason: "an etcd URI starts with etcd://".to_string(),
+        }),
+        Err(e) => Err(MonitorError::BadUri {
+            uri: uri.to_string(),
+            reason: e.to_string(),
+        }),
+    }
+}
+
+/// The client's TLS settings from a URI's options: the members are
+/// verified against `cacert` only (never the system's roots: an etcd
+/// cluster has its own CA), and the client certificate is presented when
+/// given. A file that cannot be read is named in the error.
+fn tls_options(tls: &EtcdTls) -> Result<TlsOptions, MonitorError> {
+    let read = |option: &str, path: &Path| {
+        std::fs::read(path).map_err(|e| MonitorError::EtcdTls {
+            option: option.to_string(),
+            reason: format!("cannot read {}: {e}", path.display()),
+        })
     };
-    let rest = uri
-        .strip_prefix("etcd://")
-        .ok_or_else(|| bad("an etcd URI starts with etcd://"))?;
-    let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
-    if !query.is_empty() {
-        // Never fall back to plaintext when TLS was asked for.
-        return Err(bad(
-            "options (TLS to etcd) are not supported by this store yet",
-        ));
+    let ca = tls.ca.as_deref().ok_or_else(|| MonitorError::EtcdTls {
+        option: "cacert".to_string(),
+        reason: "TLS to etcd needs cacert=FILE, the CA that signed the members' certificates"
+            .to_string(),
+    })?;
+    let mut options = TlsOptions::new().ca_certificate(Certificate::from_pem(read("cacert", ca)?));
+    if let Some((cert, key)) = &tls.identity {
+        options = options.identity(Identity::from_pem(read("cert", cert)?, read("key", key)?));
     }
-    let (hosts, path) = rest.split_once('/').unwrap_or((rest, "hapg"));
-    let endpoints: Vec<String> = hosts
-        .split(',')
-        .filter(|h| !h.is_empty())
-        .map(|h| format!("http://{h}"))
-        .collect();
-    if endpoints.is_empty() {
-        return Err(bad("no etcd endpoint"));
+    Ok(options)
+}
+
+/// Why a first request to etcd failed, in words that name the likely
+/// cause: the whole chain of sources (tonic's own message is only
+/// "transport error"), and a hint for the mistakes that look alike on the
+/// wire (a wrong CA, plain http against a TLS-only member).
+fn connect_failure(location: &EtcdLocation, error: &etcd_client::Error) -> MonitorError {
+    let mut reason = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(e) = source {
+        let text = e.to_string();
+        if !reason.contains(&text) {
+            reason.push_str(": ");
+            reason.push_str(&text);
+        }
+        source = e.source();
     }
-    let path = path.trim_matches('/');
-    let path = if path.is_empty() { "hapg" } else { path };
-    Ok((endpoints, format!("/{path}/")))
+    let lower = reason.to_lowercase();
+    // Retrying does not mend a certificate the CA did not sign.
+    let refused = location.tls.is_some()
+        && (lower.contains("certificate") || lower.contains("unknownissuer"));
+    let hint = match &location.tls {
+        Some(tls) if refused => {
+            let ca = tls
+                .ca
+                .as_deref()
+                .map_or(String::new(), |p| p.display().to_string());
+            Some(format!(
+                "the members' certificate is not accepted: check that cacert={ca} is the CA that signed it and that it names the host in the URI"
+            ))
+        }
+        // A member that requires a client certificate closes the
+        // connection of a client that has none.
+        Some(tls)
+            if tls.identity.is_none()
+                && (lower.contains("connection closed") || lower.contains("handshake")) =>
+        {
+            Some("the members closed the TLS connection: if they require a client certificate, give cert=FILE&key=FILE".to_string())
+        }
+        None if !lower.contains("refused") => Some(
+            "no answer in plain http: if the members serve TLS, give ?cacert=FILE (and cert=&key=)".to_string(),
+        ),
+        _ => None,
+    };
+    MonitorError::EtcdConnect {
+        endpoints: location.endpoints.join(","),
+        reason: match hint {
+            Some(hint) => format!("{hint} ({reason})"),
+            None => reason,
+        },
+        transient: !refused,
+    }
 }
 
 impl EtcdStore {
@@ -473,15 +536,26 @@ impl EtcdStore {
     /// [`EtcdStore::connect`] without the layout check: for the monitor
     /// service, which sets the layout up ([`MonitorStore::migrate`]).
     pub async fn open(uri: &str) -> Result<(EtcdStore, ChangeFeed), MonitorError> {
-        let (endpoints, prefix) = parse_uri(uri)?;
-        let options = etcd_client::ConnectOptions::new()
+        let location = parse_uri(uri)?;
+        let mut options = etcd_client::ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(2))
             .with_timeout(Duration::from_secs(5))
             .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
-        let client = Client::connect(&endpoints, Some(options)).await?;
+        if let Some(tls) = &location.tls {
+            options = options.with_tls(tls_options(tls)?);
+        }
+        let mut client = Client::connect(&location.endpoints, Some(options))
+            .await
+            .map_err(|e| connect_failure(&location, &e))?;
+        // The channel connects lazily: one request now, so that a wrong CA
+        // or plain http against a TLS member is told here, in words.
+        client
+            .get(format!("{}/layout", location.prefix), None)
+            .await
+            .map_err(|e| connect_failure(&location, &e))?;
         let store = EtcdStore {
             client,
-            prefix,
+            prefix: format!("{}/", location.prefix),
             listening: Arc::new(Mutex::new(HashSet::new())),
             closed: Arc::new(AtomicBool::new(false)),
             writer: std::process::id() ^ (now().fract() * 1e9) as u32,
@@ -1661,15 +1735,43 @@ mod tests {
 
     #[test]
     fn uris_name_endpoints_and_a_prefix() {
-        let (endpoints, prefix) =
-            parse_uri("etcd://10.0.0.1:2379,10.0.0.2:2379/prod/hapg").expect("parses");
-        assert_eq!(endpoints, ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]);
-        assert_eq!(prefix, "/prod/hapg/");
-        let (_, prefix) = parse_uri("etcd://127.0.0.1:2379").expect("parses");
-        assert_eq!(prefix, "/hapg/");
-        assert!(parse_uri("postgres://x/y").is_err());
-        assert!(parse_uri("etcd:///p").is_err());
-        assert!(parse_uri("etcd://127.0.0.1:2379/p?tls=on").is_err());
+        let location = parse_uri("etcd://10.0.0.1:2379,10.0.0.2:2379/prod/hapg").expect("parses");
+        assert_eq!(
+            location.endpoints,
+            ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]
+        );
+        assert_eq!(location.prefix, "/prod/hapg");
+        let location = parse_uri("etcd://h:1/p?cacert=/ca.pem").expect("parses");
+        assert_eq!(location.endpoints, ["https://h:1"]);
+        for (uri, says) in [
+            ("postgres://x/y", "starts with etcd://"),
+            ("etcd:///p", "empty member"),
+            ("etcd://127.0.0.1:2379", "no key prefix"),
+            ("etcd://h/p?cert=/c.pem", "give both or neither"),
+            ("etcd://h/p?ca=/c.pem", "unknown option \"ca\""),
+            ("etcd://h/p?tls=on", "needs cacert=FILE"),
+        ] {
+            let e = parse_uri(uri).expect_err(uri).to_string();
+            assert!(e.contains(says), "{uri}: {e}");
+        }
+    }
+
+    /// The TLS files are read when connecting: a missing one, or TLS with
+    /// no CA to check the members against, is named.
+    #[test]
+    fn tls_options_name_the_file_or_the_missing_option() {
+        let e = tls_options(&EtcdTls::default())
+            .expect_err("no cacert")
+            .to_string();
+        assert!(e.contains("cacert=FILE"), "{e}");
+        let location = parse_uri("etcd://h/p?cacert=/nonexistent/ca.pem").expect("parses");
+        let e = tls_options(location.tls.as_ref().expect("tls"))
+            .expect_err("no file")
+            .to_string();
+        assert!(
+            e.contains("cacert") && e.contains("/nonexistent/ca.pem"),
+            "{e}"
+        );
     }
 
     #[test]
