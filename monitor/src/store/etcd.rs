@@ -216,6 +216,9 @@ struct State {
     formations: BTreeMap<String, (FormationDoc, i64)>,
     nodes: BTreeMap<i64, NodeDoc>,
     reports: BTreeMap<i64, ReportDoc>,
+    /// When this process saw each node's current report, by its own clock
+    /// (see [`ReportClock`]).
+    report_seen: BTreeMap<i64, f64>,
     health: BTreeMap<i64, HealthDoc>,
     routers: Vec<RouterDoc>,
 }
@@ -253,7 +256,8 @@ impl State {
                 .map(|ms| Duration::from_millis(u64::try_from(ms).unwrap_or(0))),
             report_age: report
                 .report_time
-                .map(|t| Duration::from_secs_f64((at - t).max(0.0))),
+                .and(self.report_seen.get(&node.node_id))
+                .map(|seen| Duration::from_secs_f64((at - seen).max(0.0))),
             health,
             candidate_priority: node.candidate_priority,
             replication_quorum: node.replication_quorum,
@@ -378,6 +382,38 @@ impl Batch {
     }
 }
 
+/// When this process first saw each node's report revision, by its own
+/// clock: a report's age is measured from there, not from the time the
+/// keeper wrote in it. The keeper's clock is another machine's: with a skew
+/// between the two, a healthy node would look silent (keeper behind) or a
+/// silent one fresh for as long as the skew (keeper ahead). The Postgres
+/// store has one clock (its database's `now()`); here the reader's own clock
+/// plays that part. The reader sees a report when it reads it, so the age
+/// is short by at most the time between two reads: the leading monitor
+/// service reads on every report's notification and at least every tick.
+/// A report first seen by this process (its start, a new leader) takes the
+/// keeper's time, capped at now, as the best estimate there is; from its
+/// next report on, the keeper's clock plays no part.
+#[derive(Default)]
+struct ReportClock {
+    /// Node id to (the report key's `mod_revision`, when it was first seen).
+    seen: BTreeMap<i64, (i64, f64)>,
+}
+
+impl ReportClock {
+    /// When the report at `revision` was first seen, recording it now if
+    /// it is new; `written`: the keeper's own time in it.
+    fn observe(&mut self, node_id: i64, revision: i64, written: Option<f64>, at: f64) -> f64 {
+        let first = match self.seen.get(&node_id) {
+            Some((seen_revision, seen_at)) if *seen_revision == revision => return *seen_at,
+            Some(_) => at,
+            None => written.map_or(at, |t| t.min(at)),
+        };
+        self.seen.insert(node_id, (revision, first));
+        first
+    }
+}
+
 /// A connection to an etcd cluster holding the monitor's state.
 pub struct EtcdStore {
     client: Client,
@@ -388,6 +424,8 @@ pub struct EtcdStore {
     events_written: Arc<AtomicU32>,
     /// Set while this connection writes as the leading monitor service.
     fence: Arc<Mutex<Option<Fence>>>,
+    /// When this process saw each report (shared with [`EtcdStore::share`]).
+    report_clock: Arc<Mutex<ReportClock>>,
 }
 
 /// The leader key as this service created it: every decision it writes
@@ -561,6 +599,7 @@ impl EtcdStore {
             writer: std::process::id() ^ (now().fract() * 1e9) as u32,
             events_written: Arc::new(AtomicU32::new(0)),
             fence: Arc::new(Mutex::new(None)),
+            report_clock: Arc::new(Mutex::new(ReportClock::default())),
         };
         let feed = store.start_feed().await?;
         Ok((store, feed))
@@ -577,6 +616,7 @@ impl EtcdStore {
             writer: self.writer,
             events_written: self.events_written.clone(),
             fence: self.fence.clone(),
+            report_clock: self.report_clock.clone(),
         }
     }
 
@@ -728,7 +768,9 @@ impl EtcdStore {
             .map(|k| TxnOp::get(self.key(k), Some(GetOptions::new().with_prefix())))
             .collect();
         let response = self.client.clone().txn(Txn::new().and_then(ops)).await?;
+        let at = now();
         let mut state = State::default();
+        let mut revisions = BTreeMap::new();
         for (i, op) in response.op_responses().into_iter().enumerate() {
             let TxnOpResponse::Get(get) = op else {
                 continue;
@@ -754,12 +796,21 @@ impl EtcdStore {
                             .ok_or_else(|| MonitorError::Corrupt(key.clone()))?;
                         if i == 2 {
                             state.reports.insert(id, decode(kv)?);
+                            revisions.insert(id, kv.mod_revision());
                         } else {
                             state.health.insert(id, decode(kv)?);
                         }
                     }
                     _ => state.routers.push(decode(kv)?),
                 }
+            }
+        }
+        if let Ok(mut clock) = self.report_clock.lock() {
+            clock.seen.retain(|id, _| revisions.contains_key(id));
+            for (id, revision) in revisions {
+                let written = state.reports.get(&id).and_then(|r| r.report_time);
+                let seen = clock.observe(id, revision, written, at);
+                state.report_seen.insert(id, seen);
             }
         }
         Ok(state)
@@ -1772,6 +1823,21 @@ mod tests {
             e.contains("cacert") && e.contains("/nonexistent/ca.pem"),
             "{e}"
         );
+    }
+
+    /// A report's age runs from when this process first saw its revision:
+    /// a later report counts from its sighting whatever time the keeper
+    /// wrote in it; only a first sighting takes the keeper's time (capped).
+    #[test]
+    fn reports_are_timed_by_the_readers_clock() {
+        let mut clock = ReportClock::default();
+        assert_eq!(clock.observe(1, 10, Some(95.0), 100.0), 95.0);
+        assert_eq!(clock.observe(2, 11, Some(500.0), 100.0), 100.0);
+        assert_eq!(clock.observe(1, 10, Some(95.0), 103.0), 95.0);
+        // The keeper is an hour behind, or ahead: seen now all the same.
+        assert_eq!(clock.observe(1, 12, Some(95.0 - 3600.0), 104.0), 104.0);
+        assert_eq!(clock.observe(2, 13, Some(104.0 + 3600.0), 104.5), 104.5);
+        assert_eq!(clock.observe(2, 13, Some(104.0 + 3600.0), 110.0), 104.5);
     }
 
     #[test]
