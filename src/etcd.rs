@@ -200,6 +200,10 @@ impl EtcdCluster {
         if !Path::new(ETCD).exists() {
             return Err(EtcdError::Missing);
         }
+        std::fs::create_dir_all(dir).map_err(|source| EtcdError::Io {
+            what: format!("creating {}", dir.display()),
+            source,
+        })?;
         let mut members = Vec::with_capacity(size);
         for i in 0..size {
             members.push(Member {
