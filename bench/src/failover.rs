@@ -297,6 +297,8 @@ struct Bench {
 /// The monitor services on etcd.
 struct EtcdMonitors {
     cluster: EtcdCluster,
+    /// Reads the leader key (members are never stopped during the bench).
+    client: etcd_client::Client,
     /// The key prefix of the monitor's state.
     prefix: String,
 }
@@ -312,8 +314,12 @@ impl EtcdMonitors {
     async fn start(cluster: &mut Cluster, dir: &Path) -> Result<EtcdMonitors> {
         eprintln!("starting a three-member etcd");
         let etcd = EtcdCluster::start(dir, 3).context("starting etcd")?;
+        let client = etcd_client::Client::connect(etcd.endpoints(), None)
+            .await
+            .context("connecting to etcd")?;
         let monitors = EtcdMonitors {
             cluster: etcd,
+            client,
             prefix: ETCD_PREFIX.to_string(),
         };
         let uri = monitors.uri();
@@ -337,9 +343,8 @@ impl EtcdMonitors {
     /// The process name of the leading service, from the leader key (its
     /// value names the service's pid); None while no service leads.
     async fn leader(&self, cluster: &Cluster) -> Result<Option<&'static str>> {
-        let mut client = etcd_client::Client::connect(self.cluster.endpoints(), None).await?;
         let key = format!("/{}/leader", self.prefix);
-        let response = client.get(key, None).await?;
+        let response = self.client.clone().get(key, None).await?;
         let value = response
             .kvs()
             .first()

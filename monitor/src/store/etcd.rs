@@ -1737,12 +1737,10 @@ impl MonitorStore for EtcdStore {
             .first()
             .ok_or_else(|| MonitorError::Corrupt(format!("no request {request_id}")))?;
         let doc: RequestDoc = decode(kv)?;
-        let reply = doc.reply.unwrap_or_default();
-        Ok(match doc.status.as_str() {
-            "accepted" => RequestStatus::Accepted(reply),
-            "refused" => RequestStatus::Refused(reply),
-            _ => RequestStatus::Pending,
-        })
+        Ok(RequestStatus::from_stored(
+            &doc.status,
+            doc.reply.unwrap_or_default(),
+        ))
     }
 
     async fn register_router(
