@@ -65,6 +65,9 @@ async fn a_monitor_service_and_a_node_work_over_tls_to_etcd() {
     );
     let stderr = cluster.fails(&["show", "state", "--monitor", &wrong_ca]);
     assert!(stderr.contains("certificate is not accepted"), "{stderr}");
+    // A monitor service started with it stops at once, saying why.
+    let stderr = cluster.fails(&["monitor", "run", "--monitor", &wrong_ca]);
+    assert!(stderr.contains("certificate is not accepted"), "{stderr}");
 
     // Plain etcd:// against the TLS-only member: told to give the CA.
     let plain = etcd.plain_uri("hapg-tls");
