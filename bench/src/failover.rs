@@ -8,6 +8,11 @@
 //! secondary (whichever node is primary by then), writes into fresh tables,
 //! injects the fault, waits until the group converged back with the lost node
 //! restarted, lets the writers go on for a moment, and checks.
+//!
+//! With `--monitor-store etcd` the monitor's state is in a real three-member
+//! etcd on loopback (`hapg::etcd::EtcdCluster`) and two `hapg monitor run`
+//! services share it (one leads); the `monitor-leader-loss` row kills the
+//! leading service while the clients write.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -24,6 +29,7 @@ use hapg_monitor::{MonitorClient, NodeState};
 use nix::sys::signal::Signal;
 
 use hapg::cluster::{Cluster, NodeSpec, RouterSpec};
+use hapg::etcd::EtcdCluster;
 
 use crate::cluster::{self, DBNAME};
 use crate::machine::RunInfo;
@@ -39,13 +45,17 @@ pub struct FailoverArgs {
     /// (SIGSTOPped until the standby took over and every client wrote on it),
     /// network-cut (the primary's network namespace cut off until the
     /// standby took over; every node then runs in a namespace of its own,
-    /// which needs root: run it under `flock /tmp/hapg-netns.lock`).
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "power-off,switchover,postgres-kill"
-    )]
+    /// which needs root: run it under `flock /tmp/hapg-netns.lock`),
+    /// monitor-leader-loss (with `--monitor-store etcd` only: the leading
+    /// monitor service SIGKILLed). Default: power-off, switchover,
+    /// postgres-kill, and monitor-leader-loss with etcd.
+    #[arg(long, value_delimiter = ',')]
     pub faults: Vec<String>,
+    /// Where the monitor's state lives: `postgres` (one monitor, the
+    /// default) or `etcd` (a three-member etcd on loopback and two monitor
+    /// services; needs Debian's etcd-server and etcd-client).
+    #[arg(long, value_enum, default_value_t = MonitorStore::Postgres)]
+    pub monitor_store: MonitorStore,
     /// Clients writing through the router, each on its own connection and table.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub clients: u32,
@@ -66,6 +76,15 @@ pub struct FailoverArgs {
     pub pg_bindir: PathBuf,
 }
 
+/// Where the monitor's state lives during the bench.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum MonitorStore {
+    /// One monitor with its own Postgres (`hapg create monitor`).
+    Postgres,
+    /// A three-member etcd and two monitor services.
+    Etcd,
+}
+
 /// A row of the fault matrix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fault {
@@ -75,17 +94,46 @@ enum Fault {
     ShortFreeze,
     LongFreeze,
     NetworkCut,
+    MonitorLeaderLoss,
 }
 
 /// Every fault, in table order.
-const FAULTS: [Fault; 6] = [
+const FAULTS: [Fault; 7] = [
     Fault::PowerOff,
     Fault::Switchover,
     Fault::PostgresKill,
     Fault::ShortFreeze,
     Fault::LongFreeze,
     Fault::NetworkCut,
+    Fault::MonitorLeaderLoss,
 ];
+
+/// The faults run when `--faults` is not given.
+fn default_faults(store: MonitorStore) -> Vec<Fault> {
+    let mut faults = vec![Fault::PowerOff, Fault::Switchover, Fault::PostgresKill];
+    if store == MonitorStore::Etcd {
+        faults.push(Fault::MonitorLeaderLoss);
+    }
+    faults
+}
+
+/// The faults asked for, checked against the monitor store.
+fn chosen_faults(keys: &[String], store: MonitorStore) -> Result<Vec<Fault>> {
+    if keys.is_empty() {
+        return Ok(default_faults(store));
+    }
+    let faults: Vec<Fault> = keys
+        .iter()
+        .map(|f| Fault::from_key(f.trim()))
+        .collect::<Result<_>>()?;
+    if store == MonitorStore::Postgres && faults.contains(&Fault::MonitorLeaderLoss) {
+        bail!("monitor-leader-loss needs --monitor-store etcd: the Postgres monitor is one service, it has no leader to lose");
+    }
+    if store == MonitorStore::Etcd && faults.contains(&Fault::NetworkCut) {
+        bail!("network-cut is not run with --monitor-store etcd yet: the bench's etcd members listen on loopback only, which the nodes' namespaces do not reach");
+    }
+    Ok(faults)
+}
 
 impl Fault {
     fn key(self) -> &'static str {
@@ -96,6 +144,7 @@ impl Fault {
             Fault::ShortFreeze => "short-freeze",
             Fault::LongFreeze => "long-freeze",
             Fault::NetworkCut => "network-cut",
+            Fault::MonitorLeaderLoss => "monitor-leader-loss",
         }
     }
 
@@ -125,6 +174,9 @@ impl Fault {
             Fault::NetworkCut => {
                 "primary node's network cut (namespace link down) until the standby took over"
             }
+            Fault::MonitorLeaderLoss => {
+                "leading monitor service SIGKILLed (etcd store, two services)"
+            }
         }
     }
 
@@ -132,7 +184,7 @@ impl Fault {
     fn moves_primary(self) -> bool {
         match self {
             Fault::PowerOff | Fault::Switchover | Fault::LongFreeze | Fault::NetworkCut => true,
-            Fault::PostgresKill | Fault::ShortFreeze => false,
+            Fault::PostgresKill | Fault::ShortFreeze | Fault::MonitorLeaderLoss => false,
         }
     }
 }
@@ -164,6 +216,8 @@ struct RunResult {
     violations: Vec<String>,
     /// For a network cut: when the primary fenced itself and the standby was promoted.
     cut: Option<CutTimes>,
+    /// For a monitor leader loss: from the kill until the other service led.
+    takeover: Option<Duration>,
 }
 
 /// When, after a silent loss of the primary (a network cut, a freeze), the
@@ -218,6 +272,7 @@ impl RunResult {
             lost: 0,
             violations: Vec::new(),
             cut: None,
+            takeover: None,
         }
     }
 }
@@ -233,6 +288,95 @@ struct Bench {
     net: Option<Net>,
     /// What the last network cut measured, for `one_run` to collect.
     last_cut: Option<CutTimes>,
+    /// The etcd store and its monitor services, with `--monitor-store etcd`.
+    etcd: Option<EtcdMonitors>,
+    /// What the last monitor leader loss measured, for `one_run` to collect.
+    last_takeover: Option<Duration>,
+}
+
+/// The monitor services on etcd.
+struct EtcdMonitors {
+    cluster: EtcdCluster,
+    /// Reads the leader key (members are never stopped during the bench).
+    client: etcd_client::Client,
+    /// The key prefix of the monitor's state.
+    prefix: String,
+}
+
+/// The monitor services' process names in the cluster.
+const MONITOR_SERVICES: [&str; 2] = ["monitor_a", "monitor_b"];
+/// The key prefix the bench's monitor state lives under.
+const ETCD_PREFIX: &str = "hapg-bench";
+
+impl EtcdMonitors {
+    /// Starts a three-member etcd in `dir`, and the two monitor services on
+    /// it; waits (bounded) until one leads.
+    async fn start(cluster: &mut Cluster, dir: &Path) -> Result<EtcdMonitors> {
+        eprintln!("starting a three-member etcd");
+        let etcd = EtcdCluster::start(dir, 3).context("starting etcd")?;
+        let client = etcd_client::Client::connect(etcd.endpoints(), None)
+            .await
+            .context("connecting to etcd")?;
+        let monitors = EtcdMonitors {
+            cluster: etcd,
+            client,
+            prefix: ETCD_PREFIX.to_string(),
+        };
+        let uri = monitors.uri();
+        cluster.use_external_monitor(&uri);
+        for name in MONITOR_SERVICES {
+            eprintln!("starting monitor service {name}");
+            monitors.spawn(cluster, name)?;
+        }
+        monitors.wait_leader(cluster, None).await?;
+        Ok(monitors)
+    }
+
+    fn uri(&self) -> String {
+        self.cluster.uri(&self.prefix)
+    }
+
+    fn spawn(&self, cluster: &Cluster, name: &str) -> Result<()> {
+        Ok(cluster.spawn(name, &["monitor", "run", "--monitor", &self.uri()])?)
+    }
+
+    /// The process name of the leading service, from the leader key (its
+    /// value names the service's pid); None while no service leads.
+    async fn leader(&self, cluster: &Cluster) -> Result<Option<&'static str>> {
+        let key = format!("/{}/leader", self.prefix);
+        let response = self.client.clone().get(key, None).await?;
+        let value = response
+            .kvs()
+            .first()
+            .map(|kv| String::from_utf8_lossy(kv.value()).to_string());
+        let pid = value
+            .as_deref()
+            .and_then(|v| v.rsplit(' ').next())
+            .and_then(|p| p.parse::<u32>().ok());
+        Ok(pid.and_then(|pid| {
+            MONITOR_SERVICES
+                .into_iter()
+                .find(|name| cluster.pid(name) == Some(pid))
+        }))
+    }
+
+    /// Waits (bounded) until a service other than `not` leads; its name.
+    async fn wait_leader(&self, cluster: &Cluster, not: Option<&str>) -> Result<&'static str> {
+        let deadline = Instant::now() + STEP;
+        loop {
+            crate::procs::check_interrupted()?;
+            // etcd may answer slowly while a member restarts: ask again.
+            if let Ok(Some(name)) = self.leader(cluster).await {
+                if Some(name) != not {
+                    return Ok(name);
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("no monitor service took the lead within {STEP:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
 
 impl Bench {
@@ -287,14 +431,7 @@ impl Bench {
 
 /// Runs the benchmark and prints its table.
 pub fn run(args: FailoverArgs) -> Result<()> {
-    let faults: Vec<Fault> = args
-        .faults
-        .iter()
-        .map(|f| Fault::from_key(f.trim()))
-        .collect::<Result<_>>()?;
-    if faults.is_empty() {
-        bail!("--faults is empty: name at least one fault");
-    }
+    let faults = chosen_faults(&args.faults, args.monitor_store)?;
     crate::machine::check_pg_bindir(&args.pg_bindir, &["initdb", "pg_ctl", "pg_basebackup"])?;
     let hapg_bin = crate::machine::hapg_binary(&args.hapg)?;
     let mut info = RunInfo::now();
@@ -313,14 +450,16 @@ pub fn run(args: FailoverArgs) -> Result<()> {
     } else {
         None
     };
-    let mut bench = start_cluster(&hapg_bin, net)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
+    let mut bench = runtime.block_on(start_cluster(&hapg_bin, net, args.monitor_store))?;
     let results = runtime.block_on(run_faults(&mut bench, &faults, &args));
     info.load_after = crate::machine::load_average();
     bench.cluster.stop_all();
+    // etcd goes after the monitor services, nodes and router that use it.
+    drop(bench.etcd.take());
     // The namespaces go once nothing runs in them.
     drop(bench.net.take());
     if args.keep {
@@ -346,16 +485,26 @@ pub fn run(args: FailoverArgs) -> Result<()> {
     Ok(())
 }
 
-/// The monitor, node1 (primary), node2 (secondary) and the router, running;
-/// with `net`, each node in its namespace.
-fn start_cluster(hapg: &Path, net: Option<Net>) -> Result<Bench> {
+/// The monitor (or etcd and two monitor services), node1 (primary), node2
+/// (secondary) and the router, running; with `net`, each node in its
+/// namespace.
+async fn start_cluster(hapg: &Path, net: Option<Net>, store: MonitorStore) -> Result<Bench> {
     let monitor_listen = match &net {
         None => "127.0.0.1".to_string(),
         Some(net) => format!("127.0.0.1,{}", net.host_ip),
     };
     let mut cluster = cluster::create(hapg, &monitor_listen)?;
-    eprintln!("starting the monitor");
-    cluster.start_monitor()?;
+    let etcd = match store {
+        MonitorStore::Postgres => {
+            eprintln!("starting the monitor");
+            cluster.start_monitor()?;
+            None
+        }
+        MonitorStore::Etcd => {
+            let dir = cluster.path().join("etcd");
+            Some(EtcdMonitors::start(&mut cluster, &dir).await?)
+        }
+    };
     let monitor_uri = cluster.monitor_uri()?;
     let create = |cluster: &mut Cluster, name: &str| -> Result<u16> {
         let node = match &net {
@@ -398,6 +547,8 @@ fn start_cluster(hapg: &Path, net: Option<Net>) -> Result<Bench> {
         router_uri: format!("{}?sslmode=disable", router.uri(DBNAME)),
         net,
         last_cut: None,
+        etcd,
+        last_takeover: None,
     })
 }
 
@@ -560,6 +711,7 @@ async fn one_run(
     };
     result.violations = check.violations().await?;
     result.cut = bench.last_cut.take();
+    result.takeover = bench.last_takeover.take();
     if let Some(broken) = result.cut.as_ref().and_then(CutTimes::violation) {
         result.violations.push(broken);
     }
@@ -675,6 +827,27 @@ async fn inject(
             });
             wait_converged(monitor, standby, primary).await
         }
+        Fault::MonitorLeaderLoss => {
+            let Some(etcd) = &bench.etcd else {
+                bail!("monitor-leader-loss needs --monitor-store etcd");
+            };
+            let leader = etcd.wait_leader(&bench.cluster, None).await?;
+            let killed_at = Instant::now();
+            bench.cluster.kill_process(leader);
+            let next = etcd.wait_leader(&bench.cluster, Some(leader)).await;
+            let takeover = killed_at.elapsed();
+            // Run it again whatever happened: the next run needs two services.
+            let restarted = etcd.spawn(&bench.cluster, leader);
+            let next = next?;
+            restarted?;
+            eprintln!(
+                "  {next} leads {:.2} s after {leader} was killed",
+                takeover.as_secs_f64()
+            );
+            bench.last_takeover = Some(takeover);
+            // Nothing changes for the group.
+            wait_converged(monitor, primary, standby).await
+        }
     }
 }
 
@@ -762,10 +935,26 @@ fn cut_text(cut: &CutTimes) -> String {
     )
 }
 
-/// Under the table: the fence and promotion times of every silent loss of the primary.
+/// Under the table: the fence and promotion times of every silent loss of
+/// the primary, and how long the monitor services went without a leader.
 fn cut_summary(results: &[(Fault, Vec<RunResult>)]) -> String {
     let mut out = String::new();
     for (fault, runs) in results {
+        let takeovers: Vec<String> = runs
+            .iter()
+            .filter_map(|r| r.takeover)
+            .map(|d| format!("{:.2}", d.as_secs_f64()))
+            .collect();
+        if !takeovers.is_empty() {
+            let _ = writeln!(
+                out,
+                "\n{}: the other monitor service led {} s after the kill (leader lease {} s).",
+                fault.describe(),
+                takeovers.join(", "),
+                hapg_monitor::service::LEADER_TTL.as_secs()
+            );
+            continue;
+        }
         let cuts: Vec<&CutTimes> = runs.iter().filter_map(|r| r.cut.as_ref()).collect();
         if cuts.is_empty() {
             continue;
@@ -912,6 +1101,16 @@ fn median(sorted: &[Duration]) -> Duration {
     }
 }
 
+/// The monitor store, in words.
+fn store_text(store: MonitorStore) -> &'static str {
+    match store {
+        MonitorStore::Postgres => "the monitor's state in its Postgres",
+        MonitorStore::Etcd => {
+            "the monitor's state in a three-member etcd with two monitor services"
+        }
+    }
+}
+
 fn plain(results: &[(Fault, Vec<RunResult>)], args: &FailoverArgs) -> String {
     let rows: Vec<[String; 9]> = results
         .iter()
@@ -924,8 +1123,10 @@ fn plain(results: &[(Fault, Vec<RunResult>)], args: &FailoverArgs) -> String {
         }
     }
     let mut out = format!(
-        "\n{} clients writing through the router, {} runs per fault\n\n",
-        args.clients, args.runs
+        "\n{} clients writing through the router, {} runs per fault, {}\n\n",
+        args.clients,
+        args.runs,
+        store_text(args.monitor_store)
     );
     let line = |cells: Vec<&str>| {
         cells
@@ -945,10 +1146,11 @@ fn plain(results: &[(Fault, Vec<RunResult>)], args: &FailoverArgs) -> String {
 
 fn markdown(results: &[(Fault, Vec<RunResult>)], args: &FailoverArgs, info: &RunInfo) -> String {
     let mut out = format!(
-        "```sh\n{}\n```\n\n{} clients writing through the router, {} runs per fault. {}\n\n",
+        "```sh\n{}\n```\n\n{} clients writing through the router, {} runs per fault, {}. {}\n\n",
         info.command,
         args.clients,
         args.runs,
+        store_text(args.monitor_store),
         info.machine()
     );
     let _ = writeln!(out, "| {} |", Row::HEADER.join(" | "));
@@ -983,6 +1185,32 @@ mod tests {
                 .is_some_and(|e| e.contains("\"poweroff\"") && e.contains("power-off, switchover")),
             "{err:?}"
         );
+    }
+
+    #[test]
+    fn the_leader_loss_row_is_for_etcd_only() {
+        let keys = |k: &[&str]| k.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            chosen_faults(&[], MonitorStore::Etcd).ok(),
+            Some(vec![
+                Fault::PowerOff,
+                Fault::Switchover,
+                Fault::PostgresKill,
+                Fault::MonitorLeaderLoss
+            ])
+        );
+        assert!(!chosen_faults(&[], MonitorStore::Postgres)
+            .expect("defaults")
+            .contains(&Fault::MonitorLeaderLoss));
+        let err = chosen_faults(&keys(&["monitor-leader-loss"]), MonitorStore::Postgres)
+            .err()
+            .map(|e| e.to_string());
+        assert!(
+            err.as_deref()
+                .is_some_and(|e| e.contains("--monitor-store etcd")),
+            "{err:?}"
+        );
+        assert!(chosen_faults(&keys(&["network-cut"]), MonitorStore::Etcd).is_err());
     }
 
     #[test]

@@ -28,8 +28,11 @@ pub struct EtcdLocation {
     pub tls: Option<EtcdTls>,
 }
 
-/// TLS options of an etcd URI: `tls=on`, `cacert=FILE` (verify the members
-/// against this CA), `cert=FILE&key=FILE` (a client certificate).
+/// TLS options of an etcd URI: `cacert=FILE` (verify the members against
+/// this CA; TLS is on once it is given, and it must be given for TLS: an etcd
+/// cluster has its own CA, the system's roots are not used),
+/// `cert=FILE&key=FILE` (a client certificate, for members that require
+/// one), `tls=on|off` (optional, to say it: `off` with the others is refused).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EtcdTls {
     /// CA file the members' certificates are checked against.
@@ -121,7 +124,7 @@ fn host_port(key: &str, text: &str) -> Result<String, ConfigError> {
 }
 
 fn parse_tls(key: &str, query: &str) -> Result<Option<EtcdTls>, ConfigError> {
-    let mut on = false;
+    let mut on = None;
     let mut tls = EtcdTls::default();
     let (mut cert, mut client_key) = (None, None);
     for pair in query.split('&').filter(|p| !p.is_empty()) {
@@ -134,8 +137,8 @@ fn parse_tls(key: &str, query: &str) -> Result<Option<EtcdTls>, ConfigError> {
         match name {
             "tls" => {
                 on = match value {
-                    "on" | "true" | "1" => true,
-                    "off" | "false" | "0" => false,
+                    "on" | "true" | "1" => Some(true),
+                    "off" | "false" | "0" => Some(false),
                     _ => return Err(invalid(key, format!("tls={value:?}: use on or off"))),
                 }
             }
@@ -160,8 +163,19 @@ fn parse_tls(key: &str, query: &str) -> Result<Option<EtcdTls>, ConfigError> {
             ))
         }
     };
-    let any = on || tls.ca.is_some() || tls.identity.is_some();
-    Ok(any.then_some(tls))
+    let files = tls.ca.is_some() || tls.identity.is_some();
+    match on {
+        Some(false) if files => Err(invalid(
+            key,
+            "tls=off with cacert, cert or key: drop tls=off to use TLS, or the files",
+        )),
+        Some(false) => Ok(None),
+        _ if tls.ca.is_none() && (on == Some(true) || files) => Err(invalid(
+            key,
+            "TLS to etcd needs cacert=FILE, the CA that signed the members' certificates",
+        )),
+        _ => Ok(files.then_some(tls)),
+    }
 }
 
 #[cfg(test)]
@@ -214,7 +228,8 @@ mod tests {
             tls.identity,
             Some((PathBuf::from("/c.pem"), PathBuf::from("/k.pem")))
         );
-        assert_eq!(etcd("etcd://h/p?tls=on").tls, Some(EtcdTls::default()));
+        let e = etcd("etcd://h/p?tls=on&cacert=/ca.pem");
+        assert_eq!(e.tls.expect("tls").ca, Some(PathBuf::from("/ca.pem")));
         assert_eq!(etcd("etcd://h/p?tls=off").tls, None);
     }
 
@@ -233,6 +248,10 @@ mod tests {
             ("etcd://h/p?tls=maybe", "use on or off"),
             ("etcd://h/p?sslmode=require", "unknown option \"sslmode\""),
             ("etcd://h/p?cert=/c.pem", "give both or neither"),
+            ("etcd://h/p?cacert=/ca&key=/k.pem", "give both or neither"),
+            ("etcd://h/p?tls=on", "needs cacert=FILE"),
+            ("etcd://h/p?cert=/c.pem&key=/k.pem", "needs cacert=FILE"),
+            ("etcd://h/p?tls=off&cacert=/ca.pem", "tls=off with cacert"),
             ("etcd://h/p?tls", "no value"),
         ] {
             let message = error(uri);

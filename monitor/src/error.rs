@@ -91,6 +91,26 @@ pub enum MonitorError {
     /// now (its lease lapsed): it stops deciding and campaigns again.
     #[error("this monitor service no longer leads: its write was refused")]
     NotLeader,
+    /// The first request to etcd failed: the reason names the likely cause
+    /// (a CA that did not sign the members' certificate, plain http against
+    /// TLS-only members, no member listening).
+    #[error("cannot reach etcd at {endpoints}: {reason}")]
+    EtcdConnect {
+        /// The members' client URLs.
+        endpoints: String,
+        /// What failed, and the likely cause.
+        reason: String,
+        /// False for what retrying does not mend (a refused certificate).
+        transient: bool,
+    },
+    /// An etcd URI's TLS option cannot be used.
+    #[error("etcd TLS option {option}: {reason}")]
+    EtcdTls {
+        /// The URI option (`cacert`, `cert`, `key`).
+        option: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The etcd store answered with an error, or could not be reached.
     #[error("etcd: {0}")]
     Etcd(#[from] etcd_client::Error),
@@ -105,6 +125,7 @@ impl MonitorError {
         match self {
             MonitorError::Db(e) => e.as_db_error().is_none(),
             MonitorError::Unreachable { .. } => true,
+            MonitorError::EtcdConnect { transient, .. } => *transient,
             MonitorError::Etcd(e) => matches!(
                 e,
                 etcd_client::Error::TransportError(_)

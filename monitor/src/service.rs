@@ -145,6 +145,7 @@ async fn run_etcd(
         started: Instant::now(),
         holds: HashMap::new(),
     };
+    let mut ever_opened = false;
     while !shutdown.is_cancelled() {
         let opened = async {
             let (mut store, feed) = EtcdStore::open(uri).await?;
@@ -152,7 +153,19 @@ async fn run_etcd(
             Ok::<_, MonitorError>((store, feed))
         };
         let (store, mut feed) = match opened.await {
-            Ok(opened) => opened,
+            Ok(opened) => {
+                ever_opened = true;
+                opened
+            }
+            // At start, a refused certificate or an unreadable TLS file is
+            // a mistake in the URI that waiting does not mend: say it and
+            // stop. Once running, the service waits as for any outage (a
+            // certificate being rotated on the members, for one).
+            Err(e @ (MonitorError::EtcdConnect { .. } | MonitorError::EtcdTls { .. }))
+                if !ever_opened && !e.is_transient() =>
+            {
+                return Err(e)
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "etcd not reachable");
                 tokio::select! {

@@ -476,3 +476,82 @@ async fn etcd_a_leader_whose_lease_lapsed_writes_nothing() {
     assert_eq!(written, Written::Applied);
     assert!(!lead_b.lost());
 }
+
+/// Report ages in etcd are the reader's own: a keeper whose clock is an
+/// hour behind or ahead of the monitor's (simulated by writing its report
+/// document with such a time, under the store's key layout) neither looks
+/// silent when it just reported, nor fresh once it stopped reporting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_report_ages_are_measured_by_the_readers_clock() {
+    let etcd = Etcd::start().await;
+    let (store, _) = etcd.store().await;
+    let (monitor, _) = etcd.store().await;
+    let (node_id, _) = register(&store, "clock_1", 15041).await;
+    let report = NodeReport {
+        node_id,
+        state: NodeState::Single,
+        pg_running: true,
+        tli: 1,
+        lsn: 0x0300_0000,
+        rep_state: String::new(),
+        upstream_streaming: false,
+        in_recovery: Some(false),
+        upstream_silence: None,
+    };
+    store.report(&report).await.expect("report");
+    let age = |row: hapg_monitor::client::NodeRow| row.report_age.expect("a report age");
+    assert!(age(monitor.node(node_id).await.expect("node")) < Duration::from_secs(5));
+
+    // The keeper's reports, as its skewed clock would time them.
+    let endpoint = etcd
+        .uri()
+        .trim_start_matches("etcd://")
+        .split('/')
+        .next()
+        .expect("host:port")
+        .to_string();
+    let client = etcd_client::Client::connect([endpoint], None)
+        .await
+        .expect("etcd client");
+    let key = format!("/hapg-test/report/{node_id:020}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64();
+    let skewed = |offset: f64| {
+        let key = key.clone();
+        let mut client = client.clone();
+        async move {
+            let current = client.get(key.clone(), None).await.expect("get report");
+            let kv = current.kvs().first().expect("report key");
+            let mut doc: serde_json::Value = serde_json::from_slice(kv.value()).expect("json");
+            doc["report_time"] = serde_json::json!(now + offset);
+            client
+                .put(key, serde_json::to_vec(&doc).expect("json"), None)
+                .await
+                .expect("put report");
+        }
+    };
+
+    // An hour behind, just reported: fresh.
+    skewed(-3600.0).await;
+    let behind = age(monitor.node(node_id).await.expect("node"));
+    assert!(
+        behind < Duration::from_secs(5),
+        "a report just written is fresh whatever the keeper's clock says: {behind:?}"
+    );
+
+    // An hour ahead, then silent: its age grows all the same.
+    skewed(3600.0).await;
+    let start = std::time::Instant::now();
+    let mut ahead = age(monitor.node(node_id).await.expect("node"));
+    while ahead < Duration::from_millis(1500) && start.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        ahead = age(monitor.node(node_id).await.expect("node"));
+    }
+    assert!(
+        ahead >= Duration::from_millis(1500),
+        "a silent keeper ahead of the monitor's clock ages: {ahead:?} after {:?}",
+        start.elapsed()
+    );
+}

@@ -246,6 +246,9 @@ pub struct Cluster {
     pub monitor_port: u16,
     /// The nodes created, in order.
     pub nodes: Vec<Node>,
+    /// A monitor not run by this cluster (an `etcd://` URI whose monitor
+    /// services the caller runs): used instead of `./monitor` once set.
+    external_monitor: Option<String>,
 }
 
 impl Cluster {
@@ -287,6 +290,7 @@ impl Cluster {
             temp,
             monitor_port: 0,
             nodes: Vec::new(),
+            external_monitor: None,
         })
     }
 
@@ -558,8 +562,18 @@ impl Cluster {
         )
     }
 
+    /// Makes nodes, routers and the state reads of this cluster use the
+    /// monitor at `uri` (such as `etcd://...`, with monitor services the
+    /// caller runs) instead of one in `./monitor`.
+    pub fn use_external_monitor(&mut self, uri: &str) {
+        self.external_monitor = Some(uri.to_string());
+    }
+
     /// The monitor's URI, as `show uri --monitor-uri` prints it.
     pub fn monitor_uri(&self) -> Result<String, ClusterError> {
+        if let Some(uri) = &self.external_monitor {
+            return Ok(uri.clone());
+        }
         Ok(self
             .ok(&["show", "uri", "--pgdata", "./monitor", "--monitor-uri"])?
             .trim()
@@ -690,7 +704,10 @@ impl Cluster {
 
     /// `show state --json` as (name -> (reported, assigned)).
     pub fn states(&self) -> Result<BTreeMap<String, (String, String)>, ClusterError> {
-        let json = self.ok(&["show", "state", "--pgdata", "./monitor", "--json"])?;
+        let json = match &self.external_monitor {
+            Some(uri) => self.ok(&["show", "state", "--monitor", uri, "--json"])?,
+            None => self.ok(&["show", "state", "--pgdata", "./monitor", "--json"])?,
+        };
         Ok(parse_states(&json))
     }
 

@@ -19,15 +19,17 @@
 //! * `P/notify/<channel>`: the payloads the last write published.
 
 use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use etcd_client::{
-    Client, Compare, CompareOp, DeleteOptions, GetOptions, KeyValue, Txn, TxnOp, TxnOpResponse,
-    WatchOptions,
+    Certificate, Client, Compare, CompareOp, DeleteOptions, GetOptions, Identity, KeyValue,
+    TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
+use hapg_config::monitor_uri::{self, EtcdLocation, EtcdTls, MonitorLocation};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -214,6 +216,9 @@ struct State {
     formations: BTreeMap<String, (FormationDoc, i64)>,
     nodes: BTreeMap<i64, NodeDoc>,
     reports: BTreeMap<i64, ReportDoc>,
+    /// When this process saw each node's current report, by its own clock
+    /// (see [`ReportClock`]).
+    report_seen: BTreeMap<i64, f64>,
     health: BTreeMap<i64, HealthDoc>,
     routers: Vec<RouterDoc>,
 }
@@ -251,7 +256,8 @@ impl State {
                 .map(|ms| Duration::from_millis(u64::try_from(ms).unwrap_or(0))),
             report_age: report
                 .report_time
-                .map(|t| Duration::from_secs_f64((at - t).max(0.0))),
+                .and(self.report_seen.get(&node.node_id))
+                .map(|seen| Duration::from_secs_f64((at - seen).max(0.0))),
             health,
             candidate_priority: node.candidate_priority,
             replication_quorum: node.replication_quorum,
@@ -376,6 +382,38 @@ impl Batch {
     }
 }
 
+/// When this process first saw each node's report revision, by its own
+/// clock: a report's age is measured from there, not from the time the
+/// keeper wrote in it. The keeper's clock is another machine's: with a skew
+/// between the two, a healthy node would look silent (keeper behind) or a
+/// silent one fresh for as long as the skew (keeper ahead). The Postgres
+/// store has one clock (its database's `now()`); here the reader's own clock
+/// plays that part. The reader sees a report when it reads it, so the age
+/// is short by at most the time between two reads: the leading monitor
+/// service reads on every report's notification and at least every tick.
+/// A report first seen by this process (its start, a new leader) takes the
+/// keeper's time, capped at now, as the best estimate there is; from its
+/// next report on, the keeper's clock plays no part.
+#[derive(Default)]
+struct ReportClock {
+    /// Node id to (the report key's `mod_revision`, when it was first seen).
+    seen: BTreeMap<i64, (i64, f64)>,
+}
+
+impl ReportClock {
+    /// When the report at `revision` was first seen, recording it now if
+    /// it is new; `written`: the keeper's own time in it.
+    fn observe(&mut self, node_id: i64, revision: i64, written: Option<f64>, at: f64) -> f64 {
+        let first = match self.seen.get(&node_id) {
+            Some((seen_revision, seen_at)) if *seen_revision == revision => return *seen_at,
+            Some(_) => at,
+            None => written.map_or(at, |t| t.min(at)),
+        };
+        self.seen.insert(node_id, (revision, first));
+        first
+    }
+}
+
 /// A connection to an etcd cluster holding the monitor's state.
 pub struct EtcdStore {
     client: Client,
@@ -386,6 +424,8 @@ pub struct EtcdStore {
     events_written: Arc<AtomicU32>,
     /// Set while this connection writes as the leading monitor service.
     fence: Arc<Mutex<Option<Fence>>>,
+    /// When this process saw each report (shared with [`EtcdStore::share`]).
+    report_clock: Arc<Mutex<ReportClock>>,
 }
 
 /// The leader key as this service created it: every decision it writes
@@ -419,35 +459,96 @@ impl Drop for Leadership {
     }
 }
 
-/// Parses `etcd://host:port[,host:port...]/prefix` into endpoints and the
-/// key prefix (ending in `/`).
-pub fn parse_uri(uri: &str) -> Result<(Vec<String>, String), MonitorError> {
-    let bad = |reason: &str| MonitorError::BadUri {
-        uri: uri.to_string(),
-        reason: reason.to_string(),
+/// Reads an `etcd://host:port[,host:port...]/prefix[?options]` URI (the
+/// syntax and its options are `hapg_config::monitor_uri`'s, so the store
+/// takes exactly what the configuration checks accept).
+pub fn parse_uri(uri: &str) -> Result<EtcdLocation, MonitorError> {
+    match monitor_uri::parse("monitor URI", uri) {
+        Ok(MonitorLocation::Etcd(location)) => Ok(location),
+        Ok(MonitorLocation::Postgres(_)) => Err(MonitorError::BadUri {
+            uri: uri.to_string(),
+            reason: "an etcd URI starts with etcd://".to_string(),
+        }),
+        Err(e) => Err(MonitorError::BadUri {
+            uri: uri.to_string(),
+            reason: e.to_string(),
+        }),
+    }
+}
+
+/// The client's TLS settings from a URI's options: the members are
+/// verified against `cacert` only (never the system's roots: an etcd
+/// cluster has its own CA), and the client certificate is presented when
+/// given. A file that cannot be read is named in the error.
+fn tls_options(tls: &EtcdTls) -> Result<TlsOptions, MonitorError> {
+    let read = |option: &str, path: &Path| {
+        std::fs::read(path).map_err(|e| MonitorError::EtcdTls {
+            option: option.to_string(),
+            reason: format!("cannot read {}: {e}", path.display()),
+        })
     };
-    let rest = uri
-        .strip_prefix("etcd://")
-        .ok_or_else(|| bad("an etcd URI starts with etcd://"))?;
-    let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
-    if !query.is_empty() {
-        // Never fall back to plaintext when TLS was asked for.
-        return Err(bad(
-            "options (TLS to etcd) are not supported by this store yet",
-        ));
+    let ca = tls.ca.as_deref().ok_or_else(|| MonitorError::EtcdTls {
+        option: "cacert".to_string(),
+        reason: "TLS to etcd needs cacert=FILE, the CA that signed the members' certificates"
+            .to_string(),
+    })?;
+    let mut options = TlsOptions::new().ca_certificate(Certificate::from_pem(read("cacert", ca)?));
+    if let Some((cert, key)) = &tls.identity {
+        options = options.identity(Identity::from_pem(read("cert", cert)?, read("key", key)?));
     }
-    let (hosts, path) = rest.split_once('/').unwrap_or((rest, "hapg"));
-    let endpoints: Vec<String> = hosts
-        .split(',')
-        .filter(|h| !h.is_empty())
-        .map(|h| format!("http://{h}"))
-        .collect();
-    if endpoints.is_empty() {
-        return Err(bad("no etcd endpoint"));
+    Ok(options)
+}
+
+/// Why a first request to etcd failed, in words that name the likely
+/// cause: the whole chain of sources (tonic's own message is only
+/// "transport error"), and a hint for the mistakes that look alike on the
+/// wire (a wrong CA, plain http against a TLS-only member).
+fn connect_failure(location: &EtcdLocation, error: &etcd_client::Error) -> MonitorError {
+    let mut reason = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(e) = source {
+        let text = e.to_string();
+        if !reason.contains(&text) {
+            reason.push_str(": ");
+            reason.push_str(&text);
+        }
+        source = e.source();
     }
-    let path = path.trim_matches('/');
-    let path = if path.is_empty() { "hapg" } else { path };
-    Ok((endpoints, format!("/{path}/")))
+    let lower = reason.to_lowercase();
+    // Retrying does not mend a certificate the CA did not sign.
+    let refused = location.tls.is_some()
+        && (lower.contains("certificate") || lower.contains("unknownissuer"));
+    let hint = match &location.tls {
+        Some(tls) if refused => {
+            let ca = tls
+                .ca
+                .as_deref()
+                .map_or(String::new(), |p| p.display().to_string());
+            Some(format!(
+                "the members' certificate is not accepted: check that cacert={ca} is the CA that signed it and that it names the host in the URI"
+            ))
+        }
+        // A member that requires a client certificate closes the
+        // connection of a client that has none.
+        Some(tls)
+            if tls.identity.is_none()
+                && (lower.contains("connection closed") || lower.contains("handshake")) =>
+        {
+            Some("the members closed the TLS connection: if they require a client certificate, give cert=FILE&key=FILE".to_string())
+        }
+        None if !lower.contains("refused") => Some(
+            "no answer in plain http: if the members serve TLS, give ?cacert=FILE (and cert=&key=)".to_string(),
+        ),
+        _ => None,
+    };
+    MonitorError::EtcdConnect {
+        endpoints: location.endpoints.join(","),
+        reason: match hint {
+            Some(hint) => format!("{hint} ({reason})"),
+            None => reason,
+        },
+        transient: !refused,
+    }
 }
 
 impl EtcdStore {
@@ -473,20 +574,32 @@ impl EtcdStore {
     /// [`EtcdStore::connect`] without the layout check: for the monitor
     /// service, which sets the layout up ([`MonitorStore::migrate`]).
     pub async fn open(uri: &str) -> Result<(EtcdStore, ChangeFeed), MonitorError> {
-        let (endpoints, prefix) = parse_uri(uri)?;
-        let options = etcd_client::ConnectOptions::new()
+        let location = parse_uri(uri)?;
+        let mut options = etcd_client::ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(2))
             .with_timeout(Duration::from_secs(5))
             .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
-        let client = Client::connect(&endpoints, Some(options)).await?;
+        if let Some(tls) = &location.tls {
+            options = options.with_tls(tls_options(tls)?);
+        }
+        let mut client = Client::connect(&location.endpoints, Some(options))
+            .await
+            .map_err(|e| connect_failure(&location, &e))?;
+        // The channel connects lazily: one request now, so that a wrong CA
+        // or plain http against a TLS member is told here, in words.
+        client
+            .get(format!("{}/layout", location.prefix), None)
+            .await
+            .map_err(|e| connect_failure(&location, &e))?;
         let store = EtcdStore {
             client,
-            prefix,
+            prefix: format!("{}/", location.prefix),
             listening: Arc::new(Mutex::new(HashSet::new())),
             closed: Arc::new(AtomicBool::new(false)),
             writer: std::process::id() ^ (now().fract() * 1e9) as u32,
             events_written: Arc::new(AtomicU32::new(0)),
             fence: Arc::new(Mutex::new(None)),
+            report_clock: Arc::new(Mutex::new(ReportClock::default())),
         };
         let feed = store.start_feed().await?;
         Ok((store, feed))
@@ -503,6 +616,7 @@ impl EtcdStore {
             writer: self.writer,
             events_written: self.events_written.clone(),
             fence: self.fence.clone(),
+            report_clock: self.report_clock.clone(),
         }
     }
 
@@ -654,7 +768,9 @@ impl EtcdStore {
             .map(|k| TxnOp::get(self.key(k), Some(GetOptions::new().with_prefix())))
             .collect();
         let response = self.client.clone().txn(Txn::new().and_then(ops)).await?;
+        let at = now();
         let mut state = State::default();
+        let mut revisions = BTreeMap::new();
         for (i, op) in response.op_responses().into_iter().enumerate() {
             let TxnOpResponse::Get(get) = op else {
                 continue;
@@ -680,12 +796,21 @@ impl EtcdStore {
                             .ok_or_else(|| MonitorError::Corrupt(key.clone()))?;
                         if i == 2 {
                             state.reports.insert(id, decode(kv)?);
+                            revisions.insert(id, kv.mod_revision());
                         } else {
                             state.health.insert(id, decode(kv)?);
                         }
                     }
                     _ => state.routers.push(decode(kv)?),
                 }
+            }
+        }
+        if let Ok(mut clock) = self.report_clock.lock() {
+            clock.seen.retain(|id, _| revisions.contains_key(id));
+            for (id, revision) in revisions {
+                let written = state.reports.get(&id).and_then(|r| r.report_time);
+                let seen = clock.observe(id, revision, written, at);
+                state.report_seen.insert(id, seen);
             }
         }
         Ok(state)
@@ -1612,12 +1737,10 @@ impl MonitorStore for EtcdStore {
             .first()
             .ok_or_else(|| MonitorError::Corrupt(format!("no request {request_id}")))?;
         let doc: RequestDoc = decode(kv)?;
-        let reply = doc.reply.unwrap_or_default();
-        Ok(match doc.status.as_str() {
-            "accepted" => RequestStatus::Accepted(reply),
-            "refused" => RequestStatus::Refused(reply),
-            _ => RequestStatus::Pending,
-        })
+        Ok(RequestStatus::from_stored(
+            &doc.status,
+            doc.reply.unwrap_or_default(),
+        ))
     }
 
     async fn register_router(
@@ -1661,15 +1784,58 @@ mod tests {
 
     #[test]
     fn uris_name_endpoints_and_a_prefix() {
-        let (endpoints, prefix) =
-            parse_uri("etcd://10.0.0.1:2379,10.0.0.2:2379/prod/hapg").expect("parses");
-        assert_eq!(endpoints, ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]);
-        assert_eq!(prefix, "/prod/hapg/");
-        let (_, prefix) = parse_uri("etcd://127.0.0.1:2379").expect("parses");
-        assert_eq!(prefix, "/hapg/");
-        assert!(parse_uri("postgres://x/y").is_err());
-        assert!(parse_uri("etcd:///p").is_err());
-        assert!(parse_uri("etcd://127.0.0.1:2379/p?tls=on").is_err());
+        let location = parse_uri("etcd://10.0.0.1:2379,10.0.0.2:2379/prod/hapg").expect("parses");
+        assert_eq!(
+            location.endpoints,
+            ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]
+        );
+        assert_eq!(location.prefix, "/prod/hapg");
+        let location = parse_uri("etcd://h:1/p?cacert=/ca.pem").expect("parses");
+        assert_eq!(location.endpoints, ["https://h:1"]);
+        for (uri, says) in [
+            ("postgres://x/y", "starts with etcd://"),
+            ("etcd:///p", "empty member"),
+            ("etcd://127.0.0.1:2379", "no key prefix"),
+            ("etcd://h/p?cert=/c.pem", "give both or neither"),
+            ("etcd://h/p?ca=/c.pem", "unknown option \"ca\""),
+            ("etcd://h/p?tls=on", "needs cacert=FILE"),
+        ] {
+            let e = parse_uri(uri).expect_err(uri).to_string();
+            assert!(e.contains(says), "{uri}: {e}");
+        }
+    }
+
+    /// The TLS files are read when connecting: a missing one, or TLS with
+    /// no CA to check the members against, is named.
+    #[test]
+    fn tls_options_name_the_file_or_the_missing_option() {
+        let e = tls_options(&EtcdTls::default())
+            .expect_err("no cacert")
+            .to_string();
+        assert!(e.contains("cacert=FILE"), "{e}");
+        let location = parse_uri("etcd://h/p?cacert=/nonexistent/ca.pem").expect("parses");
+        let e = tls_options(location.tls.as_ref().expect("tls"))
+            .expect_err("no file")
+            .to_string();
+        assert!(
+            e.contains("cacert") && e.contains("/nonexistent/ca.pem"),
+            "{e}"
+        );
+    }
+
+    /// A report's age runs from when this process first saw its revision:
+    /// a later report counts from its sighting whatever time the keeper
+    /// wrote in it; only a first sighting takes the keeper's time (capped).
+    #[test]
+    fn reports_are_timed_by_the_readers_clock() {
+        let mut clock = ReportClock::default();
+        assert_eq!(clock.observe(1, 10, Some(95.0), 100.0), 95.0);
+        assert_eq!(clock.observe(2, 11, Some(500.0), 100.0), 100.0);
+        assert_eq!(clock.observe(1, 10, Some(95.0), 103.0), 95.0);
+        // The keeper is an hour behind, or ahead: seen now all the same.
+        assert_eq!(clock.observe(1, 12, Some(95.0 - 3600.0), 104.0), 104.0);
+        assert_eq!(clock.observe(2, 13, Some(104.0 + 3600.0), 104.5), 104.5);
+        assert_eq!(clock.observe(2, 13, Some(104.0 + 3600.0), 110.0), 104.5);
     }
 
     #[test]

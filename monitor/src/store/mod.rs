@@ -293,6 +293,18 @@ pub enum RequestStatus {
     Refused(String),
 }
 
+impl RequestStatus {
+    /// From a stored request's status (`accepted`, `refused`; anything
+    /// else is still pending) and its reply, as both stores keep them.
+    pub fn from_stored(status: &str, reply: String) -> RequestStatus {
+        match status {
+            "accepted" => RequestStatus::Accepted(reply),
+            "refused" => RequestStatus::Refused(reply),
+            _ => RequestStatus::Pending,
+        }
+    }
+}
+
 /// What a router tells the monitor about itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouterRegistration {

@@ -1042,11 +1042,7 @@ impl MonitorStore for PgStore {
             .await?;
         let status: String = row.try_get(0)?;
         let reply: String = row.try_get(1)?;
-        Ok(match status.as_str() {
-            "accepted" => RequestStatus::Accepted(reply),
-            "refused" => RequestStatus::Refused(reply),
-            _ => RequestStatus::Pending,
-        })
+        Ok(RequestStatus::from_stored(&status, reply))
     }
 
     async fn register_router(
