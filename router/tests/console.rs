@@ -295,6 +295,80 @@ async fn every_show_command_answers_with_pgbouncers_columns() {
     cluster.router.stop().await;
 }
 
+/// The first column of the first row of a simple query's answer.
+fn first_value(rows: Vec<SimpleQueryMessage>) -> String {
+    rows.into_iter()
+        .find_map(|m| match m {
+            SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        })
+        .expect("a row")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn show_servers_lists_connections_in_use_with_the_client_they_serve() {
+    let cluster = Cluster::start(false, "", &sections(None)).await;
+    let admin = console(&cluster.router, "postgres")
+        .await
+        .expect("console login");
+    let busy = connect(&format!(
+        "{} application_name=busy",
+        cluster.router.url("postgres")
+    ))
+    .await
+    .expect("busy client");
+    let idle = connect(&cluster.router.url("postgres"))
+        .await
+        .expect("idle client");
+    // Two server connections: one stays in a transaction (attached to its
+    // client in transaction mode), the other goes back idle.
+    busy.simple_query("BEGIN").await.expect("begin");
+    let backend = first_value(
+        busy.simple_query("SELECT pg_backend_pid()")
+            .await
+            .expect("pid"),
+    );
+    idle.simple_query("SELECT 1").await.expect("select");
+
+    let (c, clients) = show(&admin, "SHOW CLIENTS").await;
+    let client = clients
+        .iter()
+        .find(|r| cell(&c, r, "application_name") == Some("busy"))
+        .expect("the busy client is listed");
+    let client_ptr = cell(&c, client, "ptr").expect("ptr").to_string();
+    let (c, servers) = show(&admin, "SHOW SERVERS").await;
+    let active: Vec<_> = servers
+        .iter()
+        .filter(|r| cell(&c, r, "state") == Some("active"))
+        .collect();
+    assert_eq!(active.len(), 1, "the connection in use is listed: {servers:?}");
+    let server = active[0];
+    assert_eq!(cell(&c, server, "remote_pid"), Some(backend.as_str()));
+    assert_eq!(cell(&c, server, "link"), Some(client_ptr.as_str()));
+    assert_eq!(cell(&c, server, "database"), Some("postgres"));
+    assert!(
+        servers
+            .iter()
+            .any(|r| cell(&c, r, "state") == Some("idle") && cell(&c, r, "link") == Some("")),
+        "the idle one too: {servers:?}"
+    );
+    // And the client names the server back.
+    let server_ptr = cell(&c, server, "ptr").expect("ptr");
+    assert_eq!(cell(&c, client, "link"), Some(server_ptr));
+
+    // At the transaction's end the connection goes back to the pool: idle,
+    // linked to nobody.
+    busy.simple_query("COMMIT").await.expect("commit");
+    let (c, servers) = show(&admin, "SHOW SERVERS").await;
+    assert!(
+        servers
+            .iter()
+            .all(|r| cell(&c, r, "state") == Some("idle") && cell(&c, r, "link") == Some("")),
+        "{servers:?}"
+    );
+    cluster.router.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_resume_reconnect_and_kill_client_are_seen_from_a_client() {
     let cluster = Cluster::start(false, "", &sections(None)).await;

@@ -205,6 +205,7 @@ const SOCKET_COLUMNS: &[(&str, Type)] = &[
 fn clients(shared: &Shared) -> ResultSet {
     let mut set = ResultSet::new(SOCKET_COLUMNS);
     let now_us = shared.stats.started.elapsed().as_micros() as u64;
+    let links = server_links(shared);
     for c in shared.registry.list() {
         let waited = c.waiting_since().map(|since| now_us.saturating_sub(since));
         let state = match (c.console, waited) {
@@ -227,7 +228,7 @@ fn clients(shared: &Shared) -> ResultSet {
             v(waited % 1_000_000),
             v(0),
             v(c.id),
-            v(""),
+            v(links.get(&c.id).cloned().unwrap_or_default()),
             v(0),
             v(if c.tls { "TLS" } else { "" }),
             v(&c.application_name),
@@ -236,27 +237,52 @@ fn clients(shared: &Shared) -> ResultSet {
     set
 }
 
-/// The idle server connections (connections in use are counted in SHOW
-/// POOLS' `sv_active`, not listed).
+/// The `ptr` of the server connection each client uses now, by client id.
+fn server_links(shared: &Shared) -> BTreeMap<i32, String> {
+    shared
+        .pools
+        .servers
+        .list()
+        .iter()
+        .filter_map(|s| Some((s.link()?, s.ptr())))
+        .collect()
+}
+
+/// Every server connection of the pools: `active` (used by the client
+/// its `link` names), `idle` (in its pool), or `used` (between the two:
+/// being opened, reset or closed).
 fn servers(shared: &Shared) -> ResultSet {
     let mut set = ResultSet::new(SOCKET_COLUMNS);
-    for s in shared.pools.idle_rows() {
+    let idle_since: BTreeMap<(std::net::SocketAddr, i32), Instant> = shared
+        .pools
+        .idle_rows()
+        .into_iter()
+        .map(|idle| ((idle.addr, idle.pid), idle.since.into_std()))
+        .collect();
+    for s in shared.pools.servers.list() {
+        let link = s.link();
+        let idle = idle_since.get(&(s.addr, s.pid));
+        let state = match (link, idle) {
+            (Some(_), _) => "active",
+            (None, Some(_)) => "idle",
+            (None, None) => "used",
+        };
         set.push(vec![
             v("S"),
             v(&s.user),
             v(&s.database),
-            v("idle"),
+            v(state),
             v(s.addr.ip()),
             v(s.addr.port()),
             None,
             None,
             v(timestamp(wall(s.born))),
-            v(timestamp(wall(s.since.into_std()))),
+            v(timestamp(wall(idle.copied().unwrap_or(s.born)))),
             v(0),
             v(0),
             v(0),
-            v(format!("{}@{}", s.pid, s.epoch)),
-            v(""),
+            v(s.ptr()),
+            v(link.map(|id| id.to_string()).unwrap_or_default()),
             v(s.pid),
             v(""),
             v(""),

@@ -39,6 +39,7 @@ use self::node::warn_if_oversubscribed;
 
 use crate::params::LastParams;
 use crate::server::{Login, ServerConn, ServerError, Target};
+use crate::server_list::ServerRegistry;
 use crate::slots::{NodeBudget, NodeLimit, PoolId};
 
 /// What opening a server connection takes: the configuration in force (pool
@@ -179,6 +180,8 @@ pub(crate) struct Pools {
     /// Held while the first connection of an epoch reads the node's limits,
     /// so that a burst of logins waits for them instead of racing past.
     learning: tokio::sync::Mutex<()>,
+    /// Every connection of these pools (`SHOW SERVERS`).
+    pub servers: Arc<ServerRegistry>,
 }
 
 /// Counts of one pool (for tests and logs).
@@ -396,6 +399,7 @@ impl Pools {
         epoch: Option<i64>,
         lifetime: Option<Duration>,
     ) -> Option<Box<ServerConn>> {
+        conn.set_link(0);
         if conn.permit.is_none() {
             return Some(conn);
         }
@@ -505,15 +509,12 @@ pub(crate) struct PoolRow {
     pub open: usize,
 }
 
-/// An idle server connection as the admin console shows it.
+/// An idle server connection as the admin console shows it (the rest is
+/// in its [`crate::server_list::ServerEntry`]).
 #[derive(Debug, Clone)]
 pub(crate) struct IdleRow {
-    pub user: String,
-    pub database: String,
     pub addr: std::net::SocketAddr,
     pub pid: i32,
-    pub epoch: i64,
-    pub born: std::time::Instant,
     pub since: Instant,
 }
 
@@ -541,12 +542,8 @@ impl Pools {
             .iter()
             .flat_map(|p| {
                 p.idle.iter().map(|idle| IdleRow {
-                    user: p.login.user.clone(),
-                    database: p.login.database.clone(),
                     addr: idle.conn.addr,
                     pid: idle.conn.pid,
-                    epoch: idle.conn.epoch,
-                    born: idle.conn.born,
                     since: idle.since,
                 })
             })

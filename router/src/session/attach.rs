@@ -280,6 +280,7 @@ impl Session {
         self.busy = Some(busy);
         self.stmts.reset();
         self.cancel.set_target(Some(conn.cancel_target()));
+        conn.set_link(self.registered.entry.id);
         self.server = Some(conn);
         self.had_server = true;
         self.proto.on_idle();
@@ -414,6 +415,7 @@ impl Session {
                 }
                 self.stmts.reset();
                 self.pool = conn.pool;
+                conn.set_link(self.registered.entry.id);
                 self.server = Some(conn);
                 self.restore().await?;
                 Ok(true)

@@ -170,6 +170,9 @@ impl Session {
     ) -> Session {
         let tally = Tally::new(shared.runtime.load().counting);
         let had_server = ready.server.is_some();
+        if let Some(server) = &ready.server {
+            server.set_link(registered.entry.id);
+        }
         let pool = ready.server.as_ref().and_then(|server| server.pool);
         let tx_mode = shared.runtime.load().config.pool.mode == PoolMode::Transaction;
         let mut cuts = shared.routing.subscribe_cut();
