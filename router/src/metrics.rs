@@ -56,12 +56,19 @@ fn seconds_counter(registry: &mut Registry, name: &str, help: &str, us: u64) {
 }
 
 /// Counters under the PgBouncer exporter's names, labelled `database` as
-/// its are (hapg counts for the whole router: `database="*"`).
-fn pgbouncer_counter(registry: &mut Registry, name: &str, help: &str, value: f64) {
+/// its are: one series per database clients logged in to.
+fn pgbouncer_counter(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    per_database: &[(String, f64)],
+) {
     let family = Family::<Labels, FloatCounter>::default();
-    family
-        .get_or_create(&vec![("database".to_string(), "*".to_string())])
-        .inc_by(value);
+    for (database, value) in per_database {
+        family
+            .get_or_create(&vec![("database".to_string(), database.clone())])
+            .inc_by(*value);
+    }
     registry.register(name, help, family);
 }
 
@@ -122,45 +129,56 @@ pub(crate) fn render(shared: &Shared) -> String {
             family.get_or_create(&labels).set(value);
         }
     }
-    let t = shared.stats.totals();
-    for (name, help, value) in [
+    let databases: Vec<(String, crate::stats::Totals)> = shared
+        .databases
+        .list()
+        .iter()
+        .map(|db| (db.name.clone(), db.counters.totals()))
+        .collect();
+    type Pick = fn(&crate::stats::Totals) -> f64;
+    let counters: [(&str, &str, Pick); 7] = [
         (
             "pgbouncer_stats_sql_transactions_pooled",
             "Transactions relayed",
-            t.xact_count as f64,
+            |t| t.xact_count as f64,
         ),
         (
             "pgbouncer_stats_queries_pooled",
             "Queries relayed (each answered by a ReadyForQuery)",
-            t.query_count as f64,
+            |t| t.query_count as f64,
         ),
         (
             "pgbouncer_stats_received_bytes",
             "Bytes received from clients",
-            t.received as f64,
+            |t| t.received as f64,
         ),
         (
             "pgbouncer_stats_sent_bytes",
             "Bytes sent to clients",
-            t.sent as f64,
+            |t| t.sent as f64,
         ),
         (
             "pgbouncer_stats_sql_transactions_duration_seconds",
             "Time spent in transactions",
-            t.xact_time_us as f64 / 1e6,
+            |t| t.xact_time_us as f64 / 1e6,
         ),
         (
             "pgbouncer_stats_queries_duration_seconds",
             "Time spent in queries",
-            t.query_time_us as f64 / 1e6,
+            |t| t.query_time_us as f64 / 1e6,
         ),
         (
             "pgbouncer_stats_client_wait_seconds",
             "Time clients waited for a server connection",
-            t.wait_time_us as f64 / 1e6,
+            |t| t.wait_time_us as f64 / 1e6,
         ),
-    ] {
-        pgbouncer_counter(&mut registry, name, help, value);
+    ];
+    for (name, help, pick) in counters {
+        let values: Vec<(String, f64)> = databases
+            .iter()
+            .map(|(database, totals)| (database.clone(), pick(totals)))
+            .collect();
+        pgbouncer_counter(&mut registry, name, help, &values);
     }
     let stats = &shared.stats;
     gauge(

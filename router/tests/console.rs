@@ -369,6 +369,70 @@ async fn show_servers_lists_connections_in_use_with_the_client_they_serve() {
     cluster.router.stop().await;
 }
 
+/// A client of the router for database `db`, as the superuser.
+async fn client_of(router: &RouterHandle, db: &str, name: &str) -> tokio_postgres::Client {
+    connect(&format!(
+        "host=127.0.0.1 port={} user=postgres dbname={db} application_name={name}",
+        router.addr.port()
+    ))
+    .await
+    .unwrap_or_else(|e| panic!("client of {db}: {e}"))
+}
+
+/// The `column` of the row of SHOW `command` whose `database` is `db`.
+async fn of_database(
+    admin: &tokio_postgres::Client,
+    command: &str,
+    db: &str,
+    column: &str,
+) -> Option<String> {
+    let (c, rows) = show(admin, command).await;
+    rows.iter()
+        .find(|r| cell(&c, r, "database") == Some(db))
+        .and_then(|r| cell(&c, r, column).map(str::to_string))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn show_stats_has_a_row_per_database() {
+    let cluster = Cluster::start(false, "", &sections(None)).await;
+    cluster
+        .a
+        .connect("postgres")
+        .await
+        .simple_query("CREATE DATABASE other")
+        .await
+        .expect("create database");
+    let admin = console(&cluster.router, "postgres")
+        .await
+        .expect("console login");
+    let main = client_of(&cluster.router, "postgres", "main").await;
+    let other = client_of(&cluster.router, "other", "other").await;
+    for _ in 0..2 {
+        main.simple_query("SELECT 1").await.expect("select");
+    }
+    for _ in 0..5 {
+        other.simple_query("SELECT 1").await.expect("select");
+    }
+    let count = |v: Option<String>| -> u64 {
+        v.and_then(|v| v.parse().ok()).expect("a count")
+    };
+    let main_xacts = count(of_database(&admin, "SHOW STATS_TOTALS", "postgres", "xact_count").await);
+    let other_xacts = count(of_database(&admin, "SHOW STATS_TOTALS", "other", "xact_count").await);
+    // The login's own statements may count; the other database's do not.
+    assert!((2..5).contains(&main_xacts), "postgres: {main_xacts}");
+    assert!(other_xacts >= 5, "other: {other_xacts}");
+    assert_eq!(
+        count(of_database(&admin, "SHOW STATS", "other", "total_xact_count").await),
+        other_xacts
+    );
+    assert!(of_database(&admin, "SHOW STATS_AVERAGES", "other", "xact_count")
+        .await
+        .is_some());
+    let (_, rows) = show(&admin, "SHOW STATS").await;
+    assert_eq!(rows.len(), 2, "one row per database: {rows:?}");
+    cluster.router.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_resume_reconnect_and_kill_client_are_seen_from_a_client() {
     let cluster = Cluster::start(false, "", &sections(None)).await;

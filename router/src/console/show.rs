@@ -12,13 +12,9 @@ use hapg_config::router::{PoolMode, RouterConfig};
 use super::command::Show;
 use super::wire::{v, ResultSet, Type};
 use crate::shared::Shared;
-use crate::stats::averages;
+use crate::stats::{averages, Totals};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
-
-/// The row PgBouncer's SHOW STATS gives per database: hapg counts for the
-/// whole router, under this name.
-const ALL_DATABASES: &str = "*";
 
 pub(crate) fn answer(shared: &Shared, show: Show) -> ResultSet {
     match show {
@@ -291,10 +287,18 @@ fn servers(shared: &Shared) -> ResultSet {
     set
 }
 
-fn totals_row(shared: &Shared) -> (crate::stats::Totals, crate::stats::Totals) {
-    let totals = shared.stats.totals();
+/// Each database's totals and averages (since the router started), by name.
+fn totals_rows(shared: &Shared) -> Vec<(String, Totals, Totals)> {
     let seconds = shared.stats.started.elapsed().as_secs();
-    (totals, averages(&totals, seconds))
+    shared
+        .databases
+        .list()
+        .iter()
+        .map(|db| {
+            let totals = db.counters.totals();
+            (db.name.clone(), totals, averages(&totals, seconds))
+        })
+        .collect()
 }
 
 fn stats(shared: &Shared) -> ResultSet {
@@ -315,24 +319,25 @@ fn stats(shared: &Shared) -> ResultSet {
         ("avg_query_time", Type::Int8),
         ("avg_wait_time", Type::Int8),
     ]);
-    let (t, a) = totals_row(shared);
-    set.push(vec![
-        v(ALL_DATABASES),
-        v(t.xact_count),
-        v(t.query_count),
-        v(t.received),
-        v(t.sent),
-        v(t.xact_time_us),
-        v(t.query_time_us),
-        v(t.wait_time_us),
-        v(a.xact_count),
-        v(a.query_count),
-        v(a.received),
-        v(a.sent),
-        v(a.xact_time_us),
-        v(a.query_time_us),
-        v(a.wait_time_us),
-    ]);
+    for (database, t, a) in totals_rows(shared) {
+        set.push(vec![
+            v(database),
+            v(t.xact_count),
+            v(t.query_count),
+            v(t.received),
+            v(t.sent),
+            v(t.xact_time_us),
+            v(t.query_time_us),
+            v(t.wait_time_us),
+            v(a.xact_count),
+            v(a.query_count),
+            v(a.received),
+            v(a.sent),
+            v(a.xact_time_us),
+            v(a.query_time_us),
+            v(a.wait_time_us),
+        ]);
+    }
     set
 }
 
@@ -347,27 +352,31 @@ const TOTALS_COLUMNS: &[(&str, Type)] = &[
     ("wait_time", Type::Int8),
 ];
 
-fn totals_set(t: crate::stats::Totals) -> ResultSet {
+/// STATS_TOTALS (`averages` false) or STATS_AVERAGES: a row per database.
+fn totals_set(shared: &Shared, averages: bool) -> ResultSet {
     let mut set = ResultSet::new(TOTALS_COLUMNS);
-    set.push(vec![
-        v(ALL_DATABASES),
-        v(t.xact_count),
-        v(t.query_count),
-        v(t.received),
-        v(t.sent),
-        v(t.xact_time_us),
-        v(t.query_time_us),
-        v(t.wait_time_us),
-    ]);
+    for (database, totals, avg) in totals_rows(shared) {
+        let t = if averages { avg } else { totals };
+        set.push(vec![
+            v(database),
+            v(t.xact_count),
+            v(t.query_count),
+            v(t.received),
+            v(t.sent),
+            v(t.xact_time_us),
+            v(t.query_time_us),
+            v(t.wait_time_us),
+        ]);
+    }
     set
 }
 
 fn stats_totals(shared: &Shared) -> ResultSet {
-    totals_set(totals_row(shared).0)
+    totals_set(shared, false)
 }
 
 fn stats_averages(shared: &Shared) -> ResultSet {
-    totals_set(totals_row(shared).1)
+    totals_set(shared, true)
 }
 
 fn databases(shared: &Shared) -> ResultSet {

@@ -235,7 +235,9 @@ impl Session {
         let deadline = started + self.shared.runtime.load().config.pause_timeout();
         let result = self.attach_waiting(deadline).await;
         if self.tally.on {
-            self.shared.stats.record_wait(micros(started.elapsed()));
+            self.shared
+                .stats
+                .record_wait(&self.db, micros(started.elapsed()));
         }
         result
     }
