@@ -434,6 +434,104 @@ async fn show_stats_has_a_row_per_database() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_db_holds_that_database_only_until_resume_db() {
+    let cluster = Cluster::start(false, "", &sections(None)).await;
+    cluster
+        .a
+        .connect("postgres")
+        .await
+        .simple_query("CREATE DATABASE other")
+        .await
+        .expect("create database");
+    let admin = std::sync::Arc::new(
+        console(&cluster.router, "postgres")
+            .await
+            .expect("console login"),
+    );
+    let main = client_of(&cluster.router, "postgres", "main").await;
+    let other = std::sync::Arc::new(client_of(&cluster.router, "other", "other").await);
+
+    // PAUSE other answers once other's open transaction has ended.
+    other.simple_query("BEGIN").await.expect("begin");
+    let pause = {
+        let admin = admin.clone();
+        tokio::spawn(async move { admin.simple_query("PAUSE other").await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!pause.is_finished(), "PAUSE other waits for its transaction");
+    other.simple_query("COMMIT").await.expect("commit");
+    tokio::time::timeout(Duration::from_secs(10), pause)
+        .await
+        .expect("PAUSE answered after the commit")
+        .expect("task")
+        .expect("PAUSE other");
+    assert_eq!(
+        of_database(&admin, "SHOW DATABASES", "other", "paused")
+            .await
+            .as_deref(),
+        Some("1")
+    );
+    assert_eq!(
+        of_database(&admin, "SHOW DATABASES", "postgres", "paused")
+            .await
+            .as_deref(),
+        Some("0")
+    );
+
+    // other's next statement waits; the other database runs meanwhile.
+    let held = {
+        let other = other.clone();
+        tokio::spawn(async move {
+            let start = Instant::now();
+            other.simple_query("SELECT 1").await.map(|_| start.elapsed())
+        })
+    };
+    let start = Instant::now();
+    while of_database(&admin, "SHOW POOLS", "other", "cl_waiting")
+        .await
+        .as_deref()
+        != Some("1")
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the client of other never waited"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::timeout(Duration::from_secs(5), main.simple_query("SELECT 1"))
+        .await
+        .expect("postgres is not paused")
+        .expect("select on postgres");
+    assert!(!held.is_finished(), "other's statement ran during PAUSE other");
+    admin.simple_query("RESUME other").await.expect("RESUME other");
+    let took = tokio::time::timeout(Duration::from_secs(10), held)
+        .await
+        .expect("resumed in time")
+        .expect("task")
+        .expect("the held statement succeeds after RESUME other");
+    assert!(took >= Duration::from_millis(20), "it was held: {took:?}");
+
+    // KILL other: its client is ended, postgres' is not.
+    admin.simple_query("KILL other").await.expect("KILL other");
+    let start = Instant::now();
+    while !other.is_closed() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the client of other was not ended"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    main.simple_query("SELECT 1").await.expect("postgres still runs");
+    admin.simple_query("RESUME").await.expect("RESUME");
+    client_of(&cluster.router, "other", "again")
+        .await
+        .simple_query("SELECT 1")
+        .await
+        .expect("other runs again after RESUME");
+    cluster.router.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_resume_reconnect_and_kill_client_are_seen_from_a_client() {
     let cluster = Cluster::start(false, "", &sections(None)).await;
     let router = &cluster.router;

@@ -419,7 +419,13 @@ fn databases(shared: &Shared) -> ResultSet {
             v(mode_name(rt.config.pool.mode)),
             v(limit),
             v(current),
-            v(i32::from(routing.held)),
+            v(i32::from(
+                routing.held
+                    || shared
+                        .databases
+                        .find(&database)
+                        .is_some_and(|db| db.held()),
+            )),
             v(0),
         ]);
     }

@@ -59,9 +59,6 @@ pub(crate) struct Opener<'a> {
 struct PoolMap {
     ids: HashMap<String, HashMap<String, PoolId>>,
     pools: Vec<Pool>,
-    /// `RECONNECT` on the admin console: connections opened before this
-    /// close when they come back instead of going idle.
-    reconnect_before: Option<std::time::Instant>,
 }
 
 impl PoolMap {
@@ -114,6 +111,9 @@ struct Pool {
     returned: Arc<Notify>,
     /// The login of the last client, to open `min_idle` connections with.
     login: Login,
+    /// `RECONNECT [db]` on the admin console: connections opened before
+    /// this close when they come back instead of going idle.
+    reconnect_before: Option<std::time::Instant>,
 }
 
 impl Pool {
@@ -312,6 +312,7 @@ impl Pools {
                 idle: Vec::new(),
                 returned: Arc::new(Notify::new()),
                 login: login.clone(),
+                reconnect_before: None,
             }
         });
         if pool.login != *login {
@@ -414,12 +415,12 @@ impl Pools {
             return Some(conn);
         };
         let mut pools = self.lock();
-        if pools.reconnect_before.is_some_and(|t| conn.born < t) {
-            return Some(conn);
-        }
         let Some(pool) = pools.pools.get_mut(id.0) else {
             return Some(conn);
         };
+        if pool.reconnect_before.is_some_and(|t| conn.born < t) {
+            return Some(conn);
+        }
         let budget_used_up = conn
             .node_slot
             .as_ref()
@@ -556,13 +557,18 @@ impl Pools {
         self.budget(epoch).map(|b| b.limit.limit)
     }
 
-    /// `RECONNECT`: takes out every idle connection, and makes the ones in
+    /// `RECONNECT` (`database` none) or `RECONNECT db`: takes out every
+    /// idle connection (of that database's pools), and makes the ones in
     /// use close when they come back.
-    pub fn reconnect(&self) -> Vec<Box<ServerConn>> {
+    pub fn reconnect(&self, database: Option<&str>) -> Vec<Box<ServerConn>> {
         let mut victims = Vec::new();
         let mut pools = self.lock();
-        pools.reconnect_before = Some(std::time::Instant::now());
+        let now = std::time::Instant::now();
         for pool in pools.pools.iter_mut() {
+            if database.is_some_and(|db| pool.login.database != db) {
+                continue;
+            }
+            pool.reconnect_before = Some(now);
             pool.take_idle_where(&mut victims, |_| true);
         }
         victims
@@ -596,6 +602,7 @@ mod tests {
             idle: Vec::new(),
             returned: Arc::new(Notify::new()),
             login: login.clone(),
+            reconnect_before: None,
         }
     }
 

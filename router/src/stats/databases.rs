@@ -8,7 +8,10 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use tokio::sync::watch;
+
 use super::Totals;
+use crate::routing::DbGate;
 
 /// One database's totals since the router started.
 #[derive(Debug, Default)]
@@ -52,13 +55,34 @@ pub(crate) struct Database {
     /// busy in each database by it, for `PAUSE db`).
     pub index: usize,
     pub held: Held,
+    /// Bumped at `RESUME db`: wakes the sessions it held.
+    resumed: watch::Sender<u64>,
     pub counters: Counters,
 }
 
 impl Database {
+    /// What the routing gate checks and counts for a session of this database.
+    #[inline]
+    pub fn gate(&self) -> DbGate<'_> {
+        DbGate {
+            index: self.index,
+            held: &self.held.0,
+        }
+    }
+
     /// Whether `PAUSE db` holds this database now.
     pub fn held(&self) -> bool {
-        self.held.0.load(Ordering::SeqCst)
+        self.held.0.load(Ordering::Relaxed)
+    }
+
+    /// A receiver that wakes up at each `RESUME db` of this database.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.resumed.subscribe()
+    }
+
+    /// Wakes the sessions `PAUSE db` held.
+    pub fn wake(&self) {
+        self.resumed.send_modify(|v| *v = v.wrapping_add(1));
     }
 }
 
@@ -83,6 +107,7 @@ impl Databases {
             name: name.to_string(),
             index: map.len(),
             held: Held::default(),
+            resumed: watch::Sender::new(0),
             counters: Counters::default(),
         });
         map.insert(name.to_string(), db.clone());
