@@ -152,11 +152,9 @@ pub(crate) fn render(shared: &Shared) -> String {
             "Bytes received from clients",
             |t| t.received as f64,
         ),
-        (
-            "pgbouncer_stats_sent_bytes",
-            "Bytes sent to clients",
-            |t| t.sent as f64,
-        ),
+        ("pgbouncer_stats_sent_bytes", "Bytes sent to clients", |t| {
+            t.sent as f64
+        }),
         (
             "pgbouncer_stats_sql_transactions_duration_seconds",
             "Time spent in transactions",
@@ -217,6 +215,30 @@ pub(crate) fn render(shared: &Shared) -> String {
     ] {
         registry.register(name, help, histogram.snapshot());
     }
+    // The read port: its sessions per standby, and its moves.
+    let read_sessions = Family::<Labels, FloatGauge>::default();
+    for route in shared.read_pool.routes() {
+        read_sessions
+            .get_or_create(&vec![
+                ("node_id".to_string(), route.node_id.to_string()),
+                (
+                    "address".to_string(),
+                    format!("{}:{}", route.host, route.port),
+                ),
+            ])
+            .set(route.sessions() as f64);
+    }
+    registry.register(
+        "hapg_router_read_sessions",
+        "Read port sessions on each standby now",
+        read_sessions,
+    );
+    counter(
+        &mut registry,
+        "hapg_router_read_moves",
+        "Read port sessions taken off a standby that left the read pool",
+        stats.read_moves.load(Ordering::Relaxed),
+    );
     let routing = shared.routing.load();
     gauge(
         &mut registry,

@@ -365,8 +365,8 @@ impl RoutingTable {
     /// starts after this returns sees the mark.
     pub fn begin(self: &Arc<Self>, epoch: i64, db: DbGate<'_>) -> Option<Busy> {
         let mut gate = self.lock();
-        let allowed = self.current.load().target_epoch() == Some(epoch)
-            && !db.held.load(Ordering::Relaxed);
+        let allowed =
+            self.current.load().target_epoch() == Some(epoch) && !db.held.load(Ordering::Relaxed);
         if !allowed {
             return None;
         }

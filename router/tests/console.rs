@@ -341,7 +341,11 @@ async fn show_servers_lists_connections_in_use_with_the_client_they_serve() {
         .iter()
         .filter(|r| cell(&c, r, "state") == Some("active"))
         .collect();
-    assert_eq!(active.len(), 1, "the connection in use is listed: {servers:?}");
+    assert_eq!(
+        active.len(),
+        1,
+        "the connection in use is listed: {servers:?}"
+    );
     let server = active[0];
     assert_eq!(cell(&c, server, "remote_pid"), Some(backend.as_str()));
     assert_eq!(cell(&c, server, "link"), Some(client_ptr.as_str()));
@@ -413,10 +417,9 @@ async fn show_stats_has_a_row_per_database() {
     for _ in 0..5 {
         other.simple_query("SELECT 1").await.expect("select");
     }
-    let count = |v: Option<String>| -> u64 {
-        v.and_then(|v| v.parse().ok()).expect("a count")
-    };
-    let main_xacts = count(of_database(&admin, "SHOW STATS_TOTALS", "postgres", "xact_count").await);
+    let count = |v: Option<String>| -> u64 { v.and_then(|v| v.parse().ok()).expect("a count") };
+    let main_xacts =
+        count(of_database(&admin, "SHOW STATS_TOTALS", "postgres", "xact_count").await);
     let other_xacts = count(of_database(&admin, "SHOW STATS_TOTALS", "other", "xact_count").await);
     // The login's own statements may count; the other database's do not.
     assert!((2..5).contains(&main_xacts), "postgres: {main_xacts}");
@@ -425,9 +428,11 @@ async fn show_stats_has_a_row_per_database() {
         count(of_database(&admin, "SHOW STATS", "other", "total_xact_count").await),
         other_xacts
     );
-    assert!(of_database(&admin, "SHOW STATS_AVERAGES", "other", "xact_count")
-        .await
-        .is_some());
+    assert!(
+        of_database(&admin, "SHOW STATS_AVERAGES", "other", "xact_count")
+            .await
+            .is_some()
+    );
     let (_, rows) = show(&admin, "SHOW STATS").await;
     assert_eq!(rows.len(), 2, "one row per database: {rows:?}");
     cluster.router.stop().await;
@@ -458,7 +463,10 @@ async fn pause_db_holds_that_database_only_until_resume_db() {
         tokio::spawn(async move { admin.simple_query("PAUSE other").await })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!pause.is_finished(), "PAUSE other waits for its transaction");
+    assert!(
+        !pause.is_finished(),
+        "PAUSE other waits for its transaction"
+    );
     other.simple_query("COMMIT").await.expect("commit");
     tokio::time::timeout(Duration::from_secs(10), pause)
         .await
@@ -483,7 +491,10 @@ async fn pause_db_holds_that_database_only_until_resume_db() {
         let other = other.clone();
         tokio::spawn(async move {
             let start = Instant::now();
-            other.simple_query("SELECT 1").await.map(|_| start.elapsed())
+            other
+                .simple_query("SELECT 1")
+                .await
+                .map(|_| start.elapsed())
         })
     };
     let start = Instant::now();
@@ -502,8 +513,14 @@ async fn pause_db_holds_that_database_only_until_resume_db() {
         .await
         .expect("postgres is not paused")
         .expect("select on postgres");
-    assert!(!held.is_finished(), "other's statement ran during PAUSE other");
-    admin.simple_query("RESUME other").await.expect("RESUME other");
+    assert!(
+        !held.is_finished(),
+        "other's statement ran during PAUSE other"
+    );
+    admin
+        .simple_query("RESUME other")
+        .await
+        .expect("RESUME other");
     let took = tokio::time::timeout(Duration::from_secs(10), held)
         .await
         .expect("resumed in time")
@@ -521,7 +538,9 @@ async fn pause_db_holds_that_database_only_until_resume_db() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    main.simple_query("SELECT 1").await.expect("postgres still runs");
+    main.simple_query("SELECT 1")
+        .await
+        .expect("postgres still runs");
     admin.simple_query("RESUME").await.expect("RESUME");
     client_of(&cluster.router, "other", "again")
         .await

@@ -154,7 +154,10 @@ mod tests {
             ("RECONNECT", Ok(Command::Reconnect(None))),
             ("pause AppDb;", Ok(Command::Pause(Some("AppDb".into())))),
             ("RESUME appdb", Ok(Command::Resume(Some("appdb".into())))),
-            ("reconnect appdb", Ok(Command::Reconnect(Some("appdb".into())))),
+            (
+                "reconnect appdb",
+                Ok(Command::Reconnect(Some("appdb".into()))),
+            ),
             ("KILL appdb", Ok(Command::Kill("appdb".into()))),
             (
                 "KILL",
@@ -162,7 +165,10 @@ mod tests {
             ),
             (
                 "PAUSE a b",
-                Err(CommandError::Arguments("PAUSE", "a database name or nothing")),
+                Err(CommandError::Arguments(
+                    "PAUSE",
+                    "a database name or nothing",
+                )),
             ),
             (
                 "RELOAD now",

@@ -27,8 +27,8 @@ use crate::protocol::{cstr, tag};
 use crate::router::Router;
 use crate::routing::RoutingTable;
 use crate::shared::Shared;
-use crate::stats::Database;
 use crate::startup::ConsoleLogin;
+use crate::stats::Database;
 
 /// The virtual databases of the console.
 pub(crate) const DATABASES: [&str; 2] = ["pgbouncer", "hapg"];

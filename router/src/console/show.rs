@@ -5,12 +5,15 @@
 //! exporters read); hapg's own for ROUTING and FAILOVERS.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use hapg_config::router::{PoolMode, RouterConfig};
 
 use super::command::Show;
 use super::wire::{v, ResultSet, Type};
+use crate::pool::IdleRow;
+use crate::server_list::ServerEntry;
 use crate::shared::Shared;
 use crate::stats::{averages, Totals};
 
@@ -116,7 +119,8 @@ pub(crate) fn pool_rows(shared: &Shared) -> Vec<PoolCounts> {
     for key in clients.keys() {
         rows.entry(key.clone()).or_default();
     }
-    rows.into_iter()
+    let mut counts: Vec<PoolCounts> = rows
+        .into_iter()
         .map(|((user, database), (sv_active, sv_idle))| {
             let (cl_active, cl_waiting, maxwait_us) = clients
                 .remove(&(user.clone(), database.clone()))
@@ -131,7 +135,28 @@ pub(crate) fn pool_rows(shared: &Shared) -> Vec<PoolCounts> {
                 maxwait_us,
             }
         })
-        .collect()
+        .collect();
+    // The read port's pools, per standby: their server connections (its
+    // clients are counted with the database they logged in to, above).
+    for route in shared.read_pool.routes() {
+        for p in route.pools.rows() {
+            counts.push(PoolCounts {
+                database: read_database(&p.database, route.node_id),
+                user: p.user,
+                sv_active: p.open.saturating_sub(p.idle),
+                sv_idle: p.idle,
+                ..PoolCounts::default()
+            });
+        }
+    }
+    counts
+}
+
+/// The name a read port pool goes by in `database` columns and labels:
+/// its own, so that PgBouncer's exporters see one more pool rather than
+/// two rows with the same database and user.
+pub(crate) fn read_database(database: &str, node_id: i64) -> String {
+    format!("{database} (read node {node_id})")
 }
 
 fn pools(shared: &Shared) -> ResultSet {
@@ -233,56 +258,72 @@ fn clients(shared: &Shared) -> ResultSet {
     set
 }
 
+/// Every server registry: the primary's pools' (`None`), and each read
+/// port standby's (its node id).
+fn server_lists(shared: &Shared) -> Vec<(Option<i64>, Vec<Arc<ServerEntry>>, Vec<IdleRow>)> {
+    let mut lists = vec![(None, shared.pools.servers.list(), shared.pools.idle_rows())];
+    for route in shared.read_pool.routes() {
+        lists.push((
+            Some(route.node_id),
+            route.pools.servers.list(),
+            route.pools.idle_rows(),
+        ));
+    }
+    lists
+}
+
 /// The `ptr` of the server connection each client uses now, by client id.
 fn server_links(shared: &Shared) -> BTreeMap<i32, String> {
-    shared
-        .pools
-        .servers
-        .list()
+    server_lists(shared)
         .iter()
+        .flat_map(|(_, servers, _)| servers.iter())
         .filter_map(|s| Some((s.link()?, s.ptr())))
         .collect()
 }
 
-/// Every server connection of the pools: `active` (used by the client
-/// its `link` names), `idle` (in its pool), or `used` (between the two:
-/// being opened, reset or closed).
+/// Every server connection of the pools, the read port's too: `active`
+/// (used by the client its `link` names), `idle` (in its pool), or `used`
+/// (between the two: being opened, reset or closed).
 fn servers(shared: &Shared) -> ResultSet {
     let mut set = ResultSet::new(SOCKET_COLUMNS);
-    let idle_since: BTreeMap<(std::net::SocketAddr, i32), Instant> = shared
-        .pools
-        .idle_rows()
-        .into_iter()
-        .map(|idle| ((idle.addr, idle.pid), idle.since.into_std()))
-        .collect();
-    for s in shared.pools.servers.list() {
-        let link = s.link();
-        let idle = idle_since.get(&(s.addr, s.pid));
-        let state = match (link, idle) {
-            (Some(_), _) => "active",
-            (None, Some(_)) => "idle",
-            (None, None) => "used",
-        };
-        set.push(vec![
-            v("S"),
-            v(&s.user),
-            v(&s.database),
-            v(state),
-            v(s.addr.ip()),
-            v(s.addr.port()),
-            None,
-            None,
-            v(timestamp(wall(s.born))),
-            v(timestamp(wall(idle.copied().unwrap_or(s.born)))),
-            v(0),
-            v(0),
-            v(0),
-            v(s.ptr()),
-            v(link.map(|id| id.to_string()).unwrap_or_default()),
-            v(s.pid),
-            v(""),
-            v(""),
-        ]);
+    for (node, servers, idle_rows) in server_lists(shared) {
+        let idle_since: BTreeMap<(std::net::SocketAddr, i32), Instant> = idle_rows
+            .into_iter()
+            .map(|idle| ((idle.addr, idle.pid), idle.since.into_std()))
+            .collect();
+        for s in servers {
+            let link = s.link();
+            let idle = idle_since.get(&(s.addr, s.pid));
+            let state = match (link, idle) {
+                (Some(_), _) => "active",
+                (None, Some(_)) => "idle",
+                (None, None) => "used",
+            };
+            let database = match node {
+                Some(node_id) => read_database(&s.database, node_id),
+                None => s.database.clone(),
+            };
+            set.push(vec![
+                v("S"),
+                v(&s.user),
+                v(database),
+                v(state),
+                v(s.addr.ip()),
+                v(s.addr.port()),
+                None,
+                None,
+                v(timestamp(wall(s.born))),
+                v(timestamp(wall(idle.copied().unwrap_or(s.born)))),
+                v(0),
+                v(0),
+                v(0),
+                v(s.ptr()),
+                v(link.map(|id| id.to_string()).unwrap_or_default()),
+                v(s.pid),
+                v(""),
+                v(""),
+            ]);
+        }
     }
     set
 }
@@ -420,11 +461,7 @@ fn databases(shared: &Shared) -> ResultSet {
             v(limit),
             v(current),
             v(i32::from(
-                routing.held
-                    || shared
-                        .databases
-                        .find(&database)
-                        .is_some_and(|db| db.held()),
+                routing.held || shared.databases.find(&database).is_some_and(|db| db.held()),
             )),
             v(0),
         ]);

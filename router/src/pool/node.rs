@@ -321,7 +321,6 @@ async fn open(
     Ok(conn)
 }
 
-
 /// Warns when the pools could ask the node for more connections than the
 /// router's limit for it (then clients wait for one another, up to
 /// `router.pause_timeout_ms`, instead of taking the node's last slots).

@@ -40,6 +40,8 @@ pub(crate) struct Stats {
     pub waiting: AtomicU64,
     /// Sessions that ever had to wait because new work was held (a pause).
     pub held_total: AtomicU64,
+    /// Read port sessions taken off a standby that left the read pool.
+    pub read_moves: AtomicU64,
     pub xact_time: Histogram,
     pub query_time: Histogram,
     pub wait_time: Histogram,
@@ -52,6 +54,7 @@ impl Default for Stats {
             started: Instant::now(),
             waiting: AtomicU64::new(0),
             held_total: AtomicU64::new(0),
+            read_moves: AtomicU64::new(0),
             xact_time: Histogram::new(LATENCY_BUCKETS),
             query_time: Histogram::new(LATENCY_BUCKETS),
             wait_time: Histogram::new(WAIT_BUCKETS),
@@ -77,6 +80,15 @@ impl Stats {
     pub fn record_wait(&self, db: &Database, us: u64) {
         db.counters.wait_time_us.fetch_add(us, Ordering::Relaxed);
         self.wait_time.observe_us(us);
+    }
+
+    /// A read port session is taken off its standby (`moved`), which left
+    /// the read pool: `hapg_router_read_moves_total`.
+    #[inline]
+    pub fn count_read_move(&self, moved: bool) {
+        if moved {
+            self.read_moves.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// A session was held `us` microseconds by a pause.
