@@ -9,41 +9,14 @@
 mod http_support;
 mod support;
 
-use std::io::Write;
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use http_support::{get, sample};
+use http_support::{get, promtool, sample};
 use support::{connect, free_port, wait_writable, Cluster, Writer};
 use tokio_postgres::SimpleQueryMessage;
 
 const STEP: Duration = Duration::from_secs(90);
-
-fn promtool(body: &str) -> (bool, String) {
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian's prometheus package, installed by .ci/install)");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(body.as_bytes())
-        .expect("write to promtool");
-    let out = child.wait_with_output().expect("promtool");
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
 
 fn scrape(addr: SocketAddr) -> String {
     let (status, body) = get(addr, "/metrics");

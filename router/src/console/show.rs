@@ -258,9 +258,13 @@ fn clients(shared: &Shared) -> ResultSet {
     set
 }
 
-/// Every server registry: the primary's pools' (`None`), and each read
-/// port standby's (its node id).
-fn server_lists(shared: &Shared) -> Vec<(Option<i64>, Vec<Arc<ServerEntry>>, Vec<IdleRow>)> {
+/// One set of pools' server connections: the read port standby's node id
+/// (none: the primary's pools), every connection, the idle ones.
+type ServerList = (Option<i64>, Vec<Arc<ServerEntry>>, Vec<IdleRow>);
+
+/// Every server registry: the primary's pools', and each read port
+/// standby's.
+fn server_lists(shared: &Shared) -> Vec<ServerList> {
     let mut lists = vec![(None, shared.pools.servers.list(), shared.pools.idle_rows())];
     for route in shared.read_pool.routes() {
         lists.push((
