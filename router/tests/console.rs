@@ -398,8 +398,20 @@ async fn of_database(
         .and_then(|r| cell(&c, r, column).map(str::to_string))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn show_stats_has_a_row_per_database() {
+/// Waits (at most 10 s) until the router has ended `client`'s session.
+async fn wait_closed(client: &tokio_postgres::Client, what: &str) {
+    let start = Instant::now();
+    while !client.is_closed() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{what} was not ended"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A router in front of one node that has a second database, `other`.
+async fn with_other_database() -> Cluster {
     let cluster = Cluster::start(false, "", &sections(None)).await;
     cluster
         .a
@@ -408,6 +420,12 @@ async fn show_stats_has_a_row_per_database() {
         .simple_query("CREATE DATABASE other")
         .await
         .expect("create database");
+    cluster
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn show_stats_has_a_row_per_database() {
+    let cluster = with_other_database().await;
     let admin = console(&cluster.router, "postgres")
         .await
         .expect("console login");
@@ -442,14 +460,7 @@ async fn show_stats_has_a_row_per_database() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_db_holds_that_database_only_until_resume_db() {
-    let cluster = Cluster::start(false, "", &sections(None)).await;
-    cluster
-        .a
-        .connect("postgres")
-        .await
-        .simple_query("CREATE DATABASE other")
-        .await
-        .expect("create database");
+    let cluster = with_other_database().await;
     let admin = std::sync::Arc::new(
         console(&cluster.router, "postgres")
             .await
@@ -531,14 +542,7 @@ async fn pause_db_holds_that_database_only_until_resume_db() {
 
     // KILL other: its client is ended, postgres' is not.
     admin.simple_query("KILL other").await.expect("KILL other");
-    let start = Instant::now();
-    while !other.is_closed() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "the client of other was not ended"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_closed(&other, "the client of other").await;
     main.simple_query("SELECT 1")
         .await
         .expect("postgres still runs");
@@ -640,14 +644,7 @@ async fn pause_resume_reconnect_and_kill_client_are_seen_from_a_client() {
         .simple_query(&format!("KILL_CLIENT {id}"))
         .await
         .expect("KILL_CLIENT");
-    let start = Instant::now();
-    while !app.is_closed() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "the client was not ended"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_closed(&app, "the client").await;
     assert!(app.simple_query("SELECT 1").await.is_err());
     let e = admin
         .simple_query(&format!("KILL_CLIENT {id}"))

@@ -364,26 +364,26 @@ fn stats(shared: &Shared) -> ResultSet {
         ("avg_query_time", Type::Int8),
         ("avg_wait_time", Type::Int8),
     ]);
-    for (database, t, a) in totals_rows(shared) {
-        set.push(vec![
-            v(database),
-            v(t.xact_count),
-            v(t.query_count),
-            v(t.received),
-            v(t.sent),
-            v(t.xact_time_us),
-            v(t.query_time_us),
-            v(t.wait_time_us),
-            v(a.xact_count),
-            v(a.query_count),
-            v(a.received),
-            v(a.sent),
-            v(a.xact_time_us),
-            v(a.query_time_us),
-            v(a.wait_time_us),
-        ]);
+    for (database, totals, avg) in totals_rows(shared) {
+        let mut row = vec![v(database)];
+        row.extend(counts(&totals));
+        row.extend(counts(&avg));
+        set.push(row);
     }
     set
+}
+
+/// The seven counts of a STATS row, in PgBouncer's order.
+fn counts(t: &Totals) -> [Option<String>; 7] {
+    [
+        v(t.xact_count),
+        v(t.query_count),
+        v(t.received),
+        v(t.sent),
+        v(t.xact_time_us),
+        v(t.query_time_us),
+        v(t.wait_time_us),
+    ]
 }
 
 const TOTALS_COLUMNS: &[(&str, Type)] = &[
@@ -401,17 +401,9 @@ const TOTALS_COLUMNS: &[(&str, Type)] = &[
 fn totals_set(shared: &Shared, averages: bool) -> ResultSet {
     let mut set = ResultSet::new(TOTALS_COLUMNS);
     for (database, totals, avg) in totals_rows(shared) {
-        let t = if averages { avg } else { totals };
-        set.push(vec![
-            v(database),
-            v(t.xact_count),
-            v(t.query_count),
-            v(t.received),
-            v(t.sent),
-            v(t.xact_time_us),
-            v(t.query_time_us),
-            v(t.wait_time_us),
-        ]);
+        let mut row = vec![v(database)];
+        row.extend(counts(if averages { &avg } else { &totals }));
+        set.push(row);
     }
     set
 }
