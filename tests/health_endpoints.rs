@@ -9,39 +9,12 @@ mod http_support;
 mod support;
 
 use std::io::Write;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use http_support::{sample, HttpFormation};
+use http_support::{promtool, sample, HttpFormation};
 use support::{connect, direct_uri};
 
 const STEP: Duration = Duration::from_secs(90);
-
-/// `promtool check metrics` on `body`: its verdict and what it printed.
-fn promtool(body: &str) -> (bool, String) {
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian's prometheus package, installed by .ci/install)");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(body.as_bytes())
-        .expect("write to promtool");
-    let out = child.wait_with_output().expect("promtool");
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
 
 fn check_metrics(f: &HttpFormation, name: &str) -> String {
     let (status, body) = f.get(name, "/metrics");

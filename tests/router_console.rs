@@ -9,41 +9,14 @@
 mod http_support;
 mod support;
 
-use std::io::Write;
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use http_support::{get, sample};
+use http_support::{get, promtool, sample};
 use support::{connect, free_port, wait_writable, Cluster, Writer};
 use tokio_postgres::SimpleQueryMessage;
 
 const STEP: Duration = Duration::from_secs(90);
-
-fn promtool(body: &str) -> (bool, String) {
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian's prometheus package, installed by .ci/install)");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(body.as_bytes())
-        .expect("write to promtool");
-    let out = child.wait_with_output().expect("promtool");
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
 
 fn scrape(addr: SocketAddr) -> String {
     let (status, body) = get(addr, "/metrics");
@@ -182,4 +155,128 @@ async fn a_switchover_shows_in_the_routers_console_and_metrics() {
         report.errors,
         report.longest_wait
     );
+}
+
+/// Where a read session's statement ran: (in recovery, the node's port).
+async fn where_served(client: &tokio_postgres::Client) -> (bool, i32) {
+    let row = client
+        .query_one("SELECT pg_is_in_recovery(), inet_server_port()", &[])
+        .await
+        .expect("read");
+    (row.get(0), row.get(1))
+}
+
+/// The read port's pools in SHOW POOLS and SHOW SERVERS (a database of
+/// their own per standby), its sessions per standby in `/metrics`, and a
+/// move counted when the standby leaves the read pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_pools_show_in_the_console_and_the_metrics() {
+    let cluster = Cluster::formation(&["node_a", "node_b"], STEP);
+    let (metrics_port, read_port) = (free_port(), free_port());
+    let router = cluster.start_router(
+        "router",
+        &format!(
+            "listen_read_only = \"127.0.0.1:{read_port}\"\n\n\
+             [read_only]\nmax_lag_bytes = 1048576\nlag_check_interval_ms = 200\nfallback = \"primary\"\n\n\
+             [admin]\nadmin_users = [\"postgres\"]\n\n\
+             [metrics]\nlisten = \"127.0.0.1:{metrics_port}\""
+        ),
+    );
+    let metrics: SocketAddr = format!("127.0.0.1:{metrics_port}").parse().expect("addr");
+    wait_writable(&router.uri("appdb"), STEP).await;
+    let read_uri = format!("postgres://postgres@127.0.0.1:{read_port}/appdb");
+    let b = cluster.node("node_b");
+    let b_address = format!(":{}\"", b.port);
+    // Two read sessions on the standby (session pooling: each keeps its
+    // server connection).
+    let mut readers = Vec::new();
+    cluster.eventually("the standby in the read pool", STEP, || {
+        sample(&scrape(metrics), "hapg_router_read_sessions", &[&b_address]).is_some()
+    });
+    for _ in 0..2 {
+        let client = connect(&read_uri).await.expect("read port");
+        assert_eq!(where_served(&client).await, (true, i32::from(b.port)));
+        readers.push(client);
+    }
+    let admin = connect(&format!(
+        "postgres://postgres@127.0.0.1:{}/pgbouncer",
+        router.port
+    ))
+    .await
+    .expect("console login");
+    let is_read = |row: &[(String, Option<String>)]| {
+        value(row, "database").is_some_and(|d| d.starts_with("appdb (read node "))
+    };
+    let pools = show(&admin, "SHOW POOLS").await;
+    let read_pool = pools
+        .iter()
+        .find(|r| is_read(r))
+        .unwrap_or_else(|| panic!("a read pool row: {pools:?}"));
+    assert_eq!(value(read_pool, "sv_active"), Some("2"), "{read_pool:?}");
+    let servers = show(&admin, "SHOW SERVERS").await;
+    let read_servers: Vec<_> = servers.iter().filter(|r| is_read(r)).collect();
+    assert_eq!(read_servers.len(), 2, "{servers:?}");
+    for s in &read_servers {
+        assert_eq!(value(s, "state"), Some("active"), "{s:?}");
+        assert_eq!(value(s, "port"), Some(b.port.to_string().as_str()));
+        assert!(value(s, "link").is_some_and(|l| !l.is_empty()), "{s:?}");
+    }
+    let body = scrape(metrics);
+    assert_eq!(
+        sample(&body, "hapg_router_read_sessions", &[&b_address]),
+        Some(2.0)
+    );
+    assert_eq!(
+        sample(&body, "hapg_router_read_moves_total", &[]),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(
+            &body,
+            "pgbouncer_pools_server_active_connections",
+            &["database=\"appdb (read node "]
+        ),
+        Some(2.0)
+    );
+
+    // The standby's replay paused while the primary writes past
+    // max_lag_bytes: it leaves the read pool, and each session's next
+    // statement moves (to the primary, the fallback).
+    let on_b = connect(&format!("postgres://postgres@127.0.0.1:{}/appdb", b.port))
+        .await
+        .expect("connect to node_b");
+    on_b.batch_execute("SELECT pg_wal_replay_pause()")
+        .await
+        .expect("pause replay");
+    connect(&router.uri("appdb"))
+        .await
+        .expect("write through the router")
+        .batch_execute(
+            "CREATE TABLE lag (g int, pad text);
+             INSERT INTO lag SELECT g, repeat('x', 1000) FROM generate_series(1, 3000) g;",
+        )
+        .await
+        .expect("write");
+    let deadline = std::time::Instant::now() + STEP;
+    loop {
+        let probe = connect(&read_uri).await.expect("read port");
+        if !where_served(&probe).await.0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node_b never left the read pool"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for client in &readers {
+        assert!(!where_served(client).await.0, "moved to the primary");
+    }
+    // Both sessions moved (a probe caught between its pick and the
+    // standby's leaving would count too).
+    let moves = sample(&scrape(metrics), "hapg_router_read_moves_total", &[]).expect("moves");
+    assert!(moves >= 2.0, "{moves} moves");
+    on_b.batch_execute("SELECT pg_wal_replay_resume()")
+        .await
+        .expect("resume replay");
 }

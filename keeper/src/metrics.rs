@@ -272,38 +272,6 @@ pub fn monitor(status: &MonitorStatus, now: Instant) -> String {
     render(&registry)
 }
 
-/// The Prometheus text format (0.0.4) of an OpenMetrics text, for scrapers
-/// and tools that do not ask for OpenMetrics (`promtool check metrics`
-/// reads only this one). The two differ, for what hapg exposes, in three
-/// ways: a counter's family is named with its `_total` suffix, and there is
-/// no `# UNIT` line and no `# EOF`.
-pub fn prometheus_text(openmetrics: &str) -> String {
-    let counters: Vec<&str> = openmetrics
-        .lines()
-        .filter_map(|l| l.strip_prefix("# TYPE "))
-        .filter_map(|l| l.strip_suffix(" counter"))
-        .collect();
-    let mut text = String::with_capacity(openmetrics.len());
-    for line in openmetrics.lines() {
-        if line == "# EOF" || line.starts_with("# UNIT ") {
-            continue;
-        }
-        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
-            let rest = line.strip_prefix(prefix)?;
-            let (name, tail) = rest.split_once(' ')?;
-            counters
-                .contains(&name)
-                .then(|| format!("{prefix}{name}_total {tail}"))
-        });
-        match renamed {
-            Some(line) => text.push_str(&line),
-            None => text.push_str(line),
-        }
-        text.push('\n');
-    }
-    text
-}
-
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -371,7 +339,7 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("hapg_monitor_up{} 1"), "{text}");
-        let plain = prometheus_text(&text);
+        let plain = hapg_monitor::http_server::prometheus_text(&text);
         assert!(
             plain.contains("# TYPE hapg_monitor_failovers_total counter\n"),
             "{plain}"

@@ -228,71 +228,7 @@ impl std::str::FromStr for LagBound {
     }
 }
 
-/// An HTTP answer: status code and body.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Answer {
-    /// 200, 400, 404 or 503.
-    pub status: u16,
-    /// `application/json` or `text/plain`.
-    pub content_type: &'static str,
-    /// The body.
-    pub body: String,
-}
-
-impl Answer {
-    fn text(status: u16, body: impl Into<String>) -> Answer {
-        Answer {
-            status,
-            content_type: "text/plain; charset=utf-8",
-            body: body.into(),
-        }
-    }
-
-    fn check(ok: bool, what: &str) -> Answer {
-        if ok {
-            Answer::text(200, format!("{what}\n"))
-        } else {
-            Answer::text(503, format!("not {what}\n"))
-        }
-    }
-
-    /// 400 naming the parameter at fault.
-    pub fn bad_request(message: impl Into<String>) -> Answer {
-        Answer::text(400, format!("{}\n", message.into()))
-    }
-
-    /// 404.
-    pub fn not_found(path: &str) -> Answer {
-        Answer::text(404, format!("no such endpoint: {path}\n"))
-    }
-
-    /// 200 with metrics in the OpenMetrics text format.
-    pub fn metrics(body: String) -> Answer {
-        Answer {
-            status: 200,
-            content_type: "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            body,
-        }
-    }
-
-    /// 200 with metrics in the Prometheus text format 0.0.4.
-    pub fn prometheus(body: String) -> Answer {
-        Answer {
-            status: 200,
-            content_type: "text/plain; version=0.0.4; charset=utf-8",
-            body,
-        }
-    }
-
-    /// 200 with a JSON body.
-    pub fn json(body: String) -> Answer {
-        Answer {
-            status: 200,
-            content_type: "application/json",
-            body,
-        }
-    }
-}
+pub use hapg_monitor::http_server::Answer;
 
 /// The query parameters of a health check: only `lag`, and only where it means something.
 fn lag_parameter(query: Option<&str>, accepts_lag: bool) -> Result<Option<LagBound>, Answer> {

@@ -5,6 +5,7 @@
 pub mod client;
 pub mod error;
 pub mod fsm;
+pub mod http_server;
 pub mod pgconn;
 pub mod schema;
 pub mod service;

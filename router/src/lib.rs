@@ -29,6 +29,7 @@ pub(crate) mod read_port;
 pub(crate) mod read_watch;
 pub(crate) mod router;
 pub(crate) mod server;
+pub(crate) mod server_list;
 pub(crate) mod session;
 pub(crate) mod shared;
 pub(crate) mod slots;

@@ -3,35 +3,26 @@
 //! scrape from the router's atomics, pools, client registry and recorded
 //! primary changes (a fresh registry each time, as the nodes' endpoints do).
 //! Names follow the PgBouncer exporter's where they overlap; every name is
-//! documented in docs/operations.md. Served like the nodes' endpoints
-//! (keeper/src/http.rs): hyper, bounded connections, header size and time.
+//! documented in docs/operations.md. Served by the bounded server the
+//! nodes' endpoints use too (`hapg_monitor::http_server`).
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
-use http_body_util::Full;
-use hyper::body::{Bytes, Incoming};
-use hyper::{Method, Request, Response};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hapg_monitor::http_server::{self, Answer, Asked, Limits};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::RouterError;
 use crate::shared::Shared;
 
-const MAX_CONNECTIONS: usize = 16;
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
-const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
-const MAX_HEADER_BYTES: usize = 8 * 1024;
+const LIMITS: Limits = Limits::with_connections(16);
 
 type Labels = Vec<(String, String)>;
 type FloatGauge = Gauge<f64, AtomicU64>;
@@ -56,12 +47,19 @@ fn seconds_counter(registry: &mut Registry, name: &str, help: &str, us: u64) {
 }
 
 /// Counters under the PgBouncer exporter's names, labelled `database` as
-/// its are (hapg counts for the whole router: `database="*"`).
-fn pgbouncer_counter(registry: &mut Registry, name: &str, help: &str, value: f64) {
+/// its are: one series per database clients logged in to.
+fn pgbouncer_counter(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    per_database: &[(String, f64)],
+) {
     let family = Family::<Labels, FloatCounter>::default();
-    family
-        .get_or_create(&vec![("database".to_string(), "*".to_string())])
-        .inc_by(value);
+    for (database, value) in per_database {
+        family
+            .get_or_create(&vec![("database".to_string(), database.clone())])
+            .inc_by(*value);
+    }
     registry.register(name, help, family);
 }
 
@@ -122,45 +120,54 @@ pub(crate) fn render(shared: &Shared) -> String {
             family.get_or_create(&labels).set(value);
         }
     }
-    let t = shared.stats.totals();
-    for (name, help, value) in [
+    let databases: Vec<(String, crate::stats::Totals)> = shared
+        .databases
+        .list()
+        .iter()
+        .map(|db| (db.name.clone(), db.counters.totals()))
+        .collect();
+    type Pick = fn(&crate::stats::Totals) -> f64;
+    let counters: [(&str, &str, Pick); 7] = [
         (
             "pgbouncer_stats_sql_transactions_pooled",
             "Transactions relayed",
-            t.xact_count as f64,
+            |t| t.xact_count as f64,
         ),
         (
             "pgbouncer_stats_queries_pooled",
             "Queries relayed (each answered by a ReadyForQuery)",
-            t.query_count as f64,
+            |t| t.query_count as f64,
         ),
         (
             "pgbouncer_stats_received_bytes",
             "Bytes received from clients",
-            t.received as f64,
+            |t| t.received as f64,
         ),
-        (
-            "pgbouncer_stats_sent_bytes",
-            "Bytes sent to clients",
-            t.sent as f64,
-        ),
+        ("pgbouncer_stats_sent_bytes", "Bytes sent to clients", |t| {
+            t.sent as f64
+        }),
         (
             "pgbouncer_stats_sql_transactions_duration_seconds",
             "Time spent in transactions",
-            t.xact_time_us as f64 / 1e6,
+            |t| t.xact_time_us as f64 / 1e6,
         ),
         (
             "pgbouncer_stats_queries_duration_seconds",
             "Time spent in queries",
-            t.query_time_us as f64 / 1e6,
+            |t| t.query_time_us as f64 / 1e6,
         ),
         (
             "pgbouncer_stats_client_wait_seconds",
             "Time clients waited for a server connection",
-            t.wait_time_us as f64 / 1e6,
+            |t| t.wait_time_us as f64 / 1e6,
         ),
-    ] {
-        pgbouncer_counter(&mut registry, name, help, value);
+    ];
+    for (name, help, pick) in counters {
+        let values: Vec<(String, f64)> = databases
+            .iter()
+            .map(|(database, totals)| (database.clone(), pick(totals)))
+            .collect();
+        pgbouncer_counter(&mut registry, name, help, &values);
     }
     let stats = &shared.stats;
     gauge(
@@ -199,6 +206,30 @@ pub(crate) fn render(shared: &Shared) -> String {
     ] {
         registry.register(name, help, histogram.snapshot());
     }
+    // The read port: its sessions per standby, and its moves.
+    let read_sessions = Family::<Labels, FloatGauge>::default();
+    for route in shared.read_pool.routes() {
+        read_sessions
+            .get_or_create(&vec![
+                ("node_id".to_string(), route.node_id.to_string()),
+                (
+                    "address".to_string(),
+                    format!("{}:{}", route.host, route.port),
+                ),
+            ])
+            .set(route.sessions() as f64);
+    }
+    registry.register(
+        "hapg_router_read_sessions",
+        "Read port sessions on each standby now",
+        read_sessions,
+    );
+    counter(
+        &mut registry,
+        "hapg_router_read_moves",
+        "Read port sessions taken off a standby that left the read pool",
+        stats.read_moves.load(Ordering::Relaxed),
+    );
     let routing = shared.routing.load();
     gauge(
         &mut registry,
@@ -274,99 +305,18 @@ pub(crate) async fn bind(addr: SocketAddr) -> Result<TcpListener, RouterError> {
     })
 }
 
-/// Serves `/metrics` until `stop`.
+/// Serves `/metrics` until `stop`: 16 connections at once, 5 s for the
+/// headers, 30 s per connection, 8 kB of headers.
 pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "serving router metrics over HTTP");
     }
-    loop {
-        let accepted = tokio::select! {
-            _ = stop.cancelled() => return,
-            accepted = listener.accept() => accepted,
-        };
-        let (stream, _) = match accepted {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                tracing::warn!(error = %e, "metrics: accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            continue;
-        };
-        let shared = shared.clone();
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request| {
-                let answer = respond(&shared, &request);
-                async move { Ok::<_, Infallible>(answer) }
-            });
-            let connection = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .max_buf_size(MAX_HEADER_BYTES)
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::select! {
-                _ = stop.cancelled() => {}
-                _ = tokio::time::timeout(CONNECTION_LIFETIME, connection) => {}
-            }
-            drop(slot);
-        });
-    }
-}
-
-fn respond(shared: &Shared, request: &Request<Incoming>) -> Response<Full<Bytes>> {
-    let (status, content_type, body) =
-        if request.method() != Method::GET && request.method() != Method::HEAD {
-            (
-                405,
-                "text/plain; charset=utf-8",
-                "only GET and HEAD\n".to_string(),
-            )
-        } else if request.uri().path() != "/metrics" {
-            (
-                404,
-                "text/plain; charset=utf-8",
-                "only /metrics\n".to_string(),
-            )
+    let respond = move |asked: Asked<'_>| {
+        if asked.path == "/metrics" {
+            Answer::metrics_as_asked(render(&shared), &asked)
         } else {
-            let openmetrics = request
-                .headers()
-                .get_all(hyper::header::ACCEPT)
-                .iter()
-                .any(|v| {
-                    v.to_str()
-                        .is_ok_and(|v| v.contains("application/openmetrics-text"))
-                });
-            let text = render(shared);
-            if openmetrics {
-                (
-                    200,
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    text,
-                )
-            } else {
-                (
-                    200,
-                    "text/plain; version=0.0.4; charset=utf-8",
-                    hapg_keeper::metrics::prometheus_text(&text),
-                )
-            }
-        };
-    let body = if request.method() == Method::HEAD {
-        Bytes::new()
-    } else {
-        Bytes::from(body)
+            Answer::text(404, "only /metrics\n")
+        }
     };
-    let mut response = Response::new(Full::new(body));
-    *response.status_mut() =
-        hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
-    if let Ok(value) = hyper::header::HeaderValue::from_str(content_type) {
-        response
-            .headers_mut()
-            .insert(hyper::header::CONTENT_TYPE, value);
-    }
-    response
+    http_server::serve(listener, LIMITS, respond, stop).await;
 }

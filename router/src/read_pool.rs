@@ -326,6 +326,11 @@ impl ReadPool {
         victims
     }
 
+    /// Every standby's route, eligible or not (the console, the metrics).
+    pub fn routes(&self) -> Vec<Arc<ReadRoute>> {
+        self.lock().values().cloned().collect()
+    }
+
     /// A receiver that wakes up when the eligible set changes.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()

@@ -101,6 +101,9 @@ impl Routing {
 #[derive(Default)]
 struct Gate {
     busy: BTreeMap<i64, usize>,
+    /// Sessions busy per database (by [`DbGate::index`]): what `PAUSE db`
+    /// waits for.
+    busy_db: Vec<usize>,
     /// Sessions holding state that cannot move (LISTEN, temporary tables...)
     /// on a server of each epoch, idle or not: a new epoch must reach them
     /// at once, so that they end instead of waiting unaware on the old one.
@@ -183,11 +186,24 @@ impl Default for RoutingTable {
     }
 }
 
+/// A session's database as the gate sees it: its place among the
+/// databases (busy sessions are counted per database) and its `PAUSE db`
+/// flag (checked under the gate's lock, so that `PAUSE db` sees every
+/// transaction that started before it).
+#[derive(Debug, Clone, Copy)]
+pub struct DbGate<'a> {
+    /// The database's place (see the router's database registry).
+    pub index: usize,
+    /// Set while `PAUSE db` holds the database's new transactions.
+    pub held: &'a AtomicBool,
+}
+
 /// A session's mark that it has a statement or transaction open on a server
 /// of `epoch`; dropping it ends the mark.
 pub struct Busy {
     table: Arc<RoutingTable>,
     epoch: i64,
+    db: usize,
 }
 
 impl Busy {
@@ -216,6 +232,9 @@ impl Drop for Busy {
     fn drop(&mut self) {
         let mut gate = self.table.lock();
         let last = release(&mut gate.busy, self.epoch);
+        if let Some(n) = gate.busy_db.get_mut(self.db) {
+            *n = n.saturating_sub(1);
+        }
         drop(gate);
         // A drain waits for no session busy on its epoch: only the last one
         // ending can be what it waits for (telling it every time cost a
@@ -339,20 +358,41 @@ impl RoutingTable {
         self.monitor_reachable.load(Ordering::Relaxed)
     }
 
-    /// Marks a session busy on `epoch` if a new transaction may start there
-    /// now (the epoch is the writable, undrained target). Checked and counted
-    /// under one lock, so a drain that starts after this returns sees the mark.
-    pub fn begin(self: &Arc<Self>, epoch: i64) -> Option<Busy> {
+    /// Marks a session of database `db` busy on `epoch` if a new
+    /// transaction may start there now (the epoch is the writable,
+    /// undrained target, and `PAUSE db` does not hold the database).
+    /// Checked and counted under one lock, so a drain or a `PAUSE db` that
+    /// starts after this returns sees the mark.
+    pub fn begin(self: &Arc<Self>, epoch: i64, db: DbGate<'_>) -> Option<Busy> {
         let mut gate = self.lock();
-        let allowed = self.current.load().target_epoch() == Some(epoch);
+        let allowed =
+            self.current.load().target_epoch() == Some(epoch) && !db.held.load(Ordering::Relaxed);
         if !allowed {
             return None;
         }
         *gate.busy.entry(epoch).or_default() += 1;
+        if gate.busy_db.len() <= db.index {
+            gate.busy_db.resize(db.index + 1, 0);
+        }
+        gate.busy_db[db.index] += 1;
         Some(Busy {
             table: self.clone(),
             epoch,
+            db: db.index,
         })
+    }
+
+    /// Sets database `db`'s `PAUSE db` flag to `held` under the gate's lock:
+    /// a session's [`RoutingTable::begin`] after this returns sees it, one
+    /// before it is counted in [`RoutingTable::busy_in`].
+    pub fn hold_database(&self, db: DbGate<'_>, held: bool) {
+        let _gate = self.lock();
+        db.held.store(held, Ordering::Relaxed);
+    }
+
+    /// Sessions of database `index` busy now.
+    pub fn busy_in(&self, index: usize) -> usize {
+        self.lock().busy_db.get(index).copied().unwrap_or(0)
     }
 
     /// Marks a session as holding state that cannot move on a server of `epoch`.
@@ -401,6 +441,41 @@ impl RoutingTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A database no `PAUSE db` holds.
+    fn db() -> DbGate<'static> {
+        static FREE: AtomicBool = AtomicBool::new(false);
+        DbGate {
+            index: 0,
+            held: &FREE,
+        }
+    }
+
+    #[test]
+    fn pause_db_holds_that_database_only_and_counts_its_busy_sessions() {
+        let table = Arc::new(RoutingTable::default());
+        table.publish(1, primary(NodeState::Primary, NodeState::Primary));
+        let (app_held, other_held) = (AtomicBool::new(false), AtomicBool::new(false));
+        let app = DbGate {
+            index: 3,
+            held: &app_held,
+        };
+        let other = DbGate {
+            index: 1,
+            held: &other_held,
+        };
+        let open = table.begin(1, app).expect("not paused yet");
+        assert_eq!((table.busy_in(3), table.busy_in(1)), (1, 0));
+        table.hold_database(app, true);
+        assert!(table.begin(1, app).is_none(), "paused");
+        let beside = table.begin(1, other).expect("another database runs");
+        assert_eq!(table.busy_in(3), 1, "the open one is still counted");
+        drop(open);
+        assert_eq!(table.busy_in(3), 0);
+        drop(beside);
+        table.hold_database(app, false);
+        assert!(table.begin(1, app).is_some(), "resumed");
+    }
 
     fn primary(goal: NodeState, reported: NodeState) -> Option<Primary> {
         Some(Primary {
@@ -469,8 +544,8 @@ mod tests {
     fn only_the_last_busy_session_of_an_epoch_wakes_a_drain() {
         let table = Arc::new(RoutingTable::default());
         table.publish(1, primary(NodeState::Primary, NodeState::Primary));
-        let first = table.begin(1).expect("epoch 1 open");
-        let second = table.begin(1).expect("epoch 1 open");
+        let first = table.begin(1, db()).expect("epoch 1 open");
+        let second = table.begin(1, db()).expect("epoch 1 open");
         let mut idle = table.subscribe_idle();
         idle.mark_unchanged();
         drop(first);
@@ -486,7 +561,7 @@ mod tests {
         let table = Arc::new(RoutingTable::default());
         let mut cuts = table.subscribe_cut();
         table.publish(1, primary(NodeState::Primary, NodeState::Primary));
-        let busy = table.begin(1).expect("epoch 1 open");
+        let busy = table.begin(1, db()).expect("epoch 1 open");
         // The primary stops taking writes, then comes back: same epoch, no cut.
         table.publish(1, primary(NodeState::Draining, NodeState::Primary));
         table.publish(1, primary(NodeState::Primary, NodeState::Primary));
@@ -505,7 +580,7 @@ mod tests {
         // Nobody busy on an older epoch: nobody is woken.
         let on_two = {
             table.publish(2, primary(NodeState::WaitPrimary, NodeState::WaitPrimary));
-            table.begin(2).expect("epoch 2 open")
+            table.begin(2, db()).expect("epoch 2 open")
         };
         table.publish(3, primary(NodeState::WaitPrimary, NodeState::WaitPrimary));
         assert!(cuts.has_changed().expect("open"));
@@ -536,14 +611,14 @@ mod tests {
     fn drain_holds_its_epoch_only_and_counts_busy_sessions() {
         let table = Arc::new(RoutingTable::default());
         table.publish(1, primary(NodeState::Primary, NodeState::Primary));
-        let busy = table.begin(1).expect("epoch 1 open");
-        assert!(table.begin(2).is_none(), "not the target epoch");
+        let busy = table.begin(1, db()).expect("epoch 1 open");
+        assert!(table.begin(2, db()).is_none(), "not the target epoch");
         assert_eq!(table.busy(1), 1);
         let idle = table.subscribe_idle();
         assert!(table.set_drain(Some(1)));
         assert!(table.load().paused() && table.load().draining());
         assert!(
-            table.begin(1).is_none(),
+            table.begin(1, db()).is_none(),
             "no new transaction while draining"
         );
         drop(busy);
@@ -555,7 +630,7 @@ mod tests {
         table.publish(2, primary(NodeState::WaitPrimary, NodeState::WaitPrimary));
         assert!(!table.load().paused());
         assert_eq!(table.load().routed_epoch, 2);
-        assert!(table.begin(2).is_some());
+        assert!(table.begin(2, db()).is_some());
         // Abandoned drain of a writable primary: resume.
         table.set_drain(Some(2));
         assert!(table.load().paused());

@@ -23,6 +23,7 @@ use crate::protocol::backend::{parse_error, parse_parameter_status, ErrorFields}
 use crate::protocol::frame;
 use crate::protocol::tag::backend as tag;
 use crate::protocol::ProtocolError;
+use crate::server_list::Listed;
 use crate::slots::{NodeSlot, PoolId};
 
 /// Largest message the router accepts from a server outside the relay.
@@ -130,6 +131,9 @@ pub struct ServerConn {
     /// name and Parse frame. Every statement the server has is here; an entry
     /// whose frame is empty may or may not exist on the server.
     pub prepared: HashMap<Box<[u8]>, Bytes>,
+    /// Its entry in `SHOW SERVERS` (none outside a pool), removed when
+    /// the connection is dropped.
+    pub listed: Option<Listed>,
 }
 
 impl ServerConn {
@@ -189,6 +193,7 @@ impl ServerConn {
             permit: None,
             node_slot: None,
             prepared: HashMap::new(),
+            listed: None,
         });
         conn.login(login).await?;
         conn.opened = conn.params.clone();
@@ -204,6 +209,15 @@ impl ServerConn {
             (true, false) => Err(ServerError::InRecovery),
             (false, true) => Err(ServerError::NotInRecovery),
             _ => Ok(conn),
+        }
+    }
+
+    /// Marks the connection as used by client `client` (0: back in its
+    /// pool), for `SHOW SERVERS`.
+    #[inline]
+    pub fn set_link(&self, client: i32) {
+        if let Some(listed) = &self.listed {
+            listed.entry.set_link(client);
         }
     }
 

@@ -22,7 +22,7 @@ use crate::read_pool::ReadPool;
 use crate::routing::RoutingTable;
 use crate::server::ServerConn;
 use crate::stats::events::Events;
-use crate::stats::{ClientRegistry, Stats};
+use crate::stats::{ClientRegistry, Databases, Stats};
 use crate::tls;
 
 /// The configuration in force and what was loaded from it.
@@ -109,6 +109,9 @@ pub(crate) struct Shared {
     pub stats: Stats,
     /// The clients logged in now (`SHOW CLIENTS`, `KILL_CLIENT`).
     pub registry: Arc<ClientRegistry>,
+    /// The databases clients logged in to: their totals (`SHOW STATS`)
+    /// and `PAUSE db`.
+    pub databases: Databases,
     /// The primary changes and pauses the router lived through.
     pub events: Events,
     /// Ends the accept loop (`SHUTDOWN` on the console); set when serving starts.
@@ -134,6 +137,7 @@ impl Shared {
             events: Events::new(runtime_keep),
             stats: Stats::default(),
             registry: Arc::new(ClientRegistry::default()),
+            databases: Databases::default(),
             stop: Mutex::new(None),
             read_pool: ReadPool::default(),
         }

@@ -7,13 +7,15 @@
 //! with its pause and moves the failover metrics, and `/metrics` passes
 //! `promtool check metrics`.
 
+#[path = "../../tests/http_support/metrics_text.rs"]
+mod metrics_text;
 mod support;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use metrics_text::{promtool, sample};
 use support::*;
 use tokio_postgres::SimpleQueryMessage;
 
@@ -295,6 +297,264 @@ async fn every_show_command_answers_with_pgbouncers_columns() {
     cluster.router.stop().await;
 }
 
+/// The first column of the first row of a simple query's answer.
+fn first_value(rows: Vec<SimpleQueryMessage>) -> String {
+    rows.into_iter()
+        .find_map(|m| match m {
+            SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        })
+        .expect("a row")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn show_servers_lists_connections_in_use_with_the_client_they_serve() {
+    let cluster = Cluster::start(false, "", &sections(None)).await;
+    let admin = console(&cluster.router, "postgres")
+        .await
+        .expect("console login");
+    let busy = connect(&format!(
+        "{} application_name=busy",
+        cluster.router.url("postgres")
+    ))
+    .await
+    .expect("busy client");
+    let idle = connect(&cluster.router.url("postgres"))
+        .await
+        .expect("idle client");
+    // Two server connections: one stays in a transaction (attached to its
+    // client in transaction mode), the other goes back idle.
+    busy.simple_query("BEGIN").await.expect("begin");
+    let backend = first_value(
+        busy.simple_query("SELECT pg_backend_pid()")
+            .await
+            .expect("pid"),
+    );
+    idle.simple_query("SELECT 1").await.expect("select");
+
+    let (c, clients) = show(&admin, "SHOW CLIENTS").await;
+    let client = clients
+        .iter()
+        .find(|r| cell(&c, r, "application_name") == Some("busy"))
+        .expect("the busy client is listed");
+    let client_ptr = cell(&c, client, "ptr").expect("ptr").to_string();
+    let (c, servers) = show(&admin, "SHOW SERVERS").await;
+    let active: Vec<_> = servers
+        .iter()
+        .filter(|r| cell(&c, r, "state") == Some("active"))
+        .collect();
+    assert_eq!(
+        active.len(),
+        1,
+        "the connection in use is listed: {servers:?}"
+    );
+    let server = active[0];
+    assert_eq!(cell(&c, server, "remote_pid"), Some(backend.as_str()));
+    assert_eq!(cell(&c, server, "link"), Some(client_ptr.as_str()));
+    assert_eq!(cell(&c, server, "database"), Some("postgres"));
+    assert!(
+        servers
+            .iter()
+            .any(|r| cell(&c, r, "state") == Some("idle") && cell(&c, r, "link") == Some("")),
+        "the idle one too: {servers:?}"
+    );
+    // And the client names the server back.
+    let server_ptr = cell(&c, server, "ptr").expect("ptr");
+    assert_eq!(cell(&c, client, "link"), Some(server_ptr));
+
+    // At the transaction's end the connection goes back to the pool: idle,
+    // linked to nobody.
+    busy.simple_query("COMMIT").await.expect("commit");
+    let (c, servers) = show(&admin, "SHOW SERVERS").await;
+    assert!(
+        servers
+            .iter()
+            .all(|r| cell(&c, r, "state") == Some("idle") && cell(&c, r, "link") == Some("")),
+        "{servers:?}"
+    );
+    cluster.router.stop().await;
+}
+
+/// A client of the router for database `db`, as the superuser.
+async fn client_of(router: &RouterHandle, db: &str, name: &str) -> tokio_postgres::Client {
+    connect(&format!(
+        "host=127.0.0.1 port={} user=postgres dbname={db} application_name={name}",
+        router.addr.port()
+    ))
+    .await
+    .unwrap_or_else(|e| panic!("client of {db}: {e}"))
+}
+
+/// The `column` of the row of SHOW `command` whose `database` is `db`.
+async fn of_database(
+    admin: &tokio_postgres::Client,
+    command: &str,
+    db: &str,
+    column: &str,
+) -> Option<String> {
+    let (c, rows) = show(admin, command).await;
+    rows.iter()
+        .find(|r| cell(&c, r, "database") == Some(db))
+        .and_then(|r| cell(&c, r, column).map(str::to_string))
+}
+
+/// Waits (at most 10 s) until the router has ended `client`'s session.
+async fn wait_closed(client: &tokio_postgres::Client, what: &str) {
+    let start = Instant::now();
+    while !client.is_closed() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{what} was not ended"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A router in front of one node that has a second database, `other`.
+async fn with_other_database() -> Cluster {
+    let cluster = Cluster::start(false, "", &sections(None)).await;
+    cluster
+        .a
+        .connect("postgres")
+        .await
+        .simple_query("CREATE DATABASE other")
+        .await
+        .expect("create database");
+    cluster
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn show_stats_has_a_row_per_database() {
+    let cluster = with_other_database().await;
+    let admin = console(&cluster.router, "postgres")
+        .await
+        .expect("console login");
+    let main = client_of(&cluster.router, "postgres", "main").await;
+    let other = client_of(&cluster.router, "other", "other").await;
+    for _ in 0..2 {
+        main.simple_query("SELECT 1").await.expect("select");
+    }
+    for _ in 0..5 {
+        other.simple_query("SELECT 1").await.expect("select");
+    }
+    let count = |v: Option<String>| -> u64 { v.and_then(|v| v.parse().ok()).expect("a count") };
+    let main_xacts =
+        count(of_database(&admin, "SHOW STATS_TOTALS", "postgres", "xact_count").await);
+    let other_xacts = count(of_database(&admin, "SHOW STATS_TOTALS", "other", "xact_count").await);
+    // The login's own statements may count; the other database's do not.
+    assert!((2..5).contains(&main_xacts), "postgres: {main_xacts}");
+    assert!(other_xacts >= 5, "other: {other_xacts}");
+    assert_eq!(
+        count(of_database(&admin, "SHOW STATS", "other", "total_xact_count").await),
+        other_xacts
+    );
+    assert!(
+        of_database(&admin, "SHOW STATS_AVERAGES", "other", "xact_count")
+            .await
+            .is_some()
+    );
+    let (_, rows) = show(&admin, "SHOW STATS").await;
+    assert_eq!(rows.len(), 2, "one row per database: {rows:?}");
+    cluster.router.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_db_holds_that_database_only_until_resume_db() {
+    let cluster = with_other_database().await;
+    let admin = std::sync::Arc::new(
+        console(&cluster.router, "postgres")
+            .await
+            .expect("console login"),
+    );
+    let main = client_of(&cluster.router, "postgres", "main").await;
+    let other = std::sync::Arc::new(client_of(&cluster.router, "other", "other").await);
+
+    // PAUSE other answers once other's open transaction has ended.
+    other.simple_query("BEGIN").await.expect("begin");
+    let pause = {
+        let admin = admin.clone();
+        tokio::spawn(async move { admin.simple_query("PAUSE other").await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !pause.is_finished(),
+        "PAUSE other waits for its transaction"
+    );
+    other.simple_query("COMMIT").await.expect("commit");
+    tokio::time::timeout(Duration::from_secs(10), pause)
+        .await
+        .expect("PAUSE answered after the commit")
+        .expect("task")
+        .expect("PAUSE other");
+    assert_eq!(
+        of_database(&admin, "SHOW DATABASES", "other", "paused")
+            .await
+            .as_deref(),
+        Some("1")
+    );
+    assert_eq!(
+        of_database(&admin, "SHOW DATABASES", "postgres", "paused")
+            .await
+            .as_deref(),
+        Some("0")
+    );
+
+    // other's next statement waits; the other database runs meanwhile.
+    let held = {
+        let other = other.clone();
+        tokio::spawn(async move {
+            let start = Instant::now();
+            other
+                .simple_query("SELECT 1")
+                .await
+                .map(|_| start.elapsed())
+        })
+    };
+    let start = Instant::now();
+    while of_database(&admin, "SHOW POOLS", "other", "cl_waiting")
+        .await
+        .as_deref()
+        != Some("1")
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the client of other never waited"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::timeout(Duration::from_secs(5), main.simple_query("SELECT 1"))
+        .await
+        .expect("postgres is not paused")
+        .expect("select on postgres");
+    assert!(
+        !held.is_finished(),
+        "other's statement ran during PAUSE other"
+    );
+    admin
+        .simple_query("RESUME other")
+        .await
+        .expect("RESUME other");
+    tokio::time::timeout(Duration::from_secs(10), held)
+        .await
+        .expect("resumed in time")
+        .expect("task")
+        .expect("the held statement succeeds after RESUME other");
+
+    // KILL other: its client is ended, postgres' is not.
+    admin.simple_query("KILL other").await.expect("KILL other");
+    wait_closed(&other, "the client of other").await;
+    main.simple_query("SELECT 1")
+        .await
+        .expect("postgres still runs");
+    admin.simple_query("RESUME").await.expect("RESUME");
+    client_of(&cluster.router, "other", "again")
+        .await
+        .simple_query("SELECT 1")
+        .await
+        .expect("other runs again after RESUME");
+    cluster.router.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_resume_reconnect_and_kill_client_are_seen_from_a_client() {
     let cluster = Cluster::start(false, "", &sections(None)).await;
@@ -384,14 +644,7 @@ async fn pause_resume_reconnect_and_kill_client_are_seen_from_a_client() {
         .simple_query(&format!("KILL_CLIENT {id}"))
         .await
         .expect("KILL_CLIENT");
-    let start = Instant::now();
-    while !app.is_closed() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "the client was not ended"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_closed(&app, "the client").await;
     assert!(app.simple_query("SELECT 1").await.is_err());
     let e = admin
         .simple_query(&format!("KILL_CLIENT {id}"))
@@ -468,40 +721,6 @@ fn scrape(addr: SocketAddr) -> (u16, String) {
     (status, body)
 }
 
-/// The first sample of `metric` (no labels asked) in a text body.
-fn sample(body: &str, metric: &str) -> Option<f64> {
-    body.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find(|l| l.starts_with(&format!("{metric} ")) || l.starts_with(&format!("{metric}{{")))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
-fn promtool(body: &str) -> (bool, String) {
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian's prometheus package, installed by .ci/install)");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(body.as_bytes())
-        .expect("write");
-    let out = child.wait_with_output().expect("promtool");
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_switchover_shows_in_show_failovers_and_moves_the_metrics() {
     let port = free_port();
@@ -517,18 +736,27 @@ async fn a_switchover_shows_in_show_failovers_and_moves_the_metrics() {
     let (ok, said) = promtool(&before);
     assert!(ok, "promtool check metrics: {said}\n{before}");
     assert_eq!(
-        sample(&before, "hapg_router_primary_changes_total"),
+        sample(&before, "hapg_router_primary_changes_total", &[]),
         Some(0.0)
     );
-    assert_eq!(sample(&before, "hapg_router_epoch"), Some(1.0));
-    assert_eq!(sample(&before, "hapg_router_monitor_reachable"), Some(1.0));
-    assert!(
-        sample(&before, "pgbouncer_stats_sql_transactions_pooled_total").is_some_and(|v| v >= 1.0)
+    assert_eq!(sample(&before, "hapg_router_epoch", &[]), Some(1.0));
+    assert_eq!(
+        sample(&before, "hapg_router_monitor_reachable", &[]),
+        Some(1.0)
     );
-    assert!(sample(&before, "pgbouncer_pools_client_active_connections").is_some());
-    assert!(
-        sample(&before, "hapg_router_transaction_duration_seconds_count").is_some_and(|v| v >= 1.0)
-    );
+    assert!(sample(
+        &before,
+        "pgbouncer_stats_sql_transactions_pooled_total",
+        &[]
+    )
+    .is_some_and(|v| v >= 1.0));
+    assert!(sample(&before, "pgbouncer_pools_client_active_connections", &[]).is_some());
+    assert!(sample(
+        &before,
+        "hapg_router_transaction_duration_seconds_count",
+        &[]
+    )
+    .is_some_and(|v| v >= 1.0));
 
     // The switchover, with a statement held while no primary takes writes.
     cluster
@@ -541,7 +769,7 @@ async fn a_switchover_shows_in_show_failovers_and_moves_the_metrics() {
         (r.map(|_| ()), app)
     });
     let waited_start = Instant::now();
-    while sample(&scrape(metrics).1, "hapg_router_clients_waiting") != Some(1.0) {
+    while sample(&scrape(metrics).1, "hapg_router_clients_waiting", &[]) != Some(1.0) {
         assert!(
             waited_start.elapsed() < Duration::from_secs(10),
             "no client waited"
@@ -579,17 +807,19 @@ async fn a_switchover_shows_in_show_failovers_and_moves_the_metrics() {
     let (ok, said) = promtool(&after);
     assert!(ok, "promtool check metrics: {said}\n{after}");
     assert_eq!(
-        sample(&after, "hapg_router_primary_changes_total"),
+        sample(&after, "hapg_router_primary_changes_total", &[]),
         Some(1.0)
     );
-    assert_eq!(sample(&after, "hapg_router_epoch"), Some(2.0));
+    assert_eq!(sample(&after, "hapg_router_epoch", &[]), Some(2.0));
     assert_eq!(
-        sample(&after, "hapg_router_failover_pause_seconds_count"),
+        sample(&after, "hapg_router_failover_pause_seconds_count", &[]),
         Some(1.0)
     );
-    assert!(sample(&after, "hapg_router_failover_pause_seconds_sum").is_some_and(|s| s >= 0.2));
+    assert!(
+        sample(&after, "hapg_router_failover_pause_seconds_sum", &[]).is_some_and(|s| s >= 0.2)
+    );
     assert_eq!(
-        sample(&after, "hapg_router_pause_hold_seconds_count"),
+        sample(&after, "hapg_router_pause_hold_seconds_count", &[]),
         Some(1.0)
     );
     cluster.router.stop().await;

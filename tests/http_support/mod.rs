@@ -4,6 +4,11 @@
 
 #![allow(dead_code)]
 
+mod metrics_text;
+
+#[allow(unused_imports)]
+pub use self::metrics_text::{promtool, sample};
+
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -167,15 +172,4 @@ pub fn get_with(addr: SocketAddr, path: &str, headers: &str) -> (u16, String) {
         .map(|(_, body)| body.to_string())
         .unwrap_or_default();
     (status, body)
-}
-
-/// The value of the first sample of `metric` whose line contains every one
-/// of `labels` (`key="value"`), in an OpenMetrics text body.
-pub fn sample(body: &str, metric: &str, labels: &[&str]) -> Option<f64> {
-    body.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.starts_with(&format!("{metric}{{")) || l.starts_with(&format!("{metric} ")))
-        .find(|l| labels.iter().all(|label| l.contains(label)))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
 }

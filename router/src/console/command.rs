@@ -2,13 +2,18 @@
 //! table test): PgBouncer's words, case-insensitive, an optional trailing
 //! semicolon.
 
-/// What the console was asked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What the console was asked. `PAUSE`, `RESUME` and `RECONNECT` act on
+/// the whole router, or with a database name on that database's sessions
+/// and pools only.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Command {
     Show(Show),
-    Pause,
-    Resume,
-    Reconnect,
+    Pause(Option<String>),
+    Resume(Option<String>),
+    Reconnect(Option<String>),
+    /// `KILL db`: ends the database's clients and server connections, and
+    /// holds its new ones until `RESUME db`.
+    Kill(String),
     Reload,
     KillClient(i32),
     Shutdown,
@@ -50,17 +55,18 @@ impl Show {
 
 impl Command {
     /// Whether a `stats_users` user may run it (SHOW only).
-    pub fn read_only(self) -> bool {
+    pub fn read_only(&self) -> bool {
         matches!(self, Command::Show(_))
     }
 
     /// The CommandComplete tag.
-    pub fn tag(self) -> &'static str {
+    pub fn tag(&self) -> &'static str {
         match self {
             Command::Show(_) => "SHOW",
-            Command::Pause => "PAUSE",
-            Command::Resume => "RESUME",
-            Command::Reconnect => "RECONNECT",
+            Command::Pause(_) => "PAUSE",
+            Command::Resume(_) => "RESUME",
+            Command::Reconnect(_) => "RECONNECT",
+            Command::Kill(_) => "KILL",
             Command::Reload => "RELOAD",
             Command::KillClient(_) => "KILL_CLIENT",
             Command::Shutdown => "SHUTDOWN",
@@ -83,27 +89,29 @@ pub(crate) enum CommandError {
 pub(crate) fn accepted() -> String {
     let shows: Vec<&str> = Show::ALL.iter().map(|(name, _)| *name).collect();
     format!(
-        "SHOW {}; PAUSE, RESUME, RECONNECT, RELOAD, KILL_CLIENT <id>, SHUTDOWN",
+        "SHOW {}; PAUSE [db], RESUME [db], RECONNECT [db], KILL db, RELOAD, KILL_CLIENT <id>, SHUTDOWN",
         shows.join("|")
     )
 }
 
 pub(crate) fn parse(text: &str) -> Result<Command, CommandError> {
     let text = text.trim().trim_end_matches(';').trim();
-    let words: Vec<String> = text
-        .split_whitespace()
-        .map(str::to_ascii_uppercase)
-        .collect();
+    // Keywords are case-insensitive, database names are not.
+    let given: Vec<&str> = text.split_whitespace().collect();
+    let words: Vec<String> = given.iter().map(|w| w.to_ascii_uppercase()).collect();
     let words: Vec<&str> = words.iter().map(String::as_str).collect();
     let none = |command: Command, name: &'static str, rest: &[&str]| {
         if rest.is_empty() {
             Ok(command)
         } else {
-            Err(CommandError::Arguments(
-                name,
-                "no argument (hapg has one pool set, for the whole router)",
-            ))
+            Err(CommandError::Arguments(name, "no argument"))
         }
+    };
+    // A command that takes a database name or nothing.
+    let database = |make: fn(Option<String>) -> Command, name: &'static str| match &given[1..] {
+        [] => Ok(make(None)),
+        [db] => Ok(make(Some(db.to_string()))),
+        _ => Err(CommandError::Arguments(name, "a database name or nothing")),
     };
     match words.as_slice() {
         [] => Err(CommandError::Empty),
@@ -112,9 +120,11 @@ pub(crate) fn parse(text: &str) -> Result<Command, CommandError> {
             .find(|(name, _)| name == what)
             .map(|(_, show)| Command::Show(*show))
             .ok_or_else(|| CommandError::Unknown(text.to_string())),
-        ["PAUSE", rest @ ..] => none(Command::Pause, "PAUSE", rest),
-        ["RESUME", rest @ ..] => none(Command::Resume, "RESUME", rest),
-        ["RECONNECT", rest @ ..] => none(Command::Reconnect, "RECONNECT", rest),
+        ["PAUSE", ..] => database(Command::Pause, "PAUSE"),
+        ["RESUME", ..] => database(Command::Resume, "RESUME"),
+        ["RECONNECT", ..] => database(Command::Reconnect, "RECONNECT"),
+        ["KILL", _] => Ok(Command::Kill(given[1].to_string())),
+        ["KILL", ..] => Err(CommandError::Arguments("KILL", "a database name")),
         ["RELOAD", rest @ ..] => none(Command::Reload, "RELOAD", rest),
         ["SHUTDOWN", rest @ ..] => none(Command::Shutdown, "SHUTDOWN", rest),
         ["KILL_CLIENT", id] => id
@@ -139,9 +149,31 @@ mod tests {
             ("SHOW POOLS", Ok(Command::Show(Show::Pools))),
             ("show stats_totals;", Ok(Command::Show(Show::StatsTotals))),
             ("  Show   Failovers ; ", Ok(Command::Show(Show::Failovers))),
-            ("PAUSE", Ok(Command::Pause)),
-            ("resume;", Ok(Command::Resume)),
-            ("RECONNECT", Ok(Command::Reconnect)),
+            ("PAUSE", Ok(Command::Pause(None))),
+            ("resume;", Ok(Command::Resume(None))),
+            ("RECONNECT", Ok(Command::Reconnect(None))),
+            ("pause AppDb;", Ok(Command::Pause(Some("AppDb".into())))),
+            ("RESUME appdb", Ok(Command::Resume(Some("appdb".into())))),
+            (
+                "reconnect appdb",
+                Ok(Command::Reconnect(Some("appdb".into()))),
+            ),
+            ("KILL appdb", Ok(Command::Kill("appdb".into()))),
+            (
+                "KILL",
+                Err(CommandError::Arguments("KILL", "a database name")),
+            ),
+            (
+                "PAUSE a b",
+                Err(CommandError::Arguments(
+                    "PAUSE",
+                    "a database name or nothing",
+                )),
+            ),
+            (
+                "RELOAD now",
+                Err(CommandError::Arguments("RELOAD", "no argument")),
+            ),
             ("RELOAD", Ok(Command::Reload)),
             ("SHUTDOWN", Ok(Command::Shutdown)),
             ("KILL_CLIENT 42", Ok(Command::KillClient(42))),
@@ -159,13 +191,6 @@ mod tests {
                     "a client id (SHOW CLIENTS, ptr)",
                 )),
             ),
-            (
-                "PAUSE mydb",
-                Err(CommandError::Arguments(
-                    "PAUSE",
-                    "no argument (hapg has one pool set, for the whole router)",
-                )),
-            ),
             ("SHOW MEM", Err(CommandError::Unknown("SHOW MEM".into()))),
             ("SELECT 1", Err(CommandError::Unknown("SELECT 1".into()))),
             (" ; ", Err(CommandError::Empty)),
@@ -174,7 +199,7 @@ mod tests {
             assert_eq!(&parse(text), want, "{text:?}");
         }
         assert!(Command::Show(Show::Pools).read_only());
-        assert!(!Command::Pause.read_only());
+        assert!(!Command::Pause(None).read_only());
         assert!(accepted().contains("SHOW POOLS|CLIENTS"));
     }
 }

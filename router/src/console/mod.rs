@@ -25,8 +25,10 @@ use crate::client_error::ClientError;
 use crate::protocol::backend::sqlstate;
 use crate::protocol::{cstr, tag};
 use crate::router::Router;
+use crate::routing::RoutingTable;
 use crate::shared::Shared;
 use crate::startup::ConsoleLogin;
+use crate::stats::Database;
 
 /// The virtual databases of the console.
 pub(crate) const DATABASES: [&str; 2] = ["pgbouncer", "hapg"];
@@ -39,6 +41,30 @@ pub(crate) fn is_console_database(database: &str) -> bool {
 /// (new ones are held from the start).
 fn pause_wait(shared: &Shared) -> Duration {
     shared.runtime.load().config.drain_timeout()
+}
+
+/// The routing tables sessions begin their transactions on: the primary's
+/// and each standby's of the read port.
+fn tables(shared: &Shared) -> Vec<Arc<RoutingTable>> {
+    let mut tables = vec![shared.routing.clone()];
+    tables.extend(shared.read_pool.routes().iter().map(|r| r.table.clone()));
+    tables
+}
+
+/// Sets `PAUSE db` of `db` on every routing table.
+fn hold_database(shared: &Shared, db: &Database, held: bool) {
+    for table in tables(shared) {
+        table.hold_database(db.gate(), held);
+    }
+}
+
+/// `RECONNECT [db]` on the primary's pools and the read port's.
+fn reconnect(shared: &Shared, database: Option<&str>) {
+    let mut victims = shared.pools.reconnect(database);
+    for route in shared.read_pool.routes() {
+        victims.extend(route.pools.reconnect(database));
+    }
+    tokio::spawn(crate::pool::close_all(victims));
 }
 
 /// Serves one console client until it leaves, is killed, or the router stops.
@@ -132,12 +158,13 @@ async fn run(shared: &Arc<Shared>, client: &mut ClientConn, user: &str, admin: b
     if !command.read_only() {
         tracing::info!(user, command = command.tag(), "admin console command");
     }
+    let done = command.tag();
     match command {
         Command::Show(what) => {
             let set = show::answer(shared, what);
-            wire::result_set(out, &set, command.tag());
+            wire::result_set(out, &set, done);
         }
-        Command::Pause => {
+        Command::Pause(None) => {
             shared.routing.set_held(true);
             // PgBouncer's PAUSE answers once the server connections are
             // released: here once no transaction is open any more.
@@ -159,19 +186,65 @@ async fn run(shared: &Arc<Shared>, client: &mut ClientConn, user: &str, admin: b
                     ),
                 );
             }
-            wire::command_complete(out, command.tag());
+            wire::command_complete(out, done);
         }
-        Command::Resume => {
-            shared.routing.set_held(false);
-            wire::command_complete(out, command.tag());
+        Command::Pause(Some(database)) => {
+            let db = shared.databases.get(&database);
+            hold_database(shared, &db, true);
+            let busy = || -> usize {
+                tables(shared)
+                    .iter()
+                    .map(|table| table.busy_in(db.index))
+                    .sum()
+            };
+            // Only the last busy session of an epoch wakes a whole-router
+            // PAUSE; a database's own count is looked at every few
+            // milliseconds instead (a console command, not the relay).
+            let waited = tokio::time::timeout(pause_wait(shared), async {
+                while busy() > 0 {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+            .await;
+            if waited.is_err() {
+                wire::notice(
+                    out,
+                    &format!(
+                        "{database} paused, but {} of its sessions still have a transaction open after router.drain_timeout_ms",
+                        busy()
+                    ),
+                );
+            }
+            wire::command_complete(out, done);
         }
-        Command::Reconnect => {
-            let victims = shared.pools.reconnect();
-            tokio::spawn(crate::pool::close_all(victims));
-            wire::command_complete(out, command.tag());
+        Command::Resume(database) => {
+            if database.is_none() {
+                shared.routing.set_held(false);
+            }
+            for db in shared.databases.list() {
+                if database.as_ref().is_none_or(|name| *name == db.name) && db.held() {
+                    hold_database(shared, &db, false);
+                    db.wake();
+                }
+            }
+            wire::command_complete(out, done);
+        }
+        Command::Reconnect(database) => {
+            reconnect(shared, database.as_deref());
+            wire::command_complete(out, done);
+        }
+        Command::Kill(database) => {
+            // As PgBouncer: the database's clients and server connections
+            // go now, and its new clients wait until RESUME.
+            let db = shared.databases.get(&database);
+            hold_database(shared, &db, true);
+            let killed = shared.registry.kill_database(&database);
+            reconnect(shared, Some(&database));
+            tracing::warn!(user, database, clients = killed, "admin console: KILL");
+            wire::command_complete(out, done);
         }
         Command::Reload => match Router::of(shared.clone()).reload().await {
-            Ok(()) => wire::command_complete(&mut client.wbuf, command.tag()),
+            Ok(()) => wire::command_complete(&mut client.wbuf, done),
             Err(e) => wire::error(
                 &mut client.wbuf,
                 sqlstate::FEATURE_NOT_SUPPORTED,
@@ -181,7 +254,7 @@ async fn run(shared: &Arc<Shared>, client: &mut ClientConn, user: &str, admin: b
         },
         Command::KillClient(id) => {
             if shared.registry.kill(id) {
-                wire::command_complete(out, command.tag());
+                wire::command_complete(out, done);
             } else {
                 wire::error(
                     out,
@@ -196,7 +269,7 @@ async fn run(shared: &Arc<Shared>, client: &mut ClientConn, user: &str, admin: b
             match stop {
                 Some(stop) => {
                     tracing::warn!(user, "admin console: SHUTDOWN");
-                    wire::command_complete(out, command.tag());
+                    wire::command_complete(out, done);
                     stop.cancel();
                 }
                 None => wire::error(

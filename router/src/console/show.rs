@@ -5,20 +5,19 @@
 //! exporters read); hapg's own for ROUTING and FAILOVERS.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use hapg_config::router::{PoolMode, RouterConfig};
 
 use super::command::Show;
 use super::wire::{v, ResultSet, Type};
+use crate::pool::IdleRow;
+use crate::server_list::ServerEntry;
 use crate::shared::Shared;
-use crate::stats::averages;
+use crate::stats::{averages, Totals};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
-
-/// The row PgBouncer's SHOW STATS gives per database: hapg counts for the
-/// whole router, under this name.
-const ALL_DATABASES: &str = "*";
 
 pub(crate) fn answer(shared: &Shared, show: Show) -> ResultSet {
     match show {
@@ -120,7 +119,8 @@ pub(crate) fn pool_rows(shared: &Shared) -> Vec<PoolCounts> {
     for key in clients.keys() {
         rows.entry(key.clone()).or_default();
     }
-    rows.into_iter()
+    let mut counts: Vec<PoolCounts> = rows
+        .into_iter()
         .map(|((user, database), (sv_active, sv_idle))| {
             let (cl_active, cl_waiting, maxwait_us) = clients
                 .remove(&(user.clone(), database.clone()))
@@ -135,7 +135,28 @@ pub(crate) fn pool_rows(shared: &Shared) -> Vec<PoolCounts> {
                 maxwait_us,
             }
         })
-        .collect()
+        .collect();
+    // The read port's pools, per standby: their server connections (its
+    // clients are counted with the database they logged in to, above).
+    for route in shared.read_pool.routes() {
+        for p in route.pools.rows() {
+            counts.push(PoolCounts {
+                database: read_database(&p.database, route.node_id),
+                user: p.user,
+                sv_active: p.open.saturating_sub(p.idle),
+                sv_idle: p.idle,
+                ..PoolCounts::default()
+            });
+        }
+    }
+    counts
+}
+
+/// The name a read port pool goes by in `database` columns and labels:
+/// its own, so that PgBouncer's exporters see one more pool rather than
+/// two rows with the same database and user.
+pub(crate) fn read_database(database: &str, node_id: i64) -> String {
+    format!("{database} (read node {node_id})")
 }
 
 fn pools(shared: &Shared) -> ResultSet {
@@ -205,6 +226,7 @@ const SOCKET_COLUMNS: &[(&str, Type)] = &[
 fn clients(shared: &Shared) -> ResultSet {
     let mut set = ResultSet::new(SOCKET_COLUMNS);
     let now_us = shared.stats.started.elapsed().as_micros() as u64;
+    let links = server_links(shared);
     for c in shared.registry.list() {
         let waited = c.waiting_since().map(|since| now_us.saturating_sub(since));
         let state = match (c.console, waited) {
@@ -227,7 +249,7 @@ fn clients(shared: &Shared) -> ResultSet {
             v(waited % 1_000_000),
             v(0),
             v(c.id),
-            v(""),
+            v(links.get(&c.id).cloned().unwrap_or_default()),
             v(0),
             v(if c.tls { "TLS" } else { "" }),
             v(&c.application_name),
@@ -236,39 +258,92 @@ fn clients(shared: &Shared) -> ResultSet {
     set
 }
 
-/// The idle server connections (connections in use are counted in SHOW
-/// POOLS' `sv_active`, not listed).
+/// One set of pools' server connections: the read port standby's node id
+/// (none: the primary's pools), every connection, the idle ones.
+type ServerList = (Option<i64>, Vec<Arc<ServerEntry>>, Vec<IdleRow>);
+
+/// Every server registry: the primary's pools', and each read port
+/// standby's.
+fn server_lists(shared: &Shared) -> Vec<ServerList> {
+    let mut lists = vec![(None, shared.pools.servers.list(), shared.pools.idle_rows())];
+    for route in shared.read_pool.routes() {
+        lists.push((
+            Some(route.node_id),
+            route.pools.servers.list(),
+            route.pools.idle_rows(),
+        ));
+    }
+    lists
+}
+
+/// The `ptr` of the server connection each client uses now, by client id.
+fn server_links(shared: &Shared) -> BTreeMap<i32, String> {
+    server_lists(shared)
+        .iter()
+        .flat_map(|(_, servers, _)| servers.iter())
+        .filter_map(|s| Some((s.link()?, s.ptr())))
+        .collect()
+}
+
+/// Every server connection of the pools, the read port's too: `active`
+/// (used by the client its `link` names), `idle` (in its pool), or `used`
+/// (between the two: being opened, reset or closed).
 fn servers(shared: &Shared) -> ResultSet {
     let mut set = ResultSet::new(SOCKET_COLUMNS);
-    for s in shared.pools.idle_rows() {
-        set.push(vec![
-            v("S"),
-            v(&s.user),
-            v(&s.database),
-            v("idle"),
-            v(s.addr.ip()),
-            v(s.addr.port()),
-            None,
-            None,
-            v(timestamp(wall(s.born))),
-            v(timestamp(wall(s.since.into_std()))),
-            v(0),
-            v(0),
-            v(0),
-            v(format!("{}@{}", s.pid, s.epoch)),
-            v(""),
-            v(s.pid),
-            v(""),
-            v(""),
-        ]);
+    for (node, servers, idle_rows) in server_lists(shared) {
+        let idle_since: BTreeMap<(std::net::SocketAddr, i32), Instant> = idle_rows
+            .into_iter()
+            .map(|idle| ((idle.addr, idle.pid), idle.since.into_std()))
+            .collect();
+        for s in servers {
+            let link = s.link();
+            let idle = idle_since.get(&(s.addr, s.pid));
+            let state = match (link, idle) {
+                (Some(_), _) => "active",
+                (None, Some(_)) => "idle",
+                (None, None) => "used",
+            };
+            let database = match node {
+                Some(node_id) => read_database(&s.database, node_id),
+                None => s.database.clone(),
+            };
+            set.push(vec![
+                v("S"),
+                v(&s.user),
+                v(database),
+                v(state),
+                v(s.addr.ip()),
+                v(s.addr.port()),
+                None,
+                None,
+                v(timestamp(wall(s.born))),
+                v(timestamp(wall(idle.copied().unwrap_or(s.born)))),
+                v(0),
+                v(0),
+                v(0),
+                v(s.ptr()),
+                v(link.map(|id| id.to_string()).unwrap_or_default()),
+                v(s.pid),
+                v(""),
+                v(""),
+            ]);
+        }
     }
     set
 }
 
-fn totals_row(shared: &Shared) -> (crate::stats::Totals, crate::stats::Totals) {
-    let totals = shared.stats.totals();
+/// Each database's totals and averages (since the router started), by name.
+fn totals_rows(shared: &Shared) -> Vec<(String, Totals, Totals)> {
     let seconds = shared.stats.started.elapsed().as_secs();
-    (totals, averages(&totals, seconds))
+    shared
+        .databases
+        .list()
+        .iter()
+        .map(|db| {
+            let totals = db.counters.totals();
+            (db.name.clone(), totals, averages(&totals, seconds))
+        })
+        .collect()
 }
 
 fn stats(shared: &Shared) -> ResultSet {
@@ -289,9 +364,18 @@ fn stats(shared: &Shared) -> ResultSet {
         ("avg_query_time", Type::Int8),
         ("avg_wait_time", Type::Int8),
     ]);
-    let (t, a) = totals_row(shared);
-    set.push(vec![
-        v(ALL_DATABASES),
+    for (database, totals, avg) in totals_rows(shared) {
+        let mut row = vec![v(database)];
+        row.extend(counts(&totals));
+        row.extend(counts(&avg));
+        set.push(row);
+    }
+    set
+}
+
+/// The seven counts of a STATS row, in PgBouncer's order.
+fn counts(t: &Totals) -> [Option<String>; 7] {
+    [
         v(t.xact_count),
         v(t.query_count),
         v(t.received),
@@ -299,15 +383,7 @@ fn stats(shared: &Shared) -> ResultSet {
         v(t.xact_time_us),
         v(t.query_time_us),
         v(t.wait_time_us),
-        v(a.xact_count),
-        v(a.query_count),
-        v(a.received),
-        v(a.sent),
-        v(a.xact_time_us),
-        v(a.query_time_us),
-        v(a.wait_time_us),
-    ]);
-    set
+    ]
 }
 
 const TOTALS_COLUMNS: &[(&str, Type)] = &[
@@ -321,27 +397,23 @@ const TOTALS_COLUMNS: &[(&str, Type)] = &[
     ("wait_time", Type::Int8),
 ];
 
-fn totals_set(t: crate::stats::Totals) -> ResultSet {
+/// STATS_TOTALS (`averages` false) or STATS_AVERAGES: a row per database.
+fn totals_set(shared: &Shared, averages: bool) -> ResultSet {
     let mut set = ResultSet::new(TOTALS_COLUMNS);
-    set.push(vec![
-        v(ALL_DATABASES),
-        v(t.xact_count),
-        v(t.query_count),
-        v(t.received),
-        v(t.sent),
-        v(t.xact_time_us),
-        v(t.query_time_us),
-        v(t.wait_time_us),
-    ]);
+    for (database, totals, avg) in totals_rows(shared) {
+        let mut row = vec![v(database)];
+        row.extend(counts(if averages { &avg } else { &totals }));
+        set.push(row);
+    }
     set
 }
 
 fn stats_totals(shared: &Shared) -> ResultSet {
-    totals_set(totals_row(shared).0)
+    totals_set(shared, false)
 }
 
 fn stats_averages(shared: &Shared) -> ResultSet {
-    totals_set(totals_row(shared).1)
+    totals_set(shared, true)
 }
 
 fn databases(shared: &Shared) -> ResultSet {
@@ -384,7 +456,9 @@ fn databases(shared: &Shared) -> ResultSet {
             v(mode_name(rt.config.pool.mode)),
             v(limit),
             v(current),
-            v(i32::from(routing.held)),
+            v(i32::from(
+                routing.held || shared.databases.find(&database).is_some_and(|db| db.held()),
+            )),
             v(0),
         ]);
     }

@@ -39,6 +39,7 @@ use self::node::warn_if_oversubscribed;
 
 use crate::params::LastParams;
 use crate::server::{Login, ServerConn, ServerError, Target};
+use crate::server_list::ServerRegistry;
 use crate::slots::{NodeBudget, NodeLimit, PoolId};
 
 /// What opening a server connection takes: the configuration in force (pool
@@ -58,9 +59,6 @@ pub(crate) struct Opener<'a> {
 struct PoolMap {
     ids: HashMap<String, HashMap<String, PoolId>>,
     pools: Vec<Pool>,
-    /// `RECONNECT` on the admin console: connections opened before this
-    /// close when they come back instead of going idle.
-    reconnect_before: Option<std::time::Instant>,
 }
 
 impl PoolMap {
@@ -113,6 +111,9 @@ struct Pool {
     returned: Arc<Notify>,
     /// The login of the last client, to open `min_idle` connections with.
     login: Login,
+    /// `RECONNECT [db]` on the admin console: connections opened before
+    /// this close when they come back instead of going idle.
+    reconnect_before: Option<std::time::Instant>,
 }
 
 impl Pool {
@@ -179,6 +180,8 @@ pub(crate) struct Pools {
     /// Held while the first connection of an epoch reads the node's limits,
     /// so that a burst of logins waits for them instead of racing past.
     learning: tokio::sync::Mutex<()>,
+    /// Every connection of these pools (`SHOW SERVERS`).
+    pub servers: Arc<ServerRegistry>,
 }
 
 /// Counts of one pool (for tests and logs).
@@ -309,6 +312,7 @@ impl Pools {
                 idle: Vec::new(),
                 returned: Arc::new(Notify::new()),
                 login: login.clone(),
+                reconnect_before: None,
             }
         });
         if pool.login != *login {
@@ -396,6 +400,7 @@ impl Pools {
         epoch: Option<i64>,
         lifetime: Option<Duration>,
     ) -> Option<Box<ServerConn>> {
+        conn.set_link(0);
         if conn.permit.is_none() {
             return Some(conn);
         }
@@ -410,12 +415,12 @@ impl Pools {
             return Some(conn);
         };
         let mut pools = self.lock();
-        if pools.reconnect_before.is_some_and(|t| conn.born < t) {
-            return Some(conn);
-        }
         let Some(pool) = pools.pools.get_mut(id.0) else {
             return Some(conn);
         };
+        if pool.reconnect_before.is_some_and(|t| conn.born < t) {
+            return Some(conn);
+        }
         let budget_used_up = conn
             .node_slot
             .as_ref()
@@ -505,15 +510,12 @@ pub(crate) struct PoolRow {
     pub open: usize,
 }
 
-/// An idle server connection as the admin console shows it.
+/// An idle server connection as the admin console shows it (the rest is
+/// in its [`crate::server_list::ServerEntry`]).
 #[derive(Debug, Clone)]
 pub(crate) struct IdleRow {
-    pub user: String,
-    pub database: String,
     pub addr: std::net::SocketAddr,
     pub pid: i32,
-    pub epoch: i64,
-    pub born: std::time::Instant,
     pub since: Instant,
 }
 
@@ -541,12 +543,8 @@ impl Pools {
             .iter()
             .flat_map(|p| {
                 p.idle.iter().map(|idle| IdleRow {
-                    user: p.login.user.clone(),
-                    database: p.login.database.clone(),
                     addr: idle.conn.addr,
                     pid: idle.conn.pid,
-                    epoch: idle.conn.epoch,
-                    born: idle.conn.born,
                     since: idle.since,
                 })
             })
@@ -559,13 +557,18 @@ impl Pools {
         self.budget(epoch).map(|b| b.limit.limit)
     }
 
-    /// `RECONNECT`: takes out every idle connection, and makes the ones in
+    /// `RECONNECT` (`database` none) or `RECONNECT db`: takes out every
+    /// idle connection (of that database's pools), and makes the ones in
     /// use close when they come back.
-    pub fn reconnect(&self) -> Vec<Box<ServerConn>> {
+    pub fn reconnect(&self, database: Option<&str>) -> Vec<Box<ServerConn>> {
         let mut victims = Vec::new();
         let mut pools = self.lock();
-        pools.reconnect_before = Some(std::time::Instant::now());
+        let now = std::time::Instant::now();
         for pool in pools.pools.iter_mut() {
+            if database.is_some_and(|db| pool.login.database != db) {
+                continue;
+            }
+            pool.reconnect_before = Some(now);
             pool.take_idle_where(&mut victims, |_| true);
         }
         victims
@@ -599,6 +602,7 @@ mod tests {
             idle: Vec::new(),
             returned: Arc::new(Notify::new()),
             login: login.clone(),
+            reconnect_before: None,
         }
     }
 

@@ -18,6 +18,7 @@ use tokio::time::Instant;
 
 use super::{close_all, CheckoutError, Opener, Pools};
 use crate::server::{Login, ServerConn, ServerError, Target};
+use crate::server_list::Listing;
 use crate::slots::{NodeBudget, NodeLimit, NodeSlot, PoolId};
 
 /// Reads the node's connection settings on a fresh connection: one query per
@@ -233,9 +234,9 @@ impl Pools {
                 close_all(victims).await;
                 open(opener, target, login, timeout)
                     .await
-                    .map(|conn| in_pool(conn, id, permit))
+                    .map(|conn| self.in_pool(conn, login, id, permit))
             }
-            result => result.map(|conn| in_pool(conn, id, permit)),
+            result => result.map(|conn| self.in_pool(conn, login, id, permit)),
         }
     }
 
@@ -259,12 +260,33 @@ impl Pools {
         let mut conn = open(opener, target, login, timeout)
             .await
             .map_err(CheckoutError::Server)?;
-        conn = in_pool(conn, id, pool_permit);
+        conn = self.in_pool(conn, login, id, pool_permit);
         conn.node_slot = Some(NodeSlot {
             budget,
             _permit: permit,
         });
         Ok(Some(conn))
+    }
+
+    /// `conn` in a slot of pool `id` (of `login`), listed in `SHOW SERVERS`.
+    fn in_pool(
+        &self,
+        mut conn: Box<ServerConn>,
+        login: &Login,
+        id: PoolId,
+        permit: OwnedSemaphorePermit,
+    ) -> Box<ServerConn> {
+        conn.pool = Some(id);
+        conn.permit = Some(permit);
+        conn.listed = Some(self.servers.register(Listing {
+            user: &login.user,
+            database: &login.database,
+            addr: conn.addr,
+            pid: conn.pid,
+            epoch: conn.epoch,
+            born: conn.born,
+        }));
+        conn
     }
 
     /// Takes out the idle connection to `epoch`'s primary that has been idle
@@ -297,13 +319,6 @@ async fn open(
     let mut conn = ServerConn::connect(target, login, opener.tls, &liveness, timeout).await?;
     conn.params = opener.params.share(&conn.params);
     Ok(conn)
-}
-
-/// `conn` in a slot of pool `id`.
-fn in_pool(mut conn: Box<ServerConn>, id: PoolId, permit: OwnedSemaphorePermit) -> Box<ServerConn> {
-    conn.pool = Some(id);
-    conn.permit = Some(permit);
-    conn
 }
 
 /// Warns when the pools could ask the node for more connections than the

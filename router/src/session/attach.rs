@@ -90,6 +90,8 @@ pub(crate) enum AttachError {
     /// A read-only port session found no eligible standby, and
     /// `[read_only] fallback = "error"`.
     NoStandby,
+    /// `PAUSE db` held the session's database past the pause timeout.
+    DatabasePaused { database: String, waited: Duration },
     /// The router is stopping.
     Stopping,
 }
@@ -158,6 +160,14 @@ impl From<AttachError> for ClientError {
                 "no standby is eligible for read-only sessions (read_only.fallback = error)",
                 Some("Every standby is unhealthy, not in the secondary state, or further behind the primary than read_only.max_lag_bytes or read_only.max_lag_ms; retry later, or use the read-write port."),
             ),
+            AttachError::DatabasePaused { database, waited } => ClientError::error(
+                sqlstate::NO_PRIMARY,
+                format!(
+                    "database \"{database}\" is paused on the router (PAUSE {database}): waited {} ms (router.pause_timeout_ms)",
+                    waited.as_millis()
+                ),
+                Some("An operator paused this database on the router's admin console; retry after RESUME."),
+            ),
             AttachError::Stopping => ClientError::stopping(),
         }
     }
@@ -224,7 +234,7 @@ impl Session {
             self.pick_for_transaction();
         }
         if let Some(server) = &self.server {
-            if let Some(busy) = self.routing().begin(server.epoch) {
+            if let Some(busy) = self.routing().begin(server.epoch, self.db.gate()) {
                 self.busy = Some(busy);
                 return Ok(());
             }
@@ -235,7 +245,9 @@ impl Session {
         let deadline = started + self.shared.runtime.load().config.pause_timeout();
         let result = self.attach_waiting(deadline).await;
         if self.tally.on {
-            self.shared.stats.record_wait(micros(started.elapsed()));
+            self.shared
+                .stats
+                .record_wait(&self.db, micros(started.elapsed()));
         }
         result
     }
@@ -246,7 +258,7 @@ impl Session {
             let Some(server) = &self.server else {
                 return Ok(());
             };
-            if let Some(busy) = self.routing().begin(server.epoch) {
+            if let Some(busy) = self.routing().begin(server.epoch, self.db.gate()) {
                 self.busy = Some(busy);
                 return Ok(());
             }
@@ -267,7 +279,7 @@ impl Session {
             return false;
         };
         let busy = if Arc::ptr_eq(&self.known, &conn.params) {
-            self.routing().begin(conn.epoch)
+            self.routing().begin(conn.epoch, self.db.gate())
         } else {
             None
         };
@@ -280,6 +292,7 @@ impl Session {
         self.busy = Some(busy);
         self.stmts.reset();
         self.cancel.set_target(Some(conn.cancel_target()));
+        conn.set_link(self.registered.entry.id);
         self.server = Some(conn);
         self.had_server = true;
         self.proto.on_idle();
@@ -293,18 +306,25 @@ impl Session {
         let rt = self.shared.runtime.load_full();
         let mut changes = self.routing().subscribe();
         let mut read_changes = self.shared.read_pool.subscribe();
+        let mut resumed = self.db.subscribe();
         let mut attempts = Attempts::default();
         let mut waited = false;
         // Set while this session is held by a pause: counted, shown.
         let mut _held: Option<Held> = None;
         loop {
             let routing = self.routing().load();
+            // `PAUSE db` holds this session's database: wait as in any pause.
+            let db_held = self.db.held();
             let standby_wait = self.waits_for_standby();
-            if !standby_wait && self.on_current_primary(&routing, waited).await {
+            if !standby_wait && !db_held && self.on_current_primary(&routing, waited).await {
                 return Ok(());
             }
-            let target = if standby_wait { None } else { routing.target() };
-            if self.read.is_some() && target.is_none() {
+            let target = if standby_wait || db_held {
+                None
+            } else {
+                routing.target()
+            };
+            if self.read.is_some() && target.is_none() && !db_held {
                 read_changes.mark_unchanged();
                 if let super::read::Repicked::Moved = self.repick().await? {
                     changes = self.routing().subscribe();
@@ -318,6 +338,12 @@ impl Session {
             }
             let now = Instant::now();
             if now >= deadline {
+                if db_held {
+                    return Err(AttachError::DatabasePaused {
+                        database: self.login.database.clone(),
+                        waited: rt.config.pause_timeout(),
+                    });
+                }
                 return Err(attempts.give_up(&rt.config));
             }
             if !waited {
@@ -336,6 +362,7 @@ impl Session {
             tokio::select! {
                 _ = self.kill.cancelled() => return Err(AttachError::Stopping),
                 _ = changes.changed() => {}
+                _ = resumed.changed() => {}
                 _ = read_changes.changed(), if self.read.is_some() => {}
                 _ = tokio::time::sleep_until(wake) => {}
             }
@@ -414,6 +441,7 @@ impl Session {
                 }
                 self.stmts.reset();
                 self.pool = conn.pool;
+                conn.set_link(self.registered.entry.id);
                 self.server = Some(conn);
                 self.restore().await?;
                 Ok(true)

@@ -120,6 +120,8 @@ pub(crate) struct Session {
     tally: Tally,
     /// Set on the read-only port: the standby the session is on.
     read: Option<read::ReadState>,
+    /// The database the client logged in to: its totals, its `PAUSE db`.
+    db: Arc<crate::stats::Database>,
 }
 
 async fn read_server(server: &mut Option<Box<ServerConn>>) -> std::io::Result<usize> {
@@ -168,8 +170,12 @@ impl Session {
         shutdown: CancellationToken,
         kill: CancellationToken,
     ) -> Session {
-        let tally = Tally::new(shared.runtime.load().counting);
+        let db = shared.databases.get(&ready.login.database);
+        let tally = Tally::new(shared.runtime.load().counting, db.clone());
         let had_server = ready.server.is_some();
+        if let Some(server) = &ready.server {
+            server.set_link(registered.entry.id);
+        }
         let pool = ready.server.as_ref().and_then(|server| server.pool);
         let tx_mode = shared.runtime.load().config.pool.mode == PoolMode::Transaction;
         let mut cuts = shared.routing.subscribe_cut();
@@ -201,13 +207,14 @@ impl Session {
             registered,
             tally,
             read: None,
+            db,
         }
     }
 
     /// Relays until the client leaves or the router stops.
     pub async fn run(mut self) {
         let _ = self.relay().await;
-        self.tally.flush(&self.shared.stats);
+        self.tally.flush();
         // What the client is still owed (a FATAL written last, answers
         // taken in before its end of file) goes out before the close.
         if !self.client.wbuf.is_empty() {

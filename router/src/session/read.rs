@@ -109,6 +109,7 @@ impl Session {
             return Ok(Repicked::Wait);
         };
         let on_route = read.lease.is_some();
+        self.shared.stats.count_read_move(on_route);
         if let Some(lease) = self.shared.read_pool.pick() {
             read.lease = Some(lease);
             self.pool = None;

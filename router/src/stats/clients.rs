@@ -89,6 +89,20 @@ impl ClientRegistry {
         self.lock().values().cloned().collect()
     }
 
+    /// Ends the session of every client of `database` (not the console's);
+    /// returns how many.
+    pub fn kill_database(&self, database: &str) -> usize {
+        let clients = self.lock();
+        let mut killed = 0;
+        for entry in clients.values() {
+            if !entry.console && entry.database == database {
+                entry.kill.cancel();
+                killed += 1;
+            }
+        }
+        killed
+    }
+
     /// Ends client `id`'s session; false when there is no such client.
     pub fn kill(&self, id: i32) -> bool {
         match self.lock().get(&id) {

@@ -1,10 +1,11 @@
 //! What the router counts for `SHOW STATS`, `SHOW POOLS` and `/metrics`:
-//! router-wide counters and histograms of plain atomics (one relaxed add
-//! each, never a lock), fed once per transaction from each session's own
-//! [`Tally`]; the client registry behind `SHOW CLIENTS` and `KILL_CLIENT`;
+//! per-database counters ([`databases`]) and router-wide histograms of
+//! plain atomics (one relaxed add each, never a lock), fed once per
+//! transaction from each session's own [`Tally`]; the client registry behind `SHOW CLIENTS` and `KILL_CLIENT`;
 //! and the primary changes the router lived through ([`events`]).
 
 pub(crate) mod clients;
+pub(crate) mod databases;
 pub(crate) mod events;
 pub(crate) mod histogram;
 pub(crate) mod tally;
@@ -13,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 pub(crate) use self::clients::{ClientEntry, ClientRegistry};
+pub(crate) use self::databases::{Database, Databases};
 pub(crate) use self::histogram::Histogram;
 pub(crate) use self::tally::Tally;
 
@@ -29,21 +31,17 @@ pub(crate) const WAIT_BUCKETS: &[f64] = &[
     0.0001, 0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0,
 ];
 
-/// Router-wide totals since start (PgBouncer's `SHOW STATS` totals).
+/// Router-wide histograms and gauges since start (the totals PgBouncer's
+/// `SHOW STATS` has are per database, in [`Databases`]).
 pub(crate) struct Stats {
     /// When the router started (the averages' period).
     pub started: Instant,
-    pub xact_count: AtomicU64,
-    pub query_count: AtomicU64,
-    pub received: AtomicU64,
-    pub sent: AtomicU64,
-    pub xact_time_us: AtomicU64,
-    pub query_time_us: AtomicU64,
-    pub wait_time_us: AtomicU64,
     /// Sessions waiting now for a server connection or a pause to end.
     pub waiting: AtomicU64,
     /// Sessions that ever had to wait because new work was held (a pause).
     pub held_total: AtomicU64,
+    /// Read port sessions taken off a standby that left the read pool.
+    pub read_moves: AtomicU64,
     pub xact_time: Histogram,
     pub query_time: Histogram,
     pub wait_time: Histogram,
@@ -54,15 +52,9 @@ impl Default for Stats {
     fn default() -> Self {
         Stats {
             started: Instant::now(),
-            xact_count: AtomicU64::new(0),
-            query_count: AtomicU64::new(0),
-            received: AtomicU64::new(0),
-            sent: AtomicU64::new(0),
-            xact_time_us: AtomicU64::new(0),
-            query_time_us: AtomicU64::new(0),
-            wait_time_us: AtomicU64::new(0),
             waiting: AtomicU64::new(0),
             held_total: AtomicU64::new(0),
+            read_moves: AtomicU64::new(0),
             xact_time: Histogram::new(LATENCY_BUCKETS),
             query_time: Histogram::new(LATENCY_BUCKETS),
             wait_time: Histogram::new(WAIT_BUCKETS),
@@ -84,23 +76,19 @@ pub(crate) struct Totals {
 }
 
 impl Stats {
-    pub fn totals(&self) -> Totals {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        Totals {
-            xact_count: get(&self.xact_count),
-            query_count: get(&self.query_count),
-            received: get(&self.received),
-            sent: get(&self.sent),
-            xact_time_us: get(&self.xact_time_us),
-            query_time_us: get(&self.query_time_us),
-            wait_time_us: get(&self.wait_time_us),
-        }
+    /// A session of `db` waited `us` microseconds for a server connection.
+    pub fn record_wait(&self, db: &Database, us: u64) {
+        db.counters.wait_time_us.fetch_add(us, Ordering::Relaxed);
+        self.wait_time.observe_us(us);
     }
 
-    /// A session waited `us` microseconds for a server connection.
-    pub fn record_wait(&self, us: u64) {
-        self.wait_time_us.fetch_add(us, Ordering::Relaxed);
-        self.wait_time.observe_us(us);
+    /// A read port session is taken off its standby (`moved`), which left
+    /// the read pool: `hapg_router_read_moves_total`.
+    #[inline]
+    pub fn count_read_move(&self, moved: bool) {
+        if moved {
+            self.read_moves.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// A session was held `us` microseconds by a pause.

@@ -1,18 +1,22 @@
 //! One session's own counts between two transaction ends: plain integers
-//! the relay adds to without any synchronisation, handed to the router-wide
-//! [`Stats`] once per transaction (a handful of relaxed atomic adds).
+//! the relay adds to without any synchronisation, handed to its database's
+//! counters and the router-wide histograms of [`Stats`] once per
+//! transaction (a handful of relaxed atomic adds).
 //! A router with neither `[metrics]` nor console users counts nothing.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Instant;
 
-use super::Stats;
+use super::{Database, Stats};
 
-/// A session's counts not yet added to [`Stats`].
-#[derive(Debug, Default)]
+/// A session's counts not yet added to [`Stats`] and its database's counters.
+#[derive(Debug)]
 pub(crate) struct Tally {
     /// Counting is on (`[metrics]` or `[admin]` configured at login).
     pub on: bool,
+    /// The session's database, whose counters it adds to.
+    db: Arc<Database>,
     received: u64,
     sent: u64,
     queries: u64,
@@ -29,10 +33,17 @@ fn micros(since: Instant, now: Instant) -> u64 {
 }
 
 impl Tally {
-    pub fn new(on: bool) -> Tally {
+    pub fn new(on: bool, db: Arc<Database>) -> Tally {
         Tally {
             on,
-            ..Tally::default()
+            db,
+            received: 0,
+            sent: 0,
+            queries: 0,
+            query_time_us: 0,
+            xact_started: None,
+            query_started: None,
+            ready_at: None,
         }
     }
 
@@ -66,10 +77,11 @@ impl Tally {
             (false, Some(since)) => {
                 self.xact_started = None;
                 let us = micros(since, now);
-                stats.xact_count.fetch_add(1, Ordering::Relaxed);
-                stats.xact_time_us.fetch_add(us, Ordering::Relaxed);
+                let counters = &self.db.counters;
+                counters.xact_count.fetch_add(1, Ordering::Relaxed);
+                counters.xact_time_us.fetch_add(us, Ordering::Relaxed);
                 stats.xact_time.observe_us(us);
-                self.flush(stats);
+                self.flush();
             }
             _ => {}
         }
@@ -87,13 +99,14 @@ impl Tally {
         }
     }
 
-    /// Adds what is counted so far to `stats`.
-    pub fn flush(&mut self, stats: &Stats) {
+    /// Adds what is counted so far to the database's counters.
+    pub fn flush(&mut self) {
+        let counters = &self.db.counters;
         for (total, mine) in [
-            (&stats.received, &mut self.received),
-            (&stats.sent, &mut self.sent),
-            (&stats.query_count, &mut self.queries),
-            (&stats.query_time_us, &mut self.query_time_us),
+            (&counters.received, &mut self.received),
+            (&counters.sent, &mut self.sent),
+            (&counters.query_count, &mut self.queries),
+            (&counters.query_time_us, &mut self.query_time_us),
         ] {
             if *mine > 0 {
                 total.fetch_add(std::mem::take(mine), Ordering::Relaxed);
@@ -109,16 +122,18 @@ mod tests {
     #[test]
     fn a_transaction_is_counted_once_at_its_end_with_its_queries_and_bytes() {
         let stats = Stats::default();
-        let mut tally = Tally::new(true);
+        let dbs = super::super::Databases::default();
+        let db = dbs.get("app");
+        let mut tally = Tally::new(true, db.clone());
         tally.received(10);
         tally.step(&stats, true, true);
         tally.sent(100);
         tally.on_ready(&stats);
         tally.step(&stats, true, true);
         tally.on_ready(&stats);
-        assert_eq!(stats.totals().xact_count, 0, "still open");
+        assert_eq!(db.counters.totals().xact_count, 0, "still open");
         tally.step(&stats, false, false);
-        let t = stats.totals();
+        let t = db.counters.totals();
         assert_eq!(
             (t.xact_count, t.query_count, t.received, t.sent),
             (1, 2, 10, 100)
@@ -127,6 +142,7 @@ mod tests {
         assert_eq!(stats.xact_time.snapshot().count, 1);
         // Nothing open: nothing more.
         tally.step(&stats, false, false);
-        assert_eq!(stats.totals().xact_count, 1);
+        assert_eq!(db.counters.totals().xact_count, 1);
+        assert!(dbs.get("other").counters.totals() == crate::stats::Totals::default());
     }
 }
