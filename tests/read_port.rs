@@ -63,6 +63,41 @@ async fn wait_pool(uri: &str, ports: &[i32], what: &str) -> Result<(), String> {
     }
 }
 
+/// A read session through `read_uri` whose statements run on the node at
+/// `port`, with its connection's task (what it ended with).
+async fn session_on(
+    read_uri: &str,
+    port: i32,
+) -> (
+    tokio_postgres::Client,
+    tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+) {
+    for _ in 0..20 {
+        let (client, connection) = tokio_postgres::connect(read_uri, tokio_postgres::NoTls)
+            .await
+            .expect("connect to the read port");
+        let task = tokio::spawn(connection);
+        if where_served(&client).await.expect("read").1 == port {
+            return (client, task);
+        }
+    }
+    panic!("no read session landed on port {port} in 20 tries");
+}
+
+/// The router's sessions on a node (its client backends on `appdb` other
+/// than the asking one), with `application_name` `app` if not empty.
+async fn router_backends(node: &tokio_postgres::Client, app: &str) -> i64 {
+    node.query_one(
+        "SELECT count(*) FROM pg_stat_activity
+          WHERE datname = 'appdb' AND backend_type = 'client backend'
+            AND pid <> pg_backend_pid() AND ($1 = '' OR application_name = $1)",
+        &[&app],
+    )
+    .await
+    .expect("pg_stat_activity")
+    .get(0)
+}
+
 /// Writes about `mb` MB of WAL on the primary.
 async fn write_wal(primary_uri: &str, table: &str, mb: i64) {
     let c = connect(primary_uri).await.expect("connect to the primary");
@@ -130,6 +165,24 @@ async fn read_port_balances_follows_lag_falls_back_and_survives_a_switchover() {
         "unbalanced: {per_node:?}"
     );
 
+    // On node B, besides: one idle session with a SET (it must move with it,
+    // at once), and one holding state that cannot move (a SQL PREPARE): it
+    // must end with a FATAL that says why, without sending anything.
+    let (mover, _) = sessions
+        .iter()
+        .find(|(_, p)| *p == b)
+        .expect("a session on node_b");
+    mover
+        .batch_execute("SET application_name = 'read_mover'")
+        .await
+        .expect("SET on a read session");
+    let stuck = session_on(&read_uri, b).await;
+    stuck
+        .0
+        .batch_execute("PREPARE held AS SELECT 1")
+        .await
+        .expect("PREPARE on a read session");
+
     // Node B's replay paused while the primary writes past max_lag_bytes.
     let on_b = connect(&direct_uri(&cluster, "node_b"))
         .await
@@ -156,6 +209,53 @@ async fn read_port_balances_follows_lag_falls_back_and_survives_a_switchover() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // Its idle sessions moved before sending anything: node B has no
+    // session of the router left, node C has the one with the SET.
+    let on_c_direct = connect(&direct_uri(&cluster, "node_c"))
+        .await
+        .expect("connect to node_c");
+    let moved_in = Instant::now();
+    loop {
+        let left_on_b = router_backends(&on_b, "").await;
+        let mover_on_c = router_backends(&on_c_direct, "read_mover").await;
+        if left_on_b == 0 && mover_on_c == 1 {
+            break;
+        }
+        assert!(
+            moved_in.elapsed() < Duration::from_secs(30),
+            "idle sessions not moved off node_b: {left_on_b} left there, the mover on node_c: {mover_on_c}\n{}",
+            cluster.log(&router.name)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "idle sessions moved off node_b {:?} after it left the read pool (by the check)",
+        moved_in.elapsed()
+    );
+    // The session that cannot move was ended, by itself, with a FATAL.
+    let ended = tokio::time::timeout(Duration::from_secs(30), stuck.1)
+        .await
+        .expect("the unmovable session ends")
+        .expect("connection task");
+    let err = ended.expect_err("the unmovable session ends with an error");
+    let db = err.as_db_error().expect("the router's FATAL");
+    assert_eq!(
+        (db.severity(), db.code().code()),
+        ("FATAL", "08006"),
+        "{db:?}"
+    );
+    assert!(
+        db.message().contains("left the read pool")
+            && db.message().contains("SQL PREPAREd statements cannot move")
+            && db.message().contains("bytes behind the primary"),
+        "{db:?}"
+    );
+    assert!(stuck.0.is_closed());
+    let app = mover
+        .query_one("SHOW application_name", &[])
+        .await
+        .expect("the moved session");
+    assert_eq!(app.get::<_, String>(0), "read_mover", "SET restored");
     // Its idle sessions moved: their next statement runs on node C.
     for (client, port) in sessions.iter().filter(|(_, p)| *p == b) {
         let at = where_served(client)
