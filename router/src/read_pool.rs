@@ -263,7 +263,7 @@ impl ReadRoute {
 
     /// True while the standby is in the read pool.
     pub fn open_now(&self) -> bool {
-        self.table.load().target().is_some()
+        self.table.load().target_epoch().is_some()
     }
 
     /// Why the standby left the read pool, as last logged.
