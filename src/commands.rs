@@ -582,9 +582,16 @@ async fn show_uri(args: MonitorArgs, monitor_only: bool) -> Result<()> {
             .map_or("postgres".to_string(), |f| f.dbname.clone());
         rows.push((
             "router".into(),
-            r.router_id,
+            r.router_id.clone(),
             format!("postgres://{}/{dbname}", r.address),
         ));
+        if let Some(read_only) = r.read_only_address {
+            rows.push((
+                "read-only".into(),
+                r.router_id,
+                format!("postgres://{read_only}/{dbname}"),
+            ));
+        }
     }
     if let Some(only) = &args.formation {
         if !args.json {

@@ -43,7 +43,9 @@ async fn wait_pool(uri: &str, ports: &[i32], what: &str) -> Result<(), String> {
     loop {
         let mut seen = Vec::new();
         let mut held = Vec::new();
-        for _ in 0..ports.len() * 2 {
+        // Beyond the sessions already held: new ones go to the least
+        // loaded standby first.
+        for _ in 0..ports.len() * 2 + 12 {
             let (c, (rec, port)) = new_read(uri).await;
             if rec {
                 seen.push(port);
@@ -61,6 +63,41 @@ async fn wait_pool(uri: &str, ports: &[i32], what: &str) -> Result<(), String> {
         drop(held);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// A read session through `read_uri` whose statements run on the node at
+/// `port`, with its connection's task (what it ended with).
+async fn session_on(
+    read_uri: &str,
+    port: i32,
+) -> (
+    tokio_postgres::Client,
+    tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+) {
+    for _ in 0..20 {
+        let (client, connection) = tokio_postgres::connect(read_uri, tokio_postgres::NoTls)
+            .await
+            .expect("connect to the read port");
+        let task = tokio::spawn(connection);
+        if where_served(&client).await.expect("read").1 == port {
+            return (client, task);
+        }
+    }
+    panic!("no read session landed on port {port} in 20 tries");
+}
+
+/// The router's sessions on a node (its client backends on `appdb` other
+/// than the asking one), with `application_name` `app` if not empty.
+async fn router_backends(node: &tokio_postgres::Client, app: &str) -> i64 {
+    node.query_one(
+        "SELECT count(*) FROM pg_stat_activity
+          WHERE datname = 'appdb' AND backend_type = 'client backend'
+            AND pid <> pg_backend_pid() AND ($1 = '' OR application_name = $1)",
+        &[&app],
+    )
+    .await
+    .expect("pg_stat_activity")
+    .get(0)
 }
 
 /// Writes about `mb` MB of WAL on the primary.
@@ -130,6 +167,24 @@ async fn read_port_balances_follows_lag_falls_back_and_survives_a_switchover() {
         "unbalanced: {per_node:?}"
     );
 
+    // On node B, besides: one idle session with a SET (it must move with it,
+    // at once), and one holding state that cannot move (a SQL PREPARE): it
+    // must end with a FATAL that says why, without sending anything.
+    let (mover, _) = sessions
+        .iter()
+        .find(|(_, p)| *p == b)
+        .expect("a session on node_b");
+    mover
+        .batch_execute("SET application_name = 'read_mover'")
+        .await
+        .expect("SET on a read session");
+    let stuck = session_on(&read_uri, b).await;
+    stuck
+        .0
+        .batch_execute("PREPARE held AS SELECT 1")
+        .await
+        .expect("PREPARE on a read session");
+
     // Node B's replay paused while the primary writes past max_lag_bytes.
     let on_b = connect(&direct_uri(&cluster, "node_b"))
         .await
@@ -156,6 +211,53 @@ async fn read_port_balances_follows_lag_falls_back_and_survives_a_switchover() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // Its idle sessions moved before sending anything: node B has no
+    // session of the router left, node C has the one with the SET.
+    let on_c_direct = connect(&direct_uri(&cluster, "node_c"))
+        .await
+        .expect("connect to node_c");
+    let moved_in = Instant::now();
+    loop {
+        let left_on_b = router_backends(&on_b, "").await;
+        let mover_on_c = router_backends(&on_c_direct, "read_mover").await;
+        if left_on_b == 0 && mover_on_c == 1 {
+            break;
+        }
+        assert!(
+            moved_in.elapsed() < Duration::from_secs(30),
+            "idle sessions not moved off node_b: {left_on_b} left there, the mover on node_c: {mover_on_c}\n{}",
+            cluster.log(&router.name)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "idle sessions moved off node_b {:?} after it left the read pool (by the check)",
+        moved_in.elapsed()
+    );
+    // The session that cannot move was ended, by itself, with a FATAL.
+    let ended = tokio::time::timeout(Duration::from_secs(30), stuck.1)
+        .await
+        .expect("the unmovable session ends")
+        .expect("connection task");
+    let err = ended.expect_err("the unmovable session ends with an error");
+    let db = err.as_db_error().expect("the router's FATAL");
+    assert_eq!(
+        (db.severity(), db.code().code()),
+        ("FATAL", "08006"),
+        "{db:?}"
+    );
+    assert!(
+        db.message().contains("left the read pool")
+            && db.message().contains("SQL PREPAREd statements cannot move")
+            && db.message().contains("bytes behind the primary"),
+        "{db:?}"
+    );
+    assert!(stuck.0.is_closed());
+    let app = mover
+        .query_one("SHOW application_name", &[])
+        .await
+        .expect("the moved session");
+    assert_eq!(app.get::<_, String>(0), "read_mover", "SET restored");
     // Its idle sessions moved: their next statement runs on node C.
     for (client, port) in sessions.iter().filter(|(_, p)| *p == b) {
         let at = where_served(client)
@@ -332,7 +434,7 @@ async fn read_port_balances_follows_lag_falls_back_and_survives_a_switchover() {
 
 /// Transaction mode: each transaction of one read session picks its standby
 /// again (the two are tied at no other session: at random), so one client's
-/// transactions reach both standbys.
+/// transactions reach both standbys. And `show uri` prints the read-only URI.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_port_in_transaction_mode_picks_a_standby_per_transaction() {
     let cluster = Cluster::formation(&["node_a", "node_b", "node_c"], STEP);
@@ -346,6 +448,20 @@ async fn read_port_in_transaction_mode_picks_a_standby_per_transaction() {
     );
     wait_writable(&router.uri("appdb"), STEP).await;
     let read_uri = format!("postgres://postgres@127.0.0.1:{read_port}/appdb");
+    // `show uri` lists the read-only port beside the router's main one (it
+    // registers both about once a second).
+    let main = format!("postgres://127.0.0.1:{}/appdb", router.port);
+    let read_only = format!("postgres://127.0.0.1:{read_port}/appdb");
+    cluster.eventually("show uri to list the read-only port", STEP, || {
+        let table = cluster.ok(&["show", "uri", "--pgdata", "./monitor"]);
+        let lines: Vec<&str> = table.lines().collect();
+        lines
+            .iter()
+            .any(|l| l.contains("read-only") && l.contains(&router.id) && l.contains(&read_only))
+            && lines
+                .iter()
+                .any(|l| l.contains("router") && l.contains(&router.id) && l.contains(&main))
+    });
     let (b, c) = (
         cluster.node("node_b").port as i32,
         cluster.node("node_c").port as i32,
@@ -371,4 +487,212 @@ async fn read_port_in_transaction_mode_picks_a_standby_per_transaction() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     eprintln!("transaction mode, one session, 30 transactions: {seen:?}");
+}
+
+/// What one reader saw: each statement's node (in recovery, port), and each
+/// error with the port of the node its session last read from.
+#[derive(Default)]
+struct Seen {
+    served: Vec<(bool, i32)>,
+    errors: Vec<(String, Option<i32>)>,
+}
+
+/// Readers through the read port, each on one session reading every 20 ms
+/// until `stop`.
+fn start_readers(
+    read_uri: &str,
+    n: usize,
+    stop: &Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<Seen>> {
+    (0..n)
+        .map(|_| {
+            let (read_uri, stop) = (read_uri.to_string(), stop.clone());
+            tokio::spawn(async move {
+                let client = connect(&read_uri).await.expect("connect to the read port");
+                let mut seen = Seen::default();
+                let mut last = None;
+                while !stop.load(Ordering::Relaxed) && seen.served.len() < 100_000 {
+                    match where_served(&client).await {
+                        Ok(at) => {
+                            last = Some(at.1);
+                            seen.served.push(at);
+                        }
+                        Err(e) => seen.errors.push((
+                            e.as_db_error().map_or_else(
+                                || e.to_string(),
+                                |d| format!("{} {}", d.code().code(), d.message()),
+                            ),
+                            last,
+                        )),
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                seen
+            })
+        })
+        .collect()
+}
+
+/// The pids of a node's `hapg run` and of its Postgres tree.
+fn node_pids(cluster: &Cluster, name: &str) -> Vec<i32> {
+    let mut pids: Vec<i32> = cluster.keeper_pid(name).into_iter().collect();
+    if let Some(postmaster) = support::postmaster_pid(&cluster.node(name).pgdata) {
+        pids.extend(hapg::drill::process_tree(postmaster));
+    }
+    pids
+}
+
+/// Reads through the read port while, in turn, a standby freezes (SIGSTOP of
+/// its keeper and Postgres: its sockets stay open and silent, as across a
+/// cut link), the same standby powers off (SIGKILL of both), and the
+/// primary powers off (a failover). No reader sees an error but for a
+/// statement in flight on the frozen or powered-off standby, and no
+/// statement is ever served by a node out of recovery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_through_a_standby_freeze_and_power_offs() {
+    use nix::sys::signal::Signal;
+    let cluster = Cluster::formation(&["node_a", "node_b", "node_c"], STEP);
+    let read_port = free_port();
+    let router = cluster.start_router(
+        "router",
+        &format!(
+            "pause_timeout_ms = 60000\ndrain_timeout_ms = 2000\nlisten_read_only = \"127.0.0.1:{read_port}\"\n\n\
+             [read_only]\nlag_check_interval_ms = 200\nfallback = \"wait\"\n\n[pool]\npool_size = 80\n"
+        ),
+    );
+    wait_writable(&router.uri("appdb"), STEP).await;
+    let read_uri = format!("postgres://postgres@127.0.0.1:{read_port}/appdb");
+    let (b, c) = (
+        cluster.node("node_b").port as i32,
+        cluster.node("node_c").port as i32,
+    );
+    wait_pool(&read_uri, &[b, c], "both standbys in the read pool")
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.log(&router.name)));
+    let stop = Arc::new(AtomicBool::new(false));
+    let readers = start_readers(&read_uri, 8, &stop);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // 1. node_c freezes until the monitor sees it unhealthy (it leaves the
+    // read pool), then thaws and comes back.
+    let pids = node_pids(&cluster, "node_c");
+    hapg::drill::signal_all(&pids, Signal::SIGSTOP);
+    let frozen = Instant::now();
+    let monitor_uri = cluster.monitor_uri();
+    let mut unhealthy = false;
+    while frozen.elapsed() < STEP {
+        if let Ok(m) = connect(&monitor_uri).await {
+            if let Ok(row) = m
+                .query_one(
+                    "SELECT health = 0 FROM hapg.node WHERE node_name = 'node_c'",
+                    &[],
+                )
+                .await
+            {
+                unhealthy = row.get(0);
+            }
+        }
+        if unhealthy {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Once the router took node_c (node id 3) out of its read pool, the
+    // drain timeout (2 s) ends what was in flight there.
+    cluster.eventually("the router to take frozen node_c out", STEP, || {
+        cluster
+            .log(&router.name)
+            .contains("read pool changed standbys=[2] out=[(3, ")
+    });
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    hapg::drill::signal_all(&pids, Signal::SIGCONT);
+    eprintln!("node_c frozen for {:?}", frozen.elapsed());
+    assert!(unhealthy, "the monitor never saw frozen node_c unhealthy");
+    wait_pool(&read_uri, &[b, c], "node_c back after its freeze")
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.log(&router.name)));
+
+    // 2. node_c powers off, then runs again.
+    cluster.power_off("node_c");
+    cluster.eventually("node_c out of the read pool", STEP, || {
+        cluster
+            .states()
+            .get("node_c")
+            .is_some_and(|(r, _)| r != "secondary")
+            || cluster
+                .log(&router.name)
+                .contains("read pool changed standbys=[2]")
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    cluster
+        .run_node("node_c", &[])
+        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.all_logs()));
+    cluster.wait_states(&[("node_c", "secondary")], STEP);
+    wait_pool(&read_uri, &[b, c], "node_c back after its power-off")
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.log(&router.name)));
+
+    // 3. The primary powers off: a standby is promoted (it leaves the read
+    // pool), the other follows it and serves the reads.
+    cluster.power_off("node_a");
+    cluster.eventually("a new primary", STEP, || {
+        cluster
+            .states()
+            .iter()
+            .any(|(n, (r, g))| n != "node_a" && r == "primary" && g == "primary")
+    });
+    let states = cluster.states();
+    let standby = if states.get("node_b").is_some_and(|(r, _)| r == "primary") {
+        c
+    } else {
+        b
+    };
+    let new_primary = if standby == b { "node_c" } else { "node_b" };
+    wait_pool(&read_uri, &[standby], "the other standby serves reads")
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.log(&router.name)));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+
+    let mut total = 0;
+    let mut on_c_errors = Vec::new();
+    for r in readers {
+        // A statement left waiting on the frozen standby would hold its
+        // reader for good.
+        let seen = tokio::time::timeout(Duration::from_secs(30), r)
+            .await
+            .unwrap_or_else(|_| panic!("a reader is stuck\n{}", cluster.log(&router.name)))
+            .expect("reader");
+        let outside: Vec<_> = seen.served.iter().filter(|(rec, _)| !rec).collect();
+        assert!(
+            outside.is_empty(),
+            "reads served by a node out of recovery: {outside:?}"
+        );
+        for (e, last) in seen.errors {
+            // Only a statement in flight on node_c (frozen or powered off)
+            // may fail.
+            assert_eq!(
+                last,
+                Some(c),
+                "a read failed on a session not on node_c: {e}\n{}",
+                cluster.log(&router.name)
+            );
+            on_c_errors.push(e);
+        }
+        total += seen.served.len();
+    }
+    eprintln!(
+        "freeze and power-off of node_c, power-off of node_a ({new_primary} promoted): \
+         {total} reads through the read port, none out of recovery, {} failed, all in flight on node_c: {on_c_errors:?}",
+        on_c_errors.len()
+    );
+    assert!(total > 200, "{total} reads");
+    // The readers on node_c each had a statement in flight when it froze:
+    // the router cut them (they never ran), before node_c thawed.
+    assert!(
+        on_c_errors
+            .iter()
+            .any(|e| e.starts_with("57P01") && e.contains("standby left the read pool")),
+        "no statement cut on the frozen standby: {on_c_errors:?}"
+    );
 }

@@ -58,6 +58,24 @@ pub fn start_single(cluster: &mut Cluster) -> Result<(String, u16)> {
     Ok((monitor_uri, node.port))
 }
 
+/// Adds two standbys, `node2` and `node3`, to `node1` (a copy of its data,
+/// pgbench's tables included) and waits until they are `secondary`; the
+/// first one's port.
+pub fn add_standbys(cluster: &mut Cluster) -> Result<u16> {
+    eprintln!("adding two standbys for the read-port rows");
+    let node2 = cluster.start_node("node2")?;
+    cluster.start_node("node3")?;
+    cluster.wait_states(
+        &[
+            ("node1", "primary"),
+            ("node2", "secondary"),
+            ("node3", "secondary"),
+        ],
+        START,
+    )?;
+    Ok(node2.port)
+}
+
 /// `pgbench -i -s scale` straight into the node.
 pub fn initialize(pg_bindir: &Path, port: u16, dbname: &str, scale: u32) -> Result<()> {
     let mut cmd = Command::new(pg_bindir.join("pgbench"));

@@ -65,6 +65,18 @@ pub enum Target {
     Router(RouterPool),
     PgBouncer(BouncerMode),
     HaProxy,
+    /// The router's read-only port (`router.listen_read_only`, session
+    /// pooling), spreading the sessions over two standbys.
+    ReadPort,
+    /// Direct to one standby: what the read port is compared with.
+    DirectStandby,
+}
+
+impl Target {
+    /// Serves reads only (a standby): select-only runs, no TPC-B.
+    pub fn read_only(self) -> bool {
+        matches!(self, Target::ReadPort | Target::DirectStandby)
+    }
 }
 
 impl fmt::Display for Target {
@@ -77,6 +89,8 @@ impl fmt::Display for Target {
             Target::PgBouncer(BouncerMode::Session) => "pgbouncer session",
             Target::PgBouncer(BouncerMode::Transaction) => "pgbouncer transaction",
             Target::HaProxy => "haproxy tcp",
+            Target::ReadPort => "router read port",
+            Target::DirectStandby => "direct standby",
         })
     }
 }
@@ -99,6 +113,8 @@ pub struct Env {
     pub run_as: Option<(u32, u32)>,
     pub monitor_uri: String,
     pub node_port: u16,
+    /// The first standby's port, when the run has standbys (read-port rows).
+    pub standby_port: Option<u16>,
     pub dbname: String,
     pub clients: u32,
     /// Server connections per pool (router `pool_size`, PgBouncer `default_pool_size`).
@@ -211,6 +227,34 @@ pub fn start(target: Target, env: &Env, cluster: &Cluster) -> Result<Running> {
                 pid: None,
                 service: None,
             })
+        }
+        Target::DirectStandby => {
+            let Some(port) = env.standby_port else {
+                bail!("the run has no standby");
+            };
+            return Ok(Running {
+                port,
+                pid: None,
+                service: None,
+            });
+        }
+        Target::ReadPort => {
+            let main = free_port()?;
+            let port = free_port()?;
+            let path = env.dir.join(format!("router-{main}.toml"));
+            let mut toml = router_toml(env, main, RouterPool::Session, None);
+            toml = toml.replacen(
+                "[auth]",
+                &format!("listen_read_only = \"127.0.0.1:{port}\"\n\n[auth]"),
+                1,
+            );
+            write(&path, &toml)?;
+            let mut cmd = Command::new(&env.hapg);
+            cmd.args(["router", "run", "--config"])
+                .arg(&path)
+                .current_dir(&env.dir)
+                .env("HAPG_LOG", "warn");
+            ("router", port, cmd, Duration::from_secs(15))
         }
         Target::Router(pool) => {
             let port = free_port()?;
@@ -400,6 +444,7 @@ mod tests {
             run_as: None,
             monitor_uri: "postgres://autoctl_node@localhost:5000/pg_auto_failover".into(),
             node_port: 5433,
+            standby_port: None,
             dbname: "bench".into(),
             clients: 16,
             pool_size: 16,

@@ -59,7 +59,11 @@ pub struct ThroughputArgs {
     #[arg(long, value_delimiter = ',', default_value = "select,connect,tpcb")]
     pub tests: Vec<String>,
     /// Targets to run: direct, router, pgbouncer (both modes), pgbouncer-session,
-    /// pgbouncer-transaction, haproxy. Default: all. Ratios need direct.
+    /// pgbouncer-transaction, haproxy, read-port. Default: all but
+    /// read-port. Ratios need direct. read-port adds two standbys to the run
+    /// (the node becomes a primary with synchronous standbys, which slows
+    /// TPC-B for every row) and two select-only rows: the router's read-only
+    /// port over both standbys, and direct to one standby.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Router rows: session, transaction (`[pool] mode` and `pool_size` =
@@ -265,6 +269,11 @@ fn measure(
     let (monitor_uri, node_port) = cluster::start_single(cluster)?;
     eprintln!("pgbench -i -s {}", args.scale);
     cluster::initialize(&args.pg_bindir, node_port, DBNAME, args.scale)?;
+    let standby_port = if order.iter().any(|t| t.read_only()) {
+        Some(cluster::add_standbys(cluster)?)
+    } else {
+        None
+    };
     let cluster: &Cluster = cluster;
     let env = Env {
         dir: cluster.path().to_path_buf(),
@@ -275,6 +284,7 @@ fn measure(
         run_as: tools.run_as,
         monitor_uri,
         node_port,
+        standby_port,
         dbname: DBNAME.into(),
         clients: args.clients,
         pool_size: args.pool_size.unwrap_or(args.clients),
@@ -358,6 +368,9 @@ fn measure(
             }
         };
         for &test in tests {
+            if target.read_only() && test == Test::TpcB {
+                continue;
+            }
             prepare(&env, test)?;
             let label = format!("{pass}-{}", target.to_string().replace(' ', "-"));
             eprint!("{target:<24} {test:<15}");
@@ -429,6 +442,7 @@ fn schedule(args: &ThroughputArgs) -> Result<Vec<Target>> {
         "pgbouncer-session",
         "pgbouncer-transaction",
         "haproxy",
+        "read-port",
     ];
     for o in &args.only {
         if !known.contains(&o.trim()) {
@@ -465,6 +479,11 @@ fn schedule(args: &ThroughputArgs) -> Result<Vec<Target>> {
     }
     if want("haproxy") {
         order.push(Target::HaProxy);
+    }
+    // Not in the default set: it needs standbys, which change the node.
+    if args.only.iter().any(|o| o.trim() == "read-port") {
+        order.push(Target::DirectStandby);
+        order.push(Target::ReadPort);
     }
     let direct = want("direct");
     if order.is_empty() && !direct {

@@ -34,6 +34,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (3, MIGRATION_3),
     (4, MIGRATION_4),
     (5, MIGRATION_5),
+    (6, MIGRATION_6),
 ];
 
 const MIGRATION_1: &str = r#"
@@ -154,6 +155,12 @@ const MIGRATION_5: &str = r#"
 -- As of the keeper's last report; NULL when its WAL receiver does not stream.
 -- The monitor counts a standby silent for long enough as no longer streaming.
 ALTER TABLE hapg.node ADD COLUMN upstream_silence_ms bigint;
+"#;
+
+/// Where a router's read-only port listens.
+const MIGRATION_6: &str = r#"
+-- `router.listen_read_only` as the router advertises it; NULL without one.
+ALTER TABLE hapg.router ADD COLUMN read_only_address text;
 "#;
 
 /// The schema version this binary expects.

@@ -10,7 +10,8 @@ use std::time::Duration;
 use hapg_monitor::client::{NodeReport, Registration, RequestKind};
 use hapg_monitor::fsm::{Assignment, Setting};
 use hapg_monitor::store::{
-    ChangeFeed, Channel, GroupWrite, NewRequest, RequestAnswer, RequestStatus, Written,
+    ChangeFeed, Channel, GroupWrite, NewRequest, RequestAnswer, RequestStatus, RouterRegistration,
+    Written,
 };
 use hapg_monitor::{MonitorStore, NodeState};
 use support::{Etcd, PgMonitor};
@@ -554,4 +555,54 @@ async fn etcd_report_ages_are_measured_by_the_readers_clock() {
         "a silent keeper ahead of the monitor's clock ages: {ahead:?} after {:?}",
         start.elapsed()
     );
+}
+
+/// A router registers its address and its read-only port's, if it has one,
+/// and `routers` gives both back (what `hapg show uri` prints).
+async fn routers_register_their_read_only_port(store: &dyn MonitorStore) {
+    for (id, read_only) in [
+        ("r_main_only", None),
+        ("r_with_read", Some("127.0.0.1:6433")),
+    ] {
+        let registration = RouterRegistration {
+            router_id: id.to_string(),
+            formation: FORMATION.to_string(),
+            address: "127.0.0.1:6432".to_string(),
+            read_only_address: read_only.map(str::to_string),
+            routed_epoch: 1,
+        };
+        store
+            .register_router(&registration, false)
+            .await
+            .expect("register the router");
+    }
+    let routers = store
+        .routers(Duration::from_secs(30))
+        .await
+        .expect("routers");
+    let seen: Vec<(&str, Option<&str>)> = routers
+        .iter()
+        .map(|r| (r.router_id.as_str(), r.read_only_address.as_deref()))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            ("r_main_only", None),
+            ("r_with_read", Some("127.0.0.1:6433"))
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_routers_register_their_read_only_port() {
+    let monitor = PgMonitor::start().await;
+    let (store, _) = monitor.store().await;
+    routers_register_their_read_only_port(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_routers_register_their_read_only_port() {
+    let etcd = Etcd::start().await;
+    let (store, _) = etcd.store().await;
+    routers_register_their_read_only_port(&store).await;
 }

@@ -49,6 +49,8 @@ pub struct FollowerSettings {
     pub router_id: String,
     /// Address registered with the monitor.
     pub address: String,
+    /// Address of the read-only port registered with the monitor, if any.
+    pub read_only_address: Option<String>,
     /// How long a switchover drain lets open transactions finish.
     pub drain_timeout: Duration,
 }
@@ -90,6 +92,7 @@ fn registration(settings: &FollowerSettings, routed_epoch: i64) -> RouterRegistr
         router_id: settings.router_id.clone(),
         formation: settings.formation.clone(),
         address: settings.address.clone(),
+        read_only_address: settings.read_only_address.clone(),
         routed_epoch,
     }
 }

@@ -202,6 +202,9 @@ pub(crate) struct ReadRoute {
     sessions: AtomicUsize,
     /// The epoch published while the standby is in the pool.
     epoch: Mutex<i64>,
+    /// Why the standby last left the read pool (told to a session that
+    /// cannot move off it).
+    left_because: Mutex<Option<String>>,
 }
 
 impl ReadRoute {
@@ -214,6 +217,7 @@ impl ReadRoute {
             pools: Pools::default(),
             sessions: AtomicUsize::new(0),
             epoch: Mutex::new(READ_EPOCH_BASE),
+            left_because: Mutex::new(None),
         }
     }
 
@@ -259,7 +263,16 @@ impl ReadRoute {
 
     /// True while the standby is in the read pool.
     pub fn open_now(&self) -> bool {
-        self.table.load().target().is_some()
+        self.table.load().target_epoch().is_some()
+    }
+
+    /// Why the standby left the read pool, as last logged.
+    pub fn left_because(&self) -> String {
+        self.left_because
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or_else(|| "it is no longer eligible".to_string())
     }
 }
 
@@ -313,6 +326,9 @@ impl ReadPool {
         }
         for (id, route) in routes.iter() {
             if !eligible.iter().any(|(e, _, _)| e == id) && route.open_now() {
+                let why = left.iter().find(|(l, _)| l == id).map(|(_, w)| w.clone());
+                *route.left_because.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some(why.unwrap_or_else(|| "it is no longer in the formation".to_string()));
                 victims.extend(route.close());
             }
         }
@@ -343,6 +359,34 @@ impl ReadPool {
             .iter()
             .map(|r| (r.node_id, r.sessions()))
             .collect()
+    }
+
+    /// True when some standby is eligible now.
+    pub fn any_eligible(&self) -> bool {
+        !self.eligible.load().is_empty()
+    }
+
+    /// A read session was moved off standby `from`, whose route closed, to
+    /// standby `to` (none: the primary, `fallback = "primary"`), while idle
+    /// or at the end of its transaction: the one place a read session moves
+    /// (where a counter of moves goes).
+    pub fn session_moved(&self, from: i64, to: Option<i64>) {
+        tracing::info!(
+            from,
+            to,
+            "read session moved off a standby that left the read pool"
+        );
+    }
+
+    /// A read session on standby `from`, which left the read pool, was
+    /// ended: its state cannot move (`why`), or its transaction outlasted
+    /// the drain timeout (where a counter of such ends goes).
+    pub fn session_ended(&self, from: i64, why: &str) {
+        tracing::info!(
+            from,
+            why,
+            "read session ended: it cannot move off a standby that left the read pool"
+        );
     }
 
     /// A place on the eligible standby with the fewest sessions of this

@@ -178,7 +178,8 @@ impl Router {
         let follow_changed = next.config.router.monitor != old.config.router.monitor
             || next.config.router.formation != old.config.router.formation
             || next.config.router.id != old.config.router.id
-            || next.config.router.address != old.config.router.address;
+            || next.config.router.address != old.config.router.address
+            || next.config.router.listen_read_only != old.config.router.listen_read_only;
         self.shared.runtime.store(Arc::new(next));
         if follow_changed {
             self.shared.restart_follower.notify_one();
@@ -196,10 +197,14 @@ impl Router {
                 .map(|a| a.clone())
                 .unwrap_or_default()
         });
-        let port = address
-            .rsplit_once(':')
-            .map(|(_, p)| p.to_string())
-            .unwrap_or_default();
+        let (host, port) = address.rsplit_once(':').unwrap_or((&address, ""));
+        let port = port.to_string();
+        // The read-only port, on the host the main one is advertised at.
+        let read_only_address = config
+            .read_only_addr()
+            .ok()
+            .flatten()
+            .map(|read| format!("{host}:{}", read.port()));
         FollowerSettings {
             monitor: config.router.monitor.clone(),
             formation: config.router.formation.clone(),
@@ -208,6 +213,7 @@ impl Router {
                 .id
                 .clone()
                 .unwrap_or_else(|| format!("{}:{port}", hostname())),
+            read_only_address,
             address,
             drain_timeout: config.drain_timeout(),
         }

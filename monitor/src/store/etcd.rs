@@ -199,6 +199,8 @@ struct RouterDoc {
     last_seen: f64,
     routed_epoch: i64,
     drained_at: Option<f64>,
+    #[serde(default)]
+    read_only_address: Option<String>,
 }
 
 fn decode<T: DeserializeOwned>(kv: &KeyValue) -> Result<T, MonitorError> {
@@ -1300,6 +1302,7 @@ impl MonitorStore for EtcdStore {
                 router_id: r.router_id,
                 formation: r.formation,
                 address: r.address,
+                read_only_address: r.read_only_address,
             })
             .collect();
         rows.sort_by(|a, b| a.router_id.cmp(&b.router_id));
@@ -1765,6 +1768,7 @@ impl MonitorStore for EtcdStore {
             last_seen: now(),
             routed_epoch: router.routed_epoch,
             drained_at,
+            read_only_address: router.read_only_address.clone(),
         };
         self.client.clone().put(key, encode(&doc)?, None).await?;
         Ok(())

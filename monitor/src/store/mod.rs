@@ -314,6 +314,8 @@ pub struct RouterRegistration {
     pub formation: String,
     /// Address clients use.
     pub address: String,
+    /// Address of its read-only port (`router.listen_read_only`), if any.
+    pub read_only_address: Option<String>,
     /// The primary epoch it routes to.
     pub routed_epoch: i64,
 }
@@ -327,6 +329,8 @@ pub struct RouterRow {
     pub formation: String,
     /// Address clients use.
     pub address: String,
+    /// Address of its read-only port, if it has one.
+    pub read_only_address: Option<String>,
 }
 
 /// A formation's routing, read at once: its epoch, the node writable in it,

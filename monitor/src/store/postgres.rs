@@ -718,7 +718,7 @@ impl MonitorStore for PgStore {
         let rows = self
             .client
             .query(
-                "SELECT router_id, formation_id, address FROM hapg.router
+                "SELECT router_id, formation_id, address, read_only_address FROM hapg.router
                   WHERE last_seen > now() - make_interval(secs => $1) ORDER BY router_id",
                 &[&within.as_secs_f64()],
             )
@@ -729,6 +729,7 @@ impl MonitorStore for PgStore {
                     router_id: r.try_get(0)?,
                     formation: r.try_get(1)?,
                     address: r.try_get(2)?,
+                    read_only_address: r.try_get(3)?,
                 })
             })
             .collect()
@@ -1051,18 +1052,19 @@ impl MonitorStore for PgStore {
         drained: bool,
     ) -> Result<(), MonitorError> {
         let sql = if drained {
-            "INSERT INTO hapg.router (router_id, formation_id, address, last_seen, routed_epoch, drained_at)
-             VALUES ($1, $2, $3, now(), $4, now())
+            "INSERT INTO hapg.router (router_id, formation_id, address, last_seen, routed_epoch, drained_at, read_only_address)
+             VALUES ($1, $2, $3, now(), $4, now(), $5)
              ON CONFLICT (router_id) DO UPDATE
                 SET formation_id = excluded.formation_id, address = excluded.address,
                     last_seen = now(), routed_epoch = excluded.routed_epoch,
-                    drained_at = now()"
+                    drained_at = now(), read_only_address = excluded.read_only_address"
         } else {
-            "INSERT INTO hapg.router (router_id, formation_id, address, last_seen, routed_epoch)
-             VALUES ($1, $2, $3, now(), $4)
+            "INSERT INTO hapg.router (router_id, formation_id, address, last_seen, routed_epoch, read_only_address)
+             VALUES ($1, $2, $3, now(), $4, $5)
              ON CONFLICT (router_id) DO UPDATE
                 SET formation_id = excluded.formation_id, address = excluded.address,
-                    last_seen = now(), routed_epoch = excluded.routed_epoch"
+                    last_seen = now(), routed_epoch = excluded.routed_epoch,
+                    read_only_address = excluded.read_only_address"
         };
         self.client
             .execute(
@@ -1072,6 +1074,7 @@ impl MonitorStore for PgStore {
                     &router.formation,
                     &router.address,
                     &router.routed_epoch,
+                    &router.read_only_address,
                 ],
             )
             .await?;

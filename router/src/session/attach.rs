@@ -302,7 +302,7 @@ impl Session {
     /// Makes sure a server connection to the current primary is attached, at a
     /// transaction boundary: waits while paused (up to the pause timeout), moves
     /// the session when the primary changed, and restores it.
-    async fn attach(&mut self, deadline: Instant) -> Result<(), AttachError> {
+    pub(super) async fn attach(&mut self, deadline: Instant) -> Result<(), AttachError> {
         let rt = self.shared.runtime.load_full();
         let mut changes = self.routing().subscribe();
         let mut read_changes = self.shared.read_pool.subscribe();

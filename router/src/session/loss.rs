@@ -27,6 +27,11 @@ pub(super) enum Loss<'a> {
     /// router stops waiting for it, since a primary that lost its place may
     /// never answer (frozen, cut off, or powered off with the socket open).
     PrimaryChanged { from: i64, to: i64 },
+    /// A read-only port session's standby left the read pool while the
+    /// session had a statement or transaction open there, still open after
+    /// `router.drain_timeout_ms`: the router stops waiting for it (the
+    /// standby may be frozen or cut off).
+    StandbyLeft { drain_ms: u64 },
 }
 
 /// A loss and what it interrupted: what the client's failed statements are
@@ -74,6 +79,15 @@ impl From<Lost<'_>> for ClientError {
                     (false, _) => format!("the primary changed (epoch {from} to {to}) while this statement was running on the old primary, which did not answer; it may or may not have completed"),
                 },
                 Some("The session is still usable: the next statement waits for the new primary and runs there."),
+            ),
+            Loss::StandbyLeft { drain_ms: ms } => ClientError::error(
+                sqlstate::ADMIN_SHUTDOWN,
+                match (in_tx, ending) {
+                    (_, true) => format!("this session's standby left the read pool and the end of this transaction was still running there after router.drain_timeout_ms ({ms} ms)"),
+                    (true, false) => format!("this session's standby left the read pool and this transaction was still open there after router.drain_timeout_ms ({ms} ms); it was rolled back"),
+                    (false, false) => format!("this session's standby left the read pool and this statement was still running there after router.drain_timeout_ms ({ms} ms)"),
+                },
+                Some("The session is still usable: the next statement runs on another standby."),
             ),
         }
     }
@@ -126,6 +140,10 @@ fn idle_head(loss: Loss<'_>, server_epoch: i64, now: i64, draining: bool) -> (St
         Loss::PrimaryChanged { from, to } => {
             (format!("the primary changed (epoch {from} to {to})"), true)
         }
+        Loss::StandbyLeft { .. } => (
+            "this session's standby left the read pool".to_string(),
+            false,
+        ),
     }
 }
 
@@ -157,6 +175,7 @@ impl Session {
                     Loss::Lost(reason) => reason,
                     Loss::Switchover { .. } => "switchover drain timeout",
                     Loss::PrimaryChanged { .. } => "the primary changed",
+                    Loss::StandbyLeft { .. } => "the standby left the read pool",
                 },
                 "server connection dropped in the middle of a message; closing the client"
             );
@@ -177,6 +196,9 @@ impl Session {
             }
             Loss::PrimaryChanged { from, to } => {
                 tracing::info!(server = %server.addr, from, to, in_tx, outstanding, "the primary changed: giving up the session's statement on the old primary");
+            }
+            Loss::StandbyLeft { .. } => {
+                tracing::info!(server = %server.addr, in_tx, outstanding, "the standby left the read pool: cutting the read session's transaction after the drain timeout");
             }
         }
         let error = ClientError::from(Lost { loss, in_flight });

@@ -145,6 +145,14 @@ async fn read_client(stream: &mut Stream, buf: &mut BytesMut) -> std::io::Result
     stream.read_buf(buf).await
 }
 
+/// Sleeps until `at`; never without one.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// The next cut ordered on `cuts`, and the receiver to wait for the one after.
 async fn next_cut(
     mut cuts: watch::Receiver<(u64, Option<Cut>)>,
@@ -244,6 +252,13 @@ impl Session {
         let mut kill = Gated::new(self.kill.clone().cancelled_owned());
         let mut shutdown = Gated::new(self.shutdown.clone().cancelled_owned());
         let mut cut = Gated::new(next_cut(self.cuts.clone()));
+        // A read-only port session wakes when its standby leaves the read pool.
+        let mut pool_change = Gated::new(read::next_pool_change(
+            self.read
+                .as_ref()
+                .map(|_| self.shared.read_pool.subscribe()),
+        ));
+        let mut left_deadline: read::LeftDeadline = None;
         loop {
             self.sync_busy();
             if self.closing.is_none() {
@@ -266,6 +281,9 @@ impl Session {
             if self.closing.is_some() && self.owed_nothing() {
                 return Err(self.close().await);
             }
+            if self.read.is_some() {
+                self.follow_read_pool(&mut left_deadline).await?;
+            }
             if self.server.is_none() {
                 self.shrink();
             }
@@ -287,6 +305,11 @@ impl Session {
                     cut = Gated::new(next_cut(cuts));
                     self.on_cut(order)?;
                 }
+                changes = &mut pool_change, if self.read.is_some() => {
+                    // Looked at by `follow_read_pool` at the top of the loop.
+                    pool_change = Gated::new(read::next_pool_change(changes));
+                }
+                () = sleep_until_some(left_deadline), if left_deadline.is_some() => {}
                 r = read_client(&mut self.client.stream, &mut self.client.rbuf), if self.closing.is_none() => {
                     match r {
                         Ok(n) if n > 0 => self.tally.received(n),
