@@ -240,8 +240,9 @@ async fn read_pools_show_in_the_console_and_the_metrics() {
     );
 
     // The standby's replay paused while the primary writes past
-    // max_lag_bytes: it leaves the read pool, and each session's next
-    // statement moves (to the primary, the fallback).
+    // max_lag_bytes: it leaves the read pool, each session gives up its
+    // connection there at once (a move), and its next statement goes to
+    // the primary (the fallback, no other standby being eligible).
     let on_b = connect(&format!("postgres://postgres@127.0.0.1:{}/appdb", b.port))
         .await
         .expect("connect to node_b");

@@ -140,6 +140,7 @@ impl Session {
     pub(super) async fn repick(&mut self) -> Result<Repicked, AttachError> {
         if let Some(server) = self.server.take() {
             tracing::info!(old = %server.addr, "the standby left the read pool; moving the read session");
+            self.shared.stats.count_read_move();
             self.cancel.set_target(None);
             self.busy = None;
             self.pinned = None;
@@ -149,7 +150,6 @@ impl Session {
             return Ok(Repicked::Wait);
         };
         let on_route = read.lease.is_some();
-        self.shared.stats.count_read_move(on_route);
         if let Some(lease) = self.shared.read_pool.pick() {
             read.lease = Some(lease);
             self.pool = None;
@@ -273,6 +273,8 @@ impl Session {
         }
         if !self.shared.read_pool.any_eligible() {
             if let Some(server) = self.server.take() {
+                // Taken off now; where it goes next is decided later.
+                self.shared.stats.count_read_move();
                 self.cancel.set_target(None);
                 server.terminate().await;
             }

@@ -82,13 +82,12 @@ impl Stats {
         self.wait_time.observe_us(us);
     }
 
-    /// A read port session is taken off its standby (`moved`), which left
-    /// the read pool: `hapg_router_read_moves_total`.
+    /// A read port session was taken off its standby, which left the read
+    /// pool (counted when it gives up its connection there, once per move):
+    /// `hapg_router_read_moves_total`.
     #[inline]
-    pub fn count_read_move(&self, moved: bool) {
-        if moved {
-            self.read_moves.fetch_add(1, Ordering::Relaxed);
-        }
+    pub fn count_read_move(&self) {
+        self.read_moves.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A session was held `us` microseconds by a pause.
