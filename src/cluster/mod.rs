@@ -244,6 +244,10 @@ pub struct Cluster {
     procs: Mutex<Supervisor>,
     /// The monitor's Postgres port (0 before it is started).
     pub monitor_port: u16,
+    /// A monitor store the cluster does not run itself (an `etcd://` URI
+    /// served by `hapg monitor run` services): what every command, node and
+    /// router is given instead of the monitor of `./monitor`.
+    store_uri: Option<String>,
     /// The nodes created, in order.
     pub nodes: Vec<Node>,
 }
@@ -286,6 +290,7 @@ impl Cluster {
             path,
             temp,
             monitor_port: 0,
+            store_uri: None,
             nodes: Vec::new(),
         })
     }
@@ -558,8 +563,28 @@ impl Cluster {
         )
     }
 
-    /// The monitor's URI, as `show uri --monitor-uri` prints it.
+    /// Uses the monitor store at `uri` (an `etcd://` URI whose monitor
+    /// services the caller runs) instead of a monitor in `./monitor`: nodes,
+    /// routers and the waits go there.
+    pub fn use_store(&mut self, uri: &str) {
+        self.store_uri = Some(uri.to_string());
+    }
+
+    /// How a `hapg` command finds the monitor: `--pgdata ./monitor`, or
+    /// `--monitor URI` with [`Cluster::use_store`].
+    pub fn monitor_args(&self) -> Vec<&str> {
+        match &self.store_uri {
+            Some(uri) => vec!["--monitor", uri.as_str()],
+            None => vec!["--pgdata", "./monitor"],
+        }
+    }
+
+    /// The monitor's URI, as `show uri --monitor-uri` prints it (or the
+    /// store's, with [`Cluster::use_store`]).
     pub fn monitor_uri(&self) -> Result<String, ClusterError> {
+        if let Some(uri) = &self.store_uri {
+            return Ok(uri.clone());
+        }
         Ok(self
             .ok(&["show", "uri", "--pgdata", "./monitor", "--monitor-uri"])?
             .trim()
@@ -568,17 +593,9 @@ impl Cluster {
 
     /// The formation's multi-host URI (`show uri --formation default`).
     pub fn formation_uri(&self) -> Result<String, ClusterError> {
-        Ok(self
-            .ok(&[
-                "show",
-                "uri",
-                "--pgdata",
-                "./monitor",
-                "--formation",
-                "default",
-            ])?
-            .trim()
-            .to_string())
+        let mut args = vec!["show", "uri", "--formation", "default"];
+        args.extend(self.monitor_args());
+        Ok(self.ok(&args)?.trim().to_string())
     }
 
     /// The formation's multi-host URI with the `postgres` user, as applications use it.
@@ -690,7 +707,9 @@ impl Cluster {
 
     /// `show state --json` as (name -> (reported, assigned)).
     pub fn states(&self) -> Result<BTreeMap<String, (String, String)>, ClusterError> {
-        let json = self.ok(&["show", "state", "--pgdata", "./monitor", "--json"])?;
+        let mut args = vec!["show", "state", "--json"];
+        args.extend(self.monitor_args());
+        let json = self.ok(&args)?;
         Ok(parse_states(&json))
     }
 
