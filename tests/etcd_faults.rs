@@ -52,6 +52,8 @@ const NO_QUORUM: Duration = Duration::from_secs(30);
 /// The longest a writer through the router may wait for an acknowledged
 /// write while etcd has no quorum (a write is a few milliseconds).
 const GAP_WITHOUT_QUORUM: Duration = Duration::from_secs(2);
+/// A keeper reports every 0.5 s: a report older than this was missed.
+const REPORT_FRESH: Duration = Duration::from_secs(2);
 const ROUTER_CONFIG: &str = "pause_timeout_ms = 30000";
 const CONVERGED_A: [(&str, &str); 2] = [("node_a", "primary"), ("node_b", "secondary")];
 const CONVERGED_B: [(&str, &str); 2] = [("node_b", "primary"), ("node_a", "secondary")];
@@ -368,8 +370,34 @@ async fn monitor_on_etcd_faults_under_write_load() {
     let phase = g.start_phase("node_b", "etcd_quorum").await;
     let epoch = g.epoch().await;
     g.etcd.kill(0);
+    let killed = Instant::now();
     eprintln!("etcd_quorum: member 0 killed");
     assert_steady(cluster, "node_b", "node_a", Duration::from_secs(5));
+    // The store still hears every keeper: its clients moved to members
+    // that answer (the monitor would otherwise be blind with one member of
+    // three down).
+    let ages: Vec<(String, Option<Duration>)> = MonitorClient::connect(&g.uri)
+        .await
+        .expect("connect to the store with one member down")
+        .nodes("default", None)
+        .await
+        .expect("read the nodes with one member down")
+        .into_iter()
+        .map(|n| (n.name, n.report_age))
+        .collect();
+    eprintln!(
+        "etcd_quorum: {:?} after member 0 was killed, last reports {ages:?} ago",
+        killed.elapsed()
+    );
+    for (name, age) in &ages {
+        assert!(
+            age.is_some_and(|a| a < REPORT_FRESH),
+            "etcd_quorum: {name}'s keeper has not reported for {age:?} with one etcd member of three down\n{}",
+            cluster.all_logs()
+        );
+    }
+    let (leader, _) = g.wait_leader(None, Duration::from_secs(10)).await;
+    eprintln!("etcd_quorum: {leader} leads with one member down");
     let etcd = &mut g.etcd;
     etcd.restart(0).expect("member 0 back");
     let frozen_at = Instant::now();

@@ -19,7 +19,7 @@
 //! * `P/notify/<channel>`: the payloads the last write published.
 
 use std::collections::{BTreeMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -478,7 +478,7 @@ impl EtcdStore {
             .with_connect_timeout(Duration::from_secs(2))
             .with_timeout(Duration::from_secs(5))
             .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
-        let client = Client::connect(&endpoints, Some(options)).await?;
+        let client = connect_member(&endpoints, options, &prefix).await?;
         let store = EtcdStore {
             client,
             prefix,
@@ -865,6 +865,56 @@ impl EtcdStore {
         };
         Ok((current + 1, compare, key))
     }
+}
+
+/// Where the next [`connect_member`] of this process starts among the
+/// endpoints (set from the pid at first, so that processes spread).
+static NEXT_MEMBER: AtomicUsize = AtomicUsize::new(usize::MAX);
+/// How long a member may take to answer the read that picks it.
+const MEMBER_PROBE: Duration = Duration::from_secs(1);
+
+/// A client of one member that answers a read needing a quorum, trying the
+/// endpoints in turn from the one after the last tried. etcd-client's
+/// balanced channel over all endpoints sends requests to a member that is
+/// down as well (etcd-client issue #39): with one member of three dead,
+/// many requests failed and keepers could not report. With one member per
+/// client, a request that fails makes its caller reconnect (as it does on
+/// any store error), and the new connection goes to a member that answers.
+async fn connect_member(
+    endpoints: &[String],
+    options: etcd_client::ConnectOptions,
+    prefix: &str,
+) -> Result<Client, MonitorError> {
+    let count = endpoints.len().max(1);
+    let start = match NEXT_MEMBER.fetch_add(1, Ordering::Relaxed) {
+        usize::MAX => std::process::id() as usize,
+        next => next,
+    };
+    NEXT_MEMBER.store(start.wrapping_add(1), Ordering::Relaxed);
+    let mut last = None;
+    for i in 0..count {
+        let Some(endpoint) = endpoints.get(start.wrapping_add(i) % count) else {
+            continue;
+        };
+        let probe = async {
+            let mut client = Client::connect([endpoint], Some(options.clone())).await?;
+            // A linearizable read: only a member within a quorum answers.
+            client.get(format!("{prefix}layout"), None).await?;
+            Ok::<_, MonitorError>(client)
+        };
+        match tokio::time::timeout(MEMBER_PROBE, probe).await {
+            Ok(Ok(client)) => return Ok(client),
+            Ok(Err(e)) => last = Some(e),
+            Err(_) => {
+                let silent = std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("etcd member {endpoint} did not answer within {MEMBER_PROBE:?}"),
+                );
+                last = Some(MonitorError::Etcd(etcd_client::Error::IoError(silent)));
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| MonitorError::Corrupt("no etcd endpoint".to_string())))
 }
 
 /// Keeps `lease` alive every third of `ttl`; marks `lost` when etcd says it
