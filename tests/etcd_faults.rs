@@ -200,7 +200,12 @@ impl Group {
                 got.kvs()
                     .iter()
                     .filter(|kv| kv.mod_revision() > after)
-                    .map(|kv| (String::from_utf8_lossy(kv.key()).into_owned(), kv.mod_revision())),
+                    .map(|kv| {
+                        (
+                            String::from_utf8_lossy(kv.key()).into_owned(),
+                            kv.mod_revision(),
+                        )
+                    }),
             );
         }
         written
@@ -454,7 +459,12 @@ async fn monitor_on_etcd_faults_under_write_load() {
     eprintln!("etcd_quorum: {leader} leads {took:?} after etcd was healthy again");
     // Past the new leader's startup grace and the unhealthy timeout: a
     // leader that took the silence for a failure would act now.
-    assert_steady(cluster, "node_b", "node_a", startup_grace + Duration::from_secs(3));
+    assert_steady(
+        cluster,
+        "node_b",
+        "node_a",
+        startup_grace + Duration::from_secs(3),
+    );
     cluster.wait_states(&CONVERGED_B, STEP);
     let result = g.finish(phase, "node_b").await;
     assert_no_failover(&result.events, "node_b", "etcd_quorum");
@@ -485,7 +495,10 @@ async fn monitor_on_etcd_faults_under_write_load() {
     let (new, took) = g.wait_leader(Some(old_pid), Duration::from_secs(30)).await;
     let new_pid = cluster.pid(new).expect("the new leader runs");
     eprintln!("leader_freeze: {new} leads {took:?} after {old} was frozen");
-    assert!(took < TAKEOVER_LIMIT, "leader_freeze: the takeover took {took:?}");
+    assert!(
+        took < TAKEOVER_LIMIT,
+        "leader_freeze: the takeover took {took:?}"
+    );
     let freeze = LEASE * 3;
     tokio::time::sleep(freeze.saturating_sub(frozen_at.elapsed())).await;
     // The new leader is frozen too while the old one wakes: whatever a
