@@ -868,32 +868,33 @@ impl EtcdStore {
 }
 
 /// Where the next [`connect_member`] of this process starts among the
-/// endpoints (set from the pid at first, so that processes spread).
+/// endpoints: after the member it last connected to (at first from the
+/// pid, so that processes spread).
 static NEXT_MEMBER: AtomicUsize = AtomicUsize::new(usize::MAX);
 /// How long a member may take to answer the read that picks it.
 const MEMBER_PROBE: Duration = Duration::from_secs(1);
 
 /// A client of one member that answers a read needing a quorum, trying the
-/// endpoints in turn from the one after the last tried. etcd-client's
-/// balanced channel over all endpoints sends requests to a member that is
-/// down as well (etcd-client issue #39): with one member of three dead,
-/// many requests failed and keepers could not report. With one member per
-/// client, a request that fails makes its caller reconnect (as it does on
-/// any store error), and the new connection goes to a member that answers.
+/// endpoints in turn from the one after the last connected to. etcd-client's
+/// balanced channel over all endpoints keeps sending requests to a member
+/// that is down (etcd-client issue #39): with one member of three dead,
+/// keepers could not report at all. With one member per client, a request
+/// that fails makes its caller reconnect (as on any store error), and the
+/// new connection goes to another member that answers.
 async fn connect_member(
     endpoints: &[String],
     options: etcd_client::ConnectOptions,
     prefix: &str,
 ) -> Result<Client, MonitorError> {
     let count = endpoints.len().max(1);
-    let start = match NEXT_MEMBER.fetch_add(1, Ordering::Relaxed) {
+    let start = match NEXT_MEMBER.load(Ordering::Relaxed) {
         usize::MAX => std::process::id() as usize,
         next => next,
     };
-    NEXT_MEMBER.store(start.wrapping_add(1), Ordering::Relaxed);
     let mut last = None;
     for i in 0..count {
-        let Some(endpoint) = endpoints.get(start.wrapping_add(i) % count) else {
+        let index = start.wrapping_add(i) % count;
+        let Some(endpoint) = endpoints.get(index) else {
             continue;
         };
         let probe = async {
@@ -903,7 +904,10 @@ async fn connect_member(
             Ok::<_, MonitorError>(client)
         };
         match tokio::time::timeout(MEMBER_PROBE, probe).await {
-            Ok(Ok(client)) => return Ok(client),
+            Ok(Ok(client)) => {
+                NEXT_MEMBER.store(index + 1, Ordering::Relaxed);
+                return Ok(client);
+            }
             Ok(Err(e)) => last = Some(e),
             Err(_) => {
                 let silent = std::io::Error::new(
