@@ -6,54 +6,23 @@
 
 mod support;
 
-use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
+use hapg::etcd::EtcdCluster;
 use hapg_monitor::client::NodeRow;
 use hapg_monitor::MonitorClient;
-use support::{connect, free_port, Cluster};
+use support::{connect, Cluster};
 
 const STEP: Duration = Duration::from_secs(120);
 
-/// A one-member etcd cluster on free loopback ports, in the cluster's directory.
-struct Etcd {
-    child: Child,
-    uri: String,
-}
-
-impl Etcd {
-    fn start(cluster: &Cluster) -> Etcd {
-        let (client_port, peer_port) = (free_port(), free_port());
-        let client = format!("http://127.0.0.1:{client_port}");
-        let peer = format!("http://127.0.0.1:{peer_port}");
-        let log = std::fs::File::create(cluster.path().join("etcd.log")).expect("etcd log");
-        let child = Command::new("etcd")
-            .arg("--name=hapg-test")
-            .arg(format!(
-                "--data-dir={}",
-                cluster.path().join("etcd").display()
-            ))
-            .arg(format!("--listen-client-urls={client}"))
-            .arg(format!("--advertise-client-urls={client}"))
-            .arg(format!("--listen-peer-urls={peer}"))
-            .arg(format!("--initial-advertise-peer-urls={peer}"))
-            .arg(format!("--initial-cluster=hapg-test={peer}"))
-            .stdout(log.try_clone().expect("etcd log"))
-            .stderr(log)
-            .spawn()
-            .expect("run etcd (Debian package etcd-server)");
-        Etcd {
-            child,
-            uri: format!("etcd://127.0.0.1:{client_port}/hapg-e2e"),
-        }
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A one-member etcd (`hapg::etcd::EtcdCluster`) in the cluster's
+/// directory, and the monitor URI of a prefix in it.
+fn start_etcd(cluster: &Cluster) -> (EtcdCluster, String) {
+    let dir = cluster.path().join("etcd");
+    std::fs::create_dir_all(&dir).expect("etcd directory");
+    let etcd = EtcdCluster::start(&dir, 1).expect("a one-member etcd");
+    let uri = etcd.uri("hapg-e2e");
+    (etcd, uri)
 }
 
 fn roles(nodes: &[NodeRow]) -> Vec<(String, String, String)> {
@@ -100,11 +69,11 @@ async fn write_on(uri: &str, id: i32) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_forms_and_switches_over_with_its_state_in_etcd() {
     let mut cluster = Cluster::new();
-    let etcd = Etcd::start(&cluster);
-    cluster.spawn("monitor", &["monitor", "run", "--monitor", &etcd.uri]);
+    let (_etcd, uri) = start_etcd(&cluster);
+    cluster.spawn("monitor", &["monitor", "run", "--monitor", &uri]);
     let started = Instant::now();
     let mut monitor = loop {
-        match MonitorClient::connect(&etcd.uri).await {
+        match MonitorClient::connect(&uri).await {
             Ok(m) => break m,
             Err(e) if started.elapsed() < STEP => {
                 eprintln!("store not ready: {e}");
@@ -117,14 +86,14 @@ async fn a_group_forms_and_switches_over_with_its_state_in_etcd() {
         }
     };
 
-    let a = cluster.start_node_at("node_a", "localhost", &etcd.uri, &[]);
+    let a = cluster.start_node_at("node_a", "localhost", &uri, &[]);
     monitor
         .wait_until("default", "node_a single", STEP, |n| {
             settled(n, &[("node_a", "single")])
         })
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", cluster.all_logs()));
-    let b = cluster.start_node_at("node_b", "localhost", &etcd.uri, &[]);
+    let b = cluster.start_node_at("node_b", "localhost", &uri, &[]);
     let nodes = monitor
         .wait_until("default", "primary and secondary", STEP, |n| {
             settled(n, &[("node_a", "primary"), ("node_b", "secondary")])
@@ -140,7 +109,7 @@ async fn a_group_forms_and_switches_over_with_its_state_in_etcd() {
         .expect("formation")
         .primary_epoch;
 
-    cluster.ok(&["perform", "switchover", "--monitor", &etcd.uri]);
+    cluster.ok(&["perform", "switchover", "--monitor", &uri]);
     let nodes = monitor
         .wait_until("default", "roles swapped", STEP, |n| {
             settled(n, &[("node_a", "secondary"), ("node_b", "primary")])
@@ -202,21 +171,21 @@ fn wait_leading(cluster: &Cluster, name: &str, limit: Duration) -> Duration {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_other_monitor_service_takes_over_when_the_leader_is_killed() {
     let mut cluster = Cluster::new();
-    let etcd = Etcd::start(&cluster);
-    cluster.spawn("monitor_1", &["monitor", "run", "--monitor", &etcd.uri]);
+    let (_etcd, uri) = start_etcd(&cluster);
+    cluster.spawn("monitor_1", &["monitor", "run", "--monitor", &uri]);
     wait_leading(&cluster, "monitor_1", STEP);
-    cluster.spawn("monitor_2", &["monitor", "run", "--monitor", &etcd.uri]);
-    let mut monitor = MonitorClient::connect(&etcd.uri)
+    cluster.spawn("monitor_2", &["monitor", "run", "--monitor", &uri]);
+    let mut monitor = MonitorClient::connect(&uri)
         .await
         .expect("the store is set up");
-    cluster.start_node_at("node_a", "localhost", &etcd.uri, &[]);
+    cluster.start_node_at("node_a", "localhost", &uri, &[]);
     monitor
         .wait_until("default", "node_a single", STEP, |n| {
             settled(n, &[("node_a", "single")])
         })
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", cluster.all_logs()));
-    cluster.start_node_at("node_b", "localhost", &etcd.uri, &[]);
+    cluster.start_node_at("node_b", "localhost", &uri, &[]);
     monitor
         .wait_until("default", "primary and secondary", STEP, |n| {
             settled(n, &[("node_a", "primary"), ("node_b", "secondary")])
@@ -240,7 +209,7 @@ async fn the_other_monitor_service_takes_over_when_the_leader_is_killed() {
     );
 
     // The new leader decides: a switchover goes through.
-    cluster.ok(&["perform", "switchover", "--monitor", &etcd.uri]);
+    cluster.ok(&["perform", "switchover", "--monitor", &uri]);
     monitor
         .wait_until("default", "roles swapped", STEP, |n| {
             settled(n, &[("node_a", "secondary"), ("node_b", "primary")])

@@ -323,7 +323,7 @@ impl EtcdMonitors {
             prefix: ETCD_PREFIX.to_string(),
         };
         let uri = monitors.uri();
-        cluster.use_external_monitor(&uri);
+        cluster.use_store(&uri);
         for name in MONITOR_SERVICES {
             eprintln!("starting monitor service {name}");
             monitors.spawn(cluster, name)?;

@@ -74,6 +74,10 @@ const REJOIN_STREAMING_TIMEOUT: Duration = Duration::from_secs(30);
 /// The time a primary near its fence gives its last report to the monitor
 /// (a report to a monitor that is there takes milliseconds).
 const LAST_REPORT_BEFORE_FENCE: Duration = Duration::from_millis(250);
+/// How long a primary about to fence itself may take to look at its
+/// standbys once more: well within the half second between its fence (2.5 s)
+/// and the earliest failover (3 s).
+const RECHECK_STANDBY: Duration = Duration::from_millis(200);
 
 /// Runs the keeper for the node at `paths` until `shutdown`.
 pub async fn run(paths: NodePaths, mode: RunMode, shutdown: Shutdown) -> Result<Exit, KeeperError> {
@@ -262,17 +266,7 @@ impl Keeper {
                 if observation.lsn > 0 {
                     self.last_lsn = observation.lsn;
                 }
-                if let Some(heard) = observation
-                    .standby_reply_age
-                    .and_then(|age| Instant::now().checked_sub(age))
-                {
-                    // The standby's own reply time, not when we looked: the
-                    // fence must count from the moment the standby went silent.
-                    if heard > self.standby_heard {
-                        self.standby_heard = heard;
-                        self.state.last_standby_contact = unix_now();
-                    }
-                }
+                self.note_standby_contact(&observation);
             }
             self.publish(&observation);
             let goal = match self.report_until_fence(&observation).await {
@@ -551,6 +545,21 @@ impl Keeper {
         Some(timeout.saturating_sub(silent) + Duration::from_millis(10))
     }
 
+    /// Records when a standby last replied, as `observation` saw it.
+    fn note_standby_contact(&mut self, observation: &Observation) {
+        if let Some(heard) = observation
+            .standby_reply_age
+            .and_then(|age| Instant::now().checked_sub(age))
+        {
+            // The standby's own reply time, not when we looked: the
+            // fence must count from the moment the standby went silent.
+            if heard > self.standby_heard {
+                self.standby_heard = heard;
+                self.state.last_standby_contact = unix_now();
+            }
+        }
+    }
+
     /// A primary that reaches neither the monitor nor any standby for longer
     /// than `network_partition_timeout` stops Postgres: the monitor may be
     /// promoting a standby on the other side of the split.
@@ -562,7 +571,28 @@ impl Keeper {
             return Ok(());
         }
         let timeout = Duration::from_millis(self.config.timeout.network_partition_timeout_ms);
-        if self.monitor_heard.elapsed() > timeout && self.standby_heard.elapsed() > timeout {
+        let silent =
+            |k: &Self| k.monitor_heard.elapsed() > timeout && k.standby_heard.elapsed() > timeout;
+        if silent(self) {
+            // The standby contact was read before the report, which may have
+            // taken all the time left (a store without a quorum answers
+            // nothing while the standby streams on): read it again before
+            // fencing, briefly (a Postgres that does not answer at once
+            // serves no one either).
+            if let Ok(observation) = tokio::time::timeout(RECHECK_STANDBY, self.pg.observe()).await
+            {
+                if observation.running {
+                    self.note_standby_contact(&observation);
+                    if !silent(self) {
+                        tracing::info!(
+                            monitor_silent_ms = self.monitor_heard.elapsed().as_millis() as u64,
+                            "the monitor is silent but a standby still replies: not fencing"
+                        );
+                    }
+                }
+            }
+        }
+        if silent(self) {
             tracing::warn!(
                 monitor_silent_ms = self.monitor_heard.elapsed().as_millis() as u64,
                 standby_silent_ms = self.standby_heard.elapsed().as_millis() as u64,

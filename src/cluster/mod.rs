@@ -244,11 +244,12 @@ pub struct Cluster {
     procs: Mutex<Supervisor>,
     /// The monitor's Postgres port (0 before it is started).
     pub monitor_port: u16,
+    /// A monitor store the cluster does not run itself (an `etcd://` URI
+    /// served by `hapg monitor run` services): what every command, node and
+    /// router is given instead of the monitor of `./monitor`.
+    store_uri: Option<String>,
     /// The nodes created, in order.
     pub nodes: Vec<Node>,
-    /// A monitor not run by this cluster (an `etcd://` URI whose monitor
-    /// services the caller runs): used instead of `./monitor` once set.
-    external_monitor: Option<String>,
 }
 
 impl Cluster {
@@ -289,8 +290,8 @@ impl Cluster {
             path,
             temp,
             monitor_port: 0,
+            store_uri: None,
             nodes: Vec::new(),
-            external_monitor: None,
         })
     }
 
@@ -562,16 +563,26 @@ impl Cluster {
         )
     }
 
-    /// Makes nodes, routers and the state reads of this cluster use the
-    /// monitor at `uri` (such as `etcd://...`, with monitor services the
-    /// caller runs) instead of one in `./monitor`.
-    pub fn use_external_monitor(&mut self, uri: &str) {
-        self.external_monitor = Some(uri.to_string());
+    /// Uses the monitor store at `uri` (an `etcd://` URI whose monitor
+    /// services the caller runs) instead of a monitor in `./monitor`: nodes,
+    /// routers and the waits go there.
+    pub fn use_store(&mut self, uri: &str) {
+        self.store_uri = Some(uri.to_string());
     }
 
-    /// The monitor's URI, as `show uri --monitor-uri` prints it.
+    /// How a `hapg` command finds the monitor: `--pgdata ./monitor`, or
+    /// `--monitor URI` with [`Cluster::use_store`].
+    pub fn monitor_args(&self) -> Vec<&str> {
+        match &self.store_uri {
+            Some(uri) => vec!["--monitor", uri.as_str()],
+            None => vec!["--pgdata", "./monitor"],
+        }
+    }
+
+    /// The monitor's URI, as `show uri --monitor-uri` prints it (or the
+    /// store's, with [`Cluster::use_store`]).
     pub fn monitor_uri(&self) -> Result<String, ClusterError> {
-        if let Some(uri) = &self.external_monitor {
+        if let Some(uri) = &self.store_uri {
             return Ok(uri.clone());
         }
         Ok(self
@@ -582,17 +593,9 @@ impl Cluster {
 
     /// The formation's multi-host URI (`show uri --formation default`).
     pub fn formation_uri(&self) -> Result<String, ClusterError> {
-        Ok(self
-            .ok(&[
-                "show",
-                "uri",
-                "--pgdata",
-                "./monitor",
-                "--formation",
-                "default",
-            ])?
-            .trim()
-            .to_string())
+        let mut args = vec!["show", "uri", "--formation", "default"];
+        args.extend(self.monitor_args());
+        Ok(self.ok(&args)?.trim().to_string())
     }
 
     /// The formation's multi-host URI with the `postgres` user, as applications use it.
@@ -704,10 +707,9 @@ impl Cluster {
 
     /// `show state --json` as (name -> (reported, assigned)).
     pub fn states(&self) -> Result<BTreeMap<String, (String, String)>, ClusterError> {
-        let json = match &self.external_monitor {
-            Some(uri) => self.ok(&["show", "state", "--monitor", uri, "--json"])?,
-            None => self.ok(&["show", "state", "--pgdata", "./monitor", "--json"])?,
-        };
+        let mut args = vec!["show", "state", "--json"];
+        args.extend(self.monitor_args());
+        let json = self.ok(&args)?;
         Ok(parse_states(&json))
     }
 

@@ -5,6 +5,8 @@
 
 #![allow(dead_code)]
 
+pub mod phase;
+
 use std::collections::BTreeMap;
 use std::ops::{Deref, DerefMut};
 use std::path::PathBuf;
@@ -86,9 +88,11 @@ impl Cluster {
 
     /// Panics with `e`, the monitor's last events and the logs.
     fn fail(&self, e: impl std::fmt::Display) -> ! {
+        let mut args = vec!["show", "events", "--count", "30"];
+        args.extend(self.inner.monitor_args());
         let events = self
             .inner
-            .ok(&["show", "events", "--pgdata", "./monitor", "--count", "30"])
+            .ok(&args)
             .unwrap_or_else(|e| format!("(no events: {e})"));
         panic!("{e}\nevents:\n{events}\nlogs:\n{}", self.all_logs())
     }

@@ -20,7 +20,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -584,15 +584,9 @@ impl EtcdStore {
         if let Some(tls) = &location.tls {
             options = options.with_tls(tls_options(tls)?);
         }
-        let mut client = Client::connect(&location.endpoints, Some(options))
-            .await
-            .map_err(|e| connect_failure(&location, &e))?;
-        // The channel connects lazily: one request now, so that a wrong CA
-        // or plain http against a TLS member is told here, in words.
-        client
-            .get(format!("{}/layout", location.prefix), None)
-            .await
-            .map_err(|e| connect_failure(&location, &e))?;
+        // Connecting probes the member with a read, so that a wrong CA or
+        // plain http against a TLS member is told here, in words.
+        let client = connect_member(&location, options).await?;
         let store = EtcdStore {
             client,
             prefix: format!("{}/", location.prefix),
@@ -992,6 +986,69 @@ impl EtcdStore {
         };
         Ok((current + 1, compare, key))
     }
+}
+
+/// Where the next [`connect_member`] of this process starts among the
+/// endpoints: after the member it last connected to (at first from the
+/// pid, so that processes spread).
+static NEXT_MEMBER: AtomicUsize = AtomicUsize::new(usize::MAX);
+/// How long a member may take to answer the read that picks it.
+const MEMBER_PROBE: Duration = Duration::from_secs(1);
+
+/// A client of one member that answers a read needing a quorum, trying the
+/// endpoints in turn from the one after the last connected to. etcd-client's
+/// balanced channel over all endpoints keeps sending requests to a member
+/// that is down (etcd-client issue #39): with one member of three dead,
+/// keepers could not report at all. With one member per client, a request
+/// that fails makes its caller reconnect (as on any store error), and the
+/// new connection goes to another member that answers.
+async fn connect_member(
+    location: &EtcdLocation,
+    options: etcd_client::ConnectOptions,
+) -> Result<Client, MonitorError> {
+    let endpoints = &location.endpoints;
+    let count = endpoints.len().max(1);
+    let start = match NEXT_MEMBER.load(Ordering::Relaxed) {
+        usize::MAX => std::process::id() as usize,
+        next => next,
+    };
+    let mut last = None;
+    for i in 0..count {
+        let index = start.wrapping_add(i) % count;
+        let Some(endpoint) = endpoints.get(index) else {
+            continue;
+        };
+        let probe = async {
+            let mut client = Client::connect([endpoint], Some(options.clone())).await?;
+            // A linearizable read: only a member within a quorum answers.
+            client
+                .get(format!("{}/layout", location.prefix), None)
+                .await?;
+            Ok::<_, etcd_client::Error>(client)
+        };
+        match tokio::time::timeout(MEMBER_PROBE, probe).await {
+            Ok(Ok(client)) => {
+                NEXT_MEMBER.store(index + 1, Ordering::Relaxed);
+                return Ok(client);
+            }
+            Ok(Err(e)) => {
+                let failure = connect_failure(location, &e);
+                // A certificate refused by one member is refused by all.
+                if !failure.is_transient() {
+                    return Err(failure);
+                }
+                last = Some(failure);
+            }
+            Err(_) => {
+                let silent = std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("etcd member {endpoint} did not answer within {MEMBER_PROBE:?}"),
+                );
+                last = Some(MonitorError::Etcd(etcd_client::Error::IoError(silent)));
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| MonitorError::Corrupt("no etcd endpoint".to_string())))
 }
 
 /// Keeps `lease` alive every third of `ttl`; marks `lost` when etcd says it
