@@ -2,8 +2,10 @@
 //! on loopback, one `hapg monitor run --monitor etcd://...` service, two real
 //! nodes whose keepers report to etcd: the group forms (single, then primary
 //! and secondary), a switchover swaps the roles, and writes go to the node
-//! the store names.
+//! the store names; the service's `--http-listen` endpoints read the same
+//! store.
 
+mod http_support;
 mod support;
 
 use std::time::{Duration, Instant};
@@ -11,7 +13,7 @@ use std::time::{Duration, Instant};
 use hapg::etcd::EtcdCluster;
 use hapg_monitor::client::NodeRow;
 use hapg_monitor::MonitorClient;
-use support::{connect, Cluster};
+use support::{connect, free_port, Cluster};
 
 const STEP: Duration = Duration::from_secs(120);
 
@@ -70,7 +72,18 @@ async fn write_on(uri: &str, id: i32) {
 async fn a_group_forms_and_switches_over_with_its_state_in_etcd() {
     let mut cluster = Cluster::new();
     let (_etcd, uri) = start_etcd(&cluster);
-    cluster.spawn("monitor", &["monitor", "run", "--monitor", &uri]);
+    let http: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    cluster.spawn(
+        "monitor",
+        &[
+            "monitor",
+            "run",
+            "--monitor",
+            &uri,
+            "--http-listen",
+            &http.to_string(),
+        ],
+    );
     let started = Instant::now();
     let mut monitor = loop {
         match MonitorClient::connect(&uri).await {
@@ -143,6 +156,39 @@ async fn a_group_forms_and_switches_over_with_its_state_in_etcd() {
             .iter()
             .any(|c| c.epoch == formation.primary_epoch && c.duration < STEP),
         "the switchover is measured as a change of primary: {changes:?}"
+    );
+    // The service's own endpoints read the store it runs on.
+    let (status, body) = http_support::get(http, "/health");
+    assert_eq!(status, 200, "/health of the monitor service: {body}");
+    let (status, metrics) = http_support::get(http, "/metrics");
+    assert_eq!(status, 200, "/metrics of the monitor service: {metrics}");
+    let (valid, promtool) = http_support::promtool(&metrics);
+    assert!(valid, "promtool check metrics: {promtool}\n{metrics}");
+    let poll_deadline = Instant::now() + STEP;
+    let mut metrics = metrics;
+    // The endpoints poll the store: wait (bounded) for the switchover.
+    while http_support::sample(
+        &metrics,
+        "hapg_monitor_node_reported_state",
+        &["node=\"node_b\"", "state=\"primary\""],
+    ) != Some(1.0)
+        && Instant::now() < poll_deadline
+    {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        metrics = http_support::get(http, "/metrics").1;
+    }
+    assert_eq!(
+        http_support::sample(
+            &metrics,
+            "hapg_monitor_node_reported_state",
+            &["node=\"node_b\"", "state=\"primary\""]
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert!(
+        http_support::sample(&metrics, "hapg_monitor_failovers_total", &[]).unwrap_or(0.0) >= 1.0,
+        "the switchover is counted: {metrics}"
     );
     let events = monitor.events("default", 200).await.expect("events");
     assert!(

@@ -129,11 +129,34 @@ fn thresholds(timings: &MonitorTimings) -> Thresholds {
 /// that stops (killed, paused, cut off) is replaced about this long after.
 pub const LEADER_TTL: Duration = Duration::from_secs(2);
 
+/// When a service that just took the lead may judge nodes unhealthy.
+///
+/// A restarted Postgres monitor waits the whole startup grace because its
+/// absence silenced the keepers too (the monitor was their store). On etcd
+/// the keepers report to etcd, not to the leader: when this service's store
+/// has answered it for the startup grace already, the reports in it are as
+/// fresh as they would have been under the old leader, and the only thing
+/// the new leader lacks is its own health verdict (the old leader's stays in
+/// the store until the first check replaces it). So it waits the time of
+/// one verdict (`health_check_failures` rounds and a check's timeout),
+/// unless its store came back less than a startup grace ago (etcd without
+/// quorum, this service cut off): then the keepers may not have reported
+/// either, and it waits what is left of the startup grace.
+pub fn takeover_grace_ends(
+    timings: &MonitorTimings,
+    store_up_since: Instant,
+    led_at: Instant,
+) -> Instant {
+    let verdict =
+        timings.health_check_period * timings.health_check_failures + timings.health_check_timeout;
+    (store_up_since + timings.startup_grace).max(led_at + verdict)
+}
+
 /// The monitor service on etcd: services on the same prefix elect a leader
 /// (a lease-held key); only the leader decides and health-checks, and each
 /// of its writes holds only while it still leads, so a paused old leader
 /// that wakes up writes nothing. A new leader starts from the stored state
-/// and gives nodes the startup grace, as a restarted monitor does.
+/// and judges no node before [`takeover_grace_ends`].
 async fn run_etcd(
     uri: &str,
     timings: MonitorTimings,
@@ -146,6 +169,7 @@ async fn run_etcd(
         holds: HashMap::new(),
     };
     let mut ever_opened = false;
+    let mut store_up_since = Instant::now();
     while !shutdown.is_cancelled() {
         let opened = async {
             let (mut store, feed) = EtcdStore::open(uri).await?;
@@ -155,6 +179,9 @@ async fn run_etcd(
         let (store, mut feed) = match opened.await {
             Ok(opened) => {
                 ever_opened = true;
+                // Every error below (a campaign that fails, a lost lease)
+                // comes back here: from now on the store has answered.
+                store_up_since = Instant::now();
                 opened
             }
             // At start, a refused certificate or an unreadable TLS file is
@@ -184,7 +211,10 @@ async fn run_etcd(
                 continue;
             }
         };
-        decider.started = Instant::now();
+        let now = Instant::now();
+        let grace_ends = takeover_grace_ends(&timings, store_up_since, now);
+        // `started` is what the state machine measures the grace from.
+        decider.started = grace_ends.checked_sub(timings.startup_grace).unwrap_or(now);
         decider.holds.clear();
         let store = Arc::new(store);
         let health = tokio::spawn(
@@ -597,5 +627,37 @@ async fn check_node(host: &str, port: u16, timeout: Duration) -> bool {
             .as_db_error()
             .is_some_and(|db| db.code().code().starts_with("28") || db.code().code() == "53300"),
         Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// When a new leader may judge nodes, by how long its store has answered.
+    #[test]
+    fn a_new_leader_waits_one_verdict_or_the_rest_of_the_startup_grace() {
+        let timings = MonitorTimings::default();
+        // 0.5 s rounds, bad after 2, 1 s timeout: one verdict is 2 s.
+        let verdict = Duration::from_secs(2);
+        assert_eq!(
+            timings.health_check_period * timings.health_check_failures
+                + timings.health_check_timeout,
+            verdict
+        );
+        let led = Instant::now() + Duration::from_secs(60);
+        let secs = Duration::from_secs;
+        let table = [
+            // (store answering for, may judge after leading for)
+            (secs(3600), verdict),                   // a follower all along
+            (timings.startup_grace, verdict),        // just long enough
+            (secs(4), verdict),                      // 4 + 2 > 5: the verdict still
+            (secs(2), secs(3)),                      // store back 2 s ago: 3 s left
+            (Duration::ZERO, timings.startup_grace), // store just back
+        ];
+        for (up_for, waits) in table {
+            let ends = takeover_grace_ends(&timings, led - up_for, led);
+            assert_eq!(ends - led, waits, "store up for {up_for:?}");
+        }
     }
 }
