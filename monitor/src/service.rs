@@ -169,7 +169,6 @@ async fn run_etcd(
         holds: HashMap::new(),
     };
     let mut ever_opened = false;
-    let mut store_up_since = Instant::now();
     while !shutdown.is_cancelled() {
         let opened = async {
             let (mut store, feed) = EtcdStore::open(uri).await?;
@@ -179,9 +178,6 @@ async fn run_etcd(
         let (store, mut feed) = match opened.await {
             Ok(opened) => {
                 ever_opened = true;
-                // Every error below (a campaign that fails, a lost lease)
-                // comes back here: from now on the store has answered.
-                store_up_since = Instant::now();
                 opened
             }
             // At start, a refused certificate or an unreadable TLS file is
@@ -202,6 +198,9 @@ async fn run_etcd(
                 continue;
             }
         };
+        // Every error below (a campaign that fails, a lost lease) comes
+        // back to the open above: from here on the store has answered.
+        let store_up_since = Instant::now();
         let leadership = match store.campaign(&name, LEADER_TTL, &shutdown).await {
             Ok(Some(leadership)) => leadership,
             Ok(None) => break,
