@@ -334,6 +334,28 @@ fn longest_gap_within(report: &hapg::drill::WriterReport, window: (f64, f64)) ->
     times.windows(2).map(|w| w[1] - w[0]).fold(0.0, f64::max)
 }
 
+/// After the primary node_a was powered off: waits for node_b's promotion
+/// and for every table in `tables` to gain 10 rows through the router at
+/// `uri`, runs node_a again, then `meanwhile` (before convergence), and
+/// waits until the group converged with node_b the primary.
+async fn fail_over_to_node_b(
+    cluster: &Cluster,
+    uri: &str,
+    tables: &[String],
+    meanwhile: impl FnOnce(),
+) {
+    cluster.wait_states(&[("node_b", "wait_primary")], STEP);
+    for table in tables {
+        let before = rows(uri, table).await.unwrap_or(0);
+        wait_rows(cluster, uri, table, before + 10).await;
+    }
+    cluster
+        .run_node("node_a", &[])
+        .unwrap_or_else(|e| panic!("{e}"));
+    meanwhile();
+    cluster.wait_states(&CONVERGED_B, STEP);
+}
+
 fn assert_no_errors(result: &PhaseResult, phase: &str, cluster: &Cluster, router: &str) {
     for (i, r) in result.reports.iter().enumerate() {
         assert_eq!(
@@ -381,17 +403,8 @@ async fn monitor_on_etcd_faults_under_write_load() {
     let (new, took) = g.wait_leader(Some(old_pid), Duration::from_secs(30)).await;
     let led_at = unix_now();
     eprintln!("leader_and_primary: {new} leads {took:?} after the loss");
-    cluster.wait_states(&[("node_b", "wait_primary")], STEP);
     let uri = router.uri("appdb");
-    for table in &phase.tables {
-        let before = rows(&uri, table).await.unwrap_or(0);
-        wait_rows(cluster, &uri, table, before + 10).await;
-    }
-    cluster
-        .run_node("node_a", &[])
-        .unwrap_or_else(|e| panic!("{e}"));
-    g.spawn_service(old);
-    cluster.wait_states(&CONVERGED_B, STEP);
+    fail_over_to_node_b(cluster, &uri, &phase.tables, || g.spawn_service(old)).await;
     let result = g.finish(phase, "node_b").await;
     let port_b = cluster.node("node_b").port;
     let resumed: Vec<f64> = result
@@ -621,15 +634,7 @@ async fn monitor_on_etcd_faults_under_write_load() {
     let phase = g.start_phase("node_a", "power_off").await;
     let lost_at = unix_now();
     cluster.power_off("node_a");
-    cluster.wait_states(&[("node_b", "wait_primary")], STEP);
-    for table in &phase.tables {
-        let before = rows(&uri, table).await.unwrap_or(0);
-        wait_rows(cluster, &uri, table, before + 10).await;
-    }
-    cluster
-        .run_node("node_a", &[])
-        .unwrap_or_else(|e| panic!("{e}"));
-    cluster.wait_states(&CONVERGED_B, STEP);
+    fail_over_to_node_b(cluster, &uri, &phase.tables, || {}).await;
     let result = g.finish(phase, "node_b").await;
     let resumed: Vec<f64> = result
         .reports

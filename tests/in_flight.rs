@@ -17,6 +17,7 @@ use std::time::Duration;
 use hapg::drill::{connect, signal_all, unix_now, Writer};
 use hapg::invariants::{Drill, WriteProbe};
 use nix::sys::signal::Signal;
+use support::phase::create_tables;
 use support::{
     assert_in_flight_answered, assigned_at, direct_uri, postmaster_pid, rows, wait_rows,
     wait_writable, Cluster,
@@ -38,16 +39,12 @@ async fn statements_in_flight_on_a_frozen_primary_are_answered_at_the_promotion(
     wait_writable(&uri, STEP).await;
 
     let tables: Vec<String> = (0..WRITERS).map(|i| format!("in_flight_{i}")).collect();
-    let mut ddl = String::from("CREATE TABLE frozen_stale (id bigint PRIMARY KEY);");
-    for table in &tables {
-        ddl.push_str(&format!("CREATE TABLE {table} (id bigint PRIMARY KEY);"));
-    }
-    connect(&uri)
-        .await
-        .expect("connect through the router")
-        .batch_execute(&ddl)
-        .await
-        .expect("create the tables");
+    create_tables(
+        &uri,
+        &tables,
+        "CREATE TABLE frozen_stale (id bigint PRIMARY KEY);",
+    )
+    .await;
     let nodes: Vec<(String, String)> = ["node_a", "node_b"]
         .iter()
         .map(|n| (n.to_string(), direct_uri(&cluster, n)))

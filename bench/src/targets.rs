@@ -145,6 +145,17 @@ impl Env {
         cmd
     }
 
+    /// `hapg router run` with the config at `config`, in the run directory,
+    /// logging warnings only.
+    fn router(&self, config: &Path) -> Command {
+        let mut cmd = Command::new(&self.hapg);
+        cmd.args(["router", "run", "--config"])
+            .arg(config)
+            .current_dir(&self.dir)
+            .env("HAPG_LOG", "warn");
+        cmd
+    }
+
     /// A psql command to `port` running `sql` statements, one `-c` each.
     pub fn psql(&self, port: u16, sql: &[&str]) -> Command {
         let mut cmd = Command::new(self.pg_bindir.join("psql"));
@@ -249,11 +260,7 @@ pub fn start(target: Target, env: &Env, cluster: &Cluster) -> Result<Running> {
                 1,
             );
             write(&path, &toml)?;
-            let mut cmd = Command::new(&env.hapg);
-            cmd.args(["router", "run", "--config"])
-                .arg(&path)
-                .current_dir(&env.dir)
-                .env("HAPG_LOG", "warn");
+            let cmd = env.router(&path);
             ("router", port, cmd, Duration::from_secs(15))
         }
         Target::Router(pool) => {
@@ -265,11 +272,7 @@ pub fn start(target: Target, env: &Env, cluster: &Cluster) -> Result<Running> {
                 None
             };
             write(&path, &router_toml(env, port, pool, metrics))?;
-            let mut cmd = Command::new(&env.hapg);
-            cmd.args(["router", "run", "--config"])
-                .arg(&path)
-                .current_dir(&env.dir)
-                .env("HAPG_LOG", "warn");
+            let cmd = env.router(&path);
             // The router drains for drain_timeout_ms (2 s here) on SIGTERM.
             ("router", port, cmd, Duration::from_secs(15))
         }

@@ -42,6 +42,22 @@ fn goal(node_id: i64, goal: NodeState, reason: String) -> Assignment {
     }
 }
 
+/// The report of a running, writable single node (timeline 1), as a keeper
+/// sends it before the monitor assigned it any goal.
+fn single_report(node_id: i64) -> NodeReport {
+    NodeReport {
+        node_id,
+        state: NodeState::Single,
+        pg_running: true,
+        tli: 1,
+        lsn: 0x0300_0000,
+        rep_state: String::new(),
+        upstream_streaming: false,
+        in_recovery: Some(false),
+        upstream_silence: None,
+    }
+}
+
 /// How many of the formation's events contain `marker`.
 async fn events_with(store: &dyn MonitorStore, marker: &str) -> usize {
     store
@@ -237,17 +253,7 @@ async fn reports_are_published(
         .listen(&[Channel::State, Channel::Report])
         .await
         .expect("listen");
-    let report = NodeReport {
-        node_id,
-        state: NodeState::Single,
-        pg_running: true,
-        tli: 1,
-        lsn: 0x0300_0000,
-        rep_state: String::new(),
-        upstream_streaming: false,
-        in_recovery: Some(false),
-        upstream_silence: None,
-    };
+    let report = single_report(node_id);
     let assigned = store.report(&report).await.expect("report");
     assert_eq!(assigned.goal, NodeState::Init, "no goal assigned yet");
     assert_eq!(assigned.group_id, group);
@@ -488,17 +494,7 @@ async fn etcd_report_ages_are_measured_by_the_readers_clock() {
     let (store, _) = etcd.store().await;
     let (monitor, _) = etcd.store().await;
     let (node_id, _) = register(&store, "clock_1", 15041).await;
-    let report = NodeReport {
-        node_id,
-        state: NodeState::Single,
-        pg_running: true,
-        tli: 1,
-        lsn: 0x0300_0000,
-        rep_state: String::new(),
-        upstream_streaming: false,
-        in_recovery: Some(false),
-        upstream_silence: None,
-    };
+    let report = single_report(node_id);
     store.report(&report).await.expect("report");
     let age = |row: hapg_monitor::client::NodeRow| row.report_age.expect("a report age");
     assert!(age(monitor.node(node_id).await.expect("node")) < Duration::from_secs(5));

@@ -23,6 +23,21 @@ const EVENTS: i64 = 5000;
 /// An event: (node name, assigned state, description).
 pub type Event = (String, String, String);
 
+/// Runs `extra_ddl`, then creates one writer table (`id bigint PRIMARY KEY`)
+/// per name in `tables`, in one batch through the router at `uri`.
+pub async fn create_tables(uri: &str, tables: &[String], extra_ddl: &str) {
+    let mut ddl = extra_ddl.to_string();
+    for table in tables {
+        ddl.push_str(&format!("CREATE TABLE {table} (id bigint PRIMARY KEY);"));
+    }
+    connect(uri)
+        .await
+        .expect("connect through the router")
+        .batch_execute(&ddl)
+        .await
+        .expect("create the tables");
+}
+
 /// What [`rows`] counts for the probe's writes on `node`.
 pub fn probe_rows_of(node: &str) -> String {
     format!("{} WHERE node = '{node}'", hapg::invariants::PROBE_TABLE)
@@ -161,16 +176,8 @@ impl Phase {
         let uri = router.uri("appdb");
         wait_writable(&uri, STEP).await;
         let tables: Vec<String> = (0..WRITERS).map(|i| format!("{name}_{i}")).collect();
-        let mut ddl = format!("DROP TABLE IF EXISTS {};", hapg::invariants::PROBE_TABLE);
-        for table in &tables {
-            ddl.push_str(&format!("CREATE TABLE {table} (id bigint PRIMARY KEY);"));
-        }
-        connect(&uri)
-            .await
-            .expect("connect through the router")
-            .batch_execute(&ddl)
-            .await
-            .expect("create the phase's tables");
+        let drop_probe = format!("DROP TABLE IF EXISTS {};", hapg::invariants::PROBE_TABLE);
+        create_tables(&uri, &tables, &drop_probe).await;
         let nodes: Vec<(String, String)> = cluster
             .nodes
             .iter()
