@@ -11,6 +11,7 @@ pub mod protocol;
 pub mod routing;
 pub mod threads;
 
+pub(crate) mod accept;
 pub(crate) mod auth;
 pub(crate) mod cancel;
 pub(crate) mod client;
@@ -24,9 +25,11 @@ pub(crate) mod metrics;
 pub(crate) mod net;
 pub(crate) mod params;
 pub(crate) mod pool;
+pub(crate) mod pool_counts;
 pub(crate) mod read_pool;
 pub(crate) mod read_port;
 pub(crate) mod read_watch;
+pub(crate) mod reload;
 pub(crate) mod router;
 pub(crate) mod server;
 pub(crate) mod server_list;
@@ -46,7 +49,8 @@ use tokio_util::sync::CancellationToken;
 
 pub use crate::error::RouterError;
 pub use crate::pool::PoolStats;
-pub use crate::router::{check_formation, Router};
+pub use crate::reload::check_formation;
+pub use crate::router::Router;
 
 /// Binds the router's listening socket (SO_REUSEADDR, backlog 4096).
 pub fn bind(config: &RouterConfig) -> std::io::Result<TcpListener> {

@@ -103,7 +103,7 @@ pub(crate) fn render(shared: &Shared) -> String {
             family
         })
         .collect();
-    let pools = crate::console::pool_rows(shared);
+    let pools = crate::pool_counts::pool_rows(shared);
     for row in &pools {
         let labels = vec![
             ("database".to_string(), row.database.clone()),

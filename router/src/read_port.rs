@@ -12,8 +12,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::accept::{refuse, serve_client, ClientSlot};
 use crate::error::RouterError;
-use crate::router::{refuse, serve_client, ClientSlot};
 use crate::shared::Shared;
 
 /// Binds the read-only port if it is configured, and starts its accept loop

@@ -8,77 +8,22 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
-use tracing::Instrument;
+use std::time::{Duration, Instant, SystemTime};
 
-use bytes::BytesMut;
 use hapg_config::router::RouterConfig;
-use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::accept::{refuse, serve_client, ClientSlot};
 use crate::auth::mock::MockKey;
-use crate::client_error::ClientError;
 use crate::error::RouterError;
 use crate::follower::{self, FollowerSettings};
 use crate::maintenance;
-use crate::net;
 use crate::pool::PoolStats;
-use crate::protocol::backend::sqlstate;
 use crate::routing::Routing;
-use crate::session::Session;
 use crate::shared::{Runtime, Shared};
-use crate::startup::{self, Started};
-use crate::stats::ClientEntry;
-use crate::{console, metrics, stats};
-
-/// How long a reload may spend asking the monitor whether it has the new
-/// formation (SIGHUP waits for it, so it stays short).
-const RELOAD_FORMATION_CHECK: Duration = Duration::from_secs(3);
-
-/// Refuses a router whose formation the monitor does not have: it would
-/// follow nothing and hold every client. A monitor that does not answer
-/// within `budget` (unreachable, still starting) is no reason to refuse: the
-/// router follows it once it answers (logged). Used at `hapg router run`
-/// and by [`Router::reload`] when the monitor or formation changed.
-pub async fn check_formation(
-    router: &hapg_config::router::RouterSection,
-    budget: Duration,
-) -> Result<(), RouterError> {
-    use hapg_monitor::{MonitorClient, MonitorError};
-    let check = async {
-        let monitor = match MonitorClient::connect_with_retry(&router.monitor, budget).await {
-            Ok(monitor) => monitor,
-            Err(e) if e.is_transient() || e.is_monitor_not_ready() => {
-                tracing::warn!(error = %e, "monitor not reachable; the router follows it once it answers");
-                return Ok(());
-            }
-            Err(e) => return Err(RouterError::Monitor(e)),
-        };
-        match monitor.formation(&router.formation).await {
-            Ok(_) => Ok(()),
-            Err(MonitorError::NoSuchFormation(name)) => Err(RouterError::NoSuchFormation(name)),
-            Err(e) if e.is_transient() => {
-                tracing::warn!(error = %e, "monitor not reachable; the router follows it once it answers");
-                Ok(())
-            }
-            Err(e) => Err(RouterError::Monitor(e)),
-        }
-    };
-    // connect_with_retry's budget bounds its retries, not the attempt in
-    // flight: the whole check gets a bound of its own.
-    match tokio::time::timeout(budget + Duration::from_secs(2), check).await {
-        Ok(result) => result,
-        Err(_) => {
-            tracing::warn!(
-                ?budget,
-                "the monitor did not answer in time; the router follows it once it answers"
-            );
-            Ok(())
-        }
-    }
-}
+use crate::{metrics, stats};
 
 /// A router: configuration, routing table and sessions.
 #[derive(Clone)]
@@ -86,21 +31,7 @@ pub struct Router {
     shared: Arc<Shared>,
 }
 
-/// Counts a live client; decrements on drop.
-pub(crate) struct ClientSlot(pub(crate) Arc<Shared>);
-
-impl Drop for ClientSlot {
-    fn drop(&mut self) {
-        self.0.clients.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 impl Router {
-    /// The router whose state `shared` is (the console's RELOAD).
-    pub(crate) fn of(shared: Arc<Shared>) -> Router {
-        Router { shared }
-    }
-
     /// Loads the configuration file (and the auth file and TLS material it names).
     pub fn new(config_path: PathBuf) -> Result<Router, RouterError> {
         let runtime = Runtime::load(&config_path, Arc::new(MockKey::generate()))?;
@@ -144,48 +75,7 @@ impl Router {
     /// ([`check_formation`], at most a few seconds): a monitor that says no
     /// refuses the reload; one that does not answer does not.
     pub async fn reload(&self) -> Result<(), RouterError> {
-        let key = self.shared.runtime.load().mock_key.clone();
-        let old = self.shared.runtime.load_full();
-        let loaded = match Runtime::load(&self.shared.config_path, key) {
-            Ok(next) => {
-                let moved = next.config.router.monitor != old.config.router.monitor
-                    || next.config.router.formation != old.config.router.formation;
-                if moved {
-                    check_formation(&next.config.router, RELOAD_FORMATION_CHECK)
-                        .await
-                        .map(|()| next)
-                } else {
-                    Ok(next)
-                }
-            }
-            Err(e) => Err(e),
-        };
-        let next = match loaded {
-            Ok(next) => next,
-            Err(e) => {
-                tracing::error!(error = %e, path = %self.shared.config_path.display(), "reload refused; the previous configuration stays in force");
-                return Err(e);
-            }
-        };
-        if next.config.router.listen != old.config.router.listen {
-            tracing::warn!("router.listen changed: it takes effect at the next restart");
-        }
-        if next.config.router.worker_threads != old.config.router.worker_threads
-            || next.config.router.cpu_scheduling != old.config.router.cpu_scheduling
-        {
-            tracing::warn!("router.worker_threads or router.cpu_scheduling changed: it takes effect at the next restart");
-        }
-        let follow_changed = next.config.router.monitor != old.config.router.monitor
-            || next.config.router.formation != old.config.router.formation
-            || next.config.router.id != old.config.router.id
-            || next.config.router.address != old.config.router.address
-            || next.config.router.listen_read_only != old.config.router.listen_read_only;
-        self.shared.runtime.store(Arc::new(next));
-        if follow_changed {
-            self.shared.restart_follower.notify_one();
-        }
-        tracing::info!(path = %self.shared.config_path.display(), "configuration reloaded");
-        Ok(())
+        crate::reload::reload(&self.shared).await
     }
 
     fn follower_settings(&self) -> FollowerSettings {
@@ -263,10 +153,7 @@ impl Router {
             self.shared.clone(),
             follower_stop.clone(),
         ));
-        let events = tokio::spawn(stats::events::watch(
-            self.shared.clone(),
-            follower_stop.clone(),
-        ));
+        let events = tokio::spawn(record_failovers(self.shared.clone(), follower_stop.clone()));
         let metrics = match self.shared.runtime.load().config.metrics_addr()? {
             Some(addr) => Some(tokio::spawn(metrics::serve(
                 metrics::bind(addr).await?,
@@ -351,22 +238,6 @@ impl Router {
     }
 }
 
-pub(crate) async fn refuse(mut tcp: TcpStream, max: usize, slot: ClientSlot) {
-    let mut buf = BytesMut::new();
-    ClientError::fatal(
-        sqlstate::TOO_MANY_CONNECTIONS,
-        format!("sorry, too many clients already (router.max_client_connections = {max})"),
-        None,
-    )
-    .write(&mut buf);
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        let _ = tcp.write_all(&buf).await;
-        let _ = tcp.shutdown().await;
-    })
-    .await;
-    drop(slot);
-}
-
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
@@ -385,92 +256,25 @@ fn advertised(local: SocketAddr) -> String {
     }
 }
 
-/// Serves one accepted connection to its end: the startup handshake, then
-/// the session.
-pub(crate) async fn serve_client(
-    shared: Arc<Shared>,
-    tcp: TcpStream,
-    peer: SocketAddr,
-    shutdown: CancellationToken,
-    kill: CancellationToken,
-    read_only: bool,
-) {
-    if let Err(e) = net::tune(&tcp) {
-        tracing::debug!(error = %e, "could not tune client socket");
-    }
-    let local = tcp.local_addr().ok();
-    let connect_time = std::time::SystemTime::now();
-    let rt = shared.runtime.load_full();
-    let started = tokio::select! {
-        // The handshake's log lines name the client (`client` in JSON
-        // logs); the relay after it is not instrumented, to keep span
-        // enter and exit off the per-message path.
-        r = tokio::time::timeout(
-            rt.config.login_timeout(),
-            startup::start(&shared, &rt, tcp, peer, read_only)
-                .instrument(tracing::info_span!("client", client = %peer)),
-        ) => r,
-        _ = kill.cancelled() => return,
-    };
-    drop(rt);
-    match started {
-        Err(_) => tracing::info!(%peer, "client did not complete its startup in time"),
-        Ok(Err(crate::client::Ended)) | Ok(Ok(None)) => {}
-        Ok(Ok(Some((client, started)))) => {
-            // KILL_CLIENT ends this client alone; the router's own kill
-            // (end of the shutdown drain) still reaches it.
-            let kill = kill.child_token();
-            let tls = client.stream.is_tls();
-            match started {
-                Started::Session(ready) => {
-                    let registered = shared.registry.register(ClientEntry {
-                        id: ready.cancel.pid,
-                        user: ready.client_user.clone(),
-                        pool_user: ready.login.user.clone(),
-                        database: ready.login.database.clone(),
-                        peer,
-                        local,
-                        connect_time,
-                        tls,
-                        application_name: application_name(&ready.login.params),
-                        console: false,
-                        waiting_since: Default::default(),
-                        kill: kill.clone(),
-                    });
-                    let session = Session::new(shared, client, ready, registered, shutdown, kill);
-                    if read_only {
-                        session.read_only().run().await;
-                    } else {
-                        session.run().await;
-                    }
-                }
-                Started::Console(login) => {
-                    let registered = shared.registry.register(ClientEntry {
-                        id: login.cancel.pid,
-                        user: login.user.clone(),
-                        pool_user: login.user.clone(),
-                        database: login.database.clone(),
-                        peer,
-                        local,
-                        connect_time,
-                        tls,
-                        application_name: login.application_name.clone(),
-                        console: true,
-                        waiting_since: Default::default(),
-                        kill: kill.clone(),
-                    });
-                    console::serve(shared, client, login, shutdown, kill).await;
-                    drop(registered);
-                }
-            }
+/// Feeds every routing table to the primary-change recorder
+/// ([`stats::events`]) until `stop`.
+async fn record_failovers(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut changes = shared.routing.subscribe();
+    loop {
+        let routing = shared.routing.load();
+        let counters = stats::events::Counters {
+            held_total: shared.stats.held_total.load(Ordering::Relaxed),
+            cut_total: shared.routing.cut_total(),
+        };
+        {
+            let mut recorder = shared.events.lock();
+            let keep = shared.runtime.load().config.admin.failovers_kept as usize;
+            recorder.set_keep(keep);
+            recorder.on_routing(&routing, Instant::now(), SystemTime::now(), counters);
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            changed = changes.changed() => if changed.is_err() { return },
         }
     }
-}
-
-fn application_name(params: &[(String, String)]) -> String {
-    params
-        .iter()
-        .find(|(k, _)| k == "application_name")
-        .map(|(_, v)| v.clone())
-        .unwrap_or_default()
 }

@@ -26,6 +26,14 @@ use crate::protocol::{cstr, tag, ProtocolError};
 use crate::server::{Login, ServerConn, ServerError};
 use crate::shared::{Runtime, Shared};
 
+/// The virtual databases of the admin console: a client that logs in to
+/// one of them is served by `console`, not relayed.
+const CONSOLE_DATABASES: [&str; 2] = ["pgbouncer", "hapg"];
+
+fn is_console_database(database: &str) -> bool {
+    CONSOLE_DATABASES.contains(&database)
+}
+
 /// Parameters a client is told about when no server connection could be
 /// opened yet and none was ever opened: what Postgres 15 reports by default.
 const FALLBACK_PARAMS: &[(&str, &str)] = &[
@@ -226,7 +234,7 @@ pub(crate) async fn start(
     };
     let (user, database) = check_startup(&mut client, &startup).await?;
     log_in(&mut client, rt, &user, peer).await?;
-    if crate::console::is_console_database(&database) {
+    if is_console_database(&database) {
         return console_login(client, rt, shared, &startup, user, database, peer)
             .await
             .map(|(client, login)| Some((client, Started::Console(login))));

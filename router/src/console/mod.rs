@@ -12,8 +12,6 @@ mod command;
 mod show;
 mod wire;
 
-pub(crate) use self::show::pool_rows;
-
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,18 +22,10 @@ use crate::client::ClientConn;
 use crate::client_error::ClientError;
 use crate::protocol::backend::sqlstate;
 use crate::protocol::{cstr, tag};
-use crate::router::Router;
 use crate::routing::RoutingTable;
 use crate::shared::Shared;
 use crate::startup::ConsoleLogin;
 use crate::stats::Database;
-
-/// The virtual databases of the console.
-pub(crate) const DATABASES: [&str; 2] = ["pgbouncer", "hapg"];
-
-pub(crate) fn is_console_database(database: &str) -> bool {
-    DATABASES.contains(&database)
-}
 
 /// How long PAUSE waits for the transactions open to end before it answers
 /// (new ones are held from the start).
@@ -243,7 +233,7 @@ async fn run(shared: &Arc<Shared>, client: &mut ClientConn, user: &str, admin: b
             tracing::warn!(user, database, clients = killed, "admin console: KILL");
             wire::command_complete(out, done);
         }
-        Command::Reload => match Router::of(shared.clone()).reload().await {
+        Command::Reload => match crate::reload::reload(shared).await {
             Ok(()) => wire::command_complete(&mut client.wbuf, done),
             Err(e) => wire::error(
                 &mut client.wbuf,

@@ -24,6 +24,14 @@ use std::sync::atomic::Ordering;
 
 use super::Session;
 
+/// What a read session does when its route is closed.
+pub(super) enum Repicked {
+    /// It is on a route with a target now (or on the primary): try again.
+    Moved,
+    /// No standby is eligible and the fallback is to wait.
+    Wait,
+}
+
 fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
@@ -326,7 +334,7 @@ impl Session {
             };
             if self.read.is_some() && target.is_none() && !db_held {
                 read_changes.mark_unchanged();
-                if let super::read::Repicked::Moved = self.repick().await? {
+                if let Repicked::Moved = self.repick().await? {
                     changes = self.routing().subscribe();
                     continue;
                 }

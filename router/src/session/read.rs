@@ -28,7 +28,7 @@ use crate::client::Ended;
 use crate::client_error::ClientError;
 use crate::read_pool::ReadRoute;
 
-use super::attach::AttachError;
+use super::attach::{AttachError, Repicked};
 use super::loss::Loss;
 use super::Session;
 
@@ -60,14 +60,6 @@ pub(crate) struct ReadState {
     /// up on when it left the read pool with no other standby eligible; the
     /// session moves as soon as one is.
     pub stranded_from: Option<i64>,
-}
-
-/// What a read session does when its route is closed.
-pub(super) enum Repicked {
-    /// It is on a route with a target now (or on the primary): try again.
-    Moved,
-    /// No standby is eligible and the fallback is to wait.
-    Wait,
 }
 
 impl Session {

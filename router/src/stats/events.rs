@@ -4,15 +4,11 @@
 //! table by a watcher task, off the hot path.
 
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
-
-use tokio_util::sync::CancellationToken;
 
 use super::{Histogram, WAIT_BUCKETS};
 use crate::routing::Routing;
-use crate::shared::Shared;
 
 /// A primary as the router routed to it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,6 +100,11 @@ const COUNT_BUCKETS: &[f64] = &[
 ];
 
 impl Recorder {
+    /// Keeps the last `keep` primary changes (at least one) from now on.
+    pub fn set_keep(&mut self, keep: usize) {
+        self.keep = keep.max(1);
+    }
+
     pub fn new(keep: usize) -> Recorder {
         Recorder {
             keep: keep.max(1),
@@ -213,31 +214,11 @@ impl Events {
     }
 }
 
-/// Feeds every routing table to the recorder until `stop`.
-pub(crate) async fn watch(shared: Arc<Shared>, stop: CancellationToken) {
-    let mut changes = shared.routing.subscribe();
-    loop {
-        let routing = shared.routing.load();
-        let counters = Counters {
-            held_total: shared.stats.held_total.load(Ordering::Relaxed),
-            cut_total: shared.routing.cut_total(),
-        };
-        {
-            let mut recorder = shared.events.lock();
-            let keep = shared.runtime.load().config.admin.failovers_kept as usize;
-            recorder.keep = keep.max(1);
-            recorder.on_routing(&routing, Instant::now(), SystemTime::now(), counters);
-        }
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            changed = changes.changed() => if changed.is_err() { return },
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use hapg_monitor::NodeState;
+
+    use std::sync::Arc;
 
     use super::*;
     use crate::routing::Primary;
