@@ -517,8 +517,15 @@ fn connect_failure(location: &EtcdLocation, error: &etcd_client::Error) -> Monit
         source = e.source();
     }
     let lower = reason.to_lowercase();
-    // Retrying does not mend a certificate the CA did not sign.
+    // An alert is the member refusing this client (its certificate, or the
+    // lack of one), not this client refusing the member's. With TLS 1.3 a
+    // client learns it only after its own Finished, and, by timing, as the
+    // alert (BadCertificate, CertificateRequired), a broken pipe or a
+    // closed connection.
+    let member_alert = lower.contains("received fatal alert");
+    // Retrying does not mend a member certificate the CA did not sign.
     let refused = location.tls.is_some()
+        && !member_alert
         && (lower.contains("certificate") || lower.contains("unknownissuer"));
     let hint = match &location.tls {
         Some(tls) if refused => {
@@ -532,9 +539,16 @@ fn connect_failure(location: &EtcdLocation, error: &etcd_client::Error) -> Monit
         }
         // A member that requires a client certificate closes the
         // connection of a client that has none.
+        Some(tls) if tls.identity.is_some() && member_alert => Some(
+            "the members refused this client's certificate: check that cert= and key= are a pair signed by a CA the members trust".to_string(),
+        ),
         Some(tls)
             if tls.identity.is_none()
-                && (lower.contains("connection closed") || lower.contains("handshake")) =>
+                && (member_alert
+                    || lower.contains("connection closed")
+                    || lower.contains("broken pipe")
+                    || lower.contains("connection reset")
+                    || lower.contains("handshake")) =>
         {
             Some("the members closed the TLS connection: if they require a client certificate, give cert=FILE&key=FILE".to_string())
         }
